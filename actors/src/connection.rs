@@ -1,0 +1,414 @@
+//! The ConnectionActor: two broker connections, recovery, link notices.
+//!
+//! Consuming and publishing use separate connections: when the broker blocks
+//! a connection (memory or disk alarm) lapin stops writing every frame on it,
+//! acks included, so acks must not share a connection with publishes.
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::supervision::{Escalation, EscalationSender, RestartPolicy, Restarts};
+use actix::prelude::*;
+use futures::StreamExt;
+use lapin::{Channel, Connection, ConnectionProperties, Event};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Which of the two connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Purpose {
+    /// Carries consumers and their acks.
+    Consume,
+    /// Carries publishes and their confirms.
+    Publish,
+}
+
+impl Purpose {
+    /// Label used in metrics and connection names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Consume => "consume",
+            Purpose::Publish => "publish",
+        }
+    }
+}
+
+/// How to reach the broker.
+#[derive(Clone)]
+pub struct ConnectionConfig {
+    /// AMQP URL (may hold a password: never logged).
+    pub url: String,
+    /// Prefix of the connection names shown by `rabbitmqctl list_connections`
+    /// (`<name>-consume`, `<name>-publish`), so operators can find the engine.
+    pub name: String,
+    /// Bound on one connection attempt.
+    pub connect_timeout: Duration,
+    /// Restart backoff and budget.
+    pub policy: RestartPolicy,
+}
+
+impl std::fmt::Debug for ConnectionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionConfig")
+            .field("url", &redact_url(&self.url))
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// The URL without its password, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{}:***@{}", &url[..s + 3], user, &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A change in the link to the broker, sent to subscribers.
+#[derive(Message, Clone, Debug)]
+#[rtype(result = "()")]
+pub enum LinkEvent {
+    /// A connection is (again) established; channels may be (re)opened.
+    LinkUp(Purpose),
+    /// A connection failed; lapin is recovering or the actor will restart.
+    LinkDown(Purpose),
+    /// The broker blocked publishing (resource alarm).
+    Blocked(String),
+    /// The broker lifted the block.
+    Unblocked,
+}
+
+/// Opens a channel on one of the connections.
+#[derive(Message)]
+#[rtype(result = "Result<Channel>")]
+pub struct OpenChannel(pub Purpose);
+
+/// Registers for [`LinkEvent`]s.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Subscribe(pub Recipient<LinkEvent>);
+
+/// Asks whether both connections are up and whether publishing is blocked.
+#[derive(Message)]
+#[rtype(result = "LinkStatus")]
+pub struct GetStatus;
+
+/// Answer to [`GetStatus`].
+#[derive(Clone, Copy, Debug, Default, MessageResponse)]
+pub struct LinkStatus {
+    /// Both connections connected.
+    pub up: bool,
+    /// The broker blocks the publishing connection.
+    pub blocked: bool,
+}
+
+/// Closes both connections (graceful shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Close;
+
+/// Owns the broker connections. See the module docs.
+pub struct ConnectionActor {
+    cfg: ConnectionConfig,
+    metrics: Metrics,
+    restarts: Restarts,
+    escalations: Option<EscalationSender>,
+    consume: Option<Arc<Connection>>,
+    publish: Option<Arc<Connection>>,
+    subscribers: Vec<Recipient<LinkEvent>>,
+    blocked: bool,
+    closing: bool,
+    /// Bumped on every (re)connect so events from a replaced connection are ignored.
+    generation: u64,
+}
+
+impl ConnectionActor {
+    /// A new actor; start it under `actix::Supervisor`.
+    pub fn new(
+        cfg: ConnectionConfig,
+        metrics: Metrics,
+        escalations: Option<EscalationSender>,
+    ) -> Self {
+        let restarts = Restarts::new(cfg.policy.clone());
+        Self {
+            cfg,
+            metrics,
+            restarts,
+            escalations,
+            consume: None,
+            publish: None,
+            subscribers: Vec::new(),
+            blocked: false,
+            closing: false,
+            generation: 0,
+        }
+    }
+
+    fn notify(&self, ev: LinkEvent) {
+        for s in &self.subscribers {
+            // Link events are rare (connects, alarms); each subscriber gets one
+            // per change, so this cannot grow without bound.
+            s.do_send(ev.clone());
+        }
+    }
+
+    fn conn(&self, p: Purpose) -> Option<&Arc<Connection>> {
+        match p {
+            Purpose::Consume => self.consume.as_ref(),
+            Purpose::Publish => self.publish.as_ref(),
+        }
+    }
+
+    fn both_up(&self) -> bool {
+        [Purpose::Consume, Purpose::Publish]
+            .iter()
+            .all(|p| self.conn(*p).is_some_and(|c| c.status().connected()))
+    }
+
+    fn update_gauge(&self) {
+        self.metrics.connection_up.set(i64::from(self.both_up()));
+    }
+}
+
+async fn connect_one(cfg: ConnectionConfig, p: Purpose) -> Result<Connection> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("{}-{}", cfg.name, p.as_str()).into())
+        .enable_auto_recover();
+    match tokio::time::timeout(cfg.connect_timeout, Connection::connect(&cfg.url, props)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(Error::ConnectTimeout(
+            cfg.connect_timeout,
+            redact_url(&cfg.url),
+        )),
+    }
+}
+
+impl Actor for ConnectionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if self.restarts.escalated() || self.closing {
+            return; // stays idle: the engine was told, or is shutting down
+        }
+        let delay = self.restarts.delay();
+        let cfg = self.cfg.clone();
+        // `wait` holds the mailbox until connected, so OpenChannel requests
+        // queue (one per actor, bounded) instead of failing.
+        ctx.wait(
+            async move {
+                tokio::time::sleep(delay).await;
+                let c = connect_one(cfg.clone(), Purpose::Consume).await?;
+                let p = connect_one(cfg, Purpose::Publish).await?;
+                Ok::<_, Error>((c, p))
+            }
+            .into_actor(self)
+            .map(|res, act, ctx| match res {
+                Ok((c, p)) => {
+                    act.generation += 1;
+                    let generation = act.generation;
+                    for (purpose, conn) in [(Purpose::Consume, &c), (Purpose::Publish, &p)] {
+                        ctx.add_stream(conn.events_listener().map(move |e| ConnEvent {
+                            generation,
+                            purpose,
+                            event: e,
+                        }));
+                    }
+                    act.consume = Some(Arc::new(c));
+                    act.publish = Some(Arc::new(p));
+                    act.restarts.succeeded();
+                    act.update_gauge();
+                    info!(url = %redact_url(&act.cfg.url), "connected to the broker");
+                    act.notify(LinkEvent::LinkUp(Purpose::Consume));
+                    act.notify(LinkEvent::LinkUp(Purpose::Publish));
+                }
+                Err(e) => {
+                    warn!(error = %e, "broker connection failed; restarting with backoff");
+                    ctx.stop();
+                }
+            }),
+        );
+        // lapin recovers by itself; if it gives up, restart from scratch.
+        ctx.run_interval(Duration::from_secs(1), |act, ctx| {
+            if act.closing {
+                return;
+            }
+            let dead = [Purpose::Consume, Purpose::Publish].iter().any(|p| {
+                act.conn(*p).is_some_and(|c| {
+                    let s = c.status();
+                    (s.closed() || s.errored()) && !s.reconnecting() && !s.connecting()
+                })
+            });
+            act.update_gauge();
+            if dead {
+                warn!("broker connection lost and not recovering; restarting the connection actor");
+                ctx.stop();
+            }
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        self.metrics.connection_up.set(0);
+    }
+}
+
+impl Supervised for ConnectionActor {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        if self.closing {
+            return;
+        }
+        self.consume = None;
+        self.publish = None;
+        self.blocked = false;
+        self.metrics.broker_blocked.set(0);
+        self.metrics
+            .restarts
+            .with_label_values(&["connection"])
+            .inc();
+        self.notify(LinkEvent::LinkDown(Purpose::Consume));
+        self.notify(LinkEvent::LinkDown(Purpose::Publish));
+        if !self.restarts.record(tokio::time::Instant::now()) {
+            self.metrics.escalations.inc();
+            tracing::error!(actor = "connection", "restart budget spent; escalating");
+            if let Some(tx) = &self.escalations {
+                let _ = tx.try_send(Escalation {
+                    actor: "connection".into(),
+                    reason: "broker unreachable".into(),
+                });
+            }
+        }
+    }
+}
+
+struct ConnEvent {
+    generation: u64,
+    purpose: Purpose,
+    event: Event,
+}
+
+impl StreamHandler<ConnEvent> for ConnectionActor {
+    fn handle(&mut self, ev: ConnEvent, _ctx: &mut Context<Self>) {
+        if ev.generation != self.generation {
+            return;
+        }
+        match ev.event {
+            Event::Connected => {
+                self.metrics
+                    .reconnects
+                    .with_label_values(&[ev.purpose.as_str()])
+                    .inc();
+                info!(
+                    connection = ev.purpose.as_str(),
+                    "broker connection recovered"
+                );
+                self.update_gauge();
+                self.notify(LinkEvent::LinkUp(ev.purpose));
+            }
+            Event::Error(e) => {
+                if !self.closing {
+                    warn!(connection = ev.purpose.as_str(), error = %e, "broker connection error");
+                }
+                self.metrics.connection_up.set(0);
+                self.notify(LinkEvent::LinkDown(ev.purpose));
+            }
+            Event::ConnectionBlocked(reason) if ev.purpose == Purpose::Publish => {
+                warn!(%reason, "broker blocked publishing");
+                self.blocked = true;
+                self.metrics.broker_blocked.set(1);
+                self.notify(LinkEvent::Blocked(reason));
+            }
+            Event::ConnectionUnblocked if ev.purpose == Purpose::Publish => {
+                info!("broker unblocked publishing");
+                self.blocked = false;
+                self.metrics.broker_blocked.set(0);
+                self.notify(LinkEvent::Unblocked);
+            }
+            _ => {}
+        }
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {
+        // A replaced connection's event stream ended; nothing to do (the
+        // default would stop the actor).
+    }
+}
+
+impl Handler<OpenChannel> for ConnectionActor {
+    type Result = ResponseFuture<Result<Channel>>;
+
+    fn handle(&mut self, msg: OpenChannel, _ctx: &mut Context<Self>) -> Self::Result {
+        let conn = self.conn(msg.0).cloned();
+        Box::pin(async move {
+            let conn = conn.ok_or(Error::NotConnected)?;
+            Ok(conn.create_channel().await?)
+        })
+    }
+}
+
+impl Handler<Subscribe> for ConnectionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) {
+        if self.both_up() {
+            msg.0.do_send(LinkEvent::LinkUp(Purpose::Consume));
+            msg.0.do_send(LinkEvent::LinkUp(Purpose::Publish));
+        }
+        if self.blocked {
+            msg.0.do_send(LinkEvent::Blocked("alarm in force".into()));
+        }
+        self.subscribers.push(msg.0);
+    }
+}
+
+impl Handler<GetStatus> for ConnectionActor {
+    type Result = LinkStatus;
+
+    fn handle(&mut self, _: GetStatus, _ctx: &mut Context<Self>) -> LinkStatus {
+        LinkStatus {
+            up: self.both_up(),
+            blocked: self.blocked,
+        }
+    }
+}
+
+impl Handler<Close> for ConnectionActor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Close, _ctx: &mut Context<Self>) -> Self::Result {
+        self.closing = true;
+        let conns: Vec<_> = [self.consume.take(), self.publish.take()]
+            .into_iter()
+            .flatten()
+            .collect();
+        Box::pin(
+            async move {
+                for c in conns {
+                    let _ = c.close(200, "flowgate shutdown".into()).await;
+                }
+            }
+            .into_actor(self)
+            .map(|_, act, ctx| {
+                act.update_gauge();
+                // Stop for good: the engine drops its address next.
+                ctx.stop();
+            }),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_never_leave_the_url_redactor() {
+        assert_eq!(
+            redact_url("amqp://guest:s3cret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
+        assert_eq!(redact_url("amqp://host"), "amqp://host");
+    }
+}

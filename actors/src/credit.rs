@@ -1,0 +1,81 @@
+//! Credits: the bounded in-process window that mirrors AMQP prefetch.
+//!
+//! actix's `Addr::send` queues even when a mailbox is full, so bounds are not
+//! taken from mailbox capacity. Instead a [`Credits`] pool holds a fixed
+//! number of permits; a unit of work takes one before it enters the process
+//! and the permit travels with it, returning to the pool when dropped.
+
+use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// A fixed-size pool of credits.
+#[derive(Clone, Debug)]
+pub struct Credits {
+    sem: Arc<Semaphore>,
+    total: usize,
+}
+
+/// One credit, returned to its pool on drop.
+pub type Credit = OwnedSemaphorePermit;
+
+impl Credits {
+    /// A pool of `total` credits.
+    pub fn new(total: usize) -> Self {
+        Self {
+            sem: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// Waits for a credit. Returns `None` only if the pool was closed.
+    pub async fn acquire(&self) -> Option<Credit> {
+        self.sem.clone().acquire_owned().await.ok()
+    }
+
+    /// Takes a credit if one is free now.
+    pub fn try_acquire(&self) -> Option<Credit> {
+        self.sem.clone().try_acquire_owned().ok()
+    }
+
+    /// Credits currently taken (work in flight).
+    pub fn in_use(&self) -> usize {
+        self.total.saturating_sub(self.sem.available_permits())
+    }
+
+    /// Size of the pool.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Waits until every credit is back (all in-flight work finished).
+    pub async fn drained(&self) {
+        // `total` fits in u32: pools are sized from prefetch (u16) or config
+        // values validated to u32 range.
+        let n = u32::try_from(self.total).unwrap_or(u32::MAX);
+        if let Ok(all) = self.sem.acquire_many(n).await {
+            drop(all);
+        }
+    }
+
+    /// Closes the pool: waiters wake with `None`.
+    pub fn close(&self) {
+        self.sem.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn credits_bound_in_flight_work() {
+        let c = Credits::new(2);
+        let a = c.acquire().await.unwrap();
+        let _b = c.acquire().await.unwrap();
+        assert!(c.try_acquire().is_none());
+        assert_eq!(c.in_use(), 2);
+        drop(a);
+        assert_eq!(c.in_use(), 1);
+        assert!(c.try_acquire().is_some());
+    }
+}

@@ -1,0 +1,91 @@
+//! The crate's one error type, grouped by what failed.
+
+use std::time::Duration;
+
+/// Result alias for the actor runtime.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong inside the actor runtime.
+///
+/// Per-message failures (a handler error, a poison message) are never an
+/// `Error`: they become an [`Outcome`](crate::Outcome). An `Error` means a
+/// part of the engine could not do its job, and [`Error::is_transient`] tells
+/// the supervisor whether waiting and retrying can help.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The AMQP client reported a failure (I/O, protocol, channel closed).
+    #[error("amqp: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// No connection to the broker right now.
+    #[error("not connected to the broker")]
+    NotConnected,
+    /// The broker could not be reached in time at start-up.
+    #[error("could not connect to the broker within {0:?}: {1}")]
+    ConnectTimeout(Duration, String),
+    /// The broker answered a publish with `basic.nack`.
+    #[error("publish nacked by the broker")]
+    Nacked,
+    /// The broker returned a `mandatory` publish: no queue is bound for it.
+    #[error("unroutable: returned by the broker ({code} {text})")]
+    Unroutable {
+        /// AMQP reply code of the `basic.return` (312 NO_ROUTE).
+        code: u16,
+        /// The broker's reply text.
+        text: String,
+    },
+    /// No confirm arrived within the confirm timeout.
+    #[error("no publisher confirm within {0:?}")]
+    ConfirmTimeout(Duration),
+    /// The publish path is saturated: the caller should back off and retry.
+    #[error("backpressure: {0}")]
+    Backpressure(String),
+    /// The engine is shutting down and takes no new work.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// An actor's mailbox is gone (it stopped for good).
+    #[error("actor {0} is not running")]
+    ActorGone(&'static str),
+    /// A durable store (spool, dedup) failed.
+    #[error("store: {0}")]
+    Store(String),
+}
+
+impl Error {
+    /// Whether retrying later can succeed. Supervisors restart on transient
+    /// errors and escalate on the others.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Amqp(e) => e.can_be_recovered(),
+            Error::NotConnected
+            | Error::ConnectTimeout(..)
+            | Error::Nacked
+            | Error::ConfirmTimeout(_)
+            | Error::Backpressure(_)
+            | Error::Store(_) => true,
+            Error::Unroutable { .. } | Error::ShuttingDown | Error::ActorGone(_) => false,
+        }
+    }
+
+    /// A short label for metrics (`flowgate_publish_total{result}` and friends).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::Amqp(_) => "amqp_error",
+            Error::NotConnected => "not_connected",
+            Error::ConnectTimeout(..) => "connect_timeout",
+            Error::Nacked => "nacked",
+            Error::Unroutable { .. } => "returned",
+            Error::ConfirmTimeout(_) => "confirm_timeout",
+            Error::Backpressure(_) => "backpressure",
+            Error::ShuttingDown => "shutting_down",
+            Error::ActorGone(_) => "actor_gone",
+            Error::Store(_) => "store_error",
+        }
+    }
+}
+
+impl From<actix::MailboxError> for Error {
+    fn from(_: actix::MailboxError) -> Self {
+        Error::ActorGone("mailbox closed")
+    }
+}

@@ -1,0 +1,40 @@
+//! The actor runtime of flowgate.
+//!
+//! A tour of the modules, in the order a message travels:
+//!
+//! * [`connection`] — the [`ConnectionActor`](connection::ConnectionActor): owns
+//!   two lapin connections (one for consuming, one for publishing, because the
+//!   broker's `connection.blocked` stops every frame on a connection, acks too),
+//!   reconnects with backoff and tells subscribers when the link goes down,
+//!   comes back, or is blocked by a broker alarm.
+//! * [`stage`] — one [`StageActor`](stage::StageActor) per consumed queue. It
+//!   holds `prefetch` [`credits`](credit::Credits): one delivery takes one
+//!   credit and gives it back only when it is acked or rejected, so the
+//!   in-process bound is the broker's prefetch.
+//! * [`message`] — the [`Handler`](message::Handler) contract: a
+//!   [`Delivery`](message::Delivery) in, an [`Outcome`](message::Outcome) out.
+//! * [`publisher`] — the [`PublisherActor`](publisher::PublisherActor):
+//!   publishes with confirms and `mandatory`, a bounded window of unconfirmed
+//!   publishes, and treats `basic.return` as a failure.
+//! * [`supervision`] — restart policy with capped exponential backoff and a
+//!   restart budget; escalation when the budget is spent.
+//! * [`metrics`] — the Prometheus collectors every actor reports to.
+//! * [`error`] — the crate's error type.
+
+pub mod connection;
+pub mod credit;
+pub mod dedup;
+pub mod error;
+pub mod message;
+pub mod metrics;
+pub mod publisher;
+pub mod stage;
+pub mod supervision;
+pub mod trace;
+
+pub use error::{Error, Result};
+pub use message::{Delivery, Handler, HandlerError, Outcome, Output};
+pub use metrics::Metrics;
+
+/// Re-exported so hosts build properties and field tables with the same lapin version.
+pub use lapin;

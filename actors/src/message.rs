@@ -1,0 +1,253 @@
+//! The handler contract: a [`Delivery`] in, an [`Outcome`] out.
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use lapin::types::{AMQPValue, ShortString};
+use lapin::BasicProperties;
+use std::future::Future;
+
+/// The error a handler returns; it dead-letters the message with reason
+/// `handler-error` (or retries, once retries are configured).
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// One message taken from a stage's queue, as the handler sees it.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// The payload, shared without copying.
+    pub body: Bytes,
+    /// The AMQP properties (message id, content type, headers, ...).
+    pub properties: BasicProperties,
+    /// True when the broker has delivered this message before (it may have
+    /// been processed already: see dedup).
+    pub redelivered: bool,
+    /// The exchange the message was published to.
+    pub exchange: String,
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// The queue it was consumed from.
+    pub queue: String,
+    /// The stage that consumed it.
+    pub stage: String,
+}
+
+impl Delivery {
+    /// The `message_id` property, if set.
+    pub fn message_id(&self) -> Option<&str> {
+        self.properties.message_id().as_ref().map(|s| s.as_str())
+    }
+
+    /// A header value, if present.
+    pub fn header(&self, name: &str) -> Option<&AMQPValue> {
+        self.properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(name))
+    }
+
+    /// A string header (long or short string), if present.
+    pub fn header_str(&self, name: &str) -> Option<String> {
+        header_string(self.header(name)?)
+    }
+
+    /// An integer header, if present.
+    pub fn header_i64(&self, name: &str) -> Option<i64> {
+        header_int(self.header(name)?)
+    }
+
+    /// Republishes this delivery's body and properties unchanged.
+    pub fn forward(&self, exchange: &str, routing_key: &str) -> Output {
+        Output {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            body: self.body.clone(),
+            properties: self.properties.clone(),
+        }
+    }
+}
+
+/// Reads a string out of an AMQP field value.
+pub fn header_string(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// Reads an integer out of an AMQP field value.
+pub fn header_int(v: &AMQPValue) -> Option<i64> {
+    match v {
+        AMQPValue::ShortShortInt(i) => Some((*i).into()),
+        AMQPValue::ShortShortUInt(i) => Some((*i).into()),
+        AMQPValue::ShortInt(i) => Some((*i).into()),
+        AMQPValue::ShortUInt(i) => Some((*i).into()),
+        AMQPValue::LongInt(i) => Some((*i).into()),
+        AMQPValue::LongUInt(i) => Some((*i).into()),
+        AMQPValue::LongLongInt(i) => Some(*i),
+        AMQPValue::Timestamp(i) => i64::try_from(*i).ok(),
+        _ => None,
+    }
+}
+
+/// A message a handler wants published once its input is done.
+#[derive(Clone, Debug)]
+pub struct Output {
+    /// Target exchange ("" is the default exchange).
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Payload.
+    pub body: Bytes,
+    /// AMQP properties; delivery mode is forced to persistent on publish.
+    pub properties: BasicProperties,
+}
+
+impl Output {
+    /// A new output with default properties.
+    pub fn new(
+        exchange: impl Into<String>,
+        routing_key: impl Into<String>,
+        body: impl Into<Bytes>,
+    ) -> Self {
+        Self {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            body: body.into(),
+            properties: BasicProperties::default(),
+        }
+    }
+
+    /// Replaces the properties.
+    pub fn with_properties(mut self, properties: BasicProperties) -> Self {
+        self.properties = properties;
+        self
+    }
+
+    /// Sets the `message_id` property.
+    pub fn with_message_id(mut self, id: impl Into<String>) -> Self {
+        self.properties = self
+            .properties
+            .with_message_id(ShortString::from(id.into()));
+        self
+    }
+
+    /// Adds (or replaces) one header.
+    pub fn with_header(mut self, name: &str, value: AMQPValue) -> Self {
+        set_header(&mut self.properties, name, value);
+        self
+    }
+}
+
+/// Sets one header on a property set, creating the table if needed.
+pub fn set_header(props: &mut BasicProperties, name: &str, value: AMQPValue) {
+    let mut table = props.headers().clone().unwrap_or_default();
+    table.insert(ShortString::from(name), value);
+    *props = props.clone().with_headers(table);
+}
+
+/// What a handler decided for one delivery.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Done. Publish `outputs` (all confirmed) and then ack the input.
+    Ack {
+        /// Messages to publish before the input is acked.
+        outputs: Vec<Output>,
+    },
+    /// A transient failure: try again later (through the stage's retry
+    /// ladder; without one, the message is dead-lettered with this reason).
+    Retry {
+        /// Why; becomes `x-flowgate-error` on the dead letter if retries run out.
+        reason: String,
+    },
+    /// A permanent failure: dead-letter with this reason.
+    DeadLetter {
+        /// Becomes the `x-flowgate-reason` header (keep it short and stable:
+        /// it is also a metric label).
+        reason: String,
+    },
+}
+
+impl Outcome {
+    /// Ack with no outputs (a sink).
+    pub fn ack() -> Self {
+        Outcome::Ack {
+            outputs: Vec::new(),
+        }
+    }
+
+    /// Ack after publishing these outputs.
+    pub fn ack_with(outputs: Vec<Output>) -> Self {
+        Outcome::Ack { outputs }
+    }
+
+    /// Retry later.
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Outcome::Retry {
+            reason: reason.into(),
+        }
+    }
+
+    /// Dead-letter now.
+    pub fn dead_letter(reason: impl Into<String>) -> Self {
+        Outcome::DeadLetter {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A stage's processing logic.
+///
+/// Called concurrently (up to the stage's `concurrency`) on one shared value,
+/// so keep state in `Arc`s or concurrent maps. A panic is caught at this
+/// boundary and dead-letters the message with reason `panic`; the stage goes on.
+///
+/// ```
+/// use flowgate_actors::{Delivery, Handler, HandlerError, Outcome};
+///
+/// struct Uppercase;
+///
+/// #[async_trait::async_trait]
+/// impl Handler for Uppercase {
+///     async fn handle(&self, d: &Delivery) -> Result<Outcome, HandlerError> {
+///         let text = std::str::from_utf8(&d.body)?.to_uppercase();
+///         let out = d.forward("shop", "text.upper");
+///         Ok(Outcome::ack_with(vec![flowgate_actors::Output { body: text.into(), ..out }]))
+///     }
+/// }
+/// ```
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Processes one delivery.
+    async fn handle(&self, delivery: &Delivery) -> Result<Outcome, HandlerError>;
+}
+
+/// A handler made from an async closure taking an owned [`Delivery`].
+pub struct FnHandler<F>(F);
+
+/// Wraps an async closure as a [`Handler`].
+pub fn handler_fn<F, Fut>(f: F) -> FnHandler<F>
+where
+    F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Outcome, HandlerError>> + Send + 'static,
+{
+    FnHandler(f)
+}
+
+impl<F, Fut> Handler for FnHandler<F>
+where
+    F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Outcome, HandlerError>> + Send + 'static,
+{
+    fn handle<'a, 'b, 'c>(
+        &'a self,
+        delivery: &'b Delivery,
+    ) -> BoxFuture<'c, Result<Outcome, HandlerError>>
+    where
+        'a: 'c,
+        'b: 'c,
+        Self: 'c,
+    {
+        Box::pin((self.0)(delivery.clone()))
+    }
+}

@@ -1,0 +1,210 @@
+//! Prometheus collectors shared by every actor.
+//!
+//! One [`Metrics`] value per engine, registered on its own [`Registry`] so
+//! several engines (tests, embedded hosts) can live in one process.
+
+use prometheus::{
+    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+use std::sync::Arc;
+
+/// All of flowgate's collectors. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+/// The collectors themselves; see the README's metrics table.
+pub struct Inner {
+    /// The registry everything below is registered on; `/metrics` gathers it.
+    pub registry: Registry,
+    /// Deliveries taken from a stage's queue.
+    pub consumed: IntCounterVec,
+    /// Deliveries acked after their outputs were confirmed.
+    pub acked: IntCounterVec,
+    /// Deliveries dead-lettered, by reason.
+    pub dead_lettered: IntCounterVec,
+    /// Acks or rejects the broker connection refused (the message will be redelivered).
+    pub ack_failures: IntCounterVec,
+    /// Publish attempts by result (confirmed, nacked, returned, ...).
+    pub publish: IntCounterVec,
+    /// Publishes retried by a stage after a failure.
+    pub publish_retries: IntCounterVec,
+    /// Deliveries holding a credit in a stage right now.
+    pub in_flight: IntGaugeVec,
+    /// Handler run time.
+    pub handler_duration: HistogramVec,
+    /// Actor restarts by actor.
+    pub restarts: IntCounterVec,
+    /// 1 while both broker connections are up.
+    pub connection_up: IntGauge,
+    /// Connection (re)establishments after the first, by connection.
+    pub reconnects: IntCounterVec,
+    /// 1 while the broker blocks the publishing connection (memory/disk alarm).
+    pub broker_blocked: IntGauge,
+    /// Unconfirmed publishes in the window right now.
+    pub unconfirmed: IntGauge,
+    /// Process start time, for uptime.
+    pub start_time: Gauge,
+    /// Escalations: an actor exhausted its restart budget.
+    pub escalations: IntCounter,
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    // Names and label sets below are static and distinct, so creation and
+    // registration on a fresh registry cannot fail.
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(c.clone())).expect("unique metric name");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(g.clone())).expect("unique metric name");
+    g
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("static metric definition");
+    r.register(Box::new(g.clone())).expect("unique metric name");
+    g
+}
+
+impl Metrics {
+    /// Creates and registers every collector on a new registry.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let handler_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "flowgate_handler_duration_seconds",
+                "Time spent in a stage's handler per delivery",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["stage"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(handler_duration.clone()))
+            .expect("unique metric name");
+        let start_time = Gauge::new(
+            "flowgate_process_start_time_seconds",
+            "Start time of the engine since the unix epoch",
+        )
+        .expect("static metric definition");
+        r.register(Box::new(start_time.clone()))
+            .expect("unique metric name");
+        start_time.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+        );
+        let escalations = IntCounter::new(
+            "flowgate_actor_escalations_total",
+            "Actors that exhausted their restart budget",
+        )
+        .expect("static metric definition");
+        r.register(Box::new(escalations.clone()))
+            .expect("unique metric name");
+        Metrics(Arc::new(Inner {
+            consumed: counter_vec(
+                &r,
+                "flowgate_messages_consumed_total",
+                "Deliveries taken from a stage's queue",
+                &["stage"],
+            ),
+            acked: counter_vec(
+                &r,
+                "flowgate_messages_acked_total",
+                "Deliveries acked after their outputs were confirmed",
+                &["stage"],
+            ),
+            dead_lettered: counter_vec(
+                &r,
+                "flowgate_messages_dead_lettered_total",
+                "Deliveries dead-lettered, by reason",
+                &["stage", "reason"],
+            ),
+            ack_failures: counter_vec(
+                &r,
+                "flowgate_ack_failures_total",
+                "Acks/rejects that failed on the channel (the broker redelivers)",
+                &["stage"],
+            ),
+            publish: counter_vec(
+                &r,
+                "flowgate_publish_total",
+                "Publish attempts by result",
+                &["result"],
+            ),
+            publish_retries: counter_vec(
+                &r,
+                "flowgate_publish_retries_total",
+                "Output publishes a stage retried after a failure",
+                &["stage"],
+            ),
+            in_flight: gauge_vec(
+                &r,
+                "flowgate_stage_in_flight",
+                "Deliveries holding a credit in a stage",
+                &["stage"],
+            ),
+            handler_duration,
+            restarts: counter_vec(
+                &r,
+                "flowgate_actor_restarts_total",
+                "Actor restarts by actor",
+                &["actor"],
+            ),
+            connection_up: gauge(
+                &r,
+                "flowgate_connection_up",
+                "1 while both broker connections are up",
+            ),
+            reconnects: counter_vec(
+                &r,
+                "flowgate_reconnects_total",
+                "Broker connection re-establishments, by connection",
+                &["connection"],
+            ),
+            broker_blocked: gauge(
+                &r,
+                "flowgate_broker_blocked",
+                "1 while the broker blocks publishing (resource alarm)",
+            ),
+            unconfirmed: gauge(
+                &r,
+                "flowgate_publish_unconfirmed",
+                "Publishes awaiting a broker confirm",
+            ),
+            start_time,
+            escalations,
+            registry: r,
+        }))
+    }
+
+    /// Renders every collector in the Prometheus text format.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        let enc = prometheus::TextEncoder::new();
+        if let Err(e) = enc.encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

@@ -1,0 +1,725 @@
+//! Durable, crash-safe, bounded FIFO spool of outgoing AMQP publishes.
+//!
+//! When the broker is unreachable (or the circuit breaker is open) the
+//! publisher parks outgoing messages here instead of dropping them, and
+//! drains the spool once the broker is back. The spool is a single
+//! [redb](https://docs.rs/redb) file:
+//!
+//! * table `records`: `u64` sequence number → bincode-encoded [`SpoolRecord`].
+//!   Keys are strictly increasing, so key order is FIFO order.
+//! * table `meta`: `"next_seq"` → the next sequence number to hand out, so
+//!   sequence numbers never go backwards across restarts, even when the spool
+//!   was fully drained before the restart.
+//!
+//! Every mutating call commits with redb's default
+//! [`Durability::Immediate`](redb::Durability::Immediate): when
+//! [`Spool::append`] or [`Spool::remove`] returns `Ok`, the change survives a
+//! `kill -9` or a power loss. On [`Spool::open`] the record count and byte
+//! total are recomputed from what is actually stored.
+//!
+//! # Blocking
+//!
+//! redb is synchronous and every commit performs an `fsync`. The plain
+//! methods ([`Spool::open`], [`Spool::append`], [`Spool::peek_batch`],
+//! [`Spool::remove`]) therefore **block the calling thread**; from async code
+//! call them inside [`tokio::task::spawn_blocking`], or use the
+//! `*_async` wrappers ([`Spool::append_async`], [`Spool::peek_batch_async`],
+//! [`Spool::remove_async`]) which do exactly that. [`Spool::len`],
+//! [`Spool::bytes`] and [`Spool::is_empty`] only read atomics and are safe to
+//! call anywhere.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// Table holding the spooled records, keyed by sequence number.
+const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+/// Table holding spool bookkeeping (currently only [`NEXT_SEQ_KEY`]).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Key in [`META`] under which the next sequence number is persisted.
+const NEXT_SEQ_KEY: &str = "next_seq";
+/// First sequence number handed out by a brand-new spool.
+const FIRST_SEQ: u64 = 1;
+
+/// One outgoing publish, exactly as it will be handed to
+/// `lapin::Channel::basic_publish` when the spool is drained.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpoolRecord {
+    /// Exchange to publish to; kept so the drain does not need to know the
+    /// pipeline's routing configuration.
+    pub exchange: String,
+    /// Routing key to publish with; part of the original publish request.
+    pub routing_key: String,
+    /// Message payload, stored verbatim.
+    pub body: Vec<u8>,
+    /// AMQP properties (headers, message id, delivery mode, ...) so the
+    /// re-published message is indistinguishable from the original.
+    pub properties: lapin::BasicProperties,
+}
+
+impl SpoolRecord {
+    /// Encodes the record with bincode's standard configuration; this is the
+    /// exact byte string stored in redb and counted against `max_bytes`.
+    pub fn encode(&self) -> Result<Vec<u8>, SpoolError> {
+        bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .map_err(|e| SpoolError::Codec(e.to_string()))
+    }
+
+    /// Decodes a record produced by [`SpoolRecord::encode`]. Trailing bytes
+    /// are rejected so a truncated or concatenated value is not silently
+    /// accepted.
+    pub fn decode(bytes: &[u8]) -> Result<SpoolRecord, SpoolError> {
+        let (rec, used): (SpoolRecord, usize) =
+            bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+                .map_err(|e| SpoolError::Codec(e.to_string()))?;
+        if used != bytes.len() {
+            return Err(SpoolError::Codec(format!(
+                "{} trailing bytes after record",
+                bytes.len() - used
+            )));
+        }
+        Ok(rec)
+    }
+}
+
+/// Errors returned by [`Spool`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpoolError {
+    /// Appending the record would exceed the configured bound; nothing was
+    /// written. The caller should apply backpressure (or drop with a metric).
+    #[error("spool full: {bytes} bytes stored, limit {max_bytes} bytes")]
+    Full {
+        /// Encoded bytes currently stored in the spool (before the rejected
+        /// record), so the caller can log how close to the limit it is.
+        bytes: u64,
+        /// The configured limit passed to [`Spool::open`].
+        max_bytes: u64,
+    },
+    /// The underlying redb database (or the blocking task running it)
+    /// failed; the message is the source error's `Display`.
+    #[error("spool storage error: {0}")]
+    Storage(String),
+    /// A record could not be encoded or a stored record could not be
+    /// decoded; the message is the bincode error's `Display`.
+    #[error("spool codec error: {0}")]
+    Codec(String),
+}
+
+impl SpoolError {
+    /// `true` for [`SpoolError::Full`], the only error that is expected in
+    /// normal operation and that clears by itself once the spool drains.
+    pub fn is_full(&self) -> bool {
+        matches!(self, SpoolError::Full { .. })
+    }
+
+    /// Wraps any storage-layer error (redb's error types all implement
+    /// `Display`) into [`SpoolError::Storage`].
+    fn storage(e: impl fmt::Display) -> SpoolError {
+        SpoolError::Storage(e.to_string())
+    }
+}
+
+/// Shared state behind the [`Spool`] handle.
+struct Inner {
+    /// The open redb database (holds the file lock).
+    db: Database,
+    /// File the database lives in; kept for diagnostics.
+    path: PathBuf,
+    /// Upper bound on the sum of encoded record sizes.
+    max_bytes: u64,
+    /// Number of records stored; mirrors the `records` table.
+    len: AtomicU64,
+    /// Sum of encoded record sizes stored; mirrors the `records` table.
+    bytes: AtomicU64,
+    /// Serialises mutations and holds the next sequence number. Held across
+    /// the whole write transaction so the bound check, the commit and the
+    /// atomics update are one atomic step with respect to other writers.
+    writer: Mutex<u64>,
+}
+
+/// A durable, bounded FIFO spool of outgoing publishes backed by one redb
+/// file. Cheap to clone (an `Arc` inside); all clones share the same
+/// database. See the [module docs](self) for the blocking caveat.
+#[derive(Clone)]
+pub struct Spool {
+    /// Shared state; the database is closed when the last clone drops.
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Spool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Spool")
+            .field("path", &self.inner.path)
+            .field("len", &self.len())
+            .field("bytes", &self.bytes())
+            .field("max_bytes", &self.inner.max_bytes)
+            .finish()
+    }
+}
+
+impl Spool {
+    /// Opens (or creates) the spool file at `path`, bounded to `max_bytes`
+    /// of encoded records.
+    ///
+    /// Count and byte total are recomputed by scanning the stored records,
+    /// so records left over from a crash are visible immediately. If the
+    /// previous process died mid-commit, redb repairs the file here, which
+    /// can take a while on a large spool. Blocking; see the module docs.
+    ///
+    /// Only one `Spool` may have a given file open at a time (redb holds a
+    /// lock); clone the handle instead of opening twice.
+    pub fn open(path: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
+        let db = Database::create(path).map_err(SpoolError::storage)?;
+        let (len, bytes, next_seq) = {
+            let txn = db.begin_write().map_err(SpoolError::storage)?;
+            let scanned = {
+                let records = txn.open_table(RECORDS).map_err(SpoolError::storage)?;
+                let meta = txn.open_table(META).map_err(SpoolError::storage)?;
+                let mut len = 0u64;
+                let mut bytes = 0u64;
+                let mut last = None;
+                for entry in records.iter().map_err(SpoolError::storage)? {
+                    let (k, v) = entry.map_err(SpoolError::storage)?;
+                    len += 1;
+                    bytes += v.value().len() as u64;
+                    last = Some(k.value());
+                }
+                let persisted = meta
+                    .get(NEXT_SEQ_KEY)
+                    .map_err(SpoolError::storage)?
+                    .map(|g| g.value())
+                    .unwrap_or(FIRST_SEQ);
+                let after_last = last.map_or(FIRST_SEQ, |k| k.saturating_add(1));
+                (len, bytes, persisted.max(after_last).max(FIRST_SEQ))
+            };
+            // Committing creates the tables on a fresh file so later read
+            // transactions never see "table does not exist".
+            txn.commit().map_err(SpoolError::storage)?;
+            scanned
+        };
+        tracing::debug!(path = %path.display(), len, bytes, next_seq, "spool opened");
+        Ok(Spool {
+            inner: Arc::new(Inner {
+                db,
+                path: path.to_path_buf(),
+                max_bytes,
+                len: AtomicU64::new(len),
+                bytes: AtomicU64::new(bytes),
+                writer: Mutex::new(next_seq),
+            }),
+        })
+    }
+
+    /// Locks the writer mutex. A panic in another writer cannot leave the
+    /// guarded sequence number inconsistent (it is only advanced after a
+    /// successful commit), so a poisoned lock is simply recovered.
+    fn lock_writer(&self) -> MutexGuard<'_, u64> {
+        self.inner
+            .writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Durably appends `rec` and returns its sequence number.
+    ///
+    /// Returns [`SpoolError::Full`] without writing anything if the stored
+    /// bytes plus this record's encoded size would exceed `max_bytes` (this
+    /// includes a single record larger than `max_bytes`, which can never
+    /// fit). When this returns `Ok` the record has been committed with
+    /// `fsync`. Blocking; see the module docs.
+    pub fn append(&self, rec: &SpoolRecord) -> Result<u64, SpoolError> {
+        let encoded = rec.encode()?;
+        let size = encoded.len() as u64;
+        let mut next_seq = self.lock_writer();
+        let current = self.inner.bytes.load(Ordering::Acquire);
+        if current.saturating_add(size) > self.inner.max_bytes {
+            return Err(SpoolError::Full {
+                bytes: current,
+                max_bytes: self.inner.max_bytes,
+            });
+        }
+        let seq = *next_seq;
+        let txn = self.inner.db.begin_write().map_err(SpoolError::storage)?;
+        {
+            let mut records = txn.open_table(RECORDS).map_err(SpoolError::storage)?;
+            records
+                .insert(seq, encoded.as_slice())
+                .map_err(SpoolError::storage)?;
+            let mut meta = txn.open_table(META).map_err(SpoolError::storage)?;
+            meta.insert(NEXT_SEQ_KEY, seq.saturating_add(1))
+                .map_err(SpoolError::storage)?;
+        }
+        txn.commit().map_err(SpoolError::storage)?;
+        *next_seq = seq.saturating_add(1);
+        self.inner.bytes.fetch_add(size, Ordering::AcqRel);
+        self.inner.len.fetch_add(1, Ordering::AcqRel);
+        Ok(seq)
+    }
+
+    /// Returns up to `max` of the oldest records, oldest first, without
+    /// removing them. Call [`Spool::remove`] for each one once the broker
+    /// has confirmed it. Blocking; see the module docs.
+    ///
+    /// A record that fails to decode yields [`SpoolError::Codec`] naming its
+    /// sequence number; since the spool is FIFO, the caller must
+    /// [`remove`](Spool::remove) (dead-letter) that record to make progress.
+    pub fn peek_batch(&self, max: usize) -> Result<Vec<(u64, SpoolRecord)>, SpoolError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let txn = self.inner.db.begin_read().map_err(SpoolError::storage)?;
+        let records = txn.open_table(RECORDS).map_err(SpoolError::storage)?;
+        let mut out = Vec::with_capacity(max.min(1024));
+        for entry in records.iter().map_err(SpoolError::storage)?.take(max) {
+            let (k, v) = entry.map_err(SpoolError::storage)?;
+            let seq = k.value();
+            let rec = SpoolRecord::decode(v.value())
+                .map_err(|e| SpoolError::Codec(format!("record {seq}: {e}")))?;
+            out.push((seq, rec));
+        }
+        Ok(out)
+    }
+
+    /// Durably deletes record `seq` (after the broker confirmed it).
+    /// Idempotent: removing an unknown or already-removed sequence number is
+    /// `Ok(())` and commits nothing. Blocking; see the module docs.
+    pub fn remove(&self, seq: u64) -> Result<(), SpoolError> {
+        let _writer = self.lock_writer();
+        let txn = self.inner.db.begin_write().map_err(SpoolError::storage)?;
+        let removed = {
+            let mut records = txn.open_table(RECORDS).map_err(SpoolError::storage)?;
+            let old = records.remove(seq).map_err(SpoolError::storage)?;
+            old.map(|g| g.value().len() as u64)
+        };
+        match removed {
+            Some(size) => {
+                txn.commit().map_err(SpoolError::storage)?;
+                self.inner.bytes.fetch_sub(size, Ordering::AcqRel);
+                self.inner.len.fetch_sub(1, Ordering::AcqRel);
+            }
+            None => txn.abort().map_err(SpoolError::storage)?,
+        }
+        Ok(())
+    }
+
+    /// Number of records currently stored. Cheap (atomic load).
+    pub fn len(&self) -> u64 {
+        self.inner.len.load(Ordering::Acquire)
+    }
+
+    /// Sum of the encoded sizes of the stored records, i.e. what counts
+    /// against `max_bytes` (not the redb file size, which also includes
+    /// B-tree pages and free space). Cheap (atomic load).
+    pub fn bytes(&self) -> u64 {
+        self.inner.bytes.load(Ordering::Acquire)
+    }
+
+    /// `true` when no records are stored. Cheap (atomic load).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bound passed to [`Spool::open`].
+    pub fn max_bytes(&self) -> u64 {
+        self.inner.max_bytes
+    }
+
+    /// The file the spool lives in.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// [`Spool::append`] on a `spawn_blocking` thread. Takes the record by
+    /// value because it must move into the blocking task.
+    pub async fn append_async(&self, rec: SpoolRecord) -> Result<u64, SpoolError> {
+        let spool = self.clone();
+        run_blocking(move || spool.append(&rec)).await
+    }
+
+    /// [`Spool::peek_batch`] on a `spawn_blocking` thread.
+    pub async fn peek_batch_async(
+        &self,
+        max: usize,
+    ) -> Result<Vec<(u64, SpoolRecord)>, SpoolError> {
+        let spool = self.clone();
+        run_blocking(move || spool.peek_batch(max)).await
+    }
+
+    /// [`Spool::remove`] on a `spawn_blocking` thread.
+    pub async fn remove_async(&self, seq: u64) -> Result<(), SpoolError> {
+        let spool = self.clone();
+        run_blocking(move || spool.remove(seq)).await
+    }
+}
+
+/// Runs `f` on tokio's blocking pool. A panic or cancellation of the
+/// blocking task is reported as [`SpoolError::Storage`].
+async fn run_blocking<T, F>(f: F) -> Result<T, SpoolError>
+where
+    F: FnOnce() -> Result<T, SpoolError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SpoolError::Storage(format!("spool blocking task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+    use proptest::prelude::*;
+
+    fn rec(i: usize) -> SpoolRecord {
+        SpoolRecord {
+            exchange: "ex".into(),
+            routing_key: format!("rk.{i}"),
+            body: vec![i as u8; 16],
+            properties: lapin::BasicProperties::default(),
+        }
+    }
+
+    fn rich_properties() -> lapin::BasicProperties {
+        let mut nested = FieldTable::default();
+        nested.insert("inner-int".into(), AMQPValue::LongLongInt(-42));
+        nested.insert("inner-str".into(), AMQPValue::LongString("deep".into()));
+        let mut deeper = FieldTable::default();
+        deeper.insert("flag".into(), AMQPValue::Boolean(false));
+        nested.insert("deeper".into(), AMQPValue::FieldTable(deeper));
+
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-str".into(),
+            AMQPValue::LongString(LongString::from("hello ünïcode")),
+        );
+        headers.insert(
+            "x-short".into(),
+            AMQPValue::ShortString(ShortString::from("short")),
+        );
+        headers.insert("x-int".into(), AMQPValue::LongInt(7));
+        headers.insert("x-uint".into(), AMQPValue::LongUInt(u32::MAX));
+        headers.insert("x-i64".into(), AMQPValue::LongLongInt(i64::MIN));
+        headers.insert("x-true".into(), AMQPValue::Boolean(true));
+        headers.insert("x-false".into(), AMQPValue::Boolean(false));
+        headers.insert("x-double".into(), AMQPValue::Double(1.5));
+        headers.insert("x-void".into(), AMQPValue::Void);
+        headers.insert(
+            "x-array".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                AMQPValue::LongInt(1),
+                AMQPValue::Boolean(true),
+                AMQPValue::LongString("two".into()),
+            ])),
+        );
+        headers.insert("x-nested".into(), AMQPValue::FieldTable(nested));
+
+        lapin::BasicProperties::default()
+            .with_headers(headers)
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_priority(5)
+            .with_message_id("msg-1".into())
+            .with_correlation_id("corr-1".into())
+            .with_timestamp(1_700_000_000)
+            .with_expiration("60000".into())
+    }
+
+    fn open(dir: &tempfile::TempDir, max: u64) -> Spool {
+        match Spool::open(&dir.path().join("spool.redb"), max) {
+            Ok(s) => s,
+            Err(e) => panic!("open failed: {e}"),
+        }
+    }
+
+    #[test]
+    fn record_codec_round_trips_rich_properties() {
+        let r = SpoolRecord {
+            exchange: "orders".into(),
+            routing_key: "orders.created".into(),
+            body: b"{\"id\":1}".to_vec(),
+            properties: rich_properties(),
+        };
+        let bytes = r.encode().unwrap();
+        assert_eq!(SpoolRecord::decode(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn decode_rejects_trailing_bytes_and_garbage() {
+        let mut bytes = rec(1).encode().unwrap();
+        bytes.push(0);
+        assert!(matches!(
+            SpoolRecord::decode(&bytes),
+            Err(SpoolError::Codec(_))
+        ));
+        assert!(matches!(
+            SpoolRecord::decode(&[0xff, 0xff, 0xff]),
+            Err(SpoolError::Codec(_))
+        ));
+    }
+
+    #[test]
+    fn properties_round_trip_through_the_spool_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = SpoolRecord {
+            exchange: "x".into(),
+            routing_key: "k".into(),
+            body: vec![1, 2, 3],
+            properties: rich_properties(),
+        };
+        {
+            let s = open(&dir, 1 << 20);
+            s.append(&r).unwrap();
+        }
+        let s = open(&dir, 1 << 20);
+        let got = s.peek_batch(10).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1, r);
+    }
+
+    #[test]
+    fn fifo_order_and_peek_does_not_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir, 1 << 20);
+        let seqs: Vec<u64> = (0..10).map(|i| s.append(&rec(i)).unwrap()).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+        let batch = s.peek_batch(4).unwrap();
+        assert_eq!(batch.len(), 4);
+        for (i, (seq, r)) in batch.iter().enumerate() {
+            assert_eq!(*seq, seqs[i]);
+            assert_eq!(*r, rec(i));
+        }
+        assert_eq!(s.len(), 10);
+        assert_eq!(s.peek_batch(4).unwrap(), batch);
+        s.remove(seqs[0]).unwrap();
+        s.remove(seqs[1]).unwrap();
+        let batch = s.peek_batch(100).unwrap();
+        assert_eq!(batch.len(), 8);
+        assert_eq!(batch[0].0, seqs[2]);
+        assert!(s.peek_batch(0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn bound_is_enforced_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = rec(0).encode().unwrap().len() as u64;
+        let s = open(&dir, size * 3);
+        for i in 0..3 {
+            s.append(&rec(i)).unwrap();
+        }
+        assert_eq!(s.bytes(), size * 3);
+        let err = s.append(&rec(3)).unwrap_err();
+        assert!(err.is_full());
+        assert_eq!(
+            err,
+            SpoolError::Full {
+                bytes: size * 3,
+                max_bytes: size * 3
+            }
+        );
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.peek_batch(10).unwrap().len(), 3);
+        // Draining frees room again.
+        let first = s.peek_batch(1).unwrap()[0].0;
+        s.remove(first).unwrap();
+        s.append(&rec(3)).unwrap();
+        // A record bigger than the whole bound never fits.
+        let huge = SpoolRecord {
+            body: vec![0; (size * 4) as usize],
+            ..rec(0)
+        };
+        let empty_dir = tempfile::tempdir().unwrap();
+        let empty = open(&empty_dir, size * 3);
+        assert!(empty.append(&huge).unwrap_err().is_full());
+        assert!(empty.is_empty());
+    }
+
+    #[test]
+    fn count_bytes_and_sequence_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (len, bytes, last) = {
+            let s = open(&dir, 1 << 20);
+            let mut last = 0;
+            for i in 0..5 {
+                last = s.append(&rec(i)).unwrap();
+            }
+            s.remove(s.peek_batch(1).unwrap()[0].0).unwrap();
+            (s.len(), s.bytes(), last)
+        };
+        assert_eq!(len, 4);
+        let s = open(&dir, 1 << 20);
+        assert_eq!(s.len(), len);
+        assert_eq!(s.bytes(), bytes);
+        let next = s.append(&rec(9)).unwrap();
+        assert!(next > last, "sequence must continue after reopen");
+        let batch = s.peek_batch(10).unwrap();
+        assert_eq!(batch.last().map(|(q, _)| *q), Some(next));
+    }
+
+    #[test]
+    fn sequence_does_not_restart_after_full_drain_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = {
+            let s = open(&dir, 1 << 20);
+            let a = s.append(&rec(0)).unwrap();
+            let b = s.append(&rec(1)).unwrap();
+            s.remove(a).unwrap();
+            s.remove(b).unwrap();
+            assert!(s.is_empty());
+            b
+        };
+        let s = open(&dir, 1 << 20);
+        assert!(s.is_empty());
+        assert_eq!(s.bytes(), 0);
+        assert!(s.append(&rec(2)).unwrap() > last);
+    }
+
+    #[test]
+    fn remove_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir, 1 << 20);
+        let a = s.append(&rec(0)).unwrap();
+        let b = s.append(&rec(1)).unwrap();
+        let bytes_before = s.bytes();
+        s.remove(a).unwrap();
+        let after_one = s.bytes();
+        assert!(after_one < bytes_before);
+        s.remove(a).unwrap();
+        s.remove(12345).unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.bytes(), after_one);
+        assert_eq!(s.peek_batch(10).unwrap()[0].0, b);
+    }
+
+    #[test]
+    fn second_open_of_same_file_is_a_storage_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let _s = open(&dir, 1 << 20);
+        let err = Spool::open(&dir.path().join("spool.redb"), 1 << 20).unwrap_err();
+        assert!(matches!(err, SpoolError::Storage(_)), "{err:?}");
+    }
+
+    #[test]
+    fn clones_share_state_and_are_send_sync() {
+        fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+        assert_send_sync::<Spool>();
+        assert_send_sync::<SpoolError>();
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir, 1 << 20);
+        let c = s.clone();
+        c.append(&rec(0)).unwrap();
+        assert_eq!(s.len(), 1);
+        assert!(format!("{s:?}").contains("len: 1"));
+    }
+
+    #[test]
+    fn concurrent_appends_respect_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = rec(0).encode().unwrap().len() as u64;
+        let s = open(&dir, size * 10);
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || (0..5).filter(|i| s.append(&rec(*i)).is_ok()).count())
+            })
+            .collect();
+        let ok: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(ok, 10);
+        assert_eq!(s.len(), 10);
+        assert_eq!(s.bytes(), size * 10);
+    }
+
+    #[tokio::test]
+    async fn async_wrappers_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir, 1 << 20);
+        let a = s.append_async(rec(0)).await.unwrap();
+        let b = s.append_async(rec(1)).await.unwrap();
+        let batch = s.peek_batch_async(10).await.unwrap();
+        assert_eq!(
+            batch.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+            vec![a, b]
+        );
+        s.remove_async(a).await.unwrap();
+        s.remove_async(a).await.unwrap();
+        assert_eq!(s.len(), 1);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append(usize),
+        /// Remove the n-th (mod len) currently stored seq, or a bogus one.
+        Remove(usize),
+        RemoveUnknown,
+        Reopen,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0usize..200).prop_map(Op::Append),
+            3 => any::<usize>().prop_map(Op::Remove),
+            1 => Just(Op::RemoveUnknown),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+        #[test]
+        fn len_and_bytes_match_what_reopen_recomputes(
+            ops in proptest::collection::vec(op(), 0..40),
+            max in 200u64..3000,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("spool.redb");
+            let mut s = Spool::open(&path, max).unwrap();
+            let mut model: Vec<(u64, SpoolRecord)> = Vec::new();
+            let mut last_seq = 0u64;
+            for op in ops {
+                match op {
+                    Op::Append(n) => {
+                        let r = SpoolRecord { body: vec![7; n], ..rec(n) };
+                        let size = r.encode().unwrap().len() as u64;
+                        match s.append(&r) {
+                            Ok(seq) => {
+                                prop_assert!(seq > last_seq);
+                                last_seq = seq;
+                                model.push((seq, r));
+                            }
+                            Err(e) => {
+                                prop_assert!(e.is_full());
+                                prop_assert!(s.bytes() + size > max);
+                            }
+                        }
+                    }
+                    Op::Remove(i) => {
+                        if !model.is_empty() {
+                            let (seq, _) = model.remove(i % model.len());
+                            s.remove(seq).unwrap();
+                        }
+                    }
+                    Op::RemoveUnknown => s.remove(last_seq + 1000).unwrap(),
+                    Op::Reopen => {
+                        drop(s);
+                        s = Spool::open(&path, max).unwrap();
+                    }
+                }
+                prop_assert!(s.bytes() <= max);
+                prop_assert_eq!(s.len(), model.len() as u64);
+            }
+            let (len, bytes) = (s.len(), s.bytes());
+            let stored = s.peek_batch(usize::MAX).unwrap();
+            drop(s);
+            let reopened = Spool::open(&path, max).unwrap();
+            prop_assert_eq!(reopened.len(), len);
+            prop_assert_eq!(reopened.bytes(), bytes);
+            prop_assert_eq!(&stored, &model);
+            prop_assert_eq!(reopened.peek_batch(usize::MAX).unwrap(), model);
+        }
+    }
+}

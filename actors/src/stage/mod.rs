@@ -1,0 +1,391 @@
+//! The StageActor: one per consumed queue.
+//!
+//! A stage owns a consume channel with `basic_qos(prefetch)` and a pool of
+//! `prefetch` [`Credits`]. Its intake task takes a credit *before* it pulls the
+//! next delivery, and the credit travels with the delivery until it is acked
+//! or rejected, so the process never holds more deliveries than the broker's
+//! prefetch allows. Handlers run on `concurrency` worker slots; outputs are
+//! published through the [`PublisherHandle`] and the input is acked only
+//! after every output is confirmed (at-least-once across the hop).
+//!
+//! If outputs cannot be published (blocked broker, rate limit, full spool),
+//! the task keeps its credit and retries with backoff; credits stop coming
+//! back, intake stops, and the backlog stays in the broker.
+
+mod process;
+
+use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscribe};
+use crate::credit::Credits;
+use crate::error::{Error, Result};
+use crate::message::Handler;
+use crate::metrics::Metrics;
+use crate::publisher::PublisherHandle;
+use crate::supervision::{Escalation, EscalationSender, RestartPolicy, Restarts};
+use actix::prelude::*;
+use futures::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+use tracing::{info, warn};
+
+pub use process::{DEAD_LETTER_HEADERS, MAX_ERROR_HEADER_BYTES};
+
+/// Everything a stage needs to know about itself.
+#[derive(Clone)]
+pub struct StageSpec {
+    /// Stage name: a metric label and the `x-flowgate-stage` header.
+    pub name: String,
+    /// The queue it consumes.
+    pub queue: String,
+    /// Broker prefetch, and the number of credits.
+    pub prefetch: u16,
+    /// Handler tasks running at once.
+    pub concurrency: usize,
+    /// The stage's processing logic.
+    pub handler: Arc<dyn Handler>,
+    /// Where dead letters are published (`<queue>.dlx`); `None` rejects
+    /// without requeue and lets the queue's own policy decide.
+    pub dead_letter_exchange: Option<String>,
+    /// Restart backoff and budget.
+    pub policy: RestartPolicy,
+}
+
+/// Shared between the actor, its intake task and its message tasks.
+pub(crate) struct Shared {
+    pub spec: StageSpec,
+    pub credits: Credits,
+    pub workers: Arc<Semaphore>,
+    pub publisher: PublisherHandle,
+    pub metrics: Metrics,
+    /// True while a consumer is registered and delivering.
+    pub consuming: Arc<AtomicBool>,
+    /// Set once draining starts: publish retries give up on it.
+    pub draining: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn update_in_flight(&self) {
+        self.metrics
+            .in_flight
+            .with_label_values(&[&self.spec.name])
+            .set(self.credits.in_use() as i64);
+    }
+}
+
+/// Stops intake and waits (up to `grace`) for in-flight deliveries to finish.
+#[derive(Message)]
+#[rtype(result = "DrainReport")]
+pub struct Drain {
+    /// The longest to wait for in-flight work.
+    pub grace: Duration,
+}
+
+/// What a [`Drain`] achieved.
+#[derive(Debug, Clone, MessageResponse)]
+pub struct DrainReport {
+    /// The stage.
+    pub stage: String,
+    /// True if every in-flight delivery finished within the grace period.
+    pub drained: bool,
+    /// Deliveries still in flight when the channel closed (the broker requeues them).
+    pub abandoned: usize,
+}
+
+/// Reported by the intake task when it ends.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct IntakeEnded(Result<()>);
+
+/// A cheap view of a stage for readiness checks.
+#[derive(Clone)]
+pub struct StageProbe {
+    /// Stage name.
+    pub name: String,
+    consuming: Arc<AtomicBool>,
+    credits: Credits,
+}
+
+impl StageProbe {
+    /// True while the stage's consumer is registered.
+    pub fn consuming(&self) -> bool {
+        self.consuming.load(Ordering::Acquire)
+    }
+
+    /// Deliveries holding a credit.
+    pub fn in_flight(&self) -> usize {
+        self.credits.in_use()
+    }
+}
+
+/// One per consumed queue. See the module docs.
+pub struct StageActor {
+    shared: Arc<Shared>,
+    conn: Addr<ConnectionActor>,
+    restarts: Restarts,
+    escalations: Option<EscalationSender>,
+    channel: Option<Channel>,
+    consumer_tag: String,
+    stop: watch::Sender<bool>,
+    subscribed: bool,
+    starting: bool,
+    draining: bool,
+}
+
+impl StageActor {
+    /// Starts a stage under a supervisor. Returns its address and a probe.
+    pub fn start_supervised(
+        spec: StageSpec,
+        conn: Addr<ConnectionActor>,
+        publisher: PublisherHandle,
+        metrics: Metrics,
+        escalations: Option<EscalationSender>,
+    ) -> (Addr<StageActor>, StageProbe) {
+        let credits = Credits::new(spec.prefetch.max(1) as usize);
+        let consuming = Arc::new(AtomicBool::new(false));
+        let probe = StageProbe {
+            name: spec.name.clone(),
+            consuming: consuming.clone(),
+            credits: credits.clone(),
+        };
+        let restarts = Restarts::new(spec.policy.clone());
+        let shared = Arc::new(Shared {
+            workers: Arc::new(Semaphore::new(spec.concurrency.max(1))),
+            spec,
+            credits,
+            publisher,
+            metrics,
+            consuming,
+            draining: AtomicBool::new(false),
+        });
+        let addr = Supervisor::start(move |_| StageActor {
+            shared,
+            conn,
+            restarts,
+            escalations,
+            channel: None,
+            consumer_tag: String::new(),
+            stop: watch::channel(false).0,
+            subscribed: false,
+            starting: false,
+            draining: false,
+        });
+        (addr, probe)
+    }
+
+    fn start_consuming(&mut self, ctx: &mut Context<Self>) {
+        if self.starting || self.channel.is_some() || self.draining || self.restarts.escalated() {
+            return;
+        }
+        self.starting = true;
+        let conn = self.conn.clone();
+        let delay = self.restarts.delay();
+        let spec = self.shared.spec.clone();
+        let tag = format!("flowgate-{}-{}", spec.name, uuid::Uuid::new_v4().simple());
+        let tag2 = tag.clone();
+        ctx.spawn(
+            async move {
+                tokio::time::sleep(delay).await;
+                let ch = conn.send(OpenChannel(Purpose::Consume)).await??;
+                ch.basic_qos(spec.prefetch, BasicQosOptions::default()).await?;
+                let consumer = ch
+                    .basic_consume(
+                        spec.queue.as_str().into(),
+                        tag2.as_str().into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Ok::<_, Error>((ch, consumer))
+            }
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                act.starting = false;
+                match res {
+                    Ok((ch, consumer)) => {
+                        info!(stage = %act.shared.spec.name, queue = %act.shared.spec.queue, "consuming");
+                        act.restarts.succeeded();
+                        act.channel = Some(ch.clone());
+                        act.consumer_tag = tag;
+                        act.shared.consuming.store(true, Ordering::Release);
+                        let (tx, rx) = watch::channel(false);
+                        act.stop = tx;
+                        let shared = act.shared.clone();
+                        let me = ctx.address();
+                        tokio::spawn(async move {
+                            let res = intake(shared, ch, consumer, rx).await;
+                            me.do_send(IntakeEnded(res));
+                        });
+                    }
+                    Err(Error::NotConnected) => {} // LinkUp will come
+                    Err(e) => {
+                        warn!(stage = %act.shared.spec.name, error = %e, "could not start consuming; restarting stage");
+                        ctx.stop();
+                    }
+                }
+            }),
+        );
+    }
+}
+
+/// Pulls deliveries while it holds credit; one task per delivery.
+async fn intake(
+    shared: Arc<Shared>,
+    ch: Channel,
+    mut consumer: Consumer,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let credit = tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            c = shared.credits.acquire() => match c {
+                Some(c) => c,
+                None => return Ok(()),
+            },
+        };
+        let next = tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            n = consumer.next() => n,
+        };
+        match next {
+            None => return Ok(()), // consumer cancelled
+            Some(Ok(delivery)) => {
+                shared.update_in_flight();
+                tokio::spawn(process::process(shared.clone(), delivery, credit));
+            }
+            Some(Err(e)) => {
+                drop(credit);
+                shared.consuming.store(false, Ordering::Release);
+                warn!(stage = %shared.spec.name, error = %e, "consumer error; waiting for recovery");
+                ch.wait_for_recovery(e).await?;
+                info!(stage = %shared.spec.name, "consumer recovered");
+                shared.consuming.store(true, Ordering::Release);
+            }
+        }
+    }
+}
+
+impl Actor for StageActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if !self.subscribed {
+            self.subscribed = true;
+            self.conn.do_send(Subscribe(ctx.address().recipient()));
+        } else {
+            self.start_consuming(ctx);
+        }
+    }
+}
+
+impl Supervised for StageActor {
+    fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        let _ = self.stop.send(true);
+        self.channel = None;
+        self.starting = false;
+        self.shared.consuming.store(false, Ordering::Release);
+        let name = format!("stage:{}", self.shared.spec.name);
+        self.shared
+            .metrics
+            .restarts
+            .with_label_values(&[&name])
+            .inc();
+        if !self.restarts.record(tokio::time::Instant::now()) {
+            self.shared.metrics.escalations.inc();
+            tracing::error!(actor = %name, "restart budget spent; escalating");
+            if let Some(tx) = &self.escalations {
+                let _ = tx.try_send(Escalation {
+                    actor: name,
+                    reason: "stage keeps failing to consume".into(),
+                });
+            }
+        }
+    }
+}
+
+impl actix::Handler<LinkEvent> for StageActor {
+    type Result = ();
+
+    fn handle(&mut self, ev: LinkEvent, ctx: &mut Context<Self>) {
+        match ev {
+            LinkEvent::LinkUp(Purpose::Consume) => {
+                let usable = self
+                    .channel
+                    .as_ref()
+                    .is_some_and(|c| c.status().connected());
+                if !usable {
+                    self.channel = None;
+                    self.start_consuming(ctx);
+                }
+            }
+            LinkEvent::LinkDown(Purpose::Consume) => {
+                self.shared.consuming.store(false, Ordering::Release);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl actix::Handler<IntakeEnded> for StageActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: IntakeEnded, ctx: &mut Context<Self>) {
+        self.shared.consuming.store(false, Ordering::Release);
+        if self.draining {
+            return;
+        }
+        match msg.0 {
+            Ok(()) => {
+                warn!(stage = %self.shared.spec.name, "consumer cancelled by the broker; restarting stage");
+            }
+            Err(e) => {
+                warn!(stage = %self.shared.spec.name, error = %e, "consumer failed; restarting stage");
+            }
+        }
+        ctx.stop();
+    }
+}
+
+impl actix::Handler<Drain> for StageActor {
+    type Result = ResponseActFuture<Self, DrainReport>;
+
+    fn handle(&mut self, msg: Drain, _ctx: &mut Context<Self>) -> Self::Result {
+        self.draining = true;
+        self.shared.draining.store(true, Ordering::Release);
+        let _ = self.stop.send(true);
+        let ch = self.channel.take();
+        let tag = std::mem::take(&mut self.consumer_tag);
+        let shared = self.shared.clone();
+        Box::pin(
+            async move {
+                if let Some(ch) = &ch {
+                    let _ = ch
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await;
+                }
+                let drained = tokio::time::timeout(msg.grace, shared.credits.drained())
+                    .await
+                    .is_ok();
+                let abandoned = shared.credits.in_use();
+                if let Some(ch) = &ch {
+                    // Deliveries the broker sent but we never pulled go back to the queue.
+                    let _ = ch.close(200, "flowgate stage drained".into()).await;
+                }
+                shared.consuming.store(false, Ordering::Release);
+                DrainReport {
+                    stage: shared.spec.name.clone(),
+                    drained,
+                    abandoned,
+                }
+            }
+            .into_actor(self)
+            .map(|r, _act, _ctx| r),
+        )
+    }
+}

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Install (if missing) and start (if not answering) the services flowgate's
+# tests and demo need: RabbitMQ on 127.0.0.1:5672 and Redis on 127.0.0.1:6379.
+# Idempotent and safe to run when they are already up: it never stops or
+# reconfigures a running service. Needs root for apt-get (as on CI).
+#
+# Usage: scripts/services.sh            (or: source it and call ensure_services)
+set -euo pipefail
+
+RABBIT_WAIT_SECS="${RABBIT_WAIT_SECS:-90}"
+REDIS_WAIT_SECS="${REDIS_WAIT_SECS:-30}"
+
+log() { printf '[services] %s\n' "$*" >&2; }
+
+# True if something accepts TCP connections on 127.0.0.1:$1.
+port_open() { timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
+
+pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+# (a) Debian packages: apt-get update only once, and only if something is missing.
+ensure_packages() {
+    local missing=()
+    pkg_installed rabbitmq-server || missing+=(rabbitmq-server)
+    pkg_installed redis-server || missing+=(redis-server)
+    # redis-tools provides redis-cli (a dependency of redis-server, but be explicit)
+    command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+    # a C compiler for crates with C parts (ring)
+    command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+    if ((${#missing[@]} == 0)); then
+        return 0
+    fi
+    log "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # Keep postinst from starting services itself (no init system in containers);
+    # we start them below. Only if no policy-rc.d is in place already.
+    local policy=/usr/sbin/policy-rc.d added_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && added_policy=1
+    fi
+    local rc=0
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
+    ((added_policy)) && rm -f "$policy"
+    return "$rc"
+}
+
+# Make the RabbitMQ node name not depend on the machine's hostname resolving,
+# and listen on loopback only. Only written when no config exists yet.
+ensure_rabbitmq_config() {
+    mkdir -p /etc/rabbitmq
+    if [[ ! -e /etc/rabbitmq/rabbitmq-env.conf ]]; then
+        printf 'NODENAME=rabbit@localhost\nERL_EPMD_ADDRESS=127.0.0.1\n' >/etc/rabbitmq/rabbitmq-env.conf
+    fi
+    if [[ ! -e /etc/rabbitmq/rabbitmq.conf ]]; then
+        printf 'listeners.tcp.local = 127.0.0.1:5672\n' >/etc/rabbitmq/rabbitmq.conf
+    fi
+}
+
+rabbit_ready() { port_open 5672 && rabbitmqctl -q await_startup --timeout 5 >/dev/null 2>&1; }
+
+# (b) RabbitMQ answering on 5672; start it detached if not, wait up to RABBIT_WAIT_SECS.
+ensure_rabbitmq() {
+    if port_open 5672; then
+        log "rabbitmq: already answering on 5672"
+        return 0
+    fi
+    ensure_rabbitmq_config
+    if rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
+        log "rabbitmq: node is up but not listening yet (booting or app stopped)"
+    else
+        log "rabbitmq: starting (rabbitmq-server -detached)"
+        rabbitmq-server -detached
+    fi
+    local deadline=$((SECONDS + RABBIT_WAIT_SECS))
+    until rabbit_ready; do
+        if ((SECONDS >= deadline)); then
+            log "rabbitmq: not ready after ${RABBIT_WAIT_SECS}s; recent log:"
+            tail -n 40 /var/log/rabbitmq/*.log 2>/dev/null >&2 || true
+            return 1
+        fi
+        sleep 1
+    done
+    log "rabbitmq: ready on 5672"
+}
+
+redis_ready() { [[ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" == "PONG" ]]; }
+
+# (c) Redis answering PING; start a non-persistent daemon if not.
+ensure_redis() {
+    if redis_ready; then
+        log "redis: already answering PING"
+        return 0
+    fi
+    log "redis: starting"
+    mkdir -p /var/lib/redis /var/log/redis
+    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 \
+        --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
+    local deadline=$((SECONDS + REDIS_WAIT_SECS))
+    until redis_ready; do
+        if ((SECONDS >= deadline)); then
+            log "redis: not answering after ${REDIS_WAIT_SECS}s; log:"
+            tail -n 20 /var/log/redis/ci.log >&2 || true
+            return 1
+        fi
+        sleep 0.5
+    done
+    log "redis: ready on 6379"
+}
+
+ensure_services() {
+    ensure_packages
+    ensure_rabbitmq
+    ensure_redis
+}
+
+# Run when executed, not when sourced.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    ensure_services
+fi

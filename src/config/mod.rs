@@ -1,0 +1,520 @@
+//! Configuration: TOML files loaded with the `config` crate, every key
+//! overridable from the environment as `FLOWGATE__SECTION__KEY`.
+//!
+//! Every option is documented where it is declared, with its default. The
+//! README's configuration reference is generated from the same text.
+
+mod validate;
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use validate::validate;
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("config key `{key}`: {reason}")]
+pub struct ConfigError {
+    /// The offending key, as a path (`stages[0].prefetch`).
+    pub key: String,
+    /// Why it is wrong.
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The broker.
+    #[serde(default)]
+    pub amqp: AmqpConfig,
+    /// The HTTP server (metrics, health, ingress).
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Exchanges to declare.
+    #[serde(default)]
+    pub exchanges: Vec<ExchangeConfig>,
+    /// Queues to declare (with their dead-letter exchange and queue).
+    #[serde(default)]
+    pub queues: Vec<QueueConfig>,
+    /// Processing stages, one per consumed queue.
+    #[serde(default)]
+    pub stages: Vec<StageConfig>,
+    /// Publishing.
+    #[serde(default)]
+    pub publisher: PublisherConfig,
+    /// Graceful shutdown.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    /// Actor restart policy.
+    #[serde(default)]
+    pub supervisor: SupervisorConfig,
+    /// Size limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[amqp]`
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// Broker URL. Default `amqp://guest:guest@127.0.0.1:5672/%2f`. Use
+    /// `amqps://` for TLS. Prefer `url_file` or `FLOWGATE__AMQP__URL` over
+    /// writing a password into a config file.
+    #[serde(default = "default_url")]
+    pub url: String,
+    /// A file whose contents (trimmed) are the broker URL; wins over `url`.
+    /// For secrets mounted as files (Kubernetes, Docker). Default: none.
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+    /// Prefix of the connection names shown in `rabbitmqctl list_connections`.
+    /// Default `flowgate`.
+    #[serde(default = "default_conn_name")]
+    pub connection_name: String,
+    /// Bound on one connection attempt. Default `10s`.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &flowgate_actors::connection::redact_url(&self.url))
+            .field("url_file", &self.url_file)
+            .field("connection_name", &self.connection_name)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+fn default_url() -> String {
+    "amqp://guest:guest@127.0.0.1:5672/%2f".into()
+}
+fn default_conn_name() -> String {
+    "flowgate".into()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: default_url(),
+            url_file: None,
+            connection_name: default_conn_name(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
+impl AmqpConfig {
+    /// The URL to connect to, read from `url_file` when set.
+    pub fn resolved_url(&self) -> Result<String, ConfigError> {
+        match &self.url_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map(|s| s.trim().to_owned())
+                .map_err(|e| {
+                    ConfigError::new("amqp.url_file", format!("cannot read {}: {e}", p.display()))
+                }),
+            None => Ok(self.url.clone()),
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the HTTP server serving `/metrics`, `/healthz`, `/readyz`
+    /// (and the ingress). Default `127.0.0.1:9464`. Empty string: no server.
+    #[serde(default = "default_bind")]
+    pub bind: String,
+}
+
+fn default_bind() -> String {
+    "127.0.0.1:9464".into()
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            bind: default_bind(),
+        }
+    }
+}
+
+/// AMQP exchange types.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ExchangeType {
+    /// Exact routing-key match.
+    Direct,
+    /// Pattern routing-key match (default).
+    #[default]
+    Topic,
+    /// Every bound queue.
+    Fanout,
+    /// Header match.
+    Headers,
+}
+
+/// `[[exchanges]]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeConfig {
+    /// Exchange name. Required.
+    pub name: String,
+    /// `direct | topic | fanout | headers`. Default `topic`.
+    #[serde(default, rename = "type")]
+    pub kind: ExchangeType,
+}
+
+/// Queue types.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueKind {
+    /// Classic queue.
+    Classic,
+    /// Quorum queue (default): replicated, supports delivery limits and
+    /// at-least-once dead-lettering.
+    #[default]
+    Quorum,
+}
+
+/// A queue binding.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Binding {
+    /// Source exchange; must be declared under `[[exchanges]]`.
+    pub exchange: String,
+    /// Binding key. Default `#`.
+    #[serde(default = "default_binding_key")]
+    pub routing_key: String,
+}
+
+fn default_binding_key() -> String {
+    "#".into()
+}
+
+/// `[[queues]]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Queue name. Required.
+    pub name: String,
+    /// `classic | quorum`. Default `quorum`.
+    #[serde(default)]
+    pub kind: QueueKind,
+    /// Bindings. Default none.
+    #[serde(default)]
+    pub bindings: Vec<Binding>,
+    /// Declare exchange `<queue>.dlx` and queue `<queue>.dlq` and dead-letter
+    /// into them. Default `true`.
+    #[serde(default = "yes")]
+    pub dead_letter: bool,
+    /// Quorum queues: deliveries after which the broker dead-letters a
+    /// message that keeps killing its consumer (`x-delivery-limit`).
+    /// Default `20`.
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: Option<u32>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_delivery_limit() -> Option<u32> {
+    Some(20)
+}
+
+impl QueueConfig {
+    /// `<queue>.dlx` when dead-lettering is on.
+    pub fn dead_letter_exchange(&self) -> Option<String> {
+        self.dead_letter.then(|| format!("{}.dlx", self.name))
+    }
+    /// `<queue>.dlq` when dead-lettering is on.
+    pub fn dead_letter_queue(&self) -> Option<String> {
+        self.dead_letter.then(|| format!("{}.dlq", self.name))
+    }
+}
+
+/// Where a stage publishes.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// Exchange.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+}
+
+/// A stage's handler tasks: a fixed number, or a range to autoscale in.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Concurrency {
+    /// Fixed.
+    Fixed(u32),
+    /// Scaled between `min` and `max`.
+    Range {
+        /// Lower bound.
+        min: u32,
+        /// Upper bound.
+        max: u32,
+    },
+}
+
+impl Default for Concurrency {
+    fn default() -> Self {
+        Concurrency::Fixed(4)
+    }
+}
+
+impl Concurrency {
+    /// Workers to start with.
+    pub fn initial(&self) -> u32 {
+        match *self {
+            Concurrency::Fixed(n) => n,
+            Concurrency::Range { min, .. } => min,
+        }
+    }
+    /// Upper bound.
+    pub fn max(&self) -> u32 {
+        match *self {
+            Concurrency::Fixed(n) => n,
+            Concurrency::Range { max, .. } => max,
+        }
+    }
+}
+
+/// `[[stages]]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// Stage name (metric label, `x-flowgate-stage`). Required, unique.
+    pub name: String,
+    /// Queue to consume; must be declared under `[[queues]]`. Required.
+    pub queue: String,
+    /// Handler: a built-in (`forward`, `sink`) or a name registered by the
+    /// host application. Default `forward`.
+    #[serde(default = "default_handler")]
+    pub handler: String,
+    /// Broker prefetch and in-process credit (1..=65535). Default `50`.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u32,
+    /// Handler tasks: `4`, or `{ min = 1, max = 16 }`. Default `4`.
+    #[serde(default)]
+    pub concurrency: Concurrency,
+    /// Where `forward` publishes. Required for `forward`.
+    #[serde(default)]
+    pub output: Option<Target>,
+    /// `forward`: simulated work per message, e.g. `"5ms"`. Default none.
+    #[serde(default, with = "humantime_serde")]
+    pub delay: Option<Duration>,
+    /// `forward`: most messages per second it handles (a throttled
+    /// downstream). Default unlimited.
+    #[serde(default)]
+    pub rate: Option<u32>,
+}
+
+fn default_handler() -> String {
+    "forward".into()
+}
+fn default_prefetch() -> u32 {
+    50
+}
+
+/// `[publisher]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublisherConfig {
+    /// How long to wait for a broker confirm. Default `10s`.
+    #[serde(default = "default_confirm_timeout", with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+    /// Most publishes awaiting a confirm at once. Default `1024`.
+    #[serde(default = "default_max_unconfirmed")]
+    pub max_unconfirmed: u32,
+}
+
+fn default_confirm_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_unconfirmed() -> u32 {
+    1024
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        Self {
+            confirm_timeout: default_confirm_timeout(),
+            max_unconfirmed: default_max_unconfirmed(),
+        }
+    }
+}
+
+/// `[shutdown]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long in-flight work may take to finish after SIGTERM. Default `30s`.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace: default_grace(),
+        }
+    }
+}
+
+/// `[supervisor]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisorConfig {
+    /// First restart delay. Default `100ms`.
+    #[serde(default = "default_backoff_min", with = "humantime_serde")]
+    pub backoff_min: Duration,
+    /// Restart delay cap. Default `10s`.
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Restarts allowed per `window` before the engine escalates (shuts
+    /// down, exit status 1). Default `20`.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+    /// Default `60s`.
+    #[serde(default = "default_window", with = "humantime_serde")]
+    pub window: Duration,
+}
+
+fn default_backoff_min() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_restarts() -> u32 {
+    20
+}
+fn default_window() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            backoff_min: default_backoff_min(),
+            backoff_max: default_backoff_max(),
+            max_restarts: default_max_restarts(),
+            window: default_window(),
+        }
+    }
+}
+
+impl SupervisorConfig {
+    /// As the actors' restart policy.
+    pub fn policy(&self) -> flowgate_actors::supervision::RestartPolicy {
+        flowgate_actors::supervision::RestartPolicy {
+            backoff_min: self.backoff_min,
+            backoff_max: self.backoff_max,
+            max_restarts: self.max_restarts,
+            window: self.window,
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest message body accepted (ingress) or processed. Default `1048576` (1 MiB).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: u64,
+}
+
+fn default_max_message_bytes() -> u64 {
+    1 << 20
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: default_max_message_bytes(),
+        }
+    }
+}
+
+fn source_error(e: config::ConfigError) -> ConfigError {
+    let msg = e.to_string();
+    // The `config` crate names the key as "for key `a.b`" in most messages.
+    let key = msg
+        .split("key `")
+        .nth(1)
+        .and_then(|r| r.split('`').next())
+        .map(str::to_owned)
+        .or_else(|| {
+            msg.split("unknown field `")
+                .nth(1)
+                .and_then(|r| r.split('`').next())
+                .map(str::to_owned)
+        })
+        .or_else(|| {
+            msg.split("missing field `")
+                .nth(1)
+                .and_then(|r| r.split('`').next())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "<file>".into());
+    ConfigError::new(key, msg)
+}
+
+impl Config {
+    /// Loads a file (TOML) plus `FLOWGATE__*` environment overrides, then validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = config::File::from(path).format(config::FileFormat::Toml);
+        Self::load_from(file)
+    }
+
+    /// Parses TOML text plus environment overrides, then validates.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::load_from(config::File::from_str(text, config::FileFormat::Toml))
+    }
+
+    fn load_from<S>(source: S) -> Result<Config, ConfigError>
+    where
+        S: config::Source + Send + Sync + 'static,
+    {
+        let built = config::Config::builder()
+            .add_source(source)
+            .add_source(
+                config::Environment::with_prefix("FLOWGATE")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .map_err(source_error)?;
+        let cfg: Config = built.try_deserialize().map_err(source_error)?;
+        validate(&cfg, &crate::handlers::builtin_names())?;
+        Ok(cfg)
+    }
+
+    /// Looks up a queue by name.
+    pub fn queue(&self, name: &str) -> Option<&QueueConfig> {
+        self.queues.iter().find(|q| q.name == name)
+    }
+}

@@ -1,0 +1,373 @@
+//! The engine: builds the actor tree from a [`Config`] and runs it.
+
+use crate::config::{Config, ConfigError};
+use crate::handlers;
+use crate::http::{self, HttpState};
+use actix::prelude::*;
+use flowgate_actors::connection::{
+    Close, ConnectionActor, ConnectionConfig, GetStatus, OpenChannel, Purpose,
+};
+use flowgate_actors::publisher::{PublisherActor, PublisherConfig, PublisherHandle};
+use flowgate_actors::stage::{Drain, DrainReport, StageActor, StageProbe, StageSpec};
+use flowgate_actors::supervision::Escalation;
+use flowgate_actors::{Handler, Metrics, Output};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Mutex};
+use tracing::info;
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The broker could not be reached or refused the topology.
+    #[error("broker: {0}")]
+    Broker(String),
+    /// The HTTP server could not bind.
+    #[error("http server: {0}")]
+    Http(String),
+}
+
+/// Builds an [`Engine`].
+///
+/// ```no_run
+/// use flowgate::{Config, Engine};
+/// use flowgate::actors::{handler_fn, Outcome};
+///
+/// # fn main() -> anyhow::Result<()> {
+/// flowgate::run_system(async {
+///     let config = Config::from_toml(r#"
+///         [[exchanges]]
+///         name = "shop"
+///         [[queues]]
+///         name = "orders"
+///         bindings = [{ exchange = "shop", routing_key = "order.created" }]
+///         [[stages]]
+///         name = "audit"
+///         queue = "orders"
+///         handler = "audit"
+///     "#)?;
+///     let engine = Engine::builder()
+///         .config(config)
+///         .handler("audit", handler_fn(|d| async move {
+///             println!("order {:?}", d.message_id());
+///             Ok(Outcome::ack())
+///         }))
+///         .build()?;
+///     let handle = engine.start().await?;
+///     tokio::signal::ctrl_c().await?;
+///     handle.shutdown().await;
+///     Ok(())
+/// })
+/// # }
+/// ```
+#[derive(Default)]
+pub struct EngineBuilder {
+    config: Option<Config>,
+    handlers: HashMap<String, Arc<dyn Handler>>,
+}
+
+impl EngineBuilder {
+    /// Uses this configuration.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// Registers a handler under a name: stages whose `handler` (or whose
+    /// `name`) equals it run this handler. Registered names win over built-ins.
+    pub fn handler(mut self, name: &str, handler: impl Handler) -> Self {
+        self.handlers.insert(name.to_owned(), Arc::new(handler));
+        self
+    }
+
+    /// Registers a shared handler.
+    pub fn handler_arc(mut self, name: &str, handler: Arc<dyn Handler>) -> Self {
+        self.handlers.insert(name.to_owned(), handler);
+        self
+    }
+
+    /// Validates the configuration and resolves every stage's handler.
+    pub fn build(self) -> Result<Engine, ConfigError> {
+        let config = self
+            .config
+            .ok_or_else(|| ConfigError::new("<config>", "no configuration given"))?;
+        let mut names = handlers::builtin_names();
+        names.extend(self.handlers.keys().cloned());
+        // a stage may also be matched by its own name
+        let mut stage_names_ok = names.clone();
+        for s in &config.stages {
+            if self.handlers.contains_key(&s.name) {
+                stage_names_ok.push(s.handler.clone());
+            }
+        }
+        crate::config::validate(&config, &stage_names_ok)?;
+        let mut resolved = Vec::new();
+        for (i, s) in config.stages.iter().enumerate() {
+            let h = self
+                .handlers
+                .get(&s.handler)
+                .or_else(|| self.handlers.get(&s.name))
+                .cloned()
+                .or_else(|| handlers::builtin(s))
+                .ok_or_else(|| {
+                    ConfigError::new(
+                        format!("stages[{i}].handler"),
+                        format!("cannot build handler `{}`", s.handler),
+                    )
+                })?;
+            resolved.push(h);
+        }
+        Ok(Engine {
+            config,
+            handlers: resolved,
+        })
+    }
+}
+
+/// A validated engine, ready to start.
+pub struct Engine {
+    config: Config,
+    handlers: Vec<Arc<dyn Handler>>,
+}
+
+struct Running {
+    config: Config,
+    metrics: Metrics,
+    conn: Addr<ConnectionActor>,
+    publisher: PublisherHandle,
+    stages: Vec<(String, Addr<StageActor>)>,
+    probes: Vec<StageProbe>,
+    http: Option<actix_web::dev::ServerHandle>,
+    http_addr: Option<std::net::SocketAddr>,
+    escalations: Mutex<mpsc::Receiver<Escalation>>,
+}
+
+/// A running engine. Cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle(Arc<Running>);
+
+/// What shutdown achieved.
+#[derive(Debug, Clone)]
+pub struct ShutdownReport {
+    /// One entry per stage.
+    pub stages: Vec<DrainReport>,
+    /// True if every stage drained and every publish was confirmed in time.
+    pub clean: bool,
+}
+
+impl Engine {
+    /// A builder.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    /// The configuration it runs.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Connects, declares the topology, starts the actors and the HTTP
+    /// server. Must be called inside an actix `System` (see [`crate::run_system`]).
+    pub async fn start(self) -> Result<EngineHandle, StartError> {
+        let Engine { config, handlers } = self;
+        let metrics = Metrics::new();
+        let (esc_tx, esc_rx) = mpsc::channel(16);
+        let policy = config.supervisor.policy();
+        let url = config.amqp.resolved_url()?;
+        let conn_cfg = ConnectionConfig {
+            url,
+            name: config.amqp.connection_name.clone(),
+            connect_timeout: config.amqp.connect_timeout,
+            policy: policy.clone(),
+        };
+        let m = metrics.clone();
+        let tx = esc_tx.clone();
+        let conn = Supervisor::start(move |_| ConnectionActor::new(conn_cfg, m, Some(tx)));
+
+        // The first channel doubles as the proof that the broker answers.
+        let wait = config.amqp.connect_timeout + Duration::from_secs(1);
+        let ch = match tokio::time::timeout(wait, conn.send(OpenChannel(Purpose::Publish))).await {
+            Ok(Ok(Ok(ch))) => ch,
+            Ok(Ok(Err(e))) => return Err(StartError::Broker(e.to_string())),
+            Ok(Err(e)) => return Err(StartError::Broker(e.to_string())),
+            Err(_) => {
+                conn.do_send(Close);
+                return Err(StartError::Broker(format!(
+                    "no connection to the broker within {wait:?} ({})",
+                    flowgate_actors::connection::redact_url(&config.amqp.url)
+                )));
+            }
+        };
+        crate::topology::declare(&ch, &config)
+            .await
+            .map_err(|e| StartError::Broker(format!("declaring topology: {e}")))?;
+        let _ = ch.close(200, "topology declared".into()).await;
+
+        let publisher = PublisherActor::start_supervised(
+            PublisherConfig {
+                confirm_timeout: config.publisher.confirm_timeout,
+                max_unconfirmed: config.publisher.max_unconfirmed as usize,
+                policy: policy.clone(),
+            },
+            conn.clone(),
+            metrics.clone(),
+            Some(esc_tx.clone()),
+        );
+
+        let mut stages = Vec::new();
+        let mut probes = Vec::new();
+        for (s, handler) in config.stages.iter().zip(handlers) {
+            let dlx = config
+                .queue(&s.queue)
+                .and_then(|q| q.dead_letter_exchange());
+            let spec = StageSpec {
+                name: s.name.clone(),
+                queue: s.queue.clone(),
+                // validated to 1..=65535
+                prefetch: u16::try_from(s.prefetch).unwrap_or(u16::MAX),
+                concurrency: s.concurrency.initial() as usize,
+                handler,
+                dead_letter_exchange: dlx,
+                policy: policy.clone(),
+            };
+            let (addr, probe) = StageActor::start_supervised(
+                spec,
+                conn.clone(),
+                publisher.clone(),
+                metrics.clone(),
+                Some(esc_tx.clone()),
+            );
+            stages.push((s.name.clone(), addr));
+            probes.push(probe);
+        }
+
+        let (http, http_addr) = if config.http.bind.is_empty() {
+            (None, None)
+        } else {
+            let state = HttpState {
+                metrics: metrics.clone(),
+                probes: probes.clone(),
+                publisher: publisher.clone(),
+                max_message_bytes: config.limits.max_message_bytes,
+            };
+            let (h, a) = http::start(&config.http.bind, state)
+                .map_err(|e| StartError::Http(e.to_string()))?;
+            info!(addr = %a, "http server listening");
+            (Some(h), Some(a))
+        };
+
+        Ok(EngineHandle(Arc::new(Running {
+            config,
+            metrics,
+            conn,
+            publisher,
+            stages,
+            probes,
+            http,
+            http_addr,
+            escalations: Mutex::new(esc_rx),
+        })))
+    }
+}
+
+impl EngineHandle {
+    /// The engine's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// The address the HTTP server listens on, if any.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.0.http_addr
+    }
+
+    /// The configuration it runs.
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    /// True when connected and every stage is consuming.
+    pub async fn ready(&self) -> bool {
+        let link = self.0.conn.send(GetStatus).await.unwrap_or_default();
+        link.up && self.0.probes.iter().all(|p| p.consuming())
+    }
+
+    /// Waits until [`ready`](Self::ready) or the timeout passes; returns readiness.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.ready().await {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Per-stage probes (consuming, in flight).
+    pub fn stages(&self) -> &[StageProbe] {
+        &self.0.probes
+    }
+
+    /// Publishes a message with a broker confirm (persistent, `mandatory`).
+    pub async fn publish(&self, msg: Output) -> flowgate_actors::Result<()> {
+        self.0.publisher.publish(msg).await
+    }
+
+    /// The publisher handle (for handlers that publish on their own).
+    pub fn publisher(&self) -> &PublisherHandle {
+        &self.0.publisher
+    }
+
+    /// Resolves when an actor spent its restart budget (the engine can no
+    /// longer heal itself); the daemon then shuts down with status 1.
+    pub async fn escalated(&self) -> Escalation {
+        let mut rx = self.0.escalations.lock().await;
+        match rx.recv().await {
+            Some(e) => e,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Graceful shutdown within `[shutdown] grace`: stops intake, lets
+    /// in-flight deliveries finish, waits for outstanding confirms, stops the
+    /// HTTP server and closes the connections.
+    pub async fn shutdown(&self) -> ShutdownReport {
+        let grace = self.0.config.shutdown.grace;
+        let deadline = tokio::time::Instant::now() + grace;
+        info!(?grace, "shutting down: draining stages");
+        let drains = self.0.stages.iter().map(|(_, a)| a.send(Drain { grace }));
+        let mut reports = Vec::new();
+        for (r, (name, _)) in futures::future::join_all(drains)
+            .await
+            .into_iter()
+            .zip(&self.0.stages)
+        {
+            reports.push(r.unwrap_or(DrainReport {
+                stage: name.clone(),
+                drained: false,
+                abandoned: 0,
+            }));
+        }
+        let flushed = tokio::time::timeout_at(deadline, self.0.publisher.flush())
+            .await
+            .is_ok();
+        if let Some(h) = &self.0.http {
+            h.stop(true).await;
+        }
+        let _ = self.0.conn.send(Close).await;
+        let clean = flushed && reports.iter().all(|r| r.drained);
+        info!(clean, "shutdown complete");
+        ShutdownReport {
+            stages: reports,
+            clean,
+        }
+    }
+}

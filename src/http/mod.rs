@@ -1,0 +1,140 @@
+//! The HTTP server: `/metrics`, `/healthz`, `/readyz`, and the publish ingress.
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use flowgate_actors::publisher::PublisherHandle;
+use flowgate_actors::stage::StageProbe;
+use flowgate_actors::{Error, Metrics, Output};
+use serde_json::json;
+use std::net::SocketAddr;
+
+/// What the HTTP handlers can see.
+#[derive(Clone)]
+pub struct HttpState {
+    /// Rendered by `/metrics`.
+    pub metrics: Metrics,
+    /// Consulted by `/readyz`.
+    pub probes: Vec<StageProbe>,
+    /// Used by `POST /publish/...`.
+    pub publisher: PublisherHandle,
+    /// Larger bodies answer 413.
+    pub max_message_bytes: u64,
+}
+
+async fn metrics(s: web::Data<HttpState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(s.metrics.render())
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({ "status": "alive" }))
+}
+
+async fn readyz(s: web::Data<HttpState>) -> HttpResponse {
+    let connected = s.metrics.connection_up.get() == 1;
+    let blocked = s.metrics.broker_blocked.get() == 1;
+    let stages: Vec<_> = s
+        .probes
+        .iter()
+        .map(|p| json!({ "stage": p.name, "consuming": p.consuming(), "in_flight": p.in_flight() }))
+        .collect();
+    let ready = connected && !blocked && s.probes.iter().all(|p| p.consuming());
+    let body = json!({ "ready": ready, "connected": connected, "broker_blocked": blocked, "stages": stages });
+    if ready {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "1"))
+            .json(body)
+    }
+}
+
+async fn publish(
+    s: web::Data<HttpState>,
+    path: web::Path<(String, String)>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> HttpResponse {
+    if body.len() as u64 > s.max_message_bytes {
+        return HttpResponse::PayloadTooLarge()
+            .json(json!({ "error": "message too large", "max_bytes": s.max_message_bytes }));
+    }
+    let (exchange, routing_key) = path.into_inner();
+    let mut out = Output::new(exchange, routing_key, body);
+    let id = req
+        .headers()
+        .get("x-message-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    out = out.with_message_id(id.clone());
+    if let Some(ct) = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+    {
+        out.properties = out.properties.with_content_type(ct.into());
+    }
+    let tp = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(flowgate_actors::trace::child_of)
+        .unwrap_or_else(flowgate_actors::trace::new_traceparent);
+    flowgate_actors::trace::set_traceparent(&mut out.properties, tp);
+    match s.publisher.publish(out).await {
+        Ok(()) => HttpResponse::Accepted().json(json!({ "message_id": id, "status": "confirmed" })),
+        Err(
+            e @ (Error::Backpressure(_)
+            | Error::NotConnected
+            | Error::ConfirmTimeout(_)
+            | Error::Nacked),
+        ) => HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "1"))
+            .json(json!({ "error": e.to_string() })),
+        Err(e @ Error::Unroutable { .. }) => {
+            HttpResponse::NotFound().json(json!({ "error": e.to_string() }))
+        }
+        Err(e) => HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "5"))
+            .json(json!({ "error": e.to_string() })),
+    }
+}
+
+/// Registers the routes on an app (the order gateway adds its own).
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/metrics", web::get().to(metrics))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/publish/{exchange}/{routing_key}", web::post().to(publish));
+}
+
+/// Binds and spawns the server on the current actix system.
+pub fn start(
+    bind: &str,
+    state: HttpState,
+) -> std::io::Result<(actix_web::dev::ServerHandle, SocketAddr)> {
+    let limit = usize::try_from(state.max_message_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1);
+    let data = web::Data::new(state);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .app_data(web::PayloadConfig::new(limit))
+            .configure(routes)
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(5)
+    .bind(bind)?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .ok_or_else(|| std::io::Error::other("no address bound"))?;
+    let server = server.run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    Ok((handle, addr))
+}

@@ -1,0 +1,148 @@
+//! Declares (and, for demos and tests, deletes) the configured topology.
+//!
+//! Every queue with `dead_letter = true` gets a fanout exchange `<queue>.dlx`
+//! and a queue `<queue>.dlq` of the same kind. Quorum queues dead-letter
+//! with `x-dead-letter-strategy = at-least-once` (which needs
+//! `x-overflow = reject-publish`): classic dead-lettering is not confirmed
+//! and can lose messages.
+
+use crate::config::{Config, ExchangeType, QueueConfig, QueueKind};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+fn kind(t: ExchangeType) -> ExchangeKind {
+    match t {
+        ExchangeType::Direct => ExchangeKind::Direct,
+        ExchangeType::Topic => ExchangeKind::Topic,
+        ExchangeType::Fanout => ExchangeKind::Fanout,
+        ExchangeType::Headers => ExchangeKind::Headers,
+    }
+}
+
+fn s(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v.to_owned()))
+}
+
+/// The `x-*` arguments of a queue.
+pub fn queue_arguments(q: &QueueConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    let quorum = q.kind == QueueKind::Quorum;
+    args.insert(
+        ShortString::from("x-queue-type"),
+        s(if quorum { "quorum" } else { "classic" }),
+    );
+    if let Some(dlx) = q.dead_letter_exchange() {
+        args.insert(ShortString::from("x-dead-letter-exchange"), s(&dlx));
+        if quorum {
+            args.insert(
+                ShortString::from("x-dead-letter-strategy"),
+                s("at-least-once"),
+            );
+            args.insert(ShortString::from("x-overflow"), s("reject-publish"));
+        }
+    }
+    if quorum {
+        if let Some(limit) = q.delivery_limit {
+            args.insert(
+                ShortString::from("x-delivery-limit"),
+                AMQPValue::LongLongInt(limit.into()),
+            );
+        }
+    }
+    args
+}
+
+fn dlq_arguments(q: &QueueConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        s(if q.kind == QueueKind::Quorum {
+            "quorum"
+        } else {
+            "classic"
+        }),
+    );
+    args
+}
+
+/// Declares exchanges, queues, bindings and dead-letter plumbing. Idempotent.
+pub async fn declare(ch: &Channel, cfg: &Config) -> Result<(), lapin::Error> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for e in &cfg.exchanges {
+        ch.exchange_declare(
+            e.name.as_str().into(),
+            kind(e.kind),
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    for q in &cfg.queues {
+        if let (Some(dlx), Some(dlq)) = (q.dead_letter_exchange(), q.dead_letter_queue()) {
+            ch.exchange_declare(
+                dlx.as_str().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+            ch.queue_declare(
+                dlq.as_str().into(),
+                QueueDeclareOptions::durable(),
+                dlq_arguments(q),
+            )
+            .await?;
+            ch.queue_bind(
+                dlq.as_str().into(),
+                dlx.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        ch.queue_declare(
+            q.name.as_str().into(),
+            QueueDeclareOptions::durable(),
+            queue_arguments(q),
+        )
+        .await?;
+        for b in &q.bindings {
+            ch.queue_bind(
+                q.name.as_str().into(),
+                b.exchange.as_str().into(),
+                b.routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes everything [`declare`] made (demos and tests clean up with this).
+pub async fn delete(ch: &Channel, cfg: &Config) -> Result<(), lapin::Error> {
+    for q in &cfg.queues {
+        ch.queue_delete(q.name.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        if let (Some(dlx), Some(dlq)) = (q.dead_letter_exchange(), q.dead_letter_queue()) {
+            ch.queue_delete(dlq.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+            ch.exchange_delete(dlx.as_str().into(), ExchangeDeleteOptions::default())
+                .await?;
+        }
+    }
+    for e in &cfg.exchanges {
+        ch.exchange_delete(e.name.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    Ok(())
+}
