@@ -1,0 +1,294 @@
+//! Shared helpers for integration tests: unique topology, a raw AMQP client
+//! for publishing and collecting, queue counts, private broker nodes and a
+//! fault-injecting TCP proxy.
+#![allow(dead_code)]
+
+pub mod node;
+pub mod proxy;
+
+use flowgate::config::{
+    Binding, Config, ExchangeConfig, ExchangeType, QueueConfig, QueueKind, StageConfig, Target,
+};
+use futures::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// The shared broker every machine runs.
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A unique name prefix for one test's topology.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "t-{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+/// A raw client (not flowgate) used by tests to publish and observe.
+pub struct Client {
+    pub conn: Connection,
+    pub ch: Channel,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let conn = Connection::connect(
+            url,
+            ConnectionProperties::default().with_connection_name("flowgate-test-client".into()),
+        )
+        .await
+        .expect("test client connects");
+        let ch = conn.create_channel().await.expect("channel");
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm mode");
+        Client { conn, ch }
+    }
+
+    /// Publishes with a confirm (persistent, mandatory); panics if not confirmed.
+    pub async fn publish(&self, exchange: &str, key: &str, id: &str, body: &[u8]) {
+        self.publish_props(
+            exchange,
+            key,
+            body,
+            BasicProperties::default().with_message_id(id.into()),
+        )
+        .await
+    }
+
+    pub async fn publish_props(
+        &self,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) {
+        let c = self
+            .ch
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                body,
+                props.with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(
+            matches!(c, lapin::Confirmation::Ack(None)),
+            "publish not confirmed: {c:?}"
+        );
+    }
+
+    /// Publishes `ids` with a window of outstanding confirms.
+    pub async fn publish_many(&self, exchange: &str, key: &str, ids: &[String], body: &[u8]) {
+        let mut pending = futures::stream::FuturesUnordered::new();
+        for id in ids {
+            let c = self
+                .ch
+                .basic_publish(
+                    exchange.into(),
+                    key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    body,
+                    BasicProperties::default()
+                        .with_message_id(id.as_str().into())
+                        .with_delivery_mode(2),
+                )
+                .await
+                .expect("publish");
+            pending.push(c);
+            if pending.len() >= 500 {
+                let c = pending.next().await.expect("pending").expect("confirm");
+                assert!(matches!(c, lapin::Confirmation::Ack(None)));
+            }
+        }
+        while let Some(c) = pending.next().await {
+            assert!(matches!(
+                c.expect("confirm"),
+                lapin::Confirmation::Ack(None)
+            ));
+        }
+    }
+
+    /// Consumes from `queue` until `n` messages arrived or `timeout` passed;
+    /// acks them. Returns (message id, headers) per delivery in arrival order.
+    pub async fn collect(
+        &self,
+        queue: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Vec<(String, FieldTable)> {
+        let ch = self.conn.create_channel().await.expect("channel");
+        ch.basic_qos(1000, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let mut out = Vec::with_capacity(n);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while out.len() < n {
+            match tokio::time::timeout_at(deadline, consumer.next()).await {
+                Ok(Some(Ok(d))) => {
+                    let id = d
+                        .properties
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default();
+                    let headers = d.properties.headers().clone().unwrap_or_default();
+                    d.ack(BasicAckOptions::default()).await.expect("ack");
+                    out.push((id, headers));
+                }
+                _ => break,
+            }
+        }
+        let _ = ch.close(200, "collected".into()).await;
+        out
+    }
+
+    /// Ready messages in a queue (passive declare).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = ch.close(200, "".into()).await;
+        q.message_count()
+    }
+
+    /// Deletes a topology made from a flowgate config.
+    pub async fn delete_topology(&self, cfg: &Config) {
+        let ch = self.conn.create_channel().await.expect("channel");
+        flowgate::topology::delete(&ch, cfg)
+            .await
+            .expect("delete topology");
+    }
+}
+
+/// A header as a string.
+pub fn header(h: &FieldTable, name: &str) -> Option<String> {
+    h.inner()
+        .get(name)
+        .and_then(flowgate::actors::message::header_string)
+}
+
+/// A config for a chain `prefix.s1 → … → prefix.sN → prefix.sink` on exchange
+/// `prefix.ex` (input key `in`), with the given handler names per stage.
+pub fn chain_config(prefix: &str, handlers: &[&str], prefetch: u32) -> Config {
+    let ex = format!("{prefix}.ex");
+    let mut cfg = Config::default();
+    cfg.http.bind = String::new();
+    cfg.amqp.connection_name = prefix.to_owned();
+    cfg.shutdown.grace = Duration::from_secs(10);
+    cfg.exchanges.push(ExchangeConfig {
+        name: ex.clone(),
+        kind: ExchangeType::Topic,
+    });
+    let hops = handlers.len();
+    for i in 0..=hops {
+        let name = if i == hops {
+            format!("{prefix}.sink")
+        } else {
+            format!("{prefix}.s{}", i + 1)
+        };
+        let key = if i == 0 {
+            "in".to_owned()
+        } else {
+            format!("hop{i}")
+        };
+        cfg.queues.push(QueueConfig {
+            name,
+            kind: QueueKind::Quorum,
+            bindings: vec![Binding {
+                exchange: ex.clone(),
+                routing_key: key,
+            }],
+            dead_letter: true,
+            delivery_limit: Some(20),
+        });
+    }
+    for (i, h) in handlers.iter().enumerate() {
+        cfg.stages.push(StageConfig {
+            name: format!("s{}", i + 1),
+            queue: format!("{prefix}.s{}", i + 1),
+            handler: (*h).to_owned(),
+            prefetch,
+            concurrency: flowgate::config::Concurrency::Fixed(8),
+            output: Some(Target {
+                exchange: ex.clone(),
+                routing_key: format!("hop{}", i + 1),
+            }),
+            delay: None,
+            rate: None,
+        });
+    }
+    cfg
+}
+
+/// Counts of each id.
+pub fn counts(ids: impl IntoIterator<Item = String>) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for id in ids {
+        *m.entry(id).or_insert(0) += 1;
+    }
+    m
+}
+
+/// A string header value.
+pub fn s(v: &str) -> AMQPValue {
+    AMQPValue::LongString(v.to_owned().into())
+}
+
+/// Builds a header table.
+pub fn headers(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
