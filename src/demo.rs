@@ -1,14 +1,18 @@
-//! The main job: a pipeline run end to end on the local broker.
+//! The main job: the order pipeline run end to end on the local broker.
 //!
-//! `flowgate demo` declares a uniquely named 3-stage forward pipeline
-//! (`ingress → s1 → s2 → s3 → sink`), publishes synthetic orders with
-//! confirms, waits until every one reached the sink queue, prints a summary
-//! and removes what it declared. The same harness drives the benchmarks.
+//! `flowgate demo` declares a uniquely named copy of `config/orders.toml`,
+//! starts the services and the gateway, drives a few thousand orders over
+//! HTTP (see [`crate::orders::load`]), prints the summary and removes what
+//! it declared. `--serve` keeps it running; `--chaos` runs the services as
+//! worker processes that get killed ([`crate::orders::chaos`]).
+//!
+//! [`drive`] and [`pipeline_config`] are the raw AMQP harness the
+//! benchmarks use: an `hops`-stage forward pipeline, publish with confirms,
+//! wait until every message reached the sink.
 
 use crate::config::{
     Binding, Config, ExchangeConfig, ExchangeType, QueueConfig, QueueKind, StageConfig, Target,
 };
-use crate::Engine;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -23,9 +27,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// `flowgate demo` options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
-    /// Messages to send.
-    #[arg(long, default_value_t = 5000)]
-    pub messages: usize,
+    /// Orders to drive through the gateway.
+    #[arg(long, default_value_t = 3000)]
+    pub orders: usize,
+    /// Order rate (5x the payment provider's default 100 charges/s, so the
+    /// gateway has to push back).
+    #[arg(long, default_value = "500/s")]
+    pub rate: crate::orders::load::Rate,
+    /// HTTP requests in flight at most.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
     /// Broker URL.
     #[arg(
         long,
@@ -33,13 +44,30 @@ pub struct DemoArgs {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub url: String,
-    /// Prefetch per stage.
-    #[arg(long, default_value_t = 50)]
-    pub prefetch: u32,
-    /// Body size in bytes.
-    #[arg(long, default_value_t = 256)]
-    pub body_bytes: usize,
-    /// Hide the progress bar.
+    /// An order-flow config to run instead of the built-in `config/orders.toml`.
+    #[arg(long, short)]
+    pub config: Option<std::path::PathBuf>,
+    /// Keep the flow running for manual `curl` use (until Ctrl-C).
+    #[arg(long)]
+    pub serve: bool,
+    /// Gateway address with `--serve`.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub bind: String,
+    /// Run the services as separate worker processes and SIGKILL/restart
+    /// them at random during the run (needs Redis).
+    #[arg(long)]
+    pub chaos: bool,
+    /// Redis for `--chaos` (the workers' shared records).
+    #[arg(
+        long,
+        env = "FLOWGATE__ORDERS__REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// Give up on orders when no status moved for this long.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
+    /// Hide the progress bars.
     #[arg(long)]
     pub quiet: bool,
 }
@@ -283,126 +311,201 @@ pub async fn broker_reachable(url: &str) -> Result<(), String> {
     }
 }
 
-/// `flowgate demo`.
+const FLOW: &str = "\
+  POST /orders ─▶ gateway ─order.created─▶ reserve ─order.reserved─▶ pay (throttled) ─order.paid─▶ ship ─order.shipped─▶ track
+                     │                        └─ out of stock ─▶ dead letter (+ copy ─▶ track: failed)
+  GET /orders/{id} ◀─ status view ◀──────────────────────────────────────────────────────────────────────────────┘";
+
+fn redis_addr(url: &str) -> Result<(String, u16), String> {
+    let u = url::Url::parse(url).map_err(|e| format!("malformed Redis URL ({e})"))?;
+    Ok((
+        u.host_str().unwrap_or("127.0.0.1").to_owned(),
+        u.port().unwrap_or(6379),
+    ))
+}
+
+async fn redis_reachable(url: &str) -> Result<(), String> {
+    let (host, port) = redis_addr(url)?;
+    match tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(format!(
+            "no Redis answers on {host}:{port} (the chaos run keeps the workers' records there).\n\
+             Start one with `scripts/services.sh` or `redis-server --daemonize yes`,\n\
+             or point --redis-url / FLOWGATE__ORDERS__REDIS_URL at yours."
+        )),
+    }
+}
+
+/// `flowgate demo`: the order pipeline on the local broker, driven over
+/// HTTP, summarised, cleaned up. `--serve` keeps it running; `--chaos` runs
+/// the services as worker processes that get killed.
 pub async fn run(args: DemoArgs) -> ExitCode {
     if let Err(hint) = broker_reachable(&args.url).await {
         eprintln!("flowgate demo: {hint}");
         return ExitCode::from(3);
     }
+    let base = match &args.config {
+        Some(p) => Config::load(p),
+        None => crate::orders::default_config(),
+    };
+    let base = match base {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("flowgate demo: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let prefix = format!(
         "fg-demo-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let mut cfg = pipeline_config(&prefix, 3, args.prefetch, QueueKind::Quorum);
+    let mut cfg = crate::orders::uniquely_named(&base, &prefix);
     cfg.amqp.url = args.url.clone();
     cfg.http.bind = "127.0.0.1:0".into();
-    println!(
-        "flowgate demo: 3-stage pipeline `{prefix}`, {} messages of {} bytes",
-        args.messages, args.body_bytes
-    );
-    let engine = match Engine::builder().config(cfg.clone()).build() {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("flowgate demo: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let handle = match engine.start().await {
-        Ok(h) => h,
-        Err(e) => {
-            eprintln!("flowgate demo: cannot start the engine: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    if let Some(a) = handle.http_addr() {
-        println!("metrics: http://{a}/metrics   readiness: http://{a}/readyz");
-    }
-    handle.wait_ready(Duration::from_secs(15)).await;
-    let bar = if args.quiet {
-        indicatif::ProgressBar::hidden()
+    cfg.orders.gateway_bind = if args.serve {
+        args.bind.clone()
     } else {
-        indicatif::ProgressBar::new(args.messages as u64)
+        "127.0.0.1:0".into()
     };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} delivered  {per_sec}  eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    let plan = crate::orders::load::LoadPlan {
+        url: String::new(),
+        orders: args.orders,
+        rate: Some(args.rate.0),
+        concurrency: args.concurrency.max(1),
+        scarce_every: 50,
+        wait: args.wait,
+        quiet: args.quiet,
+    };
+    println!("flowgate demo: the order pipeline, topology `{prefix}.*`\n\n{FLOW}\n");
+    println!(
+        "payment provider: {} charges/s, {:?} per call, {:.0}% transient failures; \
+         gateway refuses new orders (503) above a backlog of {}",
+        cfg.orders.payment_rate,
+        cfg.orders.payment_latency,
+        cfg.orders.payment_failure_rate * 100.0,
+        cfg.orders.max_backlog
     );
-    let b = bar.clone();
-    let stats = drive(
-        &args.url,
-        &format!("{prefix}.ex"),
-        "in",
-        &format!("{prefix}.sink"),
-        args.messages,
-        args.body_bytes,
-        Duration::from_secs(300),
-        move |k| b.set_position(k as u64),
-    )
-    .await;
-    bar.finish_and_clear();
-    let metrics = handle.metrics().clone();
-    handle.shutdown().await;
-    cleanup(&args.url, &cfg).await;
-    let stats = match stats {
-        Ok(s) => s,
+    if args.chaos {
+        return run_chaos(args, cfg, plan, &prefix).await;
+    }
+
+    let app = match crate::orders::start(cfg.clone()).await {
+        Ok(a) => a,
         Err(e) => {
-            eprintln!("flowgate demo: broker error: {e}");
+            eprintln!("flowgate demo: cannot start the order flow: {e}");
+            cleanup(&args.url, &cfg).await;
             return ExitCode::from(1);
         }
     };
-    println!();
-    println!("  sent (confirmed)        {:>10}", stats.sent);
-    println!("  reached the sink        {:>10}", stats.received);
-    for s in &cfg.stages {
-        println!(
-            "  stage {:<6} processed  {:>10}",
-            s.name,
-            metrics.acked.with_label_values(&[&s.name]).get()
-        );
+    if !app.engine().wait_ready(Duration::from_secs(15)).await {
+        eprintln!("flowgate demo: the stages did not start consuming within 15s");
     }
-    let dead: u64 = cfg
-        .stages
-        .iter()
-        .map(|s| {
-            ["handler-error", "panic", "unroutable"]
-                .iter()
-                .map(|r| {
-                    metrics
-                        .dead_lettered
-                        .with_label_values(&[s.name.as_str(), r])
-                        .get()
-                })
-                .sum::<u64>()
-        })
-        .sum();
-    println!("  dead-lettered           {dead:>10}");
-    println!("  duplicates at sink      {:>10}", stats.duplicates);
-    println!(
-        "  throughput              {:>10.0} msg/s",
-        stats.throughput()
-    );
-    println!(
-        "  latency p50             {:>10.1} ms",
-        stats.percentile(0.5).as_secs_f64() * 1e3
-    );
-    println!(
-        "  latency p99             {:>10.1} ms",
-        stats.percentile(0.99).as_secs_f64() * 1e3
-    );
-    if stats.received == stats.sent && stats.sent == args.messages {
+    // The gateway runs whenever gateway_bind is set, which it is here.
+    let gw = app
+        .gateway_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let metrics = app
+        .engine()
+        .http_addr()
+        .map(|a| format!("http://{a}/metrics"))
+        .unwrap_or_default();
+    let code = if args.serve {
+        println!("\ngateway:  http://{gw}/orders   (GET /orders/{{id}}, GET /orders/stats)");
+        println!("metrics:  {metrics}");
         println!(
-            "\nall {} messages delivered exactly once; topology removed.",
-            stats.sent
+            "\ntry:\n  curl -si -H 'content-type: application/json' \\\n    -d '{{\"customer_id\":\"c1\",\"items\":[{{\"sku\":\"sku-1\",\"qty\":2}}],\"total\":19.9}}' http://{gw}/orders\n  curl -s http://{gw}/orders/<order_id>\n  flowgate load --url http://{gw} --rate 5000/min --duration 30s\n\nCtrl-C stops and removes the topology."
         );
+        let _ = tokio::signal::ctrl_c().await;
         ExitCode::SUCCESS
     } else {
-        eprintln!(
-            "\nflowgate demo: {} of {} messages reached the sink",
-            stats.received, args.messages
+        let mut plan = plan;
+        plan.url = format!("http://{gw}");
+        println!(
+            "driving {} orders at {:.0}/s through http://{gw}/orders  (metrics: {metrics})\n",
+            plan.orders,
+            plan.rate.unwrap_or(0.0)
         );
-        ExitCode::from(1)
+        let report = crate::orders::load::run(&plan).await;
+        println!("{}", report.summary());
+        if report.lost.is_empty() && report.accepted > 0 {
+            println!(
+                "every accepted order ended shipped or failed with a reason; topology removed."
+            );
+            ExitCode::SUCCESS
+        } else {
+            eprintln!(
+                "flowgate demo: {} accepted orders have no final status",
+                report.lost.len()
+            );
+            ExitCode::from(1)
+        }
+    };
+    app.shutdown().await;
+    cleanup(&args.url, &cfg).await;
+    if let Err(e) = app.service().ledger.clear().await {
+        tracing::warn!(error = %e, "could not delete the records");
+    }
+    code
+}
+
+async fn run_chaos(
+    args: DemoArgs,
+    mut cfg: Config,
+    plan: crate::orders::load::LoadPlan,
+    prefix: &str,
+) -> ExitCode {
+    if let Err(hint) = redis_reachable(&args.redis_url).await {
+        eprintln!("flowgate demo: {hint}");
+        return ExitCode::from(3);
+    }
+    cfg.orders.redis_url = Some(args.redis_url.clone());
+    cfg.orders.key_prefix = format!("flowgate:orders:{prefix}:");
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("flowgate demo: cannot find my own binary: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    println!(
+        "chaos: reserve, pay and ship run as worker processes, SIGKILLed and restarted at random\n"
+    );
+    let report = crate::orders::chaos::run(crate::orders::chaos::ChaosPlan {
+        exe,
+        config: cfg,
+        workers_per_stage: 1,
+        kill_every: (Duration::from_millis(700), Duration::from_millis(2500)),
+        load: plan,
+    })
+    .await;
+    match report {
+        Ok(r) => {
+            println!("{}", r.summary());
+            let clean = r.lost() == 0
+                && r.double_reservations() == Some(0)
+                && r.double_charges() == Some(0)
+                && r.load.accepted > 0;
+            if clean {
+                println!(
+                    "{} kills: 0 lost orders, 0 double reservations, 0 double charges; topology removed.",
+                    r.kills
+                );
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("flowgate demo --chaos: lost orders or duplicate effects (see above)");
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("flowgate demo --chaos: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -107,13 +107,14 @@ impl EngineBuilder {
         }
         crate::config::validate(&config, &stage_names_ok)?;
         let mut resolved = Vec::new();
+        let mut builtins = handlers::Builtins::new(&config);
         for (i, s) in config.stages.iter().enumerate() {
             let h = self
                 .handlers
                 .get(&s.handler)
                 .or_else(|| self.handlers.get(&s.name))
                 .cloned()
-                .or_else(|| handlers::builtin(s))
+                .or_else(|| builtins.build(s))
                 .ok_or_else(|| {
                     ConfigError::new(
                         format!("stages[{i}].handler"),

@@ -8,7 +8,9 @@
 //!   and a set of [`Handler`](actors::Handler)s; [`EngineHandle`] runs it.
 //! * [`handlers`] — built-in handlers (`forward`, `sink`).
 //! * [`http`] — `/metrics`, `/healthz`, `/readyz` and the publish ingress.
-//! * [`demo`] — the main job: a pipeline run end to end with a summary.
+//! * [`orders`] — the order pipeline (gateway → order → payment → shipping),
+//!   `flowgate load` and the chaos run.
+//! * [`demo`] — the main job: the order pipeline run end to end with a summary.
 //! * [`actors`] — the actor runtime (re-exported `flowgate-actors`).
 //!
 //! Embedding it:
@@ -40,6 +42,7 @@ pub mod demo;
 pub mod engine;
 pub mod handlers;
 pub mod http;
+pub mod orders;
 pub mod topology;
 
 pub use config::{Config, ConfigError};

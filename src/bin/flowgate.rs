@@ -30,8 +30,20 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Run the demo pipeline end to end on the local broker and print a summary.
+    /// Run the order pipeline end to end on the local broker and print a summary.
     Demo(flowgate::demo::DemoArgs),
+    /// Drive a running order gateway over HTTP and print a summary.
+    Load(flowgate::orders::load::LoadArgs),
+    /// Run one stage of a config as a worker process (used by `demo --chaos`).
+    #[command(hide = true)]
+    Worker {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The stage to run.
+        #[arg(long)]
+        stage: String,
+    },
 }
 
 fn init_tracing() {
@@ -78,24 +90,68 @@ fn main() -> ExitCode {
             init_tracing();
             flowgate::run_system(flowgate::demo::run(args))
         }
+        Cmd::Load(args) => {
+            init_tracing();
+            let plan = match args.plan() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("flowgate load: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            flowgate::run_system(async move {
+                let report = flowgate::orders::load::run(&plan).await;
+                println!("{}", report.summary());
+                if report.accepted == 0 && report.sent > 0 {
+                    eprintln!("flowgate load: no order was accepted by {}", plan.url);
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            })
+        }
+        Cmd::Worker { config, stage } => {
+            init_tracing();
+            flowgate::run_system(flowgate::orders::chaos::run_worker(&config, &stage))
+        }
     }
 }
 
 async fn run(cfg: Config) -> ExitCode {
-    let engine = match Engine::builder().config(cfg).build() {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("flowgate: invalid configuration: {e}");
-            return ExitCode::from(2);
+    // An order flow also runs its gateway and shares one service among its stages.
+    let orders = if flowgate::orders::uses_orders(&cfg) {
+        match flowgate::orders::start(cfg.clone()).await {
+            Ok(app) => Some(app),
+            Err(e) => {
+                eprintln!("flowgate: cannot start: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        None
+    };
+    let handle = match &orders {
+        Some(app) => app.engine().clone(),
+        None => {
+            let engine = match Engine::builder().config(cfg).build() {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("flowgate: invalid configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match engine.start().await {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("flowgate: cannot start: {e}");
+                    return ExitCode::from(1);
+                }
+            }
         }
     };
-    let handle = match engine.start().await {
-        Ok(h) => h,
-        Err(e) => {
-            eprintln!("flowgate: cannot start: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    if let Some(a) = orders.as_ref().and_then(|o| o.gateway_addr()) {
+        tracing::info!("order gateway: http://{a}/orders");
+    }
     tracing::info!("flowgate running; SIGTERM or Ctrl-C to stop");
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
@@ -112,7 +168,10 @@ async fn run(cfg: Config) -> ExitCode {
             ExitCode::from(1)
         }
     };
-    let report = handle.shutdown().await;
+    let report = match &orders {
+        Some(app) => app.shutdown().await,
+        None => handle.shutdown().await,
+    };
     if !report.clean {
         tracing::warn!(
             ?report,

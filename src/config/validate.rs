@@ -161,5 +161,5 @@ pub fn validate(cfg: &Config, handlers: &[String]) -> Result<(), ConfigError> {
             ));
         }
     }
-    Ok(())
+    cfg.orders.validate()
 }

@@ -1,0 +1,268 @@
+//! Chaos: the work services as separate worker processes (`flowgate worker
+//! --config F --stage NAME`), killed with SIGKILL and restarted at random
+//! while orders flow; then the count of lost orders and duplicate effects.
+//!
+//! The workers share their records through Redis (`[orders] redis_url`,
+//! a key prefix per run), so a redelivery after a kill finds the
+//! reservation or charge made by the killed process.
+
+use super::ledger::EffectReport;
+use super::load::{self, LoadPlan, LoadReport};
+use crate::config::Config;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::Duration;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// How a chaos run goes.
+#[derive(Clone, Debug)]
+pub struct ChaosPlan {
+    /// The `flowgate` binary the workers run.
+    pub exe: PathBuf,
+    /// The full flow (uniquely named, with `redis_url` and a per-run
+    /// `key_prefix` set). Its work stages run as workers; the gateway and
+    /// the status stages run in this process.
+    pub config: Config,
+    /// Worker processes per work stage.
+    pub workers_per_stage: usize,
+    /// Pause between kills is drawn from this range.
+    pub kill_every: (Duration, Duration),
+    /// The orders to drive.
+    pub load: LoadPlan,
+}
+
+/// What a chaos run measured.
+#[derive(Debug)]
+pub struct ChaosReport {
+    /// The load's summary.
+    pub load: LoadReport,
+    /// SIGKILLs sent.
+    pub kills: usize,
+    /// Effects applied, from the shared records.
+    pub effects: Option<EffectReport>,
+}
+
+impl ChaosReport {
+    /// Accepted orders with no final status.
+    pub fn lost(&self) -> usize {
+        self.load.lost.len()
+    }
+    /// Orders reserved more than once (None: records unreadable).
+    pub fn double_reservations(&self) -> Option<u64> {
+        self.effects.as_ref().map(|e| e.double_reservations)
+    }
+    /// Orders charged more than once (None: records unreadable).
+    pub fn double_charges(&self) -> Option<u64> {
+        self.effects.as_ref().map(|e| e.double_charges)
+    }
+    /// The summary table with the chaos lines.
+    pub fn summary(&self) -> String {
+        let n = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "?".into());
+        format!(
+            "{}  workers killed (SIGKILL)  {:>10}\n  lost orders               {:>10}\n  double reservations       {:>10}\n  double charges            {:>10}\n",
+            self.load.summary(),
+            self.kills,
+            self.lost(),
+            n(self.double_reservations()),
+            n(self.double_charges()),
+        )
+    }
+}
+
+struct Worker {
+    stage: String,
+    child: Option<Child>,
+}
+
+fn spawn(exe: &Path, config: &Path, stage: &str) -> std::io::Result<Child> {
+    Command::new(exe)
+        .arg("worker")
+        .arg("--config")
+        .arg(config)
+        .arg("--stage")
+        .arg(stage)
+        .env(
+            "RUST_LOG",
+            std::env::var("FLOWGATE_WORKER_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+}
+
+fn terminate(child: &Child) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) with a pid we spawned and still own; no memory involved.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+    }
+}
+
+/// Runs the flow with killed and restarted workers. Must run on the actix
+/// system (the gateway and the load client live there).
+pub async fn run(plan: ChaosPlan) -> Result<ChaosReport, String> {
+    let dir = tempfile_dir()?;
+    let worker_cfg_path = dir.join("worker.toml");
+    let mut worker_cfg = plan.config.clone();
+    worker_cfg.orders.gateway_bind = String::new();
+    worker_cfg.http.bind = String::new();
+    let text = toml::to_string(&worker_cfg).map_err(|e| format!("serialising the config: {e}"))?;
+    std::fs::write(&worker_cfg_path, text).map_err(|e| format!("writing the config: {e}"))?;
+
+    // This process: the gateway and the status stages.
+    let mut local = plan.config.clone();
+    local
+        .stages
+        .retain(|s| !super::WORK_HANDLERS.contains(&s.handler.as_str()));
+    let app = super::start(local)
+        .await
+        .map_err(|e| format!("starting the gateway: {e}"))?;
+    let addr = app
+        .gateway_addr()
+        .ok_or("the config has no [orders] gateway_bind")?;
+
+    let mut workers = Vec::new();
+    for s in plan
+        .config
+        .stages
+        .iter()
+        .filter(|s| super::WORK_HANDLERS.contains(&s.handler.as_str()))
+    {
+        for _ in 0..plan.workers_per_stage.max(1) {
+            let child = spawn(&plan.exe, &worker_cfg_path, &s.name)
+                .map_err(|e| format!("starting a worker: {e}"))?;
+            workers.push(Worker {
+                stage: s.name.clone(),
+                child: Some(child),
+            });
+        }
+    }
+    info!(workers = workers.len(), "workers started");
+
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let exe = plan.exe.clone();
+    let cfg_path = worker_cfg_path.clone();
+    let (lo, hi) = plan.kill_every;
+    let chaos = tokio::spawn(async move {
+        let mut kills = 0usize;
+        loop {
+            let pause = lo + (hi.saturating_sub(lo)).mul_f64(fastrand::f64());
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop_rx.changed() => break,
+            }
+            let i = fastrand::usize(0..workers.len());
+            let w = &mut workers[i];
+            if let Some(mut c) = w.child.take() {
+                let _ = c.start_kill();
+                let _ = c.wait().await;
+                kills += 1;
+                info!(stage = %w.stage, "worker killed");
+            }
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(50..400))).await;
+            match spawn(&exe, &cfg_path, &w.stage) {
+                Ok(c) => w.child = Some(c),
+                Err(e) => warn!(stage = %w.stage, error = %e, "could not restart a worker"),
+            }
+        }
+        (kills, workers)
+    });
+
+    let mut load_plan = plan.load.clone();
+    load_plan.url = format!("http://{addr}");
+    let report = load::run(&load_plan).await;
+
+    let _ = stop_tx.send(true);
+    let (kills, mut workers) = chaos.await.map_err(|e| format!("chaos task: {e}"))?;
+    for w in &workers {
+        if let Some(c) = &w.child {
+            terminate(c);
+        }
+    }
+    for w in &mut workers {
+        if let Some(c) = &mut w.child {
+            if tokio::time::timeout(Duration::from_secs(15), c.wait())
+                .await
+                .is_err()
+            {
+                let _ = c.start_kill();
+                let _ = c.wait().await;
+            }
+        }
+    }
+    let effects = app.service().ledger.report().await.ok();
+    app.shutdown().await;
+    crate::demo::cleanup(&plan.config.amqp.url, &plan.config).await;
+    if let Err(e) = app.service().ledger.clear().await {
+        warn!(error = %e, "could not delete the run's records");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ChaosReport {
+        load: report,
+        kills,
+        effects,
+    })
+}
+
+fn tempfile_dir() -> Result<PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!(
+        "flowgate-chaos-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+/// `flowgate worker --config F --stage NAME`: runs one stage of an order
+/// flow until SIGTERM (or forever, until SIGKILL).
+pub async fn run_worker(config: &Path, stage: &str) -> ExitCode {
+    let mut cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "flowgate worker: invalid configuration {}: {e}",
+                config.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    cfg.stages.retain(|s| s.name == stage);
+    if cfg.stages.is_empty() {
+        eprintln!(
+            "flowgate worker: no stage named `{stage}` in {}",
+            config.display()
+        );
+        return ExitCode::from(2);
+    }
+    cfg.orders.gateway_bind = String::new();
+    cfg.http.bind = String::new();
+    cfg.amqp.connection_name = format!("{}-worker-{stage}", cfg.amqp.connection_name);
+    let app = match super::start(cfg).await {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("flowgate worker: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("flowgate worker: cannot install the SIGTERM handler: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = tokio::select! {
+        _ = term.recv() => ExitCode::SUCCESS,
+        _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+        e = app.engine().escalated() => {
+            tracing::error!(actor = %e.actor, reason = %e.reason, "restart budget spent");
+            ExitCode::from(1)
+        }
+    };
+    app.shutdown().await;
+    code
+}

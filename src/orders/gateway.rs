@@ -1,0 +1,268 @@
+//! The order gateway: `POST /orders`, `GET /orders/{id}`, `GET /orders/stats`.
+//!
+//! `POST /orders` answers, in this order of checks:
+//!
+//! | status | when |
+//! |---|---|
+//! | 415 | the content type is not JSON (`application/json` or `*/*+json`) |
+//! | 413 | the body exceeds `[orders] max_body_bytes` |
+//! | 400 | the body is not JSON |
+//! | 422 | a field is invalid: `{"error", "fields": [{"field", "message"}]}` |
+//! | 503 + `Retry-After` | the pipeline is saturated: backlog above `max_backlog`, `max_pending` publishes in flight, or the publish failed with backpressure (blocked broker, open breaker, watermark), no connection, a nack or a confirm timeout |
+//! | 202 | `order.created` is confirmed by the broker: `{"order_id", "status": "queued"}` |
+//!
+//! The event is persistent, `mandatory`, with `message_id` = the order id, a
+//! `traceparent` header (a child of the request's, or a new trace) and
+//! content type `application/json`.
+
+use super::model::{self, Order, ORDER_CREATED};
+use super::status::OrderStatus;
+use super::{depth::DepthSampler, OrdersService};
+use actix_web::http::header;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use flowgate_actors::publisher::PublisherHandle;
+use flowgate_actors::{trace, Error, Output};
+use futures::StreamExt;
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+/// Seconds a client is told to wait after a 503.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+/// What the gateway's handlers see.
+#[derive(Clone)]
+pub struct GatewayState {
+    publisher: PublisherHandle,
+    service: Arc<OrdersService>,
+    depth: Option<Arc<DepthSampler>>,
+    /// Bounds the publishes in flight (`[orders] max_pending`).
+    pending: Arc<Semaphore>,
+}
+
+impl GatewayState {
+    /// Publishing through `publisher`, recording statuses in `service`,
+    /// admitting by `depth`'s backlog when given.
+    pub fn new(
+        publisher: PublisherHandle,
+        service: Arc<OrdersService>,
+        depth: Option<Arc<DepthSampler>>,
+    ) -> Self {
+        let pending = Arc::new(Semaphore::new(service.config.max_pending as usize));
+        Self {
+            publisher,
+            service,
+            depth,
+            pending,
+        }
+    }
+}
+
+fn unavailable(why: &str) -> HttpResponse {
+    HttpResponse::ServiceUnavailable()
+        .insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()))
+        .json(json!({ "error": "overloaded, retry later", "reason": why }))
+}
+
+fn is_json(req: &HttpRequest) -> bool {
+    let Some(ct) = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+async fn create(
+    s: web::Data<GatewayState>,
+    req: HttpRequest,
+    mut payload: web::Payload,
+) -> HttpResponse {
+    let svc = &s.service;
+    let max = svc.config.max_body_bytes;
+    if !is_json(&req) {
+        svc.stats.count_error("gateway-415");
+        return HttpResponse::UnsupportedMediaType()
+            .json(json!({ "error": "content type must be application/json" }));
+    }
+    let too_large = || {
+        svc.stats.count_error("gateway-413");
+        HttpResponse::PayloadTooLarge().json(json!({ "error": "body too large", "max_bytes": max }))
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return too_large();
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        match chunk {
+            Ok(c) => {
+                if (body.len() + c.len()) as u64 > max {
+                    return too_large();
+                }
+                body.extend_from_slice(&c);
+            }
+            Err(e) => {
+                svc.stats.count_error("gateway-400");
+                return HttpResponse::BadRequest()
+                    .json(json!({ "error": format!("reading the body: {e}") }));
+            }
+        }
+    }
+    let value: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            svc.stats.count_error("gateway-400");
+            return HttpResponse::BadRequest()
+                .json(json!({ "error": format!("malformed JSON: {e}") }));
+        }
+    };
+    let new = match model::validate(&value) {
+        Ok(n) => n,
+        Err(fields) => {
+            svc.stats.count_error("gateway-422");
+            return HttpResponse::UnprocessableEntity()
+                .json(json!({ "error": "invalid order", "fields": fields }));
+        }
+    };
+    if let Some(d) = &s.depth {
+        let backlog = d.backlog();
+        if svc.config.max_backlog > 0 && backlog > svc.config.max_backlog {
+            svc.stats.count_error("gateway-503-backlog");
+            debug!(backlog, "order refused: pipeline backlog above max_backlog");
+            return unavailable("pipeline backlog above its watermark");
+        }
+    }
+    let Ok(_permit) = s.pending.clone().try_acquire_owned() else {
+        svc.stats.count_error("gateway-503-pending");
+        return unavailable("too many orders awaiting a broker confirm");
+    };
+    let order = new.into_order();
+    publish(&s, &req, order).await
+}
+
+async fn publish(s: &GatewayState, req: &HttpRequest, order: Order) -> HttpResponse {
+    let svc = &s.service;
+    let mut out = Output::new(svc.config.exchange.clone(), ORDER_CREATED, order.to_json())
+        .with_message_id(order.order_id.clone());
+    out.properties = out
+        .properties
+        .with_content_type("application/json".into())
+        .with_timestamp(order.created_at_ms / 1000);
+    let tp = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(trace::child_of)
+        .unwrap_or_else(trace::new_traceparent);
+    trace::set_traceparent(&mut out.properties, tp);
+    match s.publisher.publish(out).await {
+        Ok(()) => {
+            svc.status
+                .advance(&order.order_id, OrderStatus::Created, order.created_at_ms);
+            HttpResponse::Accepted()
+                .insert_header((header::LOCATION, format!("/orders/{}", order.order_id)))
+                .json(json!({ "order_id": order.order_id, "status": "queued" }))
+        }
+        Err(
+            e @ (Error::Backpressure(_)
+            | Error::NotConnected
+            | Error::ConfirmTimeout(_)
+            | Error::Nacked),
+        ) => {
+            svc.stats.count_error("gateway-503-publish");
+            debug!(error = %e, "order refused: publish failed");
+            unavailable(&e.to_string())
+        }
+        Err(e) => {
+            svc.stats.count_error("gateway-publish-error");
+            warn!(error = %e, "order.created could not be published");
+            HttpResponse::ServiceUnavailable()
+                .insert_header((header::RETRY_AFTER, "5"))
+                .json(json!({ "error": e.to_string() }))
+        }
+    }
+}
+
+async fn get(s: web::Data<GatewayState>, id: web::Path<String>) -> HttpResponse {
+    match s.service.status.get(&id) {
+        Some(e) => HttpResponse::Ok().json(e),
+        None => HttpResponse::NotFound().json(json!({ "error": "unknown order", "order_id": *id })),
+    }
+}
+
+async fn stats(s: web::Data<GatewayState>) -> HttpResponse {
+    let svc = &s.service;
+    let effects = svc.ledger.report().await.ok();
+    HttpResponse::Ok().json(json!({
+        "shipped": svc.stats.shipped(),
+        "failed": svc.stats.failed(),
+        "errors": svc.stats.errors(),
+        "throttle_hits": effects.as_ref().map(|e| e.throttle_hits).unwrap_or(svc.stats.throttled()),
+        "double_reservations": effects.as_ref().map(|e| e.double_reservations),
+        "double_charges": effects.as_ref().map(|e| e.double_charges),
+        "latency_ms": { "p50": svc.stats.latency_ms(0.5), "p99": svc.stats.latency_ms(0.99) },
+        "peak_depth": s.depth.as_ref().map(|d| d.peaks()),
+        "depth": s.depth.as_ref().map(|d| d.current()),
+    }))
+}
+
+/// Registers the gateway's routes (to mount them on another actix-web app,
+/// with `web::Data<GatewayState>` in its app data).
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/orders", web::post().to(create))
+        .route("/orders/stats", web::get().to(stats))
+        .route("/orders/{id}", web::get().to(get));
+}
+
+/// A running gateway server.
+pub struct Gateway {
+    handle: actix_web::dev::ServerHandle,
+    addr: SocketAddr,
+}
+
+impl Gateway {
+    /// Binds and spawns the gateway on the current actix system.
+    pub fn start(bind: &str, state: GatewayState) -> std::io::Result<Gateway> {
+        let data = web::Data::new(state);
+        let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
+            .workers(1)
+            .disable_signals()
+            .shutdown_timeout(5)
+            .bind(bind)?;
+        let addr = server
+            .addrs()
+            .first()
+            .copied()
+            .ok_or_else(|| std::io::Error::other("no address bound"))?;
+        let server = server.run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        Ok(Gateway { handle, addr })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, finishes requests in flight.
+    pub async fn stop(&self) {
+        self.handle.stop(true).await;
+    }
+}
