@@ -516,6 +516,9 @@ pub async fn cleanup(url: &str, cfg: &Config) {
             if let Err(e) = crate::topology::delete(&ch, cfg).await {
                 tracing::warn!(error = %e, "cleanup failed");
             }
+            // Close the channel before the connection, or lapin reports a
+            // connection error for the channel dropped mid-close.
+            let _ = ch.close(200, "cleanup".into()).await;
         }
         let _ = conn.close(200, "cleanup".into()).await;
     }

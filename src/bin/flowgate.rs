@@ -47,8 +47,17 @@ enum Cmd {
 }
 
 fn init_tracing() {
+    init_tracing_with("info,lapin=warn")
+}
+
+/// Interactive commands (demo, load) print their own summary: warnings only.
+fn init_tracing_quiet() {
+    init_tracing_with("warn,lapin=error")
+}
+
+fn init_tracing_with(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -87,11 +96,11 @@ fn main() -> ExitCode {
             flowgate::run_system(run(cfg))
         }
         Cmd::Demo(args) => {
-            init_tracing();
+            init_tracing_quiet();
             flowgate::run_system(flowgate::demo::run(args))
         }
         Cmd::Load(args) => {
-            init_tracing();
+            init_tracing_quiet();
             let plan = match args.plan() {
                 Ok(p) => p,
                 Err(e) => {

@@ -462,13 +462,21 @@ impl Ledger for RedisLedger {
     }
 
     async fn clear(&self) -> Result<(), LedgerError> {
-        let mut con = self.con.clone();
         let mut del = redis::cmd("DEL");
         for k in KEYS {
             del.arg(self.key(k));
         }
-        let _: i64 = del.query_async(&mut con).await.map_err(rerr)?;
-        Ok(())
+        // The manager reconnects after a broken connection, but only on the
+        // next command: try twice.
+        let mut last = None;
+        for _ in 0..2 {
+            let mut con = self.con.clone();
+            match del.query_async::<i64>(&mut con).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(rerr(e)),
+            }
+        }
+        Err(last.unwrap_or_else(|| LedgerError("DEL failed".into())))
     }
 }
 

@@ -300,7 +300,7 @@ impl OrdersApp {
             g.stop().await;
         }
         if let Some(d) = &self.depth {
-            d.stop();
+            d.stopped().await;
         }
         self.engine.shutdown().await
     }

@@ -1,0 +1,402 @@
+//! The order pipeline over HTTP against the real broker (issue 5,
+//! acceptance 1, 4, and the gateway's 503 under a throttled payment
+//! provider).
+
+mod common;
+
+use common::*;
+use flowgate::orders::{self, OrdersApp};
+use flowgate::Config;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+struct Flow {
+    app: OrdersApp,
+    cfg: Config,
+    base: String,
+    http: awc::Client,
+}
+
+async fn start(tweak: impl FnOnce(&mut Config)) -> Flow {
+    let mut cfg = orders::uniquely_named(&orders::default_config().unwrap(), &unique("orders"));
+    cfg.http.bind = String::new();
+    cfg.orders.gateway_bind = "127.0.0.1:0".into();
+    cfg.orders.payment_failure_rate = 0.0;
+    cfg.shutdown.grace = Duration::from_secs(10);
+    tweak(&mut cfg);
+    let app = orders::start(cfg.clone()).await.expect("order flow starts");
+    assert!(
+        app.engine().wait_ready(Duration::from_secs(20)).await,
+        "stages consuming"
+    );
+    let base = format!("http://{}", app.gateway_addr().expect("gateway runs"));
+    Flow {
+        app,
+        cfg,
+        base,
+        http: awc::Client::default(),
+    }
+}
+
+impl Flow {
+    async fn post(&self, content_type: Option<&str>, body: impl Into<Vec<u8>>) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}/orders", self.base));
+        if let Some(ct) = content_type {
+            req = req.insert_header(("content-type", ct));
+        }
+        let mut resp = req.send_body(body.into()).await.expect("gateway answers");
+        let code = resp.status().as_u16();
+        let v = resp.json::<Value>().await.unwrap_or(Value::Null);
+        (code, v)
+    }
+
+    async fn post_json(&self, v: Value) -> (u16, Value) {
+        self.post(Some("application/json"), v.to_string()).await
+    }
+
+    async fn status(&self, id: &str) -> (u16, Value) {
+        let mut resp = self
+            .http
+            .get(format!("{}/orders/{id}", self.base))
+            .send()
+            .await
+            .expect("gateway answers");
+        let code = resp.status().as_u16();
+        (code, resp.json::<Value>().await.unwrap_or(Value::Null))
+    }
+
+    async fn wait_final(&self, id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, v) = self.status(id).await;
+            if matches!(v["status"].as_str(), Some("shipped" | "failed")) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "order {id} reached no final status, last {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.app.shutdown().await;
+        let client = Client::connect(AMQP_URL).await;
+        client.delete_topology(&self.cfg).await;
+        let _ = self.app.service().ledger.clear().await;
+    }
+}
+
+fn valid() -> Value {
+    json!({"customer_id": "c-1", "items": [{"sku": "sku-1", "qty": 2}], "total": 19.9})
+}
+
+#[actix_rt::test]
+async fn a_valid_order_is_queued_confirmed_and_reaches_shipped() {
+    let flow = start(|_| {}).await;
+    // A spy queue sees the order.created event as published.
+    let client = Client::connect(AMQP_URL).await;
+    let spy = format!("{}.spy", flow.cfg.orders.exchange);
+    client
+        .ch
+        .queue_declare(
+            spy.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    client
+        .ch
+        .queue_bind(
+            spy.as_str().into(),
+            flow.cfg.orders.exchange.as_str().into(),
+            "order.created".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let (code, v) = flow.post_json(valid()).await;
+    assert_eq!(code, 202, "{v}");
+    assert_eq!(v["status"], "queued");
+    let id = v["order_id"].as_str().expect("an order id").to_owned();
+
+    let end = flow.wait_final(&id).await;
+    assert_eq!(end["status"], "shipped", "{end}");
+    assert_eq!(end["order_id"], id.as_str());
+
+    let seen = client.collect(&spy, 1, Duration::from_secs(10)).await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0, id, "message_id is the order id");
+    let tp = header(&seen[0].1, "traceparent").expect("a traceparent header");
+    assert!(tp.starts_with("00-"), "{tp}");
+
+    let (code, _) = flow.status("no-such-order").await;
+    assert_eq!(code, 404);
+    let r = flow.app.service().ledger.report().await.unwrap();
+    assert_eq!((r.reserved, r.charged, r.shipped), (1, 1, 1));
+
+    client
+        .ch
+        .queue_delete(spy.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    flow.stop().await;
+}
+
+#[actix_rt::test]
+async fn bad_input_answers_422_naming_the_field_415_413_and_400() {
+    let flow = start(|c| c.orders.max_body_bytes = 1024).await;
+    let cases = [
+        (
+            json!({"items": [{"sku": "a", "qty": 1}], "total": 1}),
+            "customer_id",
+        ),
+        (
+            json!({"customer_id": "", "items": [{"sku": "a", "qty": 1}], "total": 1}),
+            "customer_id",
+        ),
+        (
+            json!({"customer_id": "c", "items": [], "total": 1}),
+            "items",
+        ),
+        (json!({"customer_id": "c", "total": 1}), "items"),
+        (
+            json!({"customer_id": "c", "items": [{"sku": "a", "qty": 0}], "total": 1}),
+            "items[0].qty",
+        ),
+        (
+            json!({"customer_id": "c", "items": [{"sku": "a", "qty": 1}, {"sku": "b", "qty": -1}], "total": 1}),
+            "items[1].qty",
+        ),
+        (
+            json!({"customer_id": "c", "items": [{"qty": 1}], "total": 1}),
+            "items[0].sku",
+        ),
+        (
+            json!({"customer_id": "c", "items": [{"sku": "a", "qty": 1}], "total": 0}),
+            "total",
+        ),
+        (
+            json!({"customer_id": "c", "items": [{"sku": "a", "qty": 1}], "total": -5.5}),
+            "total",
+        ),
+        (
+            json!({"customer_id": "c", "items": [{"sku": "a", "qty": 1}]}),
+            "total",
+        ),
+    ];
+    for (body, field) in cases {
+        let (code, v) = flow.post_json(body.clone()).await;
+        assert_eq!(code, 422, "{body} → {v}");
+        let fields: Vec<&str> = v["fields"]
+            .as_array()
+            .expect("field errors")
+            .iter()
+            .filter_map(|f| f["field"].as_str())
+            .collect();
+        assert_eq!(fields, [field], "{body} → {v}");
+    }
+
+    let body = valid().to_string();
+    let (code, _) = flow.post(Some("text/plain"), body.clone()).await;
+    assert_eq!(code, 415);
+    let (code, _) = flow.post(None, body.clone()).await;
+    assert_eq!(code, 415);
+    let (code, _) = flow
+        .post(Some("application/x-www-form-urlencoded"), "customer_id=c")
+        .await;
+    assert_eq!(code, 415);
+    let (code, v) = flow
+        .post(Some("application/json; charset=utf-8"), "{not json")
+        .await;
+    assert_eq!(code, 400, "{v}");
+    let big =
+        json!({"customer_id": "x".repeat(2000), "items": [{"sku": "a", "qty": 1}], "total": 1});
+    let (code, _) = flow.post_json(big).await;
+    assert_eq!(code, 413);
+
+    // Nothing of that reached the pipeline.
+    let r = flow.app.service().ledger.report().await.unwrap();
+    assert_eq!(r.reserved, 0);
+    flow.stop().await;
+}
+
+#[actix_rt::test]
+async fn an_out_of_stock_order_ends_failed_and_sits_in_the_dlq_with_headers() {
+    let flow = start(|c| {
+        c.orders.stock.insert("sku-rare".into(), 1);
+    })
+    .await;
+    let (code, v) = flow
+        .post_json(json!({"customer_id": "c-2", "items": [{"sku": "sku-1", "qty": 1}, {"sku": "sku-rare", "qty": 2}], "total": 5}))
+        .await;
+    assert_eq!(code, 202, "{v}");
+    let id = v["order_id"].as_str().unwrap().to_owned();
+
+    let end = flow.wait_final(&id).await;
+    assert_eq!(end["status"], "failed", "{end}");
+    assert_eq!(end["reason"], "out-of-stock", "{end}");
+
+    let client = Client::connect(AMQP_URL).await;
+    let dlq = format!(
+        "{}.dlq",
+        flow.cfg
+            .stages
+            .iter()
+            .find(|s| s.name == "reserve")
+            .unwrap()
+            .queue
+    );
+    let dead = client.collect(&dlq, 1, Duration::from_secs(10)).await;
+    assert_eq!(dead.len(), 1, "the dead letter stays in {dlq}");
+    assert_eq!(dead[0].0, id);
+    assert_eq!(
+        header(&dead[0].1, "x-flowgate-reason").as_deref(),
+        Some("out-of-stock")
+    );
+    assert_eq!(
+        header(&dead[0].1, "x-flowgate-stage").as_deref(),
+        Some("reserve")
+    );
+    // Nothing was taken from stock: a one-unit order of sku-rare still fits.
+    let r = flow.app.service().ledger.report().await.unwrap();
+    assert_eq!(r.reserved, 0);
+    assert_eq!(r.charged, 0);
+    flow.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_redelivered_event_reserves_and_charges_once() {
+    let flow = start(|c| {
+        c.orders.stock.insert("sku-count".into(), 100);
+    })
+    .await;
+    // The same order.created event, published three times (what a
+    // redelivery or a producer retry looks like), with no engine dedup.
+    let order = flowgate::orders::model::NewOrder {
+        customer_id: "c-3".into(),
+        items: vec![flowgate::orders::model::Item {
+            sku: "sku-count".into(),
+            qty: 7,
+        }],
+        total: 70.0,
+    }
+    .into_order();
+    let client = Client::connect(AMQP_URL).await;
+    for _ in 0..3 {
+        client
+            .publish(
+                &flow.cfg.orders.exchange,
+                "order.created",
+                &order.order_id,
+                &order.to_json(),
+            )
+            .await;
+    }
+    let svc = flow.app.service().clone();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let svc = svc.clone();
+            let id = order.order_id.clone();
+            async move {
+                svc.ledger
+                    .report()
+                    .await
+                    .map(|r| r.shipped == 1)
+                    .unwrap_or(false)
+                    && flow_shipped(&svc, &id)
+            }
+        })
+        .await,
+        "the order shipped"
+    );
+    // Let every copy finish: all three pass the ship stage.
+    let track = flow
+        .app
+        .engine()
+        .metrics()
+        .acked
+        .with_label_values(&["track"]);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let n = track.get();
+            async move { n == 3 }
+        })
+        .await,
+        "all three copies went through"
+    );
+    let r = svc.ledger.report().await.unwrap();
+    assert_eq!(r.reserved, 1, "one reservation");
+    assert_eq!(r.double_reservations, 0);
+    assert_eq!(r.charged, 1, "one charge");
+    assert_eq!(r.double_charges, 0);
+    assert_eq!(r.stock.get("sku-count"), Some(&93), "7 units taken once");
+    flow.stop().await;
+}
+
+fn flow_shipped(svc: &flowgate::orders::OrdersService, id: &str) -> bool {
+    svc.status
+        .get(id)
+        .is_some_and(|e| e.status == flowgate::orders::status::OrderStatus::Shipped)
+}
+
+#[actix_rt::test]
+async fn a_throttled_payment_provider_makes_the_gateway_answer_503_and_accepted_orders_ship_once() {
+    let flow = start(|c| {
+        c.orders.payment_rate = 50;
+        c.orders.max_backlog = 30;
+        c.orders.depth_interval = Duration::from_millis(50);
+    })
+    .await;
+    let plan = flowgate::orders::load::LoadPlan {
+        url: flow.base.clone(),
+        orders: 600,
+        rate: Some(250.0), // 5× the provider's rate
+        concurrency: 32,
+        scarce_every: 0,
+        wait: Duration::from_secs(30),
+        quiet: true,
+    };
+    let report = flowgate::orders::load::run(&plan).await;
+    assert!(
+        report.rejected_503 > 0,
+        "the gateway pushed back: {report:?}"
+    );
+    assert_eq!(
+        report.retry_after_seen, report.rejected_503,
+        "every 503 carries Retry-After"
+    );
+    assert!(report.accepted > 0);
+    assert!(report.lost.is_empty(), "lost: {:?}", report.lost);
+    assert_eq!(
+        report.shipped, report.accepted,
+        "every accepted order shipped"
+    );
+    let r = flow.app.service().ledger.report().await.unwrap();
+    assert_eq!(
+        r.charged as usize, report.accepted,
+        "charged exactly once each"
+    );
+    assert_eq!(r.double_charges, 0);
+    assert!(r.throttle_hits > 0, "the provider's rate limit was hit");
+    // The backlog stayed near its bound: admission lags one sample at most.
+    let peak = flow.app.depth().unwrap().peaks();
+    let reserved_q = &flow
+        .cfg
+        .stages
+        .iter()
+        .find(|s| s.name == "pay")
+        .unwrap()
+        .queue;
+    assert!(
+        peak[reserved_q] <= 30 + 250,
+        "backlog bounded by max_backlog plus one sampling interval of arrivals: {peak:?}"
+    );
+    flow.stop().await;
+}
