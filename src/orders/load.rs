@@ -34,7 +34,7 @@ impl std::str::FromStr for Rate {
             "h" | "hour" => 3600.0,
             other => return Err(format!("`{other}`: the unit must be s, min or h")),
         };
-        if !(n > 0.0) {
+        if n.is_nan() || n <= 0.0 || n.is_infinite() {
             return Err(format!("`{s}`: the rate must be greater than 0"));
         }
         Ok(Rate(n / secs))
@@ -148,7 +148,7 @@ pub struct LoadReport {
 /// The body of the `i`-th order.
 pub fn order_body(i: usize, scarce_every: usize) -> Value {
     let mut items = vec![json!({ "sku": format!("sku-{}", i % 50), "qty": 1 + (i % 3) })];
-    if i % 4 == 0 {
+    if i.is_multiple_of(4) {
         items.push(json!({ "sku": format!("sku-{}", (i / 7) % 50), "qty": 1 }));
     }
     if scarce_every > 0 && i % scarce_every == scarce_every - 1 {
