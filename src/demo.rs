@@ -311,10 +311,11 @@ pub async fn broker_reachable(url: &str) -> Result<(), String> {
     }
 }
 
-const FLOW: &str = "\
-  POST /orders ─▶ gateway ─order.created─▶ reserve ─order.reserved─▶ pay (throttled) ─order.paid─▶ ship ─order.shipped─▶ track
-                     │                        └─ out of stock ─▶ dead letter (+ copy ─▶ track: failed)
-  GET /orders/{id} ◀─ status view ◀──────────────────────────────────────────────────────────────────────────────┘";
+const FLOW: &str = concat!(
+    "  POST /orders ─▶ gateway ─order.created─▶ reserve ─order.reserved─▶ pay (throttled) ─order.paid─▶ ship ─order.shipped─▶ track\n",
+    "                     │                        └─ out of stock ─▶ dead letter (+ copy ─▶ track: failed)\n",
+    "  GET /orders/{id} ◀─ status view ◀──────────────────────────────────────────────────────────────────────────────┘"
+);
 
 fn redis_addr(url: &str) -> Result<(String, u16), String> {
     let u = url::Url::parse(url).map_err(|e| format!("malformed Redis URL ({e})"))?;

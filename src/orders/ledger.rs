@@ -7,7 +7,8 @@
 //! applied, which is what the chaos run reports as duplicate effects.
 //!
 //! * [`MemoryLedger`] — one process; bounded to `capacity` orders per kind
-//!   (oldest forgotten first).
+//!   (oldest forgotten first) and `capacity` distinct SKUs (an order for a
+//!   new SKU beyond that is out of stock).
 //! * [`RedisLedger`] — shared by separate worker processes (and surviving a
 //!   SIGKILL); every key expires `ttl` after its last write.
 
@@ -174,6 +175,10 @@ impl Ledger for MemoryLedger {
         if st.reserved.contains_key(order_id) {
             return Ok(Reservation::AlreadyReserved);
         }
+        let new_skus = lines
+            .iter()
+            .filter(|(sku, _)| !st.stock.contains_key(sku))
+            .count();
         for (sku, qty) in &lines {
             let have = st
                 .stock
@@ -181,6 +186,12 @@ impl Ledger for MemoryLedger {
                 .copied()
                 .unwrap_or_else(|| self.stock.initial(sku));
             if have < *qty {
+                return Ok(Reservation::OutOfStock(sku.clone()));
+            }
+            // SKUs come from clients: the catalogue held in memory is bounded
+            // too, and a SKU beyond it cannot be stocked.
+            if !st.stock.contains_key(sku) && st.stock.len() + new_skus > self.capacity {
+                tracing::warn!(%sku, capacity = self.capacity, "stock table full; refusing a new SKU");
                 return Ok(Reservation::OutOfStock(sku.clone()));
             }
         }
@@ -572,5 +583,19 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(l.report().await.unwrap().reserved, 3);
+        for sku in ["b", "c"] {
+            assert_eq!(
+                l.reserve(&format!("n-{sku}"), &items(&[(sku, 1)]))
+                    .await
+                    .unwrap(),
+                Reservation::Reserved
+            );
+        }
+        assert_eq!(
+            l.reserve("n-d", &items(&[("d", 1)])).await.unwrap(),
+            Reservation::OutOfStock("d".into()),
+            "a fourth SKU does not fit a 3-SKU table"
+        );
+        assert_eq!(l.report().await.unwrap().stock.len(), 3);
     }
 }
