@@ -124,6 +124,8 @@ pub struct ConnectionActor {
     closing: bool,
     /// Bumped on every (re)connect so events from a replaced connection are ignored.
     generation: u64,
+    /// Connections that reported an error and have not reconnected since.
+    failed: std::collections::HashSet<Purpose>,
 }
 
 impl ConnectionActor {
@@ -145,6 +147,7 @@ impl ConnectionActor {
             blocked: false,
             closing: false,
             generation: 0,
+            failed: Default::default(),
         }
     }
 
@@ -209,6 +212,7 @@ impl Actor for ConnectionActor {
             .map(|res, act, ctx| match res {
                 Ok((c, p)) => {
                     act.generation += 1;
+                    act.failed.clear();
                     let generation = act.generation;
                     for (purpose, conn) in [(Purpose::Consume, &c), (Purpose::Publish, &p)] {
                         ctx.add_stream(conn.events_listener().map(move |e| ConnEvent {
@@ -295,6 +299,9 @@ impl StreamHandler<ConnEvent> for ConnectionActor {
             return;
         }
         match ev.event {
+            // lapin may report the initial connect too: only a `Connected`
+            // after an error is a recovery.
+            Event::Connected if !self.failed.remove(&ev.purpose) => {}
             Event::Connected => {
                 self.metrics
                     .reconnects
@@ -308,6 +315,7 @@ impl StreamHandler<ConnEvent> for ConnectionActor {
                 self.notify(LinkEvent::LinkUp(ev.purpose));
             }
             Event::Error(e) => {
+                self.failed.insert(ev.purpose);
                 if !self.closing {
                     warn!(connection = ev.purpose.as_str(), error = %e, "broker connection error");
                 }

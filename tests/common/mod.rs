@@ -155,12 +155,18 @@ impl Client {
                         .map(|s| s.to_string())
                         .unwrap_or_default();
                     let headers = d.properties.headers().clone().unwrap_or_default();
-                    d.ack(BasicAckOptions::default()).await.expect("ack");
+                    assert!(
+                        d.ack(BasicAckOptions::default()).await.expect("ack"),
+                        "ack not sent (channel poisoned?)"
+                    );
                     out.push((id, headers));
                 }
                 _ => break,
             }
         }
+        // A synchronous round trip on the channel before closing it: the
+        // broker has then processed every ack sent before it.
+        let _ = ch.basic_qos(1000, BasicQosOptions::default()).await;
         let _ = ch.close(200, "collected".into()).await;
         out
     }
@@ -250,6 +256,24 @@ pub fn chain_config(prefix: &str, handlers: &[&str], prefetch: u32) -> Config {
         });
     }
     cfg
+}
+
+/// Asserts a queue becomes empty. Quorum queues apply acks through Raft, so
+/// a count read right after the last ack may still include it: the check
+/// waits (bounded) for the broker's view to settle instead of sleeping.
+pub async fn assert_drained(client: &Client, queue: &str) {
+    let ok = eventually(Duration::from_secs(15), || async {
+        client.depth(queue).await == 0
+    })
+    .await;
+    if !ok {
+        let q = queue.to_owned();
+        let view = tokio::task::spawn_blocking(move || node::list_queue(None, &q)).await;
+        panic!(
+            "queue {queue} still holds {} messages; rabbitmqctl: {view:?}",
+            client.depth(queue).await
+        );
+    }
 }
 
 /// Counts of each id.

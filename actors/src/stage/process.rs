@@ -157,7 +157,7 @@ pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, 
     let res = match settled {
         Settle::Ack => {
             let r = acker.ack(BasicAckOptions::default()).await;
-            if r.is_ok() {
+            if matches!(r, Ok(true)) {
                 shared.metrics.acked.with_label_values(&[stage]).inc();
             }
             r
@@ -198,8 +198,8 @@ struct CreditGuard {
 
 impl Drop for CreditGuard {
     fn drop(&mut self) {
+        self.shared.track_in_flight(false);
         drop(self.credit.take());
-        self.shared.update_in_flight();
     }
 }
 
