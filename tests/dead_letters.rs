@@ -113,12 +113,12 @@ async fn failing_handler_dead_letters_chosen_ids_with_headers() {
 #[actix_rt::test]
 async fn panicking_handler_dead_letters_with_reason_panic_and_stage_goes_on() {
     let h = handler_fn(|d: Delivery| async move {
-        if index(&d) % 7 == 0 {
+        if index(&d).is_multiple_of(7) {
             panic!("boom on {}", index(&d));
         }
         Ok(Outcome::ack_with(vec![d.forward(&d.exchange, "hop2")]))
     });
-    run_with_middle_handler("panic", h, |i| i % 7 == 0, "panic", "boom on").await;
+    run_with_middle_handler("panic", h, |i| i.is_multiple_of(7), "panic", "boom on").await;
 }
 
 #[actix_rt::test]
