@@ -161,7 +161,21 @@ impl Client {
                     );
                     out.push((id, headers));
                 }
-                _ => break,
+                Ok(Some(Err(e))) => {
+                    eprintln!(
+                        "collect({queue}): consumer error after {} messages: {e}",
+                        out.len()
+                    );
+                    break;
+                }
+                Ok(None) => {
+                    eprintln!(
+                        "collect({queue}): consumer ended after {} messages",
+                        out.len()
+                    );
+                    break;
+                }
+                Err(_) => break,
             }
         }
         // A synchronous round trip on the channel before closing it: the
@@ -169,6 +183,29 @@ impl Client {
         let _ = ch.basic_qos(1000, BasicQosOptions::default()).await;
         let _ = ch.close(200, "collected".into()).await;
         out
+    }
+
+    /// Consumes from `queue` until `n` distinct message ids arrived (redeliveries
+    /// after a connection loss are counted, not returned twice).
+    pub async fn collect_distinct(
+        &self,
+        queue: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> HashMap<String, usize> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        while seen.len() < n && tokio::time::Instant::now() < deadline {
+            let left = deadline - tokio::time::Instant::now();
+            let batch = self.collect(queue, n - seen.len(), left).await;
+            if batch.is_empty() {
+                break;
+            }
+            for (id, _) in batch {
+                *seen.entry(id).or_insert(0) += 1;
+            }
+        }
+        seen
     }
 
     /// Ready messages in a queue (passive declare).
