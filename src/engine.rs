@@ -105,7 +105,7 @@ impl EngineBuilder {
                 stage_names_ok.push(s.handler.clone());
             }
         }
-        crate::config::validate(&config, &stage_names_ok)?;
+        crate::config::validate(&config, Some(&stage_names_ok))?;
         let mut resolved = Vec::new();
         for (i, s) in config.stages.iter().enumerate() {
             let h = self

@@ -45,11 +45,17 @@ fn init_tracing() {
         .init();
 }
 
+/// Loads a daemon config: the daemon runs built-in handlers only.
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
-        eprintln!("flowgate: invalid configuration {}: {e}", path.display());
-        ExitCode::from(2)
-    })
+    Config::load(path)
+        .and_then(|c| {
+            flowgate::config::validate(&c, Some(&flowgate::handlers::builtin_names()))?;
+            Ok(c)
+        })
+        .map_err(|e| {
+            eprintln!("flowgate: invalid configuration {}: {e}", path.display());
+            ExitCode::from(2)
+        })
 }
 
 fn main() -> ExitCode {

@@ -483,7 +483,8 @@ fn source_error(e: config::ConfigError) -> ConfigError {
 }
 
 impl Config {
-    /// Loads a file (TOML) plus `FLOWGATE__*` environment overrides, then validates.
+    /// Loads a file (TOML) plus `FLOWGATE__*` environment overrides, then
+    /// validates everything but handler names (see [`Engine`](crate::Engine)).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = config::File::from(path).format(config::FileFormat::Toml);
         Self::load_from(file)
@@ -509,7 +510,9 @@ impl Config {
             .build()
             .map_err(source_error)?;
         let cfg: Config = built.try_deserialize().map_err(source_error)?;
-        validate(&cfg, &crate::handlers::builtin_names())?;
+        // Handler names are checked when the engine is built, against the
+        // built-ins plus what the host registered.
+        validate(&cfg, None)?;
         Ok(cfg)
     }
 

@@ -4,8 +4,9 @@ use super::{Concurrency, Config, ConfigError};
 use std::collections::HashSet;
 
 /// Checks a configuration. `handlers` are the handler names available
-/// (built-ins plus those a host registered).
-pub fn validate(cfg: &Config, handlers: &[String]) -> Result<(), ConfigError> {
+/// (built-ins plus those a host registered); `None` skips that check (a
+/// loaded file may name handlers the host registers later).
+pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigError> {
     let url = cfg.amqp.resolved_url()?;
     match url::Url::parse(&url) {
         Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {
@@ -106,15 +107,17 @@ pub fn validate(cfg: &Config, handlers: &[String]) -> Result<(), ConfigError> {
                 format!("queue `{}` is not declared under [[queues]]", s.queue),
             ));
         }
-        if !handlers.iter().any(|h| h == &s.handler) {
-            return Err(ConfigError::new(
-                key("handler"),
-                format!(
-                    "unknown handler `{}` (known: {})",
-                    s.handler,
-                    handlers.join(", ")
-                ),
-            ));
+        if let Some(handlers) = handlers {
+            if !handlers.iter().any(|h| h == &s.handler) {
+                return Err(ConfigError::new(
+                    key("handler"),
+                    format!(
+                        "unknown handler `{}` (known: {})",
+                        s.handler,
+                        handlers.join(", ")
+                    ),
+                ));
+            }
         }
         if s.prefetch == 0 || s.prefetch > u32::from(u16::MAX) {
             return Err(ConfigError::new(
