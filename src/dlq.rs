@@ -277,3 +277,63 @@ pub async fn purge(conn: &Connection, queue: &str) -> Result<u32, DlqError> {
 pub fn attempts_of(h: &FieldTable) -> Option<i64> {
     header(h, "x-flowgate-attempts").and_then(header_int)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{FieldArray, LongString, ShortString};
+
+    fn s(v: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(v.to_owned()))
+    }
+
+    fn broker_dead_letter(reason: &str) -> FieldTable {
+        let mut death = FieldTable::default();
+        death.insert(ShortString::from("reason"), s(reason));
+        death.insert(ShortString::from("queue"), s("orders"));
+        death.insert(ShortString::from("exchange"), s("shop"));
+        death.insert(
+            ShortString::from("routing-keys"),
+            AMQPValue::FieldArray(FieldArray::from(vec![s("order.created")])),
+        );
+        let mut h = FieldTable::default();
+        h.insert(
+            ShortString::from("x-death"),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+        );
+        h
+    }
+
+    #[test]
+    fn broker_dead_letters_explain_themselves_from_x_death() {
+        let h = broker_dead_letter("delivery_limit");
+        assert_eq!(reason_of(&h), "delivery-limit");
+        assert_eq!(stage_of(&h), "queue:orders");
+        assert_eq!(
+            origin_of(&h),
+            Some(("shop".to_owned(), "order.created".to_owned()))
+        );
+    }
+
+    #[test]
+    fn flowgate_headers_win_and_replay_strips_them() {
+        let mut h = broker_dead_letter("rejected");
+        h.insert(ShortString::from("x-flowgate-reason"), s("max-attempts"));
+        h.insert(ShortString::from("x-flowgate-stage"), s("reserve"));
+        h.insert(ShortString::from(ORIGINAL_EXCHANGE_HEADER), s("shop"));
+        h.insert(ShortString::from(ORIGINAL_ROUTING_KEY_HEADER), s("in"));
+        h.insert(
+            ShortString::from("x-flowgate-attempt"),
+            AMQPValue::LongLongInt(5),
+        );
+        h.insert(ShortString::from("app"), s("kept"));
+        assert_eq!(reason_of(&h), "max-attempts");
+        assert_eq!(stage_of(&h), "reserve");
+        assert_eq!(origin_of(&h), Some(("shop".into(), "in".into())));
+        let p = replay_properties(&BasicProperties::default().with_headers(h));
+        let kept = p.headers().clone().unwrap_or_default();
+        assert_eq!(kept.inner().len(), 1, "only the application's header stays");
+        assert!(kept.inner().contains_key("app"));
+        assert_eq!(reason_of(&FieldTable::default()), "unknown");
+    }
+}

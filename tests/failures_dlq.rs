@@ -18,8 +18,8 @@ fn cli(config: &std::path::Path, args: &[&str]) -> (bool, String) {
         .arg(config)
         .output()
         .expect("run flowgate");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -58,7 +58,10 @@ async fn replay_moves_dead_letters_back_and_the_fixed_handler_processes_them() {
     client.publish_many(&ex, "in", &ids, b"{}").await;
     let dlq = format!("{prefix}.s1.dlq");
     assert!(
-        eventually(Duration::from_secs(20), || async { client.depth(&dlq).await == 5 }).await,
+        eventually(Duration::from_secs(20), || async {
+            client.depth(&dlq).await == 5
+        })
+        .await,
         "five dead letters"
     );
 
@@ -66,9 +69,7 @@ async fn replay_moves_dead_letters_back_and_the_fixed_handler_processes_them() {
     let file = dir.path().join("flowgate.toml");
     std::fs::write(
         &file,
-        format!(
-            "[amqp]\nurl = \"{AMQP_URL}\"\n[[queues]]\nname = \"{prefix}.s1\"\n"
-        ),
+        format!("[amqp]\nurl = \"{AMQP_URL}\"\n[[queues]]\nname = \"{prefix}.s1\"\n"),
     )
     .unwrap();
 

@@ -49,7 +49,10 @@ async fn fails_twice_then_succeeds_on_attempt_3_with_ladder_gaps() {
                     match n {
                         1 => Err("first failure".into()),
                         2 => Ok(Outcome::retry("second failure")),
-                        _ => Ok(Outcome::ack_with(vec![d.forward(&format!("{}.ex", d.queue.trim_end_matches(".s1")), "hop1")])),
+                        _ => Ok(Outcome::ack_with(vec![d.forward(
+                            &format!("{}.ex", d.queue.trim_end_matches(".s1")),
+                            "hop1",
+                        )])),
                     }
                 }
             }),
@@ -80,7 +83,11 @@ async fn fails_twice_then_succeeds_on_attempt_3_with_ladder_gaps() {
     );
     let seen = seen.lock().unwrap().clone();
     let attempts: Vec<i64> = seen.iter().map(|(a, _)| *a).collect();
-    assert_eq!(attempts, vec![1, 2, 3], "three handlings, numbered by the engine");
+    assert_eq!(
+        attempts,
+        vec![1, 2, 3],
+        "three handlings, numbered by the engine"
+    );
     let gap1 = seen[1].1 - seen[0].1;
     let gap2 = seen[2].1 - seen[1].1;
     assert!(gap1 >= STEP1, "first wait follows tier 1: {gap1:?}");
@@ -149,7 +156,10 @@ async fn always_failing_message_reaches_the_dlq_after_max_attempts_with_every_he
     assert_eq!(dead.len(), 1, "dead-lettered");
     let (id, h) = &dead[0];
     assert_eq!(id, "doomed");
-    assert_eq!(header(h, "x-flowgate-reason").as_deref(), Some("max-attempts"));
+    assert_eq!(
+        header(h, "x-flowgate-reason").as_deref(),
+        Some("max-attempts")
+    );
     assert_eq!(header(h, "x-flowgate-stage").as_deref(), Some("s1"));
     assert_eq!(
         h.inner()
@@ -175,7 +185,11 @@ async fn always_failing_message_reaches_the_dlq_after_max_attempts_with_every_he
     for name in flowgate::actors::stage::DEAD_LETTER_HEADERS {
         assert!(h.inner().contains_key(name), "{name} present");
     }
-    assert_eq!(calls.lock().unwrap().get("doomed"), Some(&3), "handled max_attempts times");
+    assert_eq!(
+        calls.lock().unwrap().get("doomed"),
+        Some(&3),
+        "handled max_attempts times"
+    );
     handle.shutdown().await;
     assert_eq!(client.depth(&format!("{prefix}.s1")).await, 0);
     client.delete_topology(&cfg).await;
