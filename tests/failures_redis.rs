@@ -39,7 +39,14 @@ impl PrivateRedis {
     fn spawn(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dbfilename", "dump.rdb"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dbfilename",
+                "dump.rdb",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -154,7 +161,10 @@ async fn redis_stopped_mid_run_pauses_without_acking_and_completes_without_dupli
 
     redis.spawn();
     assert!(
-        eventually(Duration::from_secs(60), || async { acked() == stream.len() as u64 }).await,
+        eventually(Duration::from_secs(60), || async {
+            acked() == stream.len() as u64
+        })
+        .await,
         "the run completes after Redis returns ({} of {})",
         acked(),
         stream.len()
@@ -164,7 +174,11 @@ async fn redis_stopped_mid_run_pauses_without_acking_and_completes_without_dupli
     let twice: Vec<_> = effects.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "no duplicate effects: {twice:?}");
     let sink = client
-        .collect(&format!("{prefix}.sink"), ids.len(), Duration::from_secs(10))
+        .collect(
+            &format!("{prefix}.sink"),
+            ids.len(),
+            Duration::from_secs(10),
+        )
         .await;
     assert_eq!(sink.len(), ids.len(), "one output per id");
     assert_eq!(
