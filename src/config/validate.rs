@@ -246,3 +246,65 @@ fn validate_dedup(cfg: &Config) -> Result<(), ConfigError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod failure_keys_tests {
+    use crate::config::{Config, DedupMode, PayloadKind};
+    use std::time::Duration;
+
+    const BASE: &str = r#"
+[[exchanges]]
+name = "shop"
+[[queues]]
+name = "orders"
+[[stages]]
+name = "reserve"
+queue = "orders"
+handler = "sink"
+"#;
+
+    fn with(stage_extra: &str, sections: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::from_toml(&format!("{sections}\n{BASE}{stage_extra}\n"))
+    }
+
+    #[test]
+    fn retry_dedup_and_payload_parse_with_documented_defaults() {
+        let cfg = with(
+            "retry = { max_attempts = 4, backoff = [\"200ms\", \"1s\"] }\ndedup = \"redis\"\npayload = \"json\"",
+            "",
+        )
+        .unwrap();
+        let s = &cfg.stages[0];
+        let p = s.retry.as_ref().unwrap().policy();
+        assert_eq!(p.max_attempts, 4);
+        assert_eq!(
+            p.backoff,
+            vec![Duration::from_millis(200), Duration::from_secs(1)]
+        );
+        assert_eq!(s.dedup, DedupMode::Redis);
+        assert_eq!(s.payload, PayloadKind::Json);
+        assert_eq!(cfg.dedup.lease, Duration::from_secs(30));
+        assert_eq!(cfg.dedup.ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(cfg.redis.url, "redis://127.0.0.1:6379");
+        let d = with("retry = {}", "").unwrap();
+        let p = d.stages[0].retry.as_ref().unwrap().policy();
+        assert_eq!(p.max_attempts, 5);
+        assert_eq!(p.backoff.len(), 3);
+        assert_eq!(with("", "").unwrap().stages[0].dedup, DedupMode::Off);
+    }
+
+    #[test]
+    fn bad_failure_keys_name_their_key() {
+        let e = with("retry = { max_attempts = 0 }", "").unwrap_err();
+        assert_eq!(e.key, "stages[0].retry.max_attempts");
+        let e = with("retry = { backoff = [] }", "").unwrap_err();
+        assert_eq!(e.key, "stages[0].retry.backoff");
+        let e = with("dedup = \"redis\"", "[redis]\nurl = \"http://x\"").unwrap_err();
+        assert_eq!(e.key, "redis.url");
+        let e = with("", "[dedup]\nlease = \"1h\"\nttl = \"1m\"").unwrap_err();
+        assert_eq!(e.key, "dedup.ttl");
+        let e = with("", "[dedup]\ncapacity = 0").unwrap_err();
+        assert_eq!(e.key, "dedup.capacity");
+        assert!(with("dedup = \"sometimes\"", "").is_err());
+    }
+}
