@@ -8,6 +8,7 @@
 //!   and a set of [`Handler`](actors::Handler)s; [`EngineHandle`] runs it.
 //! * [`handlers`] — built-in handlers (`forward`, `sink`).
 //! * [`http`] — `/metrics`, `/healthz`, `/readyz` and the publish ingress.
+//! * [`dlq`] — dead-letter queue tools: stats, replay, purge.
 //! * [`demo`] — the main job: a pipeline run end to end with a summary.
 //! * [`actors`] — the actor runtime (re-exported `flowgate-actors`).
 //!
@@ -37,6 +38,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod dlq;
 pub mod engine;
 pub mod handlers;
 pub mod http;

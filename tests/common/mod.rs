@@ -290,6 +290,10 @@ pub fn chain_config(prefix: &str, handlers: &[&str], prefetch: u32) -> Config {
             }),
             delay: None,
             rate: None,
+            retry: None,
+            dedup: Default::default(),
+            payload: Default::default(),
+            record_file: None,
         });
     }
     cfg

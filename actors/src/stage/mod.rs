@@ -32,7 +32,7 @@ use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 use tracing::{info, warn};
 
-pub use process::{DEAD_LETTER_HEADERS, MAX_ERROR_HEADER_BYTES};
+pub use process::{ATTEMPTS_HEADER, DEAD_LETTER_HEADERS, MAX_ERROR_HEADER_BYTES, REASON_HEADER};
 
 /// Everything a stage needs to know about itself.
 #[derive(Clone)]
@@ -52,6 +52,15 @@ pub struct StageSpec {
     pub dead_letter_exchange: Option<String>,
     /// Restart backoff and budget.
     pub policy: RestartPolicy,
+    /// The retry ladder (tier queues `<queue>.retry.<n>`); `None`: a
+    /// `Retry` outcome dead-letters at once.
+    pub retry: Option<crate::retry::RetryPolicy>,
+    /// Deduplication (claim → handle → commit); `None`: off.
+    pub dedup: Option<crate::dedup::DedupHandle>,
+    /// What the handler expects in the body; others are dead-lettered as `malformed`.
+    pub payload: crate::message::Payload,
+    /// Larger bodies are dead-lettered as `oversized` before the handler runs.
+    pub max_message_bytes: Option<usize>,
 }
 
 /// Shared between the actor, its intake task and its message tasks.
