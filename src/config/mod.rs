@@ -230,8 +230,11 @@ pub struct QueueConfig {
     #[serde(default = "yes")]
     pub dead_letter: bool,
     /// Quorum queues: deliveries after which the broker dead-letters a
-    /// message that keeps killing its consumer (`x-delivery-limit`).
-    /// Default `20`.
+    /// message that keeps killing its consumer (`x-delivery-limit`). Kept
+    /// small because a message lapin cannot parse (e.g. a non-UTF-8
+    /// `message_id`) drops the consume connection on every delivery; each
+    /// such drop costs a connection restart from the `[supervisor]` budget.
+    /// Default `5`.
     #[serde(default = "default_delivery_limit")]
     pub delivery_limit: Option<u32>,
 }
@@ -240,7 +243,7 @@ fn yes() -> bool {
     true
 }
 fn default_delivery_limit() -> Option<u32> {
-    Some(20)
+    Some(5)
 }
 
 impl QueueConfig {

@@ -248,13 +248,29 @@ pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, 
         }
         Settle::DeadLetter { .. } => Ok(true),
     };
-    if let Err(e) = res {
-        shared
-            .metrics
-            .ack_failures
-            .with_label_values(&[stage])
-            .inc();
-        debug!(stage, error = %e, "ack failed; the broker will redeliver");
+    match res {
+        Ok(true) => {}
+        // The channel closed under this delivery (reconnect): its tag is
+        // dead and the broker redelivers the message (dedup catches it).
+        Ok(false) => {
+            shared
+                .metrics
+                .ack_failures
+                .with_label_values(&[stage])
+                .inc();
+            debug!(
+                stage,
+                "ack not sent: channel closed since delivery; the broker will redeliver"
+            );
+        }
+        Err(e) => {
+            shared
+                .metrics
+                .ack_failures
+                .with_label_values(&[stage])
+                .inc();
+            debug!(stage, error = %e, "ack failed; the broker will redeliver");
+        }
     }
 }
 
