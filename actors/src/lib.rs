@@ -37,7 +37,7 @@ pub mod supervision;
 pub mod trace;
 
 pub use error::{Error, Result};
-pub use message::{Delivery, Handler, HandlerError, Outcome, Output, Payload};
+pub use message::{handler_fn, Delivery, Handler, HandlerError, Outcome, Output, Payload};
 pub use metrics::Metrics;
 
 /// Re-exported so hosts build properties and field tables with the same lapin version.
