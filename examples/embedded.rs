@@ -84,10 +84,9 @@ fn main() -> anyhow::Result<()> {
             .start()
             .await?;
         handle.wait_ready(Duration::from_secs(10)).await;
-        println!(
-            "engine ready; metrics at http://{:?}/metrics",
-            handle.http_addr()
-        );
+        if let Some(addr) = handle.http_addr() {
+            println!("engine ready; metrics at http://{addr}/metrics");
+        }
 
         for i in 0..10 {
             let body = serde_json::json!({ "order_id": i, "total": 10 * i }).to_string();
