@@ -48,6 +48,10 @@ fn main() -> anyhow::Result<()> {
             output: None,
             delay: None,
             rate: None,
+            retry: None,
+            dedup: Default::default(),
+            payload: Default::default(),
+            record_file: None,
         });
         let audit = handler_fn(|d| async move {
             let order = orders::model::Order::from_json(&d.body)?;

@@ -117,6 +117,10 @@ pub fn pipeline_config(prefix: &str, hops: usize, prefetch: u32, kind: QueueKind
             }),
             delay: None,
             rate: None,
+            retry: None,
+            dedup: Default::default(),
+            payload: Default::default(),
+            record_file: None,
         });
     }
     cfg

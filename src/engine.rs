@@ -1,16 +1,20 @@
 //! The engine: builds the actor tree from a [`Config`] and runs it.
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, DedupMode, MissingIdPolicy, PayloadKind};
 use crate::handlers;
 use crate::http::{self, HttpState};
 use actix::prelude::*;
 use flowgate_actors::connection::{
     Close, ConnectionActor, ConnectionConfig, GetStatus, OpenChannel, Purpose,
 };
+use flowgate_actors::dedup::store::RedisStoreConfig;
+use flowgate_actors::dedup::{
+    DedupActor, DedupHandle, DedupSettings, DedupStore, MemoryStore, MissingId, RedisStore,
+};
 use flowgate_actors::publisher::{PublisherActor, PublisherConfig, PublisherHandle};
 use flowgate_actors::stage::{Drain, DrainReport, StageActor, StageProbe, StageSpec};
 use flowgate_actors::supervision::Escalation;
-use flowgate_actors::{Handler, Metrics, Output};
+use flowgate_actors::{Handler, Metrics, Output, Payload};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,7 +109,7 @@ impl EngineBuilder {
                 stage_names_ok.push(s.handler.clone());
             }
         }
-        crate::config::validate(&config, &stage_names_ok)?;
+        crate::config::validate(&config, Some(&stage_names_ok))?;
         let mut resolved = Vec::new();
         let mut builtins = handlers::Builtins::new(&config);
         for (i, s) in config.stages.iter().enumerate() {
@@ -220,6 +224,7 @@ impl Engine {
             Some(esc_tx.clone()),
         );
 
+        let dedup = build_dedup(&config, &metrics).await?;
         let mut stages = Vec::new();
         let mut probes = Vec::new();
         for (s, handler) in config.stages.iter().zip(handlers) {
@@ -235,6 +240,19 @@ impl Engine {
                 handler,
                 dead_letter_exchange: dlx,
                 policy: policy.clone(),
+                retry: s.retry.as_ref().map(|r| r.policy()),
+                dedup: match s.dedup {
+                    DedupMode::Off => None,
+                    DedupMode::Memory => dedup.memory.clone(),
+                    DedupMode::Redis => dedup.redis.clone(),
+                },
+                payload: match s.payload {
+                    PayloadKind::Bytes => Payload::Bytes,
+                    PayloadKind::Json => Payload::Json,
+                },
+                max_message_bytes: Some(
+                    usize::try_from(config.limits.max_message_bytes).unwrap_or(usize::MAX),
+                ),
             };
             let (addr, probe) = StageActor::start_supervised(
                 spec,
@@ -274,6 +292,59 @@ impl Engine {
             escalations: Mutex::new(esc_rx),
         })))
     }
+}
+
+/// The dedup backends the stages use, one DedupActor each.
+#[derive(Default)]
+struct DedupBackends {
+    memory: Option<DedupHandle>,
+    redis: Option<DedupHandle>,
+}
+
+/// Starts a DedupActor per backend some stage uses. Redis connects lazily:
+/// an unreachable Redis at start pauses the stages (fail closed) instead of
+/// failing the start, and they resume when it answers.
+async fn build_dedup(config: &Config, metrics: &Metrics) -> Result<DedupBackends, StartError> {
+    let settings = DedupSettings {
+        lease: config.dedup.lease,
+        ttl: config.dedup.ttl,
+        missing_id: match config.dedup.missing_id {
+            MissingIdPolicy::Hash => MissingId::Hash,
+            MissingIdPolicy::Reject => MissingId::Reject,
+        },
+    };
+    let mut out = DedupBackends::default();
+    if config.stages.iter().any(|s| s.dedup == DedupMode::Memory) {
+        let store = Arc::new(MemoryStore::new(config.dedup.capacity));
+        out.memory = Some(DedupActor::start(
+            store,
+            "memory",
+            settings.clone(),
+            metrics.clone(),
+        ));
+    }
+    if config.stages.iter().any(|s| s.dedup == DedupMode::Redis) {
+        let store = RedisStore::connect_with(
+            &config.redis.url,
+            &config.dedup.prefix,
+            RedisStoreConfig {
+                lazy: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| StartError::Config(ConfigError::new("redis.url", e.to_string())))?;
+        if let Err(e) = store.ping().await {
+            tracing::warn!(error = %e, "redis does not answer yet; stages with dedup = \"redis\" wait for it");
+        }
+        out.redis = Some(DedupActor::start(
+            Arc::new(store),
+            "redis",
+            settings,
+            metrics.clone(),
+        ));
+    }
+    Ok(out)
 }
 
 impl EngineHandle {

@@ -10,6 +10,7 @@
 //! * [`http`] — `/metrics`, `/healthz`, `/readyz` and the publish ingress.
 //! * [`orders`] — the order pipeline (gateway → order → payment → shipping),
 //!   `flowgate load` and the chaos run.
+//! * [`dlq`] — dead-letter queue tools: stats, replay, purge.
 //! * [`demo`] — the main job: the order pipeline run end to end with a summary.
 //! * [`actors`] — the actor runtime (re-exported `flowgate-actors`).
 //!
@@ -39,6 +40,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod dlq;
 pub mod engine;
 pub mod handlers;
 pub mod http;

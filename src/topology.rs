@@ -5,8 +5,19 @@
 //! with `x-dead-letter-strategy = at-least-once` (which needs
 //! `x-overflow = reject-publish`): classic dead-lettering is not confirmed
 //! and can lose messages.
+//!
+//! A stage with a `retry` ladder gets one tier queue per distinct delay,
+//! `<queue>.retry.<n>`, of the same kind as its queue: `x-message-ttl` =
+//! the delay, dead-lettering through the default exchange (`""`, routing
+//! key = the stage's queue) back into the stage's queue, so no binding is
+//! needed. Quorum tiers (RabbitMQ 3.10+ has message TTL on quorum queues)
+//! dead-letter `at-least-once`, so a waiting retry survives a broker restart
+//! and is never dropped between the tier and the queue. Every message in a
+//! tier has the same TTL, so expiry order is arrival order and the broker's
+//! head-of-queue expiry never holds a message back behind a longer one.
 
 use crate::config::{Config, ExchangeType, QueueConfig, QueueKind};
+use flowgate_actors::retry::RetryPolicy;
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
@@ -69,6 +80,43 @@ fn dlq_arguments(q: &QueueConfig) -> FieldTable {
     args
 }
 
+/// The tier queues of every stage with a retry ladder: (name, arguments).
+pub fn retry_tiers(cfg: &Config) -> Vec<(String, FieldTable)> {
+    let mut out = Vec::new();
+    for st in &cfg.stages {
+        let (Some(retry), Some(q)) = (&st.retry, cfg.queue(&st.queue)) else {
+            continue;
+        };
+        let quorum = q.kind == QueueKind::Quorum;
+        for (i, delay) in retry.policy().tiers().into_iter().enumerate() {
+            let name = RetryPolicy::tier_queue(&q.name, i + 1);
+            if out.iter().any(|(n, _)| n == &name) {
+                continue; // two stages on one queue share its tiers
+            }
+            let mut args = FieldTable::default();
+            args.insert(
+                ShortString::from("x-queue-type"),
+                s(if quorum { "quorum" } else { "classic" }),
+            );
+            args.insert(
+                ShortString::from("x-message-ttl"),
+                AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+            );
+            args.insert(ShortString::from("x-dead-letter-exchange"), s(""));
+            args.insert(ShortString::from("x-dead-letter-routing-key"), s(&q.name));
+            if quorum {
+                args.insert(
+                    ShortString::from("x-dead-letter-strategy"),
+                    s("at-least-once"),
+                );
+                args.insert(ShortString::from("x-overflow"), s("reject-publish"));
+            }
+            out.push((name, args));
+        }
+    }
+    out
+}
+
 /// Declares exchanges, queues, bindings and dead-letter plumbing. Idempotent.
 pub async fn declare(ch: &Channel, cfg: &Config) -> Result<(), lapin::Error> {
     let durable = ExchangeDeclareOptions {
@@ -125,11 +173,19 @@ pub async fn declare(ch: &Channel, cfg: &Config) -> Result<(), lapin::Error> {
             .await?;
         }
     }
+    for (name, args) in retry_tiers(cfg) {
+        ch.queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), args)
+            .await?;
+    }
     Ok(())
 }
 
 /// Deletes everything [`declare`] made (demos and tests clean up with this).
 pub async fn delete(ch: &Channel, cfg: &Config) -> Result<(), lapin::Error> {
+    for (name, _) in retry_tiers(cfg) {
+        ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
     for q in &cfg.queues {
         ch.queue_delete(q.name.as_str().into(), QueueDeleteOptions::default())
             .await?;

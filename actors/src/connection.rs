@@ -124,6 +124,10 @@ pub struct ConnectionActor {
     closing: bool,
     /// Bumped on every (re)connect so events from a replaced connection are ignored.
     generation: u64,
+    /// Connections that reported an error and have not reconnected since.
+    failed: std::collections::HashSet<Purpose>,
+    /// When the current generation connected.
+    connected_at: std::time::Instant,
 }
 
 impl ConnectionActor {
@@ -145,6 +149,8 @@ impl ConnectionActor {
             blocked: false,
             closing: false,
             generation: 0,
+            failed: Default::default(),
+            connected_at: std::time::Instant::now(),
         }
     }
 
@@ -209,6 +215,8 @@ impl Actor for ConnectionActor {
             .map(|res, act, ctx| match res {
                 Ok((c, p)) => {
                     act.generation += 1;
+                    act.failed.clear();
+                    act.connected_at = std::time::Instant::now();
                     let generation = act.generation;
                     for (purpose, conn) in [(Purpose::Consume, &c), (Purpose::Publish, &p)] {
                         ctx.add_stream(conn.events_listener().map(move |e| ConnEvent {
@@ -242,6 +250,11 @@ impl Actor for ConnectionActor {
                     (s.closed() || s.errored()) && !s.reconnecting() && !s.connecting()
                 })
             });
+            for p in [Purpose::Consume, Purpose::Publish] {
+                if act.conn(p).is_some_and(|c| !c.status().connected()) {
+                    act.failed.insert(p);
+                }
+            }
             act.update_gauge();
             if dead {
                 warn!("broker connection lost and not recovering; restarting the connection actor");
@@ -295,6 +308,12 @@ impl StreamHandler<ConnEvent> for ConnectionActor {
             return;
         }
         match ev.event {
+            // lapin may or may not report the initial connect (it races with
+            // our listener); a `Connected` right after it is that one. lapin's
+            // reconnect backoff starts at 1 s, so a recovery cannot be that quick.
+            Event::Connected
+                if !self.failed.remove(&ev.purpose)
+                    && self.connected_at.elapsed() < Duration::from_millis(500) => {}
             Event::Connected => {
                 self.metrics
                     .reconnects
@@ -308,6 +327,7 @@ impl StreamHandler<ConnEvent> for ConnectionActor {
                 self.notify(LinkEvent::LinkUp(ev.purpose));
             }
             Event::Error(e) => {
+                self.failed.insert(ev.purpose);
                 if !self.closing {
                     warn!(connection = ev.purpose.as_str(), error = %e, "broker connection error");
                 }

@@ -16,6 +16,9 @@
 //! * [`publisher`] — the [`PublisherActor`](publisher::PublisherActor):
 //!   publishes with confirms and `mandatory`, a bounded window of unconfirmed
 //!   publishes, and treats `basic.return` as a failure.
+//! * [`retry`] — the broker-side retry ladder (tier queues, attempt header).
+//! * [`dedup`] — claim → handle → commit deduplication (memory or Redis) and
+//!   the DedupActor that pauses stages while the store is unavailable.
 //! * [`supervision`] — restart policy with capped exponential backoff and a
 //!   restart budget; escalation when the budget is spent.
 //! * [`metrics`] — the Prometheus collectors every actor reports to.
@@ -28,12 +31,13 @@ pub mod error;
 pub mod message;
 pub mod metrics;
 pub mod publisher;
+pub mod retry;
 pub mod stage;
 pub mod supervision;
 pub mod trace;
 
 pub use error::{Error, Result};
-pub use message::{Delivery, Handler, HandlerError, Outcome, Output};
+pub use message::{handler_fn, Delivery, Handler, HandlerError, Outcome, Output, Payload};
 pub use metrics::Metrics;
 
 /// Re-exported so hosts build properties and field tables with the same lapin version.

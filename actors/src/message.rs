@@ -251,3 +251,27 @@ where
         Box::pin((self.0)(delivery.clone()))
     }
 }
+
+/// What a stage's handler expects in the body; checked before the handler
+/// runs, so a body that cannot be what the handler expects is dead-lettered
+/// with reason `malformed` instead of failing (or retrying) in the handler.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Payload {
+    /// Any bytes (no check).
+    #[default]
+    Bytes,
+    /// A JSON document.
+    Json,
+}
+
+impl Payload {
+    /// Checks a body; `Err` says why it is malformed.
+    pub fn check(&self, body: &[u8]) -> Result<(), String> {
+        match self {
+            Payload::Bytes => Ok(()),
+            Payload::Json => serde_json::from_slice::<serde::de::IgnoredAny>(body)
+                .map(|_| ())
+                .map_err(|e| format!("body is not JSON: {e}")),
+        }
+    }
+}

@@ -47,6 +47,17 @@ pub struct Inner {
     pub start_time: Gauge,
     /// Escalations: an actor exhausted its restart budget.
     pub escalations: IntCounter,
+    /// Deliveries sent to a retry tier, by stage and tier queue.
+    pub retried: IntCounterVec,
+    /// Deliveries acked without handling because their key was already done.
+    pub dedup_hits: IntCounterVec,
+    /// Dedup store calls that failed (the stage waits for the store).
+    pub dedup_errors: IntCounterVec,
+    /// Commits refused because the lease had expired during handling (the
+    /// effect may happen twice: raise `dedup.lease`).
+    pub dedup_lease_lost: IntCounterVec,
+    /// 1 while a dedup backend answers, 0 while stages wait for it.
+    pub dedup_up: IntGaugeVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -193,6 +204,36 @@ impl Metrics {
             ),
             start_time,
             escalations,
+            retried: counter_vec(
+                &r,
+                "flowgate_retries_total",
+                "Deliveries republished to a retry tier",
+                &["stage", "tier"],
+            ),
+            dedup_hits: counter_vec(
+                &r,
+                "flowgate_dedup_hits_total",
+                "Deliveries acked without handling: already processed",
+                &["stage"],
+            ),
+            dedup_errors: counter_vec(
+                &r,
+                "flowgate_dedup_errors_total",
+                "Dedup store calls that failed (the stage pauses)",
+                &["stage"],
+            ),
+            dedup_lease_lost: counter_vec(
+                &r,
+                "flowgate_dedup_lease_lost_total",
+                "Commits after the claim's lease had expired",
+                &["stage"],
+            ),
+            dedup_up: gauge_vec(
+                &r,
+                "flowgate_dedup_up",
+                "1 while the dedup backend answers",
+                &["backend"],
+            ),
             registry: r,
         }))
     }

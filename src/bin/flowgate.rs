@@ -44,6 +44,52 @@ enum Cmd {
         #[arg(long)]
         stage: String,
     },
+    /// Inspect, replay or purge a dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        cmd: DlqCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// Count dead letters by reason and stage (they stay in the queue).
+    Stats {
+        /// Configuration file (TOML): the broker to use.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A configured queue (its `<queue>.dlq` is used) or a DLQ's name.
+        #[arg(long, short)]
+        queue: String,
+    },
+    /// Republish dead letters to their original exchange and routing key
+    /// (confirmed; removed from the DLQ only after; attempt counter reset).
+    Replay {
+        /// Configuration file (TOML): the broker to use.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A configured queue (its `<queue>.dlq` is used) or a DLQ's name.
+        #[arg(long, short)]
+        queue: String,
+        /// Only dead letters with this reason (e.g. `handler-error`).
+        #[arg(long)]
+        reason: Option<String>,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Delete every dead letter of a queue.
+    Purge {
+        /// Configuration file (TOML): the broker to use.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A configured queue (its `<queue>.dlq` is used) or a DLQ's name.
+        #[arg(long, short)]
+        queue: String,
+        /// Required: confirms that the messages are to be deleted.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn init_tracing() {
@@ -61,14 +107,22 @@ fn init_tracing_with(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
         .init();
 }
 
+/// Loads a daemon config: the daemon runs built-in handlers only.
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
-        eprintln!("flowgate: invalid configuration {}: {e}", path.display());
-        ExitCode::from(2)
-    })
+    Config::load(path)
+        .and_then(|c| {
+            flowgate::config::validate(&c, Some(&flowgate::handlers::builtin_names()))?;
+            Ok(c)
+        })
+        .map_err(|e| {
+            eprintln!("flowgate: invalid configuration {}: {e}", path.display());
+            ExitCode::from(2)
+        })
 }
 
 fn main() -> ExitCode {
@@ -122,6 +176,77 @@ fn main() -> ExitCode {
         Cmd::Worker { config, stage } => {
             init_tracing();
             flowgate::run_system(flowgate::orders::chaos::run_worker(&config, &stage))
+        }
+        Cmd::Dlq { cmd } => {
+            init_tracing();
+            dlq(cmd)
+        }
+    }
+}
+
+fn dlq(cmd: DlqCmd) -> ExitCode {
+    let (config, queue) = match &cmd {
+        DlqCmd::Stats { config, queue }
+        | DlqCmd::Replay { config, queue, .. }
+        | DlqCmd::Purge { config, queue, .. } => (config.clone(), queue.clone()),
+    };
+    if let DlqCmd::Purge { yes: false, .. } = cmd {
+        eprintln!("flowgate: purge deletes every dead letter of {queue}; add --yes to confirm");
+        return ExitCode::from(2);
+    }
+    let cfg = match load(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let queue = flowgate::dlq::resolve_queue(&cfg, &queue);
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flowgate: cannot start a runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let res = rt.block_on(async {
+        let conn = flowgate::dlq::connect(&cfg).await?;
+        let out = match cmd {
+            DlqCmd::Stats { .. } => {
+                let s = flowgate::dlq::stats(&conn, &queue).await?;
+                let mut text = format!("{queue}: {} dead letters\nby reason:\n", s.total);
+                for (r, n) in &s.by_reason {
+                    text.push_str(&format!("  {r:<24} {n}\n"));
+                }
+                text.push_str("by stage:\n");
+                for (st, n) in &s.by_stage {
+                    text.push_str(&format!("  {st:<24} {n}\n"));
+                }
+                text
+            }
+            DlqCmd::Replay { reason, limit, .. } => {
+                let r = flowgate::dlq::replay(&conn, &queue, reason.as_deref(), limit).await?;
+                format!(
+                    "{queue}: replayed {}, skipped {}, failed {}\n",
+                    r.replayed, r.skipped, r.failed
+                )
+            }
+            DlqCmd::Purge { .. } => {
+                let n = flowgate::dlq::purge(&conn, &queue).await?;
+                format!("{queue}: purged {n}\n")
+            }
+        };
+        let _ = conn.close(200, "done".into()).await;
+        Ok::<_, flowgate::dlq::DlqError>(out)
+    });
+    match res {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("flowgate: {e}");
+            ExitCode::from(1)
         }
     }
 }

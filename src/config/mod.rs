@@ -66,6 +66,12 @@ pub struct Config {
     /// gateway, the simulation knobs). See [`OrdersConfig`].
     #[serde(default)]
     pub orders: OrdersConfig,
+    /// Deduplication settings shared by every stage with `dedup` on.
+    #[serde(default)]
+    pub dedup: DedupConfig,
+    /// The Redis server of the `redis` dedup backend.
+    #[serde(default)]
+    pub redis: RedisConfig,
 }
 
 /// `[amqp]`
@@ -228,8 +234,11 @@ pub struct QueueConfig {
     #[serde(default = "yes")]
     pub dead_letter: bool,
     /// Quorum queues: deliveries after which the broker dead-letters a
-    /// message that keeps killing its consumer (`x-delivery-limit`).
-    /// Default `20`.
+    /// message that keeps killing its consumer (`x-delivery-limit`). Kept
+    /// small because a message lapin cannot parse (e.g. a non-UTF-8
+    /// `message_id`) drops the consume connection on every delivery; each
+    /// such drop costs a connection restart from the `[supervisor]` budget.
+    /// Default `5`.
     #[serde(default = "default_delivery_limit")]
     pub delivery_limit: Option<u32>,
 }
@@ -238,7 +247,7 @@ fn yes() -> bool {
     true
 }
 fn default_delivery_limit() -> Option<u32> {
-    Some(20)
+    Some(5)
 }
 
 impl QueueConfig {
@@ -328,6 +337,180 @@ pub struct StageConfig {
     /// downstream). Default unlimited.
     #[serde(default)]
     pub rate: Option<u32>,
+    /// The retry ladder: `{ max_attempts = 5, backoff = ["1s", "10s", "1m"] }`
+    /// (the last step repeats). Declares a tier queue `<queue>.retry.<n>` per
+    /// distinct delay. Handler errors and `Retry` outcomes go through it;
+    /// after `max_attempts` the message is dead-lettered (`max-attempts`).
+    /// Default none: failures are dead-lettered at once.
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+    /// Deduplication by message id: `memory` (this process), `redis` (shared
+    /// by every instance) or `off`. Default `off`.
+    #[serde(default)]
+    pub dedup: DedupMode,
+    /// What the handler expects: `bytes` (anything) or `json` (other bodies
+    /// are dead-lettered with reason `malformed`). Default `bytes`.
+    #[serde(default)]
+    pub payload: PayloadKind,
+    /// `record`: the file each handled message id is appended to (one line
+    /// per handling; for demos and tests of exactly-once effects). Required
+    /// for `record`.
+    #[serde(default)]
+    pub record_file: Option<PathBuf>,
+}
+
+/// A stage's retry ladder.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Handling attempts in total, the first included (1..=1000). Default `5`.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Delays before attempts 2, 3, ...; the last repeats (each 1ms..=24h,
+    /// at most 16 steps). Default `["1s", "10s", "1m"]`.
+    #[serde(default = "default_backoff")]
+    pub backoff: Vec<humantime_serde::Serde<Duration>>,
+}
+
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_backoff() -> Vec<humantime_serde::Serde<Duration>> {
+    [1, 10, 60]
+        .into_iter()
+        .map(|s| Duration::from_secs(s).into())
+        .collect()
+}
+
+impl RetryConfig {
+    /// As the actors' retry policy.
+    pub fn policy(&self) -> flowgate_actors::retry::RetryPolicy {
+        flowgate_actors::retry::RetryPolicy {
+            max_attempts: self.max_attempts,
+            backoff: self.backoff.iter().map(|d| **d).collect(),
+        }
+    }
+}
+
+/// A stage's dedup backend.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupMode {
+    /// No deduplication (default).
+    #[default]
+    Off,
+    /// In-process, bounded by `[dedup] capacity`; not shared between instances.
+    Memory,
+    /// Redis at `[redis] url`, shared by every instance.
+    Redis,
+}
+
+/// A stage's payload type.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadKind {
+    /// Any bytes (default).
+    #[default]
+    Bytes,
+    /// A JSON document.
+    Json,
+}
+
+/// What a message without `message_id` is deduplicated by.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MissingIdPolicy {
+    /// A SHA-256 of routing key and body (default).
+    #[default]
+    Hash,
+    /// Dead-letter it with reason `missing-id`.
+    Reject,
+}
+
+/// `[dedup]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// How long a claim holds: a crash mid-handling delays the message by at
+    /// most this, and a handler running longer risks a duplicate effect.
+    /// Default `30s`.
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub lease: Duration,
+    /// How long a processed id is remembered. Default `24h`.
+    #[serde(default = "default_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    /// `memory` backend: most ids held (oldest evicted first). Default `1000000`.
+    #[serde(default = "default_capacity")]
+    pub capacity: usize,
+    /// `hash` or `reject` (see [`MissingIdPolicy`]). Default `hash`.
+    #[serde(default)]
+    pub missing_id: MissingIdPolicy,
+    /// Prefix of the Redis keys (`<prefix><stage>:<id>`), so several
+    /// pipelines can share a Redis. Default `flowgate:dedup:`.
+    #[serde(default = "default_dedup_prefix")]
+    pub prefix: String,
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_ttl() -> Duration {
+    Duration::from_secs(24 * 60 * 60)
+}
+fn default_capacity() -> usize {
+    1_000_000
+}
+fn default_dedup_prefix() -> String {
+    "flowgate:dedup:".into()
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        Self {
+            lease: default_lease(),
+            ttl: default_ttl(),
+            capacity: default_capacity(),
+            missing_id: MissingIdPolicy::default(),
+            prefix: default_dedup_prefix(),
+        }
+    }
+}
+
+/// `[redis]`
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Server URL. Default `redis://127.0.0.1:6379`. Prefer
+    /// `FLOWGATE__REDIS__URL` over writing a password into a file.
+    #[serde(default = "default_redis_url")]
+    pub url: String,
+}
+
+fn default_redis_url() -> String {
+    "redis://127.0.0.1:6379".into()
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: default_redis_url(),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a password.
+        let shown = match url::Url::parse(&self.url) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("***"));
+                u.to_string()
+            }
+            Ok(u) => u.to_string(),
+            Err(_) => "<malformed>".into(),
+        };
+        f.debug_struct("RedisConfig").field("url", &shown).finish()
+    }
 }
 
 fn default_handler() -> String {
@@ -674,7 +857,8 @@ fn source_error(e: config::ConfigError) -> ConfigError {
 }
 
 impl Config {
-    /// Loads a file (TOML) plus `FLOWGATE__*` environment overrides, then validates.
+    /// Loads a file (TOML) plus `FLOWGATE__*` environment overrides, then
+    /// validates everything but handler names (see [`Engine`](crate::Engine)).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = config::File::from(path).format(config::FileFormat::Toml);
         Self::load_from(file)
@@ -700,7 +884,9 @@ impl Config {
             .build()
             .map_err(source_error)?;
         let cfg: Config = built.try_deserialize().map_err(source_error)?;
-        validate(&cfg, &crate::handlers::builtin_names())?;
+        // Handler names are checked when the engine is built, against the
+        // built-ins plus what the host registered.
+        validate(&cfg, None)?;
         Ok(cfg)
     }
 

@@ -1,11 +1,13 @@
 //! Start-up validation: every mistake names its key.
 
-use super::{Concurrency, Config, ConfigError};
+use super::{Concurrency, Config, ConfigError, DedupMode, StageConfig};
 use std::collections::HashSet;
+use std::time::Duration;
 
 /// Checks a configuration. `handlers` are the handler names available
-/// (built-ins plus those a host registered).
-pub fn validate(cfg: &Config, handlers: &[String]) -> Result<(), ConfigError> {
+/// (built-ins plus those a host registered); `None` skips that check (a
+/// loaded file may name handlers the host registers later).
+pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigError> {
     let url = cfg.amqp.resolved_url()?;
     match url::Url::parse(&url) {
         Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {
@@ -106,15 +108,17 @@ pub fn validate(cfg: &Config, handlers: &[String]) -> Result<(), ConfigError> {
                 format!("queue `{}` is not declared under [[queues]]", s.queue),
             ));
         }
-        if !handlers.iter().any(|h| h == &s.handler) {
-            return Err(ConfigError::new(
-                key("handler"),
-                format!(
-                    "unknown handler `{}` (known: {})",
-                    s.handler,
-                    handlers.join(", ")
-                ),
-            ));
+        if let Some(handlers) = handlers {
+            if !handlers.iter().any(|h| h == &s.handler) {
+                return Err(ConfigError::new(
+                    key("handler"),
+                    format!(
+                        "unknown handler `{}` (known: {})",
+                        s.handler,
+                        handlers.join(", ")
+                    ),
+                ));
+            }
         }
         if s.prefetch == 0 || s.prefetch > u32::from(u16::MAX) {
             return Err(ConfigError::new(
@@ -160,6 +164,150 @@ pub fn validate(cfg: &Config, handlers: &[String]) -> Result<(), ConfigError> {
                 "must be at least 1 (omit it for unlimited)",
             ));
         }
+        validate_failures(cfg, s, &key)?;
+    }
+    validate_dedup(cfg)?;
+    Ok(())
+}
+
+/// The failure-semantics keys of one stage: `retry`, `dedup`, `record_file`.
+fn validate_failures(
+    cfg: &Config,
+    s: &StageConfig,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    if let Some(r) = &s.retry {
+        if r.max_attempts == 0 || r.max_attempts > 1000 {
+            return Err(ConfigError::new(
+                key("retry.max_attempts"),
+                "must be between 1 and 1000",
+            ));
+        }
+        if r.backoff.is_empty() || r.backoff.len() > 16 {
+            return Err(ConfigError::new(
+                key("retry.backoff"),
+                "needs 1 to 16 delays, e.g. [\"1s\", \"10s\", \"1m\"]",
+            ));
+        }
+        for (j, d) in r.backoff.iter().enumerate() {
+            let d: Duration = **d;
+            if d < Duration::from_millis(1) || d > Duration::from_secs(24 * 60 * 60) {
+                return Err(ConfigError::new(
+                    key(&format!("retry.backoff[{j}]")),
+                    "must be between 1ms and 24h",
+                ));
+            }
+        }
+        // <queue>.retry.<n> must stay within the 255-byte queue name limit.
+        if s.queue.len() > 240 {
+            return Err(ConfigError::new(
+                key("queue"),
+                "is too long to name its retry tiers (max 240 bytes with a retry ladder)",
+            ));
+        }
+    }
+    if s.handler == "record" && s.record_file.is_none() {
+        return Err(ConfigError::new(
+            key("record_file"),
+            "the `record` handler needs a record_file",
+        ));
+    }
+    if s.dedup == DedupMode::Redis && cfg.redis.url.is_empty() {
+        return Err(ConfigError::new(
+            "redis.url",
+            "must be set for dedup = \"redis\"",
+        ));
     }
     cfg.orders.validate()
+}
+
+/// `[dedup]` and `[redis]`.
+fn validate_dedup(cfg: &Config) -> Result<(), ConfigError> {
+    if cfg.dedup.lease < Duration::from_millis(10) {
+        return Err(ConfigError::new("dedup.lease", "must be at least 10ms"));
+    }
+    if cfg.dedup.ttl < cfg.dedup.lease {
+        return Err(ConfigError::new(
+            "dedup.ttl",
+            "must be at least dedup.lease",
+        ));
+    }
+    if cfg.dedup.capacity == 0 {
+        return Err(ConfigError::new("dedup.capacity", "must be at least 1"));
+    }
+    if cfg.stages.iter().any(|s| s.dedup == DedupMode::Redis) {
+        match url::Url::parse(&cfg.redis.url) {
+            Ok(u) if u.scheme() == "redis" || u.scheme() == "rediss" => {}
+            // Never echo the URL: it may hold a password.
+            _ => {
+                return Err(ConfigError::new(
+                    "redis.url",
+                    "must be a redis:// or rediss:// URL",
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod failure_keys_tests {
+    use crate::config::{Config, DedupMode, PayloadKind};
+    use std::time::Duration;
+
+    const BASE: &str = r#"
+[[exchanges]]
+name = "shop"
+[[queues]]
+name = "orders"
+[[stages]]
+name = "reserve"
+queue = "orders"
+handler = "sink"
+"#;
+
+    fn with(stage_extra: &str, sections: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::from_toml(&format!("{sections}\n{BASE}{stage_extra}\n"))
+    }
+
+    #[test]
+    fn retry_dedup_and_payload_parse_with_documented_defaults() {
+        let cfg = with(
+            "retry = { max_attempts = 4, backoff = [\"200ms\", \"1s\"] }\ndedup = \"redis\"\npayload = \"json\"",
+            "",
+        )
+        .unwrap();
+        let s = &cfg.stages[0];
+        let p = s.retry.as_ref().unwrap().policy();
+        assert_eq!(p.max_attempts, 4);
+        assert_eq!(
+            p.backoff,
+            vec![Duration::from_millis(200), Duration::from_secs(1)]
+        );
+        assert_eq!(s.dedup, DedupMode::Redis);
+        assert_eq!(s.payload, PayloadKind::Json);
+        assert_eq!(cfg.dedup.lease, Duration::from_secs(30));
+        assert_eq!(cfg.dedup.ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(cfg.redis.url, "redis://127.0.0.1:6379");
+        let d = with("retry = {}", "").unwrap();
+        let p = d.stages[0].retry.as_ref().unwrap().policy();
+        assert_eq!(p.max_attempts, 5);
+        assert_eq!(p.backoff.len(), 3);
+        assert_eq!(with("", "").unwrap().stages[0].dedup, DedupMode::Off);
+    }
+
+    #[test]
+    fn bad_failure_keys_name_their_key() {
+        let e = with("retry = { max_attempts = 0 }", "").unwrap_err();
+        assert_eq!(e.key, "stages[0].retry.max_attempts");
+        let e = with("retry = { backoff = [] }", "").unwrap_err();
+        assert_eq!(e.key, "stages[0].retry.backoff");
+        let e = with("dedup = \"redis\"", "[redis]\nurl = \"http://x\"").unwrap_err();
+        assert_eq!(e.key, "redis.url");
+        let e = with("", "[dedup]\nlease = \"1h\"\nttl = \"1m\"").unwrap_err();
+        assert_eq!(e.key, "dedup.ttl");
+        let e = with("", "[dedup]\ncapacity = 0").unwrap_err();
+        assert_eq!(e.key, "dedup.capacity");
+        assert!(with("dedup = \"sometimes\"", "").is_err());
+    }
 }

@@ -8,10 +8,15 @@
 //!   order pipeline's services (see [`crate::orders`]); configured by the
 //!   `[orders]` section, sharing one [`OrdersService`](crate::orders::OrdersService)
 //!   per engine.
+//! * `record` — appends each handled message id to `record_file`, waits
+//!   `delay`, then acks (forwarding to `output` if set): makes every handler
+//!   effect countable from outside, for demos and exactly-once tests.
 
 mod forward;
+mod record;
 
 pub use forward::Forward;
+pub use record::Record;
 
 use crate::config::{Config, StageConfig};
 use flowgate_actors::Handler;
@@ -19,7 +24,7 @@ use std::sync::Arc;
 
 /// Names of the built-in handlers.
 pub fn builtin_names() -> Vec<String> {
-    let mut names: Vec<String> = vec!["forward".into(), "sink".into()];
+    let mut names: Vec<String> = vec!["forward".into(), "sink".into(), "record".into()];
     names.extend(crate::orders::HANDLERS.iter().map(|s| (*s).to_owned()));
     names
 }
@@ -63,6 +68,7 @@ impl<'a> Builtins<'a> {
 pub fn builtin(stage: &StageConfig) -> Option<Arc<dyn Handler>> {
     match stage.handler.as_str() {
         "forward" => Some(Arc::new(Forward::from_stage(stage)?)),
+        "record" => Some(Arc::new(Record::from_stage(stage)?)),
         "sink" => Some(Arc::new(flowgate_actors::message::handler_fn(|_d| async {
             Ok(flowgate_actors::Outcome::ack())
         }))),

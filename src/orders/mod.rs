@@ -345,7 +345,7 @@ mod tests {
         let c = default_config().unwrap();
         assert!(uses_orders(&c));
         let r = uniquely_named(&c, "x1");
-        crate::config::validate(&r, &crate::handlers::builtin_names()).unwrap();
+        crate::config::validate(&r, Some(&crate::handlers::builtin_names())).unwrap();
         assert!(r.queues.iter().all(|q| q.name.starts_with("x1.")));
         let failed = r
             .queues

@@ -211,9 +211,32 @@ impl Handler for Ship {
     }
 }
 
+/// Why a delivery is a dead letter: the engine's `x-flowgate-reason`, or
+/// for a message the broker dead-lettered itself (a quorum queue's delivery
+/// limit, say) the reason in its first `x-death` entry.
+fn failure_reason(d: &Delivery) -> Option<String> {
+    if let Some(r) = d.header_str(REASON_HEADER) {
+        return Some(r);
+    }
+    match d.header("x-death")? {
+        lapin::types::AMQPValue::FieldArray(a) => {
+            let reason = a.as_slice().first().and_then(|v| match v {
+                lapin::types::AMQPValue::FieldTable(t) => t
+                    .inner()
+                    .get("reason")
+                    .and_then(flowgate_actors::message::header_string),
+                _ => None,
+            });
+            Some(reason.unwrap_or_else(|| "dead-lettered".into()))
+        }
+        _ => Some("dead-lettered".into()),
+    }
+}
+
 /// `orders.track`: the status stage. Consumes `order.shipped` events (the
 /// order is shipped) and copies of dead letters (carrying
-/// `x-flowgate-reason`: the order failed with that reason), and keeps the
+/// `x-flowgate-reason` or the broker's `x-death`: the order failed with
+/// that reason), and keeps the
 /// status view and the order-to-shipped latencies.
 pub struct Track {
     svc: Arc<OrdersService>,
@@ -240,7 +263,7 @@ impl Handler for Track {
             return Ok(Outcome::ack());
         };
         let created = order.as_ref().map(|o| o.created_at_ms).unwrap_or(0);
-        if let Some(reason) = d.header_str(REASON_HEADER) {
+        if let Some(reason) = failure_reason(d) {
             if self.svc.status.advance(
                 &id,
                 OrderStatus::Failed {

@@ -155,14 +155,57 @@ impl Client {
                         .map(|s| s.to_string())
                         .unwrap_or_default();
                     let headers = d.properties.headers().clone().unwrap_or_default();
-                    d.ack(BasicAckOptions::default()).await.expect("ack");
+                    assert!(
+                        d.ack(BasicAckOptions::default()).await.expect("ack"),
+                        "ack not sent (channel poisoned?)"
+                    );
                     out.push((id, headers));
                 }
-                _ => break,
+                Ok(Some(Err(e))) => {
+                    eprintln!(
+                        "collect({queue}): consumer error after {} messages: {e}",
+                        out.len()
+                    );
+                    break;
+                }
+                Ok(None) => {
+                    eprintln!(
+                        "collect({queue}): consumer ended after {} messages",
+                        out.len()
+                    );
+                    break;
+                }
+                Err(_) => break,
             }
         }
+        // A synchronous round trip on the channel before closing it: the
+        // broker has then processed every ack sent before it.
+        let _ = ch.basic_qos(1000, BasicQosOptions::default()).await;
         let _ = ch.close(200, "collected".into()).await;
         out
+    }
+
+    /// Consumes from `queue` until `n` distinct message ids arrived (redeliveries
+    /// after a connection loss are counted, not returned twice).
+    pub async fn collect_distinct(
+        &self,
+        queue: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> HashMap<String, usize> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        while seen.len() < n && tokio::time::Instant::now() < deadline {
+            let left = deadline - tokio::time::Instant::now();
+            let batch = self.collect(queue, n - seen.len(), left).await;
+            if batch.is_empty() {
+                break;
+            }
+            for (id, _) in batch {
+                *seen.entry(id).or_insert(0) += 1;
+            }
+        }
+        seen
     }
 
     /// Ready messages in a queue (passive declare).
@@ -247,9 +290,31 @@ pub fn chain_config(prefix: &str, handlers: &[&str], prefetch: u32) -> Config {
             }),
             delay: None,
             rate: None,
+            retry: None,
+            dedup: Default::default(),
+            payload: Default::default(),
+            record_file: None,
         });
     }
     cfg
+}
+
+/// Asserts a queue becomes empty. Quorum queues apply acks through Raft, so
+/// a count read right after the last ack may still include it: the check
+/// waits (bounded) for the broker's view to settle instead of sleeping.
+pub async fn assert_drained(client: &Client, queue: &str) {
+    let ok = eventually(Duration::from_secs(15), || async {
+        client.depth(queue).await == 0
+    })
+    .await;
+    if !ok {
+        let q = queue.to_owned();
+        let view = tokio::task::spawn_blocking(move || node::list_queue(None, &q)).await;
+        panic!(
+            "queue {queue} still holds {} messages; rabbitmqctl: {view:?}",
+            client.depth(queue).await
+        );
+    }
 }
 
 /// Counts of each id.

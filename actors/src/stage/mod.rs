@@ -26,13 +26,13 @@ use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 use tracing::{info, warn};
 
-pub use process::{DEAD_LETTER_HEADERS, MAX_ERROR_HEADER_BYTES};
+pub use process::{ATTEMPTS_HEADER, DEAD_LETTER_HEADERS, MAX_ERROR_HEADER_BYTES, REASON_HEADER};
 
 /// Everything a stage needs to know about itself.
 #[derive(Clone)]
@@ -52,6 +52,15 @@ pub struct StageSpec {
     pub dead_letter_exchange: Option<String>,
     /// Restart backoff and budget.
     pub policy: RestartPolicy,
+    /// The retry ladder (tier queues `<queue>.retry.<n>`); `None`: a
+    /// `Retry` outcome dead-letters at once.
+    pub retry: Option<crate::retry::RetryPolicy>,
+    /// Deduplication (claim → handle → commit); `None`: off.
+    pub dedup: Option<crate::dedup::DedupHandle>,
+    /// What the handler expects in the body; others are dead-lettered as `malformed`.
+    pub payload: crate::message::Payload,
+    /// Larger bodies are dead-lettered as `oversized` before the handler runs.
+    pub max_message_bytes: Option<usize>,
 }
 
 /// Shared between the actor, its intake task and its message tasks.
@@ -65,14 +74,26 @@ pub(crate) struct Shared {
     pub consuming: Arc<AtomicBool>,
     /// Set once draining starts: publish retries give up on it.
     pub draining: AtomicBool,
+    /// Deliveries pulled and not yet acked/rejected (the intake may hold one
+    /// more credit while it waits for the next delivery; that one is not
+    /// in flight).
+    pub in_flight: Arc<AtomicUsize>,
 }
 
 impl Shared {
-    pub(crate) fn update_in_flight(&self) {
+    /// A delivery entered (`+1`) or left (`-1`) the stage.
+    pub(crate) fn track_in_flight(&self, entered: bool) {
+        let n = if entered {
+            self.in_flight.fetch_add(1, Ordering::AcqRel) + 1
+        } else {
+            self.in_flight
+                .fetch_sub(1, Ordering::AcqRel)
+                .saturating_sub(1)
+        };
         self.metrics
             .in_flight
             .with_label_values(&[&self.spec.name])
-            .set(self.credits.in_use() as i64);
+            .set(n as i64);
     }
 }
 
@@ -106,7 +127,7 @@ pub struct StageProbe {
     /// Stage name.
     pub name: String,
     consuming: Arc<AtomicBool>,
-    credits: Credits,
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl StageProbe {
@@ -117,7 +138,7 @@ impl StageProbe {
 
     /// Deliveries holding a credit.
     pub fn in_flight(&self) -> usize {
-        self.credits.in_use()
+        self.in_flight.load(Ordering::Acquire)
     }
 }
 
@@ -146,10 +167,11 @@ impl StageActor {
     ) -> (Addr<StageActor>, StageProbe) {
         let credits = Credits::new(spec.prefetch.max(1) as usize);
         let consuming = Arc::new(AtomicBool::new(false));
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let probe = StageProbe {
             name: spec.name.clone(),
             consuming: consuming.clone(),
-            credits: credits.clone(),
+            in_flight: in_flight.clone(),
         };
         let restarts = Restarts::new(spec.policy.clone());
         let shared = Arc::new(Shared {
@@ -160,6 +182,7 @@ impl StageActor {
             metrics,
             consuming,
             draining: AtomicBool::new(false),
+            in_flight,
         });
         let addr = Supervisor::start(move |_| StageActor {
             shared,
@@ -256,7 +279,7 @@ async fn intake(
         match next {
             None => return Ok(()), // consumer cancelled
             Some(Ok(delivery)) => {
-                shared.update_in_flight();
+                shared.track_in_flight(true);
                 tokio::spawn(process::process(shared.clone(), delivery, credit));
             }
             Some(Err(e)) => {
@@ -374,6 +397,12 @@ impl actix::Handler<Drain> for StageActor {
                     .is_ok();
                 let abandoned = shared.credits.in_use();
                 if let Some(ch) = &ch {
+                    // lapin may write the close ahead of acks still queued on
+                    // the channel; one synchronous round trip first makes the
+                    // broker process every ack sent before it.
+                    let _ = ch
+                        .basic_qos(shared.spec.prefetch, BasicQosOptions::default())
+                        .await;
                     // Deliveries the broker sent but we never pulled go back to the queue.
                     let _ = ch.close(200, "flowgate stage drained".into()).await;
                 }

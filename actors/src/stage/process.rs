@@ -1,13 +1,30 @@
-//! What happens to one delivery: handler, outputs, ack or dead letter.
+//! What happens to one delivery:
+//!
+//! 1. bad input (over `max_message_bytes`, not the declared payload type) is
+//!    dead-lettered before anything else (`oversized`, `malformed`);
+//! 2. with dedup, the message's key is claimed (an already-done key is acked
+//!    without handling; see [`crate::dedup::actor`] for waiting);
+//! 3. the handler runs (panics caught);
+//! 4. `Ack`: outputs published and confirmed, then the claim committed;
+//!    `Retry` (and handler errors when the stage has a ladder): a copy goes
+//!    to the retry tier, confirmed, and the claim is released; dead letters
+//!    go to `<queue>.dlx` with reason headers, confirmed, claim released;
+//! 5. only then is the input acked.
 
 use super::Shared;
 use crate::credit::Credit;
+use crate::dedup::{key_for, Claimed, CommitOutcome};
 use crate::error::Error;
 use crate::message::{set_header, Delivery, Outcome, Output};
+use crate::retry::{
+    attempt_of, ATTEMPT_HEADER, ENGINE_HEADERS, ORIGINAL_EXCHANGE_HEADER,
+    ORIGINAL_ROUTING_KEY_HEADER,
+};
 use crate::trace;
 use futures::FutureExt;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
-use lapin::types::{AMQPValue, LongString};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::BasicProperties;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,14 +35,36 @@ use tracing::{debug, warn};
 /// letter stays far below the broker's frame and message size limits.
 pub const MAX_ERROR_HEADER_BYTES: usize = 1024;
 
+/// Why a message was dead-lettered (`handler-error`, `panic`,
+/// `max-attempts`, `malformed`, `oversized`, `unroutable`, `missing-id`, or
+/// a handler's own reason).
+pub const REASON_HEADER: &str = "x-flowgate-reason";
+
+/// How many handling attempts a dead letter had.
+pub const ATTEMPTS_HEADER: &str = "x-flowgate-attempts";
+
 /// The headers every dead letter carries.
-pub const DEAD_LETTER_HEADERS: [&str; 3] =
-    ["x-flowgate-reason", "x-flowgate-stage", "x-flowgate-error"];
+pub const DEAD_LETTER_HEADERS: [&str; 6] = [
+    REASON_HEADER,
+    "x-flowgate-stage",
+    ATTEMPTS_HEADER,
+    "x-flowgate-error",
+    ORIGINAL_EXCHANGE_HEADER,
+    ORIGINAL_ROUTING_KEY_HEADER,
+];
 
 /// What to do with the input once the handler has spoken.
 enum Disposition {
     Ack(Vec<Output>),
-    DeadLetter { reason: String, error: String },
+    /// Transient failure: through the retry ladder when there is one.
+    Retry {
+        reason: String,
+        error: String,
+    },
+    DeadLetter {
+        reason: String,
+        error: String,
+    },
 }
 
 fn truncate(mut s: String, max: usize) -> String {
@@ -50,6 +89,42 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+fn lstr(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v.to_owned()))
+}
+
+fn remove_headers(props: &mut BasicProperties, names: &[&str]) {
+    let Some(table) = props.headers() else {
+        return;
+    };
+    if !names.iter().any(|n| table.inner().contains_key(*n)) {
+        return;
+    }
+    let mut kept = FieldTable::default();
+    for (k, v) in table.inner() {
+        if !names.contains(&k.as_str()) {
+            kept.insert(k.clone(), v.clone());
+        }
+    }
+    *props = props.clone().with_headers(kept);
+}
+
+/// Checks that do not need the handler: size and payload type.
+fn check_input(shared: &Shared, d: &Delivery) -> Option<(String, String)> {
+    if let Some(max) = shared.spec.max_message_bytes {
+        if d.body.len() > max {
+            return Some((
+                "oversized".into(),
+                format!("body of {} bytes exceeds the limit of {max}", d.body.len()),
+            ));
+        }
+    }
+    if let Err(e) = shared.spec.payload.check(&d.body) {
+        return Some(("malformed".into(), e));
+    }
+    None
+}
+
 /// Processes one delivery; the credit is released when this returns.
 pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, credit: Credit) {
     let _credit = CreditGuard {
@@ -59,7 +134,7 @@ pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, 
     let stage = shared.spec.name.as_str();
     shared.metrics.consumed.with_label_values(&[stage]).inc();
     let acker = raw.acker;
-    let delivery = Delivery {
+    let mut delivery = Delivery {
         body: raw.data.into(),
         properties: raw.properties,
         redelivered: raw.redelivered,
@@ -68,70 +143,70 @@ pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, 
         queue: shared.spec.queue.clone(),
         stage: shared.spec.name.clone(),
     };
-
-    let disposition = {
-        // A closed semaphore only happens at teardown; run anyway then.
-        let _worker = shared.workers.clone().acquire_owned().await.ok();
-        let started = Instant::now();
-        let res = AssertUnwindSafe(shared.spec.handler.handle(&delivery))
-            .catch_unwind()
-            .await;
-        shared
-            .metrics
-            .handler_duration
-            .with_label_values(&[stage])
-            .observe(started.elapsed().as_secs_f64());
-        match res {
-            Ok(Ok(Outcome::Ack { outputs })) => Disposition::Ack(outputs),
-            Ok(Ok(Outcome::Retry { reason })) => Disposition::DeadLetter {
-                error: reason.clone(),
-                reason,
-            },
-            Ok(Ok(Outcome::DeadLetter { reason })) => Disposition::DeadLetter {
-                error: reason.clone(),
-                reason,
-            },
-            Ok(Err(e)) => Disposition::DeadLetter {
-                reason: "handler-error".into(),
-                error: e.to_string(),
-            },
-            Err(p) => {
-                let msg = panic_message(p.as_ref());
-                warn!(stage, error = %msg, "handler panicked; dead-lettering the message");
-                Disposition::DeadLetter {
-                    reason: "panic".into(),
-                    error: msg,
-                }
-            }
+    // A retried copy came back through a tier (default exchange, routing
+    // key = this queue): show the handler where it was first published.
+    if delivery.header(ATTEMPT_HEADER).is_some() {
+        if let Some(x) = delivery.header_str(ORIGINAL_EXCHANGE_HEADER) {
+            delivery.exchange = x;
         }
-    };
+        if let Some(k) = delivery.header_str(ORIGINAL_ROUTING_KEY_HEADER) {
+            delivery.routing_key = k;
+        }
+    }
+    let attempt = attempt_of(&delivery);
 
-    let parent_trace = trace::traceparent_of(&delivery.properties);
-    let settled = match disposition {
-        Disposition::Ack(outputs) => {
-            let outputs = outputs.into_iter().map(|mut o| {
-                if let Some(p) = &parent_trace {
-                    if trace::traceparent_of(&o.properties).is_none() {
-                        trace::set_traceparent(&mut o.properties, trace::child_of(p));
+    let mut settled = None;
+    let mut claim = None;
+    if let Some((reason, error)) = check_input(&shared, &delivery) {
+        warn!(stage, reason = %reason, error = %error, "bad input; dead-lettering");
+        settled = Some(Settle::DeadLetter { reason, error });
+    } else if let Some(dedup) = &shared.spec.dedup {
+        let settings = dedup.settings();
+        match key_for(
+            delivery.message_id(),
+            &delivery.body,
+            &delivery.routing_key,
+            settings.missing_id,
+        ) {
+            Err(e) => {
+                warn!(stage, "message without message_id; dead-lettering");
+                settled = Some(Settle::DeadLetter {
+                    reason: "missing-id".into(),
+                    error: e.to_string(),
+                });
+            }
+            Ok(key) => {
+                let key = format!("{stage}:{key}");
+                match dedup.claim(stage, &key, &shared.draining).await {
+                    Claimed::Acquired(t) => claim = Some(t),
+                    Claimed::AlreadyDone => {
+                        shared.metrics.dedup_hits.with_label_values(&[stage]).inc();
+                        debug!(stage, key = %key, "already processed; acking without handling");
+                        settled = Some(Settle::Ack);
                     }
+                    Claimed::Stopped => settled = Some(Settle::Requeue),
                 }
-                o
-            });
-            match publish_all(&shared, outputs.collect()).await {
-                Ok(()) => Settle::Ack,
-                Err(PublishFailure::Unroutable(e)) => Settle::DeadLetter {
-                    reason: "unroutable".into(),
-                    error: e,
-                },
-                Err(PublishFailure::Draining) => Settle::Requeue,
             }
         }
-        Disposition::DeadLetter { reason, error } => Settle::DeadLetter { reason, error },
+    }
+
+    let settled = match settled {
+        Some(s) => s,
+        None => {
+            let disposition = run_handler(&shared, &delivery, attempt).await;
+            let s = settle(&shared, &delivery, attempt, disposition).await;
+            // Commit only once the outputs are confirmed, and before the ack.
+            if let (Some(dedup), Some(token)) = (&shared.spec.dedup, claim.take()) {
+                finish_claim(&shared, dedup, token, s).await
+            } else {
+                s
+            }
+        }
     };
 
     let settled = match settled {
         Settle::DeadLetter { reason, error } => {
-            match dead_letter(&shared, &delivery, &reason, &error).await {
+            match dead_letter(&shared, &delivery, attempt, &reason, &error).await {
                 Ok(true) => {
                     shared
                         .metrics
@@ -155,9 +230,9 @@ pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, 
     };
 
     let res = match settled {
-        Settle::Ack => {
+        Settle::Ack | Settle::Retried => {
             let r = acker.ack(BasicAckOptions::default()).await;
-            if r.is_ok() {
+            if matches!(r, Ok(true)) {
                 shared.metrics.acked.with_label_values(&[stage]).inc();
             }
             r
@@ -173,21 +248,214 @@ pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, 
         }
         Settle::DeadLetter { .. } => Ok(true),
     };
-    if let Err(e) = res {
-        shared
-            .metrics
-            .ack_failures
-            .with_label_values(&[stage])
-            .inc();
-        debug!(stage, error = %e, "ack failed; the broker will redeliver");
+    match res {
+        Ok(true) => {}
+        // The channel closed under this delivery (reconnect): its tag is
+        // dead and the broker redelivers the message (dedup catches it).
+        Ok(false) => {
+            shared
+                .metrics
+                .ack_failures
+                .with_label_values(&[stage])
+                .inc();
+            debug!(
+                stage,
+                "ack not sent: channel closed since delivery; the broker will redeliver"
+            );
+        }
+        Err(e) => {
+            shared
+                .metrics
+                .ack_failures
+                .with_label_values(&[stage])
+                .inc();
+            debug!(stage, error = %e, "ack failed; the broker will redeliver");
+        }
     }
+}
+
+/// Commits the claim of a delivery whose outputs are confirmed; releases it
+/// otherwise (a retry, a replayed dead letter or a redelivery may claim again).
+async fn finish_claim(
+    shared: &Shared,
+    dedup: &crate::dedup::DedupHandle,
+    token: crate::dedup::ClaimToken,
+    s: Settle,
+) -> Settle {
+    let stage = shared.spec.name.as_str();
+    if matches!(s, Settle::Ack) {
+        match dedup.commit(stage, &token, &shared.draining).await {
+            Some(CommitOutcome::Committed) => Settle::Ack,
+            Some(CommitOutcome::LeaseLost) => {
+                shared
+                    .metrics
+                    .dedup_lease_lost
+                    .with_label_values(&[stage])
+                    .inc();
+                warn!(stage, key = %token.key, "handling outlasted the dedup lease; a duplicate effect is possible (raise dedup.lease)");
+                Settle::Ack
+            }
+            // Draining with the store down: give it back; the redelivery
+            // waits for our lease, then runs again (at-least-once).
+            None => Settle::Requeue,
+        }
+    } else {
+        dedup.release(stage, &token).await;
+        s
+    }
+}
+
+async fn run_handler(shared: &Shared, delivery: &Delivery, attempt: u32) -> Disposition {
+    let stage = shared.spec.name.as_str();
+    // A closed semaphore only happens at teardown; run anyway then.
+    let _worker = shared.workers.clone().acquire_owned().await.ok();
+    let started = Instant::now();
+    let res = AssertUnwindSafe(shared.spec.handler.handle(delivery))
+        .catch_unwind()
+        .await;
+    shared
+        .metrics
+        .handler_duration
+        .with_label_values(&[stage])
+        .observe(started.elapsed().as_secs_f64());
+    match res {
+        Ok(Ok(Outcome::Ack { outputs })) => Disposition::Ack(outputs),
+        Ok(Ok(Outcome::Retry { reason })) => Disposition::Retry {
+            error: reason.clone(),
+            reason,
+        },
+        Ok(Ok(Outcome::DeadLetter { reason })) => Disposition::DeadLetter {
+            error: reason.clone(),
+            reason,
+        },
+        Ok(Err(e)) => {
+            debug!(stage, attempt, error = %e, "handler failed");
+            if shared.spec.retry.is_some() {
+                Disposition::Retry {
+                    reason: "handler-error".into(),
+                    error: e.to_string(),
+                }
+            } else {
+                Disposition::DeadLetter {
+                    reason: "handler-error".into(),
+                    error: e.to_string(),
+                }
+            }
+        }
+        Err(p) => {
+            let msg = panic_message(p.as_ref());
+            warn!(stage, error = %msg, "handler panicked; dead-lettering the message");
+            Disposition::DeadLetter {
+                reason: "panic".into(),
+                error: msg,
+            }
+        }
+    }
+}
+
+/// Publishes what the disposition calls for (outputs, a retry copy) and
+/// says how to settle the input.
+async fn settle(
+    shared: &Shared,
+    delivery: &Delivery,
+    attempt: u32,
+    disposition: Disposition,
+) -> Settle {
+    match disposition {
+        Disposition::Ack(outputs) => {
+            let parent_trace = trace::traceparent_of(&delivery.properties);
+            let outputs = outputs.into_iter().map(|mut o| {
+                if let Some(p) = &parent_trace {
+                    if trace::traceparent_of(&o.properties).is_none() {
+                        trace::set_traceparent(&mut o.properties, trace::child_of(p));
+                    }
+                }
+                // The next stage starts its own ladder at attempt 1.
+                remove_headers(&mut o.properties, &ENGINE_HEADERS);
+                o
+            });
+            match publish_all(shared, outputs.collect()).await {
+                Ok(()) => Settle::Ack,
+                Err(PublishFailure::Unroutable(e)) => Settle::DeadLetter {
+                    reason: "unroutable".into(),
+                    error: e,
+                },
+                Err(PublishFailure::Draining) => Settle::Requeue,
+            }
+        }
+        Disposition::DeadLetter { reason, error } => Settle::DeadLetter { reason, error },
+        Disposition::Retry { reason, error } => match &shared.spec.retry {
+            None => Settle::DeadLetter { reason, error },
+            Some(policy) => match policy.next_tier(&shared.spec.queue, attempt) {
+                None => Settle::DeadLetter {
+                    reason: "max-attempts".into(),
+                    error: format!("{reason}: {error}"),
+                },
+                Some(tier) => match retry_copy(shared, delivery, attempt, &tier, &error).await {
+                    Ok(()) => {
+                        shared
+                            .metrics
+                            .retried
+                            .with_label_values(&[&shared.spec.name, &tier])
+                            .inc();
+                        debug!(stage = %shared.spec.name, attempt, tier = %tier, "retry scheduled");
+                        Settle::Retried
+                    }
+                    Err(PublishFailure::Unroutable(e)) => Settle::DeadLetter {
+                        reason: "unroutable".into(),
+                        error: format!("retry tier {tier}: {e}"),
+                    },
+                    Err(PublishFailure::Draining) => Settle::Requeue,
+                },
+            },
+        },
+    }
+}
+
+/// Publishes the next attempt of `d` to a retry tier (confirmed).
+async fn retry_copy(
+    shared: &Shared,
+    d: &Delivery,
+    attempt: u32,
+    tier: &str,
+    error: &str,
+) -> Result<(), PublishFailure> {
+    let mut props = d.properties.clone();
+    set_header(
+        &mut props,
+        ATTEMPT_HEADER,
+        AMQPValue::LongLongInt(i64::from(attempt) + 1),
+    );
+    set_header(&mut props, ORIGINAL_EXCHANGE_HEADER, lstr(&d.exchange));
+    set_header(
+        &mut props,
+        ORIGINAL_ROUTING_KEY_HEADER,
+        lstr(&d.routing_key),
+    );
+    set_header(
+        &mut props,
+        "x-flowgate-last-error",
+        lstr(&truncate(error.to_owned(), MAX_ERROR_HEADER_BYTES)),
+    );
+    let out = Output {
+        exchange: String::new(),
+        routing_key: tier.to_owned(),
+        body: d.body.clone(),
+        properties: props,
+    };
+    publish_retrying(shared, out).await
 }
 
 enum Settle {
     Ack,
+    /// A retry copy is confirmed in its tier: ack the input.
+    Retried,
     Reject,
     Requeue,
-    DeadLetter { reason: String, error: String },
+    DeadLetter {
+        reason: String,
+        error: String,
+    },
 }
 
 /// Returns the credit (and updates the in-flight gauge) however `process` ends.
@@ -198,8 +466,8 @@ struct CreditGuard {
 
 impl Drop for CreditGuard {
     fn drop(&mut self) {
+        self.shared.track_in_flight(false);
         drop(self.credit.take());
-        self.shared.update_in_flight();
     }
 }
 
@@ -260,25 +528,33 @@ async fn publish_all(shared: &Shared, outputs: Vec<Output>) -> Result<(), Publis
 /// Publishes a copy of `d` to the stage's dead-letter exchange with reason
 /// headers, confirmed. `Ok(true)`: published; `Ok(false)`: no DLX configured
 /// (the caller rejects); `Err`: could not (the caller requeues).
-async fn dead_letter(shared: &Shared, d: &Delivery, reason: &str, error: &str) -> Result<bool, ()> {
+async fn dead_letter(
+    shared: &Shared,
+    d: &Delivery,
+    attempt: u32,
+    reason: &str,
+    error: &str,
+) -> Result<bool, ()> {
     let Some(dlx) = &shared.spec.dead_letter_exchange else {
         return Ok(false);
     };
     let mut props = d.properties.clone();
-    let s = |v: &str| AMQPValue::LongString(LongString::from(v.to_owned()));
-    set_header(&mut props, "x-flowgate-reason", s(reason));
+    remove_headers(&mut props, &[ATTEMPT_HEADER, "x-flowgate-last-error"]);
+    let s = lstr;
+    set_header(&mut props, REASON_HEADER, s(reason));
+    set_header(
+        &mut props,
+        ATTEMPTS_HEADER,
+        AMQPValue::LongLongInt(i64::from(attempt)),
+    );
     set_header(&mut props, "x-flowgate-stage", s(&d.stage));
     set_header(
         &mut props,
         "x-flowgate-error",
         s(&truncate(error.to_owned(), MAX_ERROR_HEADER_BYTES)),
     );
-    set_header(&mut props, "x-flowgate-original-exchange", s(&d.exchange));
-    set_header(
-        &mut props,
-        "x-flowgate-original-routing-key",
-        s(&d.routing_key),
-    );
+    set_header(&mut props, ORIGINAL_EXCHANGE_HEADER, s(&d.exchange));
+    set_header(&mut props, ORIGINAL_ROUTING_KEY_HEADER, s(&d.routing_key));
     set_header(&mut props, "x-flowgate-queue", s(&d.queue));
     let out = Output {
         exchange: dlx.clone(),

@@ -1,0 +1,262 @@
+//! The DedupActor: owns a [`DedupStore`]'s health, and the handle message
+//! tasks use to claim, commit and release.
+//!
+//! **Data path vs. control path.** Claims, commits and releases are called
+//! by each message task *directly* on the store (through [`DedupHandle`]):
+//! routing every claim through one actor mailbox would serialise all stages
+//! on one thread and, since actix's `send` does not wait for mailbox room,
+//! would be an unbounded queue in disguise. The actor is on the control
+//! path only: it owns the store's availability.
+//!
+//! **Fail closed.** When a store call fails, the task reports
+//! [`StoreFailed`] (with `try_send`: a full mailbox means the actor already
+//! knows) and waits. The actor marks the store unavailable, which makes
+//! every task of every stage using the store wait *before* its next store
+//! call, and pings the store every [`PING_INTERVAL`] until it answers, then
+//! marks it available again and the waiting tasks go on. A waiting task
+//! keeps its delivery and its credit: nothing is handled or acked without a
+//! dedup decision, credits stop coming back, so the stage's intake stops
+//! (pauses) after at most `prefetch` deliveries, and the backlog stays in the
+//! broker. Waiting tasks give their delivery back (nack-requeue) when the
+//! stage drains.
+//!
+//! **A claim held by someone else** ([`Claim::InProgress`]): the task keeps
+//! its delivery and re-claims with backoff (50 ms doubling to 500 ms) until
+//! the holder commits (then [`Claimed::AlreadyDone`]: ack without handling)
+//! or the lease expires (then the claim is ours). This never hot-loops and
+//! never increments the broker's delivery count (a nack-requeue would, and
+//! would push a healthy message towards the quorum queue's delivery limit);
+//! the price is a credit held for at most one lease per such duplicate.
+
+use super::store::{Claim, ClaimToken, CommitOutcome, DedupError, DedupStore, MissingId};
+use crate::metrics::Metrics;
+use actix::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// How often an unavailable store is pinged.
+pub const PING_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Longest pause between two claims of a key someone else holds.
+const IN_PROGRESS_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// Lease, TTL and key policy of a stage's deduplication.
+#[derive(Clone, Debug)]
+pub struct DedupSettings {
+    /// How long a claim holds before another consumer may take the key
+    /// (a crash mid-handling delays the message by at most this).
+    pub lease: Duration,
+    /// How long a committed key is remembered as done.
+    pub ttl: Duration,
+    /// What to do with a message without a `message_id`.
+    pub missing_id: MissingId,
+}
+
+/// A store call failed: the store is (probably) unavailable.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StoreFailed {
+    /// The error, for the log.
+    pub error: String,
+}
+
+/// Owns one store's availability. See the module docs.
+pub struct DedupActor {
+    store: Arc<dyn DedupStore>,
+    /// True while the store answers; message tasks wait while false.
+    available: watch::Sender<bool>,
+    /// A ping loop is running.
+    probing: bool,
+    /// `memory` or `redis`: the metric label.
+    backend: String,
+    metrics: Metrics,
+}
+
+impl DedupActor {
+    /// Starts the actor for `store` (labelled `backend` in metrics) and
+    /// returns the handle message tasks use.
+    pub fn start(
+        store: Arc<dyn DedupStore>,
+        backend: &str,
+        settings: DedupSettings,
+        metrics: Metrics,
+    ) -> DedupHandle {
+        let (tx, rx) = watch::channel(true);
+        metrics.dedup_up.with_label_values(&[backend]).set(1);
+        let addr = DedupActor {
+            store: store.clone(),
+            available: tx,
+            probing: false,
+            backend: backend.to_owned(),
+            metrics: metrics.clone(),
+        }
+        .start();
+        DedupHandle {
+            store,
+            settings,
+            available: rx,
+            actor: addr,
+            metrics,
+        }
+    }
+}
+
+impl Actor for DedupActor {
+    type Context = Context<Self>;
+}
+
+impl actix::Handler<StoreFailed> for DedupActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: StoreFailed, ctx: &mut Context<Self>) {
+        if self.probing {
+            return;
+        }
+        self.probing = true;
+        let _ = self.available.send(false);
+        self.metrics
+            .dedup_up
+            .with_label_values(&[&self.backend])
+            .set(0);
+        warn!(backend = %self.backend, error = %msg.error,
+            "dedup store unavailable: pausing every stage that uses it until it answers");
+        let store = self.store.clone();
+        ctx.spawn(
+            async move {
+                loop {
+                    tokio::time::sleep(PING_INTERVAL).await;
+                    if store.ping().await.is_ok() {
+                        return;
+                    }
+                }
+            }
+            .into_actor(self)
+            .map(|(), act, _ctx| {
+                act.probing = false;
+                let _ = act.available.send(true);
+                act.metrics
+                    .dedup_up
+                    .with_label_values(&[&act.backend])
+                    .set(1);
+                info!(backend = %act.backend, "dedup store answers again: resuming");
+            }),
+        );
+    }
+}
+
+/// The answer to [`DedupHandle::claim`].
+#[derive(Debug)]
+pub enum Claimed {
+    /// Ours: handle, then commit or release.
+    Acquired(ClaimToken),
+    /// Already processed: ack without handling.
+    AlreadyDone,
+    /// The stage is draining: give the delivery back.
+    Stopped,
+}
+
+/// What message tasks hold: the store plus its availability. Cheap to clone.
+#[derive(Clone)]
+pub struct DedupHandle {
+    store: Arc<dyn DedupStore>,
+    settings: DedupSettings,
+    available: watch::Receiver<bool>,
+    actor: Addr<DedupActor>,
+    metrics: Metrics,
+}
+
+impl DedupHandle {
+    /// The stage's lease, TTL and key policy.
+    pub fn settings(&self) -> &DedupSettings {
+        &self.settings
+    }
+
+    /// True while the store is believed to answer.
+    pub fn available(&self) -> bool {
+        *self.available.borrow()
+    }
+
+    fn failed(&self, stage: &str, what: &str, e: &DedupError) {
+        self.metrics.dedup_errors.with_label_values(&[stage]).inc();
+        debug!(stage, error = %e, what, "dedup store call failed; waiting for the store");
+        let _ = self.actor.try_send(StoreFailed {
+            error: e.to_string(),
+        });
+    }
+
+    /// Waits until the store is available; `false` if `stop` was raised first.
+    async fn wait_available(&self, stop: &AtomicBool) -> bool {
+        let mut rx = self.available.clone();
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return false;
+            }
+            if *rx.borrow_and_update() {
+                return true;
+            }
+            tokio::select! {
+                _ = rx.changed() => {}
+                _ = tokio::time::sleep(PING_INTERVAL) => {}
+            }
+        }
+    }
+
+    /// Claims `key`, waiting out an unavailable store and a lease someone
+    /// else holds (see the module docs). Returns [`Claimed::Stopped`] only
+    /// when `stop` is raised.
+    pub async fn claim(&self, stage: &str, key: &str, stop: &AtomicBool) -> Claimed {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if !self.wait_available(stop).await {
+                return Claimed::Stopped;
+            }
+            match self.store.claim(key, self.settings.lease).await {
+                Ok(Claim::Acquired(t)) => return Claimed::Acquired(t),
+                Ok(Claim::AlreadyDone) => return Claimed::AlreadyDone,
+                Ok(Claim::InProgress) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(IN_PROGRESS_BACKOFF_MAX);
+                }
+                Err(e) => {
+                    self.failed(stage, "claim", &e);
+                    // In case the notice was dropped and the store still
+                    // looks available: never spin.
+                    tokio::time::sleep(PING_INTERVAL).await;
+                }
+            }
+        }
+    }
+
+    /// Marks the claimed key done, waiting out an unavailable store. `None`
+    /// only when `stop` is raised first.
+    pub async fn commit(
+        &self,
+        stage: &str,
+        token: &ClaimToken,
+        stop: &AtomicBool,
+    ) -> Option<CommitOutcome> {
+        loop {
+            if !self.wait_available(stop).await {
+                return None;
+            }
+            match self.store.commit(token, self.settings.ttl).await {
+                Ok(o) => return Some(o),
+                Err(e) => {
+                    self.failed(stage, "commit", &e);
+                    tokio::time::sleep(PING_INTERVAL).await;
+                }
+            }
+        }
+    }
+
+    /// Drops the claim so a retry or a replay can claim at once. Best
+    /// effort: if the store does not answer, the lease expires on its own.
+    pub async fn release(&self, stage: &str, token: &ClaimToken) {
+        if let Err(e) = self.store.release(token).await {
+            self.failed(stage, "release", &e);
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! The broker-side retry ladder.
+//!
+//! A stage with a [`RetryPolicy`] owns one *tier queue* per distinct backoff
+//! delay, named `<queue>.retry.<n>` (`n` from 1). A tier queue has
+//! `x-message-ttl` = its delay and dead-letters (through the default
+//! exchange, routing key = the stage's queue) back into the stage's queue.
+//!
+//! When attempt `k` of a message fails with [`Outcome::Retry`](crate::Outcome)
+//! (or a handler error), the stage publishes a copy to the tier of
+//! `backoff[min(k-1, len-1)]` with the engine-owned header
+//! [`ATTEMPT_HEADER`] = `k+1`, waits for the confirm and only then acks the
+//! original: while the copy waits in the tier, nothing in the process holds a
+//! credit or a task for it. After attempt `max_attempts` fails, the message
+//! is dead-lettered with reason `max-attempts`.
+//!
+//! `x-death` counts are not used: their semantics changed across RabbitMQ
+//! versions (3.13/4.0), the attempt header is ours.
+
+use crate::message::{header_int, Delivery};
+use std::time::Duration;
+
+/// The engine-owned attempt counter of a message: the number of the attempt
+/// the delivery carrying it is (absent = 1).
+pub const ATTEMPT_HEADER: &str = "x-flowgate-attempt";
+
+/// Where a retried message came from before the tier's dead-lettering
+/// rewrote its exchange and routing key.
+pub const ORIGINAL_EXCHANGE_HEADER: &str = "x-flowgate-original-exchange";
+/// See [`ORIGINAL_EXCHANGE_HEADER`].
+pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-flowgate-original-routing-key";
+
+/// Headers the engine owns while a message travels through a retry ladder;
+/// they are removed from a handler's outputs so the next stage starts at
+/// attempt 1.
+pub const ENGINE_HEADERS: [&str; 3] = [
+    ATTEMPT_HEADER,
+    ORIGINAL_EXCHANGE_HEADER,
+    ORIGINAL_ROUTING_KEY_HEADER,
+];
+
+/// A stage's retry ladder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Handling attempts in total (the first one included); at least 1.
+    pub max_attempts: u32,
+    /// Delay before attempt 2, 3, ...; the last step repeats. Non-empty.
+    pub backoff: Vec<Duration>,
+}
+
+impl RetryPolicy {
+    /// The distinct delays, in first-use order: tier `n` (1-based) holds
+    /// messages for `tiers()[n-1]`.
+    pub fn tiers(&self) -> Vec<Duration> {
+        let mut out: Vec<Duration> = Vec::new();
+        for d in &self.backoff {
+            if !out.contains(d) {
+                out.push(*d);
+            }
+        }
+        out
+    }
+
+    /// Name of tier `n` (1-based) of `queue`.
+    pub fn tier_queue(queue: &str, n: usize) -> String {
+        format!("{queue}.retry.{n}")
+    }
+
+    /// The delay after failed attempt `attempt` (1-based).
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let i = (attempt.max(1) as usize - 1).min(self.backoff.len().saturating_sub(1));
+        self.backoff.get(i).copied().unwrap_or_default()
+    }
+
+    /// The tier queue a message whose attempt `attempt` failed goes to, or
+    /// `None` when the attempts are used up.
+    pub fn next_tier(&self, queue: &str, attempt: u32) -> Option<String> {
+        if attempt >= self.max_attempts || self.backoff.is_empty() {
+            return None;
+        }
+        let delay = self.delay_after(attempt);
+        let n = self.tiers().iter().position(|d| *d == delay)? + 1;
+        Some(Self::tier_queue(queue, n))
+    }
+}
+
+/// The attempt number of a delivery: its [`ATTEMPT_HEADER`], or 1.
+pub fn attempt_of(d: &Delivery) -> u32 {
+    d.header(ATTEMPT_HEADER)
+        .and_then(header_int)
+        .and_then(|i| u32::try_from(i).ok())
+        .filter(|i| *i >= 1)
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(max: u32, ms: &[u64]) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: max,
+            backoff: ms.iter().map(|m| Duration::from_millis(*m)).collect(),
+        }
+    }
+
+    #[test]
+    fn last_step_repeats_and_attempts_run_out() {
+        let r = p(5, &[1000, 10_000, 60_000]);
+        assert_eq!(r.next_tier("q", 1).as_deref(), Some("q.retry.1"));
+        assert_eq!(r.next_tier("q", 2).as_deref(), Some("q.retry.2"));
+        assert_eq!(r.next_tier("q", 3).as_deref(), Some("q.retry.3"));
+        assert_eq!(r.next_tier("q", 4).as_deref(), Some("q.retry.3"));
+        assert_eq!(r.next_tier("q", 5), None);
+        assert_eq!(r.delay_after(9), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn equal_delays_share_a_tier() {
+        let r = p(4, &[200, 200, 400]);
+        assert_eq!(r.tiers().len(), 2);
+        assert_eq!(r.next_tier("q", 2).as_deref(), Some("q.retry.1"));
+        assert_eq!(r.next_tier("q", 3).as_deref(), Some("q.retry.2"));
+    }
+
+    #[test]
+    fn one_attempt_never_retries() {
+        assert_eq!(p(1, &[100]).next_tier("q", 1), None);
+    }
+}

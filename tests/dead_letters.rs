@@ -1,0 +1,140 @@
+//! Handler failures and panics dead-letter the message with reason headers;
+//! the stage goes on with the next ones.
+
+mod common;
+
+use common::*;
+use flowgate::actors::message::handler_fn;
+use flowgate::actors::{Delivery, HandlerError, Outcome};
+use flowgate::Engine;
+use std::collections::HashSet;
+use std::time::Duration;
+
+fn index(d: &Delivery) -> usize {
+    d.message_id()
+        .and_then(|id| id.strip_prefix("id-"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn run_with_middle_handler(
+    tag: &str,
+    handler: impl flowgate::actors::Handler,
+    bad: impl Fn(usize) -> bool,
+    reason: &str,
+    error_contains: &str,
+) {
+    let prefix = unique(tag);
+    let cfg = chain_config(&prefix, &["forward", "middle", "forward"], 20);
+    let handle = Engine::builder()
+        .config(cfg.clone())
+        .handler("middle", handler)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    let client = Client::connect(AMQP_URL).await;
+    let n = 500;
+    let ids: Vec<String> = (0..n).map(|i| format!("id-{i}")).collect();
+    let expect_bad: HashSet<String> = (0..n)
+        .filter(|i| bad(*i))
+        .map(|i| format!("id-{i}"))
+        .collect();
+    client
+        .publish_many(&format!("{prefix}.ex"), "in", &ids, b"{}")
+        .await;
+
+    let dlq = format!("{prefix}.s2.dlq");
+    let dead = client
+        .collect(&dlq, expect_bad.len(), Duration::from_secs(60))
+        .await;
+    let good = client
+        .collect(
+            &format!("{prefix}.sink"),
+            n - expect_bad.len(),
+            Duration::from_secs(60),
+        )
+        .await;
+
+    let dead_ids: HashSet<String> = dead.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(
+        dead_ids, expect_bad,
+        "exactly the chosen ids are dead-lettered"
+    );
+    for (id, h) in &dead {
+        assert_eq!(
+            header(h, "x-flowgate-reason").as_deref(),
+            Some(reason),
+            "{id}"
+        );
+        assert_eq!(header(h, "x-flowgate-stage").as_deref(), Some("s2"), "{id}");
+        let err = header(h, "x-flowgate-error").unwrap_or_default();
+        assert!(err.contains(error_contains), "{id}: error header `{err}`");
+        assert_eq!(
+            header(h, "x-flowgate-original-routing-key").as_deref(),
+            Some("hop1")
+        );
+    }
+    let good_ids: HashSet<String> = good.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(
+        good_ids.len(),
+        n - expect_bad.len(),
+        "all other ids reach the sink"
+    );
+    assert!(good_ids.is_disjoint(&expect_bad));
+    assert_eq!(
+        handle
+            .metrics()
+            .dead_lettered
+            .with_label_values(&["s2", reason])
+            .get(),
+        expect_bad.len() as u64
+    );
+    handle.shutdown().await;
+    for q in &cfg.queues {
+        assert_drained(&client, &q.name).await;
+    }
+    client.delete_topology(&cfg).await;
+}
+
+#[actix_rt::test]
+async fn failing_handler_dead_letters_chosen_ids_with_headers() {
+    let h = handler_fn(|d: Delivery| async move {
+        if index(&d) % 10 == 3 {
+            return Err::<Outcome, HandlerError>(format!("cannot handle {}", index(&d)).into());
+        }
+        Ok(Outcome::ack_with(vec![d.forward(&d.exchange, "hop2")]))
+    });
+    run_with_middle_handler("fail", h, |i| i % 10 == 3, "handler-error", "cannot handle").await;
+}
+
+#[actix_rt::test]
+async fn panicking_handler_dead_letters_with_reason_panic_and_stage_goes_on() {
+    let h = handler_fn(|d: Delivery| async move {
+        if index(&d).is_multiple_of(7) {
+            panic!("boom on {}", index(&d));
+        }
+        Ok(Outcome::ack_with(vec![d.forward(&d.exchange, "hop2")]))
+    });
+    run_with_middle_handler("panic", h, |i| i.is_multiple_of(7), "panic", "boom on").await;
+}
+
+#[actix_rt::test]
+async fn declared_dead_letter_outcome_carries_its_reason() {
+    let h = handler_fn(|d: Delivery| async move {
+        if index(&d) % 4 == 1 {
+            return Ok(Outcome::dead_letter("out-of-stock"));
+        }
+        Ok(Outcome::ack_with(vec![d.forward(&d.exchange, "hop2")]))
+    });
+    run_with_middle_handler(
+        "declared",
+        h,
+        |i| i % 4 == 1,
+        "out-of-stock",
+        "out-of-stock",
+    )
+    .await;
+}

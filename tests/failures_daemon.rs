@@ -1,0 +1,365 @@
+//! Failure semantics with real daemon processes (`flowgate run`) and the
+//! built-in `record` handler: issue 4 acceptance 4 (`kill -9`) and 8 (three
+//! daemons, Redis backend, duplicates injected).
+
+mod common;
+
+use common::proxy::Proxy;
+use common::*;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Daemon {
+    child: Child,
+    http: u16,
+}
+
+impl Daemon {
+    /// Starts `flowgate run` on a config written into `dir`.
+    fn start(dir: &Path, name: &str, toml: &str) -> Daemon {
+        let http = common::node::free_port().unwrap();
+        let file = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &file,
+            format!("[http]\nbind = \"127.0.0.1:{http}\"\n{toml}"),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+            .args(["run", "--config"])
+            .arg(&file)
+            .env("RUST_LOG", "info,lapin=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("flowgate runs");
+        Daemon { child, http }
+    }
+
+    /// `kill -9`.
+    fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// A metric's value from `/metrics` (0 when absent or unreachable).
+    async fn metric(&self, line_prefix: &str) -> f64 {
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.http)).await else {
+            return 0.0;
+        };
+        let req = "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n";
+        if s.write_all(req.as_bytes()).await.is_err() {
+            return 0.0;
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body).await;
+        body.lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    async fn ready(&self) -> bool {
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.http)).await else {
+            return false;
+        };
+        let _ = s
+            .write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await;
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body).await;
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pipeline_toml(
+    prefix: &str,
+    amqp: &str,
+    record: &Path,
+    delay: Option<&str>,
+    lease: &str,
+    prefetch: u32,
+) -> String {
+    let delay = delay
+        .map(|d| format!("delay = \"{d}\"\n"))
+        .unwrap_or_default();
+    format!(
+        r#"
+[amqp]
+url = "{amqp}"
+connection_name = "{prefix}"
+[shutdown]
+grace = "5s"
+[dedup]
+lease = "{lease}"
+ttl = "10m"
+prefix = "{prefix}:"
+[[exchanges]]
+name = "{prefix}.ex"
+[[queues]]
+name = "{prefix}.s1"
+bindings = [{{ exchange = "{prefix}.ex", routing_key = "in" }}]
+[[stages]]
+name = "s1"
+queue = "{prefix}.s1"
+handler = "record"
+record_file = "{record}"
+dedup = "redis"
+prefetch = {prefetch}
+concurrency = 8
+{delay}"#,
+        record = record.display()
+    )
+}
+
+fn effects(record: &Path) -> HashMap<String, usize> {
+    let text = std::fs::read_to_string(record).unwrap_or_default();
+    counts(text.lines().map(str::to_owned))
+}
+
+fn redis_get(key: &str) -> String {
+    let out = Command::new("redis-cli")
+        .args(["GET", key])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn redis_del_prefix(prefix: &str) {
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "redis-cli --scan --pattern '{prefix}:*' | xargs -r redis-cli DEL > /dev/null"
+        ))
+        .status();
+}
+
+fn topology(prefix: &str) -> flowgate::Config {
+    let mut cfg = chain_config(prefix, &[], 1);
+    cfg.queues.truncate(0);
+    cfg.queues.push(flowgate::config::QueueConfig {
+        name: format!("{prefix}.s1"),
+        kind: flowgate::config::QueueKind::Quorum,
+        bindings: vec![flowgate::config::Binding {
+            exchange: format!("{prefix}.ex"),
+            routing_key: "in".into(),
+        }],
+        dead_letter: true,
+        delivery_limit: Some(20),
+    });
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_after_the_effect_before_the_ack_gives_no_second_effect() {
+    let prefix = unique("kill-acked");
+    let dir = tempfile::tempdir().unwrap();
+    let record: PathBuf = dir.path().join("effects.txt");
+    let client = Client::connect(AMQP_URL).await;
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+
+    // Daemon 1 reaches the broker through a proxy, so its ack can be held back.
+    let mut d1 = Daemon::start(
+        dir.path(),
+        "d1",
+        &pipeline_toml(&prefix, &proxy.amqp_url(), &record, Some("1s"), "30s", 10),
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || d1.ready()).await,
+        "d1 ready"
+    );
+    client
+        .publish(&format!("{prefix}.ex"), "in", "k1", b"x")
+        .await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            effects(&record).contains_key("k1")
+        })
+        .await,
+        "the effect happened"
+    );
+    // The handler still works for 1s: cut the broker link so the ack is lost.
+    proxy.set_blackhole(true);
+    let key = format!("{prefix}:s1:k1");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            redis_get(&key) == "done"
+        })
+        .await,
+        "the effect was committed"
+    );
+    d1.kill9();
+    proxy.reset_all();
+    drop(proxy);
+
+    let d2 = Daemon::start(
+        dir.path(),
+        "d2",
+        &pipeline_toml(&prefix, AMQP_URL, &record, Some("1s"), "30s", 10),
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            d2.metric("flowgate_dedup_hits_total{stage=\"s1\"}").await == 1.0
+        })
+        .await,
+        "the redelivery is recognised"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            d2.metric("flowgate_messages_acked_total{stage=\"s1\"}")
+                .await
+                == 1.0
+        })
+        .await,
+        "and acked"
+    );
+    assert_eq!(effects(&record).get("k1"), Some(&1), "no second effect");
+    drop(d2);
+    client.delete_topology(&topology(&prefix)).await;
+    redis_del_prefix(&prefix);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_handling_is_processed_again_after_the_lease() {
+    let prefix = unique("kill-mid");
+    let dir = tempfile::tempdir().unwrap();
+    let record: PathBuf = dir.path().join("effects.txt");
+    let client = Client::connect(AMQP_URL).await;
+    let lease = Duration::from_secs(3);
+    let toml = pipeline_toml(&prefix, AMQP_URL, &record, Some("1500ms"), "3s", 10);
+    let mut d1 = Daemon::start(dir.path(), "d1", &toml);
+    assert!(
+        eventually(Duration::from_secs(30), || d1.ready()).await,
+        "d1 ready"
+    );
+    client
+        .publish(&format!("{prefix}.ex"), "in", "k2", b"x")
+        .await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            effects(&record).contains_key("k2")
+        })
+        .await
+    );
+    let first = Instant::now();
+    d1.kill9(); // mid-handling: claimed, not committed, not acked
+    assert_ne!(redis_get(&format!("{prefix}:s1:k2")), "done");
+
+    let d2 = Daemon::start(dir.path(), "d2", &toml);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            effects(&record).get("k2") == Some(&2)
+        })
+        .await,
+        "processed again, not lost"
+    );
+    let second = Instant::now();
+    assert!(
+        second - first + Duration::from_millis(100) >= lease,
+        "not before the lease expired: {:?}",
+        second - first
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            d2.metric("flowgate_messages_acked_total{stage=\"s1\"}")
+                .await
+                == 1.0
+        })
+        .await,
+        "acked"
+    );
+    assert_eq!(client.depth(&format!("{prefix}.s1")).await, 0);
+    assert_eq!(client.depth(&format!("{prefix}.s1.dlq")).await, 0);
+    drop(d2);
+    client.delete_topology(&topology(&prefix)).await;
+    redis_del_prefix(&prefix);
+}
+
+/// Three daemons share a queue and Redis; `unique` ids, each published once,
+/// plus 10% published a second time: exactly one effect per id.
+async fn three_daemons_exactly_one_effect(unique_ids: usize) -> Duration {
+    let prefix = unique("three");
+    let dir = tempfile::tempdir().unwrap();
+    let record: PathBuf = dir.path().join("effects.txt");
+    let client = Client::connect(AMQP_URL).await;
+    let toml = pipeline_toml(&prefix, AMQP_URL, &record, None, "30s", 50);
+    let daemons: Vec<Daemon> = (0..3)
+        .map(|i| Daemon::start(dir.path(), &format!("d{i}"), &toml))
+        .collect();
+    for d in &daemons {
+        assert!(
+            eventually(Duration::from_secs(30), || d.ready()).await,
+            "daemon ready"
+        );
+    }
+    let ids: Vec<String> = (0..unique_ids).map(|i| format!("u-{i}")).collect();
+    let mut stream = ids.clone();
+    // Every tenth id again, 1000 messages later (or at the end).
+    for (i, id) in ids.iter().enumerate().filter(|(i, _)| i % 10 == 0) {
+        let at = (i + 1000).min(stream.len());
+        stream.insert(at, id.clone());
+    }
+    let started = Instant::now();
+    client
+        .publish_many(&format!("{prefix}.ex"), "in", &stream, &[7u8; 64])
+        .await;
+    let total = stream.len() as f64;
+    let acked = || async {
+        let mut sum = 0.0;
+        for d in &daemons {
+            sum += d
+                .metric("flowgate_messages_acked_total{stage=\"s1\"}")
+                .await;
+        }
+        sum
+    };
+    assert!(
+        eventually(Duration::from_secs(600), || async {
+            acked().await >= total
+        })
+        .await,
+        "all {total} deliveries acked"
+    );
+    let elapsed = started.elapsed();
+    let e = effects(&record);
+    assert_eq!(e.len(), unique_ids, "every id had an effect");
+    let dup: Vec<_> = e.iter().filter(|(_, n)| **n != 1).take(5).collect();
+    assert!(dup.is_empty(), "exactly one effect per id: {dup:?}");
+    let mut hits = 0.0;
+    for d in &daemons {
+        hits += d.metric("flowgate_dedup_hits_total{stage=\"s1\"}").await;
+    }
+    assert_eq!(
+        hits,
+        (stream.len() - unique_ids) as f64,
+        "duplicates recognised"
+    );
+    assert_eq!(client.depth(&format!("{prefix}.s1")).await, 0);
+    assert_eq!(client.depth(&format!("{prefix}.s1.dlq")).await, 0);
+    drop(daemons);
+    client.delete_topology(&topology(&prefix)).await;
+    redis_del_prefix(&prefix);
+    eprintln!(
+        "three daemons: {} messages ({unique_ids} ids) in {elapsed:?} = {:.0} msg/s",
+        stream.len(),
+        total / elapsed.as_secs_f64()
+    );
+    elapsed
+}
+
+/// The full acceptance size (measured: 50,000 messages in about 26 s on 2 cores).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_daemons_redis_50k_messages_exactly_one_effect() {
+    three_daemons_exactly_one_effect(50_000 * 10 / 11).await;
+}

@@ -1,0 +1,192 @@
+//! Failure semantics, Redis unavailable: issue 4 acceptance 5 (fail closed).
+
+mod common;
+
+use common::*;
+use flowgate::actors::message::handler_fn;
+use flowgate::actors::Outcome;
+use flowgate::config::DedupMode;
+use flowgate::Engine;
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A private redis-server (never the shared one) whose data survives a
+/// stop/start: `shutdown save` writes an RDB that the next start loads.
+struct PrivateRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    fn start() -> PrivateRedis {
+        let port = common::node::free_port().unwrap();
+        let mut r = PrivateRedis {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dbfilename",
+                "dump.rdb",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self.ping() {
+            assert!(std::time::Instant::now() < deadline, "private redis starts");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ping(&self) -> bool {
+        Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "ping"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
+    }
+
+    /// Stops the server, saving its data first.
+    fn stop(&mut self) {
+        let _ = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "shutdown", "save"])
+            .output();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn redis_stopped_mid_run_pauses_without_acking_and_completes_without_duplicates() {
+    let mut redis = PrivateRedis::start();
+    let prefix = unique("redis-down");
+    let mut cfg = chain_config(&prefix, &["effect"], 20);
+    cfg.stages[0].dedup = DedupMode::Redis;
+    cfg.stages[0].concurrency = flowgate::config::Concurrency::Fixed(4);
+    cfg.redis.url = redis.url();
+    cfg.dedup.prefix = format!("{prefix}:");
+    let ex = format!("{prefix}.ex");
+    let effects: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let (e2, ex2) = (effects.clone(), ex.clone());
+    let handle = Engine::builder()
+        .config(cfg.clone())
+        .handler(
+            "effect",
+            handler_fn(move |d| {
+                let (effects, ex) = (e2.clone(), ex2.clone());
+                async move {
+                    *effects
+                        .lock()
+                        .unwrap()
+                        .entry(d.message_id().unwrap_or_default().to_owned())
+                        .or_default() += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Ok(Outcome::ack_with(vec![d.forward(&ex, "hop1")]))
+                }
+            }),
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    let client = Client::connect(AMQP_URL).await;
+    // 400 ids, each published twice, the copies 200 messages apart, so
+    // duplicates straddle the outage.
+    let ids: Vec<String> = (0..400).map(|i| format!("m-{i}")).collect();
+    let mut stream = Vec::new();
+    for chunk in ids.chunks(200) {
+        stream.extend_from_slice(chunk);
+        stream.extend_from_slice(chunk);
+    }
+    client.publish_many(&ex, "in", &stream, b"{}").await;
+
+    let m = handle.metrics().clone();
+    let acked = || m.acked.with_label_values(&["s1"]).get();
+    let effects_n = || effects.lock().unwrap().values().sum::<usize>();
+    assert!(eventually(Duration::from_secs(30), || async { effects_n() >= 100 }).await);
+    redis.stop();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            m.dedup_up.with_label_values(&["redis"]).get() == 0
+        })
+        .await,
+        "the outage is noticed"
+    );
+    assert!(acked() < stream.len() as u64, "the outage began mid-run");
+    // Deliveries that committed before the outage may still ack; then nothing moves.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (acked_before, effects_before) = (acked(), effects_n());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(acked(), acked_before, "no ack without a dedup decision");
+    assert_eq!(effects_n(), effects_before, "no handling without a claim");
+    assert!(m.dedup_errors.with_label_values(&["s1"]).get() >= 1);
+    assert!(
+        client.depth(&format!("{prefix}.s1")).await > 0,
+        "the backlog waits in the broker"
+    );
+
+    redis.spawn();
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            acked() == stream.len() as u64
+        })
+        .await,
+        "the run completes after Redis returns ({} of {})",
+        acked(),
+        stream.len()
+    );
+    let effects = effects.lock().unwrap().clone();
+    assert_eq!(effects.len(), ids.len(), "every id handled");
+    let twice: Vec<_> = effects.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "no duplicate effects: {twice:?}");
+    let sink = client
+        .collect(
+            &format!("{prefix}.sink"),
+            ids.len(),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(sink.len(), ids.len(), "one output per id");
+    assert_eq!(
+        m.dedup_hits.with_label_values(&["s1"]).get(),
+        ids.len() as u64,
+        "every second copy recognised"
+    );
+    handle.shutdown().await;
+    assert_eq!(client.depth(&format!("{prefix}.s1.dlq")).await, 0);
+    client.delete_topology(&cfg).await;
+}
