@@ -26,7 +26,8 @@ use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
@@ -65,6 +66,10 @@ pub(crate) struct Shared {
     pub consuming: Arc<AtomicBool>,
     /// Set once draining starts: publish retries give up on it.
     pub draining: AtomicBool,
+    /// Causes that currently pause intake (see [`Pause`]); empty: running.
+    pub paused: watch::Sender<BTreeSet<String>>,
+    /// Workers the stage should run; `workers` converges to it.
+    pub worker_target: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -95,6 +100,31 @@ pub struct DrainReport {
     pub abandoned: usize,
 }
 
+/// Stops intake for `cause` (e.g. `watermark`: the stage's output queue is
+/// above its high watermark) until a [`Resume`] with the same cause. Intake
+/// runs again once no cause is left. Deliveries already in flight finish;
+/// the paused stage holds no credit beyond the one it may be waiting with.
+#[derive(Message, Clone, Debug)]
+#[rtype(result = "()")]
+pub struct Pause {
+    /// Why (a metric label).
+    pub cause: String,
+}
+
+/// Clears a [`Pause`] cause.
+#[derive(Message, Clone, Debug)]
+#[rtype(result = "()")]
+pub struct Resume {
+    /// The cause given to [`Pause`].
+    pub cause: String,
+}
+
+/// Sets the number of handler workers (autoscaling). Growing adds worker
+/// permits at once; shrinking retires permits as running handlers finish.
+#[derive(Message, Clone, Copy, Debug)]
+#[rtype(result = "()")]
+pub struct SetWorkers(pub usize);
+
 /// Reported by the intake task when it ends.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -107,6 +137,9 @@ pub struct StageProbe {
     pub name: String,
     consuming: Arc<AtomicBool>,
     credits: Credits,
+    workers: Arc<Semaphore>,
+    worker_target: Arc<AtomicUsize>,
+    paused: watch::Receiver<BTreeSet<String>>,
 }
 
 impl StageProbe {
@@ -118,6 +151,22 @@ impl StageProbe {
     /// Deliveries holding a credit.
     pub fn in_flight(&self) -> usize {
         self.credits.in_use()
+    }
+
+    /// Handler workers the stage runs (its autoscaling target).
+    pub fn workers(&self) -> usize {
+        self.worker_target.load(Ordering::Acquire)
+    }
+
+    /// Workers running a handler right now.
+    pub fn busy_workers(&self) -> usize {
+        self.workers()
+            .saturating_sub(self.workers.available_permits())
+    }
+
+    /// True while intake is paused (any cause).
+    pub fn paused(&self) -> bool {
+        !self.paused.borrow().is_empty()
     }
 }
 
@@ -146,14 +195,26 @@ impl StageActor {
     ) -> (Addr<StageActor>, StageProbe) {
         let credits = Credits::new(spec.prefetch.max(1) as usize);
         let consuming = Arc::new(AtomicBool::new(false));
+        let workers = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+        let worker_target = Arc::new(AtomicUsize::new(spec.concurrency.max(1)));
+        let paused = watch::channel(BTreeSet::new()).0;
+        metrics
+            .stage_workers
+            .with_label_values(&[&spec.name])
+            .set(spec.concurrency.max(1) as i64);
         let probe = StageProbe {
             name: spec.name.clone(),
             consuming: consuming.clone(),
             credits: credits.clone(),
+            workers: workers.clone(),
+            worker_target: worker_target.clone(),
+            paused: paused.subscribe(),
         };
         let restarts = Restarts::new(spec.policy.clone());
         let shared = Arc::new(Shared {
-            workers: Arc::new(Semaphore::new(spec.concurrency.max(1))),
+            workers,
+            paused,
+            worker_target,
             spec,
             credits,
             publisher,
@@ -238,9 +299,15 @@ async fn intake(
     mut consumer: Consumer,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
+    let mut paused = shared.paused.subscribe();
     loop {
         if *stop.borrow() {
             return Ok(());
+        }
+        // While paused, take no credit: the backlog stays in the broker.
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            r = paused.wait_for(BTreeSet::is_empty) => if r.is_err() { return Ok(()) },
         }
         let credit = tokio::select! {
             _ = stop.changed() => return Ok(()),
@@ -249,6 +316,9 @@ async fn intake(
                 None => return Ok(()),
             },
         };
+        if !paused.borrow().is_empty() {
+            continue; // paused while waiting for the credit: give it back
+        }
         let next = tokio::select! {
             _ = stop.changed() => return Ok(()),
             n = consumer.next() => n,
@@ -387,5 +457,80 @@ impl actix::Handler<Drain> for StageActor {
             .into_actor(self)
             .map(|r, _act, _ctx| r),
         )
+    }
+}
+
+impl actix::Handler<Pause> for StageActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Pause, _ctx: &mut Context<Self>) {
+        let name = &self.shared.spec.name;
+        let added = self
+            .shared
+            .paused
+            .send_if_modified(|set| set.insert(msg.cause.clone()));
+        if added {
+            info!(stage = %name, cause = %msg.cause, "intake paused");
+            self.shared
+                .metrics
+                .stage_paused
+                .with_label_values(&[name, &msg.cause])
+                .set(1);
+        }
+    }
+}
+
+impl actix::Handler<Resume> for StageActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Resume, _ctx: &mut Context<Self>) {
+        let name = &self.shared.spec.name;
+        let removed = self
+            .shared
+            .paused
+            .send_if_modified(|set| set.remove(&msg.cause));
+        if removed {
+            info!(stage = %name, cause = %msg.cause, "intake resumed");
+            self.shared
+                .metrics
+                .stage_paused
+                .with_label_values(&[name, &msg.cause])
+                .set(0);
+        }
+    }
+}
+
+impl actix::Handler<SetWorkers> for StageActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetWorkers, _ctx: &mut Context<Self>) {
+        let want = msg.0.max(1);
+        let had = self.shared.worker_target.swap(want, Ordering::AcqRel);
+        let sem = self.shared.workers.clone();
+        if want > had {
+            sem.add_permits(want - had);
+        } else if want < had {
+            let debt = had - want;
+            let forgotten = sem.forget_permits(debt);
+            let rest = debt - forgotten;
+            if rest > 0 {
+                // Busy workers keep their permits until their handler ends;
+                // retire those permits as they come back. The task ends
+                // after at most `rest` permits (or when the stage closes).
+                tokio::spawn(async move {
+                    for _ in 0..rest {
+                        match sem.clone().acquire_owned().await {
+                            Ok(p) => p.forget(),
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        }
+        self.shared
+            .metrics
+            .stage_workers
+            .with_label_values(&[&self.shared.spec.name])
+            .set(want as i64);
     }
 }
