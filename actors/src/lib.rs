@@ -15,7 +15,11 @@
 //!   [`Delivery`](message::Delivery) in, an [`Outcome`](message::Outcome) out.
 //! * [`publisher`] — the [`PublisherActor`](publisher::PublisherActor):
 //!   publishes with confirms and `mandatory`, a bounded window of unconfirmed
-//!   publishes, and treats `basic.return` as a failure.
+//!   publishes, a token bucket, a circuit breaker and a durable spool; treats
+//!   `basic.return` as a failure.
+//! * [`depth`] — the [`DepthMonitorActor`](depth::DepthMonitorActor):
+//!   samples queue depths, pauses stages whose output queue is above its
+//!   watermark, autoscales stage workers.
 //! * [`supervision`] — restart policy with capped exponential backoff and a
 //!   restart budget; escalation when the budget is spent.
 //! * [`metrics`] — the Prometheus collectors every actor reports to.
@@ -24,6 +28,7 @@
 pub mod connection;
 pub mod credit;
 pub mod dedup;
+pub mod depth;
 pub mod error;
 pub mod message;
 pub mod metrics;
