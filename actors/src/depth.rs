@@ -11,7 +11,11 @@
 //! or below ([`above_watermark`]). While any of a stage's output queues is
 //! above, the stage is sent [`Pause`] with cause `watermark`, and
 //! [`Resume`] once none is: the backlog then builds in the stage's own input
-//! queue, which in turn may pause the stage before it.
+//! queue, which in turn may pause the stage before it. Between samples a
+//! stage below the watermark gets an intake budget ([`SetBudget`]) of
+//! `high - depth` (split between the stages feeding the queue), so it
+//! cannot overshoot `high` by more than its in-flight window however long
+//! the sampling interval is.
 //!
 //! **Autoscaling.** A stage with a worker range gets [`SetWorkers`] from
 //! [`scale_decision`]: double (up to `max`) while its input queue has a
@@ -22,7 +26,7 @@
 use crate::connection::{ConnectionActor, OpenChannel, Purpose};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::stage::{Pause, Resume, SetWorkers, StageActor, StageProbe};
+use crate::stage::{Pause, Resume, SetBudget, SetWorkers, StageActor, StageProbe};
 use actix::prelude::*;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -300,6 +304,31 @@ impl DepthMonitorActor {
                 .iter()
                 .any(|q| self.above.get(q).copied().unwrap_or(false));
             let was = self.paused.get(&name).copied().unwrap_or(false);
+            if !should_pause {
+                // Below the watermark: hand out what is left up to `high`,
+                // shared between the stages feeding the queue, so the
+                // stage cannot overshoot before the next sample.
+                let budget = st
+                    .outputs
+                    .iter()
+                    .filter_map(|q| {
+                        let w = self.cfg.queues.iter().find(|w| &w.name == q)?.watermark?;
+                        let feeders = self
+                            .cfg
+                            .stages
+                            .iter()
+                            .filter(|s| s.outputs.contains(q))
+                            .count()
+                            .max(1) as u64;
+                        // Unread depth: no budget until the next good sample.
+                        let depth = depths.get(q.as_str()).copied().unwrap_or(w.high);
+                        Some(w.high.saturating_sub(depth) / feeders)
+                    })
+                    .min();
+                if budget.is_some() {
+                    st.addr.do_send(SetBudget(budget));
+                }
+            }
             if should_pause != was {
                 let cause = WATERMARK_CAUSE.to_owned();
                 // Rare (a watermark crossing): `do_send` cannot pile up.

@@ -281,7 +281,7 @@ impl Core {
         }
         let res = match self.usable_channel() {
             None => Err(Error::NotConnected),
-            Some(ch) => publish_once(&ch, &msg, self.cfg.confirm_timeout).await,
+            Some(ch) => self.publish_once(&ch, &msg).await,
         };
         self.metrics
             .publish
@@ -404,7 +404,7 @@ impl Core {
                 Admission::Probe => 1,
                 Admission::Admit => batch.len(),
             };
-            let results = publish_batch(&ch, &batch[..take], self.cfg.confirm_timeout).await;
+            let results = self.publish_batch(&ch, &batch[..take]).await;
             let mut remove = Vec::with_capacity(take);
             let mut failed = false;
             for ((seq, rec), res) in batch.iter().zip(results) {
@@ -455,58 +455,54 @@ impl Core {
     }
 }
 
-/// Sends one message and waits (within `timeout`, frame write included) for
-/// its confirm.
-async fn publish_once(ch: &Channel, msg: &Output, timeout: Duration) -> Result<()> {
-    let props = msg.properties.clone().with_delivery_mode(2);
-    let fut = async {
-        let confirm = send(ch, &msg.exchange, &msg.routing_key, &msg.body, props).await?;
-        confirmed(confirm.await)
-    };
-    match tokio::time::timeout(timeout, fut).await {
-        Err(_) => Err(Error::ConfirmTimeout(timeout)),
-        Ok(r) => r,
-    }
-}
-
-/// Sends spooled records in order on one channel, then awaits their
-/// confirms; one result per record, in order.
-async fn publish_batch(
-    ch: &Channel,
-    batch: &[(u64, SpoolRecord)],
-    timeout: Duration,
-) -> Vec<Result<()>> {
-    let deadline = Instant::now() + timeout;
-    let mut confirms = Vec::with_capacity(batch.len());
-    for (_, rec) in batch {
-        let sent = tokio::time::timeout_at(
-            deadline,
-            send(
-                ch,
-                &rec.exchange,
-                &rec.routing_key,
-                &rec.body,
-                rec.properties.clone(),
-            ),
-        )
-        .await;
-        match sent {
-            Ok(Ok(c)) => confirms.push(Ok(c)),
-            Ok(Err(e)) => confirms.push(Err(e)),
-            Err(_) => confirms.push(Err(Error::ConfirmTimeout(timeout))),
+impl Core {
+    /// Waits for `fut` (a frame write or a confirm) for `confirm_timeout`,
+    /// and for as long as the broker blocks the connection on top: the
+    /// broker has read the publish's method frame and routes the message
+    /// once it unblocks, so giving up (and spooling a copy) while blocked
+    /// would deliver it twice.
+    async fn patiently<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let timeout = self.cfg.confirm_timeout;
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            match tokio::time::timeout(timeout, &mut fut).await {
+                Ok(r) => return r,
+                Err(_) if self.is_blocked() => continue,
+                Err(_) => return Err(Error::ConfirmTimeout(timeout)),
+            }
         }
     }
-    let mut out = Vec::with_capacity(confirms.len());
-    for c in confirms {
-        out.push(match c {
-            Err(e) => Err(e),
-            Ok(c) => match tokio::time::timeout_at(deadline, c).await {
-                Err(_) => Err(Error::ConfirmTimeout(timeout)),
-                Ok(r) => confirmed(r),
-            },
-        });
+
+    /// Sends one message and waits for its confirm (see [`Core::patiently`]).
+    async fn publish_once(&self, ch: &Channel, msg: &Output) -> Result<()> {
+        let props = msg.properties.clone().with_delivery_mode(2);
+        self.patiently(async {
+            let confirm = send(ch, &msg.exchange, &msg.routing_key, &msg.body, props).await?;
+            confirmed(confirm.await)
+        })
+        .await
     }
-    out
+
+    /// Sends spooled records in order on one channel, then awaits their
+    /// confirms; one result per record, in order.
+    async fn publish_batch(&self, ch: &Channel, batch: &[(u64, SpoolRecord)]) -> Vec<Result<()>> {
+        let mut confirms = Vec::with_capacity(batch.len());
+        for (_, rec) in batch {
+            let props = rec.properties.clone();
+            confirms.push(
+                self.patiently(send(ch, &rec.exchange, &rec.routing_key, &rec.body, props))
+                    .await,
+            );
+        }
+        let mut out = Vec::with_capacity(confirms.len());
+        for c in confirms {
+            out.push(match c {
+                Err(e) => Err(e),
+                Ok(c) => self.patiently(async { confirmed(c.await) }).await,
+            });
+        }
+        out
+    }
 }
 
 async fn send(

@@ -27,11 +27,11 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use process::{DEAD_LETTER_HEADERS, MAX_ERROR_HEADER_BYTES};
 
@@ -70,6 +70,50 @@ pub(crate) struct Shared {
     pub paused: watch::Sender<BTreeSet<String>>,
     /// Workers the stage should run; `workers` converges to it.
     pub worker_target: Arc<AtomicUsize>,
+    /// Deliveries intake may still take before pausing with cause
+    /// [`BUDGET_CAUSE`] (see [`SetBudget`]); `u64::MAX`: unlimited.
+    pub budget: AtomicU64,
+}
+
+/// The pause cause used while the intake budget is spent.
+pub const BUDGET_CAUSE: &str = "budget";
+
+impl Shared {
+    /// Counts one delivery against the intake budget; pauses intake when
+    /// it is spent.
+    fn spend_budget(&self) {
+        let before = self
+            .budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                (b != u64::MAX).then(|| b.saturating_sub(1))
+            });
+        if before == Ok(1) {
+            self.set_cause(BUDGET_CAUSE, true);
+        }
+    }
+
+    /// Adds or removes a pause cause; logs and updates the gauge on change.
+    fn set_cause(&self, cause: &str, on: bool) {
+        let changed = self.paused.send_if_modified(|set| {
+            if on {
+                set.insert(cause.to_owned())
+            } else {
+                set.remove(cause)
+            }
+        });
+        if changed {
+            let name = &self.spec.name;
+            if on {
+                debug!(stage = %name, cause, "intake paused");
+            } else {
+                debug!(stage = %name, cause, "intake resumed");
+            }
+            self.metrics
+                .stage_paused
+                .with_label_values(&[name, cause])
+                .set(i64::from(on));
+        }
+    }
 }
 
 impl Shared {
@@ -118,6 +162,14 @@ pub struct Resume {
     /// The cause given to [`Pause`].
     pub cause: String,
 }
+
+/// Sets how many more deliveries intake may take before it pauses (cause
+/// [`BUDGET_CAUSE`]) until the next budget: the depth monitor hands out
+/// `high - depth` of the stage's output queue each sample, so the stage
+/// cannot overshoot the watermark between two samples. `None`: unlimited.
+#[derive(Message, Clone, Copy, Debug)]
+#[rtype(result = "()")]
+pub struct SetBudget(pub Option<u64>);
 
 /// Sets the number of handler workers (autoscaling). Growing adds worker
 /// permits at once; shrinking retires permits as running handlers finish.
@@ -215,6 +267,7 @@ impl StageActor {
             workers,
             paused,
             worker_target,
+            budget: AtomicU64::new(u64::MAX),
             spec,
             credits,
             publisher,
@@ -326,6 +379,7 @@ async fn intake(
         match next {
             None => return Ok(()), // consumer cancelled
             Some(Ok(delivery)) => {
+                shared.spend_budget();
                 shared.update_in_flight();
                 tokio::spawn(process::process(shared.clone(), delivery, credit));
             }
@@ -464,19 +518,7 @@ impl actix::Handler<Pause> for StageActor {
     type Result = ();
 
     fn handle(&mut self, msg: Pause, _ctx: &mut Context<Self>) {
-        let name = &self.shared.spec.name;
-        let added = self
-            .shared
-            .paused
-            .send_if_modified(|set| set.insert(msg.cause.clone()));
-        if added {
-            info!(stage = %name, cause = %msg.cause, "intake paused");
-            self.shared
-                .metrics
-                .stage_paused
-                .with_label_values(&[name, &msg.cause])
-                .set(1);
-        }
+        self.shared.set_cause(&msg.cause, true);
     }
 }
 
@@ -484,19 +526,17 @@ impl actix::Handler<Resume> for StageActor {
     type Result = ();
 
     fn handle(&mut self, msg: Resume, _ctx: &mut Context<Self>) {
-        let name = &self.shared.spec.name;
-        let removed = self
-            .shared
-            .paused
-            .send_if_modified(|set| set.remove(&msg.cause));
-        if removed {
-            info!(stage = %name, cause = %msg.cause, "intake resumed");
-            self.shared
-                .metrics
-                .stage_paused
-                .with_label_values(&[name, &msg.cause])
-                .set(0);
-        }
+        self.shared.set_cause(&msg.cause, false);
+    }
+}
+
+impl actix::Handler<SetBudget> for StageActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetBudget, _ctx: &mut Context<Self>) {
+        let b = msg.0.unwrap_or(u64::MAX);
+        self.shared.budget.store(b, Ordering::Release);
+        self.shared.set_cause(BUDGET_CAUSE, b == 0);
     }
 }
 
