@@ -44,9 +44,9 @@ pub fn routed_queues(cfg: &Config, exchange: &str, routing_key: &str) -> Vec<Str
     cfg.queues
         .iter()
         .filter(|q| {
-            q.bindings
-                .iter()
-                .any(|b| b.exchange == exchange && binding_matches(kind, &b.routing_key, routing_key))
+            q.bindings.iter().any(|b| {
+                b.exchange == exchange && binding_matches(kind, &b.routing_key, routing_key)
+            })
         })
         .map(|q| q.name.clone())
         .collect()

@@ -9,7 +9,7 @@ use flowgate_actors::connection::{
 };
 use flowgate_actors::depth::{DepthMonitorActor, DepthMonitorConfig, WatchedStage};
 use flowgate_actors::publisher::{
-    BreakerConfig, PublisherActor, PublisherConfig, PublisherHandle, Published, SpoolConfig,
+    BreakerConfig, Published, PublisherActor, PublisherConfig, PublisherHandle, SpoolConfig,
 };
 use flowgate_actors::stage::{Drain, DrainReport, StageActor, StageProbe, StageSpec};
 use flowgate_actors::supervision::Escalation;

@@ -46,9 +46,7 @@ pub mod http;
 pub mod topology;
 
 pub use config::{Config, ConfigError};
-pub use engine::{
-    Engine, EngineBuilder, EngineHandle, PublishOutcome, ShutdownReport, StartError,
-};
+pub use engine::{Engine, EngineBuilder, EngineHandle, PublishOutcome, ShutdownReport, StartError};
 pub use flowgate_actors as actors;
 
 /// Runs a future on an actix `System` backed by a multi-threaded tokio

@@ -429,10 +429,7 @@ impl Handler<DepthSampled> for DepthMonitorActor {
 mod tests {
     use super::*;
 
-    const W: Watermark = Watermark {
-        high: 100,
-        low: 20,
-    };
+    const W: Watermark = Watermark { high: 100, low: 20 };
 
     #[test]
     fn watermark_has_hysteresis() {

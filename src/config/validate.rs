@@ -190,7 +190,12 @@ fn validate_backpressure(cfg: &Config) -> Result<(), ConfigError> {
     if cfg.spool.max_bytes == 0 {
         return Err(ConfigError::new("spool.max_bytes", "must be at least 1"));
     }
-    if cfg.spool.path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+    if cfg
+        .spool
+        .path
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
         return Err(ConfigError::new(
             "spool.path",
             "must not be empty (omit it for no spool)",

@@ -1,7 +1,7 @@
 //! The HTTP server: `/metrics`, `/healthz`, `/readyz`, and the publish ingress.
 
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
-use flowgate_actors::publisher::{PublisherHandle, Published};
+use flowgate_actors::publisher::{Published, PublisherHandle};
 use flowgate_actors::stage::StageProbe;
 use flowgate_actors::{Error, Metrics, Output};
 use serde_json::json;

@@ -583,10 +583,7 @@ impl PublisherHandle {
         // Wait for an unblock holding the credit, so that at most
         // `max_unconfirmed` publishes are past the window at any time.
         if let Err(e) = core.wait_gate().await {
-            core.metrics
-                .publish
-                .with_label_values(&[e.label()])
-                .inc();
+            core.metrics.publish.with_label_values(&[e.label()]).inc();
             return Err(e);
         }
         core.metrics.unconfirmed.set(self.window.in_use() as i64);
@@ -659,7 +656,11 @@ impl PublisherActor {
         };
         if let Some(s) = &spool {
             if !s.is_empty() {
-                info!(records = s.len(), bytes = s.bytes(), "spool holds records from an earlier run; they will be replayed");
+                info!(
+                    records = s.len(),
+                    bytes = s.bytes(),
+                    "spool holds records from an earlier run; they will be replayed"
+                );
             }
         }
         let window = Credits::new(cfg.max_unconfirmed);

@@ -483,7 +483,12 @@ mod tests {
         s.remove_many(&[seqs[0], seqs[1], 999]).unwrap();
         assert_eq!(s.len(), 3);
         assert!(s.bytes() < before);
-        let left: Vec<u64> = s.peek_batch(10).unwrap().into_iter().map(|(q, _)| q).collect();
+        let left: Vec<u64> = s
+            .peek_batch(10)
+            .unwrap()
+            .into_iter()
+            .map(|(q, _)| q)
+            .collect();
         assert_eq!(left, seqs[2..].to_vec());
         s.remove_many(&[]).unwrap();
         s.remove_many(&seqs[2..]).unwrap();
