@@ -795,11 +795,11 @@ impl Handler<LinkEvent> for PublisherActor {
                 self.core.gate.send_replace(false);
                 info!("broker unblocked publishing; publishes resume");
             }
-            LinkEvent::LinkDown(Purpose::Publish) => {
-                // A block ends with its connection.
-                if lock(&self.core.blocked_since).take().is_some() {
-                    self.core.gate.send_replace(false);
-                }
+            // A block ends with its connection.
+            LinkEvent::LinkDown(Purpose::Publish)
+                if lock(&self.core.blocked_since).take().is_some() =>
+            {
+                self.core.gate.send_replace(false);
             }
             _ => {}
         }
