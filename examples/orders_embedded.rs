@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
             }],
             dead_letter: false,
             delivery_limit: Some(20),
+            watermark: None,
         });
         cfg.stages.push(StageConfig {
             name: "audit".into(),

@@ -102,6 +102,7 @@ pub fn pipeline_config(prefix: &str, hops: usize, prefetch: u32, kind: QueueKind
             }],
             dead_letter: true,
             delivery_limit: Some(20),
+            watermark: None,
         });
     }
     for i in 0..hops {

@@ -11,7 +11,10 @@ use flowgate_actors::dedup::store::RedisStoreConfig;
 use flowgate_actors::dedup::{
     DedupActor, DedupHandle, DedupSettings, DedupStore, MemoryStore, MissingId, RedisStore,
 };
-use flowgate_actors::publisher::{PublisherActor, PublisherConfig, PublisherHandle};
+use flowgate_actors::depth::{DepthMonitorActor, DepthMonitorConfig, WatchedStage};
+use flowgate_actors::publisher::{
+    BreakerConfig, Published, PublisherActor, PublisherConfig, PublisherHandle, SpoolConfig,
+};
 use flowgate_actors::stage::{Drain, DrainReport, StageActor, StageProbe, StageSpec};
 use flowgate_actors::supervision::Escalation;
 use flowgate_actors::{Handler, Metrics, Output, Payload};
@@ -34,6 +37,25 @@ pub enum StartError {
     /// The HTTP server could not bind.
     #[error("http server: {0}")]
     Http(String),
+    /// The spool file could not be opened.
+    #[error("spool: {0}")]
+    Spool(String),
+}
+
+/// How [`EngineHandle::publish`] went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// The broker confirmed the message.
+    Confirmed,
+    /// The broker is not taking publishes (breaker open); the message is
+    /// durable in the spool and will be delivered when it is.
+    Spooled,
+    /// The publish path is saturated (rate limit waiters, spool full, no
+    /// spool while the breaker is open): nothing was stored; retry later.
+    Backpressure {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Builds an [`Engine`].
@@ -145,6 +167,7 @@ struct Running {
     metrics: Metrics,
     conn: Addr<ConnectionActor>,
     publisher: PublisherHandle,
+    depth: Addr<DepthMonitorActor>,
     stages: Vec<(String, Addr<StageActor>)>,
     probes: Vec<StageProbe>,
     http: Option<actix_web::dev::ServerHandle>,
@@ -213,20 +236,39 @@ impl Engine {
             .map_err(|e| StartError::Broker(format!("declaring topology: {e}")))?;
         let _ = ch.close(200, "topology declared".into()).await;
 
+        let p = &config.publisher;
         let publisher = PublisherActor::start_supervised(
             PublisherConfig {
-                confirm_timeout: config.publisher.confirm_timeout,
-                max_unconfirmed: config.publisher.max_unconfirmed as usize,
+                confirm_timeout: p.confirm_timeout,
+                max_unconfirmed: p.max_unconfirmed as usize,
+                rate: p.rate,
+                burst: p.burst,
+                max_waiters: p.max_waiters as usize,
+                breaker: BreakerConfig {
+                    failures: p.breaker.failures,
+                    reset: p.breaker.reset,
+                    half_open_probes: 1,
+                },
+                blocked_timeout: p.breaker.blocked_timeout,
+                spool: config.spool.path.as_ref().map(|path| SpoolConfig {
+                    path: path.clone(),
+                    max_bytes: config.spool.max_bytes,
+                }),
                 policy: policy.clone(),
             },
             conn.clone(),
             metrics.clone(),
             Some(esc_tx.clone()),
-        );
+        )
+        .map_err(|e| {
+            conn.do_send(Close);
+            StartError::Spool(e.to_string())
+        })?;
 
         let dedup = build_dedup(&config, &metrics).await?;
         let mut stages = Vec::new();
         let mut probes = Vec::new();
+        let mut watched = Vec::new();
         for (s, handler) in config.stages.iter().zip(handlers) {
             let dlx = config
                 .queue(&s.queue)
@@ -261,9 +303,27 @@ impl Engine {
                 metrics.clone(),
                 Some(esc_tx.clone()),
             );
+            watched.push(WatchedStage {
+                addr: addr.clone(),
+                probe: probe.clone(),
+                input: s.queue.clone(),
+                outputs: crate::depth::output_queues(&config, s),
+                scale: crate::depth::scale_range(s),
+            });
             stages.push((s.name.clone(), addr));
             probes.push(probe);
         }
+        let depth = DepthMonitorActor::new(
+            DepthMonitorConfig {
+                interval: config.depth.interval,
+                cooldown: config.depth.cooldown,
+                queues: crate::depth::watched_queues(&config),
+                stages: watched,
+            },
+            conn.clone(),
+            metrics.clone(),
+        )
+        .start();
 
         let (http, http_addr) = if config.http.bind.is_empty() {
             (None, None)
@@ -285,6 +345,7 @@ impl Engine {
             metrics,
             conn,
             publisher,
+            depth,
             stages,
             probes,
             http,
@@ -388,9 +449,19 @@ impl EngineHandle {
         &self.0.probes
     }
 
-    /// Publishes a message with a broker confirm (persistent, `mandatory`).
-    pub async fn publish(&self, msg: Output) -> flowgate_actors::Result<()> {
-        self.0.publisher.publish(msg).await
+    /// Publishes a message (persistent, `mandatory`): confirmed by the
+    /// broker, spooled while the breaker is open, or refused with
+    /// backpressure. Other errors: unroutable, shutting down, a spool or
+    /// broker failure that did not open the breaker.
+    pub async fn publish(&self, msg: Output) -> flowgate_actors::Result<PublishOutcome> {
+        match self.0.publisher.send(msg).await {
+            Ok(Published::Confirmed) => Ok(PublishOutcome::Confirmed),
+            Ok(Published::Spooled) => Ok(PublishOutcome::Spooled),
+            Err(flowgate_actors::Error::Backpressure(reason)) => {
+                Ok(PublishOutcome::Backpressure { reason })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The publisher handle (for handlers that publish on their own).
@@ -434,6 +505,7 @@ impl EngineHandle {
         if let Some(h) = &self.0.http {
             h.stop(true).await;
         }
+        let _ = self.0.depth.send(flowgate_actors::depth::Stop).await;
         let _ = self.0.conn.send(Close).await;
         let clean = flushed && reports.iter().all(|r| r.drained);
         info!(clean, "shutdown complete");

@@ -6,6 +6,8 @@
 //! * [`topology`] — declares exchanges, queues, bindings, dead-letter plumbing.
 //! * [`engine`] — [`Engine`] builds the supervised actor tree from a config
 //!   and a set of [`Handler`](actors::Handler)s; [`EngineHandle`] runs it.
+//! * [`depth`] — which queues the depth monitor samples and which queues
+//!   each stage's output lands in (for watermarks), from the config.
 //! * [`handlers`] — built-in handlers (`forward`, `sink`).
 //! * [`http`] — `/metrics`, `/healthz`, `/readyz` and the publish ingress.
 //! * [`orders`] — the order pipeline (gateway → order → payment → shipping),
@@ -40,6 +42,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod depth;
 pub mod dlq;
 pub mod engine;
 pub mod handlers;
@@ -48,7 +51,7 @@ pub mod orders;
 pub mod topology;
 
 pub use config::{Config, ConfigError};
-pub use engine::{Engine, EngineBuilder, EngineHandle, ShutdownReport, StartError};
+pub use engine::{Engine, EngineBuilder, EngineHandle, PublishOutcome, ShutdownReport, StartError};
 pub use flowgate_actors as actors;
 
 /// Runs a future on an actix `System` backed by a multi-threaded tokio

@@ -157,6 +157,7 @@ fn topology(prefix: &str) -> flowgate::Config {
         }],
         dead_letter: true,
         delivery_limit: Some(20),
+        watermark: None,
     });
     cfg
 }

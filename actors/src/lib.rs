@@ -15,7 +15,11 @@
 //!   [`Delivery`](message::Delivery) in, an [`Outcome`](message::Outcome) out.
 //! * [`publisher`] — the [`PublisherActor`](publisher::PublisherActor):
 //!   publishes with confirms and `mandatory`, a bounded window of unconfirmed
-//!   publishes, and treats `basic.return` as a failure.
+//!   publishes, a token bucket, a circuit breaker and a durable spool; treats
+//!   `basic.return` as a failure.
+//! * [`depth`] — the [`DepthMonitorActor`](depth::DepthMonitorActor):
+//!   samples queue depths, pauses stages whose output queue is above its
+//!   watermark, autoscales stage workers.
 //! * [`retry`] — the broker-side retry ladder (tier queues, attempt header).
 //! * [`dedup`] — claim → handle → commit deduplication (memory or Redis) and
 //!   the DedupActor that pauses stages while the store is unavailable.
@@ -27,6 +31,7 @@
 pub mod connection;
 pub mod credit;
 pub mod dedup;
+pub mod depth;
 pub mod error;
 pub mod message;
 pub mod metrics;

@@ -58,6 +58,30 @@ pub struct Inner {
     pub dedup_lease_lost: IntCounterVec,
     /// 1 while a dedup backend answers, 0 while stages wait for it.
     pub dedup_up: IntGaugeVec,
+    /// Publisher circuit breaker: 0 closed, 1 open, 2 half-open.
+    pub breaker_state: IntGauge,
+    /// Breaker state changes, by the state entered (`to`).
+    pub breaker_transitions: IntCounterVec,
+    /// Records in the durable spool right now.
+    pub spool_messages: IntGauge,
+    /// Encoded bytes in the durable spool right now (what counts against `max_bytes`).
+    pub spool_bytes: IntGauge,
+    /// Spooled records replayed to the broker and confirmed.
+    pub spool_replayed: IntCounter,
+    /// Spooled records removed without delivery, by reason (unroutable on replay).
+    pub spool_dropped: IntCounterVec,
+    /// Callers waiting to publish (for a token, an unblock, or window room).
+    pub publish_waiters: IntGauge,
+    /// Ready messages per watched queue (passive `queue.declare`).
+    pub queue_depth: IntGaugeVec,
+    /// Consumers per watched queue.
+    pub queue_consumers: IntGaugeVec,
+    /// 1 while a stage's intake is paused, by cause (`watermark`, ...).
+    pub stage_paused: IntGaugeVec,
+    /// Handler workers a stage runs right now (autoscaling target).
+    pub stage_workers: IntGaugeVec,
+    /// Autoscaling decisions, by stage and direction (`up`, `down`).
+    pub stage_scaling: IntCounterVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -201,6 +225,77 @@ impl Metrics {
                 &r,
                 "flowgate_publish_unconfirmed",
                 "Publishes awaiting a broker confirm",
+            ),
+            breaker_state: gauge(
+                &r,
+                "flowgate_breaker_state",
+                "Publisher circuit breaker state: 0 closed, 1 open, 2 half-open",
+            ),
+            breaker_transitions: counter_vec(
+                &r,
+                "flowgate_breaker_transitions_total",
+                "Publisher circuit breaker state changes, by state entered",
+                &["to"],
+            ),
+            spool_messages: gauge(
+                &r,
+                "flowgate_spool_messages",
+                "Records in the durable publish spool",
+            ),
+            spool_bytes: gauge(
+                &r,
+                "flowgate_spool_bytes",
+                "Encoded bytes in the durable publish spool",
+            ),
+            spool_replayed: {
+                let c = IntCounter::new(
+                    "flowgate_spool_replayed_total",
+                    "Spooled records replayed to the broker and confirmed",
+                )
+                .expect("static metric definition");
+                r.register(Box::new(c.clone())).expect("unique metric name");
+                c
+            },
+            spool_dropped: counter_vec(
+                &r,
+                "flowgate_spool_dropped_total",
+                "Spooled records removed without delivery, by reason",
+                &["reason"],
+            ),
+            publish_waiters: gauge(
+                &r,
+                "flowgate_publish_waiters",
+                "Callers waiting to publish (token, unblock, window room)",
+            ),
+            queue_depth: gauge_vec(
+                &r,
+                "flowgate_queue_depth",
+                "Ready messages per watched queue",
+                &["queue"],
+            ),
+            queue_consumers: gauge_vec(
+                &r,
+                "flowgate_queue_consumers",
+                "Consumers per watched queue",
+                &["queue"],
+            ),
+            stage_paused: gauge_vec(
+                &r,
+                "flowgate_stage_paused",
+                "1 while a stage's intake is paused, by cause",
+                &["stage", "cause"],
+            ),
+            stage_workers: gauge_vec(
+                &r,
+                "flowgate_stage_workers",
+                "Handler workers a stage runs",
+                &["stage"],
+            ),
+            stage_scaling: counter_vec(
+                &r,
+                "flowgate_stage_scaling_total",
+                "Autoscaling decisions by stage and direction",
+                &["stage", "direction"],
             ),
             start_time,
             escalations,

@@ -72,6 +72,12 @@ pub struct Config {
     /// The Redis server of the `redis` dedup backend.
     #[serde(default)]
     pub redis: RedisConfig,
+    /// The durable publish spool used while the circuit breaker is open.
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    /// Queue depth sampling, watermarks and autoscaling.
+    #[serde(default)]
+    pub depth: DepthConfig,
 }
 
 /// `[amqp]`
@@ -241,6 +247,22 @@ pub struct QueueConfig {
     /// Default `5`.
     #[serde(default = "default_delivery_limit")]
     pub delivery_limit: Option<u32>,
+    /// Backpressure watermarks, e.g. `{ high = 5000, low = 1000 }`: while
+    /// this queue holds more than `high` ready messages, every stage that
+    /// publishes into it pauses its intake until the queue is below `low`.
+    /// Default none (the depth is still exported when a stage consumes it).
+    #[serde(default)]
+    pub watermark: Option<Watermark>,
+}
+
+/// A queue's high/low watermarks (ready messages), with hysteresis.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Watermark {
+    /// Upstream stages pause at or above this depth. Required.
+    pub high: u64,
+    /// ...and resume at or below this one. Required, `< high`.
+    pub low: u64,
 }
 
 fn yes() -> bool {
@@ -530,6 +552,122 @@ pub struct PublisherConfig {
     /// Most publishes awaiting a confirm at once. Default `1024`.
     #[serde(default = "default_max_unconfirmed")]
     pub max_unconfirmed: u32,
+    /// Token bucket: publishes per second, for the whole engine (stage
+    /// outputs, dead letters, ingress). Default `0`: unlimited.
+    #[serde(default)]
+    pub rate: u32,
+    /// Token bucket: publishes admitted back to back after idling. Default `1000`.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+    /// Most callers waiting to publish (for a token, for the broker to
+    /// unblock, for room in the confirm window); beyond it a publish fails
+    /// at once with backpressure (HTTP 503). Default `1024`.
+    #[serde(default = "default_max_waiters")]
+    pub max_waiters: u32,
+    /// The circuit breaker.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+}
+
+fn default_burst() -> u32 {
+    1000
+}
+fn default_max_waiters() -> u32 {
+    1024
+}
+
+/// `[publisher.breaker]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive publish failures (nack, `basic.return`, confirm timeout,
+    /// channel error) that open the breaker. Default `5`.
+    #[serde(default = "default_failures")]
+    pub failures: u32,
+    /// How long the breaker stays open before a probe publish. Default `5s`.
+    #[serde(default = "default_reset", with = "humantime_serde")]
+    pub reset: Duration,
+    /// How long publishes wait while the broker blocks publishing (memory
+    /// or disk alarm) before the breaker opens and they spool. Default `30s`.
+    #[serde(default = "default_blocked_timeout", with = "humantime_serde")]
+    pub blocked_timeout: Duration,
+}
+
+fn default_failures() -> u32 {
+    5
+}
+fn default_reset() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_blocked_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures: default_failures(),
+            reset: default_reset(),
+            blocked_timeout: default_blocked_timeout(),
+        }
+    }
+}
+
+/// `[spool]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// The spool file (redb). Default none: no spool, and an open breaker
+    /// answers publishes with backpressure instead of spooling them. One
+    /// engine per file (redb locks it).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Most bytes of spooled records; when full, publishes get
+    /// backpressure. Default `268435456` (256 MiB).
+    #[serde(default = "default_spool_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_spool_max_bytes() -> u64 {
+    256 << 20
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            max_bytes: default_spool_max_bytes(),
+        }
+    }
+}
+
+/// `[depth]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DepthConfig {
+    /// How often each watched queue's depth and consumer count is sampled
+    /// (passive `queue.declare`). Default `1s`.
+    #[serde(default = "default_depth_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Least time between two autoscaling changes of one stage. Default `10s`.
+    #[serde(default = "default_cooldown", with = "humantime_serde")]
+    pub cooldown: Duration,
+}
+
+fn default_depth_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_cooldown() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for DepthConfig {
+    fn default() -> Self {
+        Self {
+            interval: default_depth_interval(),
+            cooldown: default_cooldown(),
+        }
+    }
 }
 
 fn default_confirm_timeout() -> Duration {
@@ -544,6 +682,10 @@ impl Default for PublisherConfig {
         Self {
             confirm_timeout: default_confirm_timeout(),
             max_unconfirmed: default_max_unconfirmed(),
+            rate: 0,
+            burst: default_burst(),
+            max_waiters: default_max_waiters(),
+            breaker: BreakerConfig::default(),
         }
     }
 }
@@ -675,7 +817,7 @@ pub struct OrdersConfig {
     pub max_pending: u32,
     /// How often the gateway samples queue depths (admission, peak depths).
     /// Default `250ms`.
-    #[serde(default = "default_depth_interval", with = "humantime_serde")]
+    #[serde(default = "default_orders_depth_interval", with = "humantime_serde")]
     pub depth_interval: Duration,
     /// Units in stock of every SKU not listed in `stock`. Default `100000`.
     #[serde(default = "default_stock_default")]
@@ -733,7 +875,7 @@ fn default_max_backlog() -> u64 {
 fn default_max_pending() -> u32 {
     256
 }
-fn default_depth_interval() -> Duration {
+fn default_orders_depth_interval() -> Duration {
     Duration::from_millis(250)
 }
 fn default_stock_default() -> u64 {
@@ -769,7 +911,7 @@ impl Default for OrdersConfig {
             max_body_bytes: default_max_body_bytes(),
             max_backlog: default_max_backlog(),
             max_pending: default_max_pending(),
-            depth_interval: default_depth_interval(),
+            depth_interval: default_orders_depth_interval(),
             stock_default: default_stock_default(),
             stock: Default::default(),
             payment_rate: default_payment_rate(),

@@ -36,6 +36,7 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
             "must be at least 1",
         ));
     }
+    validate_backpressure(cfg)?;
     if cfg.limits.max_message_bytes == 0 {
         return Err(ConfigError::new(
             "limits.max_message_bytes",
@@ -244,6 +245,58 @@ fn validate_dedup(cfg: &Config) -> Result<(), ConfigError> {
                     "redis.url",
                     "must be a redis:// or rediss:// URL",
                 ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `[publisher]` rate keys, `[publisher.breaker]`, `[spool]`, `[depth]` and
+/// queue watermarks.
+fn validate_backpressure(cfg: &Config) -> Result<(), ConfigError> {
+    let p = &cfg.publisher;
+    if p.rate > 0 && p.burst == 0 {
+        return Err(ConfigError::new(
+            "publisher.burst",
+            "must be at least 1 when a rate is set",
+        ));
+    }
+    if p.breaker.failures == 0 {
+        return Err(ConfigError::new(
+            "publisher.breaker.failures",
+            "must be at least 1",
+        ));
+    }
+    if p.breaker.reset.is_zero() {
+        return Err(ConfigError::new(
+            "publisher.breaker.reset",
+            "must be longer than 0s",
+        ));
+    }
+    if cfg.spool.max_bytes == 0 {
+        return Err(ConfigError::new("spool.max_bytes", "must be at least 1"));
+    }
+    if cfg
+        .spool
+        .path
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
+        return Err(ConfigError::new(
+            "spool.path",
+            "must not be empty (omit it for no spool)",
+        ));
+    }
+    if cfg.depth.interval < std::time::Duration::from_millis(10) {
+        return Err(ConfigError::new("depth.interval", "must be at least 10ms"));
+    }
+    for (i, q) in cfg.queues.iter().enumerate() {
+        if let Some(w) = q.watermark {
+            if w.high == 0 || w.low >= w.high {
+                return Err(ConfigError::new(
+                    format!("queues[{i}].watermark"),
+                    "needs 0 <= low < high",
+                ));
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The HTTP server: `/metrics`, `/healthz`, `/readyz`, and the publish ingress.
 
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
-use flowgate_actors::publisher::PublisherHandle;
+use flowgate_actors::publisher::{Published, PublisherHandle};
 use flowgate_actors::stage::StageProbe;
 use flowgate_actors::{Error, Metrics, Output};
 use serde_json::json;
@@ -39,7 +39,14 @@ async fn readyz(s: web::Data<HttpState>) -> HttpResponse {
         .map(|p| json!({ "stage": p.name, "consuming": p.consuming(), "in_flight": p.in_flight() }))
         .collect();
     let ready = connected && !blocked && s.probes.iter().all(|p| p.consuming());
-    let body = json!({ "ready": ready, "connected": connected, "broker_blocked": blocked, "stages": stages });
+    let body = json!({
+        "ready": ready,
+        "connected": connected,
+        "broker_blocked": blocked,
+        "breaker": s.publisher.breaker_state().as_str(),
+        "spooled": s.publisher.spooled(),
+        "stages": stages,
+    });
     if ready {
         HttpResponse::Ok().json(body)
     } else {
@@ -82,8 +89,13 @@ async fn publish(
         .map(flowgate_actors::trace::child_of)
         .unwrap_or_else(flowgate_actors::trace::new_traceparent);
     flowgate_actors::trace::set_traceparent(&mut out.properties, tp);
-    match s.publisher.publish(out).await {
-        Ok(()) => HttpResponse::Accepted().json(json!({ "message_id": id, "status": "confirmed" })),
+    match s.publisher.send(out).await {
+        Ok(Published::Confirmed) => {
+            HttpResponse::Accepted().json(json!({ "message_id": id, "status": "confirmed" }))
+        }
+        Ok(Published::Spooled) => {
+            HttpResponse::Accepted().json(json!({ "message_id": id, "status": "spooled" }))
+        }
         Err(
             e @ (Error::Backpressure(_)
             | Error::NotConnected

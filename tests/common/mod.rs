@@ -275,6 +275,7 @@ pub fn chain_config(prefix: &str, handlers: &[&str], prefetch: u32) -> Config {
             }],
             dead_letter: true,
             delivery_limit: Some(20),
+            watermark: None,
         });
     }
     for (i, h) in handlers.iter().enumerate() {

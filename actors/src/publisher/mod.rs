@@ -1,12 +1,46 @@
 //! The PublisherActor: confirmed, `mandatory` publishing through one
-//! confirm-mode channel, with a bounded window of unconfirmed publishes.
+//! confirm-mode channel, with a token bucket, a circuit breaker and a durable
+//! spool.
 //!
-//! Callers hold a [`PublisherHandle`]. A publish first takes a credit from the
-//! window (so at most `max_unconfirmed` publishes are ever inside the actor or
-//! awaiting a confirm), then travels to the actor with that credit. The future
-//! resolves when the broker confirmed the message — or with the reason it
-//! could not: nack, `basic.return` (unroutable), confirm timeout, a blocked or
-//! lost connection.
+//! Callers hold a [`PublisherHandle`]. A publish goes through, in order:
+//!
+//! 1. the [`TokenBucket`] (`rate`/`burst`): waits for a token; beyond
+//!    `max_waiters` waiting callers it fails at once with
+//!    [`Error::Backpressure`];
+//! 2. the *blocked gate*: while the broker blocks the publishing connection
+//!    (memory/disk alarm) callers wait (again at most `max_waiters` of them)
+//!    until it unblocks or `blocked_timeout` passes — then the breaker is
+//!    forced open and publishes spool;
+//! 3. a credit from the unconfirmed window (`max_unconfirmed`);
+//! 4. the actor's [`CircuitBreaker`]: closed/probe → publish and wait for the
+//!    confirm; open → append to the [`Spool`] and answer
+//!    [`Published::Spooled`] once the record is durable (spool full →
+//!    [`Error::Backpressure`]).
+//!
+//! Failures counted by the breaker: nack, confirm timeout, channel/connection
+//! error, and `basic.return`. A returned (unroutable) message is *never*
+//! spooled: it is a routing bug, not an outage, so it goes back to the caller
+//! as [`Error::Unroutable`] (stages dead-letter it). A transient failure that
+//! leaves the breaker open spools the message instead of failing it.
+//!
+//! When the breaker is no longer open the actor replays the spool in sequence
+//! order, in batches, with confirms; the first replayed record is the
+//! half-open probe. Each record is deleted only after its confirm, so a crash
+//! mid-replay replays it again on restart (at-least-once; dedup downstream
+//! removes the copy). A replayed record the broker returns (no queue bound
+//! any more) is removed with an error log and
+//! `flowgate_spool_dropped_total{reason="unroutable"}` rather than blocking
+//! the spool forever. Live publishes admitted while the spool replays are not
+//! held back behind it: order is kept among spooled records, not between
+//! spooled and live ones.
+
+pub mod breaker;
+pub mod bucket;
+pub mod spool;
+
+pub use breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker, Transition};
+pub use bucket::{TokenBucket, TokioClock, TokioInstant};
+pub use spool::{Spool, SpoolError, SpoolRecord};
 
 use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscribe};
 use crate::credit::{Credit, Credits};
@@ -16,9 +50,32 @@ use crate::metrics::Metrics;
 use crate::supervision::{Escalation, EscalationSender, RestartPolicy, Restarts};
 use actix::prelude::*;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Channel, Confirmation};
+use lapin::PublisherConfirm;
+use lapin::{BasicProperties, Channel, Confirmation};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tracing::{debug, warn};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+/// Most spooled records published per replay round before their confirms
+/// are awaited and they are deleted (one spool transaction per round).
+const REPLAY_BATCH: usize = 256;
+
+/// How often the actor re-evaluates the breaker (open → half-open), the
+/// blocked timeout and whether the spool should replay.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Where and how large the durable spool is.
+#[derive(Clone, Debug)]
+pub struct SpoolConfig {
+    /// The redb file.
+    pub path: PathBuf,
+    /// Bound on the encoded bytes stored; beyond it publishes get backpressure.
+    pub max_bytes: u64,
+}
 
 /// Publisher settings.
 #[derive(Clone, Debug)]
@@ -27,6 +84,20 @@ pub struct PublisherConfig {
     pub confirm_timeout: Duration,
     /// Bound on publishes awaiting a confirm (the publish window).
     pub max_unconfirmed: usize,
+    /// Token bucket rate in publishes per second; `0` is unlimited.
+    pub rate: u32,
+    /// Token bucket burst.
+    pub burst: u32,
+    /// Most callers allowed to wait (for a token, an unblock, or window
+    /// room) before further publishes get [`Error::Backpressure`] at once.
+    pub max_waiters: usize,
+    /// The circuit breaker's thresholds.
+    pub breaker: BreakerConfig,
+    /// How long a broker block (resource alarm) may last before the breaker
+    /// is forced open and publishes spool.
+    pub blocked_timeout: Duration,
+    /// The durable spool; `None`: an open breaker answers backpressure.
+    pub spool: Option<SpoolConfig>,
     /// Restart backoff and budget.
     pub policy: RestartPolicy,
 }
@@ -36,14 +107,31 @@ impl Default for PublisherConfig {
         Self {
             confirm_timeout: Duration::from_secs(10),
             max_unconfirmed: 1024,
+            rate: 0,
+            burst: 1000,
+            max_waiters: 1024,
+            breaker: BreakerConfig::default(),
+            blocked_timeout: Duration::from_secs(30),
+            spool: None,
             policy: RestartPolicy::default(),
         }
     }
 }
 
-/// Publish one message; resolves once the broker confirmed it.
+/// How a publish ended when it did not fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Published {
+    /// The broker confirmed it.
+    Confirmed,
+    /// The breaker is open: the message is durable in the local spool and
+    /// will be replayed when the broker takes publishes again.
+    Spooled,
+}
+
+/// Publish one message; resolves once the broker confirmed it or it is
+/// durable in the spool.
 #[derive(Message)]
-#[rtype(result = "Result<()>")]
+#[rtype(result = "Result<Published>")]
 pub struct Publish {
     /// The message.
     pub msg: Output,
@@ -51,25 +139,463 @@ pub struct Publish {
     pub credit: Credit,
 }
 
+/// A bounded set of waiting slots, shared by the blocked gate and the window.
+struct WaitSlots {
+    /// Callers waiting right now.
+    count: AtomicUsize,
+    /// Bound on `count`.
+    max: usize,
+}
+
+/// Releases a waiting slot on drop.
+struct SlotGuard<'a>(&'a AtomicUsize);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl WaitSlots {
+    fn enter(&self, why: &str) -> Result<SlotGuard<'_>> {
+        self.count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w < self.max).then_some(w + 1)
+            })
+            .map(|_| SlotGuard(&self.count))
+            .map_err(|_| Error::Backpressure(format!("{why}: too many waiting publishers")))
+    }
+}
+
+/// State shared by the actor, its handles and its publish futures. It
+/// outlives actor restarts (the supervisor reuses the actor value).
+struct Core {
+    cfg: PublisherConfig,
+    metrics: Metrics,
+    bucket: TokenBucket,
+    slots: WaitSlots,
+    /// The confirm-mode channel, when open.
+    channel: Mutex<Option<Channel>>,
+    breaker: Mutex<CircuitBreaker>,
+    spool: Option<Spool>,
+    /// `true` while callers must wait: the broker blocks us and
+    /// `blocked_timeout` has not passed yet.
+    gate: watch::Sender<bool>,
+    /// When the current broker block started; `None` when not blocked.
+    blocked_since: Mutex<Option<Instant>>,
+    /// A replay round is running.
+    replaying: AtomicBool,
+}
+
+/// Locks a std mutex; the guarded values stay consistent across a panic
+/// (each critical section is a single assignment or breaker call), so a
+/// poisoned lock is recovered.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Core {
+    fn update_waiters(&self) {
+        let n = self.bucket.waiters() + self.slots.count.load(Ordering::Acquire);
+        self.metrics.publish_waiters.set(n as i64);
+    }
+
+    fn update_spool_gauges(&self) {
+        if let Some(s) = &self.spool {
+            self.metrics.spool_messages.set(s.len() as i64);
+            self.metrics.spool_bytes.set(s.bytes() as i64);
+        }
+    }
+
+    /// Runs `f` on the breaker and reports the transition it returns.
+    fn with_breaker<R>(
+        &self,
+        f: impl FnOnce(&mut CircuitBreaker, Instant) -> (R, Option<Transition>),
+    ) -> R {
+        let now = Instant::now();
+        let (r, t, state) = {
+            let mut b = lock(&self.breaker);
+            let (r, t) = f(&mut b, now);
+            (r, t, b.state(now))
+        };
+        self.metrics.breaker_state.set(state.as_gauge());
+        if let Some(t) = t {
+            self.metrics
+                .breaker_transitions
+                .with_label_values(&[t.to.as_str()])
+                .inc();
+            match t.to {
+                BreakerState::Open => warn!(from = %t.from, "publish circuit breaker opened"),
+                _ => info!(from = %t.from, to = %t.to, "publish circuit breaker changed state"),
+            }
+        }
+        r
+    }
+
+    fn breaker_state(&self) -> BreakerState {
+        lock(&self.breaker).state(Instant::now())
+    }
+
+    /// Blocked for longer than `blocked_timeout`.
+    fn blocked_expired(&self) -> bool {
+        lock(&self.blocked_since).is_some_and(|s| s.elapsed() >= self.cfg.blocked_timeout)
+    }
+
+    fn is_blocked(&self) -> bool {
+        lock(&self.blocked_since).is_some()
+    }
+
+    fn usable_channel(&self) -> Option<Channel> {
+        lock(&self.channel)
+            .as_ref()
+            .filter(|c| c.status().connected())
+            .cloned()
+    }
+
+    /// Waits while the broker blocks us (bounded by `blocked_timeout`, after
+    /// which the actor clears the gate and publishes spool).
+    async fn wait_gate(&self) -> Result<()> {
+        let mut rx = self.gate.subscribe();
+        if !*rx.borrow_and_update() {
+            return Ok(());
+        }
+        let _slot = self.slots.enter("broker blocked")?;
+        self.update_waiters();
+        let res = rx.wait_for(|paused| !*paused).await.map(|_| ());
+        drop(_slot);
+        self.update_waiters();
+        res.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Publishes (or spools) one message holding a window credit.
+    async fn dispatch(self: Arc<Self>, msg: Output) -> Result<Published> {
+        if self.blocked_expired() {
+            // Keep the breaker open for as long as the block lasts: no probe
+            // can succeed on a blocked connection.
+            self.with_breaker(|b, now| ((), b.force_open(now)));
+            return self.spool(msg).await;
+        }
+        let admission = self.with_breaker(|b, now| b.allow(now));
+        if !admission.is_allowed() {
+            return self.spool(msg).await;
+        }
+        let res = match self.usable_channel() {
+            None => Err(Error::NotConnected),
+            Some(ch) => self.publish_once(&ch, &msg).await,
+        };
+        self.metrics
+            .publish
+            .with_label_values(&[result_label(&res)])
+            .inc();
+        match res {
+            Ok(()) => {
+                self.with_breaker(|b, now| ((), b.on_success(now)));
+                Ok(Published::Confirmed)
+            }
+            Err(e) => {
+                self.with_breaker(|b, now| ((), b.on_failure(now)));
+                debug!(error = %e, "publish failed");
+                if matches!(e, Error::Unroutable { .. }) {
+                    return Err(e);
+                }
+                if self.spool.is_some() && self.breaker_state() == BreakerState::Open {
+                    warn!(error = %e, "publish failed and the breaker is open; spooling it");
+                    return self.spool(msg).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends to the spool; resolves once the record is durable.
+    async fn spool(&self, msg: Output) -> Result<Published> {
+        let Some(spool) = &self.spool else {
+            self.metrics
+                .publish
+                .with_label_values(&["backpressure"])
+                .inc();
+            debug!("breaker open and no spool configured; backpressure");
+            return Err(Error::Backpressure(
+                "publish circuit breaker open (no spool configured)".into(),
+            ));
+        };
+        let rec = SpoolRecord {
+            exchange: msg.exchange,
+            routing_key: msg.routing_key,
+            body: msg.body.to_vec(),
+            properties: msg.properties.with_delivery_mode(2),
+        };
+        let res = spool.append_async(rec).await;
+        self.update_spool_gauges();
+        match res {
+            Ok(_) => {
+                self.metrics.publish.with_label_values(&["spooled"]).inc();
+                Ok(Published::Spooled)
+            }
+            Err(e) if e.is_full() => {
+                self.metrics
+                    .publish
+                    .with_label_values(&["spool_full"])
+                    .inc();
+                debug!(error = %e, "spool full; backpressure");
+                Err(Error::Backpressure(e.to_string()))
+            }
+            Err(e) => {
+                self.metrics
+                    .publish
+                    .with_label_values(&["store_error"])
+                    .inc();
+                error!(error = %e, "could not append to the spool");
+                Err(Error::Store(e.to_string()))
+            }
+        }
+    }
+
+    /// Whether a replay round should start now.
+    fn should_replay(&self) -> bool {
+        self.spool.as_ref().is_some_and(|s| !s.is_empty())
+            && !self.replaying.load(Ordering::Acquire)
+            && !self.is_blocked()
+            && self.breaker_state() != BreakerState::Open
+            && self.usable_channel().is_some()
+    }
+
+    /// Replays the spool in order until it is empty or publishing fails.
+    async fn replay(self: Arc<Self>) {
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        if self.replaying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _done = Done(&self.replaying);
+        let Some(spool) = self.spool.clone() else {
+            return;
+        };
+        info!(records = spool.len(), "replaying the spool");
+        loop {
+            if self.is_blocked() {
+                return;
+            }
+            let Some(ch) = self.usable_channel() else {
+                return;
+            };
+            let batch = match spool.peek_batch_async(REPLAY_BATCH).await {
+                Ok(b) => b,
+                Err(e) => {
+                    self.metrics
+                        .publish
+                        .with_label_values(&["store_error"])
+                        .inc();
+                    error!(error = %e, "cannot read the spool; replay stopped");
+                    return;
+                }
+            };
+            if batch.is_empty() {
+                info!("spool drained");
+                return;
+            }
+            let admission = self.with_breaker(|b, now| b.allow(now));
+            let take = match admission {
+                Admission::Reject => return,
+                Admission::Probe => 1,
+                Admission::Admit => batch.len(),
+            };
+            let results = self.publish_batch(&ch, &batch[..take]).await;
+            let mut remove = Vec::with_capacity(take);
+            let mut failed = false;
+            for ((seq, rec), res) in batch.iter().zip(results) {
+                self.metrics
+                    .publish
+                    .with_label_values(&[result_label(&res)])
+                    .inc();
+                match res {
+                    Ok(()) => {
+                        self.with_breaker(|b, now| ((), b.on_success(now)));
+                        self.metrics.spool_replayed.inc();
+                        remove.push(*seq);
+                    }
+                    Err(e @ Error::Unroutable { .. }) => {
+                        self.with_breaker(|b, now| ((), b.on_failure(now)));
+                        self.metrics
+                            .spool_dropped
+                            .with_label_values(&["unroutable"])
+                            .inc();
+                        error!(
+                            seq, exchange = %rec.exchange, routing_key = %rec.routing_key,
+                            message_id = ?rec.properties.message_id(), error = %e,
+                            "spooled message is unroutable; removed from the spool"
+                        );
+                        remove.push(*seq);
+                    }
+                    Err(e) => {
+                        self.with_breaker(|b, now| ((), b.on_failure(now)));
+                        warn!(seq, error = %e, "replay publish failed; will retry");
+                        failed = true;
+                    }
+                }
+            }
+            let removed = spool.remove_many_async(remove).await;
+            self.update_spool_gauges();
+            if let Err(e) = removed {
+                self.metrics
+                    .publish
+                    .with_label_values(&["store_error"])
+                    .inc();
+                error!(error = %e, "cannot delete replayed records; they will be replayed again");
+                return;
+            }
+            if failed {
+                return;
+            }
+        }
+    }
+}
+
+impl Core {
+    /// Waits for `fut` (a frame write or a confirm) for `confirm_timeout`,
+    /// and for as long as the broker blocks the connection on top: the
+    /// broker has read the publish's method frame and routes the message
+    /// once it unblocks, so giving up (and spooling a copy) while blocked
+    /// would deliver it twice.
+    async fn patiently<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let timeout = self.cfg.confirm_timeout;
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            match tokio::time::timeout(timeout, &mut fut).await {
+                Ok(r) => return r,
+                Err(_) if self.is_blocked() => continue,
+                Err(_) => return Err(Error::ConfirmTimeout(timeout)),
+            }
+        }
+    }
+
+    /// Sends one message and waits for its confirm (see [`Core::patiently`]).
+    async fn publish_once(&self, ch: &Channel, msg: &Output) -> Result<()> {
+        let props = msg.properties.clone().with_delivery_mode(2);
+        self.patiently(async {
+            let confirm = send(ch, &msg.exchange, &msg.routing_key, &msg.body, props).await?;
+            confirmed(confirm.await)
+        })
+        .await
+    }
+
+    /// Sends spooled records in order on one channel, then awaits their
+    /// confirms; one result per record, in order.
+    async fn publish_batch(&self, ch: &Channel, batch: &[(u64, SpoolRecord)]) -> Vec<Result<()>> {
+        let mut confirms = Vec::with_capacity(batch.len());
+        for (_, rec) in batch {
+            let props = rec.properties.clone();
+            confirms.push(
+                self.patiently(send(ch, &rec.exchange, &rec.routing_key, &rec.body, props))
+                    .await,
+            );
+        }
+        let mut out = Vec::with_capacity(confirms.len());
+        for c in confirms {
+            out.push(match c {
+                Err(e) => Err(e),
+                Ok(c) => self.patiently(async { confirmed(c.await) }).await,
+            });
+        }
+        out
+    }
+}
+
+async fn send(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<PublisherConfirm> {
+    Ok(ch
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            body,
+            props,
+        )
+        .await?)
+}
+
+fn confirmed(c: lapin::Result<Confirmation>) -> Result<()> {
+    match c {
+        Err(e) => Err(Error::Amqp(e)),
+        Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
+        Ok(Confirmation::Ack(Some(ret))) | Ok(Confirmation::Nack(Some(ret))) => {
+            Err(Error::Unroutable {
+                code: ret.reply_code,
+                text: ret.reply_text.to_string(),
+            })
+        }
+        Ok(Confirmation::Nack(None)) => Err(Error::Nacked),
+    }
+}
+
 /// A cloneable handle for publishing.
 #[derive(Clone)]
 pub struct PublisherHandle {
     addr: Addr<PublisherActor>,
     window: Credits,
-    metrics: Metrics,
+    core: Arc<Core>,
 }
 
 impl PublisherHandle {
-    /// Publishes `msg` and waits for the broker's confirm.
+    /// Publishes `msg`: resolves once the broker confirmed it
+    /// ([`Published::Confirmed`]) or, with the breaker open, once it is
+    /// durable in the spool ([`Published::Spooled`]).
     ///
-    /// Waits for room in the unconfirmed window first; the window is the only
-    /// queue, and it is bounded.
-    pub async fn publish(&self, msg: Output) -> Result<()> {
-        let credit = self.window.acquire().await.ok_or(Error::ShuttingDown)?;
-        self.metrics.unconfirmed.set(self.window.in_use() as i64);
+    /// Waits for a rate token, for the broker to unblock and for room in the
+    /// unconfirmed window — each wait bounded by `max_waiters` callers;
+    /// beyond that, and when the spool is full, it fails at once with
+    /// [`Error::Backpressure`].
+    pub async fn send(&self, msg: Output) -> Result<Published> {
+        let core = &self.core;
+        if core.bucket.acquire().await.is_err() {
+            core.metrics
+                .publish
+                .with_label_values(&["backpressure"])
+                .inc();
+            debug!("publish rate limit: too many waiters; backpressure");
+            return Err(Error::Backpressure(
+                "publish rate limit: too many waiting publishers".into(),
+            ));
+        }
+        let credit = match self.window.try_acquire() {
+            Some(c) => c,
+            None => {
+                let _slot = core.slots.enter("publish window full")?;
+                core.update_waiters();
+                let c = self.window.acquire().await;
+                drop(_slot);
+                core.update_waiters();
+                c.ok_or(Error::ShuttingDown)?
+            }
+        };
+        // Wait for an unblock holding the credit, so that at most
+        // `max_unconfirmed` publishes are past the window at any time.
+        if let Err(e) = core.wait_gate().await {
+            core.metrics.publish.with_label_values(&[e.label()]).inc();
+            return Err(e);
+        }
+        core.metrics.unconfirmed.set(self.window.in_use() as i64);
         let res = self.addr.send(Publish { msg, credit }).await;
-        self.metrics.unconfirmed.set(self.window.in_use() as i64);
+        core.metrics.unconfirmed.set(self.window.in_use() as i64);
         res?
+    }
+
+    /// Like [`send`](Self::send), for callers that only need to know the
+    /// message is safe (confirmed or spooled).
+    pub async fn publish(&self, msg: Output) -> Result<()> {
+        self.send(msg).await.map(|_| ())
     }
 
     /// Publishes currently awaiting a confirm.
@@ -82,6 +608,21 @@ impl PublisherHandle {
         self.window.drained().await;
     }
 
+    /// The breaker's state now.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.core.breaker_state()
+    }
+
+    /// Records in the spool (0 without a spool).
+    pub fn spooled(&self) -> u64 {
+        self.core.spool.as_ref().map_or(0, Spool::len)
+    }
+
+    /// True while the broker blocks publishing.
+    pub fn broker_blocked(&self) -> bool {
+        self.core.is_blocked()
+    }
+
     /// The actor's address.
     pub fn addr(&self) -> &Addr<PublisherActor> {
         &self.addr
@@ -90,39 +631,64 @@ impl PublisherHandle {
 
 /// Owns the confirm-mode channel. See the module docs.
 pub struct PublisherActor {
-    cfg: PublisherConfig,
+    core: Arc<Core>,
     conn: Addr<ConnectionActor>,
-    metrics: Metrics,
     restarts: Restarts,
     escalations: Option<EscalationSender>,
-    channel: Option<Channel>,
-    blocked: bool,
 }
 
 impl PublisherActor {
-    /// Starts the actor under a supervisor and returns a handle.
+    /// Opens the spool (if configured; blocking — redb may repair the file
+    /// after a crash), starts the actor under a supervisor and returns a
+    /// handle. Records left in the spool replay once the broker is reachable.
     pub fn start_supervised(
         cfg: PublisherConfig,
         conn: Addr<ConnectionActor>,
         metrics: Metrics,
         escalations: Option<EscalationSender>,
-    ) -> PublisherHandle {
-        let window = Credits::new(cfg.max_unconfirmed);
-        let m = metrics.clone();
-        let addr = Supervisor::start(move |_| PublisherActor {
-            restarts: Restarts::new(cfg.policy.clone()),
-            cfg,
-            conn,
-            metrics: m,
-            escalations,
-            channel: None,
-            blocked: false,
-        });
-        PublisherHandle {
-            addr,
-            window,
-            metrics,
+    ) -> Result<PublisherHandle> {
+        let spool = match &cfg.spool {
+            Some(s) => Some(
+                Spool::open(&s.path, s.max_bytes)
+                    .map_err(|e| Error::Store(format!("opening {}: {e}", s.path.display())))?,
+            ),
+            None => None,
+        };
+        if let Some(s) = &spool {
+            if !s.is_empty() {
+                info!(
+                    records = s.len(),
+                    bytes = s.bytes(),
+                    "spool holds records from an earlier run; they will be replayed"
+                );
+            }
         }
+        let window = Credits::new(cfg.max_unconfirmed);
+        let core = Arc::new(Core {
+            bucket: TokenBucket::new(cfg.rate, cfg.burst, cfg.max_waiters),
+            slots: WaitSlots {
+                count: AtomicUsize::new(0),
+                max: cfg.max_waiters,
+            },
+            breaker: Mutex::new(CircuitBreaker::new(cfg.breaker)),
+            channel: Mutex::new(None),
+            spool,
+            gate: watch::channel(false).0,
+            blocked_since: Mutex::new(None),
+            replaying: AtomicBool::new(false),
+            metrics,
+            cfg,
+        });
+        core.update_spool_gauges();
+        core.metrics.breaker_state.set(0);
+        let c = core.clone();
+        let addr = Supervisor::start(move |_| PublisherActor {
+            restarts: Restarts::new(c.cfg.policy.clone()),
+            core: c,
+            conn,
+            escalations,
+        });
+        Ok(PublisherHandle { addr, window, core })
     }
 
     fn open_channel(&mut self, ctx: &mut Context<Self>) {
@@ -139,7 +705,7 @@ impl PublisherActor {
             .map(|res, act, ctx| match res {
                 Ok(ch) => {
                     debug!("publisher channel open in confirm mode");
-                    act.channel = Some(ch);
+                    *lock(&act.core.channel) = Some(ch);
                     act.restarts.succeeded();
                 }
                 Err(Error::NotConnected) => {
@@ -152,6 +718,25 @@ impl PublisherActor {
             }),
         );
     }
+
+    /// Periodic: breaker timing, the blocked timeout, spool replay.
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        let core = &self.core;
+        core.with_breaker(|b, now| ((), b.poll(now)));
+        if core.blocked_expired() && *core.gate.borrow() {
+            warn!(
+                timeout = ?core.cfg.blocked_timeout,
+                "broker blocked longer than blocked_timeout; opening the breaker"
+            );
+            core.with_breaker(|b, now| ((), b.force_open(now)));
+            core.gate.send_replace(false);
+        }
+        core.update_waiters();
+        core.update_spool_gauges();
+        if core.should_replay() {
+            ctx.spawn(core.clone().replay().into_actor(self));
+        }
+    }
 }
 
 impl Actor for PublisherActor {
@@ -162,18 +747,20 @@ impl Actor for PublisherActor {
             return;
         }
         self.conn.do_send(Subscribe(ctx.address().recipient()));
+        ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
     }
 }
 
 impl Supervised for PublisherActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
-        self.channel = None;
-        self.metrics
+        *lock(&self.core.channel) = None;
+        self.core
+            .metrics
             .restarts
             .with_label_values(&["publisher"])
             .inc();
         if !self.restarts.record(tokio::time::Instant::now()) {
-            self.metrics.escalations.inc();
+            self.core.metrics.escalations.inc();
             tracing::error!(actor = "publisher", "restart budget spent; escalating");
             if let Some(tx) = &self.escalations {
                 let _ = tx.try_send(Escalation {
@@ -192,16 +779,28 @@ impl Handler<LinkEvent> for PublisherActor {
         match ev {
             // lapin's recovery re-opens the channel (and confirm mode) by
             // itself; open one only if we have none that is usable.
-            LinkEvent::LinkUp(Purpose::Publish)
-                if !self
-                    .channel
-                    .as_ref()
-                    .is_some_and(|c| c.status().connected()) =>
-            {
+            LinkEvent::LinkUp(Purpose::Publish) if self.core.usable_channel().is_none() => {
                 self.open_channel(ctx);
             }
-            LinkEvent::Blocked(_) => self.blocked = true,
-            LinkEvent::Unblocked => self.blocked = false,
+            LinkEvent::Blocked(reason) => {
+                let mut since = lock(&self.core.blocked_since);
+                if since.is_none() {
+                    *since = Some(Instant::now());
+                    info!(%reason, "broker blocked publishing; publishes wait");
+                    self.core.gate.send_replace(true);
+                }
+            }
+            LinkEvent::Unblocked => {
+                *lock(&self.core.blocked_since) = None;
+                self.core.gate.send_replace(false);
+                info!("broker unblocked publishing; publishes resume");
+            }
+            // A block ends with its connection.
+            LinkEvent::LinkDown(Purpose::Publish)
+                if lock(&self.core.blocked_since).take().is_some() =>
+            {
+                self.core.gate.send_replace(false);
+            }
             _ => {}
         }
     }
@@ -215,59 +814,14 @@ fn result_label(r: &Result<()>) -> &'static str {
 }
 
 impl Handler<Publish> for PublisherActor {
-    type Result = ResponseActFuture<Self, Result<()>>;
+    type Result = ResponseFuture<Result<Published>>;
 
     fn handle(&mut self, msg: Publish, _ctx: &mut Context<Self>) -> Self::Result {
         let Publish { msg, credit } = msg;
-        let ch = self.channel.clone();
-        let blocked = self.blocked;
-        let timeout = self.cfg.confirm_timeout;
-        let fut = async move {
+        let core = self.core.clone();
+        Box::pin(async move {
             let _credit = credit;
-            if blocked {
-                return Err(Error::Backpressure(
-                    "broker blocked publishing (resource alarm)".into(),
-                ));
-            }
-            let ch = ch.ok_or(Error::NotConnected)?;
-            if !ch.status().connected() {
-                return Err(Error::NotConnected);
-            }
-            let props = msg.properties.with_delivery_mode(2);
-            let confirm = ch
-                .basic_publish(
-                    msg.exchange.as_str().into(),
-                    msg.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        immediate: false,
-                    },
-                    &msg.body,
-                    props,
-                )
-                .await?;
-            match tokio::time::timeout(timeout, confirm).await {
-                Err(_) => Err(Error::ConfirmTimeout(timeout)),
-                Ok(Err(e)) => Err(Error::Amqp(e)),
-                Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(ret)))) | Ok(Ok(Confirmation::Nack(Some(ret)))) => {
-                    Err(Error::Unroutable {
-                        code: ret.reply_code,
-                        text: ret.reply_text.to_string(),
-                    })
-                }
-                Ok(Ok(Confirmation::Nack(None))) => Err(Error::Nacked),
-            }
-        };
-        Box::pin(fut.into_actor(self).map(|res, act, _ctx| {
-            act.metrics
-                .publish
-                .with_label_values(&[result_label(&res)])
-                .inc();
-            if let Err(e) = &res {
-                debug!(error = %e, "publish failed");
-            }
-            res
-        }))
+            core.dispatch(msg).await
+        })
     }
 }

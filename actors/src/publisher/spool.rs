@@ -307,6 +307,38 @@ impl Spool {
         Ok(())
     }
 
+    /// Durably deletes every record in `seqs` in one transaction (one
+    /// `fsync` for the whole batch of confirmed replays). Unknown sequence
+    /// numbers are skipped, as in [`Spool::remove`]. Blocking; see the module
+    /// docs.
+    pub fn remove_many(&self, seqs: &[u64]) -> Result<(), SpoolError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let _writer = self.lock_writer();
+        let txn = self.inner.db.begin_write().map_err(SpoolError::storage)?;
+        let (count, size) = {
+            let mut records = txn.open_table(RECORDS).map_err(SpoolError::storage)?;
+            let mut count = 0u64;
+            let mut size = 0u64;
+            for seq in seqs {
+                if let Some(old) = records.remove(*seq).map_err(SpoolError::storage)? {
+                    count += 1;
+                    size += old.value().len() as u64;
+                }
+            }
+            (count, size)
+        };
+        if count == 0 {
+            txn.abort().map_err(SpoolError::storage)?;
+            return Ok(());
+        }
+        txn.commit().map_err(SpoolError::storage)?;
+        self.inner.bytes.fetch_sub(size, Ordering::AcqRel);
+        self.inner.len.fetch_sub(count, Ordering::AcqRel);
+        Ok(())
+    }
+
     /// Number of records currently stored. Cheap (atomic load).
     pub fn len(&self) -> u64 {
         self.inner.len.load(Ordering::Acquire)
@@ -348,6 +380,12 @@ impl Spool {
     ) -> Result<Vec<(u64, SpoolRecord)>, SpoolError> {
         let spool = self.clone();
         run_blocking(move || spool.peek_batch(max)).await
+    }
+
+    /// [`Spool::remove_many`] on a `spawn_blocking` thread.
+    pub async fn remove_many_async(&self, seqs: Vec<u64>) -> Result<(), SpoolError> {
+        let spool = self.clone();
+        run_blocking(move || spool.remove_many(&seqs)).await
     }
 
     /// [`Spool::remove`] on a `spawn_blocking` thread.
@@ -434,6 +472,28 @@ mod tests {
             Ok(s) => s,
             Err(e) => panic!("open failed: {e}"),
         }
+    }
+
+    #[test]
+    fn remove_many_deletes_a_batch_and_skips_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir, 1 << 20);
+        let seqs: Vec<u64> = (0..5).map(|i| s.append(&rec(i)).unwrap()).collect();
+        let before = s.bytes();
+        s.remove_many(&[seqs[0], seqs[1], 999]).unwrap();
+        assert_eq!(s.len(), 3);
+        assert!(s.bytes() < before);
+        let left: Vec<u64> = s
+            .peek_batch(10)
+            .unwrap()
+            .into_iter()
+            .map(|(q, _)| q)
+            .collect();
+        assert_eq!(left, seqs[2..].to_vec());
+        s.remove_many(&[]).unwrap();
+        s.remove_many(&seqs[2..]).unwrap();
+        assert!(s.is_empty());
+        assert_eq!(s.bytes(), 0);
     }
 
     #[test]

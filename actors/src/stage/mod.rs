@@ -26,11 +26,12 @@ use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use process::{ATTEMPTS_HEADER, DEAD_LETTER_HEADERS, MAX_ERROR_HEADER_BYTES, REASON_HEADER};
 
@@ -78,6 +79,54 @@ pub(crate) struct Shared {
     /// more credit while it waits for the next delivery; that one is not
     /// in flight).
     pub in_flight: Arc<AtomicUsize>,
+    /// Causes that currently pause intake (see [`Pause`]); empty: running.
+    pub paused: watch::Sender<BTreeSet<String>>,
+    /// Workers the stage should run; `workers` converges to it.
+    pub worker_target: Arc<AtomicUsize>,
+    /// Deliveries intake may still take before pausing with cause
+    /// [`BUDGET_CAUSE`] (see [`SetBudget`]); `u64::MAX`: unlimited.
+    pub budget: AtomicU64,
+}
+
+/// The pause cause used while the intake budget is spent.
+pub const BUDGET_CAUSE: &str = "budget";
+
+impl Shared {
+    /// Counts one delivery against the intake budget; pauses intake when
+    /// it is spent.
+    fn spend_budget(&self) {
+        let before = self
+            .budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                (b != u64::MAX).then(|| b.saturating_sub(1))
+            });
+        if before == Ok(1) {
+            self.set_cause(BUDGET_CAUSE, true);
+        }
+    }
+
+    /// Adds or removes a pause cause; logs and updates the gauge on change.
+    fn set_cause(&self, cause: &str, on: bool) {
+        let changed = self.paused.send_if_modified(|set| {
+            if on {
+                set.insert(cause.to_owned())
+            } else {
+                set.remove(cause)
+            }
+        });
+        if changed {
+            let name = &self.spec.name;
+            if on {
+                debug!(stage = %name, cause, "intake paused");
+            } else {
+                debug!(stage = %name, cause, "intake resumed");
+            }
+            self.metrics
+                .stage_paused
+                .with_label_values(&[name, cause])
+                .set(i64::from(on));
+        }
+    }
 }
 
 impl Shared {
@@ -116,6 +165,39 @@ pub struct DrainReport {
     pub abandoned: usize,
 }
 
+/// Stops intake for `cause` (e.g. `watermark`: the stage's output queue is
+/// above its high watermark) until a [`Resume`] with the same cause. Intake
+/// runs again once no cause is left. Deliveries already in flight finish;
+/// the paused stage holds no credit beyond the one it may be waiting with.
+#[derive(Message, Clone, Debug)]
+#[rtype(result = "()")]
+pub struct Pause {
+    /// Why (a metric label).
+    pub cause: String,
+}
+
+/// Clears a [`Pause`] cause.
+#[derive(Message, Clone, Debug)]
+#[rtype(result = "()")]
+pub struct Resume {
+    /// The cause given to [`Pause`].
+    pub cause: String,
+}
+
+/// Sets how many more deliveries intake may take before it pauses (cause
+/// [`BUDGET_CAUSE`]) until the next budget: the depth monitor hands out
+/// `high - depth` of the stage's output queue each sample, so the stage
+/// cannot overshoot the watermark between two samples. `None`: unlimited.
+#[derive(Message, Clone, Copy, Debug)]
+#[rtype(result = "()")]
+pub struct SetBudget(pub Option<u64>);
+
+/// Sets the number of handler workers (autoscaling). Growing adds worker
+/// permits at once; shrinking retires permits as running handlers finish.
+#[derive(Message, Clone, Copy, Debug)]
+#[rtype(result = "()")]
+pub struct SetWorkers(pub usize);
+
 /// Reported by the intake task when it ends.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -128,6 +210,9 @@ pub struct StageProbe {
     pub name: String,
     consuming: Arc<AtomicBool>,
     in_flight: Arc<AtomicUsize>,
+    workers: Arc<Semaphore>,
+    worker_target: Arc<AtomicUsize>,
+    paused: watch::Receiver<BTreeSet<String>>,
 }
 
 impl StageProbe {
@@ -139,6 +224,22 @@ impl StageProbe {
     /// Deliveries holding a credit.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Handler workers the stage runs (its autoscaling target).
+    pub fn workers(&self) -> usize {
+        self.worker_target.load(Ordering::Acquire)
+    }
+
+    /// Workers running a handler right now.
+    pub fn busy_workers(&self) -> usize {
+        self.workers()
+            .saturating_sub(self.workers.available_permits())
+    }
+
+    /// True while intake is paused (any cause).
+    pub fn paused(&self) -> bool {
+        !self.paused.borrow().is_empty()
     }
 }
 
@@ -168,14 +269,27 @@ impl StageActor {
         let credits = Credits::new(spec.prefetch.max(1) as usize);
         let consuming = Arc::new(AtomicBool::new(false));
         let in_flight = Arc::new(AtomicUsize::new(0));
+        let workers = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+        let worker_target = Arc::new(AtomicUsize::new(spec.concurrency.max(1)));
+        let paused = watch::channel(BTreeSet::new()).0;
+        metrics
+            .stage_workers
+            .with_label_values(&[&spec.name])
+            .set(spec.concurrency.max(1) as i64);
         let probe = StageProbe {
             name: spec.name.clone(),
             consuming: consuming.clone(),
             in_flight: in_flight.clone(),
+            workers: workers.clone(),
+            worker_target: worker_target.clone(),
+            paused: paused.subscribe(),
         };
         let restarts = Restarts::new(spec.policy.clone());
         let shared = Arc::new(Shared {
-            workers: Arc::new(Semaphore::new(spec.concurrency.max(1))),
+            workers,
+            paused,
+            worker_target,
+            budget: AtomicU64::new(u64::MAX),
             spec,
             credits,
             publisher,
@@ -261,9 +375,15 @@ async fn intake(
     mut consumer: Consumer,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
+    let mut paused = shared.paused.subscribe();
     loop {
         if *stop.borrow() {
             return Ok(());
+        }
+        // While paused, take no credit: the backlog stays in the broker.
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            r = paused.wait_for(BTreeSet::is_empty) => if r.is_err() { return Ok(()) },
         }
         let credit = tokio::select! {
             _ = stop.changed() => return Ok(()),
@@ -272,6 +392,9 @@ async fn intake(
                 None => return Ok(()),
             },
         };
+        if !paused.borrow().is_empty() {
+            continue; // paused while waiting for the credit: give it back
+        }
         let next = tokio::select! {
             _ = stop.changed() => return Ok(()),
             n = consumer.next() => n,
@@ -279,6 +402,7 @@ async fn intake(
         match next {
             None => return Ok(()), // consumer cancelled
             Some(Ok(delivery)) => {
+                shared.spend_budget();
                 shared.track_in_flight(true);
                 tokio::spawn(process::process(shared.clone(), delivery, credit));
             }
@@ -416,5 +540,66 @@ impl actix::Handler<Drain> for StageActor {
             .into_actor(self)
             .map(|r, _act, _ctx| r),
         )
+    }
+}
+
+impl actix::Handler<Pause> for StageActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Pause, _ctx: &mut Context<Self>) {
+        self.shared.set_cause(&msg.cause, true);
+    }
+}
+
+impl actix::Handler<Resume> for StageActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Resume, _ctx: &mut Context<Self>) {
+        self.shared.set_cause(&msg.cause, false);
+    }
+}
+
+impl actix::Handler<SetBudget> for StageActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetBudget, _ctx: &mut Context<Self>) {
+        let b = msg.0.unwrap_or(u64::MAX);
+        self.shared.budget.store(b, Ordering::Release);
+        self.shared.set_cause(BUDGET_CAUSE, b == 0);
+    }
+}
+
+impl actix::Handler<SetWorkers> for StageActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetWorkers, _ctx: &mut Context<Self>) {
+        let want = msg.0.max(1);
+        let had = self.shared.worker_target.swap(want, Ordering::AcqRel);
+        let sem = self.shared.workers.clone();
+        if want > had {
+            sem.add_permits(want - had);
+        } else if want < had {
+            let debt = had - want;
+            let forgotten = sem.forget_permits(debt);
+            let rest = debt - forgotten;
+            if rest > 0 {
+                // Busy workers keep their permits until their handler ends;
+                // retire those permits as they come back. The task ends
+                // after at most `rest` permits (or when the stage closes).
+                tokio::spawn(async move {
+                    for _ in 0..rest {
+                        match sem.clone().acquire_owned().await {
+                            Ok(p) => p.forget(),
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        }
+        self.shared
+            .metrics
+            .stage_workers
+            .with_label_values(&[&self.shared.spec.name])
+            .set(want as i64);
     }
 }

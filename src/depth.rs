@@ -1,0 +1,144 @@
+//! What the depth monitor watches, computed from the configuration: which
+//! queues to sample, and which queues each stage's output lands in (the
+//! queues bound to the stage's output exchange with a binding that matches
+//! its routing key), so a full output queue can pause the stage.
+
+use crate::config::{Config, ExchangeType, StageConfig};
+use flowgate_actors::depth::{ScaleRange, WatchedQueue, Watermark};
+
+/// Whether a binding key routes `routing_key` on an exchange of type `kind`.
+/// Headers exchanges match on headers, not keys: every binding counts.
+pub fn binding_matches(kind: ExchangeType, binding_key: &str, routing_key: &str) -> bool {
+    match kind {
+        ExchangeType::Fanout | ExchangeType::Headers => true,
+        ExchangeType::Direct => binding_key == routing_key,
+        ExchangeType::Topic => {
+            let pat: Vec<&str> = binding_key.split('.').collect();
+            let key: Vec<&str> = routing_key.split('.').collect();
+            topic_match(&pat, &key)
+        }
+    }
+}
+
+/// AMQP topic matching: `*` is one word, `#` zero or more.
+fn topic_match(pat: &[&str], key: &[&str]) -> bool {
+    match pat.split_first() {
+        None => key.is_empty(),
+        Some((&"#", rest)) => (0..=key.len()).any(|i| topic_match(rest, &key[i..])),
+        Some((p, rest)) => match key.split_first() {
+            Some((k, krest)) => (*p == "*" || p == k) && topic_match(rest, krest),
+            None => false,
+        },
+    }
+}
+
+/// The queues `exchange`/`routing_key` is routed to by the configured
+/// bindings (exchange-to-exchange bindings are not followed).
+pub fn routed_queues(cfg: &Config, exchange: &str, routing_key: &str) -> Vec<String> {
+    let kind = cfg
+        .exchanges
+        .iter()
+        .find(|e| e.name == exchange)
+        .map(|e| e.kind)
+        .unwrap_or_default();
+    cfg.queues
+        .iter()
+        .filter(|q| {
+            q.bindings.iter().any(|b| {
+                b.exchange == exchange && binding_matches(kind, &b.routing_key, routing_key)
+            })
+        })
+        .map(|q| q.name.clone())
+        .collect()
+}
+
+/// The queues a stage's configured `output` lands in (none without one:
+/// a host handler's outputs are not known in advance).
+pub fn output_queues(cfg: &Config, stage: &StageConfig) -> Vec<String> {
+    stage
+        .output
+        .as_ref()
+        .map(|o| routed_queues(cfg, &o.exchange, &o.routing_key))
+        .unwrap_or_default()
+}
+
+/// Every stage's input queue and every queue with a watermark.
+pub fn watched_queues(cfg: &Config) -> Vec<WatchedQueue> {
+    cfg.queues
+        .iter()
+        .filter(|q| q.watermark.is_some() || cfg.stages.iter().any(|s| s.queue == q.name))
+        .map(|q| WatchedQueue {
+            name: q.name.clone(),
+            watermark: q.watermark.map(|w| Watermark {
+                high: w.high,
+                low: w.low,
+            }),
+        })
+        .collect()
+}
+
+/// A stage's autoscaling range, if its concurrency is a range.
+pub fn scale_range(stage: &StageConfig) -> Option<ScaleRange> {
+    match stage.concurrency {
+        crate::config::Concurrency::Fixed(_) => None,
+        crate::config::Concurrency::Range { min, max } => Some(ScaleRange {
+            min: min as usize,
+            max: max as usize,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_bindings_match_like_the_broker() {
+        let t = |b, k| binding_matches(ExchangeType::Topic, b, k);
+        assert!(t("#", "a.b.c"));
+        assert!(t("#", ""));
+        assert!(t("a.*", "a.b"));
+        assert!(!t("a.*", "a.b.c"));
+        assert!(t("a.#", "a"));
+        assert!(t("a.#.c", "a.x.y.c"));
+        assert!(t("*.b.#", "a.b"));
+        assert!(!t("hop1", "hop2"));
+        assert!(t("hop1", "hop1"));
+        assert!(binding_matches(ExchangeType::Direct, "k", "k"));
+        assert!(!binding_matches(ExchangeType::Direct, "#", "k"));
+        assert!(binding_matches(ExchangeType::Fanout, "x", "k"));
+    }
+
+    #[test]
+    fn a_stage_output_resolves_to_the_next_queue() {
+        let cfg = crate::Config::from_toml(
+            r##"
+            [[exchanges]]
+            name = "ex"
+            [[queues]]
+            name = "q1"
+            bindings = [{ exchange = "ex", routing_key = "in" }]
+            [[queues]]
+            name = "q2"
+            bindings = [{ exchange = "ex", routing_key = "hop.*" }]
+            watermark = { high = 10, low = 2 }
+            [[queues]]
+            name = "audit"
+            bindings = [{ exchange = "ex", routing_key = "#" }]
+            [[stages]]
+            name = "s1"
+            queue = "q1"
+            output = { exchange = "ex", routing_key = "hop.1" }
+            concurrency = { min = 1, max = 4 }
+            "##,
+        )
+        .unwrap();
+        assert_eq!(output_queues(&cfg, &cfg.stages[0]), ["q2", "audit"]);
+        let watched: Vec<_> = watched_queues(&cfg).into_iter().map(|q| q.name).collect();
+        assert_eq!(watched, ["q1", "q2"]);
+        assert_eq!(
+            scale_range(&cfg.stages[0]),
+            Some(ScaleRange { min: 1, max: 4 })
+        );
+    }
+}
