@@ -347,6 +347,25 @@ async fn redis_reachable(url: &str) -> Result<(), String> {
     }
 }
 
+/// `queue high/low, ...` of the queues with a watermark, without the
+/// demo's name prefix.
+fn watermarks(cfg: &Config) -> String {
+    let list: Vec<String> = cfg
+        .queues
+        .iter()
+        .filter_map(|q| {
+            let w = q.watermark?;
+            let name = q.name.split_once('.').map_or(q.name.as_str(), |(_, n)| n);
+            Some(format!("{name} {}/{}", w.high, w.low))
+        })
+        .collect();
+    if list.is_empty() {
+        "none configured".into()
+    } else {
+        list.join(", ")
+    }
+}
+
 /// `flowgate demo`: the order pipeline on the local broker, driven over
 /// HTTP, summarised, cleaned up. `--serve` keeps it running; `--chaos` runs
 /// the services as worker processes that get killed.
@@ -390,11 +409,11 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     println!("flowgate demo: the order pipeline, topology `{prefix}.*`\n\n{FLOW}\n");
     println!(
         "payment provider: {} charges/s, {:?} per call, {:.0}% transient failures; \
-         gateway refuses new orders (503) above a backlog of {}",
+         gateway refuses new orders (503) while a queue is above its watermark ({})",
         cfg.orders.payment_rate,
         cfg.orders.payment_latency,
         cfg.orders.payment_failure_rate * 100.0,
-        cfg.orders.max_backlog
+        watermarks(&cfg)
     );
     if args.chaos {
         return run_chaos(args, cfg, plan, &prefix).await;

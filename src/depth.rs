@@ -1,10 +1,15 @@
 //! What the depth monitor watches, computed from the configuration: which
 //! queues to sample, and which queues each stage's output lands in (the
 //! queues bound to the stage's output exchange with a binding that matches
-//! its routing key), so a full output queue can pause the stage.
+//! its routing key), so a full output queue can pause the stage; and the
+//! [`IngressGate`] that turns the monitor's watermarks into 503s at the
+//! HTTP ingresses.
 
 use crate::config::{Config, ExchangeType, StageConfig};
-use flowgate_actors::depth::{ScaleRange, WatchedQueue, Watermark};
+use flowgate_actors::depth::{QueueLevels, Refusal, ScaleRange, WatchedQueue, Watermark};
+use flowgate_actors::Metrics;
+use std::sync::Arc;
+use tracing::debug;
 
 /// Whether a binding key routes `routing_key` on an exchange of type `kind`.
 /// Headers exchanges match on headers, not keys: every binding counts.
@@ -85,6 +90,49 @@ pub fn scale_range(stage: &StageConfig) -> Option<ScaleRange> {
             min: min as usize,
             max: max as usize,
         }),
+    }
+}
+
+/// Admission of ingress messages by queue watermarks: a message whose
+/// exchange and routing key route (by the configured bindings) to a queue
+/// above its watermark is refused, from the depth monitor's last sample
+/// ([`QueueLevels::admit`]); no request waits for a sample. Cheap to clone.
+#[derive(Clone)]
+pub struct IngressGate {
+    config: Arc<Config>,
+    levels: QueueLevels,
+    metrics: Metrics,
+}
+
+impl IngressGate {
+    /// A gate for `config`'s bindings over the monitor's `levels`.
+    pub fn new(config: &Config, levels: QueueLevels, metrics: Metrics) -> Self {
+        Self {
+            config: Arc::new(config.clone()),
+            levels,
+            metrics,
+        }
+    }
+
+    /// Admits one message for `exchange`/`routing_key`, or says which
+    /// queue refuses it (logged, and counted in
+    /// `flowgate_ingress_refused_total{queue}`).
+    pub fn admit(&self, exchange: &str, routing_key: &str) -> Result<(), Refusal> {
+        let queues = routed_queues(&self.config, exchange, routing_key);
+        self.levels
+            .admit(queues.iter().map(String::as_str))
+            .inspect_err(|r| {
+                debug!(exchange, routing_key, reason = %r, "ingress refused by a watermark");
+                self.metrics
+                    .ingress_refused
+                    .with_label_values(&[r.queue()])
+                    .inc();
+            })
+    }
+
+    /// The monitor's levels (depths, peaks).
+    pub fn levels(&self) -> &QueueLevels {
+        &self.levels
     }
 }
 

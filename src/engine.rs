@@ -1,6 +1,7 @@
 //! The engine: builds the actor tree from a [`Config`] and runs it.
 
 use crate::config::{Config, ConfigError, DedupMode, MissingIdPolicy, PayloadKind};
+use crate::depth::IngressGate;
 use crate::handlers;
 use crate::http::{self, HttpState};
 use actix::prelude::*;
@@ -168,6 +169,7 @@ struct Running {
     conn: Addr<ConnectionActor>,
     publisher: PublisherHandle,
     depth: Addr<DepthMonitorActor>,
+    gate: IngressGate,
     stages: Vec<(String, Addr<StageActor>)>,
     probes: Vec<StageProbe>,
     http: Option<actix_web::dev::ServerHandle>,
@@ -313,7 +315,7 @@ impl Engine {
             stages.push((s.name.clone(), addr));
             probes.push(probe);
         }
-        let depth = DepthMonitorActor::new(
+        let monitor = DepthMonitorActor::new(
             DepthMonitorConfig {
                 interval: config.depth.interval,
                 cooldown: config.depth.cooldown,
@@ -322,8 +324,9 @@ impl Engine {
             },
             conn.clone(),
             metrics.clone(),
-        )
-        .start();
+        );
+        let gate = IngressGate::new(&config, monitor.levels(), metrics.clone());
+        let depth = monitor.start();
 
         let (http, http_addr) = if config.http.bind.is_empty() {
             (None, None)
@@ -333,6 +336,7 @@ impl Engine {
                 probes: probes.clone(),
                 publisher: publisher.clone(),
                 max_message_bytes: config.limits.max_message_bytes,
+                gate: Some(gate.clone()),
             };
             let (h, a) = http::start(&config.http.bind, state)
                 .map_err(|e| StartError::Http(e.to_string()))?;
@@ -346,6 +350,7 @@ impl Engine {
             conn,
             publisher,
             depth,
+            gate,
             stages,
             probes,
             http,
@@ -462,6 +467,18 @@ impl EngineHandle {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Watermark admission for ingresses (the HTTP `POST /publish` and the
+    /// order gateway): refuses messages routed to a queue above its
+    /// watermark, from the depth monitor's samples.
+    pub fn ingress_gate(&self) -> &IngressGate {
+        &self.0.gate
+    }
+
+    /// The depth monitor's latest depths, peaks and watermark states.
+    pub fn queue_levels(&self) -> &flowgate_actors::depth::QueueLevels {
+        self.0.gate.levels()
     }
 
     /// The publisher handle (for handlers that publish on their own).

@@ -82,6 +82,9 @@ pub struct Inner {
     pub stage_workers: IntGaugeVec,
     /// Autoscaling decisions, by stage and direction (`up`, `down`).
     pub stage_scaling: IntCounterVec,
+    /// Ingress requests refused (503) because a queue they route to is
+    /// above its watermark or its headroom is spent, by queue.
+    pub ingress_refused: IntCounterVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -296,6 +299,12 @@ impl Metrics {
                 "flowgate_stage_scaling_total",
                 "Autoscaling decisions by stage and direction",
                 &["stage", "direction"],
+            ),
+            ingress_refused: counter_vec(
+                &r,
+                "flowgate_ingress_refused_total",
+                "Ingress requests refused by a queue watermark, by queue",
+                &["queue"],
             ),
             start_time,
             escalations,

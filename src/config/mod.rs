@@ -806,19 +806,19 @@ pub struct OrdersConfig {
     /// Largest `POST /orders` body; larger answers 413. Default `16384`.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: u64,
-    /// Gateway admission: when the ready messages in the pipeline's queues
-    /// (sampled every `depth_interval`) exceed this, `POST /orders` answers
-    /// 503 with `Retry-After`. `0` turns the check off. Default `1000`.
+    /// Gateway admission, a coarse second bound: when the ready messages of
+    /// the work stages' input queues added up (as the depth monitor sampled
+    /// them every `[depth] interval`) exceed this, `POST /orders` answers
+    /// 503 with `Retry-After`. The primary bound is the queues' `watermark`s:
+    /// the gateway refuses while the `order.created` queue is above its
+    /// watermark, which the stages push back to when their outputs are.
+    /// `0` turns the check off. Default `0`.
     #[serde(default = "default_max_backlog")]
     pub max_backlog: u64,
     /// Gateway: most `order.created` publishes awaiting a confirm at once;
     /// beyond it `POST /orders` answers 503. Default `256`.
     #[serde(default = "default_max_pending")]
     pub max_pending: u32,
-    /// How often the gateway samples queue depths (admission, peak depths).
-    /// Default `250ms`.
-    #[serde(default = "default_orders_depth_interval", with = "humantime_serde")]
-    pub depth_interval: Duration,
     /// Units in stock of every SKU not listed in `stock`. Default `100000`.
     #[serde(default = "default_stock_default")]
     pub stock_default: u64,
@@ -870,13 +870,10 @@ fn default_max_body_bytes() -> u64 {
     16 * 1024
 }
 fn default_max_backlog() -> u64 {
-    1000
+    0
 }
 fn default_max_pending() -> u32 {
     256
-}
-fn default_orders_depth_interval() -> Duration {
-    Duration::from_millis(250)
 }
 fn default_stock_default() -> u64 {
     100_000
@@ -911,7 +908,6 @@ impl Default for OrdersConfig {
             max_body_bytes: default_max_body_bytes(),
             max_backlog: default_max_backlog(),
             max_pending: default_max_pending(),
-            depth_interval: default_orders_depth_interval(),
             stock_default: default_stock_default(),
             stock: Default::default(),
             payment_rate: default_payment_rate(),

@@ -1,4 +1,10 @@
 //! The HTTP server: `/metrics`, `/healthz`, `/readyz`, and the publish ingress.
+//!
+//! `POST /publish/{exchange}/{routing_key}` answers 413 over `[limits]
+//! max_message_bytes`; 503 with `Retry-After` while a queue the message
+//! routes to (by the configured bindings) is above its `watermark` (from
+//! `high` until it falls to `low`, as sampled by the depth monitor) or on
+//! publish backpressure; 404 when unroutable; 202 when confirmed or spooled.
 
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use flowgate_actors::publisher::{Published, PublisherHandle};
@@ -18,6 +24,10 @@ pub struct HttpState {
     pub publisher: PublisherHandle,
     /// Larger bodies answer 413.
     pub max_message_bytes: u64,
+    /// Watermark admission of `POST /publish/...`: 503 with `Retry-After`
+    /// while a queue the message routes to is above its watermark. `None`:
+    /// no watermark check.
+    pub gate: Option<crate::depth::IngressGate>,
 }
 
 async fn metrics(s: web::Data<HttpState>) -> HttpResponse {
@@ -67,6 +77,11 @@ async fn publish(
             .json(json!({ "error": "message too large", "max_bytes": s.max_message_bytes }));
     }
     let (exchange, routing_key) = path.into_inner();
+    if let Some(Err(r)) = s.gate.as_ref().map(|g| g.admit(&exchange, &routing_key)) {
+        return HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "1"))
+            .json(json!({ "error": r.to_string(), "queue": r.queue() }));
+    }
     let mut out = Output::new(exchange, routing_key, body);
     let id = req
         .headers()

@@ -8,16 +8,23 @@
 //! | 413 | the body exceeds `[orders] max_body_bytes` |
 //! | 400 | the body is not JSON |
 //! | 422 | a field is invalid: `{"error", "fields": [{"field", "message"}]}` |
-//! | 503 + `Retry-After` | the pipeline is saturated: backlog above `max_backlog`, `max_pending` publishes in flight, or the publish failed with backpressure (blocked broker, open breaker, watermark), no connection, a nack or a confirm timeout |
+//! | 503 + `Retry-After` | the pipeline is saturated: `orders.created`'s queue is above its `watermark` (from `high` until it falls to `low`, as sampled by the engine's depth monitor, or the room below `high` is spent until the next sample), the optional `[orders] max_backlog` is passed, `max_pending` publishes are in flight, or the publish failed with backpressure (blocked broker, open breaker with a full spool), no connection, a nack or a confirm timeout |
 //! | 202 | `order.created` is confirmed by the broker: `{"order_id", "status": "queued"}` |
 //!
 //! The event is persistent, `mandatory`, with `message_id` = the order id, a
 //! `traceparent` header (a child of the request's, or a new trace) and
 //! content type `application/json`.
+//!
+//! Watermarks are the primary bound: a slow payment provider fills
+//! `orders.reserved` past its watermark, which pauses the reserve stage,
+//! which fills `orders.created` past its own, which makes this gateway
+//! answer 503. `max_backlog` (the ready messages of the work queues summed,
+//! same samples) is a coarser, optional second bound, off by default.
 
 use super::model::{self, Order, ORDER_CREATED};
 use super::status::OrderStatus;
-use super::{depth::DepthSampler, OrdersService};
+use super::OrdersService;
+use crate::depth::IngressGate;
 use actix_web::http::header;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use flowgate_actors::publisher::PublisherHandle;
@@ -37,26 +44,40 @@ pub const RETRY_AFTER_SECS: u64 = 1;
 pub struct GatewayState {
     publisher: PublisherHandle,
     service: Arc<OrdersService>,
-    depth: Option<Arc<DepthSampler>>,
+    gate: Option<IngressGate>,
+    /// Queues whose depths add up to the backlog of `max_backlog`.
+    backlog_queues: Vec<String>,
     /// Bounds the publishes in flight (`[orders] max_pending`).
     pending: Arc<Semaphore>,
 }
 
 impl GatewayState {
     /// Publishing through `publisher`, recording statuses in `service`,
-    /// admitting by `depth`'s backlog when given.
+    /// admitting by `gate`'s watermarks when given (and by `max_backlog`
+    /// over the depths of `backlog_queues`).
     pub fn new(
         publisher: PublisherHandle,
         service: Arc<OrdersService>,
-        depth: Option<Arc<DepthSampler>>,
+        gate: Option<IngressGate>,
+        backlog_queues: Vec<String>,
     ) -> Self {
         let pending = Arc::new(Semaphore::new(service.config.max_pending as usize));
         Self {
             publisher,
             service,
-            depth,
+            gate,
+            backlog_queues,
             pending,
         }
+    }
+
+    /// Ready messages in the work queues at the last depth sample.
+    fn backlog(&self) -> u64 {
+        let Some(g) = &self.gate else { return 0 };
+        self.backlog_queues
+            .iter()
+            .filter_map(|q| g.levels().depth(q))
+            .sum()
     }
 }
 
@@ -140,13 +161,22 @@ async fn create(
                 .json(json!({ "error": "invalid order", "fields": fields }));
         }
     };
-    if let Some(d) = &s.depth {
-        let backlog = d.backlog();
-        if svc.config.max_backlog > 0 && backlog > svc.config.max_backlog {
+    if svc.config.max_backlog > 0 {
+        let backlog = s.backlog();
+        if backlog > svc.config.max_backlog {
             svc.stats.count_error("gateway-503-backlog");
             debug!(backlog, "order refused: pipeline backlog above max_backlog");
-            return unavailable("pipeline backlog above its watermark");
+            return unavailable("pipeline backlog above max_backlog");
         }
+    }
+    if let Some(Err(r)) = s
+        .gate
+        .as_ref()
+        .map(|g| g.admit(&svc.config.exchange, ORDER_CREATED))
+    {
+        // Logged and counted by the gate as well.
+        svc.stats.count_error("gateway-503-watermark");
+        return unavailable(&r.to_string());
     }
     let Ok(_permit) = s.pending.clone().try_acquire_owned() else {
         svc.stats.count_error("gateway-503-pending");
@@ -217,8 +247,8 @@ async fn stats(s: web::Data<GatewayState>) -> HttpResponse {
         "double_reservations": effects.as_ref().map(|e| e.double_reservations),
         "double_charges": effects.as_ref().map(|e| e.double_charges),
         "latency_ms": { "p50": svc.stats.latency_ms(0.5), "p99": svc.stats.latency_ms(0.99) },
-        "peak_depth": s.depth.as_ref().map(|d| d.peaks()),
-        "depth": s.depth.as_ref().map(|d| d.current()),
+        "peak_depth": s.gate.as_ref().map(|g| g.levels().peaks()),
+        "depth": s.gate.as_ref().map(|g| g.levels().current()),
     }))
 }
 

@@ -20,7 +20,6 @@
 //! * [`stages`] — the handlers `orders.reserve`, `orders.pay`, `orders.ship`,
 //!   `orders.track`.
 //! * [`gateway`] — the HTTP gateway.
-//! * [`depth`] — queue depth sampling (gateway admission, peak depths).
 //! * [`load`] — `flowgate load`, the HTTP load generator and its summary.
 //! * [`chaos`] — worker processes killed and restarted during a run.
 //!
@@ -28,7 +27,6 @@
 //! embedded example); [`OrdersService`] holds what the stages share.
 
 pub mod chaos;
-pub mod depth;
 pub mod gateway;
 pub mod ledger;
 pub mod load;
@@ -228,18 +226,17 @@ pub fn uses_orders(config: &Config) -> bool {
 }
 
 /// The order flow running in this process: the engine with its stages, the
-/// shared service, the gateway (when `[orders] gateway_bind` is set) and
-/// the depth sampler.
+/// shared service and the gateway (when `[orders] gateway_bind` is set).
 pub struct OrdersApp {
     engine: EngineHandle,
     service: Arc<OrdersService>,
     gateway: Option<gateway::Gateway>,
-    depth: Option<Arc<depth::DepthSampler>>,
 }
 
 /// Starts the flow of `config`: its stages (order handlers from a shared
-/// [`OrdersService`]), and with a gateway bind the depth sampler and the
-/// gateway. Must run inside an actix `System` ([`crate::run_system`]).
+/// [`OrdersService`]), and with a gateway bind the gateway, which admits
+/// orders by the engine's depth monitor (queue watermarks). Must run
+/// inside an actix `System` ([`crate::run_system`]).
 pub async fn start(config: Config) -> Result<OrdersApp, StartError> {
     start_with(config, Engine::builder()).await
 }
@@ -253,27 +250,32 @@ pub async fn start_with(config: Config, builder: EngineBuilder) -> Result<Orders
         .build()?
         .start()
         .await?;
-    let (gateway, depth) = if config.orders.gateway_bind.is_empty() {
-        (None, None)
+    let gateway = if config.orders.gateway_bind.is_empty() {
+        None
     } else {
-        let depth = depth::DepthSampler::start(&config);
+        let backlog_queues = config
+            .stages
+            .iter()
+            .filter(|s| WORK_HANDLERS.contains(&s.handler.as_str()))
+            .map(|s| s.queue.clone())
+            .collect();
         let gw = gateway::Gateway::start(
             &config.orders.gateway_bind,
             gateway::GatewayState::new(
                 engine.publisher().clone(),
                 service.clone(),
-                Some(depth.clone()),
+                Some(engine.ingress_gate().clone()),
+                backlog_queues,
             ),
         )
         .map_err(|e| StartError::Http(format!("order gateway: {e}")))?;
         info!(addr = %gw.addr(), "order gateway listening");
-        (Some(gw), Some(depth))
+        Some(gw)
     };
     Ok(OrdersApp {
         engine,
         service,
         gateway,
-        depth,
     })
 }
 
@@ -290,17 +292,15 @@ impl OrdersApp {
     pub fn gateway_addr(&self) -> Option<std::net::SocketAddr> {
         self.gateway.as_ref().map(|g| g.addr())
     }
-    /// The depth sampler, if the gateway runs here.
-    pub fn depth(&self) -> Option<&Arc<depth::DepthSampler>> {
-        self.depth.as_ref()
+    /// Queue depths, peaks and watermark states as the engine's depth
+    /// monitor last sampled them (every queue with a watermark or a stage).
+    pub fn queue_levels(&self) -> &flowgate_actors::depth::QueueLevels {
+        self.engine.queue_levels()
     }
     /// Stops the gateway (no new orders), then drains the engine.
     pub async fn shutdown(&self) -> crate::ShutdownReport {
         if let Some(g) = &self.gateway {
             g.stop().await;
-        }
-        if let Some(d) = &self.depth {
-            d.stopped().await;
         }
         self.engine.shutdown().await
     }
