@@ -37,13 +37,7 @@ async fn take(client: &Client, queue: &str, n: u64) {
     for _ in 0..n {
         let got = client
             .ch
-            .basic_get(
-                queue.into(),
-                BasicGetOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-            )
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
             .await
             .expect("basic.get");
         assert!(got.is_some(), "{queue} had a message to take");
