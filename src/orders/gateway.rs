@@ -169,6 +169,12 @@ async fn create(
             return unavailable("pipeline backlog above max_backlog");
         }
     }
+    let Ok(_permit) = s.pending.clone().try_acquire_owned() else {
+        svc.stats.count_error("gateway-503-pending");
+        return unavailable("too many orders awaiting a broker confirm");
+    };
+    // After the permit: a refusal by max_pending must not spend the
+    // watermark headroom.
     if let Some(Err(r)) = s
         .gate
         .as_ref()
@@ -178,10 +184,6 @@ async fn create(
         svc.stats.count_error("gateway-503-watermark");
         return unavailable(&r.to_string());
     }
-    let Ok(_permit) = s.pending.clone().try_acquire_owned() else {
-        svc.stats.count_error("gateway-503-pending");
-        return unavailable("too many orders awaiting a broker confirm");
-    };
     let order = new.into_order();
     publish(&s, &req, order).await
 }
