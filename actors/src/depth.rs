@@ -23,8 +23,9 @@
 //! [`QueueLevels::admit`] refuses a message bound for a queue that is above
 //! its watermark (until it falls to `low`), and otherwise takes one unit of
 //! the queue's ingress headroom, `(high - depth) / (feeding stages + 1)` as
-//! of the last sample, so an ingress cannot overshoot `high` between two
-//! samples either. No request ever waits for a sample.
+//! of the last sample less what was admitted since that depth was read, so
+//! an ingress cannot overshoot `high` between two samples by more than its
+//! publishes in flight. No request ever waits for a sample.
 //!
 //! **Autoscaling.** A stage with a worker range gets [`SetWorkers`] from
 //! [`scale_decision`]: double (up to `max`) while its input queue has a
@@ -202,6 +203,11 @@ struct Level {
     above: AtomicBool,
     /// Ingress admissions left until the next sample.
     headroom: AtomicU64,
+    /// Ingress admissions since the start.
+    admitted: AtomicU64,
+    /// `admitted` when the current sample's depth was read: admissions
+    /// after it are not in that depth and come off the new headroom.
+    admitted_at_read: AtomicU64,
 }
 
 /// Why [`QueueLevels::admit`] refused a message.
@@ -267,6 +273,8 @@ impl QueueLevels {
                         peak: AtomicU64::new(0),
                         above: AtomicBool::new(false),
                         headroom: AtomicU64::new(headroom),
+                        admitted: AtomicU64::new(0),
+                        admitted_at_read: AtomicU64::new(0),
                     },
                 )
             })
@@ -337,8 +345,20 @@ impl QueueLevels {
             for l in taken {
                 l.headroom.fetch_add(1, Ordering::AcqRel);
             }
+        } else {
+            for l in taken {
+                l.admitted.fetch_add(1, Ordering::AcqRel);
+            }
         }
         result
+    }
+
+    /// Marks the moment `queue`'s depth is read for a sample.
+    fn mark_read(&self, queue: &str) {
+        if let Some(l) = self.0.get(queue) {
+            let n = l.admitted.load(Ordering::Acquire);
+            l.admitted_at_read.store(n, Ordering::Release);
+        }
     }
 
     /// Records one sample of `queue`: `None` when it could not be read
@@ -351,10 +371,14 @@ impl QueueLevels {
                 l.depth.store(d, Ordering::Release);
                 l.peak.fetch_max(d, Ordering::AcqRel);
                 if let Some(w) = l.watermark {
+                    let since_read = l
+                        .admitted
+                        .load(Ordering::Acquire)
+                        .saturating_sub(l.admitted_at_read.load(Ordering::Acquire));
                     let room = if above {
                         0
                     } else {
-                        w.high.saturating_sub(d) / l.shares
+                        (w.high.saturating_sub(d) / l.shares).saturating_sub(since_read)
                     };
                     l.headroom.store(room, Ordering::Release);
                 }
@@ -425,6 +449,7 @@ impl DepthMonitorActor {
         let conn = self.conn.clone();
         let mut ch = self.channel.take().filter(|c| c.status().connected());
         let names: Vec<String> = self.cfg.queues.iter().map(|q| q.name.clone()).collect();
+        let levels = self.levels.clone();
         ctx.spawn(
             async move {
                 let mut out = Vec::with_capacity(names.len());
@@ -443,6 +468,7 @@ impl DepthMonitorActor {
                             }
                         },
                     };
+                    levels.mark_read(&name);
                     match passive_declare(&c, &name).await {
                         Ok(v) => out.push((name, Some(v))),
                         Err(e) => {
@@ -650,6 +676,12 @@ mod tests {
         )
     }
 
+    /// A sample as the monitor takes it: the read, then the record.
+    fn sample_level(l: &QueueLevels, q: &str, depth: Option<u64>, above: bool) {
+        l.mark_read(q);
+        l.record(q, depth, above);
+    }
+
     #[test]
     fn ingress_admission_follows_the_watermark_with_hysteresis() {
         let l = levels();
@@ -659,28 +691,38 @@ mod tests {
         }
         assert!(matches!(l.admit(["a"]), Err(Refusal::HeadroomSpent { .. })));
         // A sample refills the room to high - depth.
-        l.record("a", Some(6), false);
+        sample_level(&l, "a", Some(6), false);
         for _ in 0..4 {
             l.admit(["a"]).unwrap();
         }
         assert!(l.admit(["a"]).is_err());
         // Above high: refused, and still refused on the way down to low.
-        l.record("a", Some(12), true);
+        sample_level(&l, "a", Some(12), true);
         let e = l.admit(["a"]).unwrap_err();
         assert_eq!(e.queue(), "a");
         assert!(
             matches!(e, Refusal::AboveWatermark { depth: 12, .. }),
             "{e}"
         );
-        l.record("a", Some(5), true);
+        sample_level(&l, "a", Some(5), true);
         assert!(l.admit(["a"]).is_err());
-        l.record("a", Some(2), false);
+        sample_level(&l, "a", Some(2), false);
         assert!(l.admit(["a"]).is_ok());
         assert!(!l.is_above("a") && l.depth("a") == Some(2));
         assert_eq!(l.peaks()["a"], 12);
         assert_eq!(l.current()["a"], 2);
+        // Admissions between reading the depth and recording it are not in
+        // that depth: they come off the new room.
+        l.mark_read("a");
+        l.admit(["a"]).unwrap();
+        l.admit(["a"]).unwrap();
+        l.record("a", Some(4), false);
+        for _ in 0..4 {
+            l.admit(["a"]).unwrap();
+        }
+        assert!(l.admit(["a"]).is_err(), "10 - 4 - 2 admitted meanwhile");
         // An unreadable sample leaves no room until a good one.
-        l.record("a", None, false);
+        sample_level(&l, "a", None, false);
         assert!(l.admit(["a"]).is_err());
     }
 
