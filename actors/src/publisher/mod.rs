@@ -819,9 +819,15 @@ impl Handler<Publish> for PublisherActor {
     fn handle(&mut self, msg: Publish, _ctx: &mut Context<Self>) -> Self::Result {
         let Publish { msg, credit } = msg;
         let core = self.core.clone();
-        Box::pin(async move {
+        // The publish and its confirm run on the multi-threaded runtime, not
+        // on this actor's (single) arbiter thread: the actor only routes.
+        let task = tokio::spawn(async move {
             let _credit = credit;
             core.dispatch(msg).await
+        });
+        Box::pin(async move {
+            task.await
+                .unwrap_or_else(|e| Err(Error::Store(format!("publish task failed: {e}"))))
         })
     }
 }
