@@ -65,15 +65,18 @@ async fn daemon_under_3x_overload_keeps_depth_bounded_memory_flat_and_loses_noth
     let mut file = tempfile::NamedTempFile::new().unwrap();
     file.write_all(text.as_bytes()).unwrap();
     let cfg = flowgate::Config::load(file.path()).unwrap();
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     let log = tempfile::NamedTempFile::new().unwrap();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_flowgate"))
-        .args(["run", "--config"])
-        .arg(file.path())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log.path()).unwrap())
-        .spawn()
-        .expect("daemon starts");
-    let pid = daemon.id();
+    let mut daemon = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_flowgate"))
+            .args(["run", "--config"])
+            .arg(file.path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log.path()).unwrap())
+            .spawn()
+            .expect("daemon starts"),
+    );
+    let pid = daemon.0.id();
     let client = Client::connect(AMQP_URL).await;
     let sink = format!("{prefix}.sink");
     let slow_q = format!("{prefix}.s2");
@@ -150,7 +153,7 @@ async fn daemon_under_3x_overload_keeps_depth_bounded_memory_flat_and_loses_noth
 
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let status = daemon.wait().unwrap();
+    let status = daemon.0.wait().unwrap();
     let logs = String::from_utf8_lossy(&std::fs::read(log.path()).unwrap_or_default()).into_owned();
 
     let samples = rss.lock().unwrap().clone();
@@ -193,5 +196,4 @@ async fn daemon_under_3x_overload_keeps_depth_bounded_memory_flat_and_loses_noth
     for q in &cfg.queues {
         assert_drained(&client, &q.name).await;
     }
-    client.delete_topology(&cfg).await;
 }
