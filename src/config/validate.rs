@@ -1,6 +1,6 @@
 //! Start-up validation: every mistake names its key.
 
-use super::{Concurrency, Config, ConfigError, DedupMode, StageConfig};
+use super::{Concurrency, Config, ConfigError, DedupMode, StageConfig, VerifyMode};
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -168,6 +168,21 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
         validate_failures(cfg, s, &key)?;
     }
     validate_dedup(cfg)?;
+    validate_security(cfg)?;
+    Ok(())
+}
+
+/// `[security]` (the key files and variable are read) and each stage's `verify`.
+fn validate_security(cfg: &Config) -> Result<(), ConfigError> {
+    let key_set = cfg.security.keys()?.is_some();
+    for (i, s) in cfg.stages.iter().enumerate() {
+        if !key_set && s.verify_mode(false) != VerifyMode::Off {
+            return Err(ConfigError::new(
+                format!("stages[{i}].verify"),
+                "verifying signatures needs a key: set security.hmac_key_file or security.hmac_key_env",
+            ));
+        }
+    }
     Ok(())
 }
 
