@@ -310,7 +310,9 @@ mod tests {
     use lapin::types::FieldArray;
 
     fn keys() -> Keys {
-        Keys::new(SigningKey::new(b"0123456789abcdef0123456789abcdef".to_vec()))
+        Keys::new(SigningKey::new(
+            b"0123456789abcdef0123456789abcdef".to_vec(),
+        ))
     }
 
     fn props() -> BasicProperties {
@@ -399,7 +401,11 @@ mod tests {
         // Uppercase hex is accepted.
         let sig = k.current.sign("rk", &props(), b"body").to_uppercase();
         let mut upper = props();
-        crate::message::set_header(&mut upper, SIGNATURE_HEADER, AMQPValue::LongString(sig.into()));
+        crate::message::set_header(
+            &mut upper,
+            SIGNATURE_HEADER,
+            AMQPValue::LongString(sig.into()),
+        );
         assert_eq!(k.verify(&["rk"], &upper, b"body"), Ok(KeyUsed::Current));
     }
 
@@ -411,7 +417,10 @@ mod tests {
             previous: Some(old.clone()),
         };
         let by_old = Keys::new(old).sign_properties("rk", b"x", props());
-        assert_eq!(rotated.verify(&["rk"], &by_old, b"x"), Ok(KeyUsed::Previous));
+        assert_eq!(
+            rotated.verify(&["rk"], &by_old, b"x"),
+            Ok(KeyUsed::Previous)
+        );
         let by_new = rotated.sign_properties("rk", b"x", props());
         assert_eq!(rotated.verify(&["rk"], &by_new, b"x"), Ok(KeyUsed::Current));
         let unrelated = Keys::new(SigningKey::new(b"other-key-other-key".to_vec()));

@@ -483,7 +483,9 @@ impl Core {
     async fn publish_once(&self, ch: &Channel, msg: &Output) -> Result<()> {
         let props = msg.properties.clone().with_delivery_mode(2);
         self.patiently(async {
-            let confirm = self.send(ch, &msg.exchange, &msg.routing_key, &msg.body, props).await?;
+            let confirm = self
+                .send(ch, &msg.exchange, &msg.routing_key, &msg.body, props)
+                .await?;
             confirmed(confirm.await)
         })
         .await

@@ -18,11 +18,11 @@ use crate::credit::Credit;
 use crate::dedup::{key_for, Claimed, CommitOutcome};
 use crate::error::Error;
 use crate::message::{set_header, Delivery, Outcome, Output};
-use crate::signing::{self, VerifyMode, BAD_SIGNATURE, UNSIGNED_HEADER};
 use crate::retry::{
     attempt_of, ATTEMPT_HEADER, ENGINE_HEADERS, ORIGINAL_EXCHANGE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
 };
+use crate::signing::{self, VerifyMode, BAD_SIGNATURE, UNSIGNED_HEADER};
 use crate::trace;
 use futures::FutureExt;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
