@@ -17,6 +17,11 @@
 //!    [`Published::Spooled`] once the record is durable (spool full →
 //!    [`Error::Backpressure`]).
 //!
+//! With [`PublisherConfig::signing`] set, each message is signed (header
+//! `x-flowgate-signature`, see [`crate::signing`]) in the one place that
+//! calls `basic.publish`, right before it: spooled records are stored
+//! unsigned and signed when they are replayed.
+//!
 //! Failures counted by the breaker: nack, confirm timeout, channel/connection
 //! error, and `basic.return`. A returned (unroutable) message is *never*
 //! spooled: it is a routing bug, not an outage, so it goes back to the caller
