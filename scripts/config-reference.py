@@ -18,7 +18,7 @@ PATHS = [
     ("spool", "SpoolConfig"), ("depth", "DepthConfig"),
     ("dedup", "DedupConfig"), ("redis", "RedisConfig"),
     ("limits", "LimitsConfig"), ("shutdown", "ShutdownConfig"), ("supervisor", "SupervisorConfig"),
-    ("orders", "OrdersConfig"),
+    ("orders", "OrdersConfig"), ("security", "SecurityConfig"),
 ]
 NESTED = {"breaker", "bindings", "watermark", "output", "retry"}
 

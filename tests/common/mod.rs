@@ -349,6 +349,7 @@ pub fn chain_config(prefix: &str, handlers: &[&str], prefetch: u32) -> Config {
             dedup: Default::default(),
             payload: Default::default(),
             record_file: None,
+            verify: None,
         });
     }
     cfg
