@@ -53,6 +53,7 @@ fn main() -> anyhow::Result<()> {
             dedup: Default::default(),
             payload: Default::default(),
             record_file: None,
+            verify: None,
         });
         let audit = handler_fn(|d| async move {
             let order = orders::model::Order::from_json(&d.body)?;

@@ -122,6 +122,7 @@ pub fn pipeline_config(prefix: &str, hops: usize, prefetch: u32, kind: QueueKind
             dedup: Default::default(),
             payload: Default::default(),
             record_file: None,
+            verify: None,
         });
     }
     cfg

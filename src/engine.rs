@@ -1,6 +1,6 @@
 //! The engine: builds the actor tree from a [`Config`] and runs it.
 
-use crate::config::{Config, ConfigError, DedupMode, MissingIdPolicy, PayloadKind};
+use crate::config::{Config, ConfigError, DedupMode, MissingIdPolicy, PayloadKind, VerifyMode};
 use crate::depth::IngressGate;
 use crate::handlers;
 use crate::http::{self, HttpState};
@@ -16,6 +16,7 @@ use flowgate_actors::depth::{DepthMonitorActor, DepthMonitorConfig, WatchedStage
 use flowgate_actors::publisher::{
     BreakerConfig, Published, PublisherActor, PublisherConfig, PublisherHandle, SpoolConfig,
 };
+use flowgate_actors::signing::{Keys, Verifier, VerifyMode as SigMode};
 use flowgate_actors::stage::{Drain, DrainReport, StageActor, StageProbe, StageSpec};
 use flowgate_actors::supervision::Escalation;
 use flowgate_actors::{Handler, Metrics, Output, Payload};
@@ -238,6 +239,9 @@ impl Engine {
             .map_err(|e| StartError::Broker(format!("declaring topology: {e}")))?;
         let _ = ch.close(200, "topology declared".into()).await;
 
+        // Read again at start (validated at load): a key file may be
+        // rotated between the two.
+        let keys = config.security.keys()?;
         let p = &config.publisher;
         let publisher = PublisherActor::start_supervised(
             PublisherConfig {
@@ -257,6 +261,7 @@ impl Engine {
                     max_bytes: config.spool.max_bytes,
                 }),
                 policy: policy.clone(),
+                signing: keys.clone().filter(|_| config.security.sign_outputs),
             },
             conn.clone(),
             metrics.clone(),
@@ -297,6 +302,7 @@ impl Engine {
                 max_message_bytes: Some(
                     usize::try_from(config.limits.max_message_bytes).unwrap_or(usize::MAX),
                 ),
+                signature: signature_check(s.verify_mode(keys.is_some()), keys.as_ref()),
             };
             let (addr, probe) = StageActor::start_supervised(
                 spec,
@@ -358,6 +364,19 @@ impl Engine {
             escalations: Mutex::new(esc_rx),
         })))
     }
+}
+
+/// A stage's signature check from its `verify` mode and the keys.
+fn signature_check(mode: VerifyMode, keys: Option<&Keys>) -> Option<Verifier> {
+    let mode = match mode {
+        VerifyMode::Off => return None,
+        VerifyMode::Warn => SigMode::Warn,
+        VerifyMode::Reject => SigMode::Reject,
+    };
+    keys.map(|k| Verifier {
+        keys: k.clone(),
+        mode,
+    })
 }
 
 /// The dedup backends the stages use, one DedupActor each.

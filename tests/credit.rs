@@ -16,6 +16,7 @@ async fn a_blocked_stage_holds_at_most_prefetch_deliveries() {
     const P: usize = 5;
     let prefix = unique("credit");
     let mut cfg = chain_config(&prefix, &["blocking"], P as u32);
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     // More handler tasks than credits: only the credit bound can hold the line.
     cfg.stages[0].concurrency = flowgate::config::Concurrency::Fixed(64);
     let gate = Arc::new(Semaphore::new(0));
@@ -91,5 +92,4 @@ async fn a_blocked_stage_holds_at_most_prefetch_deliveries() {
     );
     handle.shutdown().await;
     assert_eq!(in_flight(), 0);
-    client.delete_topology(&cfg).await;
 }

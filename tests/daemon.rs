@@ -45,8 +45,9 @@ async fn sigterm_mid_flow_exits_zero_within_grace_and_loses_nothing() {
     let prefix = unique("sigterm");
     let cfg_file = write_config(&prefix, "20s");
     let cfg = flowgate::Config::load(cfg_file.path()).unwrap();
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     let log = tempfile::NamedTempFile::new().unwrap();
-    let mut daemon = spawn_daemon(cfg_file.path(), log.path());
+    let mut daemon = ChildGuard(spawn_daemon(cfg_file.path(), log.path()));
     let client = Client::connect(AMQP_URL).await;
     // The daemon declares the topology; wait for it.
     let sink = format!("{prefix}.sink");
@@ -85,9 +86,9 @@ async fn sigterm_mid_flow_exits_zero_within_grace_and_loses_nothing() {
 
     let sent = Instant::now();
     // SAFETY: plain kill(2) on our own child's pid.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
     let status = loop {
-        if let Some(s) = daemon.try_wait().unwrap() {
+        if let Some(s) = daemon.0.try_wait().unwrap() {
             break s;
         }
         assert!(
@@ -112,15 +113,14 @@ async fn sigterm_mid_flow_exits_zero_within_grace_and_loses_nothing() {
     );
 
     // A fresh start finishes the job; every id reaches the sink.
-    let mut daemon = spawn_daemon(cfg_file.path(), log.path());
+    let mut daemon = ChildGuard(spawn_daemon(cfg_file.path(), log.path()));
     let got = client.collect(&sink, n, Duration::from_secs(120)).await;
     let c = counts(got.into_iter().map(|(id, _)| id));
     assert_eq!(c.len(), n, "every id reached the sink after the restart");
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    assert_eq!(daemon.wait().unwrap().code(), Some(0));
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(daemon.0.wait().unwrap().code(), Some(0));
     for q in &cfg.queues {
         assert_drained(&client, &q.name).await;
         assert_drained(&client, &format!("{}.dlq", q.name)).await;
     }
-    client.delete_topology(&cfg).await;
 }

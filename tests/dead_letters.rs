@@ -26,6 +26,7 @@ async fn run_with_middle_handler(
 ) {
     let prefix = unique(tag);
     let cfg = chain_config(&prefix, &["forward", "middle", "forward"], 20);
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     let handle = Engine::builder()
         .config(cfg.clone())
         .handler("middle", handler)
@@ -96,7 +97,6 @@ async fn run_with_middle_handler(
     for q in &cfg.queues {
         assert_drained(&client, &q.name).await;
     }
-    client.delete_topology(&cfg).await;
 }
 
 #[actix_rt::test]

@@ -10,6 +10,7 @@ use std::time::Duration;
 async fn three_forward_stages_carry_10k_messages_exactly_once() {
     let prefix = unique("chain");
     let cfg = chain_config(&prefix, &["forward", "forward", "forward"], 50);
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     let handle = Engine::builder()
         .config(cfg.clone())
         .build()
@@ -49,5 +50,4 @@ async fn three_forward_stages_carry_10k_messages_exactly_once() {
     for s in ["s1", "s2", "s3"] {
         assert_eq!(handle.metrics().acked.with_label_values(&[s]).get(), 10_000);
     }
-    client.delete_topology(&cfg).await;
 }

@@ -21,6 +21,8 @@
 //!   samples queue depths, pauses stages whose output queue is above its
 //!   watermark, autoscales stage workers.
 //! * [`retry`] — the broker-side retry ladder (tier queues, attempt header).
+//! * [`signing`] — HMAC-SHA256 signatures: the canonical form, signing at
+//!   publish, verification at consume, key rotation.
 //! * [`dedup`] — claim → handle → commit deduplication (memory or Redis) and
 //!   the DedupActor that pauses stages while the store is unavailable.
 //! * [`supervision`] — restart policy with capped exponential backoff and a
@@ -37,6 +39,7 @@ pub mod message;
 pub mod metrics;
 pub mod publisher;
 pub mod retry;
+pub mod signing;
 pub mod stage;
 pub mod supervision;
 pub mod trace;

@@ -23,6 +23,9 @@ pub struct Inner {
     pub acked: IntCounterVec,
     /// Deliveries dead-lettered, by reason.
     pub dead_lettered: IntCounterVec,
+    /// Deliveries whose HMAC signature was missing or wrong (dead-lettered
+    /// with `verify = "reject"`, processed anyway with `"warn"`).
+    pub signature_failures: IntCounterVec,
     /// Acks or rejects the broker connection refused (the message will be redelivered).
     pub ack_failures: IntCounterVec,
     /// Publish attempts by result (confirmed, nacked, returned, ...).
@@ -176,6 +179,12 @@ impl Metrics {
                 "flowgate_messages_dead_lettered_total",
                 "Deliveries dead-lettered, by reason",
                 &["stage", "reason"],
+            ),
+            signature_failures: counter_vec(
+                &r,
+                "flowgate_signature_failures_total",
+                "Deliveries whose HMAC signature was missing or wrong",
+                &["stage"],
             ),
             ack_failures: counter_vec(
                 &r,

@@ -1,6 +1,6 @@
 //! Start-up validation: every mistake names its key.
 
-use super::{Concurrency, Config, ConfigError, DedupMode, StageConfig};
+use super::{Concurrency, Config, ConfigError, DedupMode, StageConfig, VerifyMode};
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -168,6 +168,21 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
         validate_failures(cfg, s, &key)?;
     }
     validate_dedup(cfg)?;
+    validate_security(cfg)?;
+    Ok(())
+}
+
+/// `[security]` (the key files and variable are read) and each stage's `verify`.
+fn validate_security(cfg: &Config) -> Result<(), ConfigError> {
+    let key_set = cfg.security.keys()?.is_some();
+    for (i, s) in cfg.stages.iter().enumerate() {
+        if !key_set && s.verify_mode(false) != VerifyMode::Off {
+            return Err(ConfigError::new(
+                format!("stages[{i}].verify"),
+                "verifying signatures needs a key: set security.hmac_key_file or security.hmac_key_env",
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -362,5 +377,105 @@ handler = "sink"
         let e = with("", "[dedup]\ncapacity = 0").unwrap_err();
         assert_eq!(e.key, "dedup.capacity");
         assert!(with("dedup = \"sometimes\"", "").is_err());
+    }
+}
+
+#[cfg(test)]
+mod security_tests {
+    use crate::config::{Config, VerifyMode};
+
+    const BASE: &str = r#"
+[[exchanges]]
+name = "shop"
+[[queues]]
+name = "orders"
+[[stages]]
+name = "reserve"
+queue = "orders"
+handler = "sink"
+"#;
+
+    fn with(security: &str, stage_extra: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::from_toml(&format!("[security]\n{security}\n{BASE}{stage_extra}\n"))
+    }
+
+    fn key_file(contents: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), contents).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_off_without_a_key_reject_with_one() {
+        let cfg = with("", "").unwrap();
+        assert!(cfg.security.sign_outputs);
+        assert!(cfg.security.keys().unwrap().is_none());
+        assert_eq!(cfg.stages[0].verify_mode(false), VerifyMode::Off);
+
+        let f = key_file("  0123456789abcdef0123456789abcdef\n");
+        let cfg = with(&format!("hmac_key_file = {:?}", f.path()), "").unwrap();
+        let keys = cfg.security.keys().unwrap().unwrap();
+        assert!(keys.previous.is_none());
+        assert_eq!(cfg.stages[0].verify_mode(true), VerifyMode::Reject);
+        // The file's whitespace is trimmed: it signs like the bare key.
+        let bare =
+            flowgate_actors::signing::SigningKey::new(b"0123456789abcdef0123456789abcdef".to_vec());
+        let p = lapin::BasicProperties::default();
+        assert_eq!(keys.current.sign("k", &p, b"x"), bare.sign("k", &p, b"x"));
+        let cfg = with(
+            &format!("hmac_key_file = {:?}", f.path()),
+            "verify = \"warn\"",
+        )
+        .unwrap();
+        assert_eq!(cfg.stages[0].verify_mode(true), VerifyMode::Warn);
+    }
+
+    #[test]
+    fn key_from_env_and_previous_key() {
+        let var = format!("FLOWGATE_TEST_KEY_{}", uuid::Uuid::new_v4().simple());
+        std::env::set_var(&var, "an-env-key-of-enough-bytes");
+        let prev = key_file("the-previous-key-0123");
+        let cfg = with(
+            &format!(
+                "hmac_key_env = {var:?}\nhmac_previous_key_file = {:?}",
+                prev.path()
+            ),
+            "",
+        )
+        .unwrap();
+        let keys = cfg.security.keys().unwrap().unwrap();
+        assert!(keys.previous.is_some());
+        std::env::remove_var(&var);
+    }
+
+    #[test]
+    fn bad_security_keys_name_their_key_and_hide_the_secret() {
+        let e = with("", "verify = \"reject\"").unwrap_err();
+        assert_eq!(e.key, "stages[0].verify");
+        assert!(with("", "verify = \"off\"").is_ok());
+        let e = with("hmac_key_file = \"/nonexistent/flowgate.key\"", "").unwrap_err();
+        assert_eq!(e.key, "security.hmac_key_file");
+        let short = key_file("short-secret");
+        let e = with(&format!("hmac_key_file = {:?}", short.path()), "").unwrap_err();
+        assert_eq!(e.key, "security.hmac_key_file");
+        assert!(!e.to_string().contains("short-secret"), "{e}");
+        let e = with("hmac_key_env = \"FLOWGATE_TEST_UNSET_VARIABLE\"", "").unwrap_err();
+        assert_eq!(e.key, "security.hmac_key_env");
+        let f = key_file("0123456789abcdef0123456789abcdef");
+        let e = with(
+            &format!("hmac_key_file = {:?}\nhmac_key_env = \"X\"", f.path()),
+            "",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "security.hmac_key_env");
+        let e = with(&format!("hmac_previous_key_file = {:?}", f.path()), "").unwrap_err();
+        assert_eq!(e.key, "security.hmac_previous_key_file");
+        let e = with("hmac_key = \"inline\"", "").unwrap_err();
+        assert!(e.to_string().contains("hmac_key"), "{e}");
+        assert!(with("", "verify = \"sometimes\"").is_err());
+        // Debug of a loaded config shows where the key is, never the key.
+        let cfg = with(&format!("hmac_key_file = {:?}", f.path()), "").unwrap();
+        assert!(!format!("{cfg:?}").contains("0123456789abcdef"));
+        assert!(!format!("{:?}", cfg.security.keys().unwrap()).contains("0123456789abcdef"));
     }
 }

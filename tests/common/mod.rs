@@ -235,6 +235,60 @@ impl Client {
     }
 }
 
+/// Deletes a test's topology when dropped — also when the test panicked, so
+/// failed runs leave nothing behind on the shared broker.
+pub struct Cleanup {
+    url: String,
+    cfg: Config,
+}
+
+impl Cleanup {
+    /// Deletes `cfg`'s queues and exchanges on drop.
+    pub fn new(url: &str, cfg: &Config) -> Cleanup {
+        Cleanup {
+            url: url.to_owned(),
+            cfg: cfg.clone(),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (url, cfg) = (self.url.clone(), self.cfg.clone());
+        // A thread with its own runtime: drop may run while the test's
+        // runtime is unwinding.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = flowgate::topology::delete(&ch, &cfg).await;
+                        let _ = ch.close(200, "cleanup".into()).await;
+                    }
+                    let _ = conn.close(200, "cleanup".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A child process (a daemon under test) killed when the guard drops, so a
+/// failing test never leaves a daemon behind.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A header as a string.
 pub fn header(h: &FieldTable, name: &str) -> Option<String> {
     h.inner()
@@ -295,6 +349,7 @@ pub fn chain_config(prefix: &str, handlers: &[&str], prefetch: u32) -> Config {
             dedup: Default::default(),
             payload: Default::default(),
             record_file: None,
+            verify: None,
         });
     }
     cfg

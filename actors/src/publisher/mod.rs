@@ -17,6 +17,11 @@
 //!    [`Published::Spooled`] once the record is durable (spool full →
 //!    [`Error::Backpressure`]).
 //!
+//! With [`PublisherConfig::signing`] set, each message is signed (header
+//! `x-flowgate-signature`, see [`crate::signing`]) in the one place that
+//! calls `basic.publish`, right before it: spooled records are stored
+//! unsigned and signed when they are replayed.
+//!
 //! Failures counted by the breaker: nack, confirm timeout, channel/connection
 //! error, and `basic.return`. A returned (unroutable) message is *never*
 //! spooled: it is a routing bug, not an outage, so it goes back to the caller
@@ -47,6 +52,7 @@ use crate::credit::{Credit, Credits};
 use crate::error::{Error, Result};
 use crate::message::Output;
 use crate::metrics::Metrics;
+use crate::signing::{self, Keys};
 use crate::supervision::{Escalation, EscalationSender, RestartPolicy, Restarts};
 use actix::prelude::*;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -100,6 +106,10 @@ pub struct PublisherConfig {
     pub spool: Option<SpoolConfig>,
     /// Restart backoff and budget.
     pub policy: RestartPolicy,
+    /// Signs every publish (header `x-flowgate-signature`, see
+    /// [`crate::signing`]) just before it is sent, spool replays included;
+    /// `None`: messages go out as they are.
+    pub signing: Option<Keys>,
 }
 
 impl Default for PublisherConfig {
@@ -114,6 +124,7 @@ impl Default for PublisherConfig {
             blocked_timeout: Duration::from_secs(30),
             spool: None,
             policy: RestartPolicy::default(),
+            signing: None,
         }
     }
 }
@@ -477,7 +488,9 @@ impl Core {
     async fn publish_once(&self, ch: &Channel, msg: &Output) -> Result<()> {
         let props = msg.properties.clone().with_delivery_mode(2);
         self.patiently(async {
-            let confirm = send(ch, &msg.exchange, &msg.routing_key, &msg.body, props).await?;
+            let confirm = self
+                .send(ch, &msg.exchange, &msg.routing_key, &msg.body, props)
+                .await?;
             confirmed(confirm.await)
         })
         .await
@@ -490,7 +503,7 @@ impl Core {
         for (_, rec) in batch {
             let props = rec.properties.clone();
             confirms.push(
-                self.patiently(send(ch, &rec.exchange, &rec.routing_key, &rec.body, props))
+                self.patiently(self.send(ch, &rec.exchange, &rec.routing_key, &rec.body, props))
                     .await,
             );
         }
@@ -502,6 +515,21 @@ impl Core {
             });
         }
         out
+    }
+
+    /// The one `basic.publish` of the actor: signs the message (unless it
+    /// is marked [`signing::UNSIGNED_HEADER`]) right before sending, so
+    /// live publishes and spool replays are signed alike.
+    async fn send(
+        &self,
+        ch: &Channel,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<PublisherConfirm> {
+        let props = signing::prepare(self.cfg.signing.as_ref(), routing_key, body, props);
+        send(ch, exchange, routing_key, body, props).await
     }
 }
 
@@ -819,9 +847,15 @@ impl Handler<Publish> for PublisherActor {
     fn handle(&mut self, msg: Publish, _ctx: &mut Context<Self>) -> Self::Result {
         let Publish { msg, credit } = msg;
         let core = self.core.clone();
-        Box::pin(async move {
+        // The publish and its confirm run on the multi-threaded runtime, not
+        // on this actor's (single) arbiter thread: the actor only routes.
+        let task = tokio::spawn(async move {
             let _credit = credit;
             core.dispatch(msg).await
+        });
+        Box::pin(async move {
+            task.await
+                .unwrap_or_else(|e| Err(Error::Store(format!("publish task failed: {e}"))))
         })
     }
 }

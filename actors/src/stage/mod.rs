@@ -62,6 +62,9 @@ pub struct StageSpec {
     pub payload: crate::message::Payload,
     /// Larger bodies are dead-lettered as `oversized` before the handler runs.
     pub max_message_bytes: Option<usize>,
+    /// HMAC signature verification of every delivery (see
+    /// [`crate::signing`]); `None`: off.
+    pub signature: Option<crate::signing::Verifier>,
 }
 
 /// Shared between the actor, its intake task and its message tasks.

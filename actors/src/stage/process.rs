@@ -1,7 +1,9 @@
 //! What happens to one delivery:
 //!
-//! 1. bad input (over `max_message_bytes`, not the declared payload type) is
-//!    dead-lettered before anything else (`oversized`, `malformed`);
+//! 1. bad input (over `max_message_bytes`, a missing or wrong HMAC
+//!    signature when the stage verifies, not the declared payload type) is
+//!    dead-lettered before anything else (`oversized`, `bad-signature`,
+//!    `malformed`); with `verify = "warn"` a bad signature is only counted;
 //! 2. with dedup, the message's key is claimed (an already-done key is acked
 //!    without handling; see [`crate::dedup::actor`] for waiting);
 //! 3. the handler runs (panics caught);
@@ -20,6 +22,7 @@ use crate::retry::{
     attempt_of, ATTEMPT_HEADER, ENGINE_HEADERS, ORIGINAL_EXCHANGE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
 };
+use crate::signing::{self, VerifyMode, BAD_SIGNATURE, UNSIGNED_HEADER};
 use crate::trace;
 use futures::FutureExt;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
@@ -109,14 +112,34 @@ fn remove_headers(props: &mut BasicProperties, names: &[&str]) {
     *props = props.clone().with_headers(kept);
 }
 
-/// Checks that do not need the handler: size and payload type.
-fn check_input(shared: &Shared, d: &Delivery) -> Option<(String, String)> {
+/// Checks that do not need the handler: size, signature, payload type.
+/// `signed_keys` are the routing keys the signature may cover.
+fn check_input(shared: &Shared, d: &Delivery, signed_keys: &[&str]) -> Option<(String, String)> {
     if let Some(max) = shared.spec.max_message_bytes {
         if d.body.len() > max {
             return Some((
                 "oversized".into(),
                 format!("body of {} bytes exceeds the limit of {max}", d.body.len()),
             ));
+        }
+    }
+    if let Some(v) = &shared.spec.signature {
+        if let Err(e) = v.keys.verify(signed_keys, &d.properties, &d.body) {
+            let stage = shared.spec.name.as_str();
+            shared
+                .metrics
+                .signature_failures
+                .with_label_values(&[stage])
+                .inc();
+            match v.mode {
+                VerifyMode::Reject => return Some((BAD_SIGNATURE.into(), e.to_string())),
+                VerifyMode::Warn => warn!(
+                    stage,
+                    message_id = ?d.message_id(),
+                    error = %e,
+                    "bad signature; processing anyway (verify = \"warn\")"
+                ),
+            }
         }
     }
     if let Err(e) = shared.spec.payload.check(&d.body) {
@@ -134,12 +157,23 @@ pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, 
     let stage = shared.spec.name.as_str();
     shared.metrics.consumed.with_label_values(&[stage]).inc();
     let acker = raw.acker;
+    // Only the engine sets this marker (on the dead letters of badly signed
+    // messages); input cannot carry it into what this stage publishes.
+    let properties = signing::without_header(raw.properties, UNSIGNED_HEADER);
+    // The routing keys a signature may cover: the delivery's own, and for a
+    // copy back from one of this stage's retry tiers, the tier's name.
+    let delivery_key = raw.routing_key.to_string();
+    let tier_key = shared
+        .spec
+        .signature
+        .as_ref()
+        .and_then(|_| signing::retry_tier_key(&shared.spec.queue, &delivery_key, &properties));
     let mut delivery = Delivery {
         body: raw.data.into(),
-        properties: raw.properties,
+        properties,
         redelivered: raw.redelivered,
         exchange: raw.exchange.to_string(),
-        routing_key: raw.routing_key.to_string(),
+        routing_key: delivery_key.clone(),
         queue: shared.spec.queue.clone(),
         stage: shared.spec.name.clone(),
     };
@@ -157,7 +191,10 @@ pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, 
 
     let mut settled = None;
     let mut claim = None;
-    if let Some((reason, error)) = check_input(&shared, &delivery) {
+    let signed_keys: Vec<&str> = std::iter::once(delivery_key.as_str())
+        .chain(tier_key.as_deref())
+        .collect();
+    if let Some((reason, error)) = check_input(&shared, &delivery, &signed_keys) {
         warn!(stage, reason = %reason, error = %error, "bad input; dead-lettering");
         settled = Some(Settle::DeadLetter { reason, error });
     } else if let Some(dedup) = &shared.spec.dedup {
@@ -556,6 +593,11 @@ async fn dead_letter(
     set_header(&mut props, ORIGINAL_EXCHANGE_HEADER, s(&d.exchange));
     set_header(&mut props, ORIGINAL_ROUTING_KEY_HEADER, s(&d.routing_key));
     set_header(&mut props, "x-flowgate-queue", s(&d.queue));
+    if reason == BAD_SIGNATURE {
+        // Keep the signature it arrived with (none or a wrong one): signing
+        // the copy would let a replay from the DLQ launder it.
+        set_header(&mut props, UNSIGNED_HEADER, AMQPValue::Boolean(true));
+    }
     let out = Output {
         exchange: dlx.clone(),
         routing_key: d.routing_key.clone(),
