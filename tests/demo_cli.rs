@@ -1,0 +1,59 @@
+//! `flowgate demo`, the README's first command, as a user runs it.
+
+use std::process::Command;
+
+#[test]
+fn demo_runs_the_order_pipeline_and_exits_zero() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args(["demo", "--quiet", "--orders", "600", "--rate", "300/s"])
+        .env_remove("FLOWGATE__AMQP__URL")
+        .output()
+        .expect("demo runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "exit 0\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for line in [
+        "orders sent",
+        "accepted (202)",
+        "shipped",
+        "order→shipped p99",
+        "peak queue depth",
+    ] {
+        assert!(stdout.contains(line), "summary shows `{line}`:\n{stdout}");
+    }
+    let lost = stdout
+        .lines()
+        .find(|l| l.contains("lost (no final status)"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert_eq!(lost, Some(0), "no order lost:\n{stdout}");
+    assert!(stdout.contains("topology removed"), "cleans up:\n{stdout}");
+}
+
+#[test]
+fn demo_without_a_broker_exits_non_zero_at_once_saying_how_to_start_one() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+        .args([
+            "demo",
+            "--quiet",
+            "--url",
+            "amqp://guest:guest@127.0.0.1:1/%2f",
+        ])
+        .output()
+        .expect("demo runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "exit 3; stderr:\n{stderr}");
+    assert!(stderr.contains("no RabbitMQ broker answers"), "{stderr}");
+    assert!(
+        stderr.contains("rabbitmq-server"),
+        "says how to start one: {stderr}"
+    );
+    assert!(
+        !stderr.contains("guest:guest"),
+        "no credentials printed: {stderr}"
+    );
+}
