@@ -74,6 +74,14 @@ pub struct DemoArgs {
 
 /// The topology and stages of an `hops`-stage forward pipeline named `prefix`.
 pub fn pipeline_config(prefix: &str, hops: usize, prefetch: u32, kind: QueueKind) -> Config {
+    chain_config(prefix, &vec!["forward"; hops], prefetch, kind)
+}
+
+/// A chain `prefix.s1 → … → prefix.sN → prefix.sink` on topic exchange
+/// `prefix.ex` (input routing key `in`, stage `i` publishes `hop<i>`), one
+/// stage per handler name. The demo, the benches and the tests build on it.
+pub fn chain_config(prefix: &str, handlers: &[&str], prefetch: u32, kind: QueueKind) -> Config {
+    let hops = handlers.len();
     let ex = format!("{prefix}.ex");
     let mut cfg = Config::default();
     cfg.http.bind = String::new();
@@ -105,11 +113,11 @@ pub fn pipeline_config(prefix: &str, hops: usize, prefetch: u32, kind: QueueKind
             watermark: None,
         });
     }
-    for i in 0..hops {
+    for (i, h) in handlers.iter().enumerate() {
         cfg.stages.push(StageConfig {
             name: format!("s{}", i + 1),
             queue: format!("{prefix}.s{}", i + 1),
-            handler: "forward".into(),
+            handler: (*h).to_owned(),
             prefetch,
             concurrency: crate::config::Concurrency::Fixed(8),
             output: Some(Target {

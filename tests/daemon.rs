@@ -52,23 +52,7 @@ async fn sigterm_mid_flow_exits_zero_within_grace_and_loses_nothing() {
     // The daemon declares the topology; wait for it.
     let sink = format!("{prefix}.sink");
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            let ch = client.conn.create_channel().await.unwrap();
-            let ok = ch
-                .queue_declare(
-                    sink.as_str().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    Default::default(),
-                )
-                .await
-                .is_ok();
-            let _ = ch.close(200, "".into()).await;
-            ok
-        })
-        .await,
+        wait_for_queue(&client, &sink, Duration::from_secs(30)).await,
         "daemon declared its topology"
     );
     let n = 3000;

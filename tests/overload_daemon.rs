@@ -81,23 +81,7 @@ async fn daemon_under_3x_overload_keeps_depth_bounded_memory_flat_and_loses_noth
     let sink = format!("{prefix}.sink");
     let slow_q = format!("{prefix}.s2");
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            let ch = client.conn.create_channel().await.unwrap();
-            let ok = ch
-                .queue_declare(
-                    sink.as_str().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    Default::default(),
-                )
-                .await
-                .is_ok();
-            let _ = ch.close(200, "".into()).await;
-            ok
-        })
-        .await,
+        wait_for_queue(&client, &sink, Duration::from_secs(30)).await,
         "daemon declared its topology"
     );
 

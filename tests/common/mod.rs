@@ -6,9 +6,7 @@
 pub mod node;
 pub mod proxy;
 
-use flowgate::config::{
-    Binding, Config, ExchangeConfig, ExchangeType, QueueConfig, QueueKind, StageConfig, Target,
-};
+use flowgate::config::{Config, QueueKind};
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -299,60 +297,30 @@ pub fn header(h: &FieldTable, name: &str) -> Option<String> {
 /// A config for a chain `prefix.s1 → … → prefix.sN → prefix.sink` on exchange
 /// `prefix.ex` (input key `in`), with the given handler names per stage.
 pub fn chain_config(prefix: &str, handlers: &[&str], prefetch: u32) -> Config {
-    let ex = format!("{prefix}.ex");
-    let mut cfg = Config::default();
-    cfg.http.bind = String::new();
-    cfg.amqp.connection_name = prefix.to_owned();
+    let mut cfg = flowgate::demo::chain_config(prefix, handlers, prefetch, QueueKind::Quorum);
     cfg.shutdown.grace = Duration::from_secs(10);
-    cfg.exchanges.push(ExchangeConfig {
-        name: ex.clone(),
-        kind: ExchangeType::Topic,
-    });
-    let hops = handlers.len();
-    for i in 0..=hops {
-        let name = if i == hops {
-            format!("{prefix}.sink")
-        } else {
-            format!("{prefix}.s{}", i + 1)
-        };
-        let key = if i == 0 {
-            "in".to_owned()
-        } else {
-            format!("hop{i}")
-        };
-        cfg.queues.push(QueueConfig {
-            name,
-            kind: QueueKind::Quorum,
-            bindings: vec![Binding {
-                exchange: ex.clone(),
-                routing_key: key,
-            }],
-            dead_letter: true,
-            delivery_limit: Some(20),
-            watermark: None,
-        });
-    }
-    for (i, h) in handlers.iter().enumerate() {
-        cfg.stages.push(StageConfig {
-            name: format!("s{}", i + 1),
-            queue: format!("{prefix}.s{}", i + 1),
-            handler: (*h).to_owned(),
-            prefetch,
-            concurrency: flowgate::config::Concurrency::Fixed(8),
-            output: Some(Target {
-                exchange: ex.clone(),
-                routing_key: format!("hop{}", i + 1),
-            }),
-            delay: None,
-            rate: None,
-            retry: None,
-            dedup: Default::default(),
-            payload: Default::default(),
-            record_file: None,
-            verify: None,
-        });
-    }
     cfg
+}
+
+/// Waits until `queue` exists (a daemon under test declares its topology).
+pub async fn wait_for_queue(client: &Client, queue: &str, timeout: Duration) -> bool {
+    eventually(timeout, || async {
+        let ch = client.conn.create_channel().await.expect("channel");
+        let ok = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        let _ = ch.close(200, "".into()).await;
+        ok
+    })
+    .await
 }
 
 /// Asserts a queue becomes empty. Quorum queues apply acks through Raft, so
