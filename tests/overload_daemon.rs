@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const SLOW_RATE: u32 = 1000;
+const SLOW_RATE: u32 = 600;
 const HIGH: u64 = 2000;
 const LOW: u64 = 500;
 const PREFETCH: u64 = 50;

@@ -176,9 +176,33 @@ impl Client {
                 Err(_) => break,
             }
         }
-        // A synchronous round trip on the channel before closing it: the
-        // broker has then processed every ack sent before it.
-        let _ = ch.basic_qos(1000, BasicQosOptions::default()).await;
+        // Stop deliveries, then wait until the queue has settled every ack
+        // before closing: a quorum queue applies acks through Raft, and a
+        // channel closed while they are in flight returns those messages
+        // to the queue as if they had never been acked. Only tests consume
+        // the queues collected here, so "no unacked" means "all ours settled".
+        let _ = ch
+            .basic_cancel(
+                consumer.tag().as_str().into(),
+                BasicCancelOptions::default(),
+            )
+            .await;
+        let q = queue.to_owned();
+        let settled = eventually(Duration::from_secs(10), || {
+            let q = q.clone();
+            async move {
+                tokio::task::spawn_blocking(move || node::try_list_queue(None, &q))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .flatten()
+                    .is_none_or(|(_, unacked, _)| unacked == 0)
+            }
+        })
+        .await;
+        if !settled {
+            eprintln!("collect({queue}): acks not settled after 10 s; closing anyway");
+        }
         let _ = ch.close(200, "collected".into()).await;
         out
     }
