@@ -94,20 +94,6 @@ async fn run_with_middle_handler(
         expect_bad.len() as u64
     );
     handle.shutdown().await;
-    if std::env::var("DEBUG_METRICS").is_ok() {
-        let m = handle.metrics();
-        eprintln!(
-            "DEBUG acks_failed s1={} s2={} s3={} restarts={:?} reconnects={} consumed s3={} acked s3={} publish={}",
-            m.ack_failures.with_label_values(&["s1"]).get(),
-            m.ack_failures.with_label_values(&["s2"]).get(),
-            m.ack_failures.with_label_values(&["s3"]).get(),
-            ["connection", "publisher", "stage:s1", "stage:s2", "stage:s3"].map(|a| m.restarts.with_label_values(&[a]).get()),
-            m.reconnects.with_label_values(&["consume"]).get(),
-            m.consumed.with_label_values(&["s3"]).get(),
-            m.acked.with_label_values(&["s3"]).get(),
-            m.publish.with_label_values(&["confirmed"]).get(),
-        );
-    }
     for q in &cfg.queues {
         assert_drained(&client, &q.name).await;
     }
