@@ -227,6 +227,7 @@ impl Engine {
             Ok(Ok(Err(e))) => return Err(StartError::Broker(e.to_string())),
             Ok(Err(e)) => return Err(StartError::Broker(e.to_string())),
             Err(_) => {
+                // bounded: one message, once, on a failed start.
                 conn.do_send(Close);
                 return Err(StartError::Broker(format!(
                     "no connection to the broker within {wait:?} ({})",
@@ -268,6 +269,7 @@ impl Engine {
             Some(esc_tx.clone()),
         )
         .map_err(|e| {
+            // bounded: one message, once, on a failed start.
             conn.do_send(Close);
             StartError::Spool(e.to_string())
         })?;

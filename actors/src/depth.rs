@@ -554,12 +554,16 @@ impl DepthMonitorActor {
                     })
                     .min();
                 if budget.is_some() {
+                    // bounded: one per stage per sample, and the stage never
+                    // blocks its mailbox (no `ctx.wait`), so each is handled
+                    // before the next sample.
                     st.addr.do_send(SetBudget(budget));
                 }
             }
             if should_pause != was {
                 let cause = WATERMARK_CAUSE.to_owned();
-                // Rare (a watermark crossing): `do_send` cannot pile up.
+                // bounded: only on a watermark crossing, at most one per
+                // stage per sample.
                 if should_pause {
                     st.addr.do_send(Pause { cause });
                 } else {

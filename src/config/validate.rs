@@ -318,12 +318,9 @@ fn validate_backpressure(cfg: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The smallest valid config, for the key tests below.
 #[cfg(test)]
-mod failure_keys_tests {
-    use crate::config::{Config, DedupMode, PayloadKind};
-    use std::time::Duration;
-
-    const BASE: &str = r#"
+const TEST_BASE: &str = r#"
 [[exchanges]]
 name = "shop"
 [[queues]]
@@ -333,6 +330,13 @@ name = "reserve"
 queue = "orders"
 handler = "sink"
 "#;
+
+#[cfg(test)]
+mod failure_keys_tests {
+    use crate::config::{Config, DedupMode, PayloadKind};
+    use std::time::Duration;
+
+    use super::TEST_BASE as BASE;
 
     fn with(stage_extra: &str, sections: &str) -> Result<Config, crate::config::ConfigError> {
         Config::from_toml(&format!("{sections}\n{BASE}{stage_extra}\n"))
@@ -384,16 +388,7 @@ handler = "sink"
 mod security_tests {
     use crate::config::{Config, VerifyMode};
 
-    const BASE: &str = r#"
-[[exchanges]]
-name = "shop"
-[[queues]]
-name = "orders"
-[[stages]]
-name = "reserve"
-queue = "orders"
-handler = "sink"
-"#;
+    use super::TEST_BASE as BASE;
 
     fn with(security: &str, stage_extra: &str) -> Result<Config, crate::config::ConfigError> {
         Config::from_toml(&format!("[security]\n{security}\n{BASE}{stage_extra}\n"))

@@ -145,16 +145,28 @@ pub fn start(
         .unwrap_or(usize::MAX)
         .saturating_add(1);
     let data = web::Data::new(state);
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(data.clone())
+    spawn_server(bind, move |cfg| {
+        cfg.app_data(data.clone())
             .app_data(web::PayloadConfig::new(limit))
-            .configure(routes)
+            .configure(routes);
     })
-    .workers(1)
-    .disable_signals()
-    .shutdown_timeout(5)
-    .bind(bind)?;
+}
+
+/// Binds an HTTP server (one worker, no signal handling of its own: the
+/// engine owns shutdown) with the routes `configure` registers, spawns it on
+/// the current actix system, and returns its handle and bound address.
+pub fn spawn_server<F>(
+    bind: &str,
+    configure: F,
+) -> std::io::Result<(actix_web::dev::ServerHandle, SocketAddr)>
+where
+    F: Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
+{
+    let server = HttpServer::new(move || App::new().configure(configure.clone()))
+        .workers(1)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .bind(bind)?;
     let addr = server
         .addrs()
         .first()

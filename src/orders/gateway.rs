@@ -26,7 +26,7 @@ use super::status::OrderStatus;
 use super::OrdersService;
 use crate::depth::IngressGate;
 use actix_web::http::header;
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{web, HttpRequest, HttpResponse};
 use flowgate_actors::publisher::PublisherHandle;
 use flowgate_actors::{trace, Error, Output};
 use futures::StreamExt;
@@ -272,19 +272,9 @@ impl Gateway {
     /// Binds and spawns the gateway on the current actix system.
     pub fn start(bind: &str, state: GatewayState) -> std::io::Result<Gateway> {
         let data = web::Data::new(state);
-        let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
-            .workers(1)
-            .disable_signals()
-            .shutdown_timeout(5)
-            .bind(bind)?;
-        let addr = server
-            .addrs()
-            .first()
-            .copied()
-            .ok_or_else(|| std::io::Error::other("no address bound"))?;
-        let server = server.run();
-        let handle = server.handle();
-        actix_rt::spawn(server);
+        let (handle, addr) = crate::http::spawn_server(bind, move |cfg| {
+            cfg.app_data(data.clone()).configure(routes);
+        })?;
         Ok(Gateway { handle, addr })
     }
 

@@ -230,9 +230,10 @@ impl Client {
         seen
     }
 
-    /// Ready messages in a queue (passive declare).
-    pub async fn depth(&self, queue: &str) -> u32 {
-        let ch = self.conn.create_channel().await.expect("channel");
+    /// A passive `queue.declare` on a fresh channel: the queue's counts, or
+    /// the broker's error if it does not exist.
+    pub async fn passive_declare(&self, queue: &str) -> Result<lapin::Queue, lapin::Error> {
+        let ch = self.conn.create_channel().await?;
         let q = ch
             .queue_declare(
                 queue.into(),
@@ -242,10 +243,17 @@ impl Client {
                 },
                 FieldTable::default(),
             )
-            .await
-            .expect("queue exists");
+            .await;
         let _ = ch.close(200, "".into()).await;
-        q.message_count()
+        q
+    }
+
+    /// Ready messages in a queue (passive declare).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        self.passive_declare(queue)
+            .await
+            .expect("queue exists")
+            .message_count()
     }
 
     /// Deletes a topology made from a flowgate config.
@@ -329,20 +337,7 @@ pub fn chain_config(prefix: &str, handlers: &[&str], prefetch: u32) -> Config {
 /// Waits until `queue` exists (a daemon under test declares its topology).
 pub async fn wait_for_queue(client: &Client, queue: &str, timeout: Duration) -> bool {
     eventually(timeout, || async {
-        let ch = client.conn.create_channel().await.expect("channel");
-        let ok = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .is_ok();
-        let _ = ch.close(200, "".into()).await;
-        ok
+        client.passive_declare(queue).await.is_ok()
     })
     .await
 }

@@ -256,6 +256,20 @@ impl Core {
         lock(&self.blocked_since).is_some()
     }
 
+    /// Counts a publish attempt's result and feeds it to the breaker; every
+    /// attempt (live or replayed) goes through here once.
+    fn record(&self, res: &Result<()>) {
+        self.metrics
+            .publish
+            .with_label_values(&[result_label(res)])
+            .inc();
+        if res.is_ok() {
+            self.with_breaker(|b, now| ((), b.on_success(now)));
+        } else {
+            self.with_breaker(|b, now| ((), b.on_failure(now)));
+        }
+    }
+
     fn usable_channel(&self) -> Option<Channel> {
         lock(&self.channel)
             .as_ref()
@@ -294,17 +308,10 @@ impl Core {
             None => Err(Error::NotConnected),
             Some(ch) => self.publish_once(&ch, &msg).await,
         };
-        self.metrics
-            .publish
-            .with_label_values(&[result_label(&res)])
-            .inc();
+        self.record(&res);
         match res {
-            Ok(()) => {
-                self.with_breaker(|b, now| ((), b.on_success(now)));
-                Ok(Published::Confirmed)
-            }
+            Ok(()) => Ok(Published::Confirmed),
             Err(e) => {
-                self.with_breaker(|b, now| ((), b.on_failure(now)));
                 debug!(error = %e, "publish failed");
                 if matches!(e, Error::Unroutable { .. }) {
                     return Err(e);
@@ -419,18 +426,13 @@ impl Core {
             let mut remove = Vec::with_capacity(take);
             let mut failed = false;
             for ((seq, rec), res) in batch.iter().zip(results) {
-                self.metrics
-                    .publish
-                    .with_label_values(&[result_label(&res)])
-                    .inc();
+                self.record(&res);
                 match res {
                     Ok(()) => {
-                        self.with_breaker(|b, now| ((), b.on_success(now)));
                         self.metrics.spool_replayed.inc();
                         remove.push(*seq);
                     }
                     Err(e @ Error::Unroutable { .. }) => {
-                        self.with_breaker(|b, now| ((), b.on_failure(now)));
                         self.metrics
                             .spool_dropped
                             .with_label_values(&["unroutable"])
@@ -443,7 +445,6 @@ impl Core {
                         remove.push(*seq);
                     }
                     Err(e) => {
-                        self.with_breaker(|b, now| ((), b.on_failure(now)));
                         warn!(seq, error = %e, "replay publish failed; will retry");
                         failed = true;
                     }
