@@ -156,8 +156,8 @@ impl ConnectionActor {
 
     fn notify(&self, ev: LinkEvent) {
         for s in &self.subscribers {
-            // Link events are rare (connects, alarms); each subscriber gets one
-            // per change, so this cannot grow without bound.
+            // bounded: link events are rare (connects, alarms); each
+            // subscriber gets one per change.
             s.do_send(ev.clone());
         }
     }
@@ -372,6 +372,7 @@ impl Handler<Subscribe> for ConnectionActor {
     type Result = ();
 
     fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) {
+        // bounded: at most three notices to a new subscriber.
         if self.both_up() {
             msg.0.do_send(LinkEvent::LinkUp(Purpose::Consume));
             msg.0.do_send(LinkEvent::LinkUp(Purpose::Publish));

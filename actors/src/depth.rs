@@ -594,6 +594,7 @@ impl DepthMonitorActor {
                     .stage_scaling
                     .with_label_values(&[&name, dir])
                     .inc();
+                // bounded: at most one per stage per cooldown.
                 st.addr.do_send(SetWorkers(d.workers));
                 self.last_scaled.insert(name, now);
             }

@@ -775,6 +775,7 @@ impl Actor for PublisherActor {
         if self.restarts.escalated() {
             return;
         }
+        // bounded: once per (re)start.
         self.conn.do_send(Subscribe(ctx.address().recipient()));
         ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
     }

@@ -357,6 +357,7 @@ impl StageActor {
                         let me = ctx.address();
                         tokio::spawn(async move {
                             let res = intake(shared, ch, consumer, rx).await;
+                            // bounded: once, when the intake task ends.
                             me.do_send(IntakeEnded(res));
                         });
                     }
@@ -427,6 +428,7 @@ impl Actor for StageActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         if !self.subscribed {
             self.subscribed = true;
+            // bounded: once, on the first start.
             self.conn.do_send(Subscribe(ctx.address().recipient()));
         } else {
             self.start_consuming(ctx);
