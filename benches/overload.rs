@@ -9,8 +9,7 @@
 //! `FLOWGATE_OVERLOAD_RATE` (default 2000) the slow stage's msgs/s. Needs the
 //! local broker on 127.0.0.1:5672.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use flowgate::config::Watermark;

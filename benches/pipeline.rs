@@ -10,8 +10,9 @@
 //! Run: `cargo bench --bench pipeline` (needs RabbitMQ on 127.0.0.1:5672).
 
 use flowgate::config::QueueKind;
-use flowgate::demo::{cleanup, drive, pipeline_config, RunStats};
 use flowgate::Engine;
+use flowgate_testkit::delete_topology as cleanup;
+use flowgate_testkit::driver::{drive, pipeline_config, RunStats};
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;

@@ -105,7 +105,18 @@ fn main() -> anyhow::Result<()> {
 
         let report = handle.shutdown().await;
         println!("shutdown clean: {}", report.clean);
-        flowgate::demo::cleanup(&cfg.amqp.url, &cfg).await;
+        delete_topology(&cfg).await?;
         Ok(())
     })
+}
+
+/// Removes what the example declared.
+async fn delete_topology(cfg: &Config) -> anyhow::Result<()> {
+    use flowgate::actors::lapin::{Connection, ConnectionProperties};
+    let conn = Connection::connect(&cfg.amqp.url, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    flowgate::topology::delete(&ch, cfg).await?;
+    ch.close(200, "done".into()).await?;
+    conn.close(200, "done".into()).await?;
+    Ok(())
 }

@@ -11,4 +11,4 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -f "$HOME/.cargo/env" ]]; then
     . "$HOME/.cargo/env"
 fi
 
-exec cargo run --release --bin flowgate -- demo "$@"
+exec cargo run --release -p flowgate-orders --bin flowgate-orders -- demo "$@"

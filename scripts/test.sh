@@ -20,10 +20,13 @@ cargo --version
 section "cargo fmt --check"
 cargo fmt --all -- --check
 
+section "no import cycle among modules"
+python3 scripts/module-cycles.py src actors/src examples/orders/src testkit/src
+
 section "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
-section "cargo test (lib, bins, tests, examples)"
+section "cargo test (lib, bins, tests, examples; engine, runtime, example, test kit)"
 # Not --all-targets: that would also run the criterion benches.
 cargo test --workspace --lib --bins --tests --examples
 

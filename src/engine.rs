@@ -1,9 +1,11 @@
 //! The engine: builds the actor tree from a [`Config`] and runs it.
 
+use crate::config::StageConfig;
 use crate::config::{Config, ConfigError, DedupMode, MissingIdPolicy, PayloadKind, VerifyMode};
 use crate::depth::IngressGate;
-use crate::handlers;
+use crate::handlers::{self, FactoryError, HandlerFactory};
 use crate::http::{self, HttpState};
+use crate::ingress::Ingress;
 use actix::prelude::*;
 use flowgate_actors::connection::{
     Close, ConnectionActor, ConnectionConfig, GetStatus, OpenChannel, Purpose,
@@ -93,10 +95,21 @@ pub enum PublishOutcome {
 /// })
 /// # }
 /// ```
-#[derive(Default)]
 pub struct EngineBuilder {
     config: Option<Config>,
     handlers: HashMap<String, Arc<dyn Handler>>,
+    /// By handler name; the built-ins are registered here like a host's.
+    factories: HashMap<String, HandlerFactory>,
+}
+
+impl Default for EngineBuilder {
+    fn default() -> Self {
+        Self {
+            config: None,
+            handlers: HashMap::new(),
+            factories: handlers::builtins(),
+        }
+    }
 }
 
 impl EngineBuilder {
@@ -107,7 +120,8 @@ impl EngineBuilder {
     }
 
     /// Registers a handler under a name: stages whose `handler` (or whose
-    /// `name`) equals it run this handler. Registered names win over built-ins.
+    /// `name`) equals it run this handler. Registered names win over
+    /// factories (built-ins included).
     pub fn handler(mut self, name: &str, handler: impl Handler) -> Self {
         self.handlers.insert(name.to_owned(), Arc::new(handler));
         self
@@ -119,36 +133,77 @@ impl EngineBuilder {
         self
     }
 
+    /// Registers a handler factory: every stage whose `handler` is `name`
+    /// gets the handler `factory` builds from that stage's configuration
+    /// (its `output`, `delay`, ...), once, at [`build`](Self::build). The
+    /// built-ins `forward`, `sink` and `record` are factories registered the
+    /// same way; registering one of their names replaces it. A factory's
+    /// error fails the build, naming the stage.
+    ///
+    /// ```
+    /// use flowgate::{Engine, Handler, Outcome, StageConfig, handler_fn};
+    /// use std::sync::Arc;
+    ///
+    /// let builder = Engine::builder().handler_factory("tag", |stage: &StageConfig| {
+    ///     let target = stage.output.clone().ok_or("`tag` needs an output")?;
+    ///     Ok::<_, &str>(Arc::new(handler_fn(move |d| {
+    ///         let out = d.forward(&target.exchange, &target.routing_key);
+    ///         async move { Ok(Outcome::ack_with(vec![out])) }
+    ///     })) as Arc<dyn Handler>)
+    /// });
+    /// # drop(builder);
+    /// ```
+    pub fn handler_factory<F, E>(mut self, name: &str, factory: F) -> Self
+    where
+        F: Fn(&StageConfig) -> Result<Arc<dyn Handler>, E> + Send + Sync + 'static,
+        E: Into<FactoryError>,
+    {
+        self.factories.insert(
+            name.to_owned(),
+            Arc::new(move |s: &StageConfig| factory(s).map_err(Into::into)),
+        );
+        self
+    }
+
     /// Validates the configuration and resolves every stage's handler.
     pub fn build(self) -> Result<Engine, ConfigError> {
         let config = self
             .config
             .ok_or_else(|| ConfigError::new("<config>", "no configuration given"))?;
-        let mut names = handlers::builtin_names();
+        let mut names: Vec<String> = self.factories.keys().cloned().collect();
         names.extend(self.handlers.keys().cloned());
         // a stage may also be matched by its own name
-        let mut stage_names_ok = names.clone();
         for s in &config.stages {
             if self.handlers.contains_key(&s.name) {
-                stage_names_ok.push(s.handler.clone());
+                names.push(s.handler.clone());
             }
         }
-        crate::config::validate(&config, Some(&stage_names_ok))?;
+        names.sort();
+        names.dedup();
+        crate::config::validate(&config, Some(&names))?;
         let mut resolved = Vec::new();
-        let mut builtins = handlers::Builtins::new(&config);
         for (i, s) in config.stages.iter().enumerate() {
-            let h = self
+            let registered = self
                 .handlers
                 .get(&s.handler)
                 .or_else(|| self.handlers.get(&s.name))
-                .cloned()
-                .or_else(|| builtins.build(s))
-                .ok_or_else(|| {
-                    ConfigError::new(
+                .cloned();
+            let h = match (registered, self.factories.get(&s.handler)) {
+                (Some(h), _) => h,
+                (None, Some(factory)) => factory(s).map_err(|e| {
+                    ConfigError::with_source(
                         format!("stages[{i}].handler"),
-                        format!("cannot build handler `{}`", s.handler),
+                        format!("cannot build handler `{}`: {e}", s.handler),
+                        e,
                     )
-                })?;
+                })?,
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        format!("stages[{i}].handler"),
+                        format!("no handler `{}`", s.handler),
+                    ))
+                }
+            };
             resolved.push(h);
         }
         Ok(Engine {
@@ -170,17 +225,50 @@ struct Running {
     conn: Addr<ConnectionActor>,
     publisher: PublisherHandle,
     depth: Addr<DepthMonitorActor>,
-    gate: IngressGate,
+    ingress: Ingress,
     stages: Vec<(String, Addr<StageActor>)>,
     probes: Vec<StageProbe>,
     http: Option<actix_web::dev::ServerHandle>,
     http_addr: Option<std::net::SocketAddr>,
+    /// The host's servers ([`EngineHandle::serve`]), stopped first at shutdown.
+    served: std::sync::Mutex<Vec<actix_web::dev::ServerHandle>>,
     escalations: Mutex<mpsc::Receiver<Escalation>>,
 }
 
 /// A running engine. Cheap to clone.
 #[derive(Clone)]
 pub struct EngineHandle(Arc<Running>);
+
+/// Why [`EngineHandle::run_until_signal`] stopped.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// SIGTERM.
+    Terminated,
+    /// SIGINT (Ctrl-C).
+    Interrupted,
+    /// An actor spent its restart budget: the engine could not heal itself.
+    Escalated(Escalation),
+}
+
+/// How [`EngineHandle::run_until_signal`] ended.
+#[derive(Debug)]
+pub struct Stopped {
+    /// Why it stopped.
+    pub reason: StopReason,
+    /// What the shutdown achieved.
+    pub report: ShutdownReport,
+}
+
+impl Stopped {
+    /// The process exit status: 1 after an escalation, else 0.
+    pub fn exit_code(&self) -> std::process::ExitCode {
+        match self.reason {
+            StopReason::Escalated(_) => std::process::ExitCode::from(1),
+            _ => std::process::ExitCode::SUCCESS,
+        }
+    }
+}
 
 /// What shutdown achieved.
 #[derive(Debug, Clone)]
@@ -334,6 +422,7 @@ impl Engine {
             metrics.clone(),
         );
         let gate = IngressGate::new(&config, monitor.levels(), metrics.clone());
+        let ingress = Ingress::new(publisher.clone(), gate, config.limits.max_message_bytes);
         let depth = monitor.start();
 
         let (http, http_addr) = if config.http.bind.is_empty() {
@@ -343,8 +432,7 @@ impl Engine {
                 metrics: metrics.clone(),
                 probes: probes.clone(),
                 publisher: publisher.clone(),
-                max_message_bytes: config.limits.max_message_bytes,
-                gate: Some(gate.clone()),
+                ingress: ingress.clone(),
             };
             let (h, a) = http::start(&config.http.bind, state)
                 .map_err(|e| StartError::Http(e.to_string()))?;
@@ -358,11 +446,12 @@ impl Engine {
             conn,
             publisher,
             depth,
-            gate,
+            ingress,
             stages,
             probes,
             http,
             http_addr,
+            served: std::sync::Mutex::new(Vec::new()),
             escalations: Mutex::new(esc_rx),
         })))
     }
@@ -490,21 +579,56 @@ impl EngineHandle {
         }
     }
 
-    /// Watermark admission for ingresses (the HTTP `POST /publish` and the
-    /// order gateway): refuses messages routed to a queue above its
-    /// watermark, from the depth monitor's samples.
-    pub fn ingress_gate(&self) -> &IngressGate {
-        &self.0.gate
+    /// The way in for messages from outside: admission by queue
+    /// watermarks, publish, one error type. `POST /publish` uses it; so can
+    /// a host's own HTTP handlers.
+    pub fn ingress(&self) -> &Ingress {
+        &self.0.ingress
     }
 
-    /// The depth monitor's latest depths, peaks and watermark states.
-    pub fn queue_levels(&self) -> &flowgate_actors::depth::QueueLevels {
-        self.0.gate.levels()
+    /// Messages waiting in the durable spool (0 without one).
+    pub fn spooled(&self) -> u64 {
+        self.0.publisher.spooled()
     }
 
-    /// The publisher handle (for handlers that publish on their own).
-    pub fn publisher(&self) -> &PublisherHandle {
-        &self.0.publisher
+    /// Runs a host HTTP server beside the engine's own (one worker, no
+    /// signal handling: the engine owns shutdown) with the routes
+    /// `configure` registers; [`shutdown`](Self::shutdown) stops it first,
+    /// before the stages drain, so no request arrives at a draining engine.
+    /// Returns the bound address.
+    pub fn serve<F>(&self, bind: &str, configure: F) -> std::io::Result<std::net::SocketAddr>
+    where
+        F: Fn(&mut actix_web::web::ServiceConfig) + Clone + Send + 'static,
+    {
+        let (handle, addr) = http::spawn_server(bind, configure)?;
+        self.0
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(handle);
+        Ok(addr)
+    }
+
+    /// Runs until SIGTERM or SIGINT, or until an actor spent its restart
+    /// budget, then shuts down gracefully. What every binary's main loop is.
+    pub async fn run_until_signal(&self) -> std::io::Result<Stopped> {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let reason = tokio::select! {
+            _ = term.recv() => { info!("SIGTERM received"); StopReason::Terminated }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT received"); StopReason::Interrupted }
+            e = self.escalated() => {
+                tracing::error!(actor = %e.actor, reason = %e.reason, "an actor spent its restart budget; shutting down");
+                StopReason::Escalated(e)
+            }
+        };
+        let report = self.shutdown().await;
+        if !report.clean {
+            tracing::warn!(
+                ?report,
+                "shutdown grace expired with work in flight; the broker requeues it"
+            );
+        }
+        Ok(Stopped { reason, report })
     }
 
     /// Resolves when an actor spent its restart budget (the engine can no
@@ -523,6 +647,11 @@ impl EngineHandle {
     pub async fn shutdown(&self) -> ShutdownReport {
         let grace = self.0.config.shutdown.grace;
         let deadline = tokio::time::Instant::now() + grace;
+        let served: Vec<_> =
+            std::mem::take(&mut *self.0.served.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in served {
+            h.stop(true).await;
+        }
         info!(?grace, "shutting down: draining stages");
         let drains = self.0.stages.iter().map(|(_, a)| a.send(Drain { grace }));
         let mut reports = Vec::new();

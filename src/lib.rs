@@ -2,25 +2,32 @@
 //!
 //! A tour of the crate:
 //!
-//! * [`config`] — the TOML configuration, environment overrides, validation.
-//! * [`topology`] — declares exchanges, queues, bindings, dead-letter plumbing.
-//! * [`engine`] — [`Engine`] builds the supervised actor tree from a config
-//!   and a set of [`Handler`](actors::Handler)s; [`EngineHandle`] runs it.
-//! * [`depth`] — which queues the depth monitor samples and which queues
+//! * [`config`] — the TOML configuration, environment overrides, validation;
+//!   a host's own section read from the same file
+//!   ([`Config::load_with_section`]).
+//! * `engine` — [`Engine`] builds the supervised actor tree from a config
+//!   and the stages' [`Handler`]s (registered, or built by name by a handler
+//!   factory); [`EngineHandle`] runs it and stops it
+//!   ([`EngineHandle::run_until_signal`]).
+//! * `ingress` — [`Ingress`]: admission by queue watermarks, publish, one
+//!   [`IngressError`] with `retry_after()`, shared by `POST /publish` and a
+//!   host's own HTTP handlers.
+//! * `depth` — which queues the depth monitor samples and which queues
 //!   each stage's output lands in (for watermarks), from the config.
-//! * [`handlers`] — built-in handlers (`forward`, `sink`).
-//! * [`http`] — `/metrics`, `/healthz`, `/readyz` and the publish ingress.
-//! * [`orders`] — the order pipeline (gateway → order → payment → shipping),
-//!   `flowgate load` and the chaos run.
+//! * `handlers` — the built-in handler factories (`forward`, `sink`, `record`).
+//! * `http` — `/metrics`, `/healthz`, `/readyz` and `POST /publish`.
+//! * [`topology`] — declares and deletes exchanges, queues, bindings,
+//!   dead-letter plumbing.
 //! * [`dlq`] — dead-letter queue tools: stats, replay, purge.
-//! * [`demo`] — the main job: the order pipeline run end to end with a summary.
 //! * [`actors`] — the actor runtime (re-exported `flowgate-actors`).
+//!
+//! The worked example, an order pipeline with an HTTP gateway, is its own
+//! package on this public API (`examples/orders`).
 //!
 //! Embedding it:
 //!
 //! ```no_run
-//! use flowgate::{Config, Engine};
-//! use flowgate::actors::{handler_fn, Outcome};
+//! use flowgate::{handler_fn, Config, Engine, Outcome};
 //!
 //! # fn main() -> anyhow::Result<()> {
 //! flowgate::run_system(async {
@@ -33,26 +40,31 @@
 //!         .build()?
 //!         .start()
 //!         .await?;
-//!     tokio::signal::ctrl_c().await?;
-//!     handle.shutdown().await;
+//!     let stopped = handle.run_until_signal().await?;
+//!     println!("stopped: {:?}", stopped.reason);
 //!     Ok(())
 //! })
 //! # }
 //! ```
 
 pub mod config;
-pub mod demo;
-pub mod depth;
+mod depth;
 pub mod dlq;
-pub mod engine;
-pub mod handlers;
-pub mod http;
-pub mod orders;
+mod engine;
+mod handlers;
+mod http;
+mod ingress;
 pub mod topology;
 
-pub use config::{Config, ConfigError};
-pub use engine::{Engine, EngineBuilder, EngineHandle, PublishOutcome, ShutdownReport, StartError};
+pub use config::{Config, ConfigError, StageConfig};
+pub use engine::{
+    Engine, EngineBuilder, EngineHandle, PublishOutcome, ShutdownReport, StartError, StopReason,
+    Stopped,
+};
 pub use flowgate_actors as actors;
+pub use flowgate_actors::{handler_fn, Delivery, Handler, HandlerError, Outcome, Output};
+pub use handlers::{FactoryError, HandlerFactory};
+pub use ingress::{Accepted, Ingress, IngressError};
 
 /// Runs a future on an actix `System` backed by a multi-threaded tokio
 /// runtime: actors live on the system thread, message tasks and the AMQP

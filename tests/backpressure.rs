@@ -2,7 +2,7 @@
 //! breaker with durable spool, spool full, crash recovery of the spool.
 //! Overload and autoscaling live in `backpressure_depth.rs`.
 
-mod common;
+use flowgate_testkit as common;
 
 use common::node::BrokerNode;
 use common::*;
@@ -239,7 +239,7 @@ async fn memory_alarm_pauses_then_spools_and_replays_exactly_once() {
         "spool drains after the alarm clears"
     );
     assert_eq!(m.spool_replayed.get() as usize, spooled);
-    assert_eq!(h.publisher().spooled(), 0);
+    assert_eq!(h.spooled(), 0);
     assert_eq!(m.breaker_state.get(), 0, "breaker closed again");
 
     let client = Client::connect(&url).await;

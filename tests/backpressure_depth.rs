@@ -2,7 +2,7 @@
 //! pipeline's slow-stage input queue bounded, and autoscaling follows the
 //! backlog.
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use flowgate::config::{Concurrency, Watermark};

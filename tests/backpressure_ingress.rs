@@ -3,7 +3,7 @@
 //! above its watermark, keeps refusing until the queue falls to `low`, and
 //! accepts again after that.
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use flowgate::config::{Binding, QueueConfig, QueueKind, Watermark};

@@ -1,6 +1,6 @@
 //! Credit bound: a stage never holds more deliveries than its prefetch.
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use flowgate::actors::message::handler_fn;

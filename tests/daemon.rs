@@ -1,6 +1,6 @@
 //! The daemon: SIGTERM mid-flow drains and exits 0; nothing is lost across a restart.
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use std::io::Write;

@@ -1,7 +1,7 @@
 //! Handler failures and panics dead-letter the message with reason headers;
 //! the stage goes on with the next ones.
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use flowgate::actors::message::handler_fn;

@@ -2,7 +2,7 @@
 //! built-in `record` handler: issue 4 acceptance 4 (`kill -9`) and 8 (three
 //! daemons, Redis backend, duplicates injected).
 
-mod common;
+use flowgate_testkit as common;
 
 use common::proxy::Proxy;
 use common::*;

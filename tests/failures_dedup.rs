@@ -1,6 +1,6 @@
 //! Failure semantics, deduplication: issue 4 acceptance 3 (both backends).
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use flowgate::actors::message::handler_fn;

@@ -1,6 +1,6 @@
 //! Failure semantics, DLQ tools: issue 4 acceptance 7 (`flowgate dlq ...`).
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use flowgate::actors::message::handler_fn;

@@ -1,6 +1,6 @@
 //! Failure semantics, poison and bad input: issue 4 acceptance 6.
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use flowgate::config::{DedupMode, PayloadKind};

@@ -1,6 +1,6 @@
 //! Failure semantics, Redis unavailable: issue 4 acceptance 5 (fail closed).
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use flowgate::actors::message::handler_fn;

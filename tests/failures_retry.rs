@@ -1,6 +1,6 @@
 //! Failure semantics, retry ladder: issue 4 acceptance 1 and 2.
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use flowgate::actors::message::handler_fn;

@@ -6,7 +6,7 @@
 //!
 //! Size with `FLOWGATE_OVERLOAD_MESSAGES` (default 200000).
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use std::io::Write;

@@ -1,6 +1,6 @@
 //! Engine core: a chained pipeline carries every message exactly once.
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use flowgate::Engine;

@@ -1,6 +1,6 @@
 //! A connection closed by the broker: the engine recovers and finishes the run.
 
-mod common;
+use flowgate_testkit as common;
 
 use common::node::BrokerNode;
 use common::*;

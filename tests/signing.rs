@@ -8,7 +8,7 @@
 //! `flowgate_actors::signing`, with the `hmac` crate directly, not with the
 //! engine's code.
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use flowgate::actors::lapin::options::{BasicAckOptions, BasicGetOptions};

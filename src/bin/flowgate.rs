@@ -30,20 +30,6 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Run the order pipeline end to end on the local broker and print a summary.
-    Demo(flowgate::demo::DemoArgs),
-    /// Drive a running order gateway over HTTP and print a summary.
-    Load(flowgate::orders::load::LoadArgs),
-    /// Run one stage of a config as a worker process (used by `demo --chaos`).
-    #[command(hide = true)]
-    Worker {
-        /// Configuration file (TOML).
-        #[arg(long, short)]
-        config: PathBuf,
-        /// The stage to run.
-        #[arg(long)]
-        stage: String,
-    },
     /// Inspect, replay or purge a dead-letter queue.
     Dlq {
         #[command(subcommand)]
@@ -93,17 +79,8 @@ enum DlqCmd {
 }
 
 fn init_tracing() {
-    init_tracing_with("info,lapin=warn")
-}
-
-/// Interactive commands (demo, load) print their own summary: warnings only.
-fn init_tracing_quiet() {
-    init_tracing_with("warn,lapin=error")
-}
-
-fn init_tracing_with(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -116,7 +93,7 @@ fn init_tracing_with(default: &str) {
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path)
         .and_then(|c| {
-            flowgate::config::validate(&c, Some(&flowgate::handlers::builtin_names()))?;
+            Engine::builder().config(c.clone()).build()?;
             Ok(c)
         })
         .map_err(|e| {
@@ -148,34 +125,6 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             flowgate::run_system(run(cfg))
-        }
-        Cmd::Demo(args) => {
-            init_tracing_quiet();
-            flowgate::run_system(flowgate::demo::run(args))
-        }
-        Cmd::Load(args) => {
-            init_tracing_quiet();
-            let plan = match args.plan() {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("flowgate load: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            flowgate::run_system(async move {
-                let report = flowgate::orders::load::run(&plan).await;
-                println!("{}", report.summary());
-                if report.accepted == 0 && report.sent > 0 {
-                    eprintln!("flowgate load: no order was accepted by {}", plan.url);
-                    ExitCode::from(1)
-                } else {
-                    ExitCode::SUCCESS
-                }
-            })
-        }
-        Cmd::Worker { config, stage } => {
-            init_tracing();
-            flowgate::run_system(flowgate::orders::chaos::run_worker(&config, &stage))
         }
         Cmd::Dlq { cmd } => {
             init_tracing();
@@ -252,65 +201,27 @@ fn dlq(cmd: DlqCmd) -> ExitCode {
 }
 
 async fn run(cfg: Config) -> ExitCode {
-    // An order flow also runs its gateway and shares one service among its stages.
-    let orders = if flowgate::orders::uses_orders(&cfg) {
-        match flowgate::orders::start(cfg.clone()).await {
-            Ok(app) => Some(app),
-            Err(e) => {
-                eprintln!("flowgate: cannot start: {e}");
-                return ExitCode::from(1);
-            }
-        }
-    } else {
-        None
-    };
-    let handle = match &orders {
-        Some(app) => app.engine().clone(),
-        None => {
-            let engine = match Engine::builder().config(cfg).build() {
-                Ok(e) => e,
-                Err(e) => {
-                    eprintln!("flowgate: invalid configuration: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            match engine.start().await {
-                Ok(h) => h,
-                Err(e) => {
-                    eprintln!("flowgate: cannot start: {e}");
-                    return ExitCode::from(1);
-                }
-            }
-        }
-    };
-    if let Some(a) = orders.as_ref().and_then(|o| o.gateway_addr()) {
-        tracing::info!("order gateway: http://{a}/orders");
-    }
-    tracing::info!("flowgate running; SIGTERM or Ctrl-C to stop");
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
+    let engine = match Engine::builder().config(cfg).build() {
+        Ok(e) => e,
         Err(e) => {
-            eprintln!("flowgate: cannot install the SIGTERM handler: {e}");
+            eprintln!("flowgate: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let handle = match engine.start().await {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("flowgate: cannot start: {e}");
             return ExitCode::from(1);
         }
     };
-    let code = tokio::select! {
-        _ = term.recv() => { tracing::info!("SIGTERM received"); ExitCode::SUCCESS }
-        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT received"); ExitCode::SUCCESS }
-        e = handle.escalated() => {
-            tracing::error!(actor = %e.actor, reason = %e.reason, "an actor spent its restart budget; shutting down");
+    tracing::info!("flowgate running; SIGTERM or Ctrl-C to stop");
+    match handle.run_until_signal().await {
+        Ok(stopped) => stopped.exit_code(),
+        Err(e) => {
+            eprintln!("flowgate: cannot install the signal handlers: {e}");
+            handle.shutdown().await;
             ExitCode::from(1)
         }
-    };
-    let report = match &orders {
-        Some(app) => app.shutdown().await,
-        None => handle.shutdown().await,
-    };
-    if !report.clean {
-        tracing::warn!(
-            ?report,
-            "shutdown grace expired with work in flight; the broker requeues it"
-        );
     }
-    code
 }

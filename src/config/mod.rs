@@ -6,6 +6,7 @@
 
 mod validate;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,13 +21,32 @@ pub struct ConfigError {
     pub key: String,
     /// Why it is wrong.
     pub reason: String,
+    /// The underlying error, when another component reported it (a handler
+    /// factory, the Redis client).
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl ConfigError {
-    pub(crate) fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+    /// A problem with `key`: a host checking its own section (see
+    /// [`Config::load_with_section`]) reports it the same way.
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             key: key.into(),
             reason: reason.into(),
+            source: None,
+        }
+    }
+
+    /// The same, keeping the error that caused it as its source.
+    pub fn with_source(
+        key: impl Into<String>,
+        reason: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self {
+            source: Some(source.into()),
+            ..Self::new(key, reason)
         }
     }
 }
@@ -62,10 +82,6 @@ pub struct Config {
     /// Size limits.
     #[serde(default)]
     pub limits: LimitsConfig,
-    /// The order pipeline's built-in services (`orders.*` handlers, the
-    /// gateway, the simulation knobs). See [`OrdersConfig`].
-    #[serde(default)]
-    pub orders: OrdersConfig,
     /// Deduplication settings shared by every stage with `dedup` on.
     #[serde(default)]
     pub dedup: DedupConfig,
@@ -253,7 +269,8 @@ pub struct QueueConfig {
     /// Backpressure watermarks, e.g. `{ high = 5000, low = 1000 }`: while
     /// this queue holds more than `high` ready messages, every stage that
     /// publishes into it pauses its intake until the queue is below `low`,
-    /// and the HTTP ingresses (`POST /publish/...`, `POST /orders`) answer
+    /// and the HTTP ingress (`POST /publish/...`, and a host's own through
+    /// [`Ingress`](crate::Ingress)) answer
     /// 503 with `Retry-After` for messages routed to it.
     /// Default none (the depth is still exported when a stage consumes it).
     #[serde(default)]
@@ -405,7 +422,49 @@ pub enum VerifyMode {
     Reject,
 }
 
+impl Default for StageConfig {
+    /// Every option at its documented default; `name` and `queue` empty.
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            queue: String::new(),
+            handler: default_handler(),
+            prefetch: default_prefetch(),
+            concurrency: Concurrency::default(),
+            output: None,
+            delay: None,
+            rate: None,
+            retry: None,
+            dedup: DedupMode::default(),
+            payload: PayloadKind::default(),
+            record_file: None,
+            verify: None,
+        }
+    }
+}
+
 impl StageConfig {
+    /// A stage consuming `queue` with `handler`, every other option at its
+    /// default; set the rest with struct update syntax:
+    ///
+    /// ```
+    /// use flowgate::StageConfig;
+    /// let s = StageConfig { prefetch: 10, ..StageConfig::new("audit", "orders.shipped", "audit") };
+    /// assert_eq!((s.prefetch, s.handler.as_str()), (10, "audit"));
+    /// ```
+    pub fn new(
+        name: impl Into<String>,
+        queue: impl Into<String>,
+        handler: impl Into<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            queue: queue.into(),
+            handler: handler.into(),
+            ..Self::default()
+        }
+    }
+
     /// The stage's effective check, given whether a key is configured.
     pub fn verify_mode(&self, key_set: bool) -> VerifyMode {
         match self.verify {
@@ -931,187 +990,12 @@ impl Default for LimitsConfig {
     }
 }
 
-// ---- [orders] (the order pipeline; owned by src/orders) -------------------
-
-/// `[orders]`: the order pipeline (`orders.reserve`, `orders.pay`,
-/// `orders.ship`, `orders.track` handlers and the HTTP gateway).
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct OrdersConfig {
-    /// Exchange the services publish their events to (`order.created`,
-    /// `order.reserved`, `order.paid`, `order.shipped`) when a stage has no
-    /// `output`. Default `shop`.
-    #[serde(default = "default_orders_exchange")]
-    pub exchange: String,
-    /// Address of the order gateway (`POST /orders`, `GET /orders/{id}`).
-    /// Default `127.0.0.1:8080`. Empty string: no gateway in this process.
-    #[serde(default = "default_gateway_bind")]
-    pub gateway_bind: String,
-    /// Largest `POST /orders` body; larger answers 413. Default `16384`.
-    #[serde(default = "default_max_body_bytes")]
-    pub max_body_bytes: u64,
-    /// Gateway admission, a coarse second bound: when the ready messages of
-    /// the work stages' input queues added up (as the depth monitor sampled
-    /// them every `[depth] interval`) exceed this, `POST /orders` answers
-    /// 503 with `Retry-After`. The primary bound is the queues' `watermark`s:
-    /// the gateway refuses while the `order.created` queue is above its
-    /// watermark, which the stages push back to when their outputs are.
-    /// `0` turns the check off. Default `0`.
-    #[serde(default = "default_max_backlog")]
-    pub max_backlog: u64,
-    /// Gateway: most `order.created` publishes awaiting a confirm at once;
-    /// beyond it `POST /orders` answers 503. Default `256`.
-    #[serde(default = "default_max_pending")]
-    pub max_pending: u32,
-    /// Units in stock of every SKU not listed in `stock`. Default `100000`.
-    #[serde(default = "default_stock_default")]
-    pub stock_default: u64,
-    /// Units in stock per SKU, overriding `stock_default`
-    /// (e.g. `stock = { "sku-limited" = 10 }`). Default none.
-    #[serde(default)]
-    pub stock: std::collections::BTreeMap<String, u64>,
-    /// Simulated payment provider: most charges per second (the throttled
-    /// downstream). `0` = unlimited. Default `100`.
-    #[serde(default = "default_payment_rate")]
-    pub payment_rate: u32,
-    /// Simulated payment provider: latency of one charge call. Default `5ms`.
-    #[serde(default = "default_payment_latency", with = "humantime_serde")]
-    pub payment_latency: Duration,
-    /// Simulated payment provider: probability (0.0..=1.0) that a call fails
-    /// transiently. Default `0.02`.
-    #[serde(default = "default_payment_failure_rate")]
-    pub payment_failure_rate: f64,
-    /// Calls to the provider per delivery before the handler gives up with
-    /// `Outcome::Retry` (the stage's retry ladder takes over). Default `3`.
-    #[serde(default = "default_payment_attempts")]
-    pub payment_attempts: u32,
-    /// Redis URL for the reservation/charge/shipment records and the stock,
-    /// so that separate worker processes share them (required when the
-    /// services run as separate processes). Default none: in-process memory.
-    #[serde(default)]
-    pub redis_url: Option<String>,
-    /// Prefix of every Redis key. Default `flowgate:orders:`.
-    #[serde(default = "default_orders_key_prefix")]
-    pub key_prefix: String,
-    /// Bound on the in-memory records (reservations, charges, shipments) and
-    /// on the status view: beyond it the oldest entries are forgotten (a
-    /// redelivery older than that is no longer recognised; its status
-    /// answers 404). Default `100000`.
-    #[serde(default = "default_record_capacity")]
-    pub record_capacity: usize,
-    /// Redis records expire this long after the last write. Default `24h`.
-    #[serde(default = "default_record_ttl", with = "humantime_serde")]
-    pub record_ttl: Duration,
+fn file_source(path: &Path) -> config::File<config::FileSourceFile, config::FileFormat> {
+    config::File::from(path).format(config::FileFormat::Toml)
 }
 
-fn default_orders_exchange() -> String {
-    "shop".into()
-}
-fn default_gateway_bind() -> String {
-    "127.0.0.1:8080".into()
-}
-fn default_max_body_bytes() -> u64 {
-    16 * 1024
-}
-fn default_max_backlog() -> u64 {
-    0
-}
-fn default_max_pending() -> u32 {
-    256
-}
-fn default_stock_default() -> u64 {
-    100_000
-}
-fn default_payment_rate() -> u32 {
-    100
-}
-fn default_payment_latency() -> Duration {
-    Duration::from_millis(5)
-}
-fn default_payment_failure_rate() -> f64 {
-    0.02
-}
-fn default_payment_attempts() -> u32 {
-    3
-}
-fn default_orders_key_prefix() -> String {
-    "flowgate:orders:".into()
-}
-fn default_record_capacity() -> usize {
-    100_000
-}
-fn default_record_ttl() -> Duration {
-    Duration::from_secs(24 * 3600)
-}
-
-impl Default for OrdersConfig {
-    fn default() -> Self {
-        Self {
-            exchange: default_orders_exchange(),
-            gateway_bind: default_gateway_bind(),
-            max_body_bytes: default_max_body_bytes(),
-            max_backlog: default_max_backlog(),
-            max_pending: default_max_pending(),
-            stock_default: default_stock_default(),
-            stock: Default::default(),
-            payment_rate: default_payment_rate(),
-            payment_latency: default_payment_latency(),
-            payment_failure_rate: default_payment_failure_rate(),
-            payment_attempts: default_payment_attempts(),
-            redis_url: None,
-            key_prefix: default_orders_key_prefix(),
-            record_capacity: default_record_capacity(),
-            record_ttl: default_record_ttl(),
-        }
-    }
-}
-
-impl OrdersConfig {
-    /// Checks the section; each error names its key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(0.0..=1.0).contains(&self.payment_failure_rate) {
-            return Err(ConfigError::new(
-                "orders.payment_failure_rate",
-                "must be between 0.0 and 1.0",
-            ));
-        }
-        if self.payment_attempts == 0 {
-            return Err(ConfigError::new(
-                "orders.payment_attempts",
-                "must be at least 1",
-            ));
-        }
-        if self.max_pending == 0 {
-            return Err(ConfigError::new("orders.max_pending", "must be at least 1"));
-        }
-        if self.max_body_bytes == 0 {
-            return Err(ConfigError::new(
-                "orders.max_body_bytes",
-                "must be at least 1",
-            ));
-        }
-        if self.record_capacity == 0 {
-            return Err(ConfigError::new(
-                "orders.record_capacity",
-                "must be at least 1",
-            ));
-        }
-        if !self.gateway_bind.is_empty()
-            && self.gateway_bind.parse::<std::net::SocketAddr>().is_err()
-        {
-            return Err(ConfigError::new(
-                "orders.gateway_bind",
-                format!(
-                    "`{}` is not an address like 127.0.0.1:8080",
-                    self.gateway_bind
-                ),
-            ));
-        }
-        if self.exchange.is_empty() {
-            return Err(ConfigError::new("orders.exchange", "must be non-empty"));
-        }
-        Ok(())
-    }
+fn toml_source(text: &str) -> config::File<config::FileSourceString, config::FileFormat> {
+    config::File::from_str(text, config::FileFormat::Toml)
 }
 
 fn source_error(e: config::ConfigError) -> ConfigError {
@@ -1135,25 +1019,62 @@ fn source_error(e: config::ConfigError) -> ConfigError {
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| "<file>".into());
-    ConfigError::new(key, msg)
+    ConfigError::with_source(key, msg, e)
 }
 
 impl Config {
     /// Loads a file (TOML) plus `FLOWGATE__*` environment overrides, then
     /// validates everything but handler names (see [`Engine`](crate::Engine)).
+    /// A key the engine does not know is an error.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let file = config::File::from(path).format(config::FileFormat::Toml);
-        Self::load_from(file)
+        Self::load_from::<_, ()>(file_source(path), None).map(|(c, _)| c)
     }
 
     /// Parses TOML text plus environment overrides, then validates.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        Self::load_from(config::File::from_str(text, config::FileFormat::Toml))
+        Self::load_from::<_, ()>(toml_source(text), None).map(|(c, _)| c)
     }
 
-    fn load_from<S>(source: S) -> Result<Config, ConfigError>
+    /// [`load`](Self::load) for a host with a section of its own in the same
+    /// file: `[name]` (with its `FLOWGATE__NAME__*` overrides) is taken out
+    /// and deserialized into `T` (its `Default` when the file has none);
+    /// everything else is the engine's, which still refuses unknown keys.
+    /// The engine does not validate `T`: that is the host's.
+    ///
+    /// ```
+    /// #[derive(serde::Deserialize, Default)]
+    /// struct Shop {
+    ///     #[serde(default)]
+    ///     greeting: String,
+    /// }
+    /// let (config, shop) = flowgate::Config::from_toml_with_section::<Shop>(
+    ///     "[shop]\ngreeting = \"hello\"\n[http]\nbind = \"\"\n",
+    ///     "shop",
+    /// )?;
+    /// assert_eq!(shop.greeting, "hello");
+    /// assert!(config.http.bind.is_empty());
+    /// # Ok::<(), flowgate::ConfigError>(())
+    /// ```
+    pub fn load_with_section<T>(path: &Path, name: &str) -> Result<(Config, T), ConfigError>
+    where
+        T: DeserializeOwned + Default,
+    {
+        Self::load_from(file_source(path), Some(name)).map(|(c, t)| (c, t.unwrap_or_default()))
+    }
+
+    /// [`from_toml`](Self::from_toml) with a host section, as
+    /// [`load_with_section`](Self::load_with_section).
+    pub fn from_toml_with_section<T>(text: &str, name: &str) -> Result<(Config, T), ConfigError>
+    where
+        T: DeserializeOwned + Default,
+    {
+        Self::load_from(toml_source(text), Some(name)).map(|(c, t)| (c, t.unwrap_or_default()))
+    }
+
+    fn load_from<S, T>(source: S, section: Option<&str>) -> Result<(Config, Option<T>), ConfigError>
     where
         S: config::Source + Send + Sync + 'static,
+        T: DeserializeOwned,
     {
         let built = config::Config::builder()
             .add_source(source)
@@ -1165,11 +1086,34 @@ impl Config {
             )
             .build()
             .map_err(source_error)?;
-        let cfg: Config = built.try_deserialize().map_err(source_error)?;
+        let (cfg, host): (Config, Option<T>) = match section {
+            None => (built.try_deserialize().map_err(source_error)?, None),
+            Some(name) => {
+                let mut root: config::Map<String, config::Value> =
+                    built.try_deserialize().map_err(source_error)?;
+                let host = root
+                    .remove(name)
+                    .map(|v| v.try_deserialize::<T>())
+                    .transpose()
+                    .map_err(|e| {
+                        let mut e = source_error(e);
+                        e.key = if e.key == "<file>" {
+                            name.to_owned()
+                        } else {
+                            format!("{name}.{}", e.key)
+                        };
+                        e
+                    })?;
+                let cfg = config::Value::new(None, root)
+                    .try_deserialize()
+                    .map_err(source_error)?;
+                (cfg, host)
+            }
+        };
         // Handler names are checked when the engine is built, against the
         // built-ins plus what the host registered.
         validate(&cfg, None)?;
-        Ok(cfg)
+        Ok((cfg, host))
     }
 
     /// Looks up a queue by name.

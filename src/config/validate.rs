@@ -234,7 +234,7 @@ fn validate_failures(
             "must be set for dedup = \"redis\"",
         ));
     }
-    cfg.orders.validate()
+    Ok(())
 }
 
 /// `[dedup]` and `[redis]`.
@@ -324,10 +324,10 @@ const TEST_BASE: &str = r#"
 [[exchanges]]
 name = "shop"
 [[queues]]
-name = "orders"
+name = "jobs"
 [[stages]]
 name = "reserve"
-queue = "orders"
+queue = "jobs"
 handler = "sink"
 "#;
 

@@ -6,28 +6,28 @@
 //! `high` until it falls to `low`, as sampled by the depth monitor) or on
 //! publish backpressure; 404 when unroutable; 202 when confirmed or spooled.
 
+use crate::ingress::{Ingress, IngressError};
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
-use flowgate_actors::publisher::{Published, PublisherHandle};
+use flowgate_actors::publisher::PublisherHandle;
 use flowgate_actors::stage::StageProbe;
-use flowgate_actors::{Error, Metrics, Output};
+use flowgate_actors::{Metrics, Output};
 use serde_json::json;
 use std::net::SocketAddr;
 
+/// The longest AMQP short string (message id, content type).
+const SHORT_STRING_MAX: usize = 255;
+
 /// What the HTTP handlers can see.
 #[derive(Clone)]
-pub struct HttpState {
+pub(crate) struct HttpState {
     /// Rendered by `/metrics`.
-    pub metrics: Metrics,
+    pub(crate) metrics: Metrics,
     /// Consulted by `/readyz`.
-    pub probes: Vec<StageProbe>,
-    /// Used by `POST /publish/...`.
-    pub publisher: PublisherHandle,
-    /// Larger bodies answer 413.
-    pub max_message_bytes: u64,
-    /// Watermark admission of `POST /publish/...`: 503 with `Retry-After`
-    /// while a queue the message routes to is above its watermark. `None`:
-    /// no watermark check.
-    pub gate: Option<crate::depth::IngressGate>,
+    pub(crate) probes: Vec<StageProbe>,
+    /// `/readyz` shows its breaker state and spool.
+    pub(crate) publisher: PublisherHandle,
+    /// `POST /publish/...`: size limit, watermark admission, publish.
+    pub(crate) ingress: Ingress,
 }
 
 async fn metrics(s: web::Data<HttpState>) -> HttpResponse {
@@ -71,30 +71,32 @@ async fn publish(
     path: web::Path<(String, String)>,
     req: HttpRequest,
     body: web::Bytes,
-) -> HttpResponse {
-    if body.len() as u64 > s.max_message_bytes {
-        return HttpResponse::PayloadTooLarge()
-            .json(json!({ "error": "message too large", "max_bytes": s.max_message_bytes }));
-    }
+) -> Result<HttpResponse, IngressError> {
+    s.ingress.check_size(body.len())?;
     let (exchange, routing_key) = path.into_inner();
-    if let Some(Err(r)) = s.gate.as_ref().map(|g| g.admit(&exchange, &routing_key)) {
-        return HttpResponse::ServiceUnavailable()
-            .insert_header(("Retry-After", "1"))
-            .json(json!({ "error": r.to_string(), "queue": r.queue() }));
-    }
-    let mut out = Output::new(exchange, routing_key, body);
+    s.ingress.admit(&exchange, &routing_key)?;
     let id = req
         .headers()
         .get("x-message-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    out = out.with_message_id(id.clone());
-    if let Some(ct) = req
+    let content_type = req
         .headers()
         .get("content-type")
-        .and_then(|v| v.to_str().ok())
-    {
+        .and_then(|v| v.to_str().ok());
+    // AMQP short strings end at 255 bytes (lapin panics beyond).
+    for (name, v) in [
+        ("x-message-id", Some(id.as_str())),
+        ("content-type", content_type),
+    ] {
+        if v.is_some_and(|v| v.len() > SHORT_STRING_MAX) {
+            return Ok(HttpResponse::BadRequest()
+                .json(json!({ "error": format!("{name} longer than {SHORT_STRING_MAX} bytes") })));
+        }
+    }
+    let mut out = Output::new(exchange, routing_key, body).with_message_id(id.clone());
+    if let Some(ct) = content_type {
         out.properties = out.properties.with_content_type(ct.into());
     }
     let tp = req
@@ -104,32 +106,12 @@ async fn publish(
         .map(flowgate_actors::trace::child_of)
         .unwrap_or_else(flowgate_actors::trace::new_traceparent);
     flowgate_actors::trace::set_traceparent(&mut out.properties, tp);
-    match s.publisher.send(out).await {
-        Ok(Published::Confirmed) => {
-            HttpResponse::Accepted().json(json!({ "message_id": id, "status": "confirmed" }))
-        }
-        Ok(Published::Spooled) => {
-            HttpResponse::Accepted().json(json!({ "message_id": id, "status": "spooled" }))
-        }
-        Err(
-            e @ (Error::Backpressure(_)
-            | Error::NotConnected
-            | Error::ConfirmTimeout(_)
-            | Error::Nacked),
-        ) => HttpResponse::ServiceUnavailable()
-            .insert_header(("Retry-After", "1"))
-            .json(json!({ "error": e.to_string() })),
-        Err(e @ Error::Unroutable { .. }) => {
-            HttpResponse::NotFound().json(json!({ "error": e.to_string() }))
-        }
-        Err(e) => HttpResponse::ServiceUnavailable()
-            .insert_header(("Retry-After", "5"))
-            .json(json!({ "error": e.to_string() })),
-    }
+    let accepted = s.ingress.publish(out).await?;
+    Ok(HttpResponse::Accepted().json(json!({ "message_id": id, "status": accepted.as_str() })))
 }
 
-/// Registers the routes on an app (the order gateway adds its own).
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// Registers the routes on an app.
+fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/metrics", web::get().to(metrics))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
@@ -137,11 +119,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 /// Binds and spawns the server on the current actix system.
-pub fn start(
+pub(crate) fn start(
     bind: &str,
     state: HttpState,
 ) -> std::io::Result<(actix_web::dev::ServerHandle, SocketAddr)> {
-    let limit = usize::try_from(state.max_message_bytes)
+    let limit = usize::try_from(state.ingress.max_message_bytes())
         .unwrap_or(usize::MAX)
         .saturating_add(1);
     let data = web::Data::new(state);
@@ -155,7 +137,7 @@ pub fn start(
 /// Binds an HTTP server (one worker, no signal handling of its own: the
 /// engine owns shutdown) with the routes `configure` registers, spawns it on
 /// the current actix system, and returns its handle and bound address.
-pub fn spawn_server<F>(
+pub(crate) fn spawn_server<F>(
     bind: &str,
     configure: F,
 ) -> std::io::Result<(actix_web::dev::ServerHandle, SocketAddr)>

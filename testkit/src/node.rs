@@ -21,7 +21,6 @@
 //! All methods are blocking (they run `rabbitmqctl`, ~0.5-1 s each). From a
 //! `#[tokio::test]` either use `flavor = "multi_thread"` or wrap calls with
 //! [`BrokerNode::blocking`] / [`BrokerNode::start_async`].
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::fs;

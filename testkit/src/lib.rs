@@ -1,8 +1,31 @@
-//! Shared helpers for integration tests: unique topology, a raw AMQP client
-//! for publishing and collecting, queue counts, private broker nodes and a
-//! fault-injecting TCP proxy.
-#![allow(dead_code)]
+//! What flowgate's integration tests, benches and examples share: a raw
+//! AMQP client (not flowgate) for publishing and collecting, unique topology
+//! names and a cleanup guard that deletes them even when a test panics,
+//! queue counts, private broker nodes for tests that disturb a broker
+//! ([`node`]), a fault-injecting TCP proxy ([`proxy`]), chain configs and
+//! the publish/collect driver of the benches ([`driver`]).
+//!
+//! A test against the shared broker on 127.0.0.1:5672:
+//!
+//! ```no_run
+//! use flowgate_testkit::{chain_config, unique, Cleanup, Client, AMQP_URL};
+//! use std::time::Duration;
+//!
+//! # #[actix_rt::main]
+//! # async fn main() {
+//! let prefix = unique("doc");
+//! let cfg = chain_config(&prefix, &["forward"], 10);
+//! let _cleanup = Cleanup::new(AMQP_URL, &cfg); // deletes the topology on drop
+//! let client = Client::connect(AMQP_URL).await;
+//! flowgate::topology::declare(&client.ch, &cfg).await.unwrap();
+//! client.publish(&format!("{prefix}.ex"), "in", "m-1", b"hello").await;
+//! let got = client.collect(&format!("{prefix}.s1"), 1, Duration::from_secs(5)).await;
+//! assert_eq!(got[0].0, "m-1");
+//! # }
+//! ```
+#![warn(missing_docs)]
 
+pub mod driver;
 pub mod node;
 pub mod proxy;
 
@@ -27,11 +50,15 @@ pub fn unique(prefix: &str) -> String {
 
 /// A raw client (not flowgate) used by tests to publish and observe.
 pub struct Client {
+    /// Its connection (open more channels on it).
     pub conn: Connection,
+    /// A channel in confirm mode.
     pub ch: Channel,
 }
 
 impl Client {
+    /// Connects and opens a confirm-mode channel; panics if the broker does
+    /// not answer.
     pub async fn connect(url: &str) -> Client {
         let conn = Connection::connect(
             url,
@@ -57,6 +84,8 @@ impl Client {
         .await
     }
 
+    /// Publishes with these properties (made persistent) and a confirm;
+    /// panics if not confirmed.
     pub async fn publish_props(
         &self,
         exchange: &str,
@@ -265,6 +294,22 @@ impl Client {
     }
 }
 
+/// Deletes the exchanges and queues of `cfg` on the broker at `url`;
+/// failures are logged to stderr (for cleanups that must not fail a run).
+pub async fn delete_topology(url: &str, cfg: &Config) {
+    if let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await {
+        if let Ok(ch) = conn.create_channel().await {
+            if let Err(e) = flowgate::topology::delete(&ch, cfg).await {
+                eprintln!("deleting the topology: {e}");
+            }
+            // Close the channel before the connection, or lapin reports a
+            // connection error for the channel dropped mid-close.
+            let _ = ch.close(200, "cleanup".into()).await;
+        }
+        let _ = conn.close(200, "cleanup".into()).await;
+    }
+}
+
 /// Deletes a test's topology when dropped — also when the test panicked, so
 /// failed runs leave nothing behind on the shared broker.
 pub struct Cleanup {
@@ -293,13 +338,7 @@ impl Drop for Cleanup {
                 .build()
                 .expect("runtime");
             rt.block_on(async {
-                if let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = flowgate::topology::delete(&ch, &cfg).await;
-                        let _ = ch.close(200, "cleanup".into()).await;
-                    }
-                    let _ = conn.close(200, "cleanup".into()).await;
-                }
+                delete_topology(&url, &cfg).await;
             });
         })
         .join();
@@ -308,7 +347,10 @@ impl Drop for Cleanup {
 
 /// A child process (a daemon under test) killed when the guard drops, so a
 /// failing test never leaves a daemon behind.
-pub struct ChildGuard(pub std::process::Child);
+pub struct ChildGuard(
+    /// The child.
+    pub std::process::Child,
+);
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
@@ -329,7 +371,7 @@ pub fn header(h: &FieldTable, name: &str) -> Option<String> {
 /// A config for a chain `prefix.s1 → … → prefix.sN → prefix.sink` on exchange
 /// `prefix.ex` (input key `in`), with the given handler names per stage.
 pub fn chain_config(prefix: &str, handlers: &[&str], prefetch: u32) -> Config {
-    let mut cfg = flowgate::demo::chain_config(prefix, handlers, prefetch, QueueKind::Quorum);
+    let mut cfg = driver::chain_config(prefix, handlers, prefetch, QueueKind::Quorum);
     cfg.shutdown.grace = Duration::from_secs(10);
     cfg
 }

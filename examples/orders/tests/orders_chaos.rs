@@ -1,29 +1,27 @@
 //! Chaos (issue 5, acceptance 3): the reserve, pay and ship services run as
-//! separate `flowgate worker` processes that are SIGKILLed and restarted
+//! separate `flowgate-orders worker` processes that are SIGKILLed and restarted
 //! repeatedly while orders flow. No accepted order may be lost, and no
 //! order may be reserved or charged twice.
 
-mod common;
-
-use common::*;
-use flowgate::orders::{self, chaos, load::LoadPlan};
+use flowgate_orders::{chaos, load::LoadPlan, FlowConfig};
+use flowgate_testkit::*;
 use std::path::PathBuf;
 use std::time::Duration;
 
 #[actix_rt::test]
 async fn killed_workers_lose_no_order_and_never_reserve_or_charge_twice() {
     let prefix = unique("chaos");
-    let mut cfg = orders::uniquely_named(&orders::default_config().unwrap(), &prefix);
-    cfg.amqp.url = AMQP_URL.into();
-    cfg.http.bind = String::new();
+    let mut cfg = FlowConfig::default_flow().unwrap().uniquely_named(&prefix);
+    cfg.engine.amqp.url = AMQP_URL.into();
+    cfg.engine.http.bind = String::new();
     cfg.orders.gateway_bind = "127.0.0.1:0".into();
     cfg.orders.redis_url = Some("redis://127.0.0.1:6379".into());
     cfg.orders.key_prefix = format!("flowgate:test:{prefix}:");
     // Transient provider failures stay on: they exercise the in-handler retries.
     cfg.orders.payment_failure_rate = 0.05;
-    cfg.shutdown.grace = Duration::from_secs(10);
+    cfg.engine.shutdown.grace = Duration::from_secs(10);
     let report = chaos::run(chaos::ChaosPlan {
-        exe: PathBuf::from(env!("CARGO_BIN_EXE_flowgate")),
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_flowgate-orders")),
         config: cfg,
         workers_per_stage: 1,
         kill_every: (Duration::from_millis(300), Duration::from_millis(900)),

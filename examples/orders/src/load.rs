@@ -1,4 +1,4 @@
-//! `flowgate load`: drives an order gateway over HTTP and prints a summary.
+//! `flowgate-orders load`: drives an order gateway over HTTP and prints a summary.
 //!
 //! Orders go out open-loop at `--rate` (or as fast as `--concurrency`
 //! allows), with at most `--concurrency` requests in flight. A 503 is
@@ -41,7 +41,7 @@ impl std::str::FromStr for Rate {
     }
 }
 
-/// `flowgate load` options.
+/// `flowgate-orders load` options.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LoadArgs {
     /// Gateway base URL.

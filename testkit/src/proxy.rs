@@ -14,7 +14,6 @@
 //! retransmission after a network partition heals).
 //!
 //! Dependencies: std + tokio (features `net`, `io-util`, `sync`, `time`, `rt`, `macros`).
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

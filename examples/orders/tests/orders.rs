@@ -1,14 +1,11 @@
 //! The order pipeline over HTTP against the real broker (issue 5,
 //! acceptance 1, 2 and 4).
 
-mod common;
-
-use common::*;
+use flowgate::actors::lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use flowgate::actors::lapin::types::FieldTable;
 use flowgate::config::Watermark;
-use flowgate::orders::{self, OrdersApp};
-use flowgate::Config;
-use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use flowgate_orders::{self as orders, FlowConfig, OrdersApp};
+use flowgate_testkit::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,17 +14,19 @@ use std::time::Duration;
 
 struct Flow {
     app: OrdersApp,
-    cfg: Config,
+    cfg: FlowConfig,
     base: String,
     http: awc::Client,
 }
 
-async fn start(tweak: impl FnOnce(&mut Config)) -> Flow {
-    let mut cfg = orders::uniquely_named(&orders::default_config().unwrap(), &unique("orders"));
-    cfg.http.bind = String::new();
+async fn start(tweak: impl FnOnce(&mut FlowConfig)) -> Flow {
+    let mut cfg = FlowConfig::default_flow()
+        .unwrap()
+        .uniquely_named(&unique("orders"));
+    cfg.engine.http.bind = String::new();
     cfg.orders.gateway_bind = "127.0.0.1:0".into();
     cfg.orders.payment_failure_rate = 0.0;
-    cfg.shutdown.grace = Duration::from_secs(10);
+    cfg.engine.shutdown.grace = Duration::from_secs(10);
     tweak(&mut cfg);
     let app = orders::start(cfg.clone()).await.expect("order flow starts");
     assert!(
@@ -88,7 +87,7 @@ impl Flow {
     async fn stop(self) {
         self.app.shutdown().await;
         let client = Client::connect(AMQP_URL).await;
-        client.delete_topology(&self.cfg).await;
+        client.delete_topology(&self.cfg.engine).await;
         let _ = self.app.service().ledger.clear().await;
     }
 }
@@ -250,6 +249,7 @@ async fn an_out_of_stock_order_ends_failed_and_sits_in_the_dlq_with_headers() {
     let dlq = format!(
         "{}.dlq",
         flow.cfg
+            .engine
             .stages
             .iter()
             .find(|s| s.name == "reserve")
@@ -282,9 +282,9 @@ async fn a_redelivered_event_reserves_and_charges_once() {
     .await;
     // The same order.created event, published three times (what a
     // redelivery or a producer retry looks like), with no engine dedup.
-    let order = flowgate::orders::model::NewOrder {
+    let order = orders::model::NewOrder {
         customer_id: "c-3".into(),
-        items: vec![flowgate::orders::model::Item {
+        items: vec![orders::model::Item {
             sku: "sku-count".into(),
             qty: 7,
         }],
@@ -343,10 +343,10 @@ async fn a_redelivered_event_reserves_and_charges_once() {
     flow.stop().await;
 }
 
-fn flow_shipped(svc: &flowgate::orders::OrdersService, id: &str) -> bool {
+fn flow_shipped(svc: &orders::OrdersService, id: &str) -> bool {
     svc.status
         .get(id)
-        .is_some_and(|e| e.status == flowgate::orders::status::OrderStatus::Shipped)
+        .is_some_and(|e| e.status == orders::status::OrderStatus::Shipped)
 }
 
 /// Samples the ready messages of `queues` with a passive declare every few
@@ -407,8 +407,8 @@ async fn a_throttled_payment_provider_makes_the_gateway_answer_503_and_accepted_
         c.orders.payment_rate = RATE;
         c.orders.max_backlog = 0;
         c.orders.max_pending = GATEWAY_PENDING;
-        c.depth.interval = Duration::from_millis(50);
-        for q in &mut c.queues {
+        c.engine.depth.interval = Duration::from_millis(50);
+        for q in &mut c.engine.queues {
             if let Some((_, w)) = marks
                 .iter()
                 .find(|(n, _)| q.name.ends_with(&format!(".{n}")))
@@ -420,6 +420,7 @@ async fn a_throttled_payment_provider_makes_the_gateway_answer_503_and_accepted_
     .await;
     let queue_of = |stage: &str| {
         flow.cfg
+            .engine
             .stages
             .iter()
             .find(|s| s.name == stage)
@@ -429,6 +430,7 @@ async fn a_throttled_payment_provider_makes_the_gateway_answer_503_and_accepted_
     };
     let prefetch_of = |stage: &str| {
         flow.cfg
+            .engine
             .stages
             .iter()
             .find(|s| s.name == stage)
@@ -446,7 +448,7 @@ async fn a_throttled_payment_provider_makes_the_gateway_answer_503_and_accepted_
     let client = Client::connect(AMQP_URL).await;
     let (done, sampler) = sample_peaks(&client, bounds.keys().cloned().collect()).await;
 
-    let plan = flowgate::orders::load::LoadPlan {
+    let plan = orders::load::LoadPlan {
         url: flow.base.clone(),
         orders: 600,
         rate: Some(5.0 * f64::from(RATE)),
@@ -455,7 +457,7 @@ async fn a_throttled_payment_provider_makes_the_gateway_answer_503_and_accepted_
         wait: Duration::from_secs(30),
         quiet: true,
     };
-    let report = flowgate::orders::load::run(&plan).await;
+    let report = orders::load::run(&plan).await;
     done.store(true, Ordering::Release);
     let peaks = sampler.await.unwrap();
     eprintln!(
@@ -513,7 +515,7 @@ async fn a_throttled_payment_provider_makes_the_gateway_answer_503_and_accepted_
     assert_eq!(r.double_reservations, 0);
     assert!(r.throttle_hits > 0, "the provider's rate limit was hit");
     // The monitor's own peaks (what the demo prints) saw the backlog too.
-    let monitored = flow.app.queue_levels().peaks();
+    let monitored = flow.app.engine().ingress().queue_peaks();
     assert!(
         monitored[&queue_of("pay")] > 0,
         "depth monitor peaks: {monitored:?}"

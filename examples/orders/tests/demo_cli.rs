@@ -1,10 +1,10 @@
-//! `flowgate demo`, the README's first command, as a user runs it.
+//! `flowgate-orders demo` (what `scripts/demo.sh`, the README's first command, runs), as a user runs it.
 
 use std::process::Command;
 
 #[test]
 fn demo_runs_the_order_pipeline_and_exits_zero() {
-    let out = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+    let out = Command::new(env!("CARGO_BIN_EXE_flowgate-orders"))
         .args(["demo", "--quiet", "--orders", "600", "--rate", "300/s"])
         .env_remove("FLOWGATE__AMQP__URL")
         .output()
@@ -36,7 +36,7 @@ fn demo_runs_the_order_pipeline_and_exits_zero() {
 
 #[test]
 fn demo_without_a_broker_exits_non_zero_at_once_saying_how_to_start_one() {
-    let out = Command::new(env!("CARGO_BIN_EXE_flowgate"))
+    let out = Command::new(env!("CARGO_BIN_EXE_flowgate-orders"))
         .args([
             "demo",
             "--quiet",

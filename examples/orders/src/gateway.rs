@@ -24,11 +24,10 @@
 use super::model::{self, Order, ORDER_CREATED};
 use super::status::OrderStatus;
 use super::OrdersService;
-use crate::depth::IngressGate;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use flowgate_actors::publisher::PublisherHandle;
-use flowgate_actors::{trace, Error, Output};
+use flowgate::actors::trace;
+use flowgate::{EngineHandle, Ingress, IngressError, Output};
 use futures::StreamExt;
 use serde_json::json;
 use std::net::SocketAddr;
@@ -36,15 +35,11 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-/// Seconds a client is told to wait after a 503.
-pub const RETRY_AFTER_SECS: u64 = 1;
-
 /// What the gateway's handlers see.
 #[derive(Clone)]
 pub struct GatewayState {
-    publisher: PublisherHandle,
+    ingress: Ingress,
     service: Arc<OrdersService>,
-    gate: Option<IngressGate>,
     /// Queues whose depths add up to the backlog of `max_backlog`.
     backlog_queues: Vec<String>,
     /// Bounds the publishes in flight (`[orders] max_pending`).
@@ -52,20 +47,14 @@ pub struct GatewayState {
 }
 
 impl GatewayState {
-    /// Publishing through `publisher`, recording statuses in `service`,
-    /// admitting by `gate`'s watermarks when given (and by `max_backlog`
-    /// over the depths of `backlog_queues`).
-    pub fn new(
-        publisher: PublisherHandle,
-        service: Arc<OrdersService>,
-        gate: Option<IngressGate>,
-        backlog_queues: Vec<String>,
-    ) -> Self {
+    /// Publishing through the engine's `ingress` (admitting by its queue
+    /// watermarks, and by `max_backlog` over the depths of
+    /// `backlog_queues`), recording statuses in `service`.
+    pub fn new(ingress: Ingress, service: Arc<OrdersService>, backlog_queues: Vec<String>) -> Self {
         let pending = Arc::new(Semaphore::new(service.config.max_pending as usize));
         Self {
-            publisher,
+            ingress,
             service,
-            gate,
             backlog_queues,
             pending,
         }
@@ -73,18 +62,11 @@ impl GatewayState {
 
     /// Ready messages in the work queues at the last depth sample.
     fn backlog(&self) -> u64 {
-        let Some(g) = &self.gate else { return 0 };
         self.backlog_queues
             .iter()
-            .filter_map(|q| g.levels().depth(q))
+            .filter_map(|q| self.ingress.queue_depth(q))
             .sum()
     }
-}
-
-fn unavailable(why: &str) -> HttpResponse {
-    HttpResponse::ServiceUnavailable()
-        .insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()))
-        .json(json!({ "error": "overloaded, retry later", "reason": why }))
 }
 
 fn is_json(req: &HttpRequest) -> bool {
@@ -166,23 +148,19 @@ async fn create(
         if backlog > svc.config.max_backlog {
             svc.stats.count_error("gateway-503-backlog");
             debug!(backlog, "order refused: pipeline backlog above max_backlog");
-            return unavailable("pipeline backlog above max_backlog");
+            return IngressError::busy("pipeline backlog above max_backlog").error_response();
         }
     }
     let Ok(_permit) = s.pending.clone().try_acquire_owned() else {
         svc.stats.count_error("gateway-503-pending");
-        return unavailable("too many orders awaiting a broker confirm");
+        return IngressError::busy("too many orders awaiting a broker confirm").error_response();
     };
     // After the permit: a refusal by max_pending must not spend the
     // watermark headroom.
-    if let Some(Err(r)) = s
-        .gate
-        .as_ref()
-        .map(|g| g.admit(&svc.config.exchange, ORDER_CREATED))
-    {
-        // Logged and counted by the gate as well.
+    if let Err(e) = s.ingress.admit(&svc.config.exchange, ORDER_CREATED) {
+        // Logged and counted by the engine as well.
         svc.stats.count_error("gateway-503-watermark");
-        return unavailable(&r.to_string());
+        return e.error_response();
     }
     let order = new.into_order();
     publish(&s, &req, order).await
@@ -203,30 +181,23 @@ async fn publish(s: &GatewayState, req: &HttpRequest, order: Order) -> HttpRespo
         .map(trace::child_of)
         .unwrap_or_else(trace::new_traceparent);
     trace::set_traceparent(&mut out.properties, tp);
-    match s.publisher.publish(out).await {
-        Ok(()) => {
+    match s.ingress.publish(out).await {
+        Ok(_) => {
             svc.status
                 .advance(&order.order_id, OrderStatus::Created, order.created_at_ms);
             HttpResponse::Accepted()
                 .insert_header((header::LOCATION, format!("/orders/{}", order.order_id)))
                 .json(json!({ "order_id": order.order_id, "status": "queued" }))
         }
-        Err(
-            e @ (Error::Backpressure(_)
-            | Error::NotConnected
-            | Error::ConfirmTimeout(_)
-            | Error::Nacked),
-        ) => {
-            svc.stats.count_error("gateway-503-publish");
-            debug!(error = %e, "order refused: publish failed");
-            unavailable(&e.to_string())
-        }
         Err(e) => {
-            svc.stats.count_error("gateway-publish-error");
-            warn!(error = %e, "order.created could not be published");
-            HttpResponse::ServiceUnavailable()
-                .insert_header((header::RETRY_AFTER, "5"))
-                .json(json!({ "error": e.to_string() }))
+            if e.is_overload() {
+                svc.stats.count_error("gateway-503-publish");
+                debug!(error = %e, "order refused: publish failed");
+            } else {
+                svc.stats.count_error("gateway-publish-error");
+                warn!(error = %e, "order.created could not be published");
+            }
+            e.error_response()
         }
     }
 }
@@ -249,8 +220,8 @@ async fn stats(s: web::Data<GatewayState>) -> HttpResponse {
         "double_reservations": effects.as_ref().map(|e| e.double_reservations),
         "double_charges": effects.as_ref().map(|e| e.double_charges),
         "latency_ms": { "p50": svc.stats.latency_ms(0.5), "p99": svc.stats.latency_ms(0.99) },
-        "peak_depth": s.gate.as_ref().map(|g| g.levels().peaks()),
-        "depth": s.gate.as_ref().map(|g| g.levels().current()),
+        "peak_depth": s.ingress.queue_peaks(),
+        "depth": s.ingress.queue_depths(),
     }))
 }
 
@@ -262,29 +233,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/orders/{id}", web::get().to(get));
 }
 
-/// A running gateway server.
-pub struct Gateway {
-    handle: actix_web::dev::ServerHandle,
-    addr: SocketAddr,
-}
-
-impl Gateway {
-    /// Binds and spawns the gateway on the current actix system.
-    pub fn start(bind: &str, state: GatewayState) -> std::io::Result<Gateway> {
-        let data = web::Data::new(state);
-        let (handle, addr) = crate::http::spawn_server(bind, move |cfg| {
-            cfg.app_data(data.clone()).configure(routes);
-        })?;
-        Ok(Gateway { handle, addr })
-    }
-
-    /// Where it listens.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// Stops accepting, finishes requests in flight.
-    pub async fn stop(&self) {
-        self.handle.stop(true).await;
-    }
+/// Serves the gateway on `bind` beside the engine, which stops it first
+/// when it shuts down (no order arrives at a draining pipeline). Returns
+/// the bound address.
+pub fn serve(
+    engine: &EngineHandle,
+    bind: &str,
+    state: GatewayState,
+) -> std::io::Result<SocketAddr> {
+    let data = web::Data::new(state);
+    engine.serve(bind, move |cfg| {
+        cfg.app_data(data.clone()).configure(routes);
+    })
 }

@@ -20,13 +20,22 @@
 //! * [`stages`] — the handlers `orders.reserve`, `orders.pay`, `orders.ship`,
 //!   `orders.track`.
 //! * [`gateway`] — the HTTP gateway.
-//! * [`load`] — `flowgate load`, the HTTP load generator and its summary.
+//! * [`config`] — `[orders]`, read from the engine's file through
+//!   `Config::load_with_section`, and [`FlowConfig`], both parts together.
+//! * [`load`] — `flowgate-orders load`, the HTTP load generator and its summary.
 //! * [`chaos`] — worker processes killed and restarted during a run.
+//! * [`demo`] — `flowgate-orders demo`, the whole flow end to end with a summary.
 //!
-//! [`start`] runs the whole flow in one process (the daemon, the demo, the
-//! embedded example); [`OrdersService`] holds what the stages share.
+//! [`start`] runs the whole flow in one process (the `run` command, the
+//! demo, the embedded example); [`OrdersService`] holds what the stages
+//! share. It is a client of flowgate like any host: the order services are
+//! handler factories registered by name, the gateway publishes through the
+//! engine's [`Ingress`](flowgate::Ingress) and is served and stopped by the
+//! engine ([`EngineHandle::serve`]).
 
 pub mod chaos;
+pub mod config;
+pub mod demo;
 pub mod gateway;
 pub mod ledger;
 pub mod load;
@@ -35,11 +44,13 @@ pub mod payment;
 pub mod stages;
 pub mod status;
 
-use crate::config::{Config, ConfigError, OrdersConfig, StageConfig, Target};
-use crate::engine::{EngineBuilder, EngineHandle, StartError};
-use crate::Engine;
+pub use config::{FlowConfig, OrdersConfig};
+
 use dashmap::DashMap;
-use flowgate_actors::Handler;
+use flowgate::config::Target;
+use flowgate::{
+    ConfigError, Engine, EngineBuilder, EngineHandle, Handler, StageConfig, StartError,
+};
 use ledger::{Ledger, MemoryLedger, RedisLedger, StockPolicy};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,9 +67,6 @@ pub const HANDLERS: [&str; 4] = [
 
 /// The services that do the work (everything but `orders.track`).
 pub const WORK_HANDLERS: [&str; 3] = ["orders.reserve", "orders.pay", "orders.ship"];
-
-/// The TOML of `config/orders.toml`, built into the binary for the demo.
-pub const ORDERS_TOML: &str = include_str!("../../config/orders.toml");
 
 /// Bound on the order-to-shipped latencies kept for percentiles.
 const MAX_LATENCY_SAMPLES: usize = 100_000;
@@ -167,7 +175,7 @@ impl OrdersService {
         let ledger: Arc<dyn Ledger> = match &cfg.redis_url {
             Some(url) => Arc::new(
                 RedisLedger::new(url, &cfg.key_prefix, stock, cfg.record_ttl)
-                    .map_err(|e| ConfigError::new("orders.redis_url", e.to_string()))?,
+                    .map_err(|e| ConfigError::with_source("orders.redis_url", e.to_string(), e))?,
             ),
             None => Arc::new(MemoryLedger::new(stock, cfg.record_capacity)),
         };
@@ -201,28 +209,34 @@ impl OrdersService {
         })
     }
 
-    /// Registers this service's handler for every order stage of `config`
-    /// (by stage name, so each stage keeps its own `output`).
-    pub fn register(
-        self: &Arc<Self>,
-        mut builder: EngineBuilder,
-        config: &Config,
-    ) -> EngineBuilder {
-        for s in &config.stages {
-            if let Some(h) = self.handler_for(s) {
-                builder = builder.handler_arc(&s.name, h);
-            }
+    /// Registers the order services as handler factories, one per name of
+    /// [`HANDLERS`]: each stage naming one gets its own handler (with its
+    /// own `output`) over this shared service.
+    pub fn register(self: &Arc<Self>, mut builder: EngineBuilder) -> EngineBuilder {
+        for name in HANDLERS {
+            let svc = self.clone();
+            builder = builder.handler_factory(name, move |stage: &StageConfig| {
+                svc.handler_for(stage)
+                    .ok_or_else(|| format!("`{}` is not an order service", stage.handler))
+            });
         }
         builder
     }
 }
 
-/// True when a config runs any order stage.
-pub fn uses_orders(config: &Config) -> bool {
-    config
-        .stages
-        .iter()
-        .any(|s| HANDLERS.contains(&s.handler.as_str()))
+/// Why the order flow could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OrdersError {
+    /// The configuration is invalid (either part).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The engine did not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The gateway could not bind.
+    #[error("order gateway: {0}")]
+    Gateway(#[source] std::io::Error),
 }
 
 /// The order flow running in this process: the engine with its stages, the
@@ -230,50 +244,53 @@ pub fn uses_orders(config: &Config) -> bool {
 pub struct OrdersApp {
     engine: EngineHandle,
     service: Arc<OrdersService>,
-    gateway: Option<gateway::Gateway>,
+    gateway: Option<std::net::SocketAddr>,
 }
 
 /// Starts the flow of `config`: its stages (order handlers from a shared
 /// [`OrdersService`]), and with a gateway bind the gateway, which admits
 /// orders by the engine's depth monitor (queue watermarks). Must run
-/// inside an actix `System` ([`crate::run_system`]).
-pub async fn start(config: Config) -> Result<OrdersApp, StartError> {
+/// inside an actix `System` ([`flowgate::run_system`]).
+pub async fn start(config: FlowConfig) -> Result<OrdersApp, OrdersError> {
     start_with(config, Engine::builder()).await
 }
 
 /// [`start`] with a builder that already holds the host's own handlers.
-pub async fn start_with(config: Config, builder: EngineBuilder) -> Result<OrdersApp, StartError> {
-    let service = OrdersService::new(&config.orders)?;
-    let engine = service
-        .register(builder, &config)
-        .config(config.clone())
+pub async fn start_with(
+    config: FlowConfig,
+    builder: EngineBuilder,
+) -> Result<OrdersApp, OrdersError> {
+    let FlowConfig { engine, orders } = config;
+    let service = OrdersService::new(&orders)?;
+    let handle = service
+        .register(builder)
+        .config(engine.clone())
         .build()?
         .start()
         .await?;
-    let gateway = if config.orders.gateway_bind.is_empty() {
+    let gateway = if orders.gateway_bind.is_empty() {
         None
     } else {
-        let backlog_queues = config
+        let backlog_queues = engine
             .stages
             .iter()
             .filter(|s| WORK_HANDLERS.contains(&s.handler.as_str()))
             .map(|s| s.queue.clone())
             .collect();
-        let gw = gateway::Gateway::start(
-            &config.orders.gateway_bind,
-            gateway::GatewayState::new(
-                engine.publisher().clone(),
-                service.clone(),
-                Some(engine.ingress_gate().clone()),
-                backlog_queues,
-            ),
-        )
-        .map_err(|e| StartError::Http(format!("order gateway: {e}")))?;
-        info!(addr = %gw.addr(), "order gateway listening");
-        Some(gw)
+        let state =
+            gateway::GatewayState::new(handle.ingress().clone(), service.clone(), backlog_queues);
+        let addr = match gateway::serve(&handle, &orders.gateway_bind, state) {
+            Ok(a) => a,
+            Err(e) => {
+                handle.shutdown().await;
+                return Err(OrdersError::Gateway(e));
+            }
+        };
+        info!(%addr, "order gateway listening");
+        Some(addr)
     };
     Ok(OrdersApp {
-        engine,
+        engine: handle,
         service,
         gateway,
     })
@@ -290,50 +307,29 @@ impl OrdersApp {
     }
     /// The gateway's address, if it runs here.
     pub fn gateway_addr(&self) -> Option<std::net::SocketAddr> {
-        self.gateway.as_ref().map(|g| g.addr())
-    }
-    /// Queue depths, peaks and watermark states as the engine's depth
-    /// monitor last sampled them (every queue with a watermark or a stage).
-    pub fn queue_levels(&self) -> &flowgate_actors::depth::QueueLevels {
-        self.engine.queue_levels()
+        self.gateway
     }
     /// Stops the gateway (no new orders), then drains the engine.
-    pub async fn shutdown(&self) -> crate::ShutdownReport {
-        if let Some(g) = &self.gateway {
-            g.stop().await;
-        }
+    pub async fn shutdown(&self) -> flowgate::ShutdownReport {
         self.engine.shutdown().await
     }
 }
 
-/// A copy of `config` with every exchange and queue name prefixed by
-/// `prefix.` (so demos and tests never collide with each other).
-pub fn uniquely_named(config: &Config, prefix: &str) -> Config {
-    let p = |n: &str| format!("{prefix}.{n}");
-    let mut c = config.clone();
-    for e in &mut c.exchanges {
-        e.name = p(&e.name);
-    }
-    for q in &mut c.queues {
-        q.name = p(&q.name);
-        for b in &mut q.bindings {
-            b.exchange = p(&b.exchange);
+/// Deletes the exchanges and queues of `cfg` (a demo's or a test's
+/// uniquely named copy) from the broker at `url`.
+pub async fn delete_topology(url: &str, cfg: &flowgate::Config) {
+    use flowgate::actors::lapin::{Connection, ConnectionProperties};
+    if let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await {
+        if let Ok(ch) = conn.create_channel().await {
+            if let Err(e) = flowgate::topology::delete(&ch, cfg).await {
+                tracing::warn!(error = %e, "cleanup failed");
+            }
+            // Close the channel before the connection, or lapin reports a
+            // connection error for the channel dropped mid-close.
+            let _ = ch.close(200, "cleanup".into()).await;
         }
+        let _ = conn.close(200, "cleanup".into()).await;
     }
-    for s in &mut c.stages {
-        s.queue = p(&s.queue);
-        if let Some(o) = &mut s.output {
-            o.exchange = p(&o.exchange);
-        }
-    }
-    c.orders.exchange = p(&c.orders.exchange);
-    c.amqp.connection_name = prefix.to_owned();
-    c
-}
-
-/// The flow of `config/orders.toml` (built in).
-pub fn default_config() -> Result<Config, ConfigError> {
-    Config::from_toml(ORDERS_TOML)
 }
 
 #[cfg(test)]
@@ -342,12 +338,21 @@ mod tests {
 
     #[test]
     fn the_shipped_config_is_valid_and_renames_cleanly() {
-        let c = default_config().unwrap();
-        assert!(uses_orders(&c));
-        let r = uniquely_named(&c, "x1");
-        crate::config::validate(&r, Some(&crate::handlers::builtin_names())).unwrap();
-        assert!(r.queues.iter().all(|q| q.name.starts_with("x1.")));
+        let c = FlowConfig::default_flow().unwrap();
+        assert!(c
+            .engine
+            .stages
+            .iter()
+            .any(|s| HANDLERS.contains(&s.handler.as_str())));
+        let r = c.uniquely_named("x1");
+        let svc = OrdersService::new(&r.orders).unwrap();
+        svc.register(Engine::builder())
+            .config(r.engine.clone())
+            .build()
+            .unwrap();
+        assert!(r.engine.queues.iter().all(|q| q.name.starts_with("x1.")));
         let failed = r
+            .engine
             .queues
             .iter()
             .find(|q| q.name == "x1.orders.failed")
@@ -357,6 +362,14 @@ mod tests {
             .iter()
             .any(|b| b.exchange == "x1.orders.created.dlx"));
         assert_eq!(r.orders.exchange, "x1.shop");
+    }
+
+    #[test]
+    fn the_section_round_trips_through_the_worker_file() {
+        let c = FlowConfig::default_flow().unwrap().uniquely_named("x2");
+        let back = FlowConfig::from_toml(&c.to_toml().unwrap()).unwrap();
+        assert_eq!(back.orders.exchange, "x2.shop");
+        assert_eq!(back.engine.stages.len(), c.engine.stages.len());
     }
 
     #[test]

@@ -6,14 +6,12 @@
 //! watches it ship.
 //!
 //! ```sh
-//! cargo run --example orders_embedded
+//! cargo run -p flowgate-orders --example orders_embedded
 //! ```
 
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::Outcome;
-use flowgate::config::{Binding, QueueConfig, QueueKind, StageConfig};
-use flowgate::orders;
-use flowgate::Engine;
+use flowgate::config::{Binding, Concurrency, QueueConfig, QueueKind};
+use flowgate::{handler_fn, Engine, Outcome, StageConfig};
+use flowgate_orders::{self as orders, FlowConfig};
 use std::time::Duration;
 
 fn main() -> anyhow::Result<()> {
@@ -23,13 +21,13 @@ fn main() -> anyhow::Result<()> {
             "embedded-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..6]
         );
-        let mut cfg = orders::uniquely_named(&orders::default_config()?, &prefix);
-        cfg.http.bind = String::new();
+        let mut cfg = FlowConfig::default_flow()?.uniquely_named(&prefix);
+        cfg.engine.http.bind = String::new();
         cfg.orders.gateway_bind = "127.0.0.1:0".into();
 
         // The host's own stage: every shipped order also lands in an audit queue.
         let audit_q = format!("{prefix}.audit");
-        cfg.queues.push(QueueConfig {
+        cfg.engine.queues.push(QueueConfig {
             name: audit_q.clone(),
             kind: QueueKind::Quorum,
             bindings: vec![Binding {
@@ -40,20 +38,10 @@ fn main() -> anyhow::Result<()> {
             delivery_limit: Some(20),
             watermark: None,
         });
-        cfg.stages.push(StageConfig {
-            name: "audit".into(),
-            queue: audit_q,
-            handler: "audit".into(),
+        cfg.engine.stages.push(StageConfig {
             prefetch: 10,
-            concurrency: flowgate::config::Concurrency::Fixed(1),
-            output: None,
-            delay: None,
-            rate: None,
-            retry: None,
-            dedup: Default::default(),
-            payload: Default::default(),
-            record_file: None,
-            verify: None,
+            concurrency: Concurrency::Fixed(1),
+            ..StageConfig::new("audit", audit_q, "audit")
         });
         let audit = handler_fn(|d| async move {
             let order = orders::model::Order::from_json(&d.body)?;
@@ -95,7 +83,7 @@ fn main() -> anyhow::Result<()> {
         }
 
         app.shutdown().await;
-        flowgate::demo::cleanup(&cfg.amqp.url, &cfg).await;
+        orders::delete_topology(&cfg.engine.amqp.url, &cfg.engine).await;
         Ok(())
     })
 }

@@ -1,5 +1,5 @@
-//! Chaos: the work services as separate worker processes (`flowgate worker
-//! --config F --stage NAME`), killed with SIGKILL and restarted at random
+//! Chaos: the work services as separate worker processes (`flowgate-orders
+//! worker --config F --stage NAME`), killed with SIGKILL and restarted at random
 //! while orders flow; then the count of lost orders and duplicate effects.
 //!
 //! The workers share their records through Redis (`[orders] redis_url`,
@@ -8,7 +8,7 @@
 
 use super::ledger::EffectReport;
 use super::load::{self, LoadPlan, LoadReport};
-use crate::config::Config;
+use crate::config::FlowConfig;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::Duration;
@@ -19,12 +19,12 @@ use tracing::{info, warn};
 /// How a chaos run goes.
 #[derive(Clone, Debug)]
 pub struct ChaosPlan {
-    /// The `flowgate` binary the workers run.
+    /// The `flowgate-orders` binary the workers run.
     pub exe: PathBuf,
     /// The full flow (uniquely named, with `redis_url` and a per-run
     /// `key_prefix` set). Its work stages run as workers; the gateway and
     /// the status stages run in this process.
-    pub config: Config,
+    pub config: FlowConfig,
     /// Worker processes per work stage.
     pub workers_per_stage: usize,
     /// Pause between kills is drawn from this range.
@@ -109,13 +109,16 @@ pub async fn run(plan: ChaosPlan) -> Result<ChaosReport, String> {
     let worker_cfg_path = dir.join("worker.toml");
     let mut worker_cfg = plan.config.clone();
     worker_cfg.orders.gateway_bind = String::new();
-    worker_cfg.http.bind = String::new();
-    let text = toml::to_string(&worker_cfg).map_err(|e| format!("serialising the config: {e}"))?;
+    worker_cfg.engine.http.bind = String::new();
+    let text = worker_cfg
+        .to_toml()
+        .map_err(|e| format!("serialising the config: {e}"))?;
     std::fs::write(&worker_cfg_path, text).map_err(|e| format!("writing the config: {e}"))?;
 
     // This process: the gateway and the status stages.
     let mut local = plan.config.clone();
     local
+        .engine
         .stages
         .retain(|s| !super::WORK_HANDLERS.contains(&s.handler.as_str()));
     let app = super::start(local)
@@ -128,6 +131,7 @@ pub async fn run(plan: ChaosPlan) -> Result<ChaosReport, String> {
     let mut workers = Vec::new();
     for s in plan
         .config
+        .engine
         .stages
         .iter()
         .filter(|s| super::WORK_HANDLERS.contains(&s.handler.as_str()))
@@ -196,7 +200,7 @@ pub async fn run(plan: ChaosPlan) -> Result<ChaosReport, String> {
     }
     let effects = app.service().ledger.report().await.ok();
     app.shutdown().await;
-    crate::demo::cleanup(&plan.config.amqp.url, &plan.config).await;
+    crate::delete_topology(&plan.config.engine.amqp.url, &plan.config.engine).await;
     if let Err(e) = app.service().ledger.clear().await {
         warn!(error = %e, "could not delete the run's records");
     }
@@ -217,52 +221,43 @@ fn tempfile_dir() -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-/// `flowgate worker --config F --stage NAME`: runs one stage of an order
-/// flow until SIGTERM (or forever, until SIGKILL).
+/// `flowgate-orders worker --config F --stage NAME`: runs one stage of an
+/// order flow until SIGTERM (or forever, until SIGKILL).
 pub async fn run_worker(config: &Path, stage: &str) -> ExitCode {
-    let mut cfg = match Config::load(config) {
+    let mut cfg = match FlowConfig::load(config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!(
-                "flowgate worker: invalid configuration {}: {e}",
+                "flowgate-orders worker: invalid configuration {}: {e}",
                 config.display()
             );
             return ExitCode::from(2);
         }
     };
-    cfg.stages.retain(|s| s.name == stage);
-    if cfg.stages.is_empty() {
+    cfg.engine.stages.retain(|s| s.name == stage);
+    if cfg.engine.stages.is_empty() {
         eprintln!(
-            "flowgate worker: no stage named `{stage}` in {}",
+            "flowgate-orders worker: no stage named `{stage}` in {}",
             config.display()
         );
         return ExitCode::from(2);
     }
     cfg.orders.gateway_bind = String::new();
-    cfg.http.bind = String::new();
-    cfg.amqp.connection_name = format!("{}-worker-{stage}", cfg.amqp.connection_name);
+    cfg.engine.http.bind = String::new();
+    cfg.engine.amqp.connection_name = format!("{}-worker-{stage}", cfg.engine.amqp.connection_name);
     let app = match super::start(cfg).await {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("flowgate worker: cannot start: {e}");
+            eprintln!("flowgate-orders worker: cannot start: {e}");
             return ExitCode::from(1);
         }
     };
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
+    match app.engine().run_until_signal().await {
+        Ok(stopped) => stopped.exit_code(),
         Err(e) => {
-            eprintln!("flowgate worker: cannot install the SIGTERM handler: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let code = tokio::select! {
-        _ = term.recv() => ExitCode::SUCCESS,
-        _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
-        e = app.engine().escalated() => {
-            tracing::error!(actor = %e.actor, reason = %e.reason, "restart budget spent");
+            eprintln!("flowgate-orders worker: cannot install the signal handlers: {e}");
+            app.shutdown().await;
             ExitCode::from(1)
         }
-    };
-    app.shutdown().await;
-    code
+    }
 }

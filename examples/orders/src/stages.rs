@@ -11,8 +11,9 @@ use super::ledger::Reservation;
 use super::model::{Order, ORDER_PAID, ORDER_RESERVED, ORDER_SHIPPED};
 use super::status::OrderStatus;
 use super::OrdersService;
-use crate::config::Target;
-use flowgate_actors::{trace, Delivery, Handler, HandlerError, Outcome, Output};
+use flowgate::actors::trace;
+use flowgate::config::Target;
+use flowgate::{Delivery, Handler, HandlerError, Outcome, Output};
 use std::sync::Arc;
 use tracing::{debug, warn};
 
@@ -219,12 +220,12 @@ fn failure_reason(d: &Delivery) -> Option<String> {
         return Some(r);
     }
     match d.header("x-death")? {
-        lapin::types::AMQPValue::FieldArray(a) => {
+        flowgate::actors::lapin::types::AMQPValue::FieldArray(a) => {
             let reason = a.as_slice().first().and_then(|v| match v {
-                lapin::types::AMQPValue::FieldTable(t) => t
+                flowgate::actors::lapin::types::AMQPValue::FieldTable(t) => t
                     .inner()
                     .get("reason")
-                    .and_then(flowgate_actors::message::header_string),
+                    .and_then(flowgate::actors::message::header_string),
                 _ => None,
             });
             Some(reason.unwrap_or_else(|| "dead-lettered".into()))

@@ -1,0 +1,239 @@
+//! The ingress: how messages from outside (HTTP, a host's own gateway)
+//! enter the pipeline. [`Ingress`] admits a message by its route (refusing
+//! it while a queue it routes to is above its watermark, from the depth
+//! monitor's last sample), publishes it (confirmed, or spooled while the
+//! breaker is open), and says why when it cannot: one [`IngressError`] with
+//! [`retry_after`](IngressError::retry_after), turned into an HTTP response
+//! in one place ([`IngressError::error_response`]) for `POST /publish` and
+//! any host server alike.
+
+use crate::depth::IngressGate;
+use actix_web::http::{header, StatusCode};
+use actix_web::HttpResponse;
+use flowgate_actors::depth::{QueueLevels, Refusal};
+use flowgate_actors::publisher::{Published, PublisherHandle};
+use flowgate_actors::Output;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Seconds a client is told to wait after a refusal it can retry soon (a
+/// watermark, backpressure, a broker hiccup).
+const RETRY_SOON: Duration = Duration::from_secs(1);
+/// ...and after a failure that is not expected to clear as quickly.
+const RETRY_LATER: Duration = Duration::from_secs(5);
+
+/// How a message the ingress took went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// The broker confirmed it.
+    Confirmed,
+    /// The broker is not taking publishes (breaker open): the message is
+    /// durable in the spool and will be delivered when it is.
+    Spooled,
+}
+
+impl Accepted {
+    /// `confirmed` or `spooled`, as HTTP bodies say it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Accepted::Confirmed => "confirmed",
+            Accepted::Spooled => "spooled",
+        }
+    }
+}
+
+/// Why the ingress did not take a message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IngressError {
+    /// The body is larger than `[limits] max_message_bytes` (or a host's own
+    /// bound).
+    #[error("message too large ({size} bytes, at most {max})")]
+    TooLarge {
+        /// The body's size.
+        size: u64,
+        /// The bound.
+        max: u64,
+    },
+    /// A queue the message routes to is above its watermark.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    /// The host's own admission refused it (a bound of its own).
+    #[error("overloaded, retry later: {reason}")]
+    Busy {
+        /// Why, for the client.
+        reason: String,
+    },
+    /// The publish failed: backpressure, no connection, a nack, a confirm
+    /// timeout, unroutable, shutting down.
+    #[error(transparent)]
+    Publish(#[from] flowgate_actors::Error),
+}
+
+impl IngressError {
+    /// A refusal by the host's own admission (answered like backpressure).
+    pub fn busy(reason: impl Into<String>) -> Self {
+        IngressError::Busy {
+            reason: reason.into(),
+        }
+    }
+
+    /// True when the pipeline is saturated or the broker briefly
+    /// unavailable (a watermark, the host's own bound, backpressure, no
+    /// connection, a nack, a confirm timeout): the normal way of pushing
+    /// back, worth a retry soon rather than an alarm.
+    pub fn is_overload(&self) -> bool {
+        use flowgate_actors::Error as E;
+        matches!(
+            self,
+            IngressError::Refused(_)
+                | IngressError::Busy { .. }
+                | IngressError::Publish(
+                    E::Backpressure(_) | E::NotConnected | E::ConfirmTimeout(_) | E::Nacked
+                )
+        )
+    }
+
+    /// How long the client should wait before trying again; `None` when
+    /// the same message will never be taken (too large, unroutable).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            _ if self.is_overload() => Some(RETRY_SOON),
+            IngressError::TooLarge { .. }
+            | IngressError::Publish(flowgate_actors::Error::Unroutable { .. }) => None,
+            _ => Some(RETRY_LATER),
+        }
+    }
+
+    /// The queue that refused, for a watermark refusal.
+    pub fn queue(&self) -> Option<&str> {
+        match self {
+            IngressError::Refused(r) => Some(r.queue()),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status: 413 too large, 404 unroutable, else 503.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            IngressError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngressError::Publish(flowgate_actors::Error::Unroutable { .. }) => {
+                StatusCode::NOT_FOUND
+            }
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The HTTP answer: [`status`](Self::status), `Retry-After` when
+    /// [`retry_after`](Self::retry_after) says so, and a JSON body
+    /// `{"error", "queue"?, "max_bytes"?}`. Every ingress answers through it.
+    pub fn error_response(&self) -> HttpResponse {
+        let mut body = json!({ "error": self.to_string() });
+        if let Some(q) = self.queue() {
+            body["queue"] = json!(q);
+        }
+        if let IngressError::TooLarge { max, .. } = self {
+            body["max_bytes"] = json!(max);
+        }
+        let mut resp = HttpResponse::build(self.status());
+        if let Some(after) = self.retry_after() {
+            resp.insert_header((header::RETRY_AFTER, after.as_secs().max(1).to_string()));
+        }
+        resp.json(body)
+    }
+}
+
+impl actix_web::ResponseError for IngressError {
+    fn status_code(&self) -> StatusCode {
+        self.status()
+    }
+    fn error_response(&self) -> HttpResponse {
+        IngressError::error_response(self)
+    }
+}
+
+/// The way in for messages from outside, from
+/// [`EngineHandle::ingress`](crate::EngineHandle::ingress). Cheap to clone.
+#[derive(Clone)]
+pub struct Ingress {
+    publisher: PublisherHandle,
+    gate: IngressGate,
+    max_message_bytes: u64,
+}
+
+impl Ingress {
+    pub(crate) fn new(
+        publisher: PublisherHandle,
+        gate: IngressGate,
+        max_message_bytes: u64,
+    ) -> Self {
+        Self {
+            publisher,
+            gate,
+            max_message_bytes,
+        }
+    }
+
+    /// `[limits] max_message_bytes`.
+    pub fn max_message_bytes(&self) -> u64 {
+        self.max_message_bytes
+    }
+
+    /// Refuses a body over `[limits] max_message_bytes`.
+    pub fn check_size(&self, size: usize) -> Result<(), IngressError> {
+        let size = u64::try_from(size).unwrap_or(u64::MAX);
+        if size > self.max_message_bytes {
+            return Err(IngressError::TooLarge {
+                size,
+                max: self.max_message_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Admits one message for `exchange`/`routing_key`, or says which queue
+    /// refuses it (logged, and counted in `flowgate_ingress_refused_total`).
+    /// No request waits for a depth sample. An admission uses up a share of
+    /// the queue's room below its watermark until the next sample: admit
+    /// only what is about to be published.
+    pub fn admit(&self, exchange: &str, routing_key: &str) -> Result<(), IngressError> {
+        Ok(self.gate.admit(exchange, routing_key)?)
+    }
+
+    /// Publishes (persistent, `mandatory`): confirmed by the broker, or
+    /// spooled while the breaker is open.
+    pub async fn publish(&self, msg: Output) -> Result<Accepted, IngressError> {
+        match self.publisher.send(msg).await? {
+            Published::Confirmed => Ok(Accepted::Confirmed),
+            Published::Spooled => Ok(Accepted::Spooled),
+        }
+    }
+
+    /// [`check_size`](Self::check_size), [`admit`](Self::admit) by the
+    /// message's route, then [`publish`](Self::publish).
+    pub async fn send(&self, msg: Output) -> Result<Accepted, IngressError> {
+        self.check_size(msg.body.len())?;
+        self.admit(&msg.exchange, &msg.routing_key)?;
+        self.publish(msg).await
+    }
+
+    /// Ready messages in a watched queue at the depth monitor's last sample.
+    pub fn queue_depth(&self, queue: &str) -> Option<u64> {
+        self.levels().depth(queue)
+    }
+
+    /// Every watched queue's depth at the last sample.
+    pub fn queue_depths(&self) -> BTreeMap<String, u64> {
+        self.levels().current()
+    }
+
+    /// Every watched queue's highest sampled depth since the start.
+    pub fn queue_peaks(&self) -> BTreeMap<String, u64> {
+        self.levels().peaks()
+    }
+
+    fn levels(&self) -> &QueueLevels {
+        self.gate.levels()
+    }
+}
