@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
-"""Prints the README's configuration reference table from the doc comments in
-src/config/mod.rs (options are documented where they are declared).
+"""Prints a configuration reference table from the doc comments where the
+options are declared.
 
-Usage: scripts/config-reference.py > /tmp/table.md   (then paste into README.md)
-tests/docs.rs checks that the README names every key."""
+Usage: scripts/config-reference.py [engine|orders] > table.md
+  engine (default): the engine's keys, from src/config/mod.rs, for README.md
+  orders: the example's `[orders]` section, from examples/orders/src/config.rs,
+          for examples/orders/README.md
+tests/docs.rs (and the example's tests/docs.rs) check that the READMEs name
+every key."""
 import re
 import sys
 
-SRC = "src/config/mod.rs"
+WHICH = sys.argv[1] if len(sys.argv) > 1 else "engine"
 # Where each struct sits in the file's key tree.
-PATHS = [
+ENGINE = [
     ("amqp", "AmqpConfig"), ("http", "HttpConfig"),
     ("exchanges[]", "ExchangeConfig"),
     ("queues[]", "QueueConfig"), ("queues[].bindings[]", "Binding"), ("queues[].watermark", "Watermark"),
@@ -18,8 +22,16 @@ PATHS = [
     ("spool", "SpoolConfig"), ("depth", "DepthConfig"),
     ("dedup", "DedupConfig"), ("redis", "RedisConfig"),
     ("limits", "LimitsConfig"), ("shutdown", "ShutdownConfig"), ("supervisor", "SupervisorConfig"),
-    ("orders", "OrdersConfig"), ("security", "SecurityConfig"),
+    ("security", "SecurityConfig"),
 ]
+ORDERS = [("orders", "OrdersConfig")]
+try:
+    SRC, PATHS = {
+        "engine": ("src/config/mod.rs", ENGINE),
+        "orders": ("examples/orders/src/config.rs", ORDERS),
+    }[WHICH]
+except KeyError:
+    sys.exit(f"unknown table {WHICH!r}: engine or orders")
 NESTED = {"breaker", "bindings", "watermark", "output", "retry"}
 
 src = open(SRC).read()

@@ -290,7 +290,7 @@ mod tests {
     fn broker_dead_letter(reason: &str) -> FieldTable {
         let mut death = FieldTable::default();
         death.insert(ShortString::from("reason"), s(reason));
-        death.insert(ShortString::from("queue"), s("orders"));
+        death.insert(ShortString::from("queue"), s("invoices"));
         death.insert(ShortString::from("exchange"), s("shop"));
         death.insert(
             ShortString::from("routing-keys"),
@@ -308,7 +308,7 @@ mod tests {
     fn broker_dead_letters_explain_themselves_from_x_death() {
         let h = broker_dead_letter("delivery_limit");
         assert_eq!(reason_of(&h), "delivery-limit");
-        assert_eq!(stage_of(&h), "queue:orders");
+        assert_eq!(stage_of(&h), "queue:invoices");
         assert_eq!(
             origin_of(&h),
             Some(("shop".to_owned(), "order.created".to_owned()))

@@ -74,11 +74,11 @@ pub enum PublishOutcome {
 ///         [[exchanges]]
 ///         name = "shop"
 ///         [[queues]]
-///         name = "orders"
+///         name = "audit"
 ///         bindings = [{ exchange = "shop", routing_key = "order.created" }]
 ///         [[stages]]
 ///         name = "audit"
-///         queue = "orders"
+///         queue = "audit"
 ///         handler = "audit"
 ///     "#)?;
 ///     let engine = Engine::builder()
@@ -680,5 +680,113 @@ impl EngineHandle {
             stages: reports,
             clean,
         }
+    }
+}
+
+#[cfg(test)]
+mod builder_tests {
+    use super::*;
+    use flowgate_actors::{handler_fn, Outcome};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn config(handlers: &[&str]) -> Config {
+        let mut text = String::from(
+            "[http]\nbind = \"\"\n[[exchanges]]\nname = \"ex\"\n[[queues]]\nname = \"q\"\n",
+        );
+        for (i, h) in handlers.iter().enumerate() {
+            text.push_str(&format!(
+                "[[stages]]\nname = \"s{i}\"\nqueue = \"q\"\nhandler = \"{h}\"\n\
+                 output = {{ exchange = \"ex\", routing_key = \"k{i}\" }}\n"
+            ));
+        }
+        Config::from_toml(&text).unwrap()
+    }
+
+    fn sink() -> Arc<dyn Handler> {
+        Arc::new(handler_fn(|_d| async { Ok(Outcome::ack()) }))
+    }
+
+    #[test]
+    fn a_factory_builds_one_handler_per_stage_from_its_config() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let engine = Engine::builder()
+            .config(config(&["tag", "tag", "sink"]))
+            .handler_factory("tag", move |stage: &StageConfig| {
+                s.lock()
+                    .unwrap()
+                    .push(stage.output.clone().unwrap().routing_key);
+                Ok::<_, FactoryError>(sink())
+            })
+            .build()
+            .unwrap();
+        assert_eq!(engine.handlers.len(), 3);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["k0", "k1"],
+            "called per stage, with it"
+        );
+    }
+
+    #[test]
+    fn a_factory_error_fails_the_build_naming_the_stage() {
+        let e = Engine::builder()
+            .config(config(&["sink", "broken"]))
+            .handler_factory("broken", |_: &StageConfig| {
+                Err::<Arc<dyn Handler>, _>("no credentials")
+            })
+            .build()
+            .err()
+            .expect("the build fails");
+        assert_eq!(e.key, "stages[1].handler", "{e}");
+        assert!(e.reason.contains("no credentials"), "{e}");
+        assert!(std::error::Error::source(&e).is_some(), "keeps the cause");
+    }
+
+    #[test]
+    fn an_unknown_handler_name_is_refused() {
+        let e = Engine::builder()
+            .config(config(&["nope"]))
+            .build()
+            .err()
+            .expect("the build fails");
+        assert_eq!(e.key, "stages[0].handler", "{e}");
+    }
+
+    #[test]
+    fn built_ins_are_factories_a_host_can_replace() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        Engine::builder()
+            .config(config(&["forward", "sink"]))
+            .handler_factory("forward", move |_: &StageConfig| {
+                c.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, FactoryError>(sink())
+            })
+            .build()
+            .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the host's `forward` ran");
+        // ...and without the host's, the built-in one builds.
+        let engine = Engine::builder()
+            .config(config(&["forward", "sink"]))
+            .build()
+            .unwrap();
+        assert_eq!(engine.handlers.len(), 2);
+    }
+
+    #[test]
+    fn a_registered_handler_wins_over_a_factory() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        Engine::builder()
+            .config(config(&["tag"]))
+            .handler_factory("tag", move |_: &StageConfig| {
+                c.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, FactoryError>(sink())
+            })
+            .handler_arc("tag", sink())
+            .build()
+            .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
     }
 }

@@ -237,3 +237,65 @@ impl Ingress {
         self.gate.levels()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::body::MessageBody;
+
+    fn retry_after(r: &HttpResponse) -> Option<&str> {
+        r.headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+    }
+
+    fn body(r: HttpResponse) -> serde_json::Value {
+        let bytes = r.into_body().try_into_bytes().expect("a body in memory");
+        serde_json::from_slice(&bytes).expect("json")
+    }
+
+    #[test]
+    fn a_watermark_refusal_is_503_with_retry_after_and_the_queue() {
+        let e = IngressError::from(Refusal::HeadroomSpent { queue: "q1".into() });
+        let r = e.error_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(retry_after(&r), Some("1"));
+        assert_eq!(body(r)["queue"], "q1");
+        assert!(e.is_overload());
+    }
+
+    #[test]
+    fn publish_failures_map_by_kind() {
+        use flowgate_actors::Error as E;
+        let cases = [
+            (E::Backpressure("full".into()), 503, Some("1")),
+            (E::NotConnected, 503, Some("1")),
+            (E::Nacked, 503, Some("1")),
+            (E::ShuttingDown, 503, Some("5")),
+            (
+                E::Unroutable {
+                    code: 312,
+                    text: "NO_ROUTE".into(),
+                },
+                404,
+                None,
+            ),
+        ];
+        for (err, status, after) in cases {
+            let label = err.to_string();
+            let r = IngressError::from(err).error_response();
+            assert_eq!(r.status().as_u16(), status, "{label}");
+            assert_eq!(retry_after(&r), after, "{label}");
+        }
+    }
+
+    #[test]
+    fn too_large_is_413_without_retry_after() {
+        let e = IngressError::TooLarge { size: 10, max: 5 };
+        let r = e.error_response();
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(retry_after(&r), None);
+        assert_eq!(body(r)["max_bytes"], 5);
+        assert!(IngressError::busy("mine").retry_after().is_some());
+    }
+}

@@ -449,7 +449,7 @@ impl StageConfig {
     ///
     /// ```
     /// use flowgate::StageConfig;
-    /// let s = StageConfig { prefetch: 10, ..StageConfig::new("audit", "orders.shipped", "audit") };
+    /// let s = StageConfig { prefetch: 10, ..StageConfig::new("audit", "audit.in", "audit") };
     /// assert_eq!((s.prefetch, s.handler.as_str()), (10, "audit"));
     /// ```
     pub fn new(
@@ -1119,5 +1119,59 @@ impl Config {
     /// Looks up a queue by name.
     pub fn queue(&self, name: &str) -> Option<&QueueConfig> {
         self.queues.iter().find(|q| q.name == name)
+    }
+}
+
+#[cfg(test)]
+mod section_tests {
+    use super::*;
+
+    #[derive(Debug, Default, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Shop {
+        #[serde(default)]
+        greeting: String,
+        #[serde(default)]
+        seats: u32,
+    }
+
+    const BASE: &str = "[http]\nbind = \"\"\n";
+
+    #[test]
+    fn a_host_section_is_taken_out_and_typed() {
+        let text = format!("{BASE}[shop]\ngreeting = \"hi\"\nseats = 3\n");
+        let (cfg, shop) = Config::from_toml_with_section::<Shop>(&text, "shop").unwrap();
+        assert_eq!(
+            shop,
+            Shop {
+                greeting: "hi".into(),
+                seats: 3
+            }
+        );
+        assert!(cfg.http.bind.is_empty(), "the engine's keys are still read");
+    }
+
+    #[test]
+    fn a_missing_section_is_the_default() {
+        let (_, shop) = Config::from_toml_with_section::<Shop>(BASE, "shop").unwrap();
+        assert_eq!(shop, Shop::default());
+    }
+
+    #[test]
+    fn the_engine_still_refuses_unknown_keys() {
+        let text = format!("{BASE}[shop]\ngreeting = \"hi\"\n");
+        let e = Config::from_toml(&text).unwrap_err();
+        assert_eq!(e.key, "shop", "{e}");
+        let e = Config::from_toml_with_section::<Shop>(&format!("{text}[shopp]\n"), "shop")
+            .unwrap_err();
+        assert_eq!(e.key, "shopp", "{e}");
+    }
+
+    #[test]
+    fn a_bad_section_key_is_named_with_the_section() {
+        let text = format!("{BASE}[shop]\nseats = \"many\"\n");
+        let e = Config::from_toml_with_section::<Shop>(&text, "shop").unwrap_err();
+        assert!(e.key.starts_with("shop"), "{e}");
+        assert!(std::error::Error::source(&e).is_some(), "keeps the cause");
     }
 }
