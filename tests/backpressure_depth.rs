@@ -62,21 +62,21 @@ async fn overload_keeps_the_slow_stage_input_within_its_watermark_and_loses_noth
     let client = Client::connect(AMQP_URL).await;
 
     // Sample the slow stage's input depth independently of the engine, and
-    // whether the stage feeding it (s1) is paused by the watermark.
+    // whether the stage feeding it (s1) is paused, by either mechanism: the
+    // watermark itself, or the intake budget the depth monitor hands out
+    // so that s1 stops before the watermark is crossed.
     let peak = Arc::new(AtomicU32::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let paused_seen = Arc::new(AtomicBool::new(false));
-    let paused_gauge = h
-        .metrics()
-        .stage_paused
-        .with_label_values(&["s1", "watermark"]);
+    let s1 = h.stages()[0].clone();
+    assert_eq!(s1.name, "s1");
     let sampler = {
         let ch = client.conn.create_channel().await.unwrap();
         let (peak, done, q) = (peak.clone(), done.clone(), slow_q.clone());
-        let (seen, gauge) = (paused_seen.clone(), paused_gauge.clone());
+        let (seen, s1) = (paused_seen.clone(), s1.clone());
         actix_rt::spawn(async move {
             while !done.load(Ordering::Acquire) {
-                if gauge.get() == 1 {
+                if s1.paused() {
                     seen.store(true, Ordering::Release);
                 }
                 let d = ch
@@ -125,13 +125,23 @@ async fn overload_keeps_the_slow_stage_input_within_its_watermark_and_loses_noth
     );
     assert!(
         paused_seen.load(Ordering::Acquire),
-        "upstream (s1) was paused by the watermark during the run"
+        "upstream (s1) was paused during the run"
     );
     assert!(
         peak <= HIGH + u64::from(PREFETCH),
         "slow stage's input peaked at {peak}, above high {HIGH} + one prefetch window {PREFETCH}"
     );
-    assert_eq!(paused_gauge.get(), 0, "upstream resumed once drained");
+    assert!(!s1.paused(), "upstream resumed once drained");
+    for cause in ["watermark", "budget"] {
+        assert_eq!(
+            h.metrics()
+                .stage_paused
+                .with_label_values(&["s1", cause])
+                .get(),
+            0,
+            "no {cause} pause left"
+        );
+    }
     h.shutdown().await;
     for s in ["s1", "s2", "s3"] {
         assert_eq!(h.metrics().acked.with_label_values(&[s]).get(), N as u64);
