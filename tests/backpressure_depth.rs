@@ -29,12 +29,13 @@ fn peak_rss_kb() -> u64 {
 }
 
 /// Overload, CI-sized: the scenario is 200,000 messages; the same
-/// pipeline and assertions run here with 8,000 (the 200k run is
-/// `cargo bench --bench overload`).
+/// pipeline and assertions run here with 4,000 against a 250 msg/s slow
+/// stage, which a loaded 2-core machine still outproduces more than twice
+/// over (the 200k run is `cargo bench --bench overload`).
 #[actix_rt::test]
 async fn overload_keeps_the_slow_stage_input_within_its_watermark_and_loses_nothing() {
-    const N: usize = 6_000;
-    const SLOW_RATE: u32 = 500;
+    const N: usize = 4_000;
+    const SLOW_RATE: u32 = 250;
     const HIGH: u64 = 400;
     const PREFETCH: u32 = 20;
     let prefix = unique("overload");
