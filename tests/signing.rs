@@ -384,12 +384,13 @@ async fn spooled_then_replayed_messages_verify() {
 async fn retried_copies_verify_when_they_come_back() {
     let prefix = unique("signretry");
     let mut cfg = chain_config(&prefix, &["flaky"], 10);
-    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     let _keys = with_keys(&mut cfg);
     cfg.stages[0].retry = Some(flowgate::config::RetryConfig {
         max_attempts: 3,
         backoff: vec![Duration::from_millis(50).into()],
     });
+    // After the retry ladder is set: the guard deletes its tier queue too.
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     let ex = format!("{prefix}.ex");
     let ex2 = ex.clone();
     let h = Engine::builder()
