@@ -31,6 +31,7 @@ fn check(text: &str, env: &[(&str, &str)]) -> Output {
 }
 
 fn assert_rejected(text: &str, env: &[(&str, &str)], key: &str, why: &str) {
+    assert!(!why.is_empty(), "an empty `why` matches any message");
     let out = check(text, env);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -146,7 +147,7 @@ fn bad_duration() {
         &format!("{VALID}\n[shutdown]\ngrace = \"soon\"\n"),
         &[],
         "shutdown.grace",
-        "",
+        "expected a duration",
     );
 }
 

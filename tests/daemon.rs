@@ -3,6 +3,10 @@
 use flowgate_testkit as common;
 
 use common::*;
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use std::collections::HashMap;
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,10 +44,71 @@ fn spawn_daemon(config: &std::path::Path, log: &std::path::Path) -> Child {
         .expect("daemon starts")
 }
 
+/// The message ids ready in `queue`, read without taking them: consumes
+/// every ready message unacked, then nacks them all back (requeue). Only
+/// valid while nothing else consumes the queue.
+async fn peek_ids(client: &Client, queue: &str) -> Vec<String> {
+    let want = client.depth(queue).await as usize;
+    if want == 0 {
+        return Vec::new();
+    }
+    let ch = client.conn.create_channel().await.expect("channel");
+    ch.basic_qos(
+        u16::try_from(want).unwrap_or(u16::MAX),
+        BasicQosOptions::default(),
+    )
+    .await
+    .expect("qos");
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut ids = Vec::with_capacity(want);
+    let mut last = None;
+    while ids.len() < want {
+        match tokio::time::timeout(Duration::from_secs(10), consumer.next()).await {
+            Ok(Some(Ok(d))) => {
+                ids.push(
+                    d.properties
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
+                );
+                last = Some(d);
+            }
+            other => panic!(
+                "peek {queue}: {} of {want} read, then {:?}",
+                ids.len(),
+                other.map(|o| o.map(|r| r.map(|_| ())))
+            ),
+        }
+    }
+    if let Some(d) = last {
+        d.nack(BasicNackOptions {
+            multiple: true,
+            requeue: true,
+        })
+        .await
+        .expect("nack back");
+    }
+    // A synchronous round trip so the broker has the nack before the close.
+    ch.basic_qos(1, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let _ = ch.close(200, "peeked".into()).await;
+    ids
+}
+
 #[actix_rt::test]
 async fn sigterm_mid_flow_exits_zero_within_grace_and_loses_nothing() {
     let prefix = unique("sigterm");
-    let cfg_file = write_config(&prefix, "20s");
+    let cfg_file = write_config(&prefix, "10s");
     let cfg = flowgate::Config::load(cfg_file.path()).unwrap();
     let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     let log = tempfile::NamedTempFile::new().unwrap();
@@ -68,39 +133,58 @@ async fn sigterm_mid_flow_exits_zero_within_grace_and_loses_nothing() {
         "work is flowing"
     );
 
+    let grace = cfg.shutdown.grace;
     let sent = Instant::now();
     // SAFETY: plain kill(2) on our own child's pid.
     unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    // The child's exit is the event; the bound is the one the daemon promises.
     let status = loop {
         if let Some(s) = daemon.0.try_wait().unwrap() {
             break s;
         }
         assert!(
-            sent.elapsed() < Duration::from_secs(25),
-            "daemon exits within the grace period"
+            sent.elapsed() < grace,
+            "daemon exits within the grace period ({grace:?})"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let logs =
         String::from_utf8_lossy(&std::fs::read(log.path()).expect("daemon log")).into_owned();
     assert_eq!(status.code(), Some(0), "exit status 0; log:\n{logs}");
-    assert!(logs.contains("shutdown complete"), "log:\n{logs}");
-
-    // Every id is in the sink or still queued upstream.
-    let mut accounted = 0u32;
-    for q in ["s1", "s2", "s3", "sink"] {
-        accounted += client.depth(&format!("{prefix}.{q}")).await;
-    }
+    // The engine logs `shutdown complete` for every shutdown, with
+    // `clean=false` when the grace expired with work in flight: only a clean
+    // one counts here.
     assert!(
-        accounted >= n as u32,
-        "all {n} accounted for after stop, found {accounted}"
+        logs.lines()
+            .any(|l| l.contains("shutdown complete") && l.contains("clean=true")),
+        "a clean shutdown; log:\n{logs}"
     );
+    assert!(!logs.contains("clean=false"), "log:\n{logs}");
+
+    // Every id is somewhere after the stop: in the sink, or still queued
+    // upstream. Counted by id, so a duplicate cannot hide a loss.
+    let mut where_: HashMap<String, Vec<&str>> = HashMap::new();
+    for q in ["s1", "s2", "s3", "sink"] {
+        for id in peek_ids(&client, &format!("{prefix}.{q}")).await {
+            where_.entry(id).or_default().push(q);
+        }
+    }
+    let missing: Vec<&String> = ids.iter().filter(|id| !where_.contains_key(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {n} ids lost by the stop, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let twice = where_.values().filter(|qs| qs.len() > 1).count();
+    eprintln!("after the stop: {n} ids accounted for, {twice} in two places");
 
     // A fresh start finishes the job; every id reaches the sink.
     let mut daemon = ChildGuard(spawn_daemon(cfg_file.path(), log.path()));
-    let got = client.collect(&sink, n, Duration::from_secs(120)).await;
-    let c = counts(got.into_iter().map(|(id, _)| id));
-    assert_eq!(c.len(), n, "every id reached the sink after the restart");
+    let got = client
+        .collect_distinct(&sink, n, Duration::from_secs(120))
+        .await;
+    assert_eq!(got.len(), n, "every id reached the sink after the restart");
     unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
     assert_eq!(daemon.0.wait().unwrap().code(), Some(0));
     for q in &cfg.queues {

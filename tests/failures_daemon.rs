@@ -145,6 +145,36 @@ fn redis_del_prefix(prefix: &str) {
         .status();
 }
 
+/// Deletes a test's Redis keys when dropped, also when the test failed.
+struct RedisKeys(String);
+
+impl Drop for RedisKeys {
+    fn drop(&mut self) {
+        redis_del_prefix(&self.0);
+    }
+}
+
+/// Cleanup guards for a test's broker topology and Redis keys.
+fn cleanup(prefix: &str) -> (Cleanup, RedisKeys) {
+    (
+        Cleanup::new(AMQP_URL, &topology(prefix)),
+        RedisKeys(prefix.to_owned()),
+    )
+}
+
+/// Milliseconds left on a Redis key's expiry (`PTTL`; negative: no key or
+/// no expiry).
+fn redis_pttl(key: &str) -> i64 {
+    let out = Command::new("redis-cli")
+        .args(["PTTL", key])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(-2)
+}
+
 fn topology(prefix: &str) -> flowgate::Config {
     let mut cfg = chain_config(prefix, &[], 1);
     cfg.queues.truncate(0);
@@ -165,6 +195,7 @@ fn topology(prefix: &str) -> flowgate::Config {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_after_the_effect_before_the_ack_gives_no_second_effect() {
     let prefix = unique("kill-acked");
+    let _cleanup = cleanup(&prefix);
     let dir = tempfile::tempdir().unwrap();
     let record: PathBuf = dir.path().join("effects.txt");
     let client = Client::connect(AMQP_URL).await;
@@ -227,18 +258,19 @@ async fn kill9_after_the_effect_before_the_ack_gives_no_second_effect() {
     );
     assert_eq!(effects(&record).get("k1"), Some(&1), "no second effect");
     drop(d2);
-    client.delete_topology(&topology(&prefix)).await;
-    redis_del_prefix(&prefix);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_during_handling_is_processed_again_after_the_lease() {
     let prefix = unique("kill-mid");
+    let _cleanup = cleanup(&prefix);
     let dir = tempfile::tempdir().unwrap();
     let record: PathBuf = dir.path().join("effects.txt");
     let client = Client::connect(AMQP_URL).await;
-    let lease = Duration::from_secs(3);
-    let toml = pipeline_toml(&prefix, AMQP_URL, &record, Some("1500ms"), "3s", 10);
+    // Long enough that the second daemon is up and holding the redelivery
+    // well before the lease runs out: the bound below is then the lease's,
+    // not the second daemon's start-up time.
+    let toml = pipeline_toml(&prefix, AMQP_URL, &record, Some("1500ms"), "8s", 10);
     let mut d1 = Daemon::start(dir.path(), "d1", &toml);
     assert!(
         eventually(Duration::from_secs(30), || d1.ready()).await,
@@ -253,11 +285,32 @@ async fn kill9_during_handling_is_processed_again_after_the_lease() {
         })
         .await
     );
-    let first = Instant::now();
     d1.kill9(); // mid-handling: claimed, not committed, not acked
-    assert_ne!(redis_get(&format!("{prefix}:s1:k2")), "done");
+    let key = format!("{prefix}:s1:k2");
+    assert_ne!(redis_get(&key), "done");
+    // When the lease d1 took ends, by Redis's own clock: read just after
+    // the kill, so the expiry is no earlier than now + PTTL.
+    let asked = Instant::now();
+    let pttl = redis_pttl(&key);
+    assert!(pttl > 0, "d1's claim is a lease with an expiry ({pttl})");
+    let lease_ends = asked + Duration::from_millis(pttl as u64);
 
     let d2 = Daemon::start(dir.path(), "d2", &toml);
+    // The redelivery reaches d2, which holds it (claim refused, retried with
+    // backoff) while d1's lease lasts.
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            d2.metric("flowgate_stage_in_flight{stage=\"s1\"}").await == 1.0
+        })
+        .await,
+        "d2 holds the redelivery"
+    );
+    let holding = Instant::now();
+    assert!(
+        holding + Duration::from_secs(1) < lease_ends,
+        "inconclusive: d2 got the redelivery only {:?} before the lease ended",
+        lease_ends.saturating_duration_since(holding)
+    );
     assert!(
         eventually(Duration::from_secs(30), || async {
             effects(&record).get("k2") == Some(&2)
@@ -266,10 +319,11 @@ async fn kill9_during_handling_is_processed_again_after_the_lease() {
         "processed again, not lost"
     );
     let second = Instant::now();
+    // The effect is polled every 20 ms: seen no earlier than it happened.
     assert!(
-        second - first + Duration::from_millis(100) >= lease,
-        "not before the lease expired: {:?}",
-        second - first
+        second + Duration::from_millis(100) >= lease_ends,
+        "processed again {:?} before d1's lease ended",
+        lease_ends - second
     );
     assert!(
         eventually(Duration::from_secs(10), || async {
@@ -280,17 +334,17 @@ async fn kill9_during_handling_is_processed_again_after_the_lease() {
         .await,
         "acked"
     );
+    assert_eq!(effects(&record).get("k2"), Some(&2), "exactly one retry");
     assert_eq!(client.depth(&format!("{prefix}.s1")).await, 0);
     assert_eq!(client.depth(&format!("{prefix}.s1.dlq")).await, 0);
     drop(d2);
-    client.delete_topology(&topology(&prefix)).await;
-    redis_del_prefix(&prefix);
 }
 
 /// Three daemons share a queue and Redis; `unique` ids, each published once,
 /// plus 10% published a second time: exactly one effect per id.
 async fn three_daemons_exactly_one_effect(unique_ids: usize) -> Duration {
     let prefix = unique("three");
+    let _cleanup = cleanup(&prefix);
     let dir = tempfile::tempdir().unwrap();
     let record: PathBuf = dir.path().join("effects.txt");
     let client = Client::connect(AMQP_URL).await;
@@ -349,8 +403,6 @@ async fn three_daemons_exactly_one_effect(unique_ids: usize) -> Duration {
     assert_eq!(client.depth(&format!("{prefix}.s1")).await, 0);
     assert_eq!(client.depth(&format!("{prefix}.s1.dlq")).await, 0);
     drop(daemons);
-    client.delete_topology(&topology(&prefix)).await;
-    redis_del_prefix(&prefix);
     eprintln!(
         "three daemons: {} messages ({unique_ids} ids) in {elapsed:?} = {:.0} msg/s",
         stream.len(),

@@ -28,6 +28,7 @@ async fn replay_moves_dead_letters_back_and_the_fixed_handler_processes_them() {
     let prefix = unique("dlq");
     let mut cfg = chain_config(&prefix, &["fragile"], 10);
     cfg.stages[0].dedup = flowgate::config::DedupMode::Memory;
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     let ex = format!("{prefix}.ex");
     let broken = Arc::new(AtomicBool::new(true));
     let handled = Arc::new(AtomicUsize::new(0));
@@ -109,12 +110,31 @@ async fn replay_moves_dead_letters_back_and_the_fixed_handler_processes_them() {
     assert_eq!(handled.load(Ordering::SeqCst), 5);
     assert_eq!(client.depth(&dlq).await, 0, "the DLQ is empty");
 
-    // Purge needs --yes.
+    // Purge on a DLQ that holds dead letters: refused without --yes (and
+    // nothing removed), then every one of them removed and counted.
+    broken.store(true, Ordering::SeqCst);
+    let more: Vec<String> = (0..3).map(|i| format!("p-{i}")).collect();
+    client.publish_many(&ex, "in", &more, b"{}").await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            client.depth(&dlq).await == 3
+        })
+        .await,
+        "three new dead letters"
+    );
     let (ok, out) = cli(&file, &["purge", "--queue", &dlq]);
     assert!(!ok, "purge without --yes refuses: {out}");
+    assert_eq!(
+        client.depth(&dlq).await,
+        3,
+        "a refused purge removes nothing"
+    );
+    let (ok, out) = cli(&file, &["purge", "--queue", &dlq, "--yes"]);
+    assert!(ok && out.contains("purged 3"), "{out}");
+    assert_eq!(client.depth(&dlq).await, 0, "the purge emptied the DLQ");
     let (ok, out) = cli(&file, &["purge", "--queue", &dlq, "--yes"]);
     assert!(ok && out.contains("purged 0"), "{out}");
+    assert_eq!(handled.load(Ordering::SeqCst), 5, "purged, not processed");
 
     handle.shutdown().await;
-    client.delete_topology(&cfg).await;
 }

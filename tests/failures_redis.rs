@@ -9,6 +9,7 @@ use flowgate::config::DedupMode;
 use flowgate::Engine;
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -97,22 +98,27 @@ async fn redis_stopped_mid_run_pauses_without_acking_and_completes_without_dupli
     cfg.stages[0].concurrency = flowgate::config::Concurrency::Fixed(4);
     cfg.redis.url = redis.url();
     cfg.dedup.prefix = format!("{prefix}:");
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     let ex = format!("{prefix}.ex");
     let effects: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let (e2, ex2) = (effects.clone(), ex.clone());
+    // Handlers running right now.
+    let running = Arc::new(AtomicUsize::new(0));
+    let (e2, ex2, r2) = (effects.clone(), ex.clone(), running.clone());
     let handle = Engine::builder()
         .config(cfg.clone())
         .handler(
             "effect",
             handler_fn(move |d| {
-                let (effects, ex) = (e2.clone(), ex2.clone());
+                let (effects, ex, running) = (e2.clone(), ex2.clone(), r2.clone());
                 async move {
+                    running.fetch_add(1, Ordering::SeqCst);
                     *effects
                         .lock()
                         .unwrap()
                         .entry(d.message_id().unwrap_or_default().to_owned())
                         .or_default() += 1;
                     tokio::time::sleep(Duration::from_millis(5)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
                     Ok(Outcome::ack_with(vec![d.forward(&ex, "hop1")]))
                 }
             }),
@@ -147,12 +153,48 @@ async fn redis_stopped_mid_run_pauses_without_acking_and_completes_without_dupli
         "the outage is noticed"
     );
     assert!(acked() < stream.len() as u64, "the outage began mid-run");
-    // Deliveries that committed before the outage may still ack; then nothing moves.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Deliveries that committed before the outage may still ack, and those
+    // already claimed may still run their handler. Then the stage is stuck
+    // by design: every credit is held by a task waiting for the store, no
+    // handler runs.
+    const PREFETCH: i64 = 20;
+    let in_flight = || m.in_flight.with_label_values(&["s1"]).get();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            in_flight() == PREFETCH && running.load(Ordering::SeqCst) == 0
+        })
+        .await,
+        "every credit held by a task waiting for the store (in flight {}, running {})",
+        in_flight(),
+        running.load(Ordering::SeqCst)
+    );
     let (acked_before, effects_before) = (acked(), effects_n());
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The broker agrees, once its (periodically published) quorum-queue
+    // counters catch up: the stage holds exactly its prefetch unacked, and
+    // everything not acked is still there. Waiting for that view is also the
+    // observation window: nothing may move meanwhile.
+    let q = format!("{prefix}.s1");
+    let total = stream.len() as u64;
+    let broker_view = || {
+        let q = q.clone();
+        async move {
+            tokio::task::spawn_blocking(move || common::node::list_queue(None, &q).unwrap())
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let (ready, unacked, consumers) = broker_view().await;
+            unacked == PREFETCH as u64 && consumers == 1 && ready + unacked + acked_before == total
+        })
+        .await,
+        "the broker holds every unacked message: {:?}, acked {acked_before} of {total}",
+        broker_view().await
+    );
     assert_eq!(acked(), acked_before, "no ack without a dedup decision");
     assert_eq!(effects_n(), effects_before, "no handling without a claim");
+    assert_eq!(in_flight(), PREFETCH, "intake stopped at the prefetch");
     assert!(m.dedup_errors.with_label_values(&["s1"]).get() >= 1);
     assert!(
         client.depth(&format!("{prefix}.s1")).await > 0,
@@ -188,5 +230,4 @@ async fn redis_stopped_mid_run_pauses_without_acking_and_completes_without_dupli
     );
     handle.shutdown().await;
     assert_eq!(client.depth(&format!("{prefix}.s1.dlq")).await, 0);
-    client.delete_topology(&cfg).await;
 }
