@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tracing::{debug, warn};
 
 /// The header carrying a dead letter's reason.
-pub const REASON_HEADER: &str = "x-flowgate-reason";
+pub const REASON_HEADER: &str = flowgate_actors::envelope::REASON;
 
 /// Dead-letter reason of an order whose stock ran out.
 pub const OUT_OF_STOCK: &str = "out-of-stock";
@@ -218,19 +218,10 @@ fn failure_reason(d: &Delivery) -> Option<String> {
     if let Some(r) = d.header_str(REASON_HEADER) {
         return Some(r);
     }
-    match d.header("x-death")? {
-        lapin::types::AMQPValue::FieldArray(a) => {
-            let reason = a.as_slice().first().and_then(|v| match v {
-                lapin::types::AMQPValue::FieldTable(t) => t
-                    .inner()
-                    .get("reason")
-                    .and_then(flowgate_actors::message::header_string),
-                _ => None,
-            });
-            Some(reason.unwrap_or_else(|| "dead-lettered".into()))
-        }
-        _ => Some("dead-lettered".into()),
-    }
+    let headers = d.properties.headers().as_ref()?;
+    headers.inner().get(flowgate_actors::envelope::X_DEATH)?;
+    let reason = flowgate_actors::envelope::newest_death(headers).and_then(|death| death.reason);
+    Some(reason.unwrap_or_else(|| "dead-lettered".into()))
 }
 
 /// `orders.track`: the status stage. Consumes `order.shipped` events (the
