@@ -28,7 +28,7 @@
 //! would push a healthy message towards the quorum queue's delivery limit);
 //! the price is a credit held for at most one lease per such duplicate.
 
-use super::store::{Claim, ClaimToken, CommitOutcome, DedupError, DedupStore, MissingId};
+use super::contract::{Claim, ClaimToken, CommitOutcome, DedupError, DedupStore, MissingId};
 use crate::metrics::Metrics;
 use actix::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
