@@ -211,7 +211,7 @@ impl Event for DedupStoreFailed<'_> {
     }
 }
 
-/// A dedup backend's availability changed.
+/// A dedup backend's availability changed (or is first reported, up).
 pub struct DedupAvailability<'a> {
     /// The backend (`memory`, `redis`).
     pub backend: &'a str,
