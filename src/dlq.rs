@@ -15,8 +15,8 @@
 //! never loses one.
 
 use crate::config::Config;
+use flowgate_actors::envelope::{self, newest_death};
 use flowgate_actors::message::{header_int, header_string};
-use flowgate_actors::retry::{ORIGINAL_EXCHANGE_HEADER, ORIGINAL_ROUTING_KEY_HEADER};
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions, QueuePurgeOptions,
@@ -79,27 +79,13 @@ fn header<'a>(h: &'a FieldTable, name: &str) -> Option<&'a AMQPValue> {
     h.inner().get(name)
 }
 
-/// The first (most recent) `x-death` entry.
-fn first_death(h: &FieldTable) -> Option<&FieldTable> {
-    match header(h, "x-death")? {
-        AMQPValue::FieldArray(a) => a.as_slice().iter().find_map(|v| match v {
-            AMQPValue::FieldTable(t) => Some(t),
-            _ => None,
-        }),
-        _ => None,
-    }
-}
-
 /// Why a message is in a DLQ: `x-flowgate-reason`, or the broker's
 /// `x-death` reason (`delivery_limit` → `delivery-limit`), or `unknown`.
 pub fn reason_of(h: &FieldTable) -> String {
-    if let Some(r) = header(h, "x-flowgate-reason").and_then(header_string) {
+    if let Some(r) = header(h, envelope::REASON).and_then(header_string) {
         return r;
     }
-    match first_death(h)
-        .and_then(|d| header(d, "reason"))
-        .and_then(header_string)
-    {
+    match newest_death(h).and_then(|d| d.reason) {
         Some(r) => r.replace('_', "-"),
         None => "unknown".into(),
     }
@@ -107,13 +93,10 @@ pub fn reason_of(h: &FieldTable) -> String {
 
 /// Which stage dead-lettered it: `x-flowgate-stage`, or `queue:<q>` from `x-death`.
 pub fn stage_of(h: &FieldTable) -> String {
-    if let Some(s) = header(h, "x-flowgate-stage").and_then(header_string) {
+    if let Some(s) = header(h, envelope::STAGE).and_then(header_string) {
         return s;
     }
-    match first_death(h)
-        .and_then(|d| header(d, "queue"))
-        .and_then(header_string)
-    {
+    match newest_death(h).and_then(|d| d.queue) {
         Some(q) => format!("queue:{q}"),
         None => "unknown".into(),
     }
@@ -122,45 +105,21 @@ pub fn stage_of(h: &FieldTable) -> String {
 /// Where the message was first published: the `x-flowgate-original-*`
 /// headers, or the exchange and first routing key in `x-death`.
 pub fn origin_of(h: &FieldTable) -> Option<(String, String)> {
-    let x = header(h, ORIGINAL_EXCHANGE_HEADER).and_then(header_string);
-    let k = header(h, ORIGINAL_ROUTING_KEY_HEADER).and_then(header_string);
+    let x = header(h, envelope::ORIGINAL_EXCHANGE).and_then(header_string);
+    let k = header(h, envelope::ORIGINAL_ROUTING_KEY).and_then(header_string);
     if let (Some(x), Some(k)) = (x, k) {
         return Some((x, k));
     }
-    let d = first_death(h)?;
-    let x = header(d, "exchange").and_then(header_string)?;
-    let k = match header(d, "routing-keys")? {
-        AMQPValue::FieldArray(a) => a.as_slice().first().and_then(header_string)?,
-        _ => return None,
-    };
-    Some((x, k))
+    let d = newest_death(h)?;
+    Some((d.exchange?, d.routing_key?))
 }
-
-/// Headers a replayed message must not carry: the dead-letter explanation,
-/// the attempt counter (reset: the ladder starts again) and the broker's
-/// dead-letter history.
-const STRIPPED: [&str; 13] = [
-    "x-flowgate-reason",
-    "x-flowgate-stage",
-    "x-flowgate-attempts",
-    "x-flowgate-attempt",
-    "x-flowgate-error",
-    "x-flowgate-last-error",
-    "x-flowgate-queue",
-    ORIGINAL_EXCHANGE_HEADER,
-    ORIGINAL_ROUTING_KEY_HEADER,
-    "x-death",
-    "x-first-death-exchange",
-    "x-first-death-queue",
-    "x-first-death-reason",
-];
 
 fn replay_properties(p: &BasicProperties) -> BasicProperties {
     let mut kept = FieldTable::default();
     if let Some(h) = p.headers() {
         for (k, v) in h.inner() {
             let k_str = k.as_str();
-            if !STRIPPED.contains(&k_str) && !k_str.starts_with("x-last-death-") {
+            if !envelope::REPLAY_STRIPPED.contains(&k_str) && !k_str.starts_with("x-last-death-") {
                 kept.insert(k.clone(), v.clone());
             }
         }
@@ -275,7 +234,7 @@ pub async fn purge(conn: &Connection, queue: &str) -> Result<u32, DlqError> {
 /// The attempts a dead letter had (`x-flowgate-attempts`), if flowgate
 /// dead-lettered it.
 pub fn attempts_of(h: &FieldTable) -> Option<i64> {
-    header(h, "x-flowgate-attempts").and_then(header_int)
+    header(h, envelope::ATTEMPTS).and_then(header_int)
 }
 
 #[cfg(test)]
@@ -320,8 +279,8 @@ mod tests {
         let mut h = broker_dead_letter("rejected");
         h.insert(ShortString::from("x-flowgate-reason"), s("max-attempts"));
         h.insert(ShortString::from("x-flowgate-stage"), s("reserve"));
-        h.insert(ShortString::from(ORIGINAL_EXCHANGE_HEADER), s("shop"));
-        h.insert(ShortString::from(ORIGINAL_ROUTING_KEY_HEADER), s("in"));
+        h.insert(ShortString::from(envelope::ORIGINAL_EXCHANGE), s("shop"));
+        h.insert(ShortString::from(envelope::ORIGINAL_ROUTING_KEY), s("in"));
         h.insert(
             ShortString::from("x-flowgate-attempt"),
             AMQPValue::LongLongInt(5),

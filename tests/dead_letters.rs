@@ -4,6 +4,7 @@
 use flowgate_testkit as common;
 
 use common::*;
+use flowgate::actors::envelope::Reason;
 use flowgate::actors::message::handler_fn;
 use flowgate::actors::{Delivery, HandlerError, Outcome};
 use flowgate::Engine;
@@ -24,6 +25,8 @@ async fn run_with_middle_handler(
     reason: &str,
     error_contains: &str,
 ) {
+    // Metric labels are a closed set: a handler's own reason is `handler`.
+    let label = Reason::parse(reason).map_or("handler", Reason::as_str);
     let prefix = unique(tag);
     let cfg = chain_config(&prefix, &["forward", "middle", "forward"], 20);
     let _cleanup = Cleanup::new(AMQP_URL, &cfg);
@@ -89,7 +92,7 @@ async fn run_with_middle_handler(
         handle
             .metrics()
             .dead_lettered
-            .with_label_values(&["s2", reason])
+            .with_label_values(&["s2", label])
             .get(),
         expect_bad.len() as u64
     );

@@ -49,6 +49,13 @@ pub enum Error {
     /// A durable store (spool, dedup) failed.
     #[error("store: {0}")]
     Store(String),
+    /// The message cannot be published as it is (an exchange or routing key
+    /// over 255 bytes, ...): trying again cannot help.
+    #[error("invalid message: {0}")]
+    Invalid(#[from] crate::envelope::InvalidShortString),
+    /// A task panicked: a permanent failure, never retried.
+    #[error("task panicked: {0}")]
+    Panicked(String),
 }
 
 impl Error {
@@ -63,7 +70,11 @@ impl Error {
             | Error::ConfirmTimeout(_)
             | Error::Backpressure(_)
             | Error::Store(_) => true,
-            Error::Unroutable { .. } | Error::ShuttingDown | Error::ActorGone(_) => false,
+            Error::Unroutable { .. }
+            | Error::ShuttingDown
+            | Error::ActorGone(_)
+            | Error::Invalid(_)
+            | Error::Panicked(_) => false,
         }
     }
 
@@ -80,6 +91,8 @@ impl Error {
             Error::ShuttingDown => "shutting_down",
             Error::ActorGone(_) => "actor_gone",
             Error::Store(_) => "store_error",
+            Error::Invalid(_) => "invalid",
+            Error::Panicked(_) => "panicked",
         }
     }
 }

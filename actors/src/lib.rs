@@ -20,6 +20,10 @@
 //! * [`depth`] — the [`DepthMonitorActor`](depth::DepthMonitorActor):
 //!   samples queue depths, pauses stages whose output queue is above its
 //!   watermark, autoscales stage workers.
+//! * [`envelope`] — every `x-flowgate-*` header, the dead-letter
+//!   [`Reason`](envelope::Reason)s, `x-death` reading, which engine headers
+//!   a delivery may carry (the rest are stripped on intake), and the one
+//!   fallible conversion to an AMQP short string.
 //! * [`retry`] — the broker-side retry ladder (tier queues, attempt header).
 //! * [`signing`] — HMAC-SHA256 signatures: the canonical form, signing at
 //!   publish, verification at consume, key rotation.
@@ -27,6 +31,8 @@
 //!   the DedupActor that pauses stages while the store is unavailable.
 //! * [`supervision`] — restart policy with capped exponential backoff and a
 //!   restart budget; escalation when the budget is spent.
+//! * [`events`] — one typed event per thing that happens to a message; its
+//!   `emit()` writes the log line and bumps the counter with enum labels.
 //! * [`metrics`] — the Prometheus collectors every actor reports to.
 //! * [`error`] — the crate's error type.
 
@@ -34,7 +40,9 @@ pub mod connection;
 pub mod credit;
 pub mod dedup;
 pub mod depth;
+pub mod envelope;
 pub mod error;
+pub mod events;
 pub mod message;
 pub mod metrics;
 pub mod publisher;

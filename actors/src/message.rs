@@ -124,6 +124,12 @@ impl Output {
     }
 
     /// Sets the `message_id` property.
+    ///
+    /// # Panics
+    ///
+    /// When `id` is over 255 bytes (inside a handler the panic is caught
+    /// and dead-letters the input as `panic`). For an id from outside, use
+    /// [`Output::try_with_message_id`].
     pub fn with_message_id(mut self, id: impl Into<String>) -> Self {
         self.properties = self
             .properties
@@ -131,7 +137,21 @@ impl Output {
         self
     }
 
+    /// Sets the `message_id` property, or says why it cannot be one.
+    pub fn try_with_message_id(
+        mut self,
+        id: &str,
+    ) -> Result<Self, crate::envelope::InvalidShortString> {
+        let id = crate::envelope::short_string("message id", id)?;
+        self.properties = self.properties.with_message_id(id);
+        Ok(self)
+    }
+
     /// Adds (or replaces) one header.
+    ///
+    /// # Panics
+    ///
+    /// When `name` is over 255 bytes; see [`try_set_header`] for names from outside.
     pub fn with_header(mut self, name: &str, value: AMQPValue) -> Self {
         set_header(&mut self.properties, name, value);
         self
@@ -139,10 +159,28 @@ impl Output {
 }
 
 /// Sets one header on a property set, creating the table if needed.
+///
+/// # Panics
+///
+/// When `name` is over 255 bytes: meant for the engine's and a host's own
+/// constant names; use [`try_set_header`] for names from outside.
 pub fn set_header(props: &mut BasicProperties, name: &str, value: AMQPValue) {
     let mut table = props.headers().clone().unwrap_or_default();
     table.insert(ShortString::from(name), value);
     *props = props.clone().with_headers(table);
+}
+
+/// Sets one header on a property set, or says why `name` cannot be a header key.
+pub fn try_set_header(
+    props: &mut BasicProperties,
+    name: &str,
+    value: AMQPValue,
+) -> Result<(), crate::envelope::InvalidShortString> {
+    let name = crate::envelope::short_string("header name", name)?;
+    let mut table = props.headers().clone().unwrap_or_default();
+    table.insert(name, value);
+    *props = props.clone().with_headers(table);
+    Ok(())
 }
 
 /// What a handler decided for one delivery.
@@ -162,8 +200,8 @@ pub enum Outcome {
     },
     /// A permanent failure: dead-letter with this reason.
     DeadLetter {
-        /// Becomes the `x-flowgate-reason` header (keep it short and stable:
-        /// it is also a metric label).
+        /// Becomes the `x-flowgate-reason` header; the metric label is
+        /// `handler` (labels are a closed set, see [`crate::envelope::Reason`]).
         reason: String,
     },
 }

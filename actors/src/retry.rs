@@ -16,27 +16,25 @@
 //! `x-death` counts are not used: their semantics changed across RabbitMQ
 //! versions (3.13/4.0), the attempt header is ours.
 
+use crate::envelope;
 use crate::message::{header_int, Delivery};
 use std::time::Duration;
 
 /// The engine-owned attempt counter of a message: the number of the attempt
-/// the delivery carrying it is (absent = 1).
-pub const ATTEMPT_HEADER: &str = "x-flowgate-attempt";
+/// the delivery carrying it is (absent = 1). See [`envelope::ATTEMPT`].
+pub const ATTEMPT_HEADER: &str = envelope::ATTEMPT;
 
 /// Where a retried message came from before the tier's dead-lettering
-/// rewrote its exchange and routing key.
-pub const ORIGINAL_EXCHANGE_HEADER: &str = "x-flowgate-original-exchange";
-/// See [`ORIGINAL_EXCHANGE_HEADER`].
-pub const ORIGINAL_ROUTING_KEY_HEADER: &str = "x-flowgate-original-routing-key";
+/// rewrote its exchange and routing key. See [`envelope::ORIGINAL_EXCHANGE`].
+pub const ORIGINAL_EXCHANGE_HEADER: &str = envelope::ORIGINAL_EXCHANGE;
+/// See [`envelope::ORIGINAL_ROUTING_KEY`].
+pub const ORIGINAL_ROUTING_KEY_HEADER: &str = envelope::ORIGINAL_ROUTING_KEY;
 
 /// Headers the engine owns while a message travels through a retry ladder;
 /// they are removed from a handler's outputs so the next stage starts at
-/// attempt 1.
-pub const ENGINE_HEADERS: [&str; 3] = [
-    ATTEMPT_HEADER,
-    ORIGINAL_EXCHANGE_HEADER,
-    ORIGINAL_ROUTING_KEY_HEADER,
-];
+/// attempt 1, and stripped from any delivery that is not a copy back from
+/// the stage's own tier. See [`envelope::ROUTING_HEADERS`].
+pub const ENGINE_HEADERS: [&str; 4] = envelope::ROUTING_HEADERS;
 
 /// A stage's retry ladder.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,7 +81,9 @@ impl RetryPolicy {
     }
 }
 
-/// The attempt number of a delivery: its [`ATTEMPT_HEADER`], or 1.
+/// The attempt number of a delivery: its [`ATTEMPT_HEADER`], or 1. A stage
+/// has already stripped the header from any delivery that is not its own
+/// retry copy (see [`envelope::intake`]).
 pub fn attempt_of(d: &Delivery) -> u32 {
     d.header(ATTEMPT_HEADER)
         .and_then(header_int)
@@ -125,5 +125,27 @@ mod tests {
     #[test]
     fn one_attempt_never_retries() {
         assert_eq!(p(1, &[100]).next_tier("q", 1), None);
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// For any ladder: a tier exists exactly while attempts remain, it
+        /// is one of the policy's tiers, and its delay is the step for that
+        /// attempt (the last step repeating).
+        #[test]
+        fn ladder_arithmetic(max in 1u32..12, steps in proptest::collection::vec(1u64..5, 1..6), attempt in 1u32..20) {
+            let r = p(max, &steps.iter().map(|s| s * 100).collect::<Vec<_>>());
+            let tier = r.next_tier("q", attempt);
+            prop_assert_eq!(tier.is_some(), attempt < max);
+            let want = steps[(attempt as usize - 1).min(steps.len() - 1)] * 100;
+            prop_assert_eq!(r.delay_after(attempt), Duration::from_millis(want));
+            if let Some(t) = tier {
+                let n: usize = t.strip_prefix("q.retry.").unwrap().parse().unwrap();
+                prop_assert!(n >= 1 && n <= r.tiers().len());
+                prop_assert_eq!(r.tiers()[n - 1], r.delay_after(attempt));
+                prop_assert!(envelope::is_tier_of("q", &t));
+            }
+        }
     }
 }

@@ -42,24 +42,25 @@
 //! arrived with (the publisher does not sign it; see [`UNSIGNED_HEADER`]),
 //! so replaying it from the dead-letter queue cannot launder it.
 
+use crate::envelope;
 use hmac::{Hmac, Mac};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, LongString, ShortString};
 use lapin::BasicProperties;
 use sha2::Sha256;
 use std::fmt;
 use std::sync::Arc;
 
 /// The header carrying the hex HMAC-SHA256 signature.
-pub const SIGNATURE_HEADER: &str = "x-flowgate-signature";
+pub const SIGNATURE_HEADER: &str = envelope::SIGNATURE;
 
 /// Engine-internal marker: a message carrying it is published *without*
 /// (re)signing, and the marker is removed before the publish. The stage sets
 /// it on the dead letters of messages that failed verification; stages strip
 /// it from every delivery, so input cannot smuggle it into outputs.
-pub const UNSIGNED_HEADER: &str = "x-flowgate-unsigned";
+pub const UNSIGNED_HEADER: &str = envelope::UNSIGNED;
 
 /// The dead-letter reason of a message whose signature is missing or wrong.
-pub const BAD_SIGNATURE: &str = "bad-signature";
+pub const BAD_SIGNATURE: &str = envelope::Reason::BadSignature.as_str();
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -181,6 +182,7 @@ impl Keys {
     ) -> BasicProperties {
         let sig = self.current.sign(routing_key, &props, body);
         let mut table = props.headers().clone().unwrap_or_default();
+        // A constant name, far below 255 bytes.
         table.insert(
             ShortString::from(SIGNATURE_HEADER),
             AMQPValue::LongString(LongString::from(sig)),
@@ -266,48 +268,26 @@ pub fn prepare(
 
 /// `props` without the header `name` (unchanged when absent).
 pub fn without_header(props: BasicProperties, name: &str) -> BasicProperties {
-    let Some(table) = props.headers() else {
-        return props;
-    };
-    if !table.inner().contains_key(name) {
-        return props;
-    }
-    let mut kept = FieldTable::default();
-    for (k, v) in table.inner() {
-        if k.as_str() != name {
-            kept.insert(k.clone(), v.clone());
-        }
-    }
-    props.with_headers(kept)
+    envelope::without(props, &[name])
 }
 
 /// The routing key a copy that came back from one of `queue`'s retry tiers
 /// was signed with: the tier's name, read from the newest `x-death` entry,
 /// accepted only when the delivery arrived with routing key `queue` (how
-/// tiers dead-letter back) and the entry names a tier of `queue`.
+/// tiers dead-letter back) and the entry names a tier of `queue`. Stages
+/// use [`envelope::own_tier`], which also requires the default exchange.
 pub fn retry_tier_key(queue: &str, delivered_key: &str, props: &BasicProperties) -> Option<String> {
     if delivered_key != queue {
         return None;
     }
-    let deaths = props.headers().as_ref()?.inner().get("x-death")?;
-    let AMQPValue::FieldArray(deaths) = deaths else {
-        return None;
-    };
-    let AMQPValue::FieldTable(newest) = deaths.as_slice().first()? else {
-        return None;
-    };
-    let tier = newest
-        .inner()
-        .get("queue")
-        .and_then(crate::message::header_string)?;
-    let n = tier.strip_prefix(queue)?.strip_prefix(".retry.")?;
-    (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then_some(tier)
+    let tier = envelope::newest_death_of(props)?.queue?;
+    envelope::is_tier_of(queue, &tier).then_some(tier)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::types::FieldArray;
+    use lapin::types::{FieldArray, FieldTable};
 
     fn keys() -> Keys {
         Keys::new(SigningKey::new(

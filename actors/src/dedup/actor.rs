@@ -28,14 +28,14 @@
 //! would push a healthy message towards the quorum queue's delivery limit);
 //! the price is a credit held for at most one lease per such duplicate.
 
-use super::store::{Claim, ClaimToken, CommitOutcome, DedupError, DedupStore, MissingId};
+use super::contract::{Claim, ClaimToken, CommitOutcome, DedupError, DedupStore, MissingId};
+use crate::events::{self, Event};
 use crate::metrics::Metrics;
 use actix::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
 
 /// How often an unavailable store is pinged.
 pub const PING_INTERVAL: Duration = Duration::from_millis(250);
@@ -85,7 +85,12 @@ impl DedupActor {
         metrics: Metrics,
     ) -> DedupHandle {
         let (tx, rx) = watch::channel(true);
-        metrics.dedup_up.with_label_values(&[backend]).set(1);
+        events::DedupAvailability {
+            backend,
+            up: true,
+            error: None,
+        }
+        .emit(&metrics);
         let addr = DedupActor {
             store: store.clone(),
             available: tx,
@@ -117,12 +122,12 @@ impl actix::Handler<StoreFailed> for DedupActor {
         }
         self.probing = true;
         let _ = self.available.send(false);
-        self.metrics
-            .dedup_up
-            .with_label_values(&[&self.backend])
-            .set(0);
-        warn!(backend = %self.backend, error = %msg.error,
-            "dedup store unavailable: pausing every stage that uses it until it answers");
+        events::DedupAvailability {
+            backend: &self.backend,
+            up: false,
+            error: Some(&msg.error),
+        }
+        .emit(&self.metrics);
         let store = self.store.clone();
         ctx.spawn(
             async move {
@@ -137,11 +142,12 @@ impl actix::Handler<StoreFailed> for DedupActor {
             .map(|(), act, _ctx| {
                 act.probing = false;
                 let _ = act.available.send(true);
-                act.metrics
-                    .dedup_up
-                    .with_label_values(&[&act.backend])
-                    .set(1);
-                info!(backend = %act.backend, "dedup store answers again: resuming");
+                events::DedupAvailability {
+                    backend: &act.backend,
+                    up: true,
+                    error: None,
+                }
+                .emit(&act.metrics);
             }),
         );
     }
@@ -179,9 +185,13 @@ impl DedupHandle {
         *self.available.borrow()
     }
 
-    fn failed(&self, stage: &str, what: &str, e: &DedupError) {
-        self.metrics.dedup_errors.with_label_values(&[stage]).inc();
-        debug!(stage, error = %e, what, "dedup store call failed; waiting for the store");
+    fn failed(&self, stage: &str, call: &'static str, e: &DedupError) {
+        events::DedupStoreFailed {
+            stage,
+            call,
+            error: e,
+        }
+        .emit(&self.metrics);
         let _ = self.actor.try_send(StoreFailed {
             error: e.to_string(),
         });

@@ -49,6 +49,7 @@ pub use spool::{Spool, SpoolError, SpoolRecord};
 
 use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscribe};
 use crate::credit::{Credit, Credits};
+use crate::envelope;
 use crate::error::{Error, Result};
 use crate::message::Output;
 use crate::metrics::Metrics;
@@ -294,6 +295,10 @@ impl Core {
 
     /// Publishes (or spools) one message holding a window credit.
     async fn dispatch(self: Arc<Self>, msg: Output) -> Result<Published> {
+        // A message the broker cannot take is its sender's fault: refuse it
+        // before it touches the breaker or the spool.
+        envelope::check_short("exchange", &msg.exchange)?;
+        envelope::check_short("routing key", &msg.routing_key)?;
         if self.blocked_expired() {
             // Keep the breaker open for as long as the block lasts: no probe
             // can succeed on a blocked connection.
@@ -541,10 +546,12 @@ async fn send(
     body: &[u8],
     props: BasicProperties,
 ) -> Result<PublisherConfirm> {
+    let exchange = envelope::short_string("exchange", exchange)?;
+    let routing_key = envelope::short_string("routing key", routing_key)?;
     Ok(ch
         .basic_publish(
-            exchange.into(),
-            routing_key.into(),
+            exchange,
+            routing_key,
             BasicPublishOptions {
                 mandatory: true,
                 immediate: false,
@@ -856,8 +863,15 @@ impl Handler<Publish> for PublisherActor {
             core.dispatch(msg).await
         });
         Box::pin(async move {
-            task.await
-                .unwrap_or_else(|e| Err(Error::Store(format!("publish task failed: {e}"))))
+            // A panic is permanent (retrying would panic again); a
+            // cancelled task (runtime shutting down) is not.
+            task.await.unwrap_or_else(|e| {
+                Err(if e.is_panic() {
+                    Error::Panicked(format!("publish task: {e}"))
+                } else {
+                    Error::Store(format!("publish task failed: {e}"))
+                })
+            })
         })
     }
 }

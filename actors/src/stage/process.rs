@@ -1,85 +1,284 @@
-//! What happens to one delivery:
+//! What happens to one delivery: one [`Verdict`], decided in one pass. The
+//! helpers below run in this order:
 //!
-//! 1. bad input (over `max_message_bytes`, a missing or wrong HMAC
-//!    signature when the stage verifies, not the declared payload type) is
-//!    dead-lettered before anything else (`oversized`, `bad-signature`,
-//!    `malformed`); with `verify = "warn"` a bad signature is only counted;
-//! 2. with dedup, the message's key is claimed (an already-done key is acked
-//!    without handling; see [`crate::dedup::actor`] for waiting);
-//! 3. the handler runs (panics caught);
-//! 4. `Ack`: outputs published and confirmed, then the claim committed;
-//!    `Retry` (and handler errors when the stage has a ladder): a copy goes
-//!    to the retry tier, confirmed, and the claim is released; dead letters
-//!    go to `<queue>.dlx` with reason headers, confirmed, claim released;
-//! 5. only then is the input acked.
+//! 1. [`open`]: the delivery as the engine trusts it. Engine routing headers
+//!    (`x-flowgate-attempt`, `x-flowgate-original-*`) count only on a copy
+//!    back from this stage's own retry tier; on any other delivery they are
+//!    stripped (see [`crate::envelope`]).
+//! 2. [`screen`]: bad input is dead-lettered before dedup and the handler
+//!    (`oversized`; `malformed-id`, a `message_id` decoded lossily from
+//!    invalid UTF-8, whose dedup key could collide with another's; a missing
+//!    or wrong signature when the stage verifies, `bad-signature`, or only
+//!    counted with `verify = "warn"`; `malformed` for the wrong payload type;
+//!    `missing-id` when the dedup policy requires an id). Otherwise it yields
+//!    the dedup key, if the stage deduplicates.
+//! 3. [`claim`]: with dedup, the key is claimed (an already-done key is
+//!    acked without handling; see [`crate::dedup::actor`] for waiting).
+//! 4. [`run_handler`]: the handler runs (panics caught).
+//! 5. [`judge`]: its outcome becomes a verdict: outputs to publish (each
+//!    checked: an exchange or routing key the broker cannot take dead-letters
+//!    the input as `invalid-output`), a retry copy for a tier, or a dead
+//!    letter (`handler-error`, `panic`, `max-attempts`, or the handler's own).
+//! 6. [`carry_out`]: outputs or the retry copy are published and confirmed
+//!    (a returned output dead-letters as `unroutable`, a publish that panics
+//!    or is refused as invalid as `invalid-output`); then the claim is
+//!    committed (outputs confirmed) or released; a dead letter goes to
+//!    `<queue>.dlx` with reason headers, confirmed.
+//! 7. [`settle`]: only then is the input acked (rejected when there is no
+//!    DLX, requeued while draining).
 
-use super::Shared;
+use super::{Shared, StageSpec};
 use crate::credit::Credit;
-use crate::dedup::{key_for, Claimed, CommitOutcome};
+use crate::dedup::{key_for, ClaimToken, Claimed, CommitOutcome, DedupHandle};
+use crate::envelope::{self, Reason};
 use crate::error::Error;
-use crate::message::{set_header, Delivery, Outcome, Output};
-use crate::retry::{
-    attempt_of, ATTEMPT_HEADER, ENGINE_HEADERS, ORIGINAL_EXCHANGE_HEADER,
-    ORIGINAL_ROUTING_KEY_HEADER,
-};
-use crate::signing::{self, VerifyMode, BAD_SIGNATURE, UNSIGNED_HEADER};
+use crate::events::{self, Event};
+use crate::message::{set_header, Delivery, HandlerError, Outcome, Output};
+use crate::signing::VerifyMode;
 use crate::trace;
 use futures::FutureExt;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::BasicProperties;
+use lapin::types::AMQPValue;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{debug, warn};
 
-/// Longest `x-flowgate-error` value; longer errors are truncated so a dead
-/// letter stays far below the broker's frame and message size limits.
-pub const MAX_ERROR_HEADER_BYTES: usize = 1024;
+/// Longest `x-flowgate-error` value (see [`envelope::MAX_ERROR_BYTES`]).
+pub const MAX_ERROR_HEADER_BYTES: usize = envelope::MAX_ERROR_BYTES;
 
-/// Why a message was dead-lettered (`handler-error`, `panic`,
-/// `max-attempts`, `malformed`, `oversized`, `unroutable`, `missing-id`, or
-/// a handler's own reason).
-pub const REASON_HEADER: &str = "x-flowgate-reason";
+/// Why a message was dead-lettered (see [`envelope::REASON`]).
+pub const REASON_HEADER: &str = envelope::REASON;
 
-/// How many handling attempts a dead letter had.
-pub const ATTEMPTS_HEADER: &str = "x-flowgate-attempts";
+/// How many handling attempts a dead letter had (see [`envelope::ATTEMPTS`]).
+pub const ATTEMPTS_HEADER: &str = envelope::ATTEMPTS;
 
-/// The headers every dead letter carries.
-pub const DEAD_LETTER_HEADERS: [&str; 6] = [
-    REASON_HEADER,
-    "x-flowgate-stage",
-    ATTEMPTS_HEADER,
-    "x-flowgate-error",
-    ORIGINAL_EXCHANGE_HEADER,
-    ORIGINAL_ROUTING_KEY_HEADER,
-];
+/// The headers every dead letter carries (see [`envelope::DEAD_LETTER_HEADERS`]).
+pub const DEAD_LETTER_HEADERS: [&str; 7] = envelope::DEAD_LETTER_HEADERS;
 
-/// What to do with the input once the handler has spoken.
-enum Disposition {
-    Ack(Vec<Output>),
-    /// Transient failure: through the retry ladder when there is one.
-    Retry {
-        reason: String,
-        error: String,
-    },
-    DeadLetter {
-        reason: String,
-        error: String,
-    },
+/// A dead letter to publish: why, and what to say about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DeadLetter {
+    /// The closed-set reason: the metric label.
+    pub reason: Reason,
+    /// A handler's own reason text (for [`Reason::Handler`]): written to the
+    /// reason header instead of the wire value.
+    pub detail: Option<String>,
+    /// The error text (`x-flowgate-error`).
+    pub error: String,
 }
 
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
+impl DeadLetter {
+    fn new(reason: Reason, error: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: None,
+            error: error.into(),
         }
-        s.truncate(cut);
-        s.push('…');
     }
-    s
+
+    /// The value of the reason header.
+    fn header_value(&self) -> &str {
+        self.detail.as_deref().unwrap_or(self.reason.as_str())
+    }
+}
+
+/// What to do with one delivery.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    /// Publish these outputs (checked), then commit the claim and ack.
+    Publish(Vec<Output>),
+    /// Ack without handling (its dedup key is done).
+    Ack,
+    /// Publish a copy to this retry tier, then release the claim and ack.
+    Retry {
+        /// The tier queue.
+        tier: String,
+        /// The failure, for `x-flowgate-last-error`.
+        error: String,
+    },
+    /// Publish a dead letter, then ack (reject without a DLX).
+    DeadLetter(DeadLetter),
+    /// Give the delivery back to the queue (draining).
+    Requeue,
+}
+
+/// How the input is finally settled.
+enum Settle {
+    Ack,
+    Reject,
+    Requeue,
+}
+
+/// The handler's result: its outcome or error, or the panic's message.
+pub(crate) type Handled = Result<Result<Outcome, HandlerError>, String>;
+
+/// Processes one delivery; the credit is released when this returns.
+pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, credit: Credit) {
+    let _credit = CreditGuard {
+        credit: Some(credit),
+        shared: shared.clone(),
+    };
+    let stage = shared.spec.name.as_str();
+    events::Consumed { stage }.emit(&shared.metrics);
+    let acker = raw.acker;
+    let opened = open(
+        &shared.spec,
+        raw.exchange.as_str(),
+        raw.routing_key.as_str(),
+        raw.properties,
+        raw.data.into(),
+        raw.redelivered,
+    );
+    let d = &opened.delivery;
+
+    let mut claim_token = None;
+    let verdict = match screen(&shared.spec, d, &opened.signed_keys(), &shared.metrics) {
+        Err(dead) => Verdict::DeadLetter(dead),
+        Ok(key) => match claim(&shared, key).await {
+            Ok(token) => {
+                claim_token = token;
+                let handled = run_handler(&shared, d).await;
+                judge(&shared.spec, d, opened.attempt, handled)
+            }
+            Err(v) => v,
+        },
+    };
+    let verdict = carry_out(&shared, &opened, verdict, claim_token).await;
+    settle(&shared, acker, verdict).await;
+}
+
+/// A delivery with what [`envelope::intake`] decided about it.
+pub(crate) struct Opened {
+    pub delivery: Delivery,
+    /// The attempt this is (1 unless an own retry copy).
+    pub attempt: u32,
+    /// The routing key it was delivered with (what a signature covers).
+    pub delivered_key: String,
+    /// The own retry tier it came back from.
+    pub tier: Option<String>,
+}
+
+impl Opened {
+    /// The routing keys a signature may cover: the delivery's own and, for
+    /// a copy back from an own retry tier, the tier's name.
+    fn signed_keys(&self) -> Vec<&str> {
+        std::iter::once(self.delivered_key.as_str())
+            .chain(self.tier.as_deref())
+            .collect()
+    }
+}
+
+/// Step 1: the delivery as the engine trusts it.
+pub(crate) fn open(
+    spec: &StageSpec,
+    exchange: &str,
+    routing_key: &str,
+    properties: lapin::BasicProperties,
+    body: bytes::Bytes,
+    redelivered: bool,
+) -> Opened {
+    let i = envelope::intake(&spec.queue, exchange, routing_key, properties);
+    Opened {
+        delivery: Delivery {
+            body,
+            properties: i.properties,
+            redelivered,
+            exchange: i.exchange,
+            routing_key: i.routing_key,
+            queue: spec.queue.clone(),
+            stage: spec.name.clone(),
+        },
+        attempt: i.attempt,
+        delivered_key: routing_key.to_owned(),
+        tier: i.tier,
+    }
+}
+
+/// Step 2: checks that need neither the store nor the handler. `Ok` carries
+/// the dedup key when the stage deduplicates.
+pub(crate) fn screen(
+    spec: &StageSpec,
+    d: &Delivery,
+    signed_keys: &[&str],
+    metrics: &crate::metrics::Metrics,
+) -> Result<Option<String>, DeadLetter> {
+    if let Some(max) = spec.max_message_bytes {
+        if d.body.len() > max {
+            return Err(DeadLetter::new(
+                Reason::Oversized,
+                format!("body of {} bytes exceeds the limit of {max}", d.body.len()),
+            ));
+        }
+    }
+    if let Some(id) = d.message_id().filter(|id| envelope::is_lossy(id)) {
+        return Err(DeadLetter::new(
+            Reason::MalformedId,
+            format!("message_id is not valid UTF-8 (read as {id:?})"),
+        ));
+    }
+    if let Some(v) = &spec.signature {
+        if let Err(e) = v.keys.verify(signed_keys, &d.properties, &d.body) {
+            let processed_anyway = v.mode == VerifyMode::Warn;
+            events::SignatureFailed {
+                stage: &spec.name,
+                error: &e,
+                processed_anyway,
+            }
+            .emit(metrics);
+            if !processed_anyway {
+                return Err(DeadLetter::new(Reason::BadSignature, e.to_string()));
+            }
+        }
+    }
+    if let Err(e) = spec.payload.check(&d.body) {
+        return Err(DeadLetter::new(Reason::Malformed, e));
+    }
+    let Some(dedup) = &spec.dedup else {
+        return Ok(None);
+    };
+    match key_for(
+        d.message_id(),
+        &d.body,
+        &d.routing_key,
+        dedup.settings().missing_id,
+    ) {
+        Ok(key) => Ok(Some(format!("{}:{key}", spec.name))),
+        Err(e) => Err(DeadLetter::new(Reason::MissingId, e.to_string())),
+    }
+}
+
+/// Step 3: claims the dedup key. `Ok(None)`: no dedup; `Err`: the verdict
+/// without handling (already done, or draining).
+async fn claim(shared: &Shared, key: Option<String>) -> Result<Option<ClaimToken>, Verdict> {
+    let (Some(dedup), Some(key)) = (&shared.spec.dedup, key) else {
+        return Ok(None);
+    };
+    let stage = shared.spec.name.as_str();
+    match dedup.claim(stage, &key, &shared.draining).await {
+        Claimed::Acquired(t) => Ok(Some(t)),
+        Claimed::AlreadyDone => {
+            events::DedupHit { stage, key: &key }.emit(&shared.metrics);
+            Err(Verdict::Ack)
+        }
+        Claimed::Stopped => Err(Verdict::Requeue),
+    }
+}
+
+/// Step 4: runs the handler on a worker slot, catching panics.
+async fn run_handler(shared: &Shared, d: &Delivery) -> Handled {
+    // A closed semaphore only happens at teardown; run anyway then.
+    let _worker = shared.workers.clone().acquire_owned().await.ok();
+    let started = Instant::now();
+    let res = AssertUnwindSafe(shared.spec.handler.handle(d))
+        .catch_unwind()
+        .await;
+    events::Handled {
+        stage: &shared.spec.name,
+        elapsed: started.elapsed(),
+    }
+    .emit(&shared.metrics);
+    res.map_err(|p| panic_message(p.as_ref()))
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -92,185 +291,177 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-fn lstr(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v.to_owned()))
-}
-
-fn remove_headers(props: &mut BasicProperties, names: &[&str]) {
-    let Some(table) = props.headers() else {
-        return;
-    };
-    if !names.iter().any(|n| table.inner().contains_key(*n)) {
-        return;
-    }
-    let mut kept = FieldTable::default();
-    for (k, v) in table.inner() {
-        if !names.contains(&k.as_str()) {
-            kept.insert(k.clone(), v.clone());
-        }
-    }
-    *props = props.clone().with_headers(kept);
-}
-
-/// Checks that do not need the handler: size, signature, payload type.
-/// `signed_keys` are the routing keys the signature may cover.
-fn check_input(shared: &Shared, d: &Delivery, signed_keys: &[&str]) -> Option<(String, String)> {
-    if let Some(max) = shared.spec.max_message_bytes {
-        if d.body.len() > max {
-            return Some((
-                "oversized".into(),
-                format!("body of {} bytes exceeds the limit of {max}", d.body.len()),
-            ));
-        }
-    }
-    if let Some(v) = &shared.spec.signature {
-        if let Err(e) = v.keys.verify(signed_keys, &d.properties, &d.body) {
-            let stage = shared.spec.name.as_str();
-            shared
-                .metrics
-                .signature_failures
-                .with_label_values(&[stage])
-                .inc();
-            match v.mode {
-                VerifyMode::Reject => return Some((BAD_SIGNATURE.into(), e.to_string())),
-                VerifyMode::Warn => warn!(
-                    stage,
-                    message_id = ?d.message_id(),
-                    error = %e,
-                    "bad signature; processing anyway (verify = \"warn\")"
-                ),
-            }
-        }
-    }
-    if let Err(e) = shared.spec.payload.check(&d.body) {
-        return Some(("malformed".into(), e));
-    }
-    None
-}
-
-/// Processes one delivery; the credit is released when this returns.
-pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, credit: Credit) {
-    let _credit = CreditGuard {
-        credit: Some(credit),
-        shared: shared.clone(),
-    };
-    let stage = shared.spec.name.as_str();
-    shared.metrics.consumed.with_label_values(&[stage]).inc();
-    let acker = raw.acker;
-    // Only the engine sets this marker (on the dead letters of badly signed
-    // messages); input cannot carry it into what this stage publishes.
-    let properties = signing::without_header(raw.properties, UNSIGNED_HEADER);
-    // The routing keys a signature may cover: the delivery's own, and for a
-    // copy back from one of this stage's retry tiers, the tier's name.
-    let delivery_key = raw.routing_key.to_string();
-    let tier_key = shared
-        .spec
-        .signature
-        .as_ref()
-        .and_then(|_| signing::retry_tier_key(&shared.spec.queue, &delivery_key, &properties));
-    let mut delivery = Delivery {
-        body: raw.data.into(),
-        properties,
-        redelivered: raw.redelivered,
-        exchange: raw.exchange.to_string(),
-        routing_key: delivery_key.clone(),
-        queue: shared.spec.queue.clone(),
-        stage: shared.spec.name.clone(),
-    };
-    // A retried copy came back through a tier (default exchange, routing
-    // key = this queue): show the handler where it was first published.
-    if delivery.header(ATTEMPT_HEADER).is_some() {
-        if let Some(x) = delivery.header_str(ORIGINAL_EXCHANGE_HEADER) {
-            delivery.exchange = x;
-        }
-        if let Some(k) = delivery.header_str(ORIGINAL_ROUTING_KEY_HEADER) {
-            delivery.routing_key = k;
-        }
-    }
-    let attempt = attempt_of(&delivery);
-
-    let mut settled = None;
-    let mut claim = None;
-    let signed_keys: Vec<&str> = std::iter::once(delivery_key.as_str())
-        .chain(tier_key.as_deref())
-        .collect();
-    if let Some((reason, error)) = check_input(&shared, &delivery, &signed_keys) {
-        warn!(stage, reason = %reason, error = %error, "bad input; dead-lettering");
-        settled = Some(Settle::DeadLetter { reason, error });
-    } else if let Some(dedup) = &shared.spec.dedup {
-        let settings = dedup.settings();
-        match key_for(
-            delivery.message_id(),
-            &delivery.body,
-            &delivery.routing_key,
-            settings.missing_id,
-        ) {
-            Err(e) => {
-                warn!(stage, "message without message_id; dead-lettering");
-                settled = Some(Settle::DeadLetter {
-                    reason: "missing-id".into(),
-                    error: e.to_string(),
-                });
-            }
-            Ok(key) => {
-                let key = format!("{stage}:{key}");
-                match dedup.claim(stage, &key, &shared.draining).await {
-                    Claimed::Acquired(t) => claim = Some(t),
-                    Claimed::AlreadyDone => {
-                        shared.metrics.dedup_hits.with_label_values(&[stage]).inc();
-                        debug!(stage, key = %key, "already processed; acking without handling");
-                        settled = Some(Settle::Ack);
-                    }
-                    Claimed::Stopped => settled = Some(Settle::Requeue),
-                }
-            }
-        }
-    }
-
-    let settled = match settled {
-        Some(s) => s,
-        None => {
-            let disposition = run_handler(&shared, &delivery, attempt).await;
-            let s = settle(&shared, &delivery, attempt, disposition).await;
-            // Commit only once the outputs are confirmed, and before the ack.
-            if let (Some(dedup), Some(token)) = (&shared.spec.dedup, claim.take()) {
-                finish_claim(&shared, dedup, token, s).await
+/// Step 5: the verdict for a handler's result.
+pub(crate) fn judge(spec: &StageSpec, d: &Delivery, attempt: u32, handled: Handled) -> Verdict {
+    match handled {
+        Ok(Ok(Outcome::Ack { outputs })) => match prepare_outputs(d, outputs) {
+            Ok(outputs) => Verdict::Publish(outputs),
+            Err(dead) => Verdict::DeadLetter(dead),
+        },
+        Ok(Ok(Outcome::DeadLetter { reason })) => Verdict::DeadLetter(DeadLetter {
+            reason: Reason::Handler,
+            detail: Some(envelope::truncate(reason.clone(), MAX_ERROR_HEADER_BYTES)),
+            error: reason,
+        }),
+        Ok(Ok(Outcome::Retry { reason })) => retry_or_dead(
+            spec,
+            attempt,
+            DeadLetter {
+                reason: Reason::Handler,
+                detail: Some(envelope::truncate(reason.clone(), MAX_ERROR_HEADER_BYTES)),
+                error: reason,
+            },
+        ),
+        Ok(Err(e)) => {
+            let dead = DeadLetter::new(Reason::HandlerError, e.to_string());
+            if spec.retry.is_some() {
+                retry_or_dead(spec, attempt, dead)
             } else {
-                s
+                Verdict::DeadLetter(dead)
             }
         }
-    };
+        Err(panic) => Verdict::DeadLetter(DeadLetter::new(Reason::Panic, panic)),
+    }
+}
 
-    let settled = match settled {
-        Settle::DeadLetter { reason, error } => {
-            match dead_letter(&shared, &delivery, attempt, &reason, &error).await {
-                Ok(true) => {
-                    shared
-                        .metrics
-                        .dead_lettered
-                        .with_label_values(&[stage, &reason])
-                        .inc();
-                    Settle::Ack
+/// A transient failure: the next tier of the ladder, `max-attempts` when
+/// it is used up, or `dead` at once without a ladder.
+fn retry_or_dead(spec: &StageSpec, attempt: u32, dead: DeadLetter) -> Verdict {
+    let Some(policy) = &spec.retry else {
+        return Verdict::DeadLetter(dead);
+    };
+    let error = match &dead.detail {
+        Some(detail) if *detail != dead.error => format!("{detail}: {}", dead.error),
+        Some(_) => dead.error.clone(),
+        None => format!("{}: {}", dead.reason, dead.error),
+    };
+    match policy.next_tier(&spec.queue, attempt) {
+        Some(tier) => Verdict::Retry { tier, error },
+        None => Verdict::DeadLetter(DeadLetter::new(Reason::MaxAttempts, error)),
+    }
+}
+
+/// Trace context and header hygiene for outputs, and the check that each
+/// can be published: an output the broker cannot take dead-letters the
+/// input as `invalid-output` (publishing it would fail the same way forever).
+fn prepare_outputs(d: &Delivery, outputs: Vec<Output>) -> Result<Vec<Output>, DeadLetter> {
+    let parent_trace = trace::traceparent_of(&d.properties);
+    outputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut o)| {
+            envelope::check_short("output exchange", &o.exchange)
+                .and_then(|()| envelope::check_short("output routing key", &o.routing_key))
+                .map_err(|e| DeadLetter::new(Reason::InvalidOutput, format!("output {i}: {e}")))?;
+            if let Some(p) = &parent_trace {
+                if trace::traceparent_of(&o.properties).is_none() {
+                    trace::set_traceparent(&mut o.properties, trace::child_of(p));
                 }
-                Ok(false) => {
-                    shared
-                        .metrics
-                        .dead_lettered
-                        .with_label_values(&[stage, &reason])
-                        .inc();
-                    Settle::Reject
+            }
+            // The next stage starts its own ladder at attempt 1.
+            o.properties = envelope::without(o.properties, &envelope::ROUTING_HEADERS);
+            Ok(o)
+        })
+        .collect()
+}
+
+/// Step 6: publishes what the verdict calls for and finishes the claim.
+/// The result is `Ack`, `DeadLetter` (to publish next), or `Requeue`.
+async fn carry_out(
+    shared: &Shared,
+    o: &Opened,
+    verdict: Verdict,
+    token: Option<ClaimToken>,
+) -> Settle {
+    let d = &o.delivery;
+    let stage = shared.spec.name.as_str();
+    let after = match verdict {
+        Verdict::Publish(outputs) => match publish_all(shared, outputs).await {
+            Ok(()) => Verdict::Ack,
+            Err(f) => f.verdict("output"),
+        },
+        Verdict::Retry { tier, error } => {
+            match retry_copy(shared, d, o.attempt, &tier, &error).await {
+                Ok(()) => {
+                    events::Retried {
+                        stage,
+                        tier: &tier,
+                        attempt: o.attempt,
+                    }
+                    .emit(&shared.metrics);
+                    // Acked, but not done: the claim is released below.
+                    Verdict::Retry { tier, error }
                 }
+                Err(f) => f.verdict(&format!("retry tier {tier}")),
+            }
+        }
+        v => v,
+    };
+    // Commit only once the outputs are confirmed, and before the ack.
+    let after = match (&shared.spec.dedup, token) {
+        (Some(dedup), Some(token)) => finish_claim(shared, dedup, token, after).await,
+        _ => after,
+    };
+    match after {
+        Verdict::Ack | Verdict::Retry { .. } | Verdict::Publish(_) => Settle::Ack,
+        Verdict::Requeue => Settle::Requeue,
+        Verdict::DeadLetter(dead) => {
+            let res = dead_letter(shared, d, o.attempt, &dead).await;
+            if res.is_ok() {
+                events::DeadLettered {
+                    stage,
+                    reason: dead.reason,
+                    error: &dead.error,
+                }
+                .emit(&shared.metrics);
+            }
+            match res {
+                Ok(true) => Settle::Ack,
+                Ok(false) => Settle::Reject,
                 Err(()) => Settle::Requeue,
             }
         }
-        other => other,
-    };
+    }
+}
 
-    let res = match settled {
-        Settle::Ack | Settle::Retried => {
+/// Commits the claim of a delivery whose outputs are confirmed; releases it
+/// otherwise (a retry, a replayed dead letter or a redelivery may claim again).
+async fn finish_claim(
+    shared: &Shared,
+    dedup: &DedupHandle,
+    token: ClaimToken,
+    v: Verdict,
+) -> Verdict {
+    let stage = shared.spec.name.as_str();
+    if matches!(v, Verdict::Ack) {
+        match dedup.commit(stage, &token, &shared.draining).await {
+            Some(CommitOutcome::Committed) => Verdict::Ack,
+            Some(CommitOutcome::LeaseLost) => {
+                events::DedupLeaseLost {
+                    stage,
+                    key: &token.key,
+                }
+                .emit(&shared.metrics);
+                Verdict::Ack
+            }
+            // Draining with the store down: give it back; the redelivery
+            // waits for our lease, then runs again (at-least-once).
+            None => Verdict::Requeue,
+        }
+    } else {
+        dedup.release(stage, &token).await;
+        v
+    }
+}
+
+/// Step 7: acks, rejects or requeues the input.
+async fn settle(shared: &Shared, acker: lapin::Acker, s: Settle) {
+    let stage = shared.spec.name.as_str();
+    let res = match s {
+        Settle::Ack => {
             let r = acker.ack(BasicAckOptions::default()).await;
             if matches!(r, Ok(true)) {
-                shared.metrics.acked.with_label_values(&[stage]).inc();
+                events::Acked { stage }.emit(&shared.metrics);
             }
             r
         }
@@ -283,169 +474,17 @@ pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, 
                 })
                 .await
         }
-        Settle::DeadLetter { .. } => Ok(true),
     };
     match res {
         Ok(true) => {}
         // The channel closed under this delivery (reconnect): its tag is
         // dead and the broker redelivers the message (dedup catches it).
-        Ok(false) => {
-            shared
-                .metrics
-                .ack_failures
-                .with_label_values(&[stage])
-                .inc();
-            debug!(
-                stage,
-                "ack not sent: channel closed since delivery; the broker will redeliver"
-            );
+        Ok(false) => events::AckFailed {
+            stage,
+            error: &"channel closed since delivery",
         }
-        Err(e) => {
-            shared
-                .metrics
-                .ack_failures
-                .with_label_values(&[stage])
-                .inc();
-            debug!(stage, error = %e, "ack failed; the broker will redeliver");
-        }
-    }
-}
-
-/// Commits the claim of a delivery whose outputs are confirmed; releases it
-/// otherwise (a retry, a replayed dead letter or a redelivery may claim again).
-async fn finish_claim(
-    shared: &Shared,
-    dedup: &crate::dedup::DedupHandle,
-    token: crate::dedup::ClaimToken,
-    s: Settle,
-) -> Settle {
-    let stage = shared.spec.name.as_str();
-    if matches!(s, Settle::Ack) {
-        match dedup.commit(stage, &token, &shared.draining).await {
-            Some(CommitOutcome::Committed) => Settle::Ack,
-            Some(CommitOutcome::LeaseLost) => {
-                shared
-                    .metrics
-                    .dedup_lease_lost
-                    .with_label_values(&[stage])
-                    .inc();
-                warn!(stage, key = %token.key, "handling outlasted the dedup lease; a duplicate effect is possible (raise dedup.lease)");
-                Settle::Ack
-            }
-            // Draining with the store down: give it back; the redelivery
-            // waits for our lease, then runs again (at-least-once).
-            None => Settle::Requeue,
-        }
-    } else {
-        dedup.release(stage, &token).await;
-        s
-    }
-}
-
-async fn run_handler(shared: &Shared, delivery: &Delivery, attempt: u32) -> Disposition {
-    let stage = shared.spec.name.as_str();
-    // A closed semaphore only happens at teardown; run anyway then.
-    let _worker = shared.workers.clone().acquire_owned().await.ok();
-    let started = Instant::now();
-    let res = AssertUnwindSafe(shared.spec.handler.handle(delivery))
-        .catch_unwind()
-        .await;
-    shared
-        .metrics
-        .handler_duration
-        .with_label_values(&[stage])
-        .observe(started.elapsed().as_secs_f64());
-    match res {
-        Ok(Ok(Outcome::Ack { outputs })) => Disposition::Ack(outputs),
-        Ok(Ok(Outcome::Retry { reason })) => Disposition::Retry {
-            error: reason.clone(),
-            reason,
-        },
-        Ok(Ok(Outcome::DeadLetter { reason })) => Disposition::DeadLetter {
-            error: reason.clone(),
-            reason,
-        },
-        Ok(Err(e)) => {
-            debug!(stage, attempt, error = %e, "handler failed");
-            if shared.spec.retry.is_some() {
-                Disposition::Retry {
-                    reason: "handler-error".into(),
-                    error: e.to_string(),
-                }
-            } else {
-                Disposition::DeadLetter {
-                    reason: "handler-error".into(),
-                    error: e.to_string(),
-                }
-            }
-        }
-        Err(p) => {
-            let msg = panic_message(p.as_ref());
-            warn!(stage, error = %msg, "handler panicked; dead-lettering the message");
-            Disposition::DeadLetter {
-                reason: "panic".into(),
-                error: msg,
-            }
-        }
-    }
-}
-
-/// Publishes what the disposition calls for (outputs, a retry copy) and
-/// says how to settle the input.
-async fn settle(
-    shared: &Shared,
-    delivery: &Delivery,
-    attempt: u32,
-    disposition: Disposition,
-) -> Settle {
-    match disposition {
-        Disposition::Ack(outputs) => {
-            let parent_trace = trace::traceparent_of(&delivery.properties);
-            let outputs = outputs.into_iter().map(|mut o| {
-                if let Some(p) = &parent_trace {
-                    if trace::traceparent_of(&o.properties).is_none() {
-                        trace::set_traceparent(&mut o.properties, trace::child_of(p));
-                    }
-                }
-                // The next stage starts its own ladder at attempt 1.
-                remove_headers(&mut o.properties, &ENGINE_HEADERS);
-                o
-            });
-            match publish_all(shared, outputs.collect()).await {
-                Ok(()) => Settle::Ack,
-                Err(PublishFailure::Unroutable(e)) => Settle::DeadLetter {
-                    reason: "unroutable".into(),
-                    error: e,
-                },
-                Err(PublishFailure::Draining) => Settle::Requeue,
-            }
-        }
-        Disposition::DeadLetter { reason, error } => Settle::DeadLetter { reason, error },
-        Disposition::Retry { reason, error } => match &shared.spec.retry {
-            None => Settle::DeadLetter { reason, error },
-            Some(policy) => match policy.next_tier(&shared.spec.queue, attempt) {
-                None => Settle::DeadLetter {
-                    reason: "max-attempts".into(),
-                    error: format!("{reason}: {error}"),
-                },
-                Some(tier) => match retry_copy(shared, delivery, attempt, &tier, &error).await {
-                    Ok(()) => {
-                        shared
-                            .metrics
-                            .retried
-                            .with_label_values(&[&shared.spec.name, &tier])
-                            .inc();
-                        debug!(stage = %shared.spec.name, attempt, tier = %tier, "retry scheduled");
-                        Settle::Retried
-                    }
-                    Err(PublishFailure::Unroutable(e)) => Settle::DeadLetter {
-                        reason: "unroutable".into(),
-                        error: format!("retry tier {tier}: {e}"),
-                    },
-                    Err(PublishFailure::Draining) => Settle::Requeue,
-                },
-            },
-        },
+        .emit(&shared.metrics),
+        Err(e) => events::AckFailed { stage, error: &e }.emit(&shared.metrics),
     }
 }
 
@@ -458,22 +497,24 @@ async fn retry_copy(
     error: &str,
 ) -> Result<(), PublishFailure> {
     let mut props = d.properties.clone();
+    let error = envelope::truncate(error.to_owned(), MAX_ERROR_HEADER_BYTES);
+    // The names are the engine's constants, all far below 255 bytes.
     set_header(
         &mut props,
-        ATTEMPT_HEADER,
+        envelope::ATTEMPT,
         AMQPValue::LongLongInt(i64::from(attempt) + 1),
     );
-    set_header(&mut props, ORIGINAL_EXCHANGE_HEADER, lstr(&d.exchange));
     set_header(
         &mut props,
-        ORIGINAL_ROUTING_KEY_HEADER,
-        lstr(&d.routing_key),
+        envelope::ORIGINAL_EXCHANGE,
+        envelope::text(&d.exchange),
     );
     set_header(
         &mut props,
-        "x-flowgate-last-error",
-        lstr(&truncate(error.to_owned(), MAX_ERROR_HEADER_BYTES)),
+        envelope::ORIGINAL_ROUTING_KEY,
+        envelope::text(&d.routing_key),
     );
+    set_header(&mut props, envelope::LAST_ERROR, envelope::text(&error));
     let out = Output {
         exchange: String::new(),
         routing_key: tier.to_owned(),
@@ -481,18 +522,6 @@ async fn retry_copy(
         properties: props,
     };
     publish_retrying(shared, out).await
-}
-
-enum Settle {
-    Ack,
-    /// A retry copy is confirmed in its tier: ack the input.
-    Retried,
-    Reject,
-    Requeue,
-    DeadLetter {
-        reason: String,
-        error: String,
-    },
 }
 
 /// Returns the credit (and updates the in-flight gauge) however `process` ends.
@@ -508,15 +537,36 @@ impl Drop for CreditGuard {
     }
 }
 
+/// Why a publish gave up.
+#[derive(Debug)]
 enum PublishFailure {
-    /// No queue is bound for an output: retrying cannot help.
+    /// No queue is bound for it: retrying cannot help.
     Unroutable(String),
+    /// The broker cannot take it, or publishing it panicked: permanent.
+    Invalid(String),
     /// The stage is draining and publishing still fails: give the input back.
     Draining,
 }
 
+impl PublishFailure {
+    /// The verdict for the input of a message that could not be published.
+    fn verdict(self, what: &str) -> Verdict {
+        match self {
+            PublishFailure::Unroutable(e) => {
+                Verdict::DeadLetter(DeadLetter::new(Reason::Unroutable, format!("{what}: {e}")))
+            }
+            PublishFailure::Invalid(e) => Verdict::DeadLetter(DeadLetter::new(
+                Reason::InvalidOutput,
+                format!("{what}: {e}"),
+            )),
+            PublishFailure::Draining => Verdict::Requeue,
+        }
+    }
+}
+
 /// Publishes one message, retrying transient failures with capped backoff
 /// while holding the caller's credit (this is where backpressure bites).
+/// Permanent failures (unroutable, invalid, a panic) return at once.
 async fn publish_retrying(shared: &Shared, out: Output) -> Result<(), PublishFailure> {
     let mut backoff = Duration::from_millis(20);
     loop {
@@ -525,18 +575,20 @@ async fn publish_retrying(shared: &Shared, out: Output) -> Result<(), PublishFai
             Err(e @ Error::Unroutable { .. }) => {
                 return Err(PublishFailure::Unroutable(e.to_string()))
             }
+            Err(e @ (Error::Invalid(_) | Error::Panicked(_))) => {
+                return Err(PublishFailure::Invalid(e.to_string()))
+            }
             Err(e) => {
-                shared
-                    .metrics
-                    .publish_retries
-                    .with_label_values(&[&shared.spec.name])
-                    .inc();
                 if shared.draining.load(Ordering::Acquire)
                     && matches!(e, Error::ShuttingDown | Error::ActorGone(_))
                 {
                     return Err(PublishFailure::Draining);
                 }
-                debug!(stage = %shared.spec.name, error = %e, ?backoff, "publish failed; retrying");
+                events::PublishRetried {
+                    stage: &shared.spec.name,
+                    error: &e,
+                }
+                .emit(&shared.metrics);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
@@ -564,66 +616,290 @@ async fn publish_all(shared: &Shared, outputs: Vec<Output>) -> Result<(), Publis
 
 /// Publishes a copy of `d` to the stage's dead-letter exchange with reason
 /// headers, confirmed. `Ok(true)`: published; `Ok(false)`: no DLX configured
-/// (the caller rejects); `Err`: could not (the caller requeues).
+/// or it cannot take the copy (the caller rejects); `Err`: could not (the
+/// caller requeues).
 async fn dead_letter(
     shared: &Shared,
     d: &Delivery,
     attempt: u32,
-    reason: &str,
-    error: &str,
+    dead: &DeadLetter,
 ) -> Result<bool, ()> {
     let Some(dlx) = &shared.spec.dead_letter_exchange else {
         return Ok(false);
     };
-    let mut props = d.properties.clone();
-    remove_headers(&mut props, &[ATTEMPT_HEADER, "x-flowgate-last-error"]);
-    let s = lstr;
-    set_header(&mut props, REASON_HEADER, s(reason));
-    set_header(
-        &mut props,
-        ATTEMPTS_HEADER,
-        AMQPValue::LongLongInt(i64::from(attempt)),
-    );
-    set_header(&mut props, "x-flowgate-stage", s(&d.stage));
-    set_header(
-        &mut props,
-        "x-flowgate-error",
-        s(&truncate(error.to_owned(), MAX_ERROR_HEADER_BYTES)),
-    );
-    set_header(&mut props, ORIGINAL_EXCHANGE_HEADER, s(&d.exchange));
-    set_header(&mut props, ORIGINAL_ROUTING_KEY_HEADER, s(&d.routing_key));
-    set_header(&mut props, "x-flowgate-queue", s(&d.queue));
-    if reason == BAD_SIGNATURE {
-        // Keep the signature it arrived with (none or a wrong one): signing
-        // the copy would let a replay from the DLQ launder it.
-        set_header(&mut props, UNSIGNED_HEADER, AMQPValue::Boolean(true));
-    }
     let out = Output {
         exchange: dlx.clone(),
         routing_key: d.routing_key.clone(),
         body: d.body.clone(),
-        properties: props,
+        properties: dead_letter_properties(d, attempt, dead),
     };
     match publish_retrying(shared, out).await {
         Ok(()) => Ok(true),
-        Err(PublishFailure::Unroutable(e)) => {
-            warn!(stage = %d.stage, error = %e, "dead-letter exchange has no queue; rejecting instead");
+        Err(PublishFailure::Unroutable(e) | PublishFailure::Invalid(e)) => {
+            tracing::warn!(stage = %d.stage, error = %e, "dead-letter exchange cannot take it; rejecting instead");
             Ok(false)
         }
         Err(PublishFailure::Draining) => Err(()),
     }
 }
 
+/// The properties of `d`'s dead letter: the reason headers, where it was
+/// first published (as the engine trusts it), no retry bookkeeping.
+pub(crate) fn dead_letter_properties(
+    d: &Delivery,
+    attempt: u32,
+    dead: &DeadLetter,
+) -> lapin::BasicProperties {
+    use envelope::text;
+    let mut props = envelope::without(
+        d.properties.clone(),
+        &[envelope::ATTEMPT, envelope::LAST_ERROR],
+    );
+    let error = envelope::truncate(dead.error.clone(), MAX_ERROR_HEADER_BYTES);
+    // The names are the engine's constants, all far below 255 bytes.
+    set_header(&mut props, envelope::REASON, text(dead.header_value()));
+    set_header(
+        &mut props,
+        envelope::ATTEMPTS,
+        AMQPValue::LongLongInt(i64::from(attempt)),
+    );
+    set_header(&mut props, envelope::STAGE, text(&d.stage));
+    set_header(&mut props, envelope::ERROR, text(&error));
+    set_header(&mut props, envelope::ORIGINAL_EXCHANGE, text(&d.exchange));
+    set_header(
+        &mut props,
+        envelope::ORIGINAL_ROUTING_KEY,
+        text(&d.routing_key),
+    );
+    set_header(&mut props, envelope::QUEUE, text(&d.queue));
+    if dead.reason == Reason::BadSignature {
+        // Keep the signature it arrived with (none or a wrong one): signing
+        // the copy would let a replay from the DLQ launder it.
+        set_header(&mut props, envelope::UNSIGNED, AMQPValue::Boolean(true));
+    }
+    props
+}
+
 #[cfg(test)]
 mod tests {
-    use super::truncate;
+    use super::*;
+    use crate::message::{handler_fn, Payload};
+    use crate::retry::RetryPolicy;
+    use crate::signing::{Keys, SigningKey, Verifier};
+    use crate::supervision::RestartPolicy;
+    use lapin::types::{FieldArray, FieldTable};
+    use lapin::BasicProperties;
+
+    fn spec() -> StageSpec {
+        StageSpec {
+            name: "s".into(),
+            queue: "q".into(),
+            prefetch: 10,
+            concurrency: 1,
+            handler: Arc::new(handler_fn(|_d| async { Ok(Outcome::ack()) })),
+            dead_letter_exchange: Some("q.dlx".into()),
+            policy: RestartPolicy::default(),
+            retry: None,
+            dedup: None,
+            payload: Payload::Bytes,
+            max_message_bytes: None,
+            signature: None,
+        }
+    }
+
+    fn props(id: &str) -> BasicProperties {
+        BasicProperties::default().with_message_id(id.into())
+    }
+
+    fn opened(spec: &StageSpec, ex: &str, rk: &str, p: BasicProperties, body: &[u8]) -> Opened {
+        open(spec, ex, rk, p, bytes::Bytes::copy_from_slice(body), false)
+    }
+
+    fn screened(spec: &StageSpec, o: &Opened) -> Result<Option<String>, DeadLetter> {
+        screen(
+            spec,
+            &o.delivery,
+            &o.signed_keys(),
+            &crate::metrics::Metrics::new(),
+        )
+    }
+
+    fn reason(v: &Verdict) -> Option<Reason> {
+        match v {
+            Verdict::DeadLetter(d) => Some(d.reason),
+            _ => None,
+        }
+    }
+
+    fn tier_death(queue: &str) -> AMQPValue {
+        let mut t = FieldTable::default();
+        t.insert("queue".into(), envelope::text(queue));
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(t)]))
+    }
 
     #[test]
-    fn truncation_respects_char_boundaries() {
-        let s = "é".repeat(10);
-        let t = truncate(s, 5);
-        assert!(t.len() <= 5 + '…'.len_utf8());
-        assert!(t.starts_with("éé"));
-        assert_eq!(truncate("short".into(), 10), "short");
+    fn a_lossy_message_id_is_dead_lettered_before_anything_else_needs_it() {
+        let s = spec();
+        let o = opened(&s, "ex", "in", props("bad-\u{FFFD}\u{FFFD}-id"), b"{}");
+        let err = screened(&s, &o).unwrap_err();
+        assert_eq!(err.reason, Reason::MalformedId);
+        assert_eq!(err.header_value(), "malformed-id");
+        // It wins over a bad payload, and dedup never sees its key.
+        let mut strict = spec();
+        strict.payload = Payload::Json;
+        let o = opened(&strict, "ex", "in", props("\u{FFFD}"), b"not json");
+        assert_eq!(
+            screened(&strict, &o).unwrap_err().reason,
+            Reason::MalformedId
+        );
+        let good = opened(&s, "ex", "in", props("fine-id"), b"{}");
+        assert_eq!(screened(&s, &good), Ok(None));
+    }
+
+    #[test]
+    fn input_checks_in_order() {
+        let mut s = spec();
+        s.max_message_bytes = Some(4);
+        s.payload = Payload::Json;
+        let big = opened(&s, "ex", "in", props("m"), b"{\"a\":1}");
+        assert_eq!(screened(&s, &big).unwrap_err().reason, Reason::Oversized);
+        let bad = opened(&s, "ex", "in", props("m"), b"{x");
+        assert_eq!(screened(&s, &bad).unwrap_err().reason, Reason::Malformed);
+        s.signature = Some(Verifier {
+            keys: Keys::new(SigningKey::new(b"k".to_vec())),
+            mode: VerifyMode::Reject,
+        });
+        let unsigned = opened(&s, "ex", "in", props("m"), b"{}");
+        let e = screened(&s, &unsigned).unwrap_err();
+        assert_eq!(e.reason, Reason::BadSignature);
+        let p = dead_letter_properties(&unsigned.delivery, 1, &e);
+        assert!(envelope::header(&p, envelope::UNSIGNED).is_some());
+    }
+
+    #[test]
+    fn forged_routing_headers_never_reach_the_dead_letter() {
+        let s = spec();
+        let mut t = FieldTable::default();
+        t.insert(envelope::ATTEMPT.into(), AMQPValue::LongLongInt(7));
+        t.insert(
+            envelope::ORIGINAL_ROUTING_KEY.into(),
+            envelope::text(&"k".repeat(300)),
+        );
+        t.insert(
+            envelope::ORIGINAL_EXCHANGE.into(),
+            envelope::text("nowhere"),
+        );
+        let o = opened(&s, "shop", "in", props("m").with_headers(t.clone()), b"x");
+        assert_eq!(o.attempt, 1);
+        let dead = DeadLetter::new(Reason::Malformed, "e");
+        let p = dead_letter_properties(&o.delivery, o.attempt, &dead);
+        let h = |n| envelope::header(&p, n).and_then(crate::message::header_string);
+        assert_eq!(h(envelope::ORIGINAL_EXCHANGE).as_deref(), Some("shop"));
+        assert_eq!(h(envelope::ORIGINAL_ROUTING_KEY).as_deref(), Some("in"));
+        assert!(envelope::header(&p, envelope::ATTEMPT).is_none());
+        // The same headers on a copy back from the stage's own tier count.
+        t.insert(envelope::X_DEATH.into(), tier_death("q.retry.1"));
+        let own = opened(&s, "", "q", props("m").with_headers(t), b"x");
+        assert_eq!(
+            (own.attempt, own.delivery.exchange.as_str()),
+            (7, "nowhere")
+        );
+        assert_eq!(own.delivery.routing_key, "q", "never a 300-byte key");
+        assert_eq!(own.signed_keys(), ["q", "q.retry.1"]);
+    }
+
+    #[test]
+    fn an_output_the_broker_cannot_take_dead_letters_the_input() {
+        let s = spec();
+        let o = opened(&s, "ex", "in", props("m"), b"x");
+        let d = &o.delivery;
+        let long = Output::new("ex", "k".repeat(300), "b");
+        let v = judge(
+            &s,
+            d,
+            1,
+            Ok(Ok(Outcome::ack_with(vec![d.forward("ex", "ok"), long]))),
+        );
+        assert_eq!(reason(&v), Some(Reason::InvalidOutput));
+        let Verdict::DeadLetter(dead) = v else {
+            unreachable!()
+        };
+        assert!(
+            dead.error.contains("output 1") && dead.error.contains("300"),
+            "{}",
+            dead.error
+        );
+        let long_ex = Output::new("x".repeat(256), "k", "b");
+        let v = judge(&s, d, 1, Ok(Ok(Outcome::ack_with(vec![long_ex]))));
+        assert_eq!(reason(&v), Some(Reason::InvalidOutput));
+    }
+
+    #[test]
+    fn outputs_lose_routing_headers_and_gain_a_child_trace() {
+        let s = spec();
+        let mut p = props("m");
+        trace::set_traceparent(&mut p, trace::new_traceparent());
+        let o = opened(&s, "ex", "in", p, b"x");
+        let out = Output::new("ex", "next", "b")
+            .with_header(envelope::ATTEMPT, AMQPValue::LongLongInt(3));
+        let Verdict::Publish(outs) =
+            judge(&s, &o.delivery, 1, Ok(Ok(Outcome::ack_with(vec![out]))))
+        else {
+            panic!("publish")
+        };
+        assert!(envelope::header(&outs[0].properties, envelope::ATTEMPT).is_none());
+        let parent = trace::traceparent_of(&o.delivery.properties).unwrap();
+        let child = trace::traceparent_of(&outs[0].properties).unwrap();
+        assert_eq!(parent[3..35], child[3..35]);
+        assert_ne!(parent, child);
+    }
+
+    #[test]
+    fn handler_results_map_to_reasons() {
+        let mut s = spec();
+        let o = opened(&s, "ex", "in", props("m"), b"x");
+        let d = &o.delivery;
+        let err = || Ok(Err::<Outcome, HandlerError>("boom".into()));
+        assert_eq!(reason(&judge(&s, d, 1, err())), Some(Reason::HandlerError));
+        assert_eq!(
+            reason(&judge(&s, d, 1, Err("p".into()))),
+            Some(Reason::Panic)
+        );
+        let v = judge(&s, d, 1, Ok(Ok(Outcome::dead_letter("out-of-stock"))));
+        let Verdict::DeadLetter(dead) = v else {
+            panic!()
+        };
+        assert_eq!(
+            (dead.reason, dead.header_value()),
+            (Reason::Handler, "out-of-stock")
+        );
+        let v = judge(&s, d, 1, Ok(Ok(Outcome::retry("later"))));
+        assert_eq!(reason(&v), Some(Reason::Handler), "no ladder: dead at once");
+        s.retry = Some(RetryPolicy {
+            max_attempts: 3,
+            backoff: vec![Duration::from_millis(100), Duration::from_millis(200)],
+        });
+        assert!(
+            matches!(judge(&s, d, 1, err()), Verdict::Retry { ref tier, .. } if tier == "q.retry.1")
+        );
+        assert!(
+            matches!(judge(&s, d, 2, Ok(Ok(Outcome::retry("later")))), Verdict::Retry { ref tier, .. } if tier == "q.retry.2")
+        );
+        let v = judge(&s, d, 3, err());
+        let Verdict::DeadLetter(dead) = v else {
+            panic!()
+        };
+        assert_eq!(dead.reason, Reason::MaxAttempts);
+        assert_eq!(dead.error, "handler-error: boom");
+        assert!(
+            matches!(judge(&s, d, 1, Ok(Ok(Outcome::ack()))), Verdict::Publish(ref o) if o.is_empty())
+        );
+    }
+
+    #[test]
+    fn panic_messages_are_read_from_str_and_string() {
+        assert_eq!(panic_message(&"a"), "a");
+        assert_eq!(panic_message(&String::from("b")), "b");
+        assert_eq!(panic_message(&1u8), "panic");
     }
 }

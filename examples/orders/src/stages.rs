@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tracing::{debug, warn};
 
 /// The header carrying a dead letter's reason.
-pub const REASON_HEADER: &str = "x-flowgate-reason";
+pub const REASON_HEADER: &str = flowgate::actors::envelope::REASON;
 
 /// Dead-letter reason of an order whose stock ran out.
 pub const OUT_OF_STOCK: &str = "out-of-stock";
@@ -219,19 +219,10 @@ fn failure_reason(d: &Delivery) -> Option<String> {
     if let Some(r) = d.header_str(REASON_HEADER) {
         return Some(r);
     }
-    match d.header("x-death")? {
-        flowgate::actors::lapin::types::AMQPValue::FieldArray(a) => {
-            let reason = a.as_slice().first().and_then(|v| match v {
-                flowgate::actors::lapin::types::AMQPValue::FieldTable(t) => t
-                    .inner()
-                    .get("reason")
-                    .and_then(flowgate::actors::message::header_string),
-                _ => None,
-            });
-            Some(reason.unwrap_or_else(|| "dead-lettered".into()))
-        }
-        _ => Some("dead-lettered".into()),
-    }
+    let headers = d.properties.headers().as_ref()?;
+    headers.inner().get(flowgate::actors::envelope::X_DEATH)?;
+    let reason = flowgate::actors::envelope::newest_death(headers).and_then(|death| death.reason);
+    Some(reason.unwrap_or_else(|| "dead-lettered".into()))
 }
 
 /// `orders.track`: the status stage. Consumes `order.shipped` events (the
