@@ -1,7 +1,7 @@
 //! Hostile input: forged engine headers and handler outputs the broker
 //! cannot take (issue 9, acceptance 2 and 3).
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use flowgate::actors::message::handler_fn;

@@ -3,7 +3,7 @@
 //! collide, and a claim would ack the second without handling it (issue 9,
 //! item 1, flowgate's half).
 
-mod common;
+use flowgate_testkit as common;
 
 use common::*;
 use flowgate::config::DedupMode;
