@@ -243,11 +243,10 @@ pub struct QueueConfig {
     #[serde(default = "yes")]
     pub dead_letter: bool,
     /// Quorum queues: deliveries after which the broker dead-letters a
-    /// message that keeps killing its consumer (`x-delivery-limit`). Kept
-    /// small because a message lapin cannot parse (e.g. a non-UTF-8
-    /// `message_id`) drops the consume connection on every delivery; each
-    /// such drop costs a connection restart from the `[supervisor]` budget.
-    /// Default `5`.
+    /// message that keeps coming back (`x-delivery-limit`), e.g. one whose
+    /// consumer keeps crashing or losing its connection. Kept small: each
+    /// redelivery raises the delivery count of the neighbours in flight with
+    /// it. Default `5`.
     #[serde(default = "default_delivery_limit")]
     pub delivery_limit: Option<u32>,
     /// Backpressure watermarks, e.g. `{ high = 5000, low = 1000 }`: while
