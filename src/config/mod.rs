@@ -710,6 +710,13 @@ pub struct PublisherConfig {
     /// The circuit breaker.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Publish every message persistent (`delivery_mode = 2`), whatever
+    /// delivery mode it carries. Default `false`: a message keeps its own, so
+    /// `forward` republishes properties unchanged (a transient input stays
+    /// transient, one without a delivery mode gets none); messages the engine
+    /// creates (ingress, a handler's `Output::new`) are persistent anyway.
+    #[serde(default)]
+    pub force_persistent: bool,
 }
 
 fn default_burst() -> u32 {
@@ -829,6 +836,7 @@ impl Default for PublisherConfig {
             burst: default_burst(),
             max_waiters: default_max_waiters(),
             breaker: BreakerConfig::default(),
+            force_persistent: false,
         }
     }
 }
