@@ -4,6 +4,7 @@
 //! Every option is documented where it is declared, with its default. The
 //! README's configuration reference is generated from the same text.
 
+mod env;
 mod validate;
 
 use serde::{Deserialize, Serialize};
@@ -1121,8 +1122,26 @@ impl OrdersConfig {
     }
 }
 
+/// The `config` crate writes a key below an array element without its dot
+/// (`stages[0]prefetch`); put it back (`stages[0].prefetch`).
+fn dotted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len() + 4);
+    let mut chars = msg.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == ']'
+            && chars
+                .peek()
+                .is_some_and(|n| n.is_alphanumeric() || *n == '_')
+        {
+            out.push('.');
+        }
+    }
+    out
+}
+
 fn source_error(e: config::ConfigError) -> ConfigError {
-    let msg = e.to_string();
+    let msg = dotted(&e.to_string());
     // The `config` crate names the key as "for key `a.b`" in most messages.
     let key = msg
         .split("key `")
@@ -1162,16 +1181,7 @@ impl Config {
     where
         S: config::Source + Send + Sync + 'static,
     {
-        let built = config::Config::builder()
-            .add_source(source)
-            .add_source(
-                config::Environment::with_prefix("FLOWGATE")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true),
-            )
-            .build()
-            .map_err(source_error)?;
+        let built = env::layered(source)?;
         let cfg: Config = built.try_deserialize().map_err(source_error)?;
         // Handler names are checked when the engine is built, against the
         // built-ins plus what the host registered.
