@@ -351,6 +351,7 @@ impl Engine {
                 }),
                 policy: policy.clone(),
                 signing: keys.clone().filter(|_| config.security.sign_outputs),
+                force_persistent: p.force_persistent,
             },
             conn.clone(),
             metrics.clone(),

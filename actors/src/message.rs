@@ -98,12 +98,13 @@ pub struct Output {
     pub routing_key: String,
     /// Payload.
     pub body: Bytes,
-    /// AMQP properties; delivery mode is forced to persistent on publish.
+    /// AMQP properties, published as they are (delivery mode included,
+    /// unless the publisher forces persistence).
     pub properties: BasicProperties,
 }
 
 impl Output {
-    /// A new output with default properties.
+    /// A new output with default properties, persistent (`delivery_mode = 2`).
     pub fn new(
         exchange: impl Into<String>,
         routing_key: impl Into<String>,
@@ -113,7 +114,7 @@ impl Output {
             exchange: exchange.into(),
             routing_key: routing_key.into(),
             body: body.into(),
-            properties: BasicProperties::default(),
+            properties: BasicProperties::default().with_delivery_mode(2),
         }
     }
 

@@ -4,6 +4,7 @@
 //! Every option is documented where it is declared, with its default. The
 //! README's configuration reference is generated from the same text.
 
+mod env;
 mod validate;
 
 use serde::de::DeserializeOwned;
@@ -259,11 +260,10 @@ pub struct QueueConfig {
     #[serde(default = "yes")]
     pub dead_letter: bool,
     /// Quorum queues: deliveries after which the broker dead-letters a
-    /// message that keeps killing its consumer (`x-delivery-limit`). Kept
-    /// small because a message lapin cannot parse (e.g. a non-UTF-8
-    /// `message_id`) drops the consume connection on every delivery; each
-    /// such drop costs a connection restart from the `[supervisor]` budget.
-    /// Default `5`.
+    /// message that keeps coming back (`x-delivery-limit`), e.g. one whose
+    /// consumer keeps crashing or losing its connection. Kept small: each
+    /// redelivery raises the delivery count of the neighbours in flight with
+    /// it. Default `5`.
     #[serde(default = "default_delivery_limit")]
     pub delivery_limit: Option<u32>,
     /// Backpressure watermarks, e.g. `{ high = 5000, low = 1000 }`: while
@@ -770,6 +770,13 @@ pub struct PublisherConfig {
     /// The circuit breaker.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Publish every message persistent (`delivery_mode = 2`), whatever
+    /// delivery mode it carries. Default `false`: a message keeps its own, so
+    /// `forward` republishes properties unchanged (a transient input stays
+    /// transient, one without a delivery mode gets none); messages the engine
+    /// creates (ingress, a handler's `Output::new`) are persistent anyway.
+    #[serde(default)]
+    pub force_persistent: bool,
 }
 
 fn default_burst() -> u32 {
@@ -889,6 +896,7 @@ impl Default for PublisherConfig {
             burst: default_burst(),
             max_waiters: default_max_waiters(),
             breaker: BreakerConfig::default(),
+            force_persistent: false,
         }
     }
 }
@@ -998,8 +1006,26 @@ fn toml_source(text: &str) -> config::File<config::FileSourceString, config::Fil
     config::File::from_str(text, config::FileFormat::Toml)
 }
 
+/// The `config` crate writes a key below an array element without its dot
+/// (`stages[0]prefetch`); put it back (`stages[0].prefetch`).
+fn dotted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len() + 4);
+    let mut chars = msg.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == ']'
+            && chars
+                .peek()
+                .is_some_and(|n| n.is_alphanumeric() || *n == '_')
+        {
+            out.push('.');
+        }
+    }
+    out
+}
+
 fn source_error(e: config::ConfigError) -> ConfigError {
-    let msg = e.to_string();
+    let msg = dotted(&e.to_string());
     // The `config` crate names the key as "for key `a.b`" in most messages.
     let key = msg
         .split("key `")
@@ -1076,16 +1102,7 @@ impl Config {
         S: config::Source + Send + Sync + 'static,
         T: DeserializeOwned,
     {
-        let built = config::Config::builder()
-            .add_source(source)
-            .add_source(
-                config::Environment::with_prefix("FLOWGATE")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true),
-            )
-            .build()
-            .map_err(source_error)?;
+        let built = env::layered(source)?;
         let (cfg, host): (Config, Option<T>) = match section {
             None => (built.try_deserialize().map_err(source_error)?, None),
             Some(name) => {

@@ -1,6 +1,7 @@
 //! Start-up validation: every mistake names its key.
 
 use super::{Concurrency, Config, ConfigError, DedupMode, StageConfig, VerifyMode};
+use lapin::types::MAX_SHORT_STRING_LENGTH as MAX_SHORT_STRING;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -44,6 +45,7 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
         ));
     }
 
+    validate_short_strings(cfg)?;
     let mut exchanges = HashSet::new();
     for (i, e) in cfg.exchanges.iter().enumerate() {
         if e.name.is_empty() || e.name.starts_with("amq.") {
@@ -169,6 +171,53 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
     }
     validate_dedup(cfg)?;
     validate_security(cfg)?;
+    Ok(())
+}
+
+/// Longest stage name: the stage's consumer tag (`flowgate-<name>-<32 hex>`)
+/// is an AMQP short string too.
+const MAX_STAGE_NAME: usize = MAX_SHORT_STRING - "flowgate--".len() - 32;
+
+/// Exchange names, queue names and routing keys go on the wire as AMQP short
+/// strings (at most 255 bytes): a longer one would fail at the broker, or
+/// panic in lapin, long after start-up. Checked here, naming the key.
+fn validate_short_strings(cfg: &Config) -> Result<(), ConfigError> {
+    fn check(key: String, value: &str, max: usize) -> Result<(), ConfigError> {
+        if value.len() > max {
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "is {} bytes; at most {max} (AMQP names and routing keys are short strings)",
+                    value.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+    let max = MAX_SHORT_STRING;
+    for (i, e) in cfg.exchanges.iter().enumerate() {
+        check(format!("exchanges[{i}].name"), &e.name, max)?;
+    }
+    for (i, q) in cfg.queues.iter().enumerate() {
+        check(format!("queues[{i}].name"), &q.name, max)?;
+        for (j, b) in q.bindings.iter().enumerate() {
+            let key = |k: &str| format!("queues[{i}].bindings[{j}].{k}");
+            check(key("exchange"), &b.exchange, max)?;
+            check(key("routing_key"), &b.routing_key, max)?;
+        }
+    }
+    for (i, s) in cfg.stages.iter().enumerate() {
+        check(format!("stages[{i}].name"), &s.name, MAX_STAGE_NAME)?;
+        check(format!("stages[{i}].queue"), &s.queue, max)?;
+        if let Some(o) = &s.output {
+            check(format!("stages[{i}].output.exchange"), &o.exchange, max)?;
+            check(
+                format!("stages[{i}].output.routing_key"),
+                &o.routing_key,
+                max,
+            )?;
+        }
+    }
     Ok(())
 }
 

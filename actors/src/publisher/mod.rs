@@ -111,6 +111,12 @@ pub struct PublisherConfig {
     /// [`crate::signing`]) just before it is sent, spool replays included;
     /// `None`: messages go out as they are.
     pub signing: Option<Keys>,
+    /// Publish every message persistent (`delivery_mode = 2`) whatever it
+    /// carries. Default `false`: the message's own delivery mode is kept, so
+    /// `forward` republishes a transient input as transient and one without
+    /// a delivery mode without one. Messages made with [`Output::new`] are
+    /// persistent already.
+    pub force_persistent: bool,
 }
 
 impl Default for PublisherConfig {
@@ -126,6 +132,7 @@ impl Default for PublisherConfig {
             spool: None,
             policy: RestartPolicy::default(),
             signing: None,
+            force_persistent: false,
         }
     }
 }
@@ -346,7 +353,7 @@ impl Core {
             exchange: msg.exchange,
             routing_key: msg.routing_key,
             body: msg.body.to_vec(),
-            properties: msg.properties.with_delivery_mode(2),
+            properties: msg.properties,
         };
         let res = spool.append_async(rec).await;
         self.update_spool_gauges();
@@ -492,7 +499,7 @@ impl Core {
 
     /// Sends one message and waits for its confirm (see [`Core::patiently`]).
     async fn publish_once(&self, ch: &Channel, msg: &Output) -> Result<()> {
-        let props = msg.properties.clone().with_delivery_mode(2);
+        let props = msg.properties.clone();
         self.patiently(async {
             let confirm = self
                 .send(ch, &msg.exchange, &msg.routing_key, &msg.body, props)
@@ -534,6 +541,13 @@ impl Core {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<PublisherConfirm> {
+        // The message's own delivery mode unless persistence is forced (the
+        // one place it is decided, for live publishes and spool replays).
+        let props = if self.cfg.force_persistent {
+            props.with_delivery_mode(2)
+        } else {
+            props
+        };
         let props = signing::prepare(self.cfg.signing.as_ref(), routing_key, body, props);
         send(ch, exchange, routing_key, body, props).await
     }

@@ -1,0 +1,421 @@
+//! The vendored `amq-protocol-types` (vendor/, wired by `[patch.crates-io]`)
+//! decodes short strings that are not UTF-8 instead of failing the frame:
+//! these tests fail if the patch ever drops out of the build, and prove that
+//! such messages no longer cost the consume connection (issue 9 item 1).
+
+use flowgate_testkit as common;
+
+use common::*;
+use lapin::protocol::basic::parse_properties;
+use lapin::types::parsing::{parse_field_table, parse_short_string};
+use lapin::types::{AMQPValue, ShortString};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Raw AMQP encoding helpers, to build what lapin refuses to encode.
+mod wire {
+    pub fn shortstr(out: &mut Vec<u8>, s: &[u8]) {
+        out.push(u8::try_from(s.len()).expect("short string"));
+        out.extend_from_slice(s);
+    }
+
+    /// A field table: its length, then `key, type, value` entries.
+    pub fn table(entries: &[(&[u8], u8, Vec<u8>)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (k, t, v) in entries {
+            shortstr(&mut body, k);
+            body.push(*t);
+            body.extend_from_slice(v);
+        }
+        let mut out = (body.len() as u32).to_be_bytes().to_vec();
+        out.extend(body);
+        out
+    }
+
+    /// A long string (`S`) value.
+    pub fn longstr(s: &[u8]) -> Vec<u8> {
+        let mut out = (s.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(s);
+        out
+    }
+
+    /// Basic-class properties: the flags word then the present fields, in
+    /// flag order (content-type 0x8000 … cluster-id 0x0004).
+    #[derive(Clone, Default)]
+    pub struct Props {
+        pub content_type: Option<Vec<u8>>,
+        pub headers: Option<Vec<u8>>,
+        pub delivery_mode: Option<u8>,
+        pub correlation_id: Option<Vec<u8>>,
+        pub message_id: Option<Vec<u8>>,
+        pub kind: Option<Vec<u8>>,
+        pub app_id: Option<Vec<u8>>,
+    }
+
+    impl Props {
+        pub fn encode(&self) -> Vec<u8> {
+            let mut flags = 0u16;
+            let mut f = Vec::new();
+            if let Some(v) = &self.content_type {
+                flags |= 0x8000;
+                shortstr(&mut f, v);
+            }
+            if let Some(v) = &self.headers {
+                flags |= 0x2000;
+                f.extend_from_slice(v);
+            }
+            if let Some(v) = self.delivery_mode {
+                flags |= 0x1000;
+                f.push(v);
+            }
+            if let Some(v) = &self.correlation_id {
+                flags |= 0x0400;
+                shortstr(&mut f, v);
+            }
+            if let Some(v) = &self.message_id {
+                flags |= 0x0080;
+                shortstr(&mut f, v);
+            }
+            if let Some(v) = &self.kind {
+                flags |= 0x0020;
+                shortstr(&mut f, v);
+            }
+            if let Some(v) = &self.app_id {
+                flags |= 0x0008;
+                shortstr(&mut f, v);
+            }
+            let mut out = flags.to_be_bytes().to_vec();
+            out.extend(f);
+            out
+        }
+    }
+}
+
+/// A minimal AMQP 0-9-1 publisher speaking raw frames (guest/guest, `/`,
+/// channel 1 in confirm mode).
+mod raw {
+    use super::wire::shortstr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub struct Raw(TcpStream);
+
+    fn method(class: u16, id: u16, args: &[u8]) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&class.to_be_bytes());
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(args);
+        p
+    }
+
+    impl Raw {
+        async fn send(&mut self, kind: u8, channel: u16, payload: &[u8]) {
+            let mut f = vec![kind];
+            f.extend_from_slice(&channel.to_be_bytes());
+            f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            f.extend_from_slice(payload);
+            f.push(0xCE);
+            self.0.write_all(&f).await.unwrap();
+        }
+
+        async fn expect_method(&mut self, class: u16, id: u16) -> Vec<u8> {
+            loop {
+                let mut h = [0u8; 7];
+                self.0.read_exact(&mut h).await.unwrap();
+                let size = u32::from_be_bytes([h[3], h[4], h[5], h[6]]) as usize;
+                let mut p = vec![0u8; size + 1];
+                self.0.read_exact(&mut p).await.unwrap();
+                p.pop();
+                if h[0] == 8 {
+                    continue; // heartbeat
+                }
+                assert_eq!(h[0], 1, "method frame");
+                let got = (
+                    u16::from_be_bytes([p[0], p[1]]),
+                    u16::from_be_bytes([p[2], p[3]]),
+                );
+                assert_eq!(
+                    got,
+                    (class, id),
+                    "expected method {class}.{id}: {}",
+                    String::from_utf8_lossy(&p)
+                );
+                return p[4..].to_vec();
+            }
+        }
+
+        pub async fn connect(addr: &str) -> Raw {
+            let mut r = Raw(TcpStream::connect(addr).await.unwrap());
+            r.0.write_all(b"AMQP\x00\x00\x09\x01").await.unwrap();
+            r.expect_method(10, 10).await;
+            let mut a = vec![0, 0, 0, 0];
+            shortstr(&mut a, b"PLAIN");
+            let resp = b"\0guest\0guest";
+            a.extend_from_slice(&(resp.len() as u32).to_be_bytes());
+            a.extend_from_slice(resp);
+            shortstr(&mut a, b"en_US");
+            r.send(1, 0, &method(10, 11, &a)).await;
+            let tune = r.expect_method(10, 30).await;
+            let mut t = tune[..6].to_vec();
+            t.extend_from_slice(&[0, 0]);
+            r.send(1, 0, &method(10, 31, &t)).await;
+            let mut o = Vec::new();
+            shortstr(&mut o, b"/");
+            shortstr(&mut o, b"");
+            o.push(0);
+            r.send(1, 0, &method(10, 40, &o)).await;
+            r.expect_method(10, 41).await;
+            r.send(1, 1, &method(20, 10, &[0])).await;
+            r.expect_method(20, 11).await;
+            r.send(1, 1, &method(85, 10, &[0])).await;
+            r.expect_method(85, 11).await;
+            r
+        }
+
+        /// Publishes with `props` (encoded basic properties), mandatory;
+        /// waits for the broker's confirm.
+        pub async fn publish(&mut self, exchange: &str, key: &str, props: &[u8], body: &[u8]) {
+            let mut a = vec![0, 0];
+            shortstr(&mut a, exchange.as_bytes());
+            shortstr(&mut a, key.as_bytes());
+            a.push(1);
+            self.send(1, 1, &method(60, 40, &a)).await;
+            let mut h = Vec::new();
+            h.extend_from_slice(&60u16.to_be_bytes());
+            h.extend_from_slice(&0u16.to_be_bytes());
+            h.extend_from_slice(&(body.len() as u64).to_be_bytes());
+            h.extend_from_slice(props);
+            self.send(2, 1, &h).await;
+            self.send(3, 1, body).await;
+            self.expect_method(60, 80).await; // basic.ack
+        }
+    }
+}
+
+/// Messages lapin could not parse before the patch: (name, properties).
+fn hostile() -> Vec<(&'static str, wire::Props)> {
+    use wire::{longstr, table, Props};
+    vec![
+        (
+            "message-id",
+            Props {
+                delivery_mode: Some(2),
+                message_id: Some(b"bad-\xff\xfe-id".to_vec()),
+                ..Props::default()
+            },
+        ),
+        (
+            "header-key",
+            Props {
+                delivery_mode: Some(2),
+                message_id: Some(b"bad-header-key".to_vec()),
+                headers: Some(table(&[(b"k-\xff", b'S', longstr(b"v"))])),
+                ..Props::default()
+            },
+        ),
+        (
+            "properties",
+            Props {
+                content_type: Some(b"text/\xff".to_vec()),
+                delivery_mode: Some(2),
+                correlation_id: Some(b"corr-\xc3".to_vec()),
+                message_id: Some(b"bad-properties".to_vec()),
+                kind: Some(b"type-\xfe".to_vec()),
+                app_id: Some(b"\x80app".to_vec()),
+                ..Props::default()
+            },
+        ),
+        (
+            "nested",
+            Props {
+                delivery_mode: Some(2),
+                message_id: Some(b"bad-nested".to_vec()),
+                headers: Some(table(&[
+                    // A table inside the headers with a non-UTF-8 key and
+                    // a long string that is not UTF-8 either.
+                    (
+                        b"outer",
+                        b'F',
+                        table(&[(b"in-\xff", b'S', longstr(b"\xff\xfe"))]),
+                    ),
+                    // `s` is a signed 16-bit integer in RabbitMQ's dialect
+                    // (and lapin's): not a string at all.
+                    (b"short", b's', (-2i16).to_be_bytes().to_vec()),
+                ])),
+                ..Props::default()
+            },
+        ),
+    ]
+}
+
+#[test]
+fn the_patched_parser_decodes_short_strings_that_are_not_utf8() {
+    // Through lapin's re-exports: the same code lapin parses frames with.
+    let (rest, s) = parse_short_string(&b"\x06a\xff\xfeb\xc3\xa9"[..]).expect(
+        "the vendored amq-protocol-types is not in the build ([patch.crates-io] in Cargo.toml)",
+    );
+    assert!(rest.is_empty());
+    assert_eq!(s.as_str(), "a\u{fffd}\u{fffd}b\u{e9}");
+
+    // 255 invalid bytes decode to 85 whole replacement characters.
+    let mut long = vec![255u8];
+    long.extend([0xffu8; 255]);
+    let (_, s) = parse_short_string(&long[..]).expect("lossy, not an error");
+    assert_eq!(s.as_str().len(), 255);
+    assert!(s.as_str().chars().all(|c| c == '\u{fffd}'));
+
+    let t = wire::table(&[(b"k-\xff", b'S', wire::longstr(b"v"))]);
+    let (_, table) = parse_field_table(&t[..]).expect("table with a non-UTF-8 key");
+    assert!(table.inner().contains_key("k-\u{fffd}"));
+}
+
+#[test]
+fn the_patched_parser_reads_every_hostile_property_set() {
+    for (name, props) in hostile() {
+        let bytes = props.encode();
+        let (rest, p) = parse_properties(&bytes[..])
+            .unwrap_or_else(|e| panic!("{name}: properties fail to parse (patch missing?): {e}"));
+        assert!(rest.is_empty(), "{name}: all consumed");
+        let id = p.message_id().as_ref().map(ShortString::as_str);
+        assert!(
+            id.is_some_and(|id| id.starts_with("bad-")),
+            "{name}: {id:?}"
+        );
+    }
+    let (_, p) = parse_properties(&hostile()[0].1.encode()[..]).unwrap();
+    assert_eq!(
+        p.message_id().as_ref().map(ShortString::as_str),
+        Some("bad-\u{fffd}\u{fffd}-id")
+    );
+    let (_, p) = parse_properties(&hostile()[3].1.encode()[..]).unwrap();
+    let headers = p.headers().clone().unwrap_or_default();
+    match headers.inner().get("outer") {
+        Some(AMQPValue::FieldTable(t)) => assert_eq!(
+            t.inner().get("in-\u{fffd}"),
+            Some(&AMQPValue::LongString(b"\xff\xfe".to_vec().into()))
+        ),
+        other => panic!("nested table: {other:?}"),
+    }
+    assert_eq!(headers.inner().get("short"), Some(&AMQPValue::ShortInt(-2)));
+}
+
+/// Sum of a counter family over every label set, from the engine's registry.
+fn total(handle: &flowgate::EngineHandle, family: &str) -> f64 {
+    handle
+        .metrics()
+        .registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == family)
+        .flat_map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()))
+        .sum()
+}
+
+#[actix_rt::test]
+async fn non_utf8_short_strings_do_not_cost_the_consume_connection() {
+    // Issue 9's shape: two stages on one engine (s1 → s2 → sink), prefetch
+    // 10, quorum inputs with delivery limit 3; 2000 good messages with ten
+    // hostile ones among them, sent as raw frames.
+    let prefix = unique("vendor-guard");
+    let mut cfg = chain_config(&prefix, &["forward", "forward"], 10);
+    for q in &mut cfg.queues {
+        q.delivery_limit = Some(3);
+    }
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    let ex = format!("{prefix}.ex");
+    let handle = flowgate::Engine::builder()
+        .config(cfg.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    let client = Client::connect(AMQP_URL).await;
+    let mut raw = raw::Raw::connect("127.0.0.1:5672").await;
+
+    let kinds = hostile();
+    let mut goods = Vec::new();
+    let mut bad_ids = Vec::new();
+    for i in 0..10 {
+        let ids: Vec<String> = (0..200).map(|j| format!("good-{i}-{j}")).collect();
+        client.publish_many(&ex, "in", &ids, b"{}").await;
+        goods.extend(ids);
+        let (_, mut props) = kinds[i % kinds.len()].clone();
+        // Unique ids, still not UTF-8 where the kind says so.
+        let mut id = props
+            .message_id
+            .take()
+            .expect("hostile messages carry an id");
+        id.extend_from_slice(format!("-{i}").as_bytes());
+        bad_ids.push(String::from_utf8_lossy(&id).into_owned());
+        props.message_id = Some(id);
+        raw.publish(&ex, "in", &props.encode(), b"{}").await;
+    }
+    assert!(bad_ids.iter().any(|id| id.contains('\u{fffd}')));
+
+    // Every message ends in the sink (forwarded) or in a stage's DLQ.
+    let sink = format!("{prefix}.sink");
+    let dlqs = [format!("{prefix}.s1.dlq"), format!("{prefix}.s2.dlq")];
+    let expected = goods.len() + bad_ids.len();
+    let settled = eventually(Duration::from_secs(120), || async {
+        let mut n = client.depth(&sink).await as usize;
+        for q in &dlqs {
+            n += client.depth(q).await as usize;
+        }
+        n >= expected
+    })
+    .await;
+    handle.shutdown().await;
+    assert!(
+        settled,
+        "sink holds {} of {expected}",
+        client.depth(&sink).await
+    );
+    for s in ["s1", "s2"] {
+        assert_drained(&client, &format!("{prefix}.{s}")).await;
+    }
+
+    let n = client.depth(&sink).await as usize;
+    let mut sunk = counts(
+        client
+            .collect(&sink, n, Duration::from_secs(60))
+            .await
+            .into_iter()
+            .map(|(id, _)| id),
+    );
+    let mut dead = HashMap::new();
+    for q in &dlqs {
+        let n = client.depth(q).await as usize;
+        for (id, _) in client.collect(q, n, Duration::from_secs(30)).await {
+            *dead.entry(id).or_insert(0usize) += 1;
+        }
+    }
+    for id in &goods {
+        assert_eq!(sunk.remove(id), Some(1), "{id} once in the sink");
+        assert!(!dead.contains_key(id), "{id} dead-lettered: {dead:?}");
+    }
+    // What is left are the hostile ones: forwarded, or dead-lettered by a
+    // stage (e.g. `malformed-id`), each exactly once.
+    let mut bad: HashMap<String, usize> = sunk;
+    for (id, n) in dead {
+        *bad.entry(id).or_insert(0) += n;
+    }
+    for id in &bad_ids {
+        assert_eq!(bad.remove(id), Some(1), "{id} exactly once");
+    }
+    assert!(bad.is_empty(), "nothing else arrived: {bad:?}");
+
+    // The link never went down: no reconnect, no restart of anything, and
+    // no delivery was made twice (a dropped connection redelivers its
+    // whole window).
+    assert_eq!(total(&handle, "flowgate_reconnects_total"), 0.0);
+    assert_eq!(total(&handle, "flowgate_actor_restarts_total"), 0.0);
+    let consumed = |s: &str| handle.metrics().consumed.with_label_values(&[s]).get();
+    assert_eq!(
+        consumed("s1") as usize,
+        expected,
+        "s1 saw each message once"
+    );
+    client.delete_topology(&cfg).await;
+}
