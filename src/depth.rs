@@ -13,7 +13,7 @@ use tracing::debug;
 
 /// Whether a binding key routes `routing_key` on an exchange of type `kind`.
 /// Headers exchanges match on headers, not keys: every binding counts.
-pub fn binding_matches(kind: ExchangeType, binding_key: &str, routing_key: &str) -> bool {
+pub(crate) fn binding_matches(kind: ExchangeType, binding_key: &str, routing_key: &str) -> bool {
     match kind {
         ExchangeType::Fanout | ExchangeType::Headers => true,
         ExchangeType::Direct => binding_key == routing_key,
@@ -39,7 +39,7 @@ fn topic_match(pat: &[&str], key: &[&str]) -> bool {
 
 /// The queues `exchange`/`routing_key` is routed to by the configured
 /// bindings (exchange-to-exchange bindings are not followed).
-pub fn routed_queues(cfg: &Config, exchange: &str, routing_key: &str) -> Vec<String> {
+pub(crate) fn routed_queues(cfg: &Config, exchange: &str, routing_key: &str) -> Vec<String> {
     let kind = cfg
         .exchanges
         .iter()
@@ -59,7 +59,7 @@ pub fn routed_queues(cfg: &Config, exchange: &str, routing_key: &str) -> Vec<Str
 
 /// The queues a stage's configured `output` lands in (none without one:
 /// a host handler's outputs are not known in advance).
-pub fn output_queues(cfg: &Config, stage: &StageConfig) -> Vec<String> {
+pub(crate) fn output_queues(cfg: &Config, stage: &StageConfig) -> Vec<String> {
     stage
         .output
         .as_ref()
@@ -68,7 +68,7 @@ pub fn output_queues(cfg: &Config, stage: &StageConfig) -> Vec<String> {
 }
 
 /// Every stage's input queue and every queue with a watermark.
-pub fn watched_queues(cfg: &Config) -> Vec<WatchedQueue> {
+pub(crate) fn watched_queues(cfg: &Config) -> Vec<WatchedQueue> {
     cfg.queues
         .iter()
         .filter(|q| q.watermark.is_some() || cfg.stages.iter().any(|s| s.queue == q.name))
@@ -83,7 +83,7 @@ pub fn watched_queues(cfg: &Config) -> Vec<WatchedQueue> {
 }
 
 /// A stage's autoscaling range, if its concurrency is a range.
-pub fn scale_range(stage: &StageConfig) -> Option<ScaleRange> {
+pub(crate) fn scale_range(stage: &StageConfig) -> Option<ScaleRange> {
     match stage.concurrency {
         crate::config::Concurrency::Fixed(_) => None,
         crate::config::Concurrency::Range { min, max } => Some(ScaleRange {
@@ -98,7 +98,7 @@ pub fn scale_range(stage: &StageConfig) -> Option<ScaleRange> {
 /// above its watermark is refused, from the depth monitor's last sample
 /// ([`QueueLevels::admit`]); no request waits for a sample. Cheap to clone.
 #[derive(Clone)]
-pub struct IngressGate {
+pub(crate) struct IngressGate {
     config: Arc<Config>,
     levels: QueueLevels,
     metrics: Metrics,
@@ -106,7 +106,7 @@ pub struct IngressGate {
 
 impl IngressGate {
     /// A gate for `config`'s bindings over the monitor's `levels`.
-    pub fn new(config: &Config, levels: QueueLevels, metrics: Metrics) -> Self {
+    pub(crate) fn new(config: &Config, levels: QueueLevels, metrics: Metrics) -> Self {
         Self {
             config: Arc::new(config.clone()),
             levels,
@@ -117,7 +117,7 @@ impl IngressGate {
     /// Admits one message for `exchange`/`routing_key`, or says which
     /// queue refuses it (logged, and counted in
     /// `flowgate_ingress_refused_total{queue}`).
-    pub fn admit(&self, exchange: &str, routing_key: &str) -> Result<(), Refusal> {
+    pub(crate) fn admit(&self, exchange: &str, routing_key: &str) -> Result<(), Refusal> {
         let queues = routed_queues(&self.config, exchange, routing_key);
         self.levels
             .admit(queues.iter().map(String::as_str))
@@ -131,7 +131,7 @@ impl IngressGate {
     }
 
     /// The monitor's levels (depths, peaks).
-    pub fn levels(&self) -> &QueueLevels {
+    pub(crate) fn levels(&self) -> &QueueLevels {
         &self.levels
     }
 }

@@ -35,15 +35,27 @@ pub enum StartError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The broker could not be reached or refused the topology.
+    /// The broker could not be reached.
     #[error("broker: {0}")]
-    Broker(String),
+    Broker(#[source] flowgate_actors::Error),
+    /// No connection to the broker within `[amqp] connect_timeout` (plus a
+    /// second).
+    #[error("no connection to the broker within {wait:?} ({url})")]
+    ConnectTimeout {
+        /// How long it waited.
+        wait: Duration,
+        /// The broker, password redacted.
+        url: String,
+    },
+    /// The broker refused the topology.
+    #[error("declaring the topology: {0}")]
+    Topology(#[source] lapin::Error),
     /// The HTTP server could not bind.
     #[error("http server: {0}")]
-    Http(String),
+    Http(#[source] std::io::Error),
     /// The spool file could not be opened.
     #[error("spool: {0}")]
-    Spool(String),
+    Spool(#[source] flowgate_actors::Error),
 }
 
 /// How [`EngineHandle::publish`] went.
@@ -312,20 +324,24 @@ impl Engine {
         let wait = config.amqp.connect_timeout + Duration::from_secs(1);
         let ch = match tokio::time::timeout(wait, conn.send(OpenChannel(Purpose::Publish))).await {
             Ok(Ok(Ok(ch))) => ch,
-            Ok(Ok(Err(e))) => return Err(StartError::Broker(e.to_string())),
-            Ok(Err(e)) => return Err(StartError::Broker(e.to_string())),
+            Ok(Ok(Err(e))) => return Err(StartError::Broker(e)),
+            Ok(Err(_)) => {
+                return Err(StartError::Broker(flowgate_actors::Error::ActorGone(
+                    "connection",
+                )))
+            }
             Err(_) => {
                 // bounded: one message, once, on a failed start.
                 conn.do_send(Close);
-                return Err(StartError::Broker(format!(
-                    "no connection to the broker within {wait:?} ({})",
-                    flowgate_actors::connection::redact_url(&config.amqp.url)
-                )));
+                return Err(StartError::ConnectTimeout {
+                    wait,
+                    url: flowgate_actors::connection::redact_url(&config.amqp.url),
+                });
             }
         };
         crate::topology::declare(&ch, &config)
             .await
-            .map_err(|e| StartError::Broker(format!("declaring topology: {e}")))?;
+            .map_err(StartError::Topology)?;
         let _ = ch.close(200, "topology declared".into()).await;
 
         // Read again at start (validated at load): a key file may be
@@ -360,7 +376,7 @@ impl Engine {
         .map_err(|e| {
             // bounded: one message, once, on a failed start.
             conn.do_send(Close);
-            StartError::Spool(e.to_string())
+            StartError::Spool(e)
         })?;
 
         let dedup = build_dedup(&config, &metrics).await?;
@@ -435,8 +451,7 @@ impl Engine {
                 publisher: publisher.clone(),
                 ingress: ingress.clone(),
             };
-            let (h, a) = http::start(&config.http.bind, state)
-                .map_err(|e| StartError::Http(e.to_string()))?;
+            let (h, a) = http::start(&config.http.bind, state).map_err(StartError::Http)?;
             info!(addr = %a, "http server listening");
             (Some(h), Some(a))
         };
@@ -510,7 +525,7 @@ async fn build_dedup(config: &Config, metrics: &Metrics) -> Result<DedupBackends
             },
         )
         .await
-        .map_err(|e| StartError::Config(ConfigError::new("redis.url", e.to_string())))?;
+        .map_err(|e| StartError::Config(ConfigError::with_source("redis.url", e.to_string(), e)))?;
         if let Err(e) = store.ping().await {
             tracing::warn!(error = %e, "redis does not answer yet; stages with dedup = \"redis\" wait for it");
         }

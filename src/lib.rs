@@ -47,6 +47,8 @@
 //! # }
 //! ```
 
+#![warn(unreachable_pub, missing_docs)]
+
 pub mod config;
 mod depth;
 pub mod dlq;

@@ -7,7 +7,7 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 /// Republishes each delivery to a fixed target.
-pub struct Forward {
+pub(crate) struct Forward {
     target: Target,
     /// Simulated work per message.
     delay: Option<Duration>,
@@ -17,7 +17,7 @@ pub struct Forward {
 
 impl Forward {
     /// A forwarder to `target`.
-    pub fn new(target: Target, delay: Option<Duration>, rate: Option<u32>) -> Self {
+    pub(crate) fn new(target: Target, delay: Option<Duration>, rate: Option<u32>) -> Self {
         let limiter = rate
             .and_then(NonZeroU32::new)
             .map(|r| RateLimiter::direct(Quota::per_second(r).allow_burst(NonZeroU32::MIN)));
@@ -29,7 +29,7 @@ impl Forward {
     }
 
     /// From a stage's config (`output`, `delay`, `rate`); `None` without an output.
-    pub fn from_stage(s: &StageConfig) -> Option<Self> {
+    pub(crate) fn from_stage(s: &StageConfig) -> Option<Self> {
         Some(Self::new(s.output.clone()?, s.delay, s.rate))
     }
 }

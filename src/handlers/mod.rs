@@ -13,8 +13,8 @@
 mod forward;
 mod record;
 
-pub use forward::Forward;
-pub use record::Record;
+pub(crate) use forward::Forward;
+pub(crate) use record::Record;
 
 use crate::config::StageConfig;
 use flowgate_actors::Handler;

@@ -12,7 +12,7 @@ use std::time::Duration;
 /// and a line written before a `kill -9` stays), then waits `delay` (the
 /// handler's "work", a window to crash in), then acks, forwarding to
 /// `output` if the stage has one.
-pub struct Record {
+pub(crate) struct Record {
     file: PathBuf,
     delay: Option<Duration>,
     output: Option<Target>,
@@ -21,7 +21,7 @@ pub struct Record {
 impl Record {
     /// From a stage's config (`record_file`, `delay`, `output`); `None`
     /// without a `record_file`.
-    pub fn from_stage(s: &StageConfig) -> Option<Self> {
+    pub(crate) fn from_stage(s: &StageConfig) -> Option<Self> {
         Some(Self {
             file: s.record_file.clone()?,
             delay: s.delay,
