@@ -3,7 +3,7 @@
 options are declared.
 
 Usage: scripts/config-reference.py [engine|orders] > table.md
-  engine (default): the engine's keys, from src/config/mod.rs, for README.md
+  engine (default): the engine's keys, from src/config/*.rs (one file per section), for README.md
   orders: the example's `[orders]` section, from examples/orders/src/config.rs,
           for examples/orders/README.md
 tests/docs.rs (and the example's tests/docs.rs) check that the READMEs name
@@ -27,14 +27,19 @@ ENGINE = [
 ORDERS = [("orders", "OrdersConfig")]
 try:
     SRC, PATHS = {
-        "engine": ("src/config/mod.rs", ENGINE),
+        "engine": ("src/config/", ENGINE),
         "orders": ("examples/orders/src/config.rs", ORDERS),
     }[WHICH]
 except KeyError:
     sys.exit(f"unknown table {WHICH!r}: engine or orders")
 NESTED = {"breaker", "bindings", "watermark", "output", "retry"}
 
-src = open(SRC).read()
+import glob
+import os
+src = "\n".join(
+    open(f).read()
+    for f in (sorted(glob.glob(os.path.join(SRC, "*.rs"))) if SRC.endswith("/") else [SRC])
+)
 structs = {}
 for m in re.finditer(r"pub struct (\w+) \{(.*?)\n\}", src, re.S):
     fields = []

@@ -1,0 +1,63 @@
+//! `[dedup]`: deduplication settings shared by every stage with `dedup` on.
+
+use super::*;
+
+/// What a message without `message_id` is deduplicated by.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MissingIdPolicy {
+    /// A SHA-256 of routing key and body (default).
+    #[default]
+    Hash,
+    /// Dead-letter it with reason `missing-id`.
+    Reject,
+}
+
+/// `[dedup]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// How long a claim holds: a crash mid-handling delays the message by at
+    /// most this, and a handler running longer risks a duplicate effect.
+    /// Default `30s`.
+    #[serde(default = "default_lease", with = "humantime_serde")]
+    pub lease: Duration,
+    /// How long a processed id is remembered. Default `24h`.
+    #[serde(default = "default_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    /// `memory` backend: most ids held (oldest evicted first). Default `1000000`.
+    #[serde(default = "default_capacity")]
+    pub capacity: usize,
+    /// `hash` or `reject` (see [`MissingIdPolicy`]). Default `hash`.
+    #[serde(default)]
+    pub missing_id: MissingIdPolicy,
+    /// Prefix of the Redis keys (`<prefix><stage>:<id>`), so several
+    /// pipelines can share a Redis. Default `flowgate:dedup:`.
+    #[serde(default = "default_dedup_prefix")]
+    pub prefix: String,
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_ttl() -> Duration {
+    Duration::from_secs(24 * 60 * 60)
+}
+fn default_capacity() -> usize {
+    1_000_000
+}
+fn default_dedup_prefix() -> String {
+    "flowgate:dedup:".into()
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        Self {
+            lease: default_lease(),
+            ttl: default_ttl(),
+            capacity: default_capacity(),
+            missing_id: MissingIdPolicy::default(),
+            prefix: default_dedup_prefix(),
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! `[[queues]]`: queues, their bindings, dead-lettering and watermarks.
+
+use super::*;
+
+/// Queue types.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueKind {
+    /// Classic queue.
+    Classic,
+    /// Quorum queue (default): replicated, supports delivery limits and
+    /// at-least-once dead-lettering.
+    #[default]
+    Quorum,
+}
+
+/// A queue binding.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Binding {
+    /// Source exchange; must be declared under `[[exchanges]]`.
+    pub exchange: String,
+    /// Binding key. Default `#`.
+    #[serde(default = "default_binding_key")]
+    pub routing_key: String,
+}
+
+fn default_binding_key() -> String {
+    "#".into()
+}
+
+/// `[[queues]]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Queue name. Required.
+    pub name: String,
+    /// `classic | quorum`. Default `quorum`.
+    #[serde(default)]
+    pub kind: QueueKind,
+    /// Bindings. Default none.
+    #[serde(default)]
+    pub bindings: Vec<Binding>,
+    /// Declare exchange `<queue>.dlx` and queue `<queue>.dlq` and dead-letter
+    /// into them. Default `true`.
+    #[serde(default = "yes")]
+    pub dead_letter: bool,
+    /// Quorum queues: deliveries after which the broker dead-letters a
+    /// message that keeps coming back (`x-delivery-limit`), e.g. one whose
+    /// consumer keeps crashing or losing its connection. Kept small: each
+    /// redelivery raises the delivery count of the neighbours in flight with
+    /// it. Default `5`.
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: Option<u32>,
+    /// Backpressure watermarks, e.g. `{ high = 5000, low = 1000 }`: while
+    /// this queue holds more than `high` ready messages, every stage that
+    /// publishes into it pauses its intake until the queue is below `low`,
+    /// and the HTTP ingress (`POST /publish/...`, and a host's own through
+    /// [`Ingress`](crate::Ingress)) answer
+    /// 503 with `Retry-After` for messages routed to it.
+    /// Default none (the depth is still exported when a stage consumes it).
+    #[serde(default)]
+    pub watermark: Option<Watermark>,
+}
+
+/// A queue's high/low watermarks (ready messages), with hysteresis.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Watermark {
+    /// Upstream stages pause at or above this depth. Required.
+    pub high: u64,
+    /// ...and resume at or below this one. Required, `< high`.
+    pub low: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_delivery_limit() -> Option<u32> {
+    Some(5)
+}
+
+impl QueueConfig {
+    /// `<queue>.dlx` when dead-lettering is on.
+    pub fn dead_letter_exchange(&self) -> Option<String> {
+        self.dead_letter.then(|| format!("{}.dlx", self.name))
+    }
+    /// `<queue>.dlq` when dead-lettering is on.
+    pub fn dead_letter_queue(&self) -> Option<String> {
+        self.dead_letter.then(|| format!("{}.dlq", self.name))
+    }
+}
