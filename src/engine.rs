@@ -263,6 +263,7 @@ impl Engine {
                 }),
                 policy: policy.clone(),
                 signing: keys.clone().filter(|_| config.security.sign_outputs),
+                ..PublisherConfig::default()
             },
             conn.clone(),
             metrics.clone(),

@@ -43,6 +43,13 @@ pub const MAX_ERROR_HEADER_BYTES: usize = 1024;
 /// a handler's own reason).
 pub const REASON_HEADER: &str = "x-flowgate-reason";
 
+/// The dead-letter reason of a message no queue is bound for (a stage's
+/// output, or a spooled record on replay).
+pub const UNROUTABLE_REASON: &str = "unroutable";
+
+/// The error text of a dead letter (truncated to [`MAX_ERROR_HEADER_BYTES`]).
+pub const ERROR_HEADER: &str = "x-flowgate-error";
+
 /// How many handling attempts a dead letter had.
 pub const ATTEMPTS_HEADER: &str = "x-flowgate-attempts";
 
@@ -51,7 +58,7 @@ pub const DEAD_LETTER_HEADERS: [&str; 6] = [
     REASON_HEADER,
     "x-flowgate-stage",
     ATTEMPTS_HEADER,
-    "x-flowgate-error",
+    ERROR_HEADER,
     ORIGINAL_EXCHANGE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
 ];
@@ -70,7 +77,7 @@ enum Disposition {
     },
 }
 
-fn truncate(mut s: String, max: usize) -> String {
+pub(crate) fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut cut = max;
         while !s.is_char_boundary(cut) {
@@ -414,7 +421,7 @@ async fn settle(
             match publish_all(shared, outputs.collect()).await {
                 Ok(()) => Settle::Ack,
                 Err(PublishFailure::Unroutable(e)) => Settle::DeadLetter {
-                    reason: "unroutable".into(),
+                    reason: UNROUTABLE_REASON.into(),
                     error: e,
                 },
                 Err(PublishFailure::Draining) => Settle::Requeue,
@@ -439,7 +446,7 @@ async fn settle(
                         Settle::Retried
                     }
                     Err(PublishFailure::Unroutable(e)) => Settle::DeadLetter {
-                        reason: "unroutable".into(),
+                        reason: UNROUTABLE_REASON.into(),
                         error: format!("retry tier {tier}: {e}"),
                     },
                     Err(PublishFailure::Draining) => Settle::Requeue,
@@ -587,7 +594,7 @@ async fn dead_letter(
     set_header(&mut props, "x-flowgate-stage", s(&d.stage));
     set_header(
         &mut props,
-        "x-flowgate-error",
+        ERROR_HEADER,
         s(&truncate(error.to_owned(), MAX_ERROR_HEADER_BYTES)),
     );
     set_header(&mut props, ORIGINAL_EXCHANGE_HEADER, s(&d.exchange));
