@@ -229,3 +229,89 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
     );
     h.shutdown().await;
 }
+
+/// lapin hands a `basic.return` to whichever confirm it completes next;
+/// with quorum queues confirming out of order that is often another
+/// publish's. Interleaved good and unroutable publishes must each end
+/// right: a good one confirmed (and delivered once), an unroutable one
+/// either answered unroutable or moved to the unroutable queue.
+#[actix_rt::test]
+async fn returns_are_matched_to_their_own_publish() {
+    let node = BrokerNode::start_async()
+        .await
+        .expect("private broker node");
+    let url = node.amqp_url();
+    let prefix = unique("freturn");
+    let ex = format!("{prefix}.ex");
+    let mut cfg = chain_config(&prefix, &["forward"], 20);
+    cfg.amqp.url = url.clone();
+    let _cleanup = Cleanup::new(&url, &cfg);
+    let h = Engine::builder()
+        .config(cfg.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(h.wait_ready(Duration::from_secs(20)).await);
+    const M: usize = 2000;
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(400));
+    let mut tasks = Vec::new();
+    for i in 0..M {
+        for (key, id) in [
+            ("hop1", format!("good-{i}")),
+            ("nowhere", format!("bad-{i}")),
+        ] {
+            let h = h.clone();
+            let permit = limit.clone().acquire_owned().await.unwrap();
+            let out = Output::new(ex.clone(), key, &b"{}"[..]).with_message_id(id.clone());
+            tasks.push(actix_rt::spawn(async move {
+                let r = h.publish(out).await;
+                drop(permit);
+                (id, r)
+            }));
+        }
+    }
+    let mut good_ok = HashSet::new();
+    let mut bad_returned = HashSet::new();
+    for t in tasks {
+        let (id, r) = t.await.expect("task");
+        match (id.starts_with("good"), r) {
+            (true, Ok(_)) => {
+                good_ok.insert(id);
+            }
+            (true, Err(e)) => panic!("{id}: a routable publish failed: {e}"),
+            (false, Err(flowgate::actors::Error::Unroutable { .. })) => {
+                bad_returned.insert(id);
+            }
+            (false, Ok(_)) => {} // its return went to another confirm
+            (false, Err(e)) => panic!("{id}: {e}"),
+        }
+    }
+    assert_eq!(good_ok.len(), M);
+    let client = Client::connect(&url).await;
+    let rescued_n = M - bad_returned.len();
+    eprintln!("returns on a foreign confirm: {rescued_n} of {M}");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            depth_or_zero(&client, UNROUTABLE_QUEUE).await == rescued_n
+        })
+        .await,
+        "{} in {UNROUTABLE_QUEUE}, {rescued_n} expected",
+        depth_or_zero(&client, UNROUTABLE_QUEUE).await
+    );
+    let rescued = client
+        .collect(UNROUTABLE_QUEUE, rescued_n, Duration::from_secs(10))
+        .await;
+    for (id, _) in &rescued {
+        assert!(
+            id.starts_with("bad") && !bad_returned.contains(id),
+            "{id} rescued but also answered unroutable, or routable"
+        );
+    }
+    assert_eq!(
+        counts(rescued.into_iter().map(|(id, _)| id)).len(),
+        rescued_n
+    );
+    h.shutdown().await;
+}
