@@ -219,6 +219,7 @@ impl Engine {
         let m = metrics.clone();
         let tx = esc_tx.clone();
         let conn = Supervisor::start(move |_| ConnectionActor::new(conn_cfg, m, Some(tx)));
+        let close_on_failure = CloseOnFailure(Some(conn.clone()));
 
         // The first channel doubles as the proof that the broker answers.
         let wait = config.amqp.connect_timeout + Duration::from_secs(1);
@@ -227,8 +228,6 @@ impl Engine {
             Ok(Ok(Err(e))) => return Err(StartError::Broker(e.to_string())),
             Ok(Err(e)) => return Err(StartError::Broker(e.to_string())),
             Err(_) => {
-                // bounded: one message, once, on a failed start.
-                conn.do_send(Close);
                 return Err(StartError::Broker(format!(
                     "no connection to the broker within {wait:?} ({})",
                     flowgate_actors::connection::redact_url(&config.amqp.url)
@@ -269,11 +268,7 @@ impl Engine {
             metrics.clone(),
             Some(esc_tx.clone()),
         )
-        .map_err(|e| {
-            // bounded: one message, once, on a failed start.
-            conn.do_send(Close);
-            StartError::Spool(e.to_string())
-        })?;
+        .map_err(|e| StartError::Spool(e.to_string()))?;
 
         let dedup = build_dedup(&config, &metrics).await?;
         let mut stages = Vec::new();
@@ -353,6 +348,7 @@ impl Engine {
             (Some(h), Some(a))
         };
 
+        close_on_failure.disarm();
         Ok(EngineHandle(Arc::new(Running {
             config,
             metrics,
@@ -366,6 +362,26 @@ impl Engine {
             http_addr,
             escalations: Mutex::new(esc_rx),
         })))
+    }
+}
+
+/// Closes the broker connections when dropped armed: a start that fails
+/// after connecting leaves no connection behind.
+struct CloseOnFailure(Option<Addr<ConnectionActor>>);
+
+impl CloseOnFailure {
+    /// The start succeeded: the engine owns the connections now.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CloseOnFailure {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            // bounded: one message, once, on a failed start.
+            conn.do_send(Close);
+        }
     }
 }
 

@@ -305,11 +305,14 @@ impl Core {
             .is_some_and(crate::stage::channel_alive)
     }
 
-    /// A channel exists and lapin gave up on it (closed, errored).
+    /// A channel exists and is unfit: lapin gave up on it (closed,
+    /// errored), or it is not in confirm mode (its publishes would not be
+    /// confirmed).
     fn channel_dead(&self) -> bool {
-        lock(&self.channel)
-            .as_ref()
-            .is_some_and(|c| !crate::stage::channel_alive(c))
+        lock(&self.channel).as_ref().is_some_and(|c| {
+            let s = c.status();
+            !crate::stage::channel_alive(c) || (s.connected() && !s.confirm())
+        })
     }
 
     fn usable_channel(&self) -> Option<Channel> {
@@ -833,7 +836,9 @@ async fn send(
 fn confirmed(c: lapin::Result<Confirmation>) -> Result<()> {
     match c {
         Err(e) => Err(Error::Amqp(e)),
-        Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
+        Ok(Confirmation::Ack(None)) => Ok(()),
+        // A channel not in confirm mode: the broker said nothing.
+        Ok(Confirmation::NotRequested) => Err(Error::NotConfirmed),
         Ok(Confirmation::Ack(Some(ret))) | Ok(Confirmation::Nack(Some(ret))) => {
             Err(Error::Unroutable {
                 code: ret.reply_code,
@@ -1154,5 +1159,23 @@ impl Handler<Publish> for PublisherActor {
             task.await
                 .unwrap_or_else(|e| Err(Error::Store(format!("publish task failed: {e}"))))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_broker_ack_without_a_return_confirms() {
+        assert!(confirmed(Ok(Confirmation::Ack(None))).is_ok());
+        assert!(matches!(
+            confirmed(Ok(Confirmation::NotRequested)),
+            Err(Error::NotConfirmed)
+        ));
+        assert!(matches!(
+            confirmed(Ok(Confirmation::Nack(None))),
+            Err(Error::Nacked)
+        ));
     }
 }
