@@ -32,7 +32,9 @@
 //!
 //! When the breaker is no longer open the actor replays the spool in sequence
 //! order, in batches, with confirms; the first replayed record is the
-//! half-open probe. Each record is deleted only after its confirm, so a crash
+//! half-open probe. Each replayed record takes a rate token and a window
+//! slot like a live publish, so a replay after an outage stays within
+//! `rate` and `max_unconfirmed`. Each record is deleted only after its confirm, so a crash
 //! mid-replay replays it again on restart (at-least-once; dedup downstream
 //! removes the copy). A spooled record was never routed (a `basic.return`
 //! only exists for a message actually published), so one can come back
@@ -217,6 +219,9 @@ struct Core {
     blocked_since: Mutex<Option<Instant>>,
     /// A replay round is running.
     replaying: AtomicBool,
+    /// The unconfirmed window, shared with the handles: replayed records
+    /// take a slot too.
+    window: Credits,
     /// Opens the channel that declares [`PublisherConfig::unroutable_queue`].
     conn: Addr<ConnectionActor>,
     /// The unroutable queue was declared (by this process).
@@ -465,7 +470,9 @@ impl Core {
             let take = match admission {
                 Admission::Reject => return,
                 Admission::Probe => 1,
-                Admission::Admit => batch.len(),
+                // A round holds a window credit per record until the
+                // confirms are awaited: never more than the window.
+                Admission::Admit => batch.len().min(self.window.total().max(1)),
             };
             let results = self.publish_batch(&ch, &batch[..take]).await;
             let mut remove = Vec::with_capacity(take);
@@ -696,14 +703,22 @@ impl Core {
     async fn publish_batch(&self, ch: &Channel, batch: &[(u64, SpoolRecord)]) -> Vec<Result<()>> {
         let mut confirms = Vec::with_capacity(batch.len());
         for (_, rec) in batch {
+            // A replay is held to the rate and the window of live
+            // publishes; a record that gets neither stays for the next round.
+            if self.bucket.acquire().await.is_err() {
+                break;
+            }
+            let Some(credit) = self.window.acquire().await else {
+                break;
+            };
             let props = rec.properties.clone();
-            confirms.push(
-                self.patiently(self.send(ch, &rec.exchange, &rec.routing_key, &rec.body, props))
-                    .await,
-            );
+            let sent = self
+                .patiently(self.send(ch, &rec.exchange, &rec.routing_key, &rec.body, props))
+                .await;
+            confirms.push((credit, sent));
         }
         let mut out = Vec::with_capacity(confirms.len());
-        for (c, (_, rec)) in confirms.into_iter().zip(batch) {
+        for ((_credit, c), (_, rec)) in confirms.into_iter().zip(batch) {
             out.push(match c {
                 Err(e) => Err(e),
                 Ok(c) => match self.patiently(async { Ok(c.await) }).await {
@@ -989,6 +1004,7 @@ impl PublisherActor {
             blocked_since: Mutex::new(None),
             replaying: AtomicBool::new(false),
             conn: conn.clone(),
+            window: window.clone(),
             unroutable_declared: AtomicBool::new(false),
             metrics,
             cfg,
