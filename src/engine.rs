@@ -319,6 +319,7 @@ impl Engine {
         let m = metrics.clone();
         let tx = esc_tx.clone();
         let conn = Supervisor::start(move |_| ConnectionActor::new(conn_cfg, m, Some(tx)));
+        let close_on_failure = CloseOnFailure(Some(conn.clone()));
 
         // The first channel doubles as the proof that the broker answers.
         let wait = config.amqp.connect_timeout + Duration::from_secs(1);
@@ -331,8 +332,6 @@ impl Engine {
                 )))
             }
             Err(_) => {
-                // bounded: one message, once, on a failed start.
-                conn.do_send(Close);
                 return Err(StartError::ConnectTimeout {
                     wait,
                     url: flowgate_actors::connection::redact_url(&config.amqp.url),
@@ -368,16 +367,13 @@ impl Engine {
                 policy: policy.clone(),
                 signing: keys.clone().filter(|_| config.security.sign_outputs),
                 force_persistent: p.force_persistent,
+                ..PublisherConfig::default()
             },
             conn.clone(),
             metrics.clone(),
             Some(esc_tx.clone()),
         )
-        .map_err(|e| {
-            // bounded: one message, once, on a failed start.
-            conn.do_send(Close);
-            StartError::Spool(e)
-        })?;
+        .map_err(StartError::Spool)?;
 
         let dedup = build_dedup(&config, &metrics).await?;
         let mut stages = Vec::new();
@@ -456,6 +452,7 @@ impl Engine {
             (Some(h), Some(a))
         };
 
+        close_on_failure.disarm();
         Ok(EngineHandle(Arc::new(Running {
             config,
             metrics,
@@ -470,6 +467,26 @@ impl Engine {
             served: std::sync::Mutex::new(Vec::new()),
             escalations: Mutex::new(esc_rx),
         })))
+    }
+}
+
+/// Closes the broker connections when dropped armed: a start that fails
+/// after connecting leaves no connection behind.
+struct CloseOnFailure(Option<Addr<ConnectionActor>>);
+
+impl CloseOnFailure {
+    /// The start succeeded: the engine owns the connections now.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CloseOnFailure {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            // bounded: one message, once, on a failed start.
+            conn.do_send(Close);
+        }
     }
 }
 

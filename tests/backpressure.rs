@@ -286,24 +286,55 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
     let m = h.metrics().clone();
     let addr = h.http_addr().expect("http server");
 
-    // Two unroutable publishes (a routing bug) open the breaker; they are
-    // refused, not spooled.
+    // An unroutable publish is the message's own fault: refused, not
+    // spooled, and the breaker stays closed.
+    let r = h.publish(msg(&prefix, "nowhere", "x")).await;
+    assert!(
+        matches!(r, Err(flowgate::actors::Error::Unroutable { .. })),
+        "{r:?}"
+    );
+    assert_eq!(m.breaker_state.get(), 0, "a return is no outage");
+    // Two publishes the broker fails (an exchange that does not exist:
+    // the broker closes the channel) open the breaker; the failure that
+    // opens it spools its message.
+    let missing = format!("{prefix}.missing");
+    let mut spooled = Vec::new();
     for i in 0..2 {
-        let r = h.publish(msg(&prefix, "nowhere", &format!("x{i}"))).await;
-        assert!(
-            matches!(r, Err(flowgate::actors::Error::Unroutable { .. })),
-            "{r:?}"
-        );
+        let id = format!("y{i}");
+        let out = Output::new(missing.clone(), "k", vec![1u8; 100]).with_message_id(id.clone());
+        match h.publish(out).await {
+            Ok(PublishOutcome::Spooled) => spooled.push(id),
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => {}
+        }
     }
     assert_eq!(m.breaker_state.get(), 1, "breaker open");
-    assert_eq!(
-        m.spool_messages.get(),
-        0,
-        "unroutable messages are not spooled"
-    );
+    assert_eq!(m.spool_messages.get() as usize, spooled.len());
+    // The exchange exists by the time the spool replays.
+    let client = Client::connect(AMQP_URL).await;
+    client
+        .ch
+        .exchange_declare(
+            missing.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("declare");
+    client
+        .ch
+        .queue_bind(
+            format!("{prefix}.q").as_str().into(),
+            missing.as_str().into(),
+            "".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("bind");
 
     // Routable publishes spool until the spool is full, then backpressure.
-    let mut spooled = Vec::new();
     let mut refused = 0;
     for i in 0..40 {
         let id = format!("s{i}");
@@ -349,7 +380,6 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
         .await,
         "spool replays after the cooldown"
     );
-    let client = Client::connect(AMQP_URL).await;
     let got = client
         .collect(
             &format!("{prefix}.q"),
@@ -361,6 +391,10 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
     assert_eq!(c.len(), spooled.len());
     assert!(spooled.iter().all(|id| c.get(id) == Some(&1)), "{c:?}");
     h.shutdown().await;
+    let _ = client
+        .ch
+        .exchange_delete(missing.as_str().into(), Default::default())
+        .await;
 }
 
 /// The daemon as a child process.

@@ -326,12 +326,46 @@ async fn spooled_then_replayed_messages_verify() {
     let client = Client::connect(AMQP_URL).await;
     let ex = format!("{prefix}.ex");
 
-    // An unroutable publish opens the breaker (failures = 1).
-    let r = h.publish(Output::new(&ex, "nowhere", "x")).await;
+    // A publish the broker fails (its exchange does not exist: the broker
+    // closes the channel) opens the breaker (failures = 1); a return would
+    // not (it is the message's own fault). The exchange and a queue for it
+    // exist by the time the spool replays.
+    let missing = format!("{prefix}.missing");
+    let r = h.publish(Output::new(&missing, "k", "x")).await;
     assert!(
-        matches!(r, Err(flowgate::actors::Error::Unroutable { .. })),
-        "{r:?}"
+        matches!(r, Ok(PublishOutcome::Spooled)),
+        "the failure that opens the breaker spools its message: {r:?}"
     );
+    client
+        .ch
+        .exchange_declare(
+            missing.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("declare");
+    client
+        .ch
+        .queue_declare(
+            missing.as_str().into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("declare");
+    client
+        .ch
+        .queue_bind(
+            missing.as_str().into(),
+            missing.as_str().into(),
+            "".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("bind");
     // Two records spooled: one routed straight to the sink (nobody consumes
     // it, so what arrives there is the replayed record exactly as the
     // publisher sent it), one through the verifying stage s1.
@@ -376,6 +410,14 @@ async fn spooled_then_replayed_messages_verify() {
     assert_eq!(client.depth(&format!("{prefix}.s1.dlq")).await, 0);
 
     h.shutdown().await;
+    let _ = client
+        .ch
+        .queue_delete(missing.as_str().into(), Default::default())
+        .await;
+    let _ = client
+        .ch
+        .exchange_delete(missing.as_str().into(), Default::default())
+        .await;
 }
 
 /// A retry copy comes back from its tier with the stage's queue as routing

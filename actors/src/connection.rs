@@ -360,7 +360,9 @@ impl Handler<OpenChannel> for ConnectionActor {
     type Result = ResponseFuture<Result<Channel>>;
 
     fn handle(&mut self, msg: OpenChannel, _ctx: &mut Context<Self>) -> Self::Result {
-        let conn = self.conn(msg.0).cloned();
+        // A connection lapin is recovering (or gave up on) has no room for
+        // a new channel: the caller waits for the next LinkUp.
+        let conn = self.conn(msg.0).filter(|c| c.status().connected()).cloned();
         Box::pin(async move {
             let conn = conn.ok_or(Error::NotConnected)?;
             Ok(conn.create_channel().await?)

@@ -34,6 +34,10 @@ pub enum Error {
         /// The broker's reply text.
         text: String,
     },
+    /// The broker answered a publish without a confirm: the channel is not
+    /// in confirm mode, so nothing says the message is safe.
+    #[error("publish not confirmed: the channel is not in confirm mode")]
+    NotConfirmed,
     /// No confirm arrived within the confirm timeout.
     #[error("no publisher confirm within {0:?}")]
     ConfirmTimeout(Duration),
@@ -67,6 +71,7 @@ impl Error {
             Error::NotConnected
             | Error::ConnectTimeout(..)
             | Error::Nacked
+            | Error::NotConfirmed
             | Error::ConfirmTimeout(_)
             | Error::Backpressure(_)
             | Error::Store(_) => true,
@@ -85,6 +90,7 @@ impl Error {
             Error::NotConnected => "not_connected",
             Error::ConnectTimeout(..) => "connect_timeout",
             Error::Nacked => "nacked",
+            Error::NotConfirmed => "not_confirmed",
             Error::Unroutable { .. } => "returned",
             Error::ConfirmTimeout(_) => "confirm_timeout",
             Error::Backpressure(_) => "backpressure",

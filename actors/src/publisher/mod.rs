@@ -22,22 +22,30 @@
 //! calls `basic.publish`, right before it: spooled records are stored
 //! unsigned and signed when they are replayed.
 //!
-//! Failures counted by the breaker: nack, confirm timeout, channel/connection
-//! error, and `basic.return`. A returned (unroutable) message is *never*
-//! spooled: it is a routing bug, not an outage, so it goes back to the caller
-//! as [`Error::Unroutable`] (stages dead-letter it). A transient failure that
-//! leaves the breaker open spools the message instead of failing it.
+//! Failures counted by the breaker: nack, confirm timeout, channel or
+//! connection error. A `basic.return` is *not* one: the broker answered,
+//! the link works, and the message itself has no route — a per-message
+//! outcome. A live publish that comes back returned goes back to the caller
+//! as [`Error::Unroutable`] (stages dead-letter their input with reason
+//! `unroutable`) and is never spooled. A transient failure that leaves the
+//! breaker open spools the message instead of failing it.
 //!
 //! When the breaker is no longer open the actor replays the spool in sequence
 //! order, in batches, with confirms; the first replayed record is the
-//! half-open probe. Each record is deleted only after its confirm, so a crash
+//! half-open probe. Each replayed record takes a rate token and a window
+//! slot like a live publish, so a replay after an outage stays within
+//! `rate` and `max_unconfirmed`. Each record is deleted only after its confirm, so a crash
 //! mid-replay replays it again on restart (at-least-once; dedup downstream
-//! removes the copy). A replayed record the broker returns (no queue bound
-//! any more) is removed with an error log and
-//! `flowgate_spool_dropped_total{reason="unroutable"}` rather than blocking
-//! the spool forever. Live publishes admitted while the spool replays are not
-//! held back behind it: order is kept among spooled records, not between
-//! spooled and live ones.
+//! removes the copy). A spooled record was never routed (a `basic.return`
+//! only exists for a message actually published), so one can come back
+//! returned on replay: it is then moved to the engine's dead-letter queue
+//! for unroutable records ([`PublisherConfig::unroutable_queue`], default
+//! [`UNROUTABLE_QUEUE`], declared durable by the publisher on first use)
+//! with the reason headers (`x-flowgate-reason = unroutable`, the broker's
+//! reply text, the original exchange and routing key) and only then
+//! deleted from the spool — never dropped. Live publishes admitted while the
+//! spool replays are not held back behind it: order is kept among spooled
+//! records, not between spooled and live ones.
 
 pub mod breaker;
 pub mod bucket;
@@ -50,13 +58,20 @@ pub use spool::{Spool, SpoolError, SpoolRecord};
 use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscribe};
 use crate::credit::{Credit, Credits};
 use crate::envelope;
+use crate::envelope::{
+    truncate, ERROR as ERROR_HEADER, MAX_ERROR_BYTES as MAX_ERROR_HEADER_BYTES,
+    REASON as REASON_HEADER,
+};
 use crate::error::{Error, Result};
-use crate::message::Output;
+use crate::message::{set_header, Output};
 use crate::metrics::Metrics;
+use crate::retry::{ORIGINAL_EXCHANGE_HEADER, ORIGINAL_ROUTING_KEY_HEADER};
 use crate::signing::{self, Keys};
 use crate::supervision::{Escalation, EscalationSender, RestartPolicy, Restarts};
 use actix::prelude::*;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::message::BasicReturnMessage;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::PublisherConfirm;
 use lapin::{BasicProperties, Channel, Confirmation};
 use std::path::PathBuf;
@@ -74,6 +89,10 @@ const REPLAY_BATCH: usize = 256;
 /// How often the actor re-evaluates the breaker (open → half-open), the
 /// blocked timeout and whether the spool should replay.
 const TICK: Duration = Duration::from_millis(100);
+
+/// The default queue for spooled records that turn out unroutable on
+/// replay (see the module docs).
+pub const UNROUTABLE_QUEUE: &str = "flowgate.unroutable";
 
 /// Where and how large the durable spool is.
 #[derive(Clone, Debug)]
@@ -117,6 +136,10 @@ pub struct PublisherConfig {
     /// a delivery mode without one. Messages made with [`Output::new`] are
     /// persistent already.
     pub force_persistent: bool,
+    /// Where a spooled record that comes back unroutable on replay is
+    /// moved (through the default exchange), with reason headers. Declared
+    /// durable by the publisher on first use. At most 255 bytes.
+    pub unroutable_queue: String,
 }
 
 impl Default for PublisherConfig {
@@ -133,6 +156,7 @@ impl Default for PublisherConfig {
             policy: RestartPolicy::default(),
             signing: None,
             force_persistent: false,
+            unroutable_queue: UNROUTABLE_QUEUE.to_owned(),
         }
     }
 }
@@ -204,6 +228,13 @@ struct Core {
     blocked_since: Mutex<Option<Instant>>,
     /// A replay round is running.
     replaying: AtomicBool,
+    /// The unconfirmed window, shared with the handles: replayed records
+    /// take a slot too.
+    window: Credits,
+    /// Opens the channel that declares [`PublisherConfig::unroutable_queue`].
+    conn: Addr<ConnectionActor>,
+    /// The unroutable queue was declared (by this process).
+    unroutable_declared: AtomicBool,
 }
 
 /// Locks a std mutex; the guarded values stay consistent across a panic
@@ -271,11 +302,31 @@ impl Core {
             .publish
             .with_label_values(&[result_label(res)])
             .inc();
-        if res.is_ok() {
-            self.with_breaker(|b, now| ((), b.on_success(now)));
-        } else {
-            self.with_breaker(|b, now| ((), b.on_failure(now)));
+        match res {
+            // A return is the message's own fault: the broker answered, so
+            // for the breaker the link works.
+            Ok(()) | Err(Error::Unroutable { .. }) => {
+                self.with_breaker(|b, now| ((), b.on_success(now)))
+            }
+            Err(_) => self.with_breaker(|b, now| ((), b.on_failure(now))),
         }
+    }
+
+    /// A channel exists that is connected or being recovered by lapin.
+    fn channel_alive(&self) -> bool {
+        lock(&self.channel)
+            .as_ref()
+            .is_some_and(crate::stage::channel_alive)
+    }
+
+    /// A channel exists and is unfit: lapin gave up on it (closed,
+    /// errored), or it is not in confirm mode (its publishes would not be
+    /// confirmed).
+    fn channel_dead(&self) -> bool {
+        lock(&self.channel).as_ref().is_some_and(|c| {
+            let s = c.status();
+            !crate::stage::channel_alive(c) || (s.connected() && !s.confirm())
+        })
     }
 
     fn usable_channel(&self) -> Option<Channel> {
@@ -432,7 +483,9 @@ impl Core {
             let take = match admission {
                 Admission::Reject => return,
                 Admission::Probe => 1,
-                Admission::Admit => batch.len(),
+                // A round holds a window credit per record until the
+                // confirms are awaited: never more than the window.
+                Admission::Admit => batch.len().min(self.window.total().max(1)),
             };
             let results = self.publish_batch(&ch, &batch[..take]).await;
             let mut remove = Vec::with_capacity(take);
@@ -445,16 +498,22 @@ impl Core {
                         remove.push(*seq);
                     }
                     Err(e @ Error::Unroutable { .. }) => {
-                        self.metrics
-                            .spool_dropped
-                            .with_label_values(&["unroutable"])
-                            .inc();
-                        error!(
-                            seq, exchange = %rec.exchange, routing_key = %rec.routing_key,
-                            message_id = ?rec.properties.message_id(), error = %e,
-                            "spooled message is unroutable; removed from the spool"
-                        );
-                        remove.push(*seq);
+                        match self.dead_letter_unroutable(&ch, rec, &e).await {
+                            Ok(()) => {
+                                self.count_unroutable_dead_letter(
+                                    rec,
+                                    "spooled message is unroutable; moved to the unroutable queue",
+                                );
+                                remove.push(*seq);
+                            }
+                            Err(e) => {
+                                error!(
+                                    seq, error = %e, queue = %self.cfg.unroutable_queue,
+                                    "cannot move an unroutable spooled message; it stays in the spool"
+                                );
+                                failed = true;
+                            }
+                        }
                     }
                     Err(e) => {
                         warn!(seq, error = %e, "replay publish failed; will retry");
@@ -479,7 +538,142 @@ impl Core {
     }
 }
 
+/// The `stage` label of dead letters the publisher writes itself.
+const PUBLISHER_STAGE: &str = "publisher";
+
+/// What we sent, to recognise our own message in a `basic.return`.
+struct Sent<'a> {
+    exchange: &'a str,
+    routing_key: &'a str,
+    body: &'a [u8],
+    message_id: Option<&'a str>,
+}
+
+impl<'a> Sent<'a> {
+    fn record(rec: &'a SpoolRecord) -> Self {
+        Sent {
+            exchange: &rec.exchange,
+            routing_key: &rec.routing_key,
+            body: &rec.body,
+            message_id: rec
+                .properties
+                .message_id()
+                .as_ref()
+                .map(ShortString::as_str),
+        }
+    }
+
+    /// The return is this message (two messages alike in all of these are
+    /// interchangeable).
+    fn is(&self, ret: &BasicReturnMessage) -> bool {
+        let d = &ret.delivery;
+        d.exchange.as_str() == self.exchange
+            && d.routing_key.as_str() == self.routing_key
+            && d.data == self.body
+            && d.properties.message_id().as_ref().map(ShortString::as_str) == self.message_id
+    }
+}
+
 impl Core {
+    /// Declares the unroutable queue once, on a channel of its own (a
+    /// failed declare closes its channel, not the confirm channel).
+    async fn declare_unroutable_queue(&self) -> Result<()> {
+        if self.unroutable_declared.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let name = ShortString::try_new(self.cfg.unroutable_queue.as_str())
+            .map_err(|e| Error::Store(format!("unroutable queue name: {e}")))?;
+        let ch = self.conn.send(OpenChannel(Purpose::Publish)).await??;
+        let declared = ch
+            .queue_declare(
+                name,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = ch.close(200, "declared".into()).await;
+        declared?;
+        self.unroutable_declared.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Moves a spooled record that came back unroutable to the unroutable
+    /// queue, with reason headers; `Ok` once confirmed there. Also rescues
+    /// any foreign return handed to this confirm.
+    async fn dead_letter_unroutable(
+        &self,
+        ch: &Channel,
+        rec: &SpoolRecord,
+        returned: &Error,
+    ) -> Result<()> {
+        let foreign = self.publish_dead_letter(ch, rec, returned).await?;
+        if let Some(ret) = foreign {
+            self.rescue_returns(ch, ret).await;
+        }
+        Ok(())
+    }
+
+    /// Publishes `rec` to the unroutable queue with reason headers;
+    /// `Ok(foreign)` once confirmed, with a return lapin attached to this
+    /// confirm that belongs to another publish.
+    async fn publish_dead_letter(
+        &self,
+        ch: &Channel,
+        rec: &SpoolRecord,
+        returned: &Error,
+    ) -> Result<Option<BasicReturnMessage>> {
+        self.declare_unroutable_queue().await?;
+        let mut props = rec.properties.clone().with_delivery_mode(2);
+        let text = |v: &str| AMQPValue::LongString(LongString::from(v.to_owned()));
+        set_header(
+            &mut props,
+            REASON_HEADER,
+            text(envelope::Reason::Unroutable.as_str()),
+        );
+        set_header(
+            &mut props,
+            ERROR_HEADER,
+            text(&truncate(returned.to_string(), MAX_ERROR_HEADER_BYTES)),
+        );
+        set_header(&mut props, ORIGINAL_EXCHANGE_HEADER, text(&rec.exchange));
+        set_header(
+            &mut props,
+            ORIGINAL_ROUTING_KEY_HEADER,
+            text(&rec.routing_key),
+        );
+        let queue = self.cfg.unroutable_queue.as_str();
+        let sent = Sent {
+            exchange: "",
+            routing_key: queue,
+            body: &rec.body,
+            message_id: rec
+                .properties
+                .message_id()
+                .as_ref()
+                .map(ShortString::as_str),
+        };
+        let confirmation = self
+            .patiently(async {
+                let confirm = self.send(ch, "", queue, &rec.body, props).await?;
+                Ok(confirm.await)
+            })
+            .await?;
+        match confirmation {
+            Ok(Confirmation::Ack(Some(ret))) if !sent.is(&ret) => Ok(Some(ret)),
+            other => {
+                let res = confirmed(other);
+                if matches!(res, Err(Error::Unroutable { .. })) {
+                    // Deleted since we declared it: declare again next time.
+                    self.unroutable_declared.store(false, Ordering::Release);
+                }
+                res.map(|()| None)
+            }
+        }
+    }
+
     /// Waits for `fut` (a frame write or a confirm) for `confirm_timeout`,
     /// and for as long as the broker blocks the connection on top: the
     /// broker has read the publish's method frame and routes the message
@@ -500,13 +694,25 @@ impl Core {
     /// Sends one message and waits for its confirm (see [`Core::patiently`]).
     async fn publish_once(&self, ch: &Channel, msg: &Output) -> Result<()> {
         let props = msg.properties.clone();
-        self.patiently(async {
-            let confirm = self
-                .send(ch, &msg.exchange, &msg.routing_key, &msg.body, props)
-                .await?;
-            confirmed(confirm.await)
-        })
-        .await
+        let sent = Sent {
+            exchange: &msg.exchange,
+            routing_key: &msg.routing_key,
+            body: &msg.body,
+            message_id: msg
+                .properties
+                .message_id()
+                .as_ref()
+                .map(ShortString::as_str),
+        };
+        let confirmation = self
+            .patiently(async {
+                let confirm = self
+                    .send(ch, &msg.exchange, &msg.routing_key, &msg.body, props)
+                    .await?;
+                Ok(confirm.await)
+            })
+            .await?;
+        self.settle(ch, confirmation, &sent).await
     }
 
     /// Sends spooled records in order on one channel, then awaits their
@@ -514,20 +720,112 @@ impl Core {
     async fn publish_batch(&self, ch: &Channel, batch: &[(u64, SpoolRecord)]) -> Vec<Result<()>> {
         let mut confirms = Vec::with_capacity(batch.len());
         for (_, rec) in batch {
+            // A replay is held to the rate and the window of live
+            // publishes; a record that gets neither stays for the next round.
+            if self.bucket.acquire().await.is_err() {
+                break;
+            }
+            let Some(credit) = self.window.acquire().await else {
+                break;
+            };
             let props = rec.properties.clone();
-            confirms.push(
-                self.patiently(self.send(ch, &rec.exchange, &rec.routing_key, &rec.body, props))
-                    .await,
-            );
+            let sent = self
+                .patiently(self.send(ch, &rec.exchange, &rec.routing_key, &rec.body, props))
+                .await;
+            confirms.push((credit, sent));
         }
         let mut out = Vec::with_capacity(confirms.len());
-        for c in confirms {
+        for ((_credit, c), (_, rec)) in confirms.into_iter().zip(batch) {
             out.push(match c {
                 Err(e) => Err(e),
-                Ok(c) => self.patiently(async { confirmed(c.await) }).await,
+                Ok(c) => match self.patiently(async { Ok(c.await) }).await {
+                    Err(e) => Err(e),
+                    Ok(confirmation) => self.settle(ch, confirmation, &Sent::record(rec)).await,
+                },
             });
         }
         out
+    }
+
+    /// Settles the confirm of one message we sent.
+    ///
+    /// A `basic.return` carries no delivery tag, and lapin hands each one to
+    /// whichever confirm it completes next — with confirms out of order
+    /// (quorum queues) or `multiple`, that is often another publish's. So a
+    /// return on our confirm is ours only if it is the message we sent; a
+    /// foreign one (its owner was told "confirmed") is moved to the
+    /// unroutable queue here, so it still ends in a countable place.
+    async fn settle(
+        &self,
+        ch: &Channel,
+        confirmation: lapin::Result<Confirmation>,
+        sent: &Sent<'_>,
+    ) -> Result<()> {
+        let (ret, acked) = match confirmation {
+            Ok(Confirmation::Ack(Some(ret))) => (ret, true),
+            Ok(Confirmation::Nack(Some(ret))) => (ret, false),
+            other => return confirmed(other),
+        };
+        if sent.is(&ret) {
+            return confirmed(Ok(Confirmation::Ack(Some(ret))));
+        }
+        self.rescue_returns(ch, ret).await;
+        if acked {
+            Ok(())
+        } else {
+            Err(Error::Nacked)
+        }
+    }
+
+    /// Moves returned messages whose publishers were told "confirmed" to
+    /// the unroutable queue (each move may surface another such return).
+    async fn rescue_returns(&self, ch: &Channel, first: BasicReturnMessage) {
+        let mut next = Some(first);
+        while let Some(ret) = next.take() {
+            let returned = Error::Unroutable {
+                code: ret.reply_code,
+                text: ret.reply_text.to_string(),
+            };
+            let d = ret.delivery;
+            let rec = SpoolRecord {
+                exchange: d.exchange.to_string(),
+                routing_key: d.routing_key.to_string(),
+                body: d.data,
+                properties: d.properties,
+            };
+            match self.publish_dead_letter(ch, &rec, &returned).await {
+                Ok(foreign) => {
+                    self.count_unroutable_dead_letter(
+                        &rec,
+                        "returned message moved to the unroutable queue",
+                    );
+                    next = foreign;
+                }
+                Err(e) => {
+                    self.metrics
+                        .spool_dropped
+                        .with_label_values(&[envelope::Reason::Unroutable.as_str()])
+                        .inc();
+                    error!(
+                        exchange = %rec.exchange, routing_key = %rec.routing_key,
+                        message_id = ?rec.properties.message_id(), error = %e,
+                        "a returned message could not be moved to the unroutable queue; it is lost"
+                    );
+                }
+            }
+        }
+    }
+
+    fn count_unroutable_dead_letter(&self, rec: &SpoolRecord, what: &'static str) {
+        self.metrics
+            .dead_lettered
+            .with_label_values(&[PUBLISHER_STAGE, envelope::Reason::Unroutable.as_str()])
+            .inc();
+        warn!(
+            exchange = %rec.exchange, routing_key = %rec.routing_key,
+            message_id = ?rec.properties.message_id(),
+            queue = %self.cfg.unroutable_queue, "{what}"
+        );
     }
 
     /// The one `basic.publish` of the actor: signs the message (unless it
@@ -579,7 +877,9 @@ async fn send(
 fn confirmed(c: lapin::Result<Confirmation>) -> Result<()> {
     match c {
         Err(e) => Err(Error::Amqp(e)),
-        Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
+        Ok(Confirmation::Ack(None)) => Ok(()),
+        // A channel not in confirm mode: the broker said nothing.
+        Ok(Confirmation::NotRequested) => Err(Error::NotConfirmed),
         Ok(Confirmation::Ack(Some(ret))) | Ok(Confirmation::Nack(Some(ret))) => {
             Err(Error::Unroutable {
                 code: ret.reply_code,
@@ -685,6 +985,9 @@ pub struct PublisherActor {
     conn: Addr<ConnectionActor>,
     restarts: Restarts,
     escalations: Option<EscalationSender>,
+    /// Link events are subscribed to once: the supervisor keeps the
+    /// address across restarts, so the subscription stays valid.
+    subscribed: bool,
 }
 
 impl PublisherActor {
@@ -726,6 +1029,9 @@ impl PublisherActor {
             gate: watch::channel(false).0,
             blocked_since: Mutex::new(None),
             replaying: AtomicBool::new(false),
+            conn: conn.clone(),
+            window: window.clone(),
+            unroutable_declared: AtomicBool::new(false),
             metrics,
             cfg,
         });
@@ -737,6 +1043,7 @@ impl PublisherActor {
             core: c,
             conn,
             escalations,
+            subscribed: false,
         });
         Ok(PublisherHandle { addr, window, core })
     }
@@ -783,6 +1090,13 @@ impl PublisherActor {
         }
         core.update_waiters();
         core.update_spool_gauges();
+        if core.channel_dead() {
+            // e.g. the broker closed the channel (a publish to a missing
+            // exchange): replace it without a restart.
+            *lock(&core.channel) = None;
+            self.open_channel(ctx);
+        }
+        let core = &self.core;
         if core.should_replay() {
             ctx.spawn(core.clone().replay().into_actor(self));
         }
@@ -796,8 +1110,14 @@ impl Actor for PublisherActor {
         if self.restarts.escalated() {
             return;
         }
-        // bounded: once per (re)start.
-        self.conn.do_send(Subscribe(ctx.address().recipient()));
+        if !self.subscribed {
+            self.subscribed = true;
+            // bounded: once, on the first start.
+            self.conn.do_send(Subscribe(ctx.address().recipient()));
+        } else {
+            // A restart: the link may be up already (no LinkUp will come).
+            self.open_channel(ctx);
+        }
         ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
     }
 }
@@ -828,9 +1148,10 @@ impl Handler<LinkEvent> for PublisherActor {
 
     fn handle(&mut self, ev: LinkEvent, ctx: &mut Context<Self>) {
         match ev {
-            // lapin's recovery re-opens the channel (and confirm mode) by
-            // itself; open one only if we have none that is usable.
-            LinkEvent::LinkUp(Purpose::Publish) if self.core.usable_channel().is_none() => {
+            // lapin reports `Connected` before it has recovered the
+            // channels, then re-opens the channel (and confirm mode) by
+            // itself: open one only if we have none lapin still owns.
+            LinkEvent::LinkUp(Purpose::Publish) if !self.core.channel_alive() => {
                 self.open_channel(ctx);
             }
             LinkEvent::Blocked(reason) => {
@@ -887,5 +1208,23 @@ impl Handler<Publish> for PublisherActor {
                 })
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_broker_ack_without_a_return_confirms() {
+        assert!(confirmed(Ok(Confirmation::Ack(None))).is_ok());
+        assert!(matches!(
+            confirmed(Ok(Confirmation::NotRequested)),
+            Err(Error::NotConfirmed)
+        ));
+        assert!(matches!(
+            confirmed(Ok(Confirmation::Nack(None))),
+            Err(Error::Nacked)
+        ));
     }
 }

@@ -201,10 +201,26 @@ pub struct SetBudget(pub Option<u64>);
 #[rtype(result = "()")]
 pub struct SetWorkers(pub usize);
 
-/// Reported by the intake task when it ends.
+/// Reported by the intake task when it ends. `generation` names the intake
+/// it came from: a replaced intake's end is stale and ignored.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct IntakeEnded(Result<()>);
+struct IntakeEnded {
+    generation: u64,
+    result: Result<()>,
+}
+
+/// How often a stage looks at its channel while lapin recovers it.
+const CHANNEL_CHECK: Duration = Duration::from_millis(100);
+
+/// A channel lapin still owns: connected, or reconnecting (lapin re-opens
+/// it and re-registers its consumer itself after a connection recovery;
+/// opening a second one meanwhile would leave a zombie consumer holding a
+/// prefetch window nobody reads).
+pub(crate) fn channel_alive(ch: &Channel) -> bool {
+    let s = ch.status();
+    s.connected() || s.reconnecting()
+}
 
 /// A cheap view of a stage for readiness checks.
 #[derive(Clone)]
@@ -255,6 +271,9 @@ pub struct StageActor {
     channel: Option<Channel>,
     consumer_tag: String,
     stop: watch::Sender<bool>,
+    /// Bumped for every intake started; an [`IntakeEnded`] from an older
+    /// one is stale.
+    intake_generation: u64,
     subscribed: bool,
     starting: bool,
     draining: bool,
@@ -309,6 +328,7 @@ impl StageActor {
             channel: None,
             consumer_tag: String::new(),
             stop: watch::channel(false).0,
+            intake_generation: 0,
             subscribed: false,
             starting: false,
             draining: false,
@@ -352,13 +372,16 @@ impl StageActor {
                         act.consumer_tag = tag;
                         act.shared.consuming.store(true, Ordering::Release);
                         let (tx, rx) = watch::channel(false);
+                        // Replacing the sender also ends an older intake.
                         act.stop = tx;
+                        act.intake_generation += 1;
+                        let generation = act.intake_generation;
                         let shared = act.shared.clone();
                         let me = ctx.address();
                         tokio::spawn(async move {
-                            let res = intake(shared, ch, consumer, rx).await;
+                            let result = intake(shared, ch, consumer, rx).await;
                             // bounded: once, when the intake task ends.
-                            me.do_send(IntakeEnded(res));
+                            me.do_send(IntakeEnded { generation, result });
                         });
                     }
                     Err(Error::NotConnected) => {} // LinkUp will come
@@ -422,10 +445,44 @@ async fn intake(
     }
 }
 
+impl StageActor {
+    /// Periodic: follows lapin's recovery of the channel. While it is
+    /// reconnecting the stage waits (not consuming); once it is connected
+    /// again the stage is consuming again; a channel lapin gave up on is
+    /// replaced.
+    fn check_channel(&mut self, ctx: &mut Context<Self>) {
+        if self.draining {
+            return;
+        }
+        let Some(ch) = &self.channel else {
+            return;
+        };
+        let s = ch.status();
+        if s.connected() {
+            self.shared.consuming.store(true, Ordering::Release);
+        } else if s.reconnecting() {
+            self.shared.consuming.store(false, Ordering::Release);
+        } else {
+            debug!(stage = %self.shared.spec.name, "channel closed for good; opening a new one");
+            self.replace_channel(ctx);
+        }
+    }
+
+    /// Ends the current intake (its end is stale) and consumes on a new channel.
+    fn replace_channel(&mut self, ctx: &mut Context<Self>) {
+        let _ = self.stop.send(true);
+        self.intake_generation += 1;
+        self.channel = None;
+        self.shared.consuming.store(false, Ordering::Release);
+        self.start_consuming(ctx);
+    }
+}
+
 impl Actor for StageActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(CHANNEL_CHECK, |act, ctx| act.check_channel(ctx));
         if !self.subscribed {
             self.subscribed = true;
             // bounded: once, on the first start.
@@ -439,6 +496,7 @@ impl Actor for StageActor {
 impl Supervised for StageActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         let _ = self.stop.send(true);
+        self.intake_generation += 1;
         self.channel = None;
         self.starting = false;
         self.shared.consuming.store(false, Ordering::Release);
@@ -466,16 +524,14 @@ impl actix::Handler<LinkEvent> for StageActor {
 
     fn handle(&mut self, ev: LinkEvent, ctx: &mut Context<Self>) {
         match ev {
-            LinkEvent::LinkUp(Purpose::Consume) => {
-                let usable = self
-                    .channel
-                    .as_ref()
-                    .is_some_and(|c| c.status().connected());
-                if !usable {
-                    self.channel = None;
-                    self.start_consuming(ctx);
-                }
-            }
+            // lapin reports `Connected` before it has recovered the
+            // channels: a reconnecting channel is still ours (see
+            // `channel_alive`), and `check_channel` sees it come back.
+            LinkEvent::LinkUp(Purpose::Consume) => match &self.channel {
+                Some(ch) if channel_alive(ch) => {}
+                Some(_) => self.replace_channel(ctx),
+                None => self.start_consuming(ctx),
+            },
             LinkEvent::LinkDown(Purpose::Consume) => {
                 self.shared.consuming.store(false, Ordering::Release);
             }
@@ -488,11 +544,14 @@ impl actix::Handler<IntakeEnded> for StageActor {
     type Result = ();
 
     fn handle(&mut self, msg: IntakeEnded, ctx: &mut Context<Self>) {
+        if msg.generation != self.intake_generation {
+            return; // a replaced intake
+        }
         self.shared.consuming.store(false, Ordering::Release);
         if self.draining {
             return;
         }
-        match msg.0 {
+        match msg.result {
             Ok(()) => {
                 warn!(stage = %self.shared.spec.name, "consumer cancelled by the broker; restarting stage");
             }

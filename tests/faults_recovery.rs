@@ -1,0 +1,138 @@
+//! A lapin auto-recovery costs no restart: the broker closes both of the
+//! engine's connections mid-run, lapin recovers them (and the channels and
+//! consumers on them), and the stages and the publisher go on as they were.
+
+use flowgate_testkit as common;
+
+use common::node::BrokerNode;
+use common::*;
+use flowgate::Engine;
+use std::time::Duration;
+
+const N: usize = 20_000;
+const PREFETCH: u32 = 20;
+
+#[actix_rt::test]
+async fn a_forced_close_of_both_connections_costs_no_restart_and_no_message() {
+    let node = BrokerNode::start_async()
+        .await
+        .expect("private broker node");
+    let prefix = unique("frecover");
+    let mut cfg = chain_config(&prefix, &["forward", "forward"], PREFETCH);
+    cfg.amqp.url = node.amqp_url();
+    let _cleanup = Cleanup::new(&node.amqp_url(), &cfg);
+    let handle = Engine::builder()
+        .config(cfg.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    let client = Client::connect(&node.amqp_url()).await;
+    let ids: Vec<String> = (0..N).map(|i| format!("id-{i}")).collect();
+    client
+        .publish_many(&format!("{prefix}.ex"), "in", &ids, &[2u8; 256])
+        .await;
+    let sink = format!("{prefix}.sink");
+    assert!(
+        eventually(Duration::from_secs(120), || async {
+            client.depth(&sink).await as usize > N * 3 / 10
+        })
+        .await,
+        "the pipeline moves"
+    );
+    let name = prefix.clone();
+    let closed = node
+        .blocking(move |n| n.close_connection_named(&name))
+        .await
+        .expect("close_connection");
+    assert_eq!(
+        closed, 2,
+        "closed the engine's consume and publish connections"
+    );
+    // The run finishes while the engine keeps running.
+    let stage_queues: Vec<String> = cfg.stages.iter().map(|s| s.queue.clone()).collect();
+    let idle = eventually(Duration::from_secs(180), || {
+        let node = node.clone();
+        let queues = stage_queues.clone();
+        async move {
+            node.blocking(move |n| {
+                queues.iter().all(|q| {
+                    n.list_queue(q)
+                        .is_ok_and(|(ready, unacked, _)| ready == 0 && unacked == 0)
+                })
+            })
+            .await
+        }
+    })
+    .await;
+    let m = handle.metrics();
+    assert!(
+        idle,
+        "the stage queues did not drain: {:?}\n{}",
+        node.blocking({
+            let q = stage_queues.clone();
+            move |n| {
+                q.iter()
+                    .map(|q| (q.clone(), n.list_queue(q).ok()))
+                    .collect::<Vec<_>>()
+            }
+        })
+        .await,
+        m.render()
+    );
+    // Exactly one consumer per stage queue: no zombie left by a second channel.
+    for q in &stage_queues {
+        let q2 = q.clone();
+        let (_, _, consumers) = node
+            .blocking(move |n| n.list_queue(&q2))
+            .await
+            .expect("list_queues");
+        assert_eq!(consumers, 1, "consumers on {q}");
+    }
+    // Everything the sink holds, duplicates included.
+    let s2 = sink.clone();
+    let (in_sink, _, _) = node
+        .blocking(move |n| n.list_queue(&s2))
+        .await
+        .expect("sink");
+    let got = client
+        .collect(&sink, in_sink as usize, Duration::from_secs(120))
+        .await;
+    assert_eq!(got.len(), in_sink as usize, "collected the whole sink");
+    let seen = counts(got.into_iter().map(|(id, _)| id));
+    let missing: Vec<&String> = ids.iter().filter(|i| !seen.contains_key(*i)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {N} ids never arrived (first: {:?})",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
+    let duplicates = in_sink as usize - seen.len();
+    // Each delivery in flight at the close may be redelivered, and its
+    // output's confirm may be lost and the output published again.
+    let windows = cfg.stages.len() * PREFETCH as usize;
+    eprintln!("recovery: {duplicates} duplicates (bound {})", 2 * windows);
+    assert!(
+        duplicates <= 2 * windows,
+        "{duplicates} duplicates exceed twice the in-flight windows ({windows})"
+    );
+    let recovered = m.reconnects.with_label_values(&["consume"]).get()
+        + m.reconnects.with_label_values(&["publish"]).get();
+    assert!(
+        recovered >= 2,
+        "lapin recovered both connections\n{}",
+        m.render()
+    );
+    for actor in ["stage:s1", "stage:s2", "publisher", "connection"] {
+        assert_eq!(
+            m.restarts.with_label_values(&[actor]).get(),
+            0,
+            "restarts of {actor}\n{}",
+            m.render()
+        );
+    }
+    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    handle.shutdown().await;
+}
