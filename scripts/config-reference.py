@@ -15,6 +15,7 @@ WHICH = sys.argv[1] if len(sys.argv) > 1 else "engine"
 # Where each struct sits in the file's key tree.
 ENGINE = [
     ("amqp", "AmqpConfig"), ("http", "HttpConfig"),
+    ("ingress", "IngressConfig"), ("ingress.routes[]", "IngressRoute"),
     ("exchanges[]", "ExchangeConfig"),
     ("queues[]", "QueueConfig"), ("queues[].bindings[]", "Binding"), ("queues[].watermark", "Watermark"),
     ("stages[]", "StageConfig"), ("stages[].output", "Target"), ("stages[].retry", "RetryConfig"),
@@ -27,14 +28,14 @@ ENGINE = [
 ORDERS = [("orders", "OrdersConfig")]
 try:
     SRC, PATHS = {
-        "engine": ("src/config/mod.rs", ENGINE),
+        "engine": ("src/config/mod.rs src/config/ingress.rs", ENGINE),
         "orders": ("examples/orders/src/config.rs", ORDERS),
     }[WHICH]
 except KeyError:
     sys.exit(f"unknown table {WHICH!r}: engine or orders")
-NESTED = {"breaker", "bindings", "watermark", "output", "retry"}
+NESTED = {"breaker", "bindings", "watermark", "output", "retry", "routes"}
 
-src = open(SRC).read()
+src = "".join(open(f).read() for f in SRC.split())
 structs = {}
 for m in re.finditer(r"pub struct (\w+) \{(.*?)\n\}", src, re.S):
     fields = []

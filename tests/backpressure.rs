@@ -258,6 +258,13 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = one_queue(AMQP_URL, &prefix);
     cfg.http.bind = "127.0.0.1:0".into();
+    cfg.ingress = flowgate::config::IngressConfig::open(
+        "127.0.0.1:0",
+        vec![flowgate::config::IngressRoute {
+            exchange: format!("{prefix}.ex"),
+            routing_key: "#".into(),
+        }],
+    );
     cfg.publisher.breaker.failures = 2;
     cfg.publisher.breaker.reset = Duration::from_secs(5);
     cfg.spool.path = Some(dir.path().join("spool.redb"));
@@ -309,7 +316,7 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
     );
 
     let (status, head, body) = http(
-        addr,
+        h.ingress_addr().expect("ingress listener"),
         "POST",
         &format!("/publish/{prefix}.ex/k"),
         &[("x-message-id", "via-http")],
@@ -384,6 +391,8 @@ async fn kill_9_with_a_full_spool_then_restart_delivers_every_spooled_message_on
     let dir = tempfile::tempdir().unwrap();
     let port = common::node::free_port().expect("port");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let ingress_port = common::node::free_port().expect("port");
+    let ingress: SocketAddr = format!("127.0.0.1:{ingress_port}").parse().unwrap();
     let config = dir.path().join("flowgate.toml");
     std::fs::write(
         &config,
@@ -394,6 +403,12 @@ url = "{url}"
 connection_name = "{prefix}"
 [http]
 bind = "{addr}"
+[ingress]
+bind = "{ingress}"
+auth = "none"
+routes = [{{ exchange = "{prefix}.ex" }}]
+# The primer stays in flight until the kill: no deadline spools a copy.
+publish_timeout = "120s"
 [[exchanges]]
 name = "{prefix}.ex"
 [[queues]]
@@ -432,7 +447,7 @@ path = "{spool}"
     let path = format!("/publish/{prefix}.ex/k");
     let p2 = path.clone();
     let primer = actix_rt::spawn(async move {
-        http(addr, "POST", &p2, &[("x-message-id", "primer")], b"p").await
+        http(ingress, "POST", &p2, &[("x-message-id", "primer")], b"p").await
     });
     let blocked = || async {
         let page = http(addr, "GET", "/metrics", &[], b"").await.2;
@@ -446,7 +461,8 @@ path = "{spool}"
     const N: usize = 20;
     for i in 0..N {
         let id = format!("c{i}");
-        let (status, _, body) = http(addr, "POST", &path, &[("x-message-id", &id)], b"body").await;
+        let (status, _, body) =
+            http(ingress, "POST", &path, &[("x-message-id", &id)], b"body").await;
         assert_eq!(status, 202, "{body}");
         assert!(body.contains("spooled"), "{body}");
     }

@@ -4,6 +4,7 @@
 //! Every option is documented where it is declared, with its default. The
 //! README's configuration reference is generated from the same text.
 
+mod ingress;
 mod validate;
 
 use serde::de::DeserializeOwned;
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use ingress::{IngressAuth, IngressConfig, IngressRoute, Tokens, MIN_TOKEN_BYTES};
 pub use validate::validate;
 
 /// A configuration problem, naming the key at fault.
@@ -58,9 +60,12 @@ pub struct Config {
     /// The broker.
     #[serde(default)]
     pub amqp: AmqpConfig,
-    /// The HTTP server (metrics, health, ingress).
+    /// The HTTP server of metrics and health.
     #[serde(default)]
     pub http: HttpConfig,
+    /// The HTTP publish ingress: its own listener, tokens, routes, bounds.
+    #[serde(default)]
+    pub ingress: IngressConfig,
     /// Exchanges to declare.
     #[serde(default)]
     pub exchanges: Vec<ExchangeConfig>,
@@ -172,7 +177,8 @@ impl AmqpConfig {
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address of the HTTP server serving `/metrics`, `/healthz`, `/readyz`
-    /// (and the ingress). Default `127.0.0.1:9464`. Empty string: no server.
+    /// (publishing has its own listener, `[ingress] bind`). Default
+    /// `127.0.0.1:9464`. Empty string: no server.
     #[serde(default = "default_bind")]
     pub bind: String,
 }
