@@ -6,6 +6,7 @@
 //! HTTP ingresses.
 
 use crate::config::{Config, ExchangeType, StageConfig};
+use crate::ingress::IngressError;
 use flowgate_actors::depth::{QueueLevels, Refusal, ScaleRange, WatchedQueue, Watermark};
 use flowgate_actors::Metrics;
 use std::sync::Arc;
@@ -114,20 +115,38 @@ impl IngressGate {
         }
     }
 
-    /// Admits one message for `exchange`/`routing_key`, or says which
-    /// queue refuses it (logged, and counted in
-    /// `flowgate_ingress_refused_total{queue}`).
-    pub(crate) fn admit(&self, exchange: &str, routing_key: &str) -> Result<(), Refusal> {
-        let queues = routed_queues(&self.config, exchange, routing_key);
+    /// Admits one message for `exchange`/`routing_key`: refuses a route
+    /// no declared queue is bound to, or says which queue refuses it
+    /// (logged, and counted in `flowgate_ingress_refused_total{queue}`).
+    pub(crate) fn admit(&self, exchange: &str, routing_key: &str) -> Result<(), IngressError> {
+        let queues = self.bound_queues(exchange, routing_key)?;
         self.levels
             .admit(queues.iter().map(String::as_str))
-            .inspect_err(|r| {
+            .inspect_err(|r: &Refusal| {
                 debug!(exchange, routing_key, reason = %r, "ingress refused by a watermark");
                 self.metrics
                     .ingress_refused
                     .with_label_values(&[r.queue()])
                     .inc();
-            })
+            })?;
+        Ok(())
+    }
+
+    /// The queues the route lands in, or [`IngressError::NoRoute`] when none.
+    pub(crate) fn bound_queues(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<Vec<String>, IngressError> {
+        let queues = routed_queues(&self.config, exchange, routing_key);
+        if queues.is_empty() {
+            debug!(exchange, routing_key, "ingress refused: no queue bound");
+            return Err(IngressError::NoRoute {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+            });
+        }
+        Ok(queues)
     }
 
     /// The monitor's levels (depths, peaks).

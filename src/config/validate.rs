@@ -1,6 +1,6 @@
 //! Start-up validation: every mistake names its key.
 
-use super::{Concurrency, Config, ConfigError, DedupMode, StageConfig, VerifyMode};
+use super::{Concurrency, Config, ConfigError, DedupMode, IngressAuth, StageConfig, VerifyMode};
 use lapin::types::MAX_SHORT_STRING_LENGTH as MAX_SHORT_STRING;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -171,6 +171,89 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
     }
     validate_dedup(cfg)?;
     validate_security(cfg)?;
+    validate_ingress(cfg, &exchanges)?;
+    Ok(())
+}
+
+/// The longest AMQP short string (exchange names, routing keys).
+const SHORT_STRING_MAX: usize = 255;
+
+/// `[ingress]`: an address, who may publish (the tokens are read), and
+/// routes to declared exchanges.
+fn validate_ingress(cfg: &Config, exchanges: &HashSet<&str>) -> Result<(), ConfigError> {
+    let ing = &cfg.ingress;
+    if ing.bind.is_empty() {
+        return Ok(());
+    }
+    if ing.bind.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ConfigError::new(
+            "ingress.bind",
+            format!("`{}` is not an address like 127.0.0.1:9465", ing.bind),
+        ));
+    }
+    if ing.bind == cfg.http.bind && !ing.bind.ends_with(":0") {
+        return Err(ConfigError::new(
+            "ingress.bind",
+            "must differ from http.bind: publishing and metrics have separate listeners",
+        ));
+    }
+    let tokens = ing.tokens()?;
+    match ing.auth {
+        IngressAuth::Token if tokens.is_empty() => {
+            return Err(ConfigError::new(
+                "ingress.auth",
+                "`token` needs ingress.token_file or ingress.token_env with at least one token \
+                 (or auth = \"none\" to open the ingress to anyone who can reach it)",
+            ))
+        }
+        IngressAuth::None if !tokens.is_empty() => {
+            return Err(ConfigError::new(
+                "ingress.auth",
+                "tokens are configured but auth = \"none\" would ignore them",
+            ))
+        }
+        _ => {}
+    }
+    if ing.routes.is_empty() {
+        return Err(ConfigError::new(
+            "ingress.routes",
+            "list the routes the ingress may publish to ({ exchange, routing_key })",
+        ));
+    }
+    for (i, r) in ing.routes.iter().enumerate() {
+        if !exchanges.contains(r.exchange.as_str()) {
+            return Err(ConfigError::new(
+                format!("ingress.routes[{i}].exchange"),
+                format!(
+                    "exchange `{}` is not declared under [[exchanges]]",
+                    r.exchange
+                ),
+            ));
+        }
+        if r.routing_key.len() > SHORT_STRING_MAX {
+            return Err(ConfigError::new(
+                format!("ingress.routes[{i}].routing_key"),
+                format!("longer than {SHORT_STRING_MAX} bytes"),
+            ));
+        }
+    }
+    for (key, v) in [
+        ("ingress.max_connections", ing.max_connections),
+        ("ingress.max_concurrent", ing.max_concurrent),
+    ] {
+        if v == 0 {
+            return Err(ConfigError::new(key, "must be at least 1"));
+        }
+    }
+    for (key, d) in [
+        ("ingress.publish_timeout", ing.publish_timeout),
+        ("ingress.header_timeout", ing.header_timeout),
+        ("ingress.body_timeout", ing.body_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(ConfigError::new(key, "must be more than 0"));
+        }
+    }
     Ok(())
 }
 

@@ -948,6 +948,18 @@ impl PublisherHandle {
         self.send(msg).await.map(|_| ())
     }
 
+    /// Stores `msg` in the spool without trying the broker, for a caller
+    /// whose own deadline passed (the HTTP ingress): [`Published::Spooled`]
+    /// once durable; [`Error::Backpressure`] without a spool or when full.
+    pub async fn spool(&self, msg: Output) -> Result<Published> {
+        self.core.spool(msg).await
+    }
+
+    /// Whether a spool is configured.
+    pub fn has_spool(&self) -> bool {
+        self.core.spool.is_some()
+    }
+
     /// Publishes currently awaiting a confirm.
     pub fn unconfirmed(&self) -> usize {
         self.window.in_use()
