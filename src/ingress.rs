@@ -8,7 +8,7 @@
 //! in one place ([`IngressError::error_response`]) for `POST /publish` and
 //! any host server alike.
 
-use crate::depth::IngressGate;
+use crate::depth::{Denied, IngressGate};
 use actix_web::http::{header, StatusCode};
 use actix_web::HttpResponse;
 use flowgate_actors::depth::{QueueLevels, Refusal};
@@ -110,6 +110,13 @@ pub enum IngressError {
 }
 
 impl IngressError {
+    fn no_route(exchange: &str, routing_key: &str) -> Self {
+        IngressError::NoRoute {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+        }
+    }
+
     /// A refusal by the host's own admission (answered like backpressure).
     pub fn busy(reason: impl Into<String>) -> Self {
         IngressError::Busy {
@@ -266,7 +273,10 @@ impl Ingress {
     /// the queue's room below its watermark until the next sample: admit
     /// only what is about to be published.
     pub fn admit(&self, exchange: &str, routing_key: &str) -> Result<(), IngressError> {
-        self.gate.admit(exchange, routing_key)
+        self.gate.admit(exchange, routing_key).map_err(|d| match d {
+            Denied::NoRoute => IngressError::no_route(exchange, routing_key),
+            Denied::Watermark(r) => r.into(),
+        })
     }
 
     /// Publishes (persistent, `mandatory`) within `publish_timeout`:
@@ -331,7 +341,10 @@ impl Ingress {
     /// Refuses a route no declared queue is bound to (as [`admit`](Self::admit)
     /// does), without taking any watermark headroom.
     pub fn check_bound(&self, exchange: &str, routing_key: &str) -> Result<(), IngressError> {
-        self.gate.bound_queues(exchange, routing_key).map(|_| ())
+        self.gate
+            .bound_queues(exchange, routing_key)
+            .map(|_| ())
+            .ok_or_else(|| IngressError::no_route(exchange, routing_key))
     }
 }
 

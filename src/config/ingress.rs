@@ -224,12 +224,7 @@ impl IngressConfig {
     /// Whether a route listed in `routes` allows `exchange`/`routing_key`.
     pub fn allows(&self, exchange: &str, routing_key: &str) -> bool {
         self.routes.iter().any(|r| {
-            r.exchange == exchange
-                && crate::depth::binding_matches(
-                    super::ExchangeType::Topic,
-                    &r.routing_key,
-                    routing_key,
-                )
+            r.exchange == exchange && super::ExchangeType::Topic.routes(&r.routing_key, routing_key)
         })
     }
 }

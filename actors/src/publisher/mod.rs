@@ -316,7 +316,7 @@ impl Core {
     fn channel_alive(&self) -> bool {
         lock(&self.channel)
             .as_ref()
-            .is_some_and(crate::stage::channel_alive)
+            .is_some_and(crate::connection::channel_alive)
     }
 
     /// A channel exists and is unfit: lapin gave up on it (closed,
@@ -325,7 +325,7 @@ impl Core {
     fn channel_dead(&self) -> bool {
         lock(&self.channel).as_ref().is_some_and(|c| {
             let s = c.status();
-            !crate::stage::channel_alive(c) || (s.connected() && !s.confirm())
+            !crate::connection::channel_alive(c) || (s.connected() && !s.confirm())
         })
     }
 
