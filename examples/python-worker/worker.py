@@ -20,9 +20,11 @@ with POST /admin and a JSON object holding any of these keys):
   slow_seconds     WORKER_SLOW_SECONDS=s      (default 30: past any sane timeout)
   bad_output_ids   WORKER_BAD_OUTPUT_IDS=a,b  answer these with an output whose
                                               routing key is 300 bytes (invalid)
+  malformed_ids    WORKER_MALFORMED_IDS=a,b   answer these 200 with a JSON document
+                                              that is not an outputs document
 
-GET /admin/stats answers {"handled": n, "statuses": {"200": n, ...},
-"calls": {message id: n}}.
+GET /admin/stats answers {"handled": n, "max_in_flight": n (most messages
+being handled at once), "statuses": {"200": n, ...}, "calls": {message id: n}}.
 """
 
 import argparse
@@ -53,7 +55,10 @@ class State:
         self.slow_ids = _ids(os.environ.get("WORKER_SLOW_IDS"))
         self.slow_seconds = float(os.environ.get("WORKER_SLOW_SECONDS", "30"))
         self.bad_output_ids = _ids(os.environ.get("WORKER_BAD_OUTPUT_IDS"))
+        self.malformed_ids = _ids(os.environ.get("WORKER_MALFORMED_IDS"))
         self.handled = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.statuses = {}
         self.calls = {}
 
@@ -65,23 +70,36 @@ class State:
                 self.unavailable_until = time.monotonic() + float(cfg["unavailable_for"])
             if "retry_after" in cfg:
                 self.retry_after = float(cfg["retry_after"])
-            for key in ("reject_ids", "slow_ids", "bad_output_ids"):
+            for key in ("reject_ids", "slow_ids", "bad_output_ids", "malformed_ids"):
                 if key in cfg:
                     setattr(self, key, set(cfg[key]))
             if "slow_seconds" in cfg:
                 self.slow_seconds = float(cfg["slow_seconds"])
 
-    def count(self, message_id, status):
+    def call(self, message_id):
         with self.lock:
             self.calls[message_id] = self.calls.get(message_id, 0) + 1
+
+    def count(self, status):
+        with self.lock:
             self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
             if status == 200:
                 self.handled += 1
+
+    def enter(self):
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def leave(self):
+        with self.lock:
+            self.in_flight -= 1
 
     def stats(self):
         with self.lock:
             return {
                 "handled": self.handled,
+                "max_in_flight": self.max_in_flight,
                 "statuses": dict(self.statuses),
                 "calls": dict(self.calls),
             }
@@ -105,6 +123,10 @@ def price(order):
 class Handler(BaseHTTPRequestHandler):
     # Keep-alive, so flowgate's connection pool reuses connections.
     protocol_version = "HTTP/1.1"
+    # One write per answer (flushed after each request) and no Nagle delay:
+    # headers and body in separate segments would wait for delayed ACKs.
+    wbufsize = -1
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt, *args):  # quiet: one line per message is noise
         pass
@@ -118,6 +140,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
+            self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             # flowgate gave up (timeout) and closed the connection.
             self.close_connection = True
@@ -142,21 +165,27 @@ class Handler(BaseHTTPRequestHandler):
             except (ValueError, TypeError) as e:
                 return self._answer(400, f"bad admin request: {e}".encode())
             return self._json(200, {"ok": True})
-        self.handle_message(body)
+        STATE.enter()
+        try:
+            self.handle_message(body)
+        finally:
+            STATE.leave()
 
     def handle_message(self, body):
         # flowgate percent-encodes mapped values: unquote gives the id back.
         message_id = urllib.parse.unquote(self.headers.get("x-amqp-message-id", ""))
         s = STATE
+        s.call(message_id)
         with s.lock:
             unavailable = s.unavailable or time.monotonic() < s.unavailable_until
             retry_after = s.retry_after
             rejected = message_id in s.reject_ids
             slow = s.slow_seconds if message_id in s.slow_ids else 0
             bad_output = message_id in s.bad_output_ids
+            malformed = message_id in s.malformed_ids
         if unavailable:
             # Slow down: flowgate waits Retry-After, holding the message.
-            s.count(message_id, 503)
+            s.count(503)
             return self._answer(503, b"busy", extra=[("retry-after", f"{retry_after:g}")])
         if slow:
             time.sleep(slow)
@@ -166,10 +195,10 @@ class Handler(BaseHTTPRequestHandler):
         except (ValueError, KeyError, TypeError) as e:
             # A permanent problem with this message: flowgate dead-letters
             # it with reason "http 422: ..." (the text below).
-            s.count(message_id, 422)
+            s.count(422)
             return self._answer(422, f"not a valid order: {e!r}".encode())
         if rejected:
-            s.count(message_id, 422)
+            s.count(422)
             return self._answer(422, b"order rejected: unknown customer")
         output = {
             # exchange and routing_key default to the stage's `output`.
@@ -179,7 +208,9 @@ class Handler(BaseHTTPRequestHandler):
         }
         if bad_output:
             output["routing_key"] = "k" * 300
-        s.count(message_id, 200)
+        s.count(200)
+        if malformed:
+            return self._json(200, {"outputs": "not a list"})
         self._json(200, {"outputs": [output]})
 
 
