@@ -681,6 +681,112 @@ mod tests {
         );
     }
 
+    /// A tiny keep-alive HTTP server answering request `n` (from 0) with
+    /// `answer(n)`; returns its URL and the request counter.
+    async fn server(
+        answer: fn(usize) -> &'static str,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let count = std::sync::Arc::new(AtomicUsize::new(0));
+        let c = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        while buf.len() < end + 4 + len {
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..end + 4 + len);
+                        let n = c.fetch_add(1, Ordering::SeqCst);
+                        if sock.write_all(answer(n).as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, count)
+    }
+
+    fn handler(url: &str, f: impl FnOnce(&mut HttpStageConfig)) -> Http {
+        let mut cfg = HttpStageConfig::new(url);
+        f(&mut cfg);
+        Http::new(&cfg, Some(target())).unwrap()
+    }
+
+    const BUSY_FOR_AN_HOUR: &str =
+        "HTTP/1.1 503 Service Unavailable\r\nretry-after: 3600\r\ncontent-length: 0\r\n\r\n";
+    const OK_JSON: &str = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 26\r\n\r\n{\"outputs\":[{\"body\":\"x\"}]}";
+
+    #[tokio::test]
+    async fn slow_down_waits_capped_then_tries_again_until_the_service_recovers() {
+        let (url, count) = server(|n| if n < 3 { BUSY_FOR_AN_HOUR } else { OK_JSON }).await;
+        let h = handler(&url, |c| c.retry_after_max = Duration::from_millis(5));
+        // Retry-After says an hour; the cap makes it 5 ms per answer (the
+        // outer bound only keeps a broken cap from hanging the test).
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            h.handle(&delivery(BasicProperties::default())),
+        )
+        .await
+        .expect("the cap bounds each wait")
+        .unwrap();
+        let Outcome::Ack { outputs } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(outputs.len(), 1);
+        assert_eq!(
+            count.load(std::sync::atomic::Ordering::SeqCst),
+            4,
+            "three 503s, then the answer"
+        );
+    }
+
+    #[tokio::test]
+    async fn slow_down_past_its_limit_goes_through_the_retry_ladder() {
+        let (url, count) = server(|_| BUSY_FOR_AN_HOUR).await;
+        let h = handler(&url, |c| {
+            c.retry_after_max = Duration::from_millis(5);
+            c.slow_down_limit = Duration::from_millis(50);
+        });
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            h.handle(&delivery(BasicProperties::default())),
+        )
+        .await
+        .expect("the limit ends the slow-down")
+        .unwrap();
+        let Outcome::Retry { reason } = out else {
+            panic!("{out:?}")
+        };
+        assert!(reason.starts_with("http 503"), "{reason}");
+        assert!(
+            count.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+            "it tried again"
+        );
+    }
+
     #[test]
     fn retry_after_is_seconds_and_error_reasons_carry_the_status() {
         let mut h = HeaderMap::new();
