@@ -183,6 +183,13 @@ pub enum Outcome {
         /// `handler` (labels are a closed set, see [`crate::envelope::Reason`]).
         reason: String,
     },
+    /// The handler's outputs cannot be published (e.g. a service answered
+    /// with a malformed output document): dead-letter the input with
+    /// reason `invalid-output` (publishing would fail the same way forever).
+    InvalidOutput {
+        /// What is wrong; becomes `x-flowgate-error` on the dead letter.
+        reason: String,
+    },
 }
 
 impl Outcome {
@@ -208,6 +215,13 @@ impl Outcome {
     /// Dead-letter now.
     pub fn dead_letter(reason: impl Into<String>) -> Self {
         Outcome::DeadLetter {
+            reason: reason.into(),
+        }
+    }
+
+    /// Dead-letter now as `invalid-output`.
+    pub fn invalid_output(reason: impl Into<String>) -> Self {
+        Outcome::InvalidOutput {
             reason: reason.into(),
         }
     }

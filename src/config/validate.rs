@@ -1,6 +1,9 @@
 //! Start-up validation: every mistake names its key.
 
-use super::{Concurrency, Config, ConfigError, DedupMode, IngressAuth, StageConfig, VerifyMode};
+use super::{
+    Concurrency, Config, ConfigError, DedupMode, IngressAuth, StageConfig, VerifyMode,
+    HTTP_MAPPED_PREFIX, HTTP_RESERVED_HEADERS,
+};
 use lapin::types::MAX_SHORT_STRING_LENGTH as MAX_SHORT_STRING;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -168,6 +171,7 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
             ));
         }
         validate_failures(cfg, s, &key)?;
+        validate_http(s, &key)?;
     }
     validate_dedup(cfg)?;
     validate_security(cfg)?;
@@ -365,6 +369,87 @@ fn validate_failures(
             "redis.url",
             "must be set for dedup = \"redis\"",
         ));
+    }
+    Ok(())
+}
+
+/// A stage's `http` table (and that the `http` handler has one).
+fn validate_http(s: &StageConfig, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    let Some(h) = &s.http else {
+        if s.handler == "http" {
+            return Err(ConfigError::new(
+                key("http"),
+                "the `http` handler needs an http table, e.g. { url = \"http://127.0.0.1:8000/\" }",
+            ));
+        }
+        return Ok(());
+    };
+    match url::Url::parse(&h.url) {
+        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.has_host() => {}
+        Ok(_) => {
+            return Err(ConfigError::new(
+                key("http.url"),
+                "must be an http:// or https:// URL with a host",
+            ))
+        }
+        // Never echo the URL: it may hold credentials.
+        Err(e) => {
+            return Err(ConfigError::new(
+                key("http.url"),
+                format!("malformed URL ({e})"),
+            ))
+        }
+    }
+    if h.timeout < Duration::from_millis(1) {
+        return Err(ConfigError::new(
+            key("http.timeout"),
+            "must be at least 1ms",
+        ));
+    }
+    if h.max_concurrency == 0 || h.max_concurrency > 4096 {
+        return Err(ConfigError::new(
+            key("http.max_concurrency"),
+            "must be between 1 and 4096",
+        ));
+    }
+    if h.retry_after_max < Duration::from_millis(1) {
+        return Err(ConfigError::new(
+            key("http.retry_after_max"),
+            "must be at least 1ms",
+        ));
+    }
+    if h.slow_down_limit < h.retry_after_max {
+        return Err(ConfigError::new(
+            key("http.slow_down_limit"),
+            "must be at least http.retry_after_max",
+        ));
+    }
+    if h.max_response_bytes == 0 {
+        return Err(ConfigError::new(
+            key("http.max_response_bytes"),
+            "must be at least 1",
+        ));
+    }
+    for (name, value) in &h.headers {
+        let k = || key(&format!("http.headers.{name}"));
+        let lower = name.to_ascii_lowercase();
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(ConfigError::new(k(), "is not a valid HTTP header name"));
+        }
+        if HTTP_RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with(HTTP_MAPPED_PREFIX)
+        {
+            return Err(ConfigError::new(
+                k(),
+                "is written by the engine (content-*, host, x-amqp-*); pick another name",
+            ));
+        }
+        // Never echo the value: it may be a credential.
+        if reqwest::header::HeaderValue::from_str(value).is_err() {
+            return Err(ConfigError::new(
+                k(),
+                "is not a valid HTTP header value (visible ASCII only)",
+            ));
+        }
     }
     Ok(())
 }
@@ -604,5 +689,80 @@ mod security_tests {
         let cfg = with(&format!("hmac_key_file = {:?}", f.path()), "").unwrap();
         assert!(!format!("{cfg:?}").contains("0123456789abcdef"));
         assert!(!format!("{:?}", cfg.security.keys().unwrap()).contains("0123456789abcdef"));
+    }
+}
+
+#[cfg(test)]
+mod http_keys_tests {
+    use crate::config::Config;
+    use std::time::Duration;
+
+    use super::TEST_BASE as BASE;
+
+    fn with(stage_extra: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::from_toml(&format!("{BASE}{stage_extra}\n"))
+    }
+
+    #[test]
+    fn the_http_table_parses_with_documented_defaults() {
+        let cfg = with("http = { url = \"http://127.0.0.1:8000/handle\" }").unwrap();
+        let h = cfg.stages[0].http.as_ref().unwrap();
+        assert_eq!(h.timeout, Duration::from_secs(10));
+        assert_eq!(h.max_concurrency, 8);
+        assert!(h.headers.is_empty());
+        assert_eq!(h.retry_after_max, Duration::from_secs(30));
+        assert_eq!(h.slow_down_limit, Duration::from_secs(300));
+        assert_eq!(h.max_response_bytes, 1 << 20);
+        assert_eq!(
+            h,
+            &crate::config::HttpStageConfig::new("http://127.0.0.1:8000/handle")
+        );
+    }
+
+    #[test]
+    fn bad_http_keys_name_their_key_and_hide_secrets() {
+        let e = Config::from_toml(&BASE.replace("\"sink\"", "\"http\"")).unwrap_err();
+        assert_eq!(e.key, "stages[0].http", "{e}");
+        let e = with("http = { url = \"ftp://x/\" }").unwrap_err();
+        assert_eq!(e.key, "stages[0].http.url");
+        let e = with("http = { url = \"http://user:s3cret@\" }").unwrap_err();
+        assert_eq!(e.key, "stages[0].http.url");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let u = "url = \"http://127.0.0.1:1/\"";
+        for (extra, key) in [
+            ("timeout = \"0s\"", "stages[0].http.timeout"),
+            ("max_concurrency = 0", "stages[0].http.max_concurrency"),
+            ("retry_after_max = \"0s\"", "stages[0].http.retry_after_max"),
+            ("slow_down_limit = \"1s\"", "stages[0].http.slow_down_limit"),
+            (
+                "max_response_bytes = 0",
+                "stages[0].http.max_response_bytes",
+            ),
+            (
+                "headers = { \"x-amqp-stage\" = \"v\" }",
+                "stages[0].http.headers.x-amqp-stage",
+            ),
+            (
+                "headers = { \"Content-Type\" = \"v\" }",
+                "stages[0].http.headers.Content-Type",
+            ),
+            (
+                "headers = { \"bad name\" = \"v\" }",
+                "stages[0].http.headers.bad name",
+            ),
+            (
+                "headers = { auth = \"tok\\nen-s3cret\" }",
+                "stages[0].http.headers.auth",
+            ),
+        ] {
+            let e = with(&format!("http = {{ {u}, {extra} }}")).unwrap_err();
+            assert_eq!(e.key, key, "{extra}: {e}");
+            assert!(!e.to_string().contains("s3cret"), "{e}");
+        }
+        assert!(with(&format!("http = {{ {u}, unknown = 1 }}")).is_err());
+        assert!(with(&format!(
+            "http = {{ {u}, headers = {{ authorization = \"Bearer t\" }} }}"
+        ))
+        .is_ok());
     }
 }
