@@ -108,9 +108,11 @@ async fn token_bucket_spreads_a_burst_at_rate_and_bounds_waiters() {
 
     // 110 publishes at once: 10 pass on the burst, the other 100 are spread
     // at 100/s, so the whole lot takes 1 s: not less (the rate is applied),
-    // and not much more (the rate is the configured one, not a slower one;
-    // the upper bound leaves room for a loaded 2-core machine's confirm
-    // latency, and a bucket even half as fast would need 2 s).
+    // and not many times more (the rate is the configured one, not a much
+    // slower one: a bucket five times slower needs 5 s; the bound leaves
+    // room for a loaded 2-core machine's confirm latency — measured 1.0 s
+    // alone and 2.9 s beside other builds — and the exact rate is proven
+    // with paused time in the bucket's own unit tests).
     const BURST_N: usize = 110;
     let t0 = tokio::time::Instant::now();
     let res = futures::future::join_all(
@@ -129,7 +131,7 @@ async fn token_bucket_spreads_a_burst_at_rate_and_bounds_waiters() {
         "rate not applied: {BURST_N} publishes took {took:?}"
     );
     assert!(
-        took < Duration::from_millis(1900),
+        took < Duration::from_secs(5),
         "slower than the configured rate: {BURST_N} publishes took {took:?}"
     );
     h.shutdown().await;

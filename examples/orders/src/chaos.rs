@@ -113,7 +113,7 @@ pub async fn run(plan: ChaosPlan) -> Result<ChaosReport, String> {
     let text = worker_cfg
         .to_toml()
         .map_err(|e| format!("serialising the config: {e}"))?;
-    std::fs::write(&worker_cfg_path, text).map_err(|e| format!("writing the config: {e}"))?;
+    write_private(&worker_cfg_path, &text).map_err(|e| format!("writing the config: {e}"))?;
 
     // This process: the gateway and the status stages.
     let mut local = plan.config.clone();
@@ -212,6 +212,19 @@ pub async fn run(plan: ChaosPlan) -> Result<ChaosReport, String> {
     })
 }
 
+/// Writes a file only its owner can read: the worker config carries the
+/// broker and Redis URLs, passwords included.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(text.as_bytes())
+}
+
 fn tempfile_dir() -> Result<PathBuf, String> {
     let dir = std::env::temp_dir().join(format!(
         "flowgate-chaos-{}",
@@ -259,5 +272,21 @@ pub async fn run_worker(config: &Path, stage: &str) -> ExitCode {
             app.shutdown().await;
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod private_file_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn the_worker_config_is_readable_by_its_owner_only() {
+        let dir = tempfile_dir().unwrap();
+        let path = dir.join("worker.toml");
+        write_private(&path, "url = \"amqp://u:secret@h\"").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(mode, 0o600);
     }
 }
