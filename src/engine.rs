@@ -373,6 +373,7 @@ impl Engine {
             metrics.clone(),
             Some(esc_tx.clone()),
         )
+        .await
         .map_err(StartError::Spool)?;
 
         let dedup = build_dedup(&config, &metrics).await?;
