@@ -218,7 +218,8 @@ impl DedupHandle {
     /// else holds (see the module docs). Returns [`Claimed::Stopped`] only
     /// when `stop` is raised.
     pub async fn claim(&self, stage: &str, key: &str, stop: &AtomicBool) -> Claimed {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff =
+            crate::supervision::Backoff::new(Duration::from_millis(50), IN_PROGRESS_BACKOFF_MAX);
         loop {
             if !self.wait_available(stop).await {
                 return Claimed::Stopped;
@@ -227,8 +228,7 @@ impl DedupHandle {
                 Ok(Claim::Acquired(t)) => return Claimed::Acquired(t),
                 Ok(Claim::AlreadyDone) => return Claimed::AlreadyDone,
                 Ok(Claim::InProgress) => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(IN_PROGRESS_BACKOFF_MAX);
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
                 Err(e) => {
                     self.failed(stage, "claim", &e);
