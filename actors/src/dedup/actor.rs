@@ -162,6 +162,10 @@ pub enum Claimed {
     AlreadyDone,
     /// The stage is draining: give the delivery back.
     Stopped,
+    /// The store answered with an error retrying will not fix
+    /// ([`DedupError::Backend`]): dead-letter instead of waiting forever
+    /// while holding a credit.
+    Failed(String),
 }
 
 /// What message tasks hold: the store plus its availability. Cheap to clone.
@@ -229,6 +233,16 @@ impl DedupHandle {
                 Ok(Claim::AlreadyDone) => return Claimed::AlreadyDone,
                 Ok(Claim::InProgress) => {
                     tokio::time::sleep(backoff.next_delay()).await;
+                }
+                // An answer, not an outage: the store stays available.
+                Err(e) if !e.is_transient() => {
+                    events::DedupStoreFailed {
+                        stage,
+                        call: "claim",
+                        error: &e,
+                    }
+                    .emit(&self.metrics);
+                    return Claimed::Failed(e.to_string());
                 }
                 Err(e) => {
                     self.failed(stage, "claim", &e);

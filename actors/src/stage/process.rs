@@ -262,6 +262,7 @@ async fn claim(shared: &Shared, key: Option<String>) -> Result<Option<ClaimToken
             Err(Verdict::Ack)
         }
         Claimed::Stopped => Err(Verdict::Requeue),
+        Claimed::Failed(e) => Err(Verdict::DeadLetter(DeadLetter::new(Reason::DedupError, e))),
     }
 }
 
