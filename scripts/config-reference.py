@@ -18,6 +18,7 @@ ENGINE = [
     ("exchanges[]", "ExchangeConfig"),
     ("queues[]", "QueueConfig"), ("queues[].bindings[]", "Binding"), ("queues[].watermark", "Watermark"),
     ("stages[]", "StageConfig"), ("stages[].output", "Target"), ("stages[].retry", "RetryConfig"),
+    ("stages[].http", "HttpStageConfig"),
     ("publisher", "PublisherConfig"), ("publisher.breaker", "BreakerConfig"),
     ("spool", "SpoolConfig"), ("depth", "DepthConfig"),
     ("dedup", "DedupConfig"), ("redis", "RedisConfig"),
@@ -32,7 +33,7 @@ try:
     }[WHICH]
 except KeyError:
     sys.exit(f"unknown table {WHICH!r}: engine or orders")
-NESTED = {"breaker", "bindings", "watermark", "output", "retry"}
+NESTED = {"breaker", "bindings", "watermark", "output", "retry", "http"}
 
 import glob
 import os

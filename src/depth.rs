@@ -5,36 +5,19 @@
 //! [`IngressGate`] that turns the monitor's watermarks into 503s at the
 //! HTTP ingresses.
 
-use crate::config::{Config, ExchangeType, StageConfig};
+use crate::config::{Config, StageConfig};
 use flowgate_actors::depth::{QueueLevels, Refusal, ScaleRange, WatchedQueue, Watermark};
 use flowgate_actors::Metrics;
 use std::sync::Arc;
 use tracing::debug;
 
-/// Whether a binding key routes `routing_key` on an exchange of type `kind`.
-/// Headers exchanges match on headers, not keys: every binding counts.
-pub(crate) fn binding_matches(kind: ExchangeType, binding_key: &str, routing_key: &str) -> bool {
-    match kind {
-        ExchangeType::Fanout | ExchangeType::Headers => true,
-        ExchangeType::Direct => binding_key == routing_key,
-        ExchangeType::Topic => {
-            let pat: Vec<&str> = binding_key.split('.').collect();
-            let key: Vec<&str> = routing_key.split('.').collect();
-            topic_match(&pat, &key)
-        }
-    }
-}
-
-/// AMQP topic matching: `*` is one word, `#` zero or more.
-fn topic_match(pat: &[&str], key: &[&str]) -> bool {
-    match pat.split_first() {
-        None => key.is_empty(),
-        Some((&"#", rest)) => (0..=key.len()).any(|i| topic_match(rest, &key[i..])),
-        Some((p, rest)) => match key.split_first() {
-            Some((k, krest)) => (*p == "*" || p == k) && topic_match(rest, krest),
-            None => false,
-        },
-    }
+/// Why [`IngressGate::admit`] refused a message.
+#[derive(Debug)]
+pub(crate) enum Denied {
+    /// No declared queue is bound to the route.
+    NoRoute,
+    /// A queue the route lands in is above its watermark.
+    Watermark(Refusal),
 }
 
 /// The queues `exchange`/`routing_key` is routed to by the configured
@@ -49,9 +32,9 @@ pub(crate) fn routed_queues(cfg: &Config, exchange: &str, routing_key: &str) -> 
     cfg.queues
         .iter()
         .filter(|q| {
-            q.bindings.iter().any(|b| {
-                b.exchange == exchange && binding_matches(kind, &b.routing_key, routing_key)
-            })
+            q.bindings
+                .iter()
+                .any(|b| b.exchange == exchange && kind.routes(&b.routing_key, routing_key))
         })
         .map(|q| q.name.clone())
         .collect()
@@ -114,20 +97,33 @@ impl IngressGate {
         }
     }
 
-    /// Admits one message for `exchange`/`routing_key`, or says which
-    /// queue refuses it (logged, and counted in
-    /// `flowgate_ingress_refused_total{queue}`).
-    pub(crate) fn admit(&self, exchange: &str, routing_key: &str) -> Result<(), Refusal> {
-        let queues = routed_queues(&self.config, exchange, routing_key);
+    /// Admits one message for `exchange`/`routing_key`: refuses a route
+    /// no declared queue is bound to, or says which queue refuses it
+    /// (logged, and counted in `flowgate_ingress_refused_total{queue}`).
+    pub(crate) fn admit(&self, exchange: &str, routing_key: &str) -> Result<(), Denied> {
+        let queues = self
+            .bound_queues(exchange, routing_key)
+            .ok_or(Denied::NoRoute)?;
         self.levels
             .admit(queues.iter().map(String::as_str))
-            .inspect_err(|r| {
+            .inspect_err(|r: &Refusal| {
                 debug!(exchange, routing_key, reason = %r, "ingress refused by a watermark");
                 self.metrics
                     .ingress_refused
                     .with_label_values(&[r.queue()])
                     .inc();
             })
+            .map_err(Denied::Watermark)
+    }
+
+    /// The queues the route lands in; `None` when no declared queue is bound.
+    pub(crate) fn bound_queues(&self, exchange: &str, routing_key: &str) -> Option<Vec<String>> {
+        let queues = routed_queues(&self.config, exchange, routing_key);
+        if queues.is_empty() {
+            debug!(exchange, routing_key, "ingress refused: no queue bound");
+            return None;
+        }
+        Some(queues)
     }
 
     /// The monitor's levels (depths, peaks).
@@ -139,10 +135,11 @@ impl IngressGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ExchangeType;
 
     #[test]
     fn topic_bindings_match_like_the_broker() {
-        let t = |b, k| binding_matches(ExchangeType::Topic, b, k);
+        let t = |b, k| ExchangeType::Topic.routes(b, k);
         assert!(t("#", "a.b.c"));
         assert!(t("#", ""));
         assert!(t("a.*", "a.b"));
@@ -152,9 +149,9 @@ mod tests {
         assert!(t("*.b.#", "a.b"));
         assert!(!t("hop1", "hop2"));
         assert!(t("hop1", "hop1"));
-        assert!(binding_matches(ExchangeType::Direct, "k", "k"));
-        assert!(!binding_matches(ExchangeType::Direct, "#", "k"));
-        assert!(binding_matches(ExchangeType::Fanout, "x", "k"));
+        assert!(ExchangeType::Direct.routes("k", "k"));
+        assert!(!ExchangeType::Direct.routes("#", "k"));
+        assert!(ExchangeType::Fanout.routes("x", "k"));
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub enum StartError {
     /// The broker refused the topology.
     #[error("declaring the topology: {0}")]
     Topology(#[source] lapin::Error),
-    /// The HTTP server could not bind.
+    /// The HTTP server (or the ingress listener) could not bind.
     #[error("http server: {0}")]
     Http(#[source] std::io::Error),
     /// The spool file could not be opened.
@@ -242,6 +242,9 @@ struct Running {
     probes: Vec<StageProbe>,
     http: Option<actix_web::dev::ServerHandle>,
     http_addr: Option<std::net::SocketAddr>,
+    /// The publish listener (`[ingress] bind`), stopped first at shutdown.
+    ingress_http: std::sync::Mutex<Option<actix_web::dev::ServerHandle>>,
+    ingress_addr: Option<std::net::SocketAddr>,
     /// The host's servers ([`EngineHandle::serve`]), stopped first at shutdown.
     served: std::sync::Mutex<Vec<actix_web::dev::ServerHandle>>,
     escalations: Mutex<mpsc::Receiver<Escalation>>,
@@ -436,7 +439,12 @@ impl Engine {
             metrics.clone(),
         );
         let gate = IngressGate::new(&config, monitor.levels(), metrics.clone());
-        let ingress = Ingress::new(publisher.clone(), gate, config.limits.max_message_bytes);
+        let ingress = Ingress::new(
+            publisher.clone(),
+            gate,
+            config.limits.max_message_bytes,
+            config.ingress.publish_timeout,
+        );
         let depth = monitor.start();
 
         let (http, http_addr) = if config.http.bind.is_empty() {
@@ -446,10 +454,16 @@ impl Engine {
                 metrics: metrics.clone(),
                 probes: probes.clone(),
                 publisher: publisher.clone(),
-                ingress: ingress.clone(),
             };
             let (h, a) = http::start(&config.http.bind, state).map_err(StartError::Http)?;
             info!(addr = %a, "http server listening");
+            (Some(h), Some(a))
+        };
+        let (ingress_http, ingress_addr) = if config.ingress.bind.is_empty() {
+            (None, None)
+        } else {
+            let (h, a) = http::ingress::start(&config.ingress, ingress.clone())?;
+            info!(addr = %a, auth = ?config.ingress.auth, "ingress listening");
             (Some(h), Some(a))
         };
 
@@ -465,6 +479,8 @@ impl Engine {
             probes,
             http,
             http_addr,
+            ingress_http: std::sync::Mutex::new(ingress_http),
+            ingress_addr,
             served: std::sync::Mutex::new(Vec::new()),
             escalations: Mutex::new(esc_rx),
         })))
@@ -563,9 +579,14 @@ impl EngineHandle {
         &self.0.metrics
     }
 
-    /// The address the HTTP server listens on, if any.
+    /// The address the HTTP server (metrics, health) listens on, if any.
     pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
         self.0.http_addr
+    }
+
+    /// The address the publish ingress (`[ingress] bind`) listens on, if any.
+    pub fn ingress_addr(&self) -> Option<std::net::SocketAddr> {
+        self.0.ingress_addr
     }
 
     /// The configuration it runs.
@@ -675,17 +696,25 @@ impl EngineHandle {
         }
     }
 
-    /// Graceful shutdown within `[shutdown] grace`: stops intake, lets
-    /// in-flight deliveries finish, waits for outstanding confirms, stops the
-    /// HTTP server and closes the connections.
+    /// Graceful shutdown within `[shutdown] grace`, in this order: the
+    /// ingress listener and the host's servers stop accepting (answering
+    /// the requests they hold, each bounded by its deadline), the stages
+    /// stop intake and let in-flight deliveries finish, outstanding confirms
+    /// are awaited, then the metrics server stops and the connections close.
     pub async fn shutdown(&self) -> ShutdownReport {
         let grace = self.0.config.shutdown.grace;
         let deadline = tokio::time::Instant::now() + grace;
-        let served: Vec<_> =
+        let mut front: Vec<_> =
             std::mem::take(&mut *self.0.served.lock().unwrap_or_else(|p| p.into_inner()));
-        for h in served {
-            h.stop(true).await;
-        }
+        front.extend(
+            self.0
+                .ingress_http
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+        info!("shutting down: ingress stops accepting");
+        futures::future::join_all(front.iter().map(|h| h.stop(true))).await;
         info!(?grace, "shutting down: draining stages");
         let drains = self.0.stages.iter().map(|(_, a)| a.send(Drain { grace }));
         let mut reports = Vec::new();

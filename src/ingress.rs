@@ -1,13 +1,14 @@
 //! The ingress: how messages from outside (HTTP, a host's own gateway)
 //! enter the pipeline. [`Ingress`] admits a message by its route (refusing
-//! it while a queue it routes to is above its watermark, from the depth
-//! monitor's last sample), publishes it (confirmed, or spooled while the
-//! breaker is open), and says why when it cannot: one [`IngressError`] with
+//! a route no declared queue is bound to, and refusing it while a queue it
+//! routes to is above its watermark, from the depth monitor's last sample),
+//! publishes it within `[ingress] publish_timeout` (confirmed, or spooled),
+//! and says why when it cannot: one [`IngressError`] with
 //! [`retry_after`](IngressError::retry_after), turned into an HTTP response
 //! in one place ([`IngressError::error_response`]) for `POST /publish` and
 //! any host server alike.
 
-use crate::depth::IngressGate;
+use crate::depth::{Denied, IngressGate};
 use actix_web::http::{header, StatusCode};
 use actix_web::HttpResponse;
 use flowgate_actors::depth::{QueueLevels, Refusal};
@@ -16,6 +17,7 @@ use flowgate_actors::Output;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
+use tracing::{debug, warn};
 
 /// Seconds a client is told to wait after a refusal it can retry soon (a
 /// watermark, backpressure, a broker hiccup).
@@ -56,6 +58,42 @@ pub enum IngressError {
         /// The bound.
         max: u64,
     },
+    /// A header or path segment is over-long or not valid (named).
+    #[error("invalid {what}: {reason}")]
+    Invalid {
+        /// The header or path segment at fault.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// No valid bearer token (`[ingress] auth = "token"`).
+    #[error("a valid bearer token is required (Authorization: Bearer <token>)")]
+    Unauthorized,
+    /// The route is not one of `[ingress] routes`.
+    #[error("publishing to {exchange}/{routing_key} is not allowed")]
+    Forbidden {
+        /// The exchange asked for.
+        exchange: String,
+        /// The routing key asked for.
+        routing_key: String,
+    },
+    /// No declared queue is bound to the route (by the configured
+    /// bindings): the message would be unroutable.
+    #[error("no queue is bound to {exchange}/{routing_key}")]
+    NoRoute {
+        /// The exchange asked for.
+        exchange: String,
+        /// The routing key asked for.
+        routing_key: String,
+    },
+    /// The client did not send its body within `[ingress] body_timeout`.
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(Duration),
+    /// The broker did not confirm within `[ingress] publish_timeout` and
+    /// there is no spool to keep the message: the broker may still take it,
+    /// so a retry must carry the same `Idempotency-Key`.
+    #[error("no broker confirm within {0:?}; retry with the same Idempotency-Key")]
+    Timeout(Duration),
     /// A queue the message routes to is above its watermark.
     #[error(transparent)]
     Refused(#[from] Refusal),
@@ -72,6 +110,13 @@ pub enum IngressError {
 }
 
 impl IngressError {
+    fn no_route(exchange: &str, routing_key: &str) -> Self {
+        IngressError::NoRoute {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+        }
+    }
+
     /// A refusal by the host's own admission (answered like backpressure).
     pub fn busy(reason: impl Into<String>) -> Self {
         IngressError::Busy {
@@ -89,6 +134,7 @@ impl IngressError {
             self,
             IngressError::Refused(_)
                 | IngressError::Busy { .. }
+                | IngressError::Timeout(_)
                 | IngressError::Publish(
                     E::Backpressure(_) | E::NotConnected | E::ConfirmTimeout(_) | E::Nacked
                 )
@@ -96,12 +142,11 @@ impl IngressError {
     }
 
     /// How long the client should wait before trying again; `None` when
-    /// the same message will never be taken (too large, unroutable).
+    /// the same request will never be taken (a 4xx).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             _ if self.is_overload() => Some(RETRY_SOON),
-            IngressError::TooLarge { .. }
-            | IngressError::Publish(flowgate_actors::Error::Unroutable { .. }) => None,
+            _ if self.status().is_client_error() => None,
             _ => Some(RETRY_LATER),
         }
     }
@@ -114,14 +159,29 @@ impl IngressError {
         }
     }
 
-    /// The HTTP status: 413 too large, 404 unroutable, else 503.
+    /// The HTTP status: 400 invalid, 401 no token, 403 route not allowed,
+    /// 404 no queue bound (or returned unroutable), 408 body too slow, 413
+    /// too large, else 503.
     pub fn status(&self) -> StatusCode {
         match self {
-            IngressError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            IngressError::Publish(flowgate_actors::Error::Unroutable { .. }) => {
+            IngressError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            IngressError::Unauthorized => StatusCode::UNAUTHORIZED,
+            IngressError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            IngressError::NoRoute { .. }
+            | IngressError::Publish(flowgate_actors::Error::Unroutable { .. }) => {
                 StatusCode::NOT_FOUND
             }
+            IngressError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            IngressError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// A 400 naming `what` (a header or path segment).
+    pub(crate) fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        IngressError::Invalid {
+            what: what.into(),
+            reason: reason.into(),
         }
     }
 
@@ -137,6 +197,9 @@ impl IngressError {
             body["max_bytes"] = json!(max);
         }
         let mut resp = HttpResponse::build(self.status());
+        if let IngressError::Unauthorized = self {
+            resp.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
         if let Some(after) = self.retry_after() {
             resp.insert_header((header::RETRY_AFTER, after.as_secs().max(1).to_string()));
         }
@@ -160,6 +223,9 @@ pub struct Ingress {
     publisher: PublisherHandle,
     gate: IngressGate,
     max_message_bytes: u64,
+    /// `[ingress] publish_timeout`: the longest a publish may keep its
+    /// caller waiting.
+    publish_timeout: Duration,
 }
 
 impl Ingress {
@@ -167,12 +233,19 @@ impl Ingress {
         publisher: PublisherHandle,
         gate: IngressGate,
         max_message_bytes: u64,
+        publish_timeout: Duration,
     ) -> Self {
         Self {
             publisher,
             gate,
             max_message_bytes,
+            publish_timeout,
         }
+    }
+
+    /// `[ingress] publish_timeout`.
+    pub fn publish_timeout(&self) -> Duration {
+        self.publish_timeout
     }
 
     /// `[limits] max_message_bytes`.
@@ -192,22 +265,50 @@ impl Ingress {
         Ok(())
     }
 
-    /// Admits one message for `exchange`/`routing_key`, or says which queue
-    /// refuses it (logged, and counted in `flowgate_ingress_refused_total`).
+    /// Admits one message for `exchange`/`routing_key`: refuses a route no
+    /// declared queue is bound to ([`IngressError::NoRoute`], so it never
+    /// reaches the publisher nor its breaker), or says which queue refuses
+    /// it (logged, and counted in `flowgate_ingress_refused_total`).
     /// No request waits for a depth sample. An admission uses up a share of
     /// the queue's room below its watermark until the next sample: admit
     /// only what is about to be published.
     pub fn admit(&self, exchange: &str, routing_key: &str) -> Result<(), IngressError> {
-        Ok(self.gate.admit(exchange, routing_key)?)
+        self.gate.admit(exchange, routing_key).map_err(|d| match d {
+            Denied::NoRoute => IngressError::no_route(exchange, routing_key),
+            Denied::Watermark(r) => r.into(),
+        })
     }
 
-    /// Publishes (persistent, `mandatory`): confirmed by the broker, or
-    /// spooled while the breaker is open.
+    /// Publishes (persistent, `mandatory`) within `publish_timeout`:
+    /// confirmed by the broker, or spooled (while the breaker is open, or
+    /// when no confirm came in time and a spool exists — the broker may
+    /// then have it too: dedup downstream catches the copy); without a
+    /// spool a late confirm is [`IngressError::Timeout`] (503, retry with
+    /// the same message id).
     pub async fn publish(&self, msg: Output) -> Result<Accepted, IngressError> {
-        match self.publisher.send(msg).await? {
-            Published::Confirmed => Ok(Accepted::Confirmed),
-            Published::Spooled => Ok(Accepted::Spooled),
-        }
+        let keep = msg.clone();
+        let sent = tokio::time::timeout(self.publish_timeout, self.publisher.send(msg)).await;
+        let published = match sent {
+            Ok(r) => r?,
+            Err(_) if self.publisher.has_spool() => {
+                debug!(
+                    message_id = ?keep.properties.message_id(),
+                    "no confirm within the ingress publish_timeout; spooling"
+                );
+                self.publisher.spool(keep).await?
+            }
+            Err(_) => {
+                warn!(
+                    message_id = ?keep.properties.message_id(),
+                    "no confirm within the ingress publish_timeout and no spool; answering 503"
+                );
+                return Err(IngressError::Timeout(self.publish_timeout));
+            }
+        };
+        Ok(match published {
+            Published::Confirmed => Accepted::Confirmed,
+            Published::Spooled => Accepted::Spooled,
+        })
     }
 
     /// [`check_size`](Self::check_size), [`admit`](Self::admit) by the
@@ -235,6 +336,15 @@ impl Ingress {
 
     fn levels(&self) -> &QueueLevels {
         self.gate.levels()
+    }
+
+    /// Refuses a route no declared queue is bound to (as [`admit`](Self::admit)
+    /// does), without taking any watermark headroom.
+    pub fn check_bound(&self, exchange: &str, routing_key: &str) -> Result<(), IngressError> {
+        self.gate
+            .bound_queues(exchange, routing_key)
+            .map(|_| ())
+            .ok_or_else(|| IngressError::no_route(exchange, routing_key))
     }
 }
 

@@ -14,7 +14,8 @@
 //!   host's own HTTP handlers.
 //! * `depth` — which queues the depth monitor samples and which queues
 //!   each stage's output lands in (for watermarks), from the config.
-//! * `handlers` — the built-in handler factories (`forward`, `sink`, `record`).
+//! * `handlers` — the built-in handler factories (`forward`, `sink`, `record`,
+//!   `http`).
 //! * `http` — `/metrics`, `/healthz`, `/readyz` and `POST /publish`.
 //! * [`topology`] — declares and deletes exchanges, queues, bindings,
 //!   dead-letter plumbing.

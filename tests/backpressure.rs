@@ -278,6 +278,13 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
     let mut cfg = one_queue(AMQP_URL, &prefix);
     let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     cfg.http.bind = "127.0.0.1:0".into();
+    cfg.ingress = flowgate::config::IngressConfig::open(
+        "127.0.0.1:0",
+        vec![flowgate::config::IngressRoute {
+            exchange: format!("{prefix}.ex"),
+            routing_key: "#".into(),
+        }],
+    );
     cfg.publisher.breaker.failures = 2;
     cfg.publisher.breaker.reset = Duration::from_secs(5);
     cfg.spool.path = Some(dir.path().join("spool.redb"));
@@ -360,7 +367,7 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
     );
 
     let (status, head, body) = http(
-        addr,
+        h.ingress_addr().expect("ingress listener"),
         "POST",
         &format!("/publish/{prefix}.ex/k"),
         &[("x-message-id", "via-http")],
@@ -437,6 +444,8 @@ async fn kill_9_with_a_full_spool_and_again_during_replay_delivers_every_spooled
     let dir = tempfile::tempdir().unwrap();
     let port = common::node::free_port().expect("port");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let ingress_port = common::node::free_port().expect("port");
+    let ingress: SocketAddr = format!("127.0.0.1:{ingress_port}").parse().unwrap();
     let config = dir.path().join("flowgate.toml");
     std::fs::write(
         &config,
@@ -447,6 +456,12 @@ url = "{url}"
 connection_name = "{prefix}"
 [http]
 bind = "{addr}"
+[ingress]
+bind = "{ingress}"
+auth = "none"
+routes = [{{ exchange = "{prefix}.ex" }}]
+# The primer stays in flight until the kill: no deadline spools a copy.
+publish_timeout = "120s"
 [[exchanges]]
 name = "{prefix}.ex"
 [[queues]]
@@ -487,7 +502,7 @@ max_bytes = 4096
     let path = format!("/publish/{prefix}.ex/k");
     let p2 = path.clone();
     let primer = actix_rt::spawn(async move {
-        http(addr, "POST", &p2, &[("x-message-id", "primer")], b"p").await
+        http(ingress, "POST", &p2, &[("x-message-id", "primer")], b"p").await
     });
     let blocked = || async { metric(&metrics().await, "flowgate_broker_blocked") == Some(1.0) };
     assert!(
@@ -500,7 +515,8 @@ max_bytes = 4096
     let (mut spooled, mut refused) = (Vec::new(), Vec::new());
     for i in 0..400 {
         let id = format!("c{i}");
-        let (status, _, body) = http(addr, "POST", &path, &[("x-message-id", &id)], b"body").await;
+        let (status, _, body) =
+            http(ingress, "POST", &path, &[("x-message-id", &id)], b"body").await;
         match status {
             202 => {
                 assert!(body.contains("spooled"), "{body}");

@@ -67,6 +67,13 @@ async fn the_ingress_answers_503_above_the_watermark_until_the_queue_falls_to_lo
         watermark: None,
     });
     cfg.http.bind = "127.0.0.1:0".into();
+    cfg.ingress = flowgate::config::IngressConfig::open(
+        "127.0.0.1:0",
+        vec![flowgate::config::IngressRoute {
+            exchange: format!("{prefix}.ex"),
+            routing_key: "#".into(),
+        }],
+    );
     cfg.depth.interval = Duration::from_millis(50);
     let h = Engine::builder()
         .config(cfg.clone())
@@ -75,7 +82,7 @@ async fn the_ingress_answers_503_above_the_watermark_until_the_queue_falls_to_lo
         .start()
         .await
         .expect("engine starts");
-    let base = format!("http://{}", h.http_addr().expect("http server"));
+    let base = format!("http://{}", h.ingress_addr().expect("ingress listener"));
     let to_watched = format!("{base}/publish/{prefix}.ex/in");
     let to_free = format!("{base}/publish/{prefix}.ex/other");
     let http = awc::Client::default();

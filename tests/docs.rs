@@ -67,6 +67,9 @@ fn every_config_key_is_in_the_readme_reference() {
         queue = "orders"
         output = { exchange = "shop", routing_key = "x" }
         retry = { max_attempts = 3, backoff = ["1s"] }
+        http = { url = "http://127.0.0.1:8000/" }
+        [ingress]
+        routes = [{ exchange = "shop" }]
         "#,
     )
     .expect("sample config");

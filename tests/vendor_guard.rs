@@ -341,18 +341,26 @@ async fn non_utf8_short_strings_do_not_cost_the_consume_connection() {
         let ids: Vec<String> = (0..200).map(|j| format!("good-{i}-{j}")).collect();
         client.publish_many(&ex, "in", &ids, b"{}").await;
         goods.extend(ids);
-        let (_, mut props) = kinds[i % kinds.len()].clone();
-        // Unique ids, still not UTF-8 where the kind says so.
-        let mut id = props
-            .message_id
-            .take()
-            .expect("hostile messages carry an id");
-        id.extend_from_slice(format!("-{i}").as_bytes());
-        bad_ids.push(String::from_utf8_lossy(&id).into_owned());
-        props.message_id = Some(id);
-        raw.publish(&ex, "in", &props.encode(), b"{}").await;
+        // Ten non-UTF-8 message ids, and beside each one message of
+        // another hostile kind (a bad header key, bad properties, a bad
+        // nested table) whose id is fine.
+        for kind in [0, 1 + i % (kinds.len() - 1)] {
+            let (_, mut props) = kinds[kind].clone();
+            // Unique ids, still not UTF-8 where the kind says so.
+            let mut id = props
+                .message_id
+                .take()
+                .expect("hostile messages carry an id");
+            id.extend_from_slice(format!("-{i}").as_bytes());
+            bad_ids.push(String::from_utf8_lossy(&id).into_owned());
+            props.message_id = Some(id);
+            raw.publish(&ex, "in", &props.encode(), b"{}").await;
+        }
     }
-    assert!(bad_ids.iter().any(|id| id.contains('\u{fffd}')));
+    assert_eq!(
+        bad_ids.iter().filter(|id| id.contains('\u{fffd}')).count(),
+        10
+    );
 
     // Every message ends in the sink (forwarded) or in a stage's DLQ.
     let sink = format!("{prefix}.sink");
@@ -385,10 +393,26 @@ async fn non_utf8_short_strings_do_not_cost_the_consume_connection() {
             .map(|(id, _)| id),
     );
     let mut dead = HashMap::new();
+    let mut dead_reasons = HashMap::new();
     for q in &dlqs {
         let n = client.depth(q).await as usize;
-        for (id, _) in client.collect(q, n, Duration::from_secs(30)).await {
+        for (id, h) in client.collect(q, n, Duration::from_secs(30)).await {
+            dead_reasons.insert(id.clone(), (q.clone(), header(&h, "x-flowgate-reason")));
             *dead.entry(id).or_insert(0usize) += 1;
+        }
+    }
+    // A message id that is not UTF-8 is dead-lettered by the first stage
+    // (lossy ids could collide in dedup), with its reason; every other
+    // hostile message (bad header keys, properties) is forwarded.
+    for id in &bad_ids {
+        if id.contains('\u{fffd}') {
+            assert_eq!(
+                dead_reasons.get(id),
+                Some(&(dlqs[0].clone(), Some("malformed-id".to_owned()))),
+                "{id}: in s1's DLQ as malformed-id"
+            );
+        } else {
+            assert_eq!(sunk.get(id), Some(&1), "{id}: forwarded to the sink");
         }
     }
     for id in &goods {
@@ -416,6 +440,12 @@ async fn non_utf8_short_strings_do_not_cost_the_consume_connection() {
         consumed("s1") as usize,
         expected,
         "s1 saw each message once"
+    );
+    let malformed = bad_ids.iter().filter(|id| id.contains('\u{fffd}')).count();
+    assert_eq!(
+        consumed("s2") as usize,
+        expected - malformed,
+        "s2 saw each forwarded message once (no delivery count rose)"
     );
     client.delete_topology(&cfg).await;
 }

@@ -467,6 +467,15 @@ impl Handler<Close> for ConnectionActor {
     }
 }
 
+/// A channel lapin still owns: connected, or reconnecting (lapin re-opens
+/// it and re-registers its consumer itself after a connection recovery;
+/// opening a second one meanwhile would leave a zombie consumer holding a
+/// prefetch window nobody reads).
+pub(crate) fn channel_alive(ch: &lapin::Channel) -> bool {
+    let s = ch.status();
+    s.connected() || s.reconnecting()
+}
+
 #[cfg(test)]
 mod tests {
     use super::redact_url;

@@ -21,7 +21,6 @@
 //! from outside (a delivery, a handler's output) and becomes a short string
 //! goes through [`short_string`], which fails instead.
 
-use crate::message::header_string;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
 use std::fmt;
@@ -375,7 +374,7 @@ pub fn intake(
     let exchange = short(ORIGINAL_EXCHANGE).unwrap_or_else(|| delivered_exchange.to_owned());
     let routing_key = short(ORIGINAL_ROUTING_KEY).unwrap_or_else(|| delivered_key.to_owned());
     let attempt = header(&props, ATTEMPT)
-        .and_then(crate::message::header_int)
+        .and_then(header_int)
         .and_then(|i| u32::try_from(i).ok())
         .filter(|i| *i >= 1)
         .unwrap_or(1);
@@ -392,6 +391,30 @@ pub fn intake(
 /// holds U+FFFD replacement characters).
 pub fn is_lossy(s: &str) -> bool {
     s.contains(char::REPLACEMENT_CHARACTER)
+}
+
+/// Reads a string out of an AMQP field value.
+pub fn header_string(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// Reads an integer out of an AMQP field value.
+pub fn header_int(v: &AMQPValue) -> Option<i64> {
+    match v {
+        AMQPValue::ShortShortInt(i) => Some((*i).into()),
+        AMQPValue::ShortShortUInt(i) => Some((*i).into()),
+        AMQPValue::ShortInt(i) => Some((*i).into()),
+        AMQPValue::ShortUInt(i) => Some((*i).into()),
+        AMQPValue::LongInt(i) => Some((*i).into()),
+        AMQPValue::LongUInt(i) => Some((*i).into()),
+        AMQPValue::LongLongInt(i) => Some(*i),
+        AMQPValue::Timestamp(i) => i64::try_from(*i).ok(),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

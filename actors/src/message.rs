@@ -65,29 +65,7 @@ impl Delivery {
     }
 }
 
-/// Reads a string out of an AMQP field value.
-pub fn header_string(v: &AMQPValue) -> Option<String> {
-    match v {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
-}
-
-/// Reads an integer out of an AMQP field value.
-pub fn header_int(v: &AMQPValue) -> Option<i64> {
-    match v {
-        AMQPValue::ShortShortInt(i) => Some((*i).into()),
-        AMQPValue::ShortShortUInt(i) => Some((*i).into()),
-        AMQPValue::ShortInt(i) => Some((*i).into()),
-        AMQPValue::ShortUInt(i) => Some((*i).into()),
-        AMQPValue::LongInt(i) => Some((*i).into()),
-        AMQPValue::LongUInt(i) => Some((*i).into()),
-        AMQPValue::LongLongInt(i) => Some(*i),
-        AMQPValue::Timestamp(i) => i64::try_from(*i).ok(),
-        _ => None,
-    }
-}
+pub use crate::envelope::{header_int, header_string};
 
 /// A message a handler wants published once its input is done.
 #[derive(Clone, Debug)]
@@ -205,6 +183,13 @@ pub enum Outcome {
         /// `handler` (labels are a closed set, see [`crate::envelope::Reason`]).
         reason: String,
     },
+    /// The handler's outputs cannot be published (e.g. a service answered
+    /// with a malformed output document): dead-letter the input with
+    /// reason `invalid-output` (publishing would fail the same way forever).
+    InvalidOutput {
+        /// What is wrong; becomes `x-flowgate-error` on the dead letter.
+        reason: String,
+    },
 }
 
 impl Outcome {
@@ -230,6 +215,13 @@ impl Outcome {
     /// Dead-letter now.
     pub fn dead_letter(reason: impl Into<String>) -> Self {
         Outcome::DeadLetter {
+            reason: reason.into(),
+        }
+    }
+
+    /// Dead-letter now as `invalid-output`.
+    pub fn invalid_output(reason: impl Into<String>) -> Self {
+        Outcome::InvalidOutput {
             reason: reason.into(),
         }
     }

@@ -27,3 +27,32 @@ pub struct ExchangeConfig {
     #[serde(default, rename = "type")]
     pub kind: ExchangeType,
 }
+
+impl ExchangeType {
+    /// Whether a binding key routes `routing_key` on an exchange of this
+    /// type. Headers exchanges match on headers, not keys: every binding
+    /// counts.
+    pub(crate) fn routes(self, binding_key: &str, routing_key: &str) -> bool {
+        match self {
+            ExchangeType::Fanout | ExchangeType::Headers => true,
+            ExchangeType::Direct => binding_key == routing_key,
+            ExchangeType::Topic => {
+                let pat: Vec<&str> = binding_key.split('.').collect();
+                let key: Vec<&str> = routing_key.split('.').collect();
+                topic_match(&pat, &key)
+            }
+        }
+    }
+}
+
+/// AMQP topic matching: `*` is one word, `#` zero or more.
+fn topic_match(pat: &[&str], key: &[&str]) -> bool {
+    match pat.split_first() {
+        None => key.is_empty(),
+        Some((&"#", rest)) => (0..=key.len()).any(|i| topic_match(rest, &key[i..])),
+        Some((p, rest)) => match key.split_first() {
+            Some((k, krest)) => (*p == "*" || p == k) && topic_match(rest, krest),
+            None => false,
+        },
+    }
+}

@@ -7,7 +7,8 @@ use super::*;
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address of the HTTP server serving `/metrics`, `/healthz`, `/readyz`
-    /// (and the ingress). Default `127.0.0.1:9464`. Empty string: no server.
+    /// (publishing has its own listener, `[ingress] bind`). Default
+    /// `127.0.0.1:9464`. Empty string: no server.
     #[serde(default = "default_bind")]
     pub bind: String,
 }

@@ -13,6 +13,7 @@ mod depth;
 mod env;
 mod exchanges;
 mod http;
+mod ingress;
 mod limits;
 mod publisher;
 mod queues;
@@ -34,6 +35,7 @@ pub use dedup::*;
 pub use depth::*;
 pub use exchanges::*;
 pub use http::*;
+pub use ingress::{IngressAuth, IngressConfig, IngressRoute, Tokens, MIN_TOKEN_BYTES};
 pub use limits::*;
 pub use publisher::*;
 pub use queues::*;
@@ -90,9 +92,12 @@ pub struct Config {
     /// The broker.
     #[serde(default)]
     pub amqp: AmqpConfig,
-    /// The HTTP server (metrics, health, ingress).
+    /// The HTTP server of metrics and health.
     #[serde(default)]
     pub http: HttpConfig,
+    /// The HTTP publish ingress: its own listener, tokens, routes, bounds.
+    #[serde(default)]
+    pub ingress: IngressConfig,
     /// Exchanges to declare.
     #[serde(default)]
     pub exchanges: Vec<ExchangeConfig>,

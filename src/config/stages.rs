@@ -58,8 +58,8 @@ pub struct StageConfig {
     pub name: String,
     /// Queue to consume; must be declared under `[[queues]]`. Required.
     pub queue: String,
-    /// Handler: a built-in (`forward`, `sink`) or a name registered by the
-    /// host application. Default `forward`.
+    /// Handler: a built-in (`forward`, `sink`, `record`, `http`) or a name
+    /// registered by the host application. Default `forward`.
     #[serde(default = "default_handler")]
     pub handler: String,
     /// Broker prefetch and in-process credit (1..=65535). Default `50`.
@@ -105,6 +105,91 @@ pub struct StageConfig {
     /// when a key is set, else `off`.
     #[serde(default)]
     pub verify: Option<VerifyMode>,
+    /// `http`: the service each delivery is POSTed to, e.g.
+    /// `{ url = "http://127.0.0.1:8000/handle", timeout = "5s" }` (keys
+    /// below). Required for `http`.
+    #[serde(default)]
+    pub http: Option<HttpStageConfig>,
+}
+
+/// A stage's `http` table: the service the `http` handler POSTs each
+/// delivery to, and how hard it may be pushed.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpStageConfig {
+    /// The service's URL (`http://` or `https://`); every delivery is
+    /// POSTed to it. Required.
+    pub url: String,
+    /// Bound on one request, from connecting to the answer's last byte; a
+    /// request that takes longer is retried through the stage's ladder.
+    /// Default `10s`.
+    #[serde(default = "default_http_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Most requests in flight to the service at once (also the most idle
+    /// pooled connections kept), whatever the stage's `concurrency`.
+    /// Default `8`.
+    #[serde(default = "default_http_max_concurrency")]
+    pub max_concurrency: u32,
+    /// Extra HTTP headers sent with every request, e.g.
+    /// `{ authorization = "Bearer ..." }`; names the engine maps itself
+    /// (`content-type`, `content-encoding`, `x-amqp-*`) are refused.
+    /// Default none.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Longest wait honoured from one 429/503 answer's `Retry-After` (and
+    /// the cap of the handler's own backoff without one). Default `30s`.
+    #[serde(default = "default_http_retry_after_max", with = "humantime_serde")]
+    pub retry_after_max: Duration,
+    /// How long one delivery may keep being answered 429/503 (the stage
+    /// holding its credit meanwhile) before it goes through the retry
+    /// ladder instead; keep it below the broker's `consumer_timeout`.
+    /// Default `5m`.
+    #[serde(default = "default_http_slow_down_limit", with = "humantime_serde")]
+    pub slow_down_limit: Duration,
+    /// Largest answer body read; a longer 2xx answer dead-letters the
+    /// input as `invalid-output`. Default `1048576` (1 MiB).
+    #[serde(default = "default_http_max_response_bytes")]
+    pub max_response_bytes: u64,
+}
+
+/// The prefix of every request header the `http` handler maps from a
+/// delivery (`x-amqp-message-id`, `x-amqp-header-<name>`, ...; the README
+/// has the whole mapping): a stage's `http.headers` may not use it.
+pub(crate) const HTTP_MAPPED_PREFIX: &str = "x-amqp-";
+
+/// The other request headers the `http` handler writes itself.
+pub(crate) const HTTP_RESERVED_HEADERS: [&str; 4] =
+    ["content-type", "content-encoding", "content-length", "host"];
+
+fn default_http_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_http_max_concurrency() -> u32 {
+    8
+}
+fn default_http_retry_after_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_http_slow_down_limit() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+fn default_http_max_response_bytes() -> u64 {
+    1 << 20
+}
+
+impl HttpStageConfig {
+    /// A service at `url`, every other key at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            timeout: default_http_timeout(),
+            max_concurrency: default_http_max_concurrency(),
+            headers: Default::default(),
+            retry_after_max: default_http_retry_after_max(),
+            slow_down_limit: default_http_slow_down_limit(),
+            max_response_bytes: default_http_max_response_bytes(),
+        }
+    }
 }
 
 /// A stage's signature check.
@@ -136,6 +221,7 @@ impl Default for StageConfig {
             payload: PayloadKind::default(),
             record_file: None,
             verify: None,
+            http: None,
         }
     }
 }

@@ -1,6 +1,9 @@
 //! Start-up validation: every mistake names its key.
 
-use super::{Concurrency, Config, ConfigError, DedupMode, StageConfig, VerifyMode};
+use super::{
+    Concurrency, Config, ConfigError, DedupMode, IngressAuth, StageConfig, VerifyMode,
+    HTTP_MAPPED_PREFIX, HTTP_RESERVED_HEADERS,
+};
 use lapin::types::MAX_SHORT_STRING_LENGTH as MAX_SHORT_STRING;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -169,9 +172,93 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
             ));
         }
         validate_failures(cfg, s, &key)?;
+        validate_http(s, &key)?;
     }
     validate_dedup(cfg)?;
     validate_security(cfg)?;
+    validate_ingress(cfg, &exchanges)?;
+    Ok(())
+}
+
+/// The longest AMQP short string (exchange names, routing keys).
+const SHORT_STRING_MAX: usize = 255;
+
+/// `[ingress]`: an address, who may publish (the tokens are read), and
+/// routes to declared exchanges.
+fn validate_ingress(cfg: &Config, exchanges: &HashSet<&str>) -> Result<(), ConfigError> {
+    let ing = &cfg.ingress;
+    if ing.bind.is_empty() {
+        return Ok(());
+    }
+    if ing.bind.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ConfigError::new(
+            "ingress.bind",
+            format!("`{}` is not an address like 127.0.0.1:9465", ing.bind),
+        ));
+    }
+    if ing.bind == cfg.http.bind && !ing.bind.ends_with(":0") {
+        return Err(ConfigError::new(
+            "ingress.bind",
+            "must differ from http.bind: publishing and metrics have separate listeners",
+        ));
+    }
+    let tokens = ing.tokens()?;
+    match ing.auth {
+        IngressAuth::Token if tokens.is_empty() => {
+            return Err(ConfigError::new(
+                "ingress.auth",
+                "`token` needs ingress.token_file or ingress.token_env with at least one token \
+                 (or auth = \"none\" to open the ingress to anyone who can reach it)",
+            ))
+        }
+        IngressAuth::None if !tokens.is_empty() => {
+            return Err(ConfigError::new(
+                "ingress.auth",
+                "tokens are configured but auth = \"none\" would ignore them",
+            ))
+        }
+        _ => {}
+    }
+    if ing.routes.is_empty() {
+        return Err(ConfigError::new(
+            "ingress.routes",
+            "list the routes the ingress may publish to ({ exchange, routing_key })",
+        ));
+    }
+    for (i, r) in ing.routes.iter().enumerate() {
+        if !exchanges.contains(r.exchange.as_str()) {
+            return Err(ConfigError::new(
+                format!("ingress.routes[{i}].exchange"),
+                format!(
+                    "exchange `{}` is not declared under [[exchanges]]",
+                    r.exchange
+                ),
+            ));
+        }
+        if r.routing_key.len() > SHORT_STRING_MAX {
+            return Err(ConfigError::new(
+                format!("ingress.routes[{i}].routing_key"),
+                format!("longer than {SHORT_STRING_MAX} bytes"),
+            ));
+        }
+    }
+    for (key, v) in [
+        ("ingress.max_connections", ing.max_connections),
+        ("ingress.max_concurrent", ing.max_concurrent),
+    ] {
+        if v == 0 {
+            return Err(ConfigError::new(key, "must be at least 1"));
+        }
+    }
+    for (key, d) in [
+        ("ingress.publish_timeout", ing.publish_timeout),
+        ("ingress.header_timeout", ing.header_timeout),
+        ("ingress.body_timeout", ing.body_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(ConfigError::new(key, "must be more than 0"));
+        }
+    }
     Ok(())
 }
 
@@ -283,6 +370,87 @@ fn validate_failures(
             "redis.url",
             "must be set for dedup = \"redis\"",
         ));
+    }
+    Ok(())
+}
+
+/// A stage's `http` table (and that the `http` handler has one).
+fn validate_http(s: &StageConfig, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    let Some(h) = &s.http else {
+        if s.handler == "http" {
+            return Err(ConfigError::new(
+                key("http"),
+                "the `http` handler needs an http table, e.g. { url = \"http://127.0.0.1:8000/\" }",
+            ));
+        }
+        return Ok(());
+    };
+    match url::Url::parse(&h.url) {
+        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.has_host() => {}
+        Ok(_) => {
+            return Err(ConfigError::new(
+                key("http.url"),
+                "must be an http:// or https:// URL with a host",
+            ))
+        }
+        // Never echo the URL: it may hold credentials.
+        Err(e) => {
+            return Err(ConfigError::new(
+                key("http.url"),
+                format!("malformed URL ({e})"),
+            ))
+        }
+    }
+    if h.timeout < Duration::from_millis(1) {
+        return Err(ConfigError::new(
+            key("http.timeout"),
+            "must be at least 1ms",
+        ));
+    }
+    if h.max_concurrency == 0 || h.max_concurrency > 4096 {
+        return Err(ConfigError::new(
+            key("http.max_concurrency"),
+            "must be between 1 and 4096",
+        ));
+    }
+    if h.retry_after_max < Duration::from_millis(1) {
+        return Err(ConfigError::new(
+            key("http.retry_after_max"),
+            "must be at least 1ms",
+        ));
+    }
+    if h.slow_down_limit < h.retry_after_max {
+        return Err(ConfigError::new(
+            key("http.slow_down_limit"),
+            "must be at least http.retry_after_max",
+        ));
+    }
+    if h.max_response_bytes == 0 {
+        return Err(ConfigError::new(
+            key("http.max_response_bytes"),
+            "must be at least 1",
+        ));
+    }
+    for (name, value) in &h.headers {
+        let k = || key(&format!("http.headers.{name}"));
+        let lower = name.to_ascii_lowercase();
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(ConfigError::new(k(), "is not a valid HTTP header name"));
+        }
+        if HTTP_RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with(HTTP_MAPPED_PREFIX)
+        {
+            return Err(ConfigError::new(
+                k(),
+                "is written by the engine (content-*, host, x-amqp-*); pick another name",
+            ));
+        }
+        // Never echo the value: it may be a credential.
+        if reqwest::header::HeaderValue::from_str(value).is_err() {
+            return Err(ConfigError::new(
+                k(),
+                "is not a valid HTTP header value (visible ASCII only)",
+            ));
+        }
     }
     Ok(())
 }
@@ -522,5 +690,80 @@ mod security_tests {
         let cfg = with(&format!("hmac_key_file = {:?}", f.path()), "").unwrap();
         assert!(!format!("{cfg:?}").contains("0123456789abcdef"));
         assert!(!format!("{:?}", cfg.security.keys().unwrap()).contains("0123456789abcdef"));
+    }
+}
+
+#[cfg(test)]
+mod http_keys_tests {
+    use crate::config::Config;
+    use std::time::Duration;
+
+    use super::TEST_BASE as BASE;
+
+    fn with(stage_extra: &str) -> Result<Config, crate::config::ConfigError> {
+        Config::from_toml(&format!("{BASE}{stage_extra}\n"))
+    }
+
+    #[test]
+    fn the_http_table_parses_with_documented_defaults() {
+        let cfg = with("http = { url = \"http://127.0.0.1:8000/handle\" }").unwrap();
+        let h = cfg.stages[0].http.as_ref().unwrap();
+        assert_eq!(h.timeout, Duration::from_secs(10));
+        assert_eq!(h.max_concurrency, 8);
+        assert!(h.headers.is_empty());
+        assert_eq!(h.retry_after_max, Duration::from_secs(30));
+        assert_eq!(h.slow_down_limit, Duration::from_secs(300));
+        assert_eq!(h.max_response_bytes, 1 << 20);
+        assert_eq!(
+            h,
+            &crate::config::HttpStageConfig::new("http://127.0.0.1:8000/handle")
+        );
+    }
+
+    #[test]
+    fn bad_http_keys_name_their_key_and_hide_secrets() {
+        let e = Config::from_toml(&BASE.replace("\"sink\"", "\"http\"")).unwrap_err();
+        assert_eq!(e.key, "stages[0].http", "{e}");
+        let e = with("http = { url = \"ftp://x/\" }").unwrap_err();
+        assert_eq!(e.key, "stages[0].http.url");
+        let e = with("http = { url = \"http://user:s3cret@\" }").unwrap_err();
+        assert_eq!(e.key, "stages[0].http.url");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let u = "url = \"http://127.0.0.1:1/\"";
+        for (extra, key) in [
+            ("timeout = \"0s\"", "stages[0].http.timeout"),
+            ("max_concurrency = 0", "stages[0].http.max_concurrency"),
+            ("retry_after_max = \"0s\"", "stages[0].http.retry_after_max"),
+            ("slow_down_limit = \"1s\"", "stages[0].http.slow_down_limit"),
+            (
+                "max_response_bytes = 0",
+                "stages[0].http.max_response_bytes",
+            ),
+            (
+                "headers = { \"x-amqp-stage\" = \"v\" }",
+                "stages[0].http.headers.x-amqp-stage",
+            ),
+            (
+                "headers = { \"Content-Type\" = \"v\" }",
+                "stages[0].http.headers.Content-Type",
+            ),
+            (
+                "headers = { \"bad name\" = \"v\" }",
+                "stages[0].http.headers.bad name",
+            ),
+            (
+                "headers = { auth = \"tok\\nen-s3cret\" }",
+                "stages[0].http.headers.auth",
+            ),
+        ] {
+            let e = with(&format!("http = {{ {u}, {extra} }}")).unwrap_err();
+            assert_eq!(e.key, key, "{extra}: {e}");
+            assert!(!e.to_string().contains("s3cret"), "{e}");
+        }
+        assert!(with(&format!("http = {{ {u}, unknown = 1 }}")).is_err());
+        assert!(with(&format!(
+            "http = {{ {u}, headers = {{ authorization = \"Bearer t\" }} }}"
+        ))
+        .is_ok());
     }
 }

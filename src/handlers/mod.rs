@@ -9,11 +9,16 @@
 //! * `record` — appends each handled message id to `record_file`, waits
 //!   `delay`, then acks (forwarding to `output` if set): makes every handler
 //!   effect countable from outside, for demos and exactly-once tests.
+//! * `http` — POSTs each delivery to the service at the stage's `http.url`
+//!   (any language); the answer's status decides ack (with outputs from a
+//!   JSON answer), slow down, dead-letter or retry (see [`http`]).
 
 mod forward;
+pub(crate) mod http;
 mod record;
 
 pub(crate) use forward::Forward;
+pub(crate) use http::Http;
 pub(crate) use record::Record;
 
 use crate::config::StageConfig;
@@ -44,6 +49,10 @@ pub(crate) fn builtins() -> HashMap<String, HandlerFactory> {
             let r = Record::from_stage(s).ok_or("the `record` handler needs a record_file")?;
             Ok(Arc::new(r) as Arc<dyn Handler>)
         }),
+    );
+    m.insert(
+        "http".into(),
+        Arc::new(|s: &StageConfig| Ok(Arc::new(Http::from_stage(s)?) as Arc<dyn Handler>)),
     );
     m.insert(
         "sink".into(),

@@ -1,21 +1,16 @@
-//! The HTTP server: `/metrics`, `/healthz`, `/readyz`, and the publish ingress.
-//!
-//! `POST /publish/{exchange}/{routing_key}` answers 413 over `[limits]
-//! max_message_bytes`; 503 with `Retry-After` while a queue the message
-//! routes to (by the configured bindings) is above its `watermark` (from
-//! `high` until it falls to `low`, as sampled by the depth monitor) or on
-//! publish backpressure; 404 when unroutable; 202 when confirmed or spooled.
+//! The HTTP servers: `/metrics`, `/healthz`, `/readyz` on `[http] bind`,
+//! and the publish ingress on its own listener (`[ingress] bind`, see
+//! [`ingress`]), so that reaching the scrape port does not let anyone publish.
 
-use crate::ingress::{Ingress, IngressError};
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+pub(crate) mod ingress;
+
+use actix_web::{web, App, HttpResponse, HttpServer};
 use flowgate_actors::publisher::PublisherHandle;
 use flowgate_actors::stage::StageProbe;
-use flowgate_actors::{Metrics, Output};
+use flowgate_actors::Metrics;
 use serde_json::json;
 use std::net::SocketAddr;
-
-/// The longest AMQP short string (message id, content type).
-const SHORT_STRING_MAX: usize = 255;
+use std::time::Duration;
 
 /// What the HTTP handlers can see.
 #[derive(Clone)]
@@ -26,8 +21,6 @@ pub(crate) struct HttpState {
     pub(crate) probes: Vec<StageProbe>,
     /// `/readyz` shows its breaker state and spool.
     pub(crate) publisher: PublisherHandle,
-    /// `POST /publish/...`: size limit, watermark admission, publish.
-    pub(crate) ingress: Ingress,
 }
 
 async fn metrics(s: web::Data<HttpState>) -> HttpResponse {
@@ -66,56 +59,11 @@ async fn readyz(s: web::Data<HttpState>) -> HttpResponse {
     }
 }
 
-async fn publish(
-    s: web::Data<HttpState>,
-    path: web::Path<(String, String)>,
-    req: HttpRequest,
-    body: web::Bytes,
-) -> Result<HttpResponse, IngressError> {
-    s.ingress.check_size(body.len())?;
-    let (exchange, routing_key) = path.into_inner();
-    s.ingress.admit(&exchange, &routing_key)?;
-    let id = req
-        .headers()
-        .get("x-message-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let content_type = req
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok());
-    // AMQP short strings end at 255 bytes (lapin panics beyond).
-    for (name, v) in [
-        ("x-message-id", Some(id.as_str())),
-        ("content-type", content_type),
-    ] {
-        if v.is_some_and(|v| v.len() > SHORT_STRING_MAX) {
-            return Ok(HttpResponse::BadRequest()
-                .json(json!({ "error": format!("{name} longer than {SHORT_STRING_MAX} bytes") })));
-        }
-    }
-    let mut out = Output::new(exchange, routing_key, body).with_message_id(id.clone());
-    if let Some(ct) = content_type {
-        out.properties = out.properties.with_content_type(ct.into());
-    }
-    let tp = req
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .map(flowgate_actors::trace::child_of)
-        .unwrap_or_else(flowgate_actors::trace::new_traceparent);
-    flowgate_actors::trace::set_traceparent(&mut out.properties, tp);
-    let accepted = s.ingress.publish(out).await?;
-    Ok(HttpResponse::Accepted().json(json!({ "message_id": id, "status": accepted.as_str() })))
-}
-
 /// Registers the routes on an app.
 fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/metrics", web::get().to(metrics))
         .route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/publish/{exchange}/{routing_key}", web::post().to(publish));
+        .route("/readyz", web::get().to(readyz));
 }
 
 /// Binds and spawns the server on the current actix system.
@@ -123,15 +71,32 @@ pub(crate) fn start(
     bind: &str,
     state: HttpState,
 ) -> std::io::Result<(actix_web::dev::ServerHandle, SocketAddr)> {
-    let limit = usize::try_from(state.ingress.max_message_bytes())
-        .unwrap_or(usize::MAX)
-        .saturating_add(1);
     let data = web::Data::new(state);
     spawn_server(bind, move |cfg| {
-        cfg.app_data(data.clone())
-            .app_data(web::PayloadConfig::new(limit))
-            .configure(routes);
+        cfg.app_data(data.clone()).configure(routes);
     })
+}
+
+/// The bounds of one listener.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// Most open connections (per worker; there is one worker).
+    pub(crate) max_connections: usize,
+    /// How long a client may take to send a request's headers.
+    pub(crate) header_timeout: Duration,
+    /// How long in-flight requests may take to finish at a graceful stop.
+    pub(crate) shutdown_timeout: Duration,
+}
+
+impl Default for Limits {
+    /// actix-web's own defaults, and a 5 s graceful stop.
+    fn default() -> Self {
+        Self {
+            max_connections: 25_000,
+            header_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Binds an HTTP server (one worker, no signal handling of its own: the
@@ -144,10 +109,27 @@ pub(crate) fn spawn_server<F>(
 where
     F: Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
 {
+    spawn_server_with(bind, Limits::default(), configure)
+}
+
+/// [`spawn_server`] with explicit bounds. Fixed by actix-http whatever the
+/// bounds: at most 96 request headers and 128 KiB of request head (more is
+/// answered 400/431 and the connection closed); HTTP/1.1 only.
+pub(crate) fn spawn_server_with<F>(
+    bind: &str,
+    limits: Limits,
+    configure: F,
+) -> std::io::Result<(actix_web::dev::ServerHandle, SocketAddr)>
+where
+    F: Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
+{
     let server = HttpServer::new(move || App::new().configure(configure.clone()))
         .workers(1)
         .disable_signals()
-        .shutdown_timeout(5)
+        .max_connections(limits.max_connections)
+        .client_request_timeout(limits.header_timeout)
+        .keep_alive(limits.header_timeout)
+        .shutdown_timeout(limits.shutdown_timeout.as_secs().max(1))
         .bind(bind)?;
     let addr = server
         .addrs()

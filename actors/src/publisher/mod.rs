@@ -316,7 +316,7 @@ impl Core {
     fn channel_alive(&self) -> bool {
         lock(&self.channel)
             .as_ref()
-            .is_some_and(crate::stage::channel_alive)
+            .is_some_and(crate::connection::channel_alive)
     }
 
     /// A channel exists and is unfit: lapin gave up on it (closed,
@@ -325,7 +325,7 @@ impl Core {
     fn channel_dead(&self) -> bool {
         lock(&self.channel).as_ref().is_some_and(|c| {
             let s = c.status();
-            !crate::stage::channel_alive(c) || (s.connected() && !s.confirm())
+            !crate::connection::channel_alive(c) || (s.connected() && !s.confirm())
         })
     }
 
@@ -946,6 +946,18 @@ impl PublisherHandle {
     /// message is safe (confirmed or spooled).
     pub async fn publish(&self, msg: Output) -> Result<()> {
         self.send(msg).await.map(|_| ())
+    }
+
+    /// Stores `msg` in the spool without trying the broker, for a caller
+    /// whose own deadline passed (the HTTP ingress): [`Published::Spooled`]
+    /// once durable; [`Error::Backpressure`] without a spool or when full.
+    pub async fn spool(&self, msg: Output) -> Result<Published> {
+        self.core.spool(msg).await
+    }
+
+    /// Whether a spool is configured.
+    pub fn has_spool(&self) -> bool {
+        self.core.spool.is_some()
     }
 
     /// Publishes currently awaiting a confirm.

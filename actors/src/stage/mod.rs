@@ -213,14 +213,7 @@ struct IntakeEnded {
 /// How often a stage looks at its channel while lapin recovers it.
 const CHANNEL_CHECK: Duration = Duration::from_millis(100);
 
-/// A channel lapin still owns: connected, or reconnecting (lapin re-opens
-/// it and re-registers its consumer itself after a connection recovery;
-/// opening a second one meanwhile would leave a zombie consumer holding a
-/// prefetch window nobody reads).
-pub(crate) fn channel_alive(ch: &Channel) -> bool {
-    let s = ch.status();
-    s.connected() || s.reconnecting()
-}
+pub(crate) use crate::connection::channel_alive;
 
 /// A cheap view of a stage for readiness checks.
 #[derive(Clone)]

@@ -304,6 +304,9 @@ pub(crate) fn judge(spec: &StageSpec, d: &Delivery, attempt: u32, handled: Handl
             detail: Some(envelope::truncate(reason.clone(), MAX_ERROR_HEADER_BYTES)),
             error: reason,
         }),
+        Ok(Ok(Outcome::InvalidOutput { reason })) => {
+            Verdict::DeadLetter(DeadLetter::new(Reason::InvalidOutput, reason))
+        }
         Ok(Ok(Outcome::Retry { reason })) => retry_or_dead(
             spec,
             attempt,
@@ -833,6 +836,23 @@ mod tests {
         let long_ex = Output::new("x".repeat(256), "k", "b");
         let v = judge(&s, d, 1, Ok(Ok(Outcome::ack_with(vec![long_ex]))));
         assert_eq!(reason(&v), Some(Reason::InvalidOutput));
+    }
+
+    #[test]
+    fn a_handler_reporting_an_invalid_output_dead_letters_as_invalid_output() {
+        let s = spec();
+        let o = opened(&s, "ex", "in", props("m"), b"x");
+        let v = judge(
+            &s,
+            &o.delivery,
+            1,
+            Ok(Ok(Outcome::invalid_output("answer is not JSON"))),
+        );
+        assert_eq!(reason(&v), Some(Reason::InvalidOutput));
+        let Verdict::DeadLetter(dead) = v else {
+            unreachable!()
+        };
+        assert_eq!(dead.error, "answer is not JSON");
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub struct DemoArgs {
     #[arg(
         long,
         env = "FLOWGATE__AMQP__URL",
+        hide_env_values = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub url: String,
@@ -48,6 +49,7 @@ pub struct DemoArgs {
     #[arg(
         long,
         env = "FLOWGATE__ORDERS__REDIS_URL",
+        hide_env_values = true,
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: String,

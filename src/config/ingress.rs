@@ -1,0 +1,287 @@
+//! `[ingress]`: the HTTP publish endpoint, its listener, who may use it,
+//! where it may publish, and the bounds that keep a careless or hostile
+//! client from costing anything but its own requests.
+
+use super::ConfigError;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `[ingress]`
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressConfig {
+    /// Address of the publish listener (`POST /publish/{exchange}/{routing_key}`),
+    /// separate from `[http] bind` (metrics and health) so that reaching the
+    /// scrape port does not let anyone publish. Default `""`: no ingress.
+    #[serde(default)]
+    pub bind: String,
+    /// Who may publish: `token` (a bearer token from `token_file` or
+    /// `token_env`, `Authorization: Bearer <token>`) or `none` — **anyone
+    /// who can reach `bind` may publish** to the listed routes, and nothing
+    /// they send is signed. Default `token`.
+    #[serde(default)]
+    pub auth: IngressAuth,
+    /// A file holding the accepted tokens, one per line (blank lines and
+    /// lines starting with `#` ignored; several for rotation: add the new
+    /// one, move the clients, remove the old one). Read at start. Default none.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The name of an environment variable holding the accepted tokens,
+    /// separated by commas or whitespace (for a Kubernetes Secret). Taken
+    /// together with `token_file`'s. Default none.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// Where the ingress may publish: `[{ exchange = "shop", routing_key =
+    /// "order.*" }]`, routing keys as topic patterns (`*` one word, `#` zero
+    /// or more); any other route is answered 403. Required when `bind` is set.
+    #[serde(default)]
+    pub routes: Vec<IngressRoute>,
+    /// Every publish is answered within this: when the broker has not
+    /// confirmed in time the message is spooled (with a `[spool]`) and
+    /// answered 202 `spooled`, else 503 with `Retry-After` (the broker may
+    /// still take it: retry with the same `Idempotency-Key`). Default `5s`.
+    #[serde(default = "default_publish_timeout", with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// Most open connections; beyond it new ones wait in the listen backlog.
+    /// Default `4096`.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most requests handled at once; beyond it a request is answered 503
+    /// with `Retry-After` at once. Default `256`.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: usize,
+    /// How long a client may take to send a request's headers (a connection
+    /// that sends nothing is closed after it too; slow-header clients get
+    /// 408). Default `5s`.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// How long a client may take to send a request's body (408 after it).
+    /// Default `10s`.
+    #[serde(default = "default_body_timeout", with = "humantime_serde")]
+    pub body_timeout: Duration,
+}
+
+/// `[ingress] auth`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum IngressAuth {
+    /// A bearer token is required (default).
+    #[default]
+    Token,
+    /// No authentication: open to anyone who can reach the listener.
+    None,
+}
+
+/// One route the ingress may publish to.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IngressRoute {
+    /// The exchange (exact); must be declared under `[[exchanges]]`.
+    pub exchange: String,
+    /// A topic pattern over the routing key. Default `#` (any key).
+    #[serde(default = "default_any_key")]
+    pub routing_key: String,
+}
+
+fn default_any_key() -> String {
+    "#".into()
+}
+fn default_publish_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_concurrent() -> usize {
+    256
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            bind: String::new(),
+            auth: IngressAuth::default(),
+            token_file: None,
+            token_env: None,
+            routes: Vec::new(),
+            publish_timeout: default_publish_timeout(),
+            max_connections: default_max_connections(),
+            max_concurrent: default_max_concurrent(),
+            header_timeout: default_header_timeout(),
+            body_timeout: default_body_timeout(),
+        }
+    }
+}
+
+/// Accepted bearer tokens. Never printed: `Debug` shows only how many.
+#[derive(Clone, Default)]
+pub struct Tokens(Vec<Vec<u8>>);
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokens({} redacted)", self.0.len())
+    }
+}
+
+/// Shortest token accepted, in bytes.
+pub const MIN_TOKEN_BYTES: usize = 16;
+
+impl Tokens {
+    /// Whether `presented` is one of the tokens, compared in constant time
+    /// per token (no early exit on the first differing byte).
+    pub fn accepts(&self, presented: &[u8]) -> bool {
+        let mut ok = false;
+        for t in &self.0 {
+            let same_len = t.len() == presented.len();
+            let diff = t
+                .iter()
+                .zip(presented)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            ok |= same_len && diff == 0;
+        }
+        ok
+    }
+
+    /// How many tokens are accepted.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when none is.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn push_all(&mut self, key: &str, text: &str, by_line: bool) -> Result<(), ConfigError> {
+        let items: Vec<&str> = if by_line {
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .collect()
+        } else {
+            text.split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|t| !t.is_empty())
+                .collect()
+        };
+        for (n, t) in items.into_iter().enumerate() {
+            if t.len() < MIN_TOKEN_BYTES {
+                // Name the position, never the token.
+                return Err(ConfigError::new(
+                    key,
+                    format!("token {} is shorter than {MIN_TOKEN_BYTES} bytes", n + 1),
+                ));
+            }
+            self.0.push(t.as_bytes().to_vec());
+        }
+        Ok(())
+    }
+}
+
+impl IngressConfig {
+    /// An ingress on `bind` open to anyone (`auth = "none"`), publishing to
+    /// `routes`, every bound at its default. For tests and local demos.
+    pub fn open(bind: impl Into<String>, routes: Vec<IngressRoute>) -> Self {
+        Self {
+            bind: bind.into(),
+            auth: IngressAuth::None,
+            routes,
+            ..Self::default()
+        }
+    }
+
+    /// Reads the accepted tokens from `token_file` and `token_env`. Errors
+    /// name the key at fault and never contain a token.
+    pub fn tokens(&self) -> Result<Tokens, ConfigError> {
+        let mut tokens = Tokens::default();
+        if let Some(p) = &self.token_file {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                ConfigError::new(
+                    "ingress.token_file",
+                    format!("cannot read {}: {e}", p.display()),
+                )
+            })?;
+            tokens.push_all("ingress.token_file", &text, true)?;
+        }
+        if let Some(var) = &self.token_env {
+            let text = std::env::var(var).map_err(|_| {
+                ConfigError::new(
+                    "ingress.token_env",
+                    format!("environment variable `{var}` is not set (or not UTF-8)"),
+                )
+            })?;
+            tokens.push_all("ingress.token_env", &text, false)?;
+        }
+        Ok(tokens)
+    }
+
+    /// Whether a route listed in `routes` allows `exchange`/`routing_key`.
+    pub fn allows(&self, exchange: &str, routing_key: &str) -> bool {
+        self.routes.iter().any(|r| {
+            r.exchange == exchange && super::ExchangeType::Topic.routes(&r.routing_key, routing_key)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_rotate_and_never_print() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tokens");
+        std::fs::write(
+            &f,
+            "# current\nnew-token-0123456789\n\nold-token-0123456789\n",
+        )
+        .unwrap();
+        let cfg = IngressConfig {
+            token_file: Some(f),
+            ..IngressConfig::default()
+        };
+        let t = cfg.tokens().unwrap();
+        assert_eq!(t.len(), 2);
+        assert!(t.accepts(b"new-token-0123456789"));
+        assert!(t.accepts(b"old-token-0123456789"));
+        assert!(!t.accepts(b"new-token-012345678"));
+        assert!(!t.accepts(b""));
+        assert!(!format!("{t:?}").contains("token-0"), "{t:?}");
+    }
+
+    #[test]
+    fn a_short_token_is_refused_without_echoing_it() {
+        std::env::set_var(
+            "FLOWGATE_TEST_INGRESS_TOKENS",
+            "a-long-enough-token-1, shorty",
+        );
+        let cfg = IngressConfig {
+            token_env: Some("FLOWGATE_TEST_INGRESS_TOKENS".into()),
+            ..IngressConfig::default()
+        };
+        let e = cfg.tokens().unwrap_err();
+        assert_eq!(e.key, "ingress.token_env");
+        assert!(!e.to_string().contains("shorty"), "{e}");
+    }
+
+    #[test]
+    fn routes_are_topic_patterns_on_an_exact_exchange() {
+        let cfg = IngressConfig::open(
+            "127.0.0.1:0",
+            vec![IngressRoute {
+                exchange: "shop".into(),
+                routing_key: "order.*".into(),
+            }],
+        );
+        assert!(cfg.allows("shop", "order.created"));
+        assert!(!cfg.allows("shop", "order.created.eu"));
+        assert!(!cfg.allows("shop", "payment.done"));
+        assert!(!cfg.allows("shop2", "order.created"));
+    }
+}
