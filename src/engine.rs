@@ -312,9 +312,9 @@ impl Engine {
         let metrics = Metrics::new();
         let (esc_tx, esc_rx) = mpsc::channel(16);
         let policy = config.supervisor.policy();
-        let url = config.amqp.resolved_url()?;
+        let urls = config.amqp.resolved_urls()?;
         let conn_cfg = ConnectionConfig {
-            url,
+            urls,
             name: config.amqp.connection_name.clone(),
             connect_timeout: config.amqp.connect_timeout,
             policy: policy.clone(),
@@ -376,6 +376,7 @@ impl Engine {
             metrics.clone(),
             Some(esc_tx.clone()),
         )
+        .await
         .map_err(StartError::Spool)?;
 
         let dedup = build_dedup(&config, &metrics).await?;

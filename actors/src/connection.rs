@@ -36,8 +36,10 @@ impl Purpose {
 /// How to reach the broker.
 #[derive(Clone)]
 pub struct ConnectionConfig {
-    /// AMQP URL (may hold a password: never logged).
-    pub url: String,
+    /// AMQP URLs, tried in order (may hold passwords: never logged). The
+    /// actor connects to the first that answers; after a loss it cannot
+    /// recover from, it starts over at the next one. Never empty.
+    pub urls: Vec<String>,
     /// Prefix of the connection names shown by `rabbitmqctl list_connections`
     /// (`<name>-consume`, `<name>-publish`), so operators can find the engine.
     pub name: String,
@@ -50,7 +52,10 @@ pub struct ConnectionConfig {
 impl std::fmt::Debug for ConnectionConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnectionConfig")
-            .field("url", &redact_url(&self.url))
+            .field(
+                "urls",
+                &self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+            )
             .field("name", &self.name)
             .finish()
     }
@@ -128,6 +133,8 @@ pub struct ConnectionActor {
     failed: std::collections::HashSet<Purpose>,
     /// When the current generation connected.
     connected_at: std::time::Instant,
+    /// Index into `cfg.urls` of the URL tried first on the next connect.
+    url_index: usize,
 }
 
 impl ConnectionActor {
@@ -151,6 +158,7 @@ impl ConnectionActor {
             generation: 0,
             failed: Default::default(),
             connected_at: std::time::Instant::now(),
+            url_index: 0,
         }
     }
 
@@ -180,17 +188,49 @@ impl ConnectionActor {
     }
 }
 
-async fn connect_one(cfg: ConnectionConfig, p: Purpose) -> Result<Connection> {
+async fn connect_one(cfg: &ConnectionConfig, url: &str, p: Purpose) -> Result<Connection> {
     let props = ConnectionProperties::default()
         .with_connection_name(format!("{}-{}", cfg.name, p.as_str()).into())
         .enable_auto_recover();
-    match tokio::time::timeout(cfg.connect_timeout, Connection::connect(&cfg.url, props)).await {
+    match tokio::time::timeout(cfg.connect_timeout, Connection::connect(url, props)).await {
         Ok(r) => Ok(r?),
-        Err(_) => Err(Error::ConnectTimeout(
-            cfg.connect_timeout,
-            redact_url(&cfg.url),
-        )),
+        Err(_) => Err(Error::ConnectTimeout(cfg.connect_timeout, redact_url(url))),
     }
+}
+
+/// Both connections to the first of `cfg.urls`, starting at `first`, that
+/// answers; with the index of that URL. The error is the last URL's.
+async fn connect_first(
+    cfg: &ConnectionConfig,
+    first: usize,
+) -> Result<(usize, Connection, Connection)> {
+    let n = cfg.urls.len();
+    let mut last = Error::NotConnected;
+    for i in (0..n).map(|k| (first + k) % n) {
+        let url = &cfg.urls[i];
+        let pair = async {
+            let c = connect_one(cfg, url, Purpose::Consume).await?;
+            match connect_one(cfg, url, Purpose::Publish).await {
+                Ok(p) => Ok((c, p)),
+                Err(e) => {
+                    let _ = c
+                        .close(200, "flowgate: publish connection failed".into())
+                        .await;
+                    Err(e)
+                }
+            }
+        };
+        match pair.await {
+            Ok((c, p)) => return Ok((i, c, p)),
+            Err(e) => {
+                if n > 1 {
+                    warn!(url = %redact_url(url), error = %e, "broker does not answer; trying the next URL");
+                }
+                last = e;
+            }
+        }
+    }
+    Err(last)
 }
 
 impl Actor for ConnectionActor {
@@ -202,18 +242,18 @@ impl Actor for ConnectionActor {
         }
         let delay = self.restarts.delay();
         let cfg = self.cfg.clone();
+        let first = self.url_index;
         // `wait` holds the mailbox until connected, so OpenChannel requests
         // queue (one per actor, bounded) instead of failing.
         ctx.wait(
             async move {
                 tokio::time::sleep(delay).await;
-                let c = connect_one(cfg.clone(), Purpose::Consume).await?;
-                let p = connect_one(cfg, Purpose::Publish).await?;
-                Ok::<_, Error>((c, p))
+                connect_first(&cfg, first).await
             }
             .into_actor(self)
             .map(|res, act, ctx| match res {
-                Ok((c, p)) => {
+                Ok((index, c, p)) => {
+                    act.url_index = index;
                     act.generation += 1;
                     act.failed.clear();
                     act.connected_at = std::time::Instant::now();
@@ -229,7 +269,7 @@ impl Actor for ConnectionActor {
                     act.publish = Some(Arc::new(p));
                     act.restarts.succeeded();
                     act.update_gauge();
-                    info!(url = %redact_url(&act.cfg.url), "connected to the broker");
+                    info!(url = %redact_url(&act.cfg.urls[index]), "connected to the broker");
                     act.notify(LinkEvent::LinkUp(Purpose::Consume));
                     act.notify(LinkEvent::LinkUp(Purpose::Publish));
                 }
@@ -275,6 +315,11 @@ impl Supervised for ConnectionActor {
         }
         self.consume = None;
         self.publish = None;
+        // A loss lapin could not recover from: the next connect starts at
+        // the next URL (another cluster node), the others after it.
+        if !self.cfg.urls.is_empty() {
+            self.url_index = (self.url_index + 1) % self.cfg.urls.len();
+        }
         self.blocked = false;
         self.metrics.broker_blocked.set(0);
         self.metrics

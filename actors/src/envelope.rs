@@ -133,11 +133,15 @@ pub enum Reason {
     /// The handler returned `Outcome::DeadLetter`: its own free-text reason
     /// goes to the [`REASON`] header, the metric label is `handler`.
     Handler,
+    /// The dedup backend answered the claim with an error retrying will not
+    /// fix (a wrong-type key, a refused command): the message cannot be
+    /// deduplicated, so it is not handled.
+    DedupError,
 }
 
 impl Reason {
     /// Every reason, for docs and exhaustive tests.
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::HandlerError,
         Reason::Panic,
         Reason::MaxAttempts,
@@ -149,6 +153,7 @@ impl Reason {
         Reason::BadSignature,
         Reason::InvalidOutput,
         Reason::Handler,
+        Reason::DedupError,
     ];
 
     /// The wire value and metric label.
@@ -165,6 +170,7 @@ impl Reason {
             Reason::BadSignature => "bad-signature",
             Reason::InvalidOutput => "invalid-output",
             Reason::Handler => "handler",
+            Reason::DedupError => "dedup-error",
         }
     }
 

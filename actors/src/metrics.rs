@@ -73,6 +73,8 @@ pub struct Inner {
     pub spool_replayed: IntCounter,
     /// Spooled records removed without delivery, by reason (unroutable on replay).
     pub spool_dropped: IntCounterVec,
+    /// Spooled records that did not decode, moved to the spool's quarantine table.
+    pub spool_quarantined: IntCounter,
     /// Callers waiting to publish (for a token, an unblock, or window room).
     pub publish_waiters: IntGauge,
     /// Ready messages per watched queue (passive `queue.declare`).
@@ -263,6 +265,15 @@ impl Metrics {
                 let c = IntCounter::new(
                     "flowgate_spool_replayed_total",
                     "Spooled records replayed to the broker and confirmed",
+                )
+                .expect("static metric definition");
+                r.register(Box::new(c.clone())).expect("unique metric name");
+                c
+            },
+            spool_quarantined: {
+                let c = IntCounter::new(
+                    "flowgate_spool_quarantined_total",
+                    "Spooled records that did not decode, moved to the spool's quarantine table",
                 )
                 .expect("static metric definition");
                 r.register(Box::new(c.clone())).expect("unique metric name");

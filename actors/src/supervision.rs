@@ -8,11 +8,51 @@
 //! `window`, the actor escalates: it reports an [`Escalation`] and stays idle,
 //! and the engine decides (the daemon shuts down and exits non-zero, so the
 //! process supervisor — systemd, Kubernetes — takes over).
+//!
+//! Every wait between attempts in the runtime (actor restarts, reconnects,
+//! publish retries, dedup claims) comes from [`backoff`]: capped exponential
+//! with full jitter, so many instances that failed together do not retry in
+//! lockstep.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+/// The wait before retry number `attempt` (0 for the first retry): a
+/// uniformly random duration in `[0, min(max, min · 2^attempt)]` ("full
+/// jitter"). The one backoff formula of the runtime.
+pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+    let cap = min.saturating_mul(1u32 << attempt.min(16)).min(max);
+    let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(fastrand::u64(0..=nanos))
+}
+
+/// Successive waits of [`backoff`] for a retry loop.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Waits starting at `min`, capped at `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The next wait.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = backoff(self.min, self.max, self.attempt);
+        self.attempt = self.attempt.saturating_add(1);
+        d
+    }
+}
 
 /// How an actor is restarted.
 #[derive(Clone, Debug)]
@@ -95,14 +135,17 @@ impl Restarts {
         self.consecutive = 0;
     }
 
-    /// How long to wait before working again after the latest restart.
+    /// How long to wait before working again after the latest restart
+    /// ([`backoff`]: jittered, at most `backoff_max`).
     pub fn delay(&self) -> Duration {
         if self.consecutive == 0 {
             return Duration::ZERO;
         }
-        let exp = self.consecutive.saturating_sub(1).min(16);
-        let d = self.policy.backoff_min.saturating_mul(1u32 << exp);
-        d.min(self.policy.backoff_max)
+        backoff(
+            self.policy.backoff_min,
+            self.policy.backoff_max,
+            self.consecutive - 1,
+        )
     }
 
     /// True once the budget is spent.
@@ -129,17 +172,22 @@ mod tests {
         }
     }
 
+    /// The largest of many draws: close to the cap when the jitter spans it.
+    fn max_of(mut f: impl FnMut() -> Duration) -> Duration {
+        (0..2000).map(|_| f()).max().unwrap_or_default()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn backoff_doubles_up_to_the_cap_and_resets_on_success() {
         let mut r = Restarts::new(policy());
         assert_eq!(r.delay(), Duration::ZERO);
         let now = Instant::now();
-        r.record(now);
-        assert_eq!(r.delay(), Duration::from_millis(100));
-        r.record(now);
-        assert_eq!(r.delay(), Duration::from_millis(200));
-        r.record(now);
-        assert_eq!(r.delay(), Duration::from_millis(400));
+        for cap_ms in [100u64, 200, 400] {
+            r.record(now);
+            let top = max_of(|| r.delay());
+            assert!(top <= Duration::from_millis(cap_ms), "{top:?}");
+            assert!(top >= Duration::from_millis(cap_ms * 9 / 10), "{top:?}");
+        }
         r.succeeded();
         assert_eq!(r.delay(), Duration::ZERO);
         let mut r = Restarts::new(RestartPolicy {
@@ -149,7 +197,22 @@ mod tests {
         for _ in 0..10 {
             r.record(now);
         }
-        assert_eq!(r.delay(), Duration::from_secs(1));
+        assert!(max_of(|| r.delay()) <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_jitter_is_full_so_instances_spread_out() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(10));
+        let draws: Vec<Duration> = (0..2000).map(|_| backoff(min, max, 20)).collect();
+        assert!(draws.iter().all(|d| *d <= max));
+        // Full jitter: draws cover [0, cap], not a band just under it.
+        assert!(draws.iter().any(|d| *d < max / 10), "no short wait");
+        assert!(draws.iter().any(|d| *d > max * 9 / 10), "no long wait");
+        let mut b = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
+        let caps = [20u64, 40, 80, 160, 320, 640, 1280, 2000, 2000];
+        for cap in caps {
+            assert!(b.next_delay() <= Duration::from_millis(cap));
+        }
     }
 
     #[tokio::test(start_paused = true)]

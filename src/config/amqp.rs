@@ -11,6 +11,11 @@ pub struct AmqpConfig {
     /// writing a password into a config file.
     #[serde(default = "default_url")]
     pub url: String,
+    /// Several broker URLs (cluster nodes); when set, wins over `url`.
+    /// flowgate connects to the first that answers and, when the link is
+    /// lost for good, tries the next one. Default: none (`url` alone).
+    #[serde(default)]
+    pub urls: Vec<String>,
     /// A file whose contents (trimmed) are the broker URL; wins over `url`.
     /// For secrets mounted as files (Kubernetes, Docker). Default: none.
     #[serde(default)]
@@ -28,6 +33,14 @@ impl std::fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpConfig")
             .field("url", &flowgate_actors::connection::redact_url(&self.url))
+            .field(
+                "urls",
+                &self
+                    .urls
+                    .iter()
+                    .map(|u| flowgate_actors::connection::redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .field("url_file", &self.url_file)
             .field("connection_name", &self.connection_name)
             .field("connect_timeout", &self.connect_timeout)
@@ -49,6 +62,7 @@ impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
             url: default_url(),
+            urls: Vec::new(),
             url_file: None,
             connection_name: default_conn_name(),
             connect_timeout: default_connect_timeout(),
@@ -57,15 +71,23 @@ impl Default for AmqpConfig {
 }
 
 impl AmqpConfig {
-    /// The URL to connect to, read from `url_file` when set.
+    /// The first URL to connect to (see [`AmqpConfig::resolved_urls`]).
     pub fn resolved_url(&self) -> Result<String, ConfigError> {
+        let mut urls = self.resolved_urls()?;
+        Ok(urls.swap_remove(0))
+    }
+
+    /// The URLs to connect to, in order, never empty: the one read from
+    /// `url_file` when set, else `urls` when not empty, else `url`.
+    pub fn resolved_urls(&self) -> Result<Vec<String>, ConfigError> {
         match &self.url_file {
             Some(p) => std::fs::read_to_string(p)
-                .map(|s| s.trim().to_owned())
+                .map(|s| vec![s.trim().to_owned()])
                 .map_err(|e| {
                     ConfigError::new("amqp.url_file", format!("cannot read {}: {e}", p.display()))
                 }),
-            None => Ok(self.url.clone()),
+            None if !self.urls.is_empty() => Ok(self.urls.clone()),
+            None => Ok(vec![self.url.clone()]),
         }
     }
 }

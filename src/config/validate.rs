@@ -12,21 +12,22 @@ use std::time::Duration;
 /// (built-ins plus those a host registered); `None` skips that check (a
 /// loaded file may name handlers the host registers later).
 pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigError> {
-    let url = cfg.amqp.resolved_url()?;
-    match url::Url::parse(&url) {
-        Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {
-            if u.host_str().is_none_or(str::is_empty) {
-                return Err(ConfigError::new("amqp.url", "has no host"));
+    for url in cfg.amqp.resolved_urls()? {
+        match url::Url::parse(&url) {
+            Ok(u) if u.scheme() == "amqp" || u.scheme() == "amqps" => {
+                if u.host_str().is_none_or(str::is_empty) {
+                    return Err(ConfigError::new("amqp.url", "has no host"));
+                }
             }
+            Ok(u) => {
+                return Err(ConfigError::new(
+                    "amqp.url",
+                    format!("scheme must be amqp or amqps, not `{}`", u.scheme()),
+                ))
+            }
+            // Never echo the URL: it may hold a password.
+            Err(e) => return Err(ConfigError::new("amqp.url", format!("malformed URL ({e})"))),
         }
-        Ok(u) => {
-            return Err(ConfigError::new(
-                "amqp.url",
-                format!("scheme must be amqp or amqps, not `{}`", u.scheme()),
-            ))
-        }
-        // Never echo the URL: it may hold a password.
-        Err(e) => return Err(ConfigError::new("amqp.url", format!("malformed URL ({e})"))),
     }
     if !cfg.http.bind.is_empty() && cfg.http.bind.parse::<std::net::SocketAddr>().is_err() {
         return Err(ConfigError::new(

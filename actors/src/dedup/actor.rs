@@ -162,6 +162,10 @@ pub enum Claimed {
     AlreadyDone,
     /// The stage is draining: give the delivery back.
     Stopped,
+    /// The store answered with an error retrying will not fix
+    /// ([`DedupError::Backend`]): dead-letter instead of waiting forever
+    /// while holding a credit.
+    Failed(String),
 }
 
 /// What message tasks hold: the store plus its availability. Cheap to clone.
@@ -218,7 +222,8 @@ impl DedupHandle {
     /// else holds (see the module docs). Returns [`Claimed::Stopped`] only
     /// when `stop` is raised.
     pub async fn claim(&self, stage: &str, key: &str, stop: &AtomicBool) -> Claimed {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff =
+            crate::supervision::Backoff::new(Duration::from_millis(50), IN_PROGRESS_BACKOFF_MAX);
         loop {
             if !self.wait_available(stop).await {
                 return Claimed::Stopped;
@@ -227,8 +232,17 @@ impl DedupHandle {
                 Ok(Claim::Acquired(t)) => return Claimed::Acquired(t),
                 Ok(Claim::AlreadyDone) => return Claimed::AlreadyDone,
                 Ok(Claim::InProgress) => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(IN_PROGRESS_BACKOFF_MAX);
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                // An answer, not an outage: the store stays available.
+                Err(e) if !e.is_transient() => {
+                    events::DedupStoreFailed {
+                        stage,
+                        call: "claim",
+                        error: &e,
+                    }
+                    .emit(&self.metrics);
+                    return Claimed::Failed(e.to_string());
                 }
                 Err(e) => {
                     self.failed(stage, "claim", &e);

@@ -1003,10 +1003,11 @@ pub struct PublisherActor {
 }
 
 impl PublisherActor {
-    /// Opens the spool (if configured; blocking — redb may repair the file
-    /// after a crash), starts the actor under a supervisor and returns a
-    /// handle. Records left in the spool replay once the broker is reachable.
-    pub fn start_supervised(
+    /// Opens the spool (if configured; on the blocking pool — redb may
+    /// repair the file after a crash), starts the actor under a supervisor
+    /// and returns a handle. Records left in the spool replay once the
+    /// broker is reachable.
+    pub async fn start_supervised(
         cfg: PublisherConfig,
         conn: Addr<ConnectionActor>,
         metrics: Metrics,
@@ -1014,12 +1015,14 @@ impl PublisherActor {
     ) -> Result<PublisherHandle> {
         let spool = match &cfg.spool {
             Some(s) => Some(
-                Spool::open(&s.path, s.max_bytes)
+                Spool::open_async(s.path.clone(), s.max_bytes)
+                    .await
                     .map_err(|e| Error::Store(format!("opening {}: {e}", s.path.display())))?,
             ),
             None => None,
         };
         if let Some(s) = &spool {
+            s.count_quarantined_in(metrics.spool_quarantined.clone());
             if !s.is_empty() {
                 info!(
                     records = s.len(),

@@ -262,6 +262,7 @@ async fn claim(shared: &Shared, key: Option<String>) -> Result<Option<ClaimToken
             Err(Verdict::Ack)
         }
         Claimed::Stopped => Err(Verdict::Requeue),
+        Claimed::Failed(e) => Err(Verdict::DeadLetter(DeadLetter::new(Reason::DedupError, e))),
     }
 }
 
@@ -571,7 +572,8 @@ impl PublishFailure {
 /// while holding the caller's credit (this is where backpressure bites).
 /// Permanent failures (unroutable, invalid, a panic) return at once.
 async fn publish_retrying(shared: &Shared, out: Output) -> Result<(), PublishFailure> {
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff =
+        crate::supervision::Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
     loop {
         match shared.publisher.publish(out.clone()).await {
             Ok(()) => return Ok(()),
@@ -592,8 +594,7 @@ async fn publish_retrying(shared: &Shared, out: Output) -> Result<(), PublishFai
                     error: &e,
                 }
                 .emit(&shared.metrics);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }

@@ -5,8 +5,17 @@
 //! drains the spool once the broker is back. The spool is a single
 //! [redb](https://docs.rs/redb) file:
 //!
-//! * table `records`: `u64` sequence number → bincode-encoded [`SpoolRecord`].
-//!   Keys are strictly increasing, so key order is FIFO order.
+//! * table `records`: `u64` sequence number → the record in flowgate's own
+//!   versioned format (see [`format`]: a magic prefix, a format version,
+//!   then the version's struct). Keys are strictly increasing, so key order
+//!   is FIFO order.
+//! * table `quarantine`: `u64` sequence number → a stored value that did not
+//!   decode (corruption, or a format this build does not read), moved there
+//!   verbatim by [`Spool::peek_batch`] so the records behind it still
+//!   replay. Each move is logged once and counted in the counter given to
+//!   [`Spool::count_quarantined_in`] (`flowgate_spool_quarantined_total`).
+//!   Quarantined values are kept for an operator; they do not count against
+//!   `max_bytes`.
 //! * table `meta`: `"next_seq"` → the next sequence number to hand out, so
 //!   sequence numbers never go backwards across restarts, even when the spool
 //!   was fully drained before the restart.
@@ -23,21 +32,27 @@
 //! methods ([`Spool::open`], [`Spool::append`], [`Spool::peek_batch`],
 //! [`Spool::remove`]) therefore **block the calling thread**; from async code
 //! call them inside [`tokio::task::spawn_blocking`], or use the
-//! `*_async` wrappers ([`Spool::append_async`], [`Spool::peek_batch_async`],
-//! [`Spool::remove_async`]) which do exactly that. [`Spool::len`],
+//! `*_async` wrappers ([`Spool::open_async`], [`Spool::append_async`],
+//! [`Spool::peek_batch_async`], [`Spool::remove_async`]) which do exactly
+//! that. [`Spool::len`],
 //! [`Spool::bytes`] and [`Spool::is_empty`] only read atomics and are safe to
 //! call anywhere.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
+use prometheus::IntCounter;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+pub mod format;
 
 /// Table holding the spooled records, keyed by sequence number.
 const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
+/// Table holding stored values that did not decode, keyed by their
+/// sequence number in [`RECORDS`].
+const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 /// Table holding spool bookkeeping (currently only [`NEXT_SEQ_KEY`]).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Key in [`META`] under which the next sequence number is persisted.
@@ -47,7 +62,7 @@ const FIRST_SEQ: u64 = 1;
 
 /// One outgoing publish, exactly as it will be handed to
 /// `lapin::Channel::basic_publish` when the spool is drained.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct SpoolRecord {
     /// Exchange to publish to; kept so the drain does not need to know the
     /// pipeline's routing configuration.
@@ -62,27 +77,17 @@ pub struct SpoolRecord {
 }
 
 impl SpoolRecord {
-    /// Encodes the record with bincode's standard configuration; this is the
+    /// Encodes the record in the current [`format`] version; this is the
     /// exact byte string stored in redb and counted against `max_bytes`.
     pub fn encode(&self) -> Result<Vec<u8>, SpoolError> {
-        bincode::serde::encode_to_vec(self, bincode::config::standard())
-            .map_err(|e| SpoolError::Codec(e.to_string()))
+        format::encode(self)
     }
 
-    /// Decodes a record produced by [`SpoolRecord::encode`]. Trailing bytes
-    /// are rejected so a truncated or concatenated value is not silently
-    /// accepted.
+    /// Decodes a stored record of any [`format`] version this build reads.
+    /// Trailing bytes are rejected so a truncated or concatenated value is
+    /// not silently accepted.
     pub fn decode(bytes: &[u8]) -> Result<SpoolRecord, SpoolError> {
-        let (rec, used): (SpoolRecord, usize) =
-            bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-                .map_err(|e| SpoolError::Codec(e.to_string()))?;
-        if used != bytes.len() {
-            return Err(SpoolError::Codec(format!(
-                "{} trailing bytes after record",
-                bytes.len() - used
-            )));
-        }
-        Ok(rec)
+        format::decode(bytes)
     }
 }
 
@@ -140,6 +145,9 @@ struct Inner {
     /// the whole write transaction so the bound check, the commit and the
     /// atomics update are one atomic step with respect to other writers.
     writer: Mutex<u64>,
+    /// Counts records moved to [`QUARANTINE`]; see
+    /// [`Spool::count_quarantined_in`].
+    quarantined: OnceLock<IntCounter>,
 }
 
 /// A durable, bounded FIFO spool of outgoing publishes backed by one redb
@@ -180,6 +188,7 @@ impl Spool {
             let scanned = {
                 let records = txn.open_table(RECORDS).map_err(SpoolError::storage)?;
                 let meta = txn.open_table(META).map_err(SpoolError::storage)?;
+                txn.open_table(QUARANTINE).map_err(SpoolError::storage)?;
                 let mut len = 0u64;
                 let mut bytes = 0u64;
                 let mut last = None;
@@ -211,8 +220,65 @@ impl Spool {
                 len: AtomicU64::new(len),
                 bytes: AtomicU64::new(bytes),
                 writer: Mutex::new(next_seq),
+                quarantined: OnceLock::new(),
             }),
         })
+    }
+
+    /// [`Spool::open`] on a `spawn_blocking` thread (the scan of a large
+    /// spool, or redb's repair after a crash, must not stall an actor).
+    pub async fn open_async(path: PathBuf, max_bytes: u64) -> Result<Spool, SpoolError> {
+        run_blocking(move || Spool::open(&path, max_bytes)).await
+    }
+
+    /// Every later move of an undecodable record to the quarantine table
+    /// bumps `counter` (once per record). Only the first call has effect.
+    pub fn count_quarantined_in(&self, counter: IntCounter) {
+        let _ = self.inner.quarantined.set(counter);
+    }
+
+    /// Number of values in the quarantine table. Blocking; see the module
+    /// docs.
+    pub fn quarantined(&self) -> Result<u64, SpoolError> {
+        let txn = self.inner.db.begin_read().map_err(SpoolError::storage)?;
+        let q = txn.open_table(QUARANTINE).map_err(SpoolError::storage)?;
+        q.len().map_err(SpoolError::storage)
+    }
+
+    /// Moves the undecodable values `bad` (sequence number, why) from
+    /// [`RECORDS`] to [`QUARANTINE`] in one transaction; logs and counts
+    /// each one once.
+    fn quarantine(&self, bad: &[(u64, SpoolError)]) -> Result<(), SpoolError> {
+        let _writer = self.lock_writer();
+        let txn = self.inner.db.begin_write().map_err(SpoolError::storage)?;
+        let mut moved = Vec::with_capacity(bad.len());
+        {
+            let mut records = txn.open_table(RECORDS).map_err(SpoolError::storage)?;
+            let mut q = txn.open_table(QUARANTINE).map_err(SpoolError::storage)?;
+            for (seq, why) in bad {
+                let Some(old) = records.remove(*seq).map_err(SpoolError::storage)? else {
+                    continue;
+                };
+                let value = old.value().to_vec();
+                drop(old);
+                q.insert(*seq, value.as_slice())
+                    .map_err(SpoolError::storage)?;
+                moved.push((*seq, value.len() as u64, why));
+            }
+        }
+        txn.commit().map_err(SpoolError::storage)?;
+        for (seq, size, why) in moved {
+            self.inner.bytes.fetch_sub(size, Ordering::AcqRel);
+            self.inner.len.fetch_sub(1, Ordering::AcqRel);
+            if let Some(c) = self.inner.quarantined.get() {
+                c.inc();
+            }
+            tracing::error!(
+                seq, bytes = size, error = %why, path = %self.inner.path.display(),
+                "undecodable spool record moved to the quarantine table; replay goes on"
+            );
+        }
+        Ok(())
     }
 
     /// Locks the writer mutex. A panic in another writer cannot leave the
@@ -265,24 +331,36 @@ impl Spool {
     /// removing them. Call [`Spool::remove`] for each one once the broker
     /// has confirmed it. Blocking; see the module docs.
     ///
-    /// A record that fails to decode yields [`SpoolError::Codec`] naming its
-    /// sequence number; since the spool is FIFO, the caller must
-    /// [`remove`](Spool::remove) (dead-letter) that record to make progress.
+    /// A stored value that does not decode is moved to the quarantine
+    /// table (see the module docs) and skipped, so one bad record never
+    /// stops the ones behind it; the batch is empty only when the spool is.
     pub fn peek_batch(&self, max: usize) -> Result<Vec<(u64, SpoolRecord)>, SpoolError> {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let txn = self.inner.db.begin_read().map_err(SpoolError::storage)?;
-        let records = txn.open_table(RECORDS).map_err(SpoolError::storage)?;
-        let mut out = Vec::with_capacity(max.min(1024));
-        for entry in records.iter().map_err(SpoolError::storage)?.take(max) {
-            let (k, v) = entry.map_err(SpoolError::storage)?;
-            let seq = k.value();
-            let rec = SpoolRecord::decode(v.value())
-                .map_err(|e| SpoolError::Codec(format!("record {seq}: {e}")))?;
-            out.push((seq, rec));
+        loop {
+            let mut out = Vec::with_capacity(max.min(1024));
+            let mut bad = Vec::new();
+            {
+                let txn = self.inner.db.begin_read().map_err(SpoolError::storage)?;
+                let records = txn.open_table(RECORDS).map_err(SpoolError::storage)?;
+                for entry in records.iter().map_err(SpoolError::storage)?.take(max) {
+                    let (k, v) = entry.map_err(SpoolError::storage)?;
+                    let seq = k.value();
+                    match SpoolRecord::decode(v.value()) {
+                        Ok(rec) => out.push((seq, rec)),
+                        Err(e) => bad.push((seq, e)),
+                    }
+                }
+            }
+            if bad.is_empty() {
+                return Ok(out);
+            }
+            self.quarantine(&bad)?;
+            if !out.is_empty() {
+                return Ok(out);
+            }
         }
-        Ok(out)
     }
 
     /// Durably deletes record `seq` (after the broker confirmed it).
@@ -410,7 +488,9 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+    use lapin::types::{
+        AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
+    };
     use proptest::prelude::*;
 
     fn rec(i: usize) -> SpoolRecord {
@@ -455,6 +535,27 @@ mod tests {
             ])),
         );
         headers.insert("x-nested".into(), AMQPValue::FieldTable(nested));
+        headers.insert("x-i8".into(), AMQPValue::ShortShortInt(-8));
+        headers.insert("x-u8".into(), AMQPValue::ShortShortUInt(200));
+        headers.insert("x-i16".into(), AMQPValue::ShortInt(-300));
+        headers.insert("x-u16".into(), AMQPValue::ShortUInt(60_000));
+        headers.insert("x-float".into(), AMQPValue::Float(-2.25));
+        headers.insert(
+            "x-decimal".into(),
+            AMQPValue::DecimalValue(DecimalValue {
+                scale: 2,
+                value: 12_345,
+            }),
+        );
+        headers.insert("x-ts".into(), AMQPValue::Timestamp(1_700_000_001));
+        headers.insert(
+            "x-bytes".into(),
+            AMQPValue::ByteArray(ByteArray::from(vec![0u8, 0xff, 0x80])),
+        );
+        headers.insert(
+            "x-not-utf8".into(),
+            AMQPValue::LongString(LongString::from(vec![0xc3u8, 0x28])),
+        );
 
         lapin::BasicProperties::default()
             .with_headers(headers)
@@ -465,6 +566,105 @@ mod tests {
             .with_correlation_id("corr-1".into())
             .with_timestamp(1_700_000_000)
             .with_expiration("60000".into())
+            .with_content_encoding("gzip".into())
+            .with_reply_to("replies".into())
+            .with_type("order.created".into())
+            .with_user_id("guest".into())
+            .with_app_id("flowgate".into())
+            .with_cluster_id("c1".into())
+    }
+
+    /// The record as spools before format versions stored it: bincode of
+    /// lapin's struct layout.
+    #[derive(serde::Serialize)]
+    struct Unversioned<'a> {
+        exchange: &'a str,
+        routing_key: &'a str,
+        body: &'a [u8],
+        properties: &'a lapin::BasicProperties,
+    }
+
+    #[test]
+    fn records_carry_the_magic_and_format_version() {
+        let bytes = rec(1).encode().unwrap();
+        assert_eq!(&bytes[..3], &format::MAGIC);
+        assert_eq!(bytes[3], format::VERSION);
+        let mut newer = bytes.clone();
+        newer[3] = format::VERSION + 1;
+        let err = SpoolRecord::decode(&newer).unwrap_err();
+        assert!(err.to_string().contains("version"), "{err}");
+    }
+
+    #[test]
+    fn unversioned_records_still_decode() {
+        let r = SpoolRecord {
+            exchange: "orders".into(),
+            routing_key: "k".into(),
+            body: vec![9; 5],
+            properties: rich_properties(),
+        };
+        let old = Unversioned {
+            exchange: &r.exchange,
+            routing_key: &r.routing_key,
+            body: &r.body,
+            properties: &r.properties,
+        };
+        let bytes = bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap();
+        assert_eq!(SpoolRecord::decode(&bytes).unwrap(), r);
+    }
+
+    /// Overwrites the stored value of `seq` (a corrupted record).
+    fn corrupt(path: &Path, seq: u64, value: &[u8]) {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(RECORDS).unwrap().insert(seq, value).unwrap();
+        txn.commit().unwrap();
+    }
+
+    #[test]
+    fn an_undecodable_record_is_quarantined_and_the_others_still_come() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.redb");
+        let seqs: Vec<u64> = {
+            let s = open(&dir, 1 << 20);
+            (0..5).map(|i| s.append(&rec(i)).unwrap()).collect()
+        };
+        let good = rec(2).encode().unwrap();
+        corrupt(&path, seqs[2], &good[..good.len() / 2]);
+        // A spool whose oldest record is bad still yields the next ones.
+        corrupt(&path, seqs[0], b"garbage");
+        let s = open(&dir, 1 << 20);
+        let counter = IntCounter::new("q", "q").unwrap();
+        s.count_quarantined_in(counter.clone());
+        assert_eq!(s.len(), 5);
+        let got = s.peek_batch(10).unwrap();
+        assert_eq!(
+            got.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
+            vec![seqs[1], seqs[3], seqs[4]]
+        );
+        assert_eq!(counter.get(), 2);
+        assert_eq!(s.quarantined().unwrap(), 2);
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.bytes(), 3 * good.len() as u64);
+        // Moved once: later peeks neither see nor count them again.
+        assert_eq!(s.peek_batch(10).unwrap(), got);
+        assert_eq!(counter.get(), 2);
+        drop(s);
+        let s = open(&dir, 1 << 20);
+        assert_eq!((s.len(), s.quarantined().unwrap()), (3, 2));
+    }
+
+    #[test]
+    fn a_spool_of_only_bad_records_peeks_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.redb");
+        let seq = open(&dir, 1 << 20).append(&rec(0)).unwrap();
+        corrupt(&path, seq, &[0xff; 3]);
+        let s = open(&dir, 1 << 20);
+        assert!(s.peek_batch(10).unwrap().is_empty());
+        assert!(s.is_empty());
+        assert_eq!(s.bytes(), 0);
+        assert_eq!(s.quarantined().unwrap(), 1);
     }
 
     fn open(dir: &tempfile::TempDir, max: u64) -> Spool {
