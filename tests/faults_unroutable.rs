@@ -300,9 +300,15 @@ async fn returns_are_matched_to_their_own_publish() {
         "{} in {UNROUTABLE_QUEUE}, {rescued_n} expected",
         depth_or_zero(&client, UNROUTABLE_QUEUE).await
     );
-    let rescued = client
-        .collect(UNROUTABLE_QUEUE, rescued_n, Duration::from_secs(10))
-        .await;
+    // The publisher declares the unroutable queue on first use: a run in
+    // which every return met its own confirm never made it.
+    let rescued = if rescued_n == 0 {
+        Vec::new()
+    } else {
+        client
+            .collect(UNROUTABLE_QUEUE, rescued_n, Duration::from_secs(10))
+            .await
+    };
     for (id, _) in &rescued {
         assert!(
             id.starts_with("bad") && !bad_returned.contains(id),
