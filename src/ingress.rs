@@ -400,6 +400,50 @@ mod tests {
     }
 
     #[test]
+    fn refusals_before_publishing_are_final_4xx_and_the_deadline_is_503() {
+        let route = || ("ex".to_owned(), "k".to_owned());
+        let cases = [
+            (
+                IngressError::invalid("header x-message-id", "too long"),
+                400,
+            ),
+            (IngressError::Unauthorized, 401),
+            (
+                IngressError::Forbidden {
+                    exchange: route().0,
+                    routing_key: route().1,
+                },
+                403,
+            ),
+            (
+                IngressError::NoRoute {
+                    exchange: route().0,
+                    routing_key: route().1,
+                },
+                404,
+            ),
+            (IngressError::BodyTimeout(Duration::from_secs(1)), 408),
+        ];
+        for (e, status) in cases {
+            let label = e.to_string();
+            let r = e.error_response();
+            assert_eq!(r.status().as_u16(), status, "{label}");
+            assert_eq!(retry_after(&r), None, "{label}: final");
+        }
+        let r = IngressError::Unauthorized.error_response();
+        assert_eq!(r.headers().get(header::WWW_AUTHENTICATE).unwrap(), "Bearer");
+        let e = IngressError::Timeout(Duration::from_secs(5));
+        assert!(e.is_overload());
+        let r = e.error_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(retry_after(&r), Some("1"));
+        assert!(body(r)["error"]
+            .as_str()
+            .unwrap()
+            .contains("Idempotency-Key"));
+    }
+
+    #[test]
     fn too_large_is_413_without_retry_after() {
         let e = IngressError::TooLarge { size: 10, max: 5 };
         let r = e.error_response();

@@ -16,7 +16,9 @@
 //!   each stage's output lands in (for watermarks), from the config.
 //! * `handlers` — the built-in handler factories (`forward`, `sink`, `record`,
 //!   `http`).
-//! * `http` — `/metrics`, `/healthz`, `/readyz` and `POST /publish`.
+//! * `http` — `/metrics`, `/healthz`, `/readyz` on `[http] bind`, and
+//!   `POST /publish` on its own listener (`[ingress] bind`: tokens, routes,
+//!   bounds).
 //! * [`topology`] — declares and deletes exchanges, queues, bindings,
 //!   dead-letter plumbing.
 //! * [`dlq`] — dead-letter queue tools: stats, replay, purge.
