@@ -54,6 +54,9 @@ pub struct Client {
     pub conn: Connection,
     /// A channel in confirm mode.
     pub ch: Channel,
+    /// The private node this client talks to (`None`: the shared broker),
+    /// for the `rabbitmqctl` queries of [`Client::collect`].
+    node: Option<String>,
 }
 
 impl Client {
@@ -70,7 +73,11 @@ impl Client {
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
             .expect("confirm mode");
-        Client { conn, ch }
+        Client {
+            conn,
+            ch,
+            node: node::node_for_url(url),
+        }
     }
 
     /// Publishes with a confirm (persistent, mandatory); panics if not confirmed.
@@ -151,6 +158,10 @@ impl Client {
 
     /// Consumes from `queue` until `n` messages arrived or `timeout` passed;
     /// acks them. Returns (message id, headers) per delivery in arrival order.
+    ///
+    /// Panics rather than return partial data on a consumer error, an ended
+    /// consumer, a failing `rabbitmqctl`, or acks the queue has not settled
+    /// within 10 s: a test must not read "fewer arrived" into a broken probe.
     pub async fn collect(
         &self,
         queue: &str,
@@ -189,18 +200,16 @@ impl Client {
                     out.push((id, headers));
                 }
                 Ok(Some(Err(e))) => {
-                    eprintln!(
+                    panic!(
                         "collect({queue}): consumer error after {} messages: {e}",
                         out.len()
                     );
-                    break;
                 }
                 Ok(None) => {
-                    eprintln!(
+                    panic!(
                         "collect({queue}): consumer ended after {} messages",
                         out.len()
                     );
-                    break;
                 }
                 Err(_) => break,
             }
@@ -217,21 +226,28 @@ impl Client {
             )
             .await;
         let q = queue.to_owned();
+        let node = self.node.clone();
         let settled = eventually(Duration::from_secs(10), || {
-            let q = q.clone();
+            let (q, node) = (q.clone(), node.clone());
             async move {
-                tokio::task::spawn_blocking(move || node::try_list_queue(None, &q))
-                    .await
-                    .ok()
-                    .and_then(|r| r.ok())
-                    .flatten()
-                    .is_none_or(|(_, unacked, _)| unacked == 0)
+                let name = q.clone();
+                let listed = tokio::task::spawn_blocking(move || {
+                    node::try_list_queue(node.as_deref(), &name)
+                })
+                .await
+                .expect("rabbitmqctl task panicked");
+                match listed {
+                    // A queue that is gone has nothing left unacked.
+                    Ok(counts) => counts.is_none_or(|(_, unacked, _)| unacked == 0),
+                    Err(e) => panic!("collect({q}): rabbitmqctl list_queues failed: {e:#}"),
+                }
             }
         })
         .await;
-        if !settled {
-            eprintln!("collect({queue}): acks not settled after 10 s; closing anyway");
-        }
+        assert!(
+            settled,
+            "collect({queue}): the broker has not settled our acks within 10 s"
+        );
         let _ = ch.close(200, "collected".into()).await;
         out
     }
@@ -440,5 +456,83 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh server-named, exclusive queue on `client` holding `n` messages.
+    async fn queue_with(client: &Client, n: usize) -> String {
+        let q = client
+            .ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare");
+        let name = q.name().to_string();
+        for i in 0..n {
+            client.publish("", &name, &format!("m-{i}"), b"x").await;
+        }
+        name
+    }
+
+    #[actix_rt::test]
+    async fn collect_returns_what_arrived_once_acks_settle() {
+        let client = Client::connect(AMQP_URL).await;
+        let q = queue_with(&client, 3).await;
+        let got = client.collect(&q, 3, Duration::from_secs(10)).await;
+        let ids: Vec<_> = got.into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, ["m-0", "m-1", "m-2"]);
+    }
+
+    #[actix_rt::test]
+    #[should_panic(expected = "rabbitmqctl list_queues failed")]
+    async fn collect_fails_when_rabbitmqctl_fails() {
+        let mut client = Client::connect(AMQP_URL).await;
+        let q = queue_with(&client, 1).await;
+        // A node nobody runs: every `rabbitmqctl` query about it fails.
+        client.node = Some("fg-nobody@localhost".into());
+        client.collect(&q, 1, Duration::from_secs(10)).await;
+    }
+
+    #[actix_rt::test]
+    #[should_panic(expected = "consumer ended")]
+    async fn collect_fails_when_its_consumer_is_cancelled() {
+        let client = Client::connect(AMQP_URL).await;
+        let q = queue_with(&client, 1).await;
+        let deleter = client.conn.create_channel().await.expect("channel");
+        let name = q.clone();
+        tokio::spawn(async move {
+            // Once collect's consumer is on the queue, delete the queue
+            // under it: the broker cancels the consumer.
+            let listening = eventually(Duration::from_secs(10), || async {
+                deleter
+                    .queue_declare(
+                        name.as_str().into(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .is_ok_and(|q| q.consumer_count() == 1)
+            })
+            .await;
+            assert!(listening, "collect's consumer never appeared");
+            deleter
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .expect("delete");
+        });
+        client.collect(&q, 2, Duration::from_secs(10)).await;
     }
 }

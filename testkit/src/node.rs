@@ -75,6 +75,21 @@ fn registry() -> &'static Mutex<HashMap<String, PathBuf>> {
     REG.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
+/// AMQP port -> node name of nodes started by this process, so that a
+/// client connected by URL can find the node its `rabbitmqctl` must ask.
+fn ports() -> &'static Mutex<HashMap<u16, String>> {
+    static PORTS: OnceLock<Mutex<HashMap<u16, String>>> = OnceLock::new();
+    PORTS.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The private node (started by this process) that serves `url`, or `None`
+/// for the shared broker.
+pub fn node_for_url(url: &str) -> Option<String> {
+    let authority = url.split("://").nth(1)?.split('/').next()?;
+    let port: u16 = authority.rsplit(':').next()?.parse().ok()?;
+    ports().lock().unwrap().get(&port).cloned()
+}
+
 fn base_dir() -> PathBuf {
     std::env::temp_dir().join("flowgate-test-nodes")
 }
@@ -410,6 +425,7 @@ impl BrokerNode {
         };
         fs::write(dir.join("owner.pid"), std::process::id().to_string())?;
         registry().lock().unwrap().insert(name.clone(), home);
+        ports().lock().unwrap().insert(port, name.clone());
 
         let node = BrokerNode {
             inner: Arc::new(Inner {
@@ -654,6 +670,7 @@ fn parse_connection_name(props: &str) -> Option<String> {
 impl Drop for Inner {
     fn drop(&mut self) {
         registry().lock().unwrap().remove(&self.name);
+        ports().lock().unwrap().remove(&self.port);
         let home = self.dir.join("home");
         let mut child = self.child.lock().unwrap().take();
         let running = child

@@ -15,14 +15,14 @@
 mod process;
 
 use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscribe};
-use crate::credit::Credits;
+use crate::credit::{Credit, Credits};
 use crate::error::{Error, Result};
 use crate::message::Handler;
 use crate::metrics::Metrics;
 use crate::publisher::PublisherHandle;
 use crate::supervision::{Escalation, EscalationSender, RestartPolicy, Restarts};
 use actix::prelude::*;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
@@ -388,6 +388,57 @@ impl StageActor {
     }
 }
 
+/// What [`next_with_credit`] got.
+enum Pulled<T> {
+    /// An item and the credit it holds.
+    Item(T, Credit),
+    /// The stop signal fired, or the credit pool or pause watch closed.
+    Stopped,
+    /// The stream ended (the broker cancelled the consumer).
+    Ended,
+}
+
+/// The credit gate of the intake: waits until the stage is not paused and a
+/// credit is free, and only then pulls one item from `stream`. However fast
+/// the stream is ready (a broker may grant more than prefetch, e.g. an old
+/// channel incarnation's deliveries still held while the new one gets its
+/// own), at most `credits.total()` items are out of the stream and not yet
+/// given back.
+async fn next_with_credit<S: Stream + Unpin>(
+    credits: &Credits,
+    paused: &mut watch::Receiver<BTreeSet<String>>,
+    stop: &mut watch::Receiver<bool>,
+    stream: &mut S,
+) -> Pulled<S::Item> {
+    loop {
+        if *stop.borrow() {
+            return Pulled::Stopped;
+        }
+        // While paused, take no credit: the backlog stays in the broker.
+        tokio::select! {
+            _ = stop.changed() => return Pulled::Stopped,
+            r = paused.wait_for(BTreeSet::is_empty) => if r.is_err() { return Pulled::Stopped },
+        }
+        let credit = tokio::select! {
+            _ = stop.changed() => return Pulled::Stopped,
+            c = credits.acquire() => match c {
+                Some(c) => c,
+                None => return Pulled::Stopped,
+            },
+        };
+        if !paused.borrow().is_empty() {
+            continue; // paused while waiting for the credit: give it back
+        }
+        return tokio::select! {
+            _ = stop.changed() => Pulled::Stopped,
+            n = stream.next() => match n {
+                Some(item) => Pulled::Item(item, credit),
+                None => Pulled::Ended,
+            },
+        };
+    }
+}
+
 /// Pulls deliveries while it holds credit; one task per delivery.
 async fn intake(
     shared: Arc<Shared>,
@@ -397,36 +448,14 @@ async fn intake(
 ) -> Result<()> {
     let mut paused = shared.paused.subscribe();
     loop {
-        if *stop.borrow() {
-            return Ok(());
-        }
-        // While paused, take no credit: the backlog stays in the broker.
-        tokio::select! {
-            _ = stop.changed() => return Ok(()),
-            r = paused.wait_for(BTreeSet::is_empty) => if r.is_err() { return Ok(()) },
-        }
-        let credit = tokio::select! {
-            _ = stop.changed() => return Ok(()),
-            c = shared.credits.acquire() => match c {
-                Some(c) => c,
-                None => return Ok(()),
-            },
-        };
-        if !paused.borrow().is_empty() {
-            continue; // paused while waiting for the credit: give it back
-        }
-        let next = tokio::select! {
-            _ = stop.changed() => return Ok(()),
-            n = consumer.next() => n,
-        };
-        match next {
-            None => return Ok(()), // consumer cancelled
-            Some(Ok(delivery)) => {
+        match next_with_credit(&shared.credits, &mut paused, &mut stop, &mut consumer).await {
+            Pulled::Stopped | Pulled::Ended => return Ok(()),
+            Pulled::Item(Ok(delivery), credit) => {
                 shared.spend_budget();
                 shared.track_in_flight(true);
                 tokio::spawn(process::process(shared.clone(), delivery, credit));
             }
-            Some(Err(e)) => {
+            Pulled::Item(Err(e), credit) => {
                 drop(credit);
                 shared.consuming.store(false, Ordering::Release);
                 warn!(stage = %shared.spec.name, error = %e, "consumer error; waiting for recovery");
@@ -658,5 +687,104 @@ impl actix::Handler<SetWorkers> for StageActor {
             .stage_workers
             .with_label_values(&[&self.shared.spec.name])
             .set(want as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A stream that is always ready, counting what was pulled from it.
+    fn never_blocking(pulled: Arc<AtomicUsize>) -> impl Stream<Item = usize> + Unpin {
+        futures::stream::iter(0..).inspect(move |_| {
+            pulled.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
+    /// True if `fut` is still pending once every other task is idle (the
+    /// paused test clock auto-advances through the timeout only then).
+    async fn stays_pending<F: std::future::Future>(fut: F) -> bool {
+        tokio::time::timeout(Duration::from_secs(3600), fut)
+            .await
+            .is_err()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn intake_pulls_no_more_than_its_credits_from_a_stream_that_never_blocks() {
+        const P: usize = 5;
+        let credits = Credits::new(P);
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let mut stream = never_blocking(pulled.clone());
+        let (_pause_tx, mut paused) = watch::channel(BTreeSet::new());
+        let (_stop_tx, mut stop) = watch::channel(false);
+
+        let mut held = Vec::new();
+        for want in 0..P {
+            match next_with_credit(&credits, &mut paused, &mut stop, &mut stream).await {
+                Pulled::Item(item, credit) => {
+                    assert_eq!(item, want);
+                    held.push(credit);
+                }
+                _ => panic!("item {want} not pulled"),
+            }
+        }
+        assert!(
+            stays_pending(next_with_credit(
+                &credits,
+                &mut paused,
+                &mut stop,
+                &mut stream
+            ))
+            .await,
+            "a {}th item came out while {P} credits are held",
+            P + 1
+        );
+        assert_eq!(pulled.load(Ordering::SeqCst), P, "pulled past the credits");
+
+        // One credit back: exactly one more item.
+        held.pop();
+        assert!(matches!(
+            next_with_credit(&credits, &mut paused, &mut stop, &mut stream).await,
+            Pulled::Item(P, _)
+        ));
+        assert_eq!(pulled.load(Ordering::SeqCst), P + 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_intake_pulls_nothing_and_takes_no_credit() {
+        let credits = Credits::new(3);
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let mut stream = never_blocking(pulled.clone());
+        let (pause_tx, mut paused) = watch::channel(BTreeSet::from(["depth".to_string()]));
+        let (stop_tx, mut stop) = watch::channel(false);
+
+        assert!(
+            stays_pending(next_with_credit(
+                &credits,
+                &mut paused,
+                &mut stop,
+                &mut stream
+            ))
+            .await
+        );
+        assert_eq!(pulled.load(Ordering::SeqCst), 0);
+        assert_eq!(credits.in_use(), 0, "a paused intake holds a credit");
+
+        pause_tx.send_modify(BTreeSet::clear);
+        let Pulled::Item(0, credit) =
+            next_with_credit(&credits, &mut paused, &mut stop, &mut stream).await
+        else {
+            panic!("resumed intake pulled nothing");
+        };
+        assert_eq!(credits.in_use(), 1);
+        drop(credit);
+
+        stop_tx.send_replace(true);
+        assert!(matches!(
+            next_with_credit(&credits, &mut paused, &mut stop, &mut stream).await,
+            Pulled::Stopped
+        ));
+        assert_eq!(pulled.load(Ordering::SeqCst), 1);
     }
 }
