@@ -108,9 +108,16 @@ impl Handler for Reserve {
 
 /// How long a charge claim holds: past it another copy of the order takes
 /// the claim over (its holder died mid-call; the provider's idempotency key
-/// makes that copy's call return the first charge). Far longer than a
-/// living holder's calls take, shorter than the pay stage's retry ladder.
-pub const CHARGE_CLAIM_LEASE: Duration = Duration::from_secs(5);
+/// makes that copy's call return the first charge, so a holder that was
+/// merely slow costs a provider call, never a second charge). Each of the
+/// `payment_attempts` calls gets its latency plus a quarter second for the
+/// rate limit and the records; at least a second. Shorter than the first
+/// steps of the pay stage's retry ladder, through which a waiting copy
+/// comes back.
+pub fn charge_claim_lease(cfg: &crate::OrdersConfig) -> Duration {
+    let per_call = cfg.payment_latency + Duration::from_millis(250);
+    (per_call * cfg.payment_attempts.max(1)).max(Duration::from_secs(1))
+}
 
 /// Retry reason of a copy of an order whose charge another copy is making.
 pub const PAYMENT_IN_PROGRESS: &str = "payment-in-progress";
@@ -136,7 +143,7 @@ pub async fn pay_once(svc: &OrdersService, order_id: &str) -> Result<Payment, Le
     let token = uuid::Uuid::new_v4().to_string();
     match svc
         .ledger
-        .claim_charge(order_id, &token, CHARGE_CLAIM_LEASE)
+        .claim_charge(order_id, &token, charge_claim_lease(&svc.config))
         .await?
     {
         ChargeClaim::Charged(c) => return Ok(Payment::Charged(c)),
