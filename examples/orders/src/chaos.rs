@@ -1,13 +1,16 @@
 //! Chaos: the work services as separate worker processes (`flowgate-orders
 //! worker --config F --stage NAME`), killed with SIGKILL and restarted at random
-//! while orders flow; then the count of lost orders and duplicate effects.
+//! while orders flow; then the count of lost orders and duplicate effects:
+//! charges from the payment provider's own books, reservations from the
+//! stock left against what the orders that passed reserve asked for.
 //!
 //! The workers share their records through Redis (`[orders] redis_url`,
 //! a key prefix per run), so a redelivery after a kill finds the
 //! reservation or charge made by the killed process.
 
-use super::ledger::EffectReport;
+use super::ledger::{EffectReport, StockPolicy};
 use super::load::{self, LoadPlan, LoadReport};
+use super::payment::ProviderReport;
 use crate::config::FlowConfig;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -40,8 +43,13 @@ pub struct ChaosReport {
     pub load: LoadReport,
     /// SIGKILLs sent.
     pub kills: usize,
-    /// Effects applied, from the shared records.
+    /// The shared records' counts.
     pub effects: Option<EffectReport>,
+    /// The payment provider's books (calls and charges per order).
+    pub provider: Option<ProviderReport>,
+    /// Per SKU touched by an accepted order: (units the ledger holds,
+    /// units it should hold: initial − what the reserved orders asked for).
+    pub stock: Option<std::collections::BTreeMap<String, (u64, u64)>>,
 }
 
 impl ChaosReport {
@@ -49,23 +57,26 @@ impl ChaosReport {
     pub fn lost(&self) -> usize {
         self.load.lost.len()
     }
-    /// Orders reserved more than once (None: records unreadable).
-    pub fn double_reservations(&self) -> Option<u64> {
-        self.effects.as_ref().map(|e| e.double_reservations)
+    /// SKUs whose stock is not what the reserved orders left (a
+    /// reservation applied twice or lost; None: records unreadable).
+    pub fn stock_mismatches(&self) -> Option<u64> {
+        self.stock
+            .as_ref()
+            .map(|m| m.values().filter(|(have, want)| have != want).count() as u64)
     }
-    /// Orders charged more than once (None: records unreadable).
+    /// Orders the provider charged more than once (None: books unreadable).
     pub fn double_charges(&self) -> Option<u64> {
-        self.effects.as_ref().map(|e| e.double_charges)
+        self.provider.as_ref().map(|p| p.double_charges())
     }
     /// The summary table with the chaos lines.
     pub fn summary(&self) -> String {
         let n = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "?".into());
         format!(
-            "{}  workers killed (SIGKILL)  {:>10}\n  lost orders               {:>10}\n  double reservations       {:>10}\n  double charges            {:>10}\n",
+            "{}  workers killed (SIGKILL)  {:>10}\n  lost orders               {:>10}\n  SKUs with wrong stock     {:>10}\n  double charges            {:>10}\n",
             self.load.summary(),
             self.kills,
             self.lost(),
-            n(self.double_reservations()),
+            n(self.stock_mismatches()),
             n(self.double_charges()),
         )
     }
@@ -198,10 +209,33 @@ pub async fn run(plan: ChaosPlan) -> Result<ChaosReport, String> {
             }
         }
     }
-    let effects = app.service().ledger.report().await.ok();
+    let svc = app.service();
+    let effects = svc.ledger.report().await.ok();
+    let provider = svc.payment.report().await.ok();
+    let initial = StockPolicy::from_config(&plan.config.orders);
+    let taken = report.stock_taken();
+    let mut skus: Vec<&String> = report
+        .accepted_orders
+        .values()
+        .flat_map(|o| o.items.iter().map(|(s, _)| s))
+        .collect();
+    skus.sort();
+    skus.dedup();
+    let mut stock = Some(std::collections::BTreeMap::new());
+    for sku in skus {
+        let want = initial
+            .initial(sku)
+            .saturating_sub(taken.get(sku).copied().unwrap_or(0));
+        match (svc.ledger.stock_of(sku).await, stock.as_mut()) {
+            (Ok(have), Some(m)) => {
+                m.insert(sku.clone(), (have, want));
+            }
+            _ => stock = None,
+        }
+    }
     app.shutdown().await;
     crate::delete_topology(&plan.config.engine.amqp.url, &plan.config.engine).await;
-    if let Err(e) = app.service().ledger.clear().await {
+    if let Err(e) = app.service().clear_records().await {
         warn!(error = %e, "could not delete the run's records");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -209,6 +243,8 @@ pub async fn run(plan: ChaosPlan) -> Result<ChaosReport, String> {
         load: report,
         kills,
         effects,
+        provider,
+        stock,
     })
 }
 

@@ -227,7 +227,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
             }
         };
         delete_topology(&args.url, &cfg.engine).await;
-        if let Err(e) = app.service().ledger.clear().await {
+        if let Err(e) = app.service().clear_records().await {
             tracing::warn!(error = %e, "could not delete the records");
         }
         return code;
@@ -256,7 +256,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
     };
     app.shutdown().await;
     delete_topology(&args.url, &cfg.engine).await;
-    if let Err(e) = app.service().ledger.clear().await {
+    if let Err(e) = app.service().clear_records().await {
         tracing::warn!(error = %e, "could not delete the records");
     }
     code
@@ -296,12 +296,12 @@ async fn run_chaos(
         Ok(r) => {
             println!("{}", r.summary());
             let clean = r.lost() == 0
-                && r.double_reservations() == Some(0)
+                && r.stock_mismatches() == Some(0)
                 && r.double_charges() == Some(0)
                 && r.load.accepted > 0;
             if clean {
                 println!(
-                    "{} kills: 0 lost orders, 0 double reservations, 0 double charges; topology removed.",
+                    "{} kills: 0 lost orders, stock as reserved, 0 double charges; topology removed.",
                     r.kills
                 );
                 ExitCode::SUCCESS

@@ -212,13 +212,13 @@ async fn get(s: web::Data<GatewayState>, id: web::Path<String>) -> HttpResponse 
 async fn stats(s: web::Data<GatewayState>) -> HttpResponse {
     let svc = &s.service;
     let effects = svc.ledger.report().await.ok();
+    let books = svc.payment.report().await.ok();
     HttpResponse::Ok().json(json!({
         "shipped": svc.stats.shipped(),
         "failed": svc.stats.failed(),
         "errors": svc.stats.errors(),
         "throttle_hits": effects.as_ref().map(|e| e.throttle_hits).unwrap_or(svc.stats.throttled()),
-        "double_reservations": effects.as_ref().map(|e| e.double_reservations),
-        "double_charges": effects.as_ref().map(|e| e.double_charges),
+        "double_charges": books.as_ref().map(|b| b.double_charges()),
         "latency_ms": { "p50": svc.stats.latency_ms(0.5), "p99": svc.stats.latency_ms(0.99) },
         "peak_depth": s.ingress.queue_peaks(),
         "depth": s.ingress.queue_depths(),

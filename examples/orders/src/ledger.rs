@@ -3,8 +3,11 @@
 //!
 //! Each effect and its record are applied in one atomic step (a mutex in
 //! memory, a Lua script in Redis): a redelivery finds the record and only
-//! re-emits the event. The same records count how often each effect was
-//! applied, which is what the chaos run reports as duplicate effects.
+//! re-emits the event. A charge is made outside (by the payment provider),
+//! so it is claimed first: one copy of an order holds the claim (a lease)
+//! while it calls the provider, the others find it held and come back
+//! later to find the charge. Whether any order was charged twice is the
+//! provider's books to tell ([`crate::payment::ProviderReport`]), not these.
 //!
 //! * [`MemoryLedger`] — one process; bounded to `capacity` orders per kind
 //!   (oldest forgotten first) and `capacity` distinct SKUs (an order for a
@@ -15,9 +18,9 @@
 use super::model::Item;
 use crate::config::OrdersConfig;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A record store failed (transient: the handler answers `Outcome::Retry`).
 #[derive(Debug, thiserror::Error)]
@@ -35,17 +38,25 @@ pub enum Reservation {
     OutOfStock(String),
 }
 
-/// How often each effect was applied (for the chaos report and tests).
+/// What a charge claim found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChargeClaim {
+    /// The order's charge is recorded: this one.
+    Charged(String),
+    /// The claim is the caller's until its lease runs out: call the
+    /// provider, then [`Ledger::commit_charge`] or [`Ledger::release_charge`].
+    Claimed,
+    /// Another caller holds a live claim on this order.
+    Busy,
+}
+
+/// The records' counts (for the chaos report and tests).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EffectReport {
     /// Orders whose stock was reserved.
     pub reserved: u64,
-    /// Orders whose stock was reserved more than once.
-    pub double_reservations: u64,
-    /// Orders charged.
+    /// Orders with a charge recorded.
     pub charged: u64,
-    /// Orders charged more than once.
-    pub double_charges: u64,
     /// Shipments recorded.
     pub shipped: u64,
     /// Charges that had to wait for the provider's rate limit.
@@ -59,9 +70,23 @@ pub struct EffectReport {
 pub trait Ledger: Send + Sync + 'static {
     /// Takes the order's units from stock unless this order already did.
     async fn reserve(&self, order_id: &str, items: &[Item]) -> Result<Reservation, LedgerError>;
+    /// Units of `sku` in stock now.
+    async fn stock_of(&self, sku: &str) -> Result<u64, LedgerError>;
     /// The charge already recorded for this order, if any.
     async fn charge_of(&self, order_id: &str) -> Result<Option<String>, LedgerError>;
-    /// Records the charge unless one exists; returns the charge in effect.
+    /// In one atomic step: the recorded charge if there is one, else the
+    /// claim for `token` if nobody else holds a live one (a claim whose
+    /// lease ran out — its holder died — is taken over).
+    async fn claim_charge(
+        &self,
+        order_id: &str,
+        token: &str,
+        lease: Duration,
+    ) -> Result<ChargeClaim, LedgerError>;
+    /// Gives up `token`'s claim (the provider failed); no-op if not held.
+    async fn release_charge(&self, order_id: &str, token: &str) -> Result<(), LedgerError>;
+    /// Records the charge unless one exists (and drops the order's claim);
+    /// returns the charge in effect.
     async fn commit_charge(&self, order_id: &str, charge_id: &str) -> Result<String, LedgerError>;
     /// Records the shipment unless one exists; returns the shipment in effect.
     async fn commit_shipment(
@@ -114,10 +139,11 @@ fn merged(items: &[Item]) -> Vec<(String, u64)> {
 #[derive(Default)]
 struct MemState {
     stock: HashMap<String, u64>,
-    /// order id → times its stock was taken
-    reserved: HashMap<String, u32>,
-    /// order id → (charge id, times charged)
-    charged: HashMap<String, (String, u32)>,
+    reserved: HashSet<String>,
+    /// order id → charge id
+    charged: HashMap<String, String>,
+    /// order id → (claim holder, lease end); removed on commit or release
+    claims: HashMap<String, (String, Instant)>,
     shipped: HashMap<String, String>,
     /// insertion order per kind, for the capacity bound
     order: [VecDeque<String>; 3],
@@ -172,7 +198,7 @@ impl Ledger for MemoryLedger {
     async fn reserve(&self, order_id: &str, items: &[Item]) -> Result<Reservation, LedgerError> {
         let lines = merged(items);
         let mut st = self.lock();
-        if st.reserved.contains_key(order_id) {
+        if st.reserved.contains(order_id) {
             return Ok(Reservation::AlreadyReserved);
         }
         let new_skus = lines
@@ -200,22 +226,64 @@ impl Ledger for MemoryLedger {
             let e = st.stock.entry(sku.clone()).or_insert(initial);
             *e -= qty;
         }
-        *st.reserved.entry(order_id.to_owned()).or_insert(0) += 1;
+        st.reserved.insert(order_id.to_owned());
         bound(&mut st, 0, order_id, self.capacity);
         Ok(Reservation::Reserved)
     }
 
+    async fn stock_of(&self, sku: &str) -> Result<u64, LedgerError> {
+        Ok(self
+            .lock()
+            .stock
+            .get(sku)
+            .copied()
+            .unwrap_or_else(|| self.stock.initial(sku)))
+    }
+
     async fn charge_of(&self, order_id: &str) -> Result<Option<String>, LedgerError> {
-        Ok(self.lock().charged.get(order_id).map(|(c, _)| c.clone()))
+        Ok(self.lock().charged.get(order_id).cloned())
+    }
+
+    async fn claim_charge(
+        &self,
+        order_id: &str,
+        token: &str,
+        lease: Duration,
+    ) -> Result<ChargeClaim, LedgerError> {
+        let mut st = self.lock();
+        if let Some(c) = st.charged.get(order_id) {
+            return Ok(ChargeClaim::Charged(c.clone()));
+        }
+        let now = Instant::now();
+        if let Some((holder, until)) = st.claims.get(order_id) {
+            if holder != token && *until > now {
+                return Ok(ChargeClaim::Busy);
+            }
+        }
+        if st.claims.len() >= self.capacity {
+            // Claims of handlers that never came back (cancelled mid-call).
+            st.claims.retain(|_, (_, until)| *until > now);
+        }
+        st.claims
+            .insert(order_id.to_owned(), (token.to_owned(), now + lease));
+        Ok(ChargeClaim::Claimed)
+    }
+
+    async fn release_charge(&self, order_id: &str, token: &str) -> Result<(), LedgerError> {
+        let mut st = self.lock();
+        if st.claims.get(order_id).is_some_and(|(h, _)| h == token) {
+            st.claims.remove(order_id);
+        }
+        Ok(())
     }
 
     async fn commit_charge(&self, order_id: &str, charge_id: &str) -> Result<String, LedgerError> {
         let mut st = self.lock();
-        if let Some((c, _)) = st.charged.get(order_id) {
+        st.claims.remove(order_id);
+        if let Some(c) = st.charged.get(order_id) {
             return Ok(c.clone());
         }
-        st.charged
-            .insert(order_id.to_owned(), (charge_id.to_owned(), 1));
+        st.charged.insert(order_id.to_owned(), charge_id.to_owned());
         bound(&mut st, 1, order_id, self.capacity);
         Ok(charge_id.to_owned())
     }
@@ -244,9 +312,7 @@ impl Ledger for MemoryLedger {
         let st = self.lock();
         Ok(EffectReport {
             reserved: st.reserved.len() as u64,
-            double_reservations: st.reserved.values().filter(|n| **n > 1).count() as u64,
             charged: st.charged.len() as u64,
-            double_charges: st.charged.values().filter(|(_, n)| *n > 1).count() as u64,
             shipped: st.shipped.len() as u64,
             throttle_hits: st.throttle_hits,
             stock: st.stock.iter().map(|(k, v)| (k.clone(), *v)).collect(),
@@ -262,7 +328,7 @@ impl Ledger for MemoryLedger {
 // ----------------------------------------------------------------- redis
 
 const RESERVE_LUA: &str = r#"
--- KEYS: reservations, stock, reserve-applied. ARGV: order id, ttl, then (sku, qty, initial)*
+-- KEYS: reservations, stock. ARGV: order id, ttl, then (sku, qty, initial)*
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return {1, ''} end
 local n = (#ARGV - 2) / 3
 for i = 0, n - 1 do
@@ -278,20 +344,47 @@ for i = 0, n - 1 do
   redis.call('HINCRBY', KEYS[2], sku, -tonumber(ARGV[4 + i * 3]))
 end
 redis.call('HSET', KEYS[1], ARGV[1], '1')
-redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
-for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
 return {0, ''}
 "#;
 
 const COMMIT_LUA: &str = r#"
--- KEYS: records, applied counts. ARGV: order id, new id, ttl
+-- KEYS: records[, claims]. ARGV: order id, new id, ttl
+if #KEYS > 1 then redis.call('HDEL', KEYS[2], ARGV[1]) end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then return cur end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
 return ARGV[2]
+"#;
+
+// A claim is "<lease end, ms of the server's clock>:<holder>" in the claims
+// hash; the server's clock, so workers' clocks never disagree.
+const CLAIM_LUA: &str = r#"
+-- KEYS: charges, claims. ARGV: order id, holder, lease ms, ttl
+local c = redis.call('HGET', KEYS[1], ARGV[1])
+if c then return {1, c} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cur = redis.call('HGET', KEYS[2], ARGV[1])
+if cur then
+  local sep = string.find(cur, ':', 1, true)
+  local till = tonumber(string.sub(cur, 1, sep - 1))
+  if string.sub(cur, sep + 1) ~= ARGV[2] and till > now then return {2, ''} end
+end
+redis.call('HSET', KEYS[2], ARGV[1], (now + tonumber(ARGV[3])) .. ':' .. ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {0, ''}
+"#;
+
+const RELEASE_LUA: &str = r#"
+-- KEYS: claims. ARGV: order id, holder
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  local sep = string.find(cur, ':', 1, true)
+  if string.sub(cur, sep + 1) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
+end
+return 0
 "#;
 
 /// Records in Redis, shared by every worker process of one pipeline.
@@ -302,21 +395,27 @@ pub struct RedisLedger {
     ttl_secs: u64,
     reserve: redis::Script,
     commit: redis::Script,
+    claim: redis::Script,
+    release: redis::Script,
 }
 
-const KEYS: [&str; 8] = [
-    "res",
-    "stock",
-    "res-applied",
-    "chg",
-    "chg-applied",
-    "ship",
-    "ship-applied",
-    "throttle",
-];
+const KEYS: [&str; 6] = ["res", "stock", "chg", "chg-claim", "ship", "throttle"];
 
 fn rerr(e: redis::RedisError) -> LedgerError {
     LedgerError(e.to_string())
+}
+
+/// A Redis connection on `url` that connects lazily (the first command
+/// connects, so construction needs no runtime and cannot hang) and gives
+/// up on a command after a few seconds.
+pub(crate) fn redis_manager(url: &str) -> Result<ConnectionManager, LedgerError> {
+    let client = redis::Client::open(url).map_err(|e| LedgerError(format!("redis url: {e}")))?;
+    let cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1));
+    ConnectionManager::new_lazy_with_config(client, cfg).map_err(rerr)
 }
 
 impl RedisLedger {
@@ -328,21 +427,15 @@ impl RedisLedger {
         stock: StockPolicy,
         ttl: Duration,
     ) -> Result<Self, LedgerError> {
-        let client =
-            redis::Client::open(url).map_err(|e| LedgerError(format!("redis url: {e}")))?;
-        let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let con = ConnectionManager::new_lazy_with_config(client, cfg).map_err(rerr)?;
         Ok(Self {
-            con,
+            con: redis_manager(url)?,
             prefix: prefix.to_owned(),
             stock,
             ttl_secs: ttl.as_secs().max(1),
             reserve: redis::Script::new(RESERVE_LUA),
             commit: redis::Script::new(COMMIT_LUA),
+            claim: redis::Script::new(CLAIM_LUA),
+            release: redis::Script::new(RELEASE_LUA),
         })
     }
 
@@ -353,31 +446,27 @@ impl RedisLedger {
     async fn commit(
         &self,
         records: &str,
-        applied: &str,
+        claims: Option<&str>,
         order_id: &str,
         id: &str,
     ) -> Result<String, LedgerError> {
         let mut con = self.con.clone();
         let mut inv = self.commit.prepare_invoke();
-        inv.key(self.key(records))
-            .key(self.key(applied))
-            .arg(order_id)
-            .arg(id)
-            .arg(self.ttl_secs);
+        inv.key(self.key(records));
+        if let Some(c) = claims {
+            inv.key(self.key(c));
+        }
+        inv.arg(order_id).arg(id).arg(self.ttl_secs);
         inv.invoke_async(&mut con).await.map_err(rerr)
     }
 
-    async fn applied(&self, key: &str) -> Result<(u64, u64), LedgerError> {
+    async fn records(&self, key: &str) -> Result<u64, LedgerError> {
         let mut con = self.con.clone();
-        let vals: Vec<u64> = redis::cmd("HVALS")
+        redis::cmd("HLEN")
             .arg(self.key(key))
             .query_async(&mut con)
             .await
-            .map_err(rerr)?;
-        Ok((
-            vals.len() as u64,
-            vals.iter().filter(|n| **n > 1).count() as u64,
-        ))
+            .map_err(rerr)
     }
 }
 
@@ -388,7 +477,6 @@ impl Ledger for RedisLedger {
         let mut inv = self.reserve.prepare_invoke();
         inv.key(self.key("res"))
             .key(self.key("stock"))
-            .key(self.key("res-applied"))
             .arg(order_id)
             .arg(self.ttl_secs);
         for (sku, qty) in merged(items) {
@@ -403,6 +491,18 @@ impl Ledger for RedisLedger {
         })
     }
 
+    async fn stock_of(&self, sku: &str) -> Result<u64, LedgerError> {
+        let mut con = self.con.clone();
+        let n: Option<i64> = redis::cmd("HGET")
+            .arg(self.key("stock"))
+            .arg(sku)
+            .query_async(&mut con)
+            .await
+            .map_err(rerr)?;
+        Ok(n.map(|n| n.max(0) as u64)
+            .unwrap_or_else(|| self.stock.initial(sku)))
+    }
+
     async fn charge_of(&self, order_id: &str) -> Result<Option<String>, LedgerError> {
         let mut con = self.con.clone();
         redis::cmd("HGET")
@@ -413,8 +513,39 @@ impl Ledger for RedisLedger {
             .map_err(rerr)
     }
 
+    async fn claim_charge(
+        &self,
+        order_id: &str,
+        token: &str,
+        lease: Duration,
+    ) -> Result<ChargeClaim, LedgerError> {
+        let mut con = self.con.clone();
+        let mut inv = self.claim.prepare_invoke();
+        inv.key(self.key("chg"))
+            .key(self.key("chg-claim"))
+            .arg(order_id)
+            .arg(token)
+            .arg(lease.as_millis().max(1) as u64)
+            .arg(self.ttl_secs);
+        let (code, charge): (i64, String) = inv.invoke_async(&mut con).await.map_err(rerr)?;
+        Ok(match code {
+            0 => ChargeClaim::Claimed,
+            1 => ChargeClaim::Charged(charge),
+            _ => ChargeClaim::Busy,
+        })
+    }
+
+    async fn release_charge(&self, order_id: &str, token: &str) -> Result<(), LedgerError> {
+        let mut con = self.con.clone();
+        let mut inv = self.release.prepare_invoke();
+        inv.key(self.key("chg-claim")).arg(order_id).arg(token);
+        inv.invoke_async::<i64>(&mut con).await.map_err(rerr)?;
+        Ok(())
+    }
+
     async fn commit_charge(&self, order_id: &str, charge_id: &str) -> Result<String, LedgerError> {
-        self.commit("chg", "chg-applied", order_id, charge_id).await
+        self.commit("chg", Some("chg-claim"), order_id, charge_id)
+            .await
     }
 
     async fn commit_shipment(
@@ -422,8 +553,7 @@ impl Ledger for RedisLedger {
         order_id: &str,
         shipment_id: &str,
     ) -> Result<String, LedgerError> {
-        self.commit("ship", "ship-applied", order_id, shipment_id)
-            .await
+        self.commit("ship", None, order_id, shipment_id).await
     }
 
     async fn note_throttled(&self) -> Result<(), LedgerError> {
@@ -444,9 +574,9 @@ impl Ledger for RedisLedger {
     }
 
     async fn report(&self) -> Result<EffectReport, LedgerError> {
-        let (reserved, double_reservations) = self.applied("res-applied").await?;
-        let (charged, double_charges) = self.applied("chg-applied").await?;
-        let (shipped, _) = self.applied("ship-applied").await?;
+        let reserved = self.records("res").await?;
+        let charged = self.records("chg").await?;
+        let shipped = self.records("ship").await?;
         let mut con = self.con.clone();
         let throttle_hits: Option<u64> = redis::cmd("GET")
             .arg(self.key("throttle"))
@@ -460,9 +590,7 @@ impl Ledger for RedisLedger {
             .map_err(rerr)?;
         Ok(EffectReport {
             reserved,
-            double_reservations,
             charged,
-            double_charges,
             shipped,
             throttle_hits: throttle_hits.unwrap_or(0),
             stock: stock
@@ -537,7 +665,41 @@ mod tests {
             Reservation::Reserved
         );
         assert_eq!(l.charge_of("o1").await.unwrap(), None);
+        let lease = Duration::from_secs(30);
+        assert_eq!(
+            l.claim_charge("o1", "t1", lease).await.unwrap(),
+            ChargeClaim::Claimed
+        );
+        assert_eq!(
+            l.claim_charge("o1", "t2", lease).await.unwrap(),
+            ChargeClaim::Busy,
+            "a live claim is not shared"
+        );
+        l.release_charge("o1", "t2").await.unwrap();
+        assert_eq!(
+            l.claim_charge("o1", "t2", lease).await.unwrap(),
+            ChargeClaim::Busy,
+            "only its holder releases a claim"
+        );
+        l.release_charge("o1", "t1").await.unwrap();
+        assert_eq!(
+            l.claim_charge("o1", "t2", Duration::from_millis(1))
+                .await
+                .unwrap(),
+            ChargeClaim::Claimed,
+            "a released claim is free"
+        );
+        // t2's lease runs out (its holder died): t3 takes it over.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            l.claim_charge("o1", "t3", lease).await.unwrap(),
+            ChargeClaim::Claimed
+        );
         assert_eq!(l.commit_charge("o1", "c1").await.unwrap(), "c1");
+        assert_eq!(
+            l.claim_charge("o1", "t4", lease).await.unwrap(),
+            ChargeClaim::Charged("c1".into())
+        );
         assert_eq!(l.commit_charge("o1", "c2").await.unwrap(), "c1");
         assert_eq!(l.charge_of("o1").await.unwrap().as_deref(), Some("c1"));
         assert_eq!(l.commit_shipment("o1", "s1").await.unwrap(), "s1");
@@ -545,13 +707,14 @@ mod tests {
         l.note_throttled().await.unwrap();
         let r = l.report().await.unwrap();
         assert_eq!(r.reserved, 2);
-        assert_eq!(r.double_reservations, 0);
         assert_eq!(r.charged, 1);
-        assert_eq!(r.double_charges, 0);
         assert_eq!(r.shipped, 1);
         assert_eq!(r.throttle_hits, 1);
         assert_eq!(r.stock.get("a"), Some(&5), "o2 took nothing");
         assert_eq!(r.stock.get("rare"), Some(&0));
+        assert_eq!(l.stock_of("a").await.unwrap(), 5);
+        assert_eq!(l.stock_of("rare").await.unwrap(), 0);
+        assert_eq!(l.stock_of("untouched").await.unwrap(), 10);
     }
 
     #[tokio::test]

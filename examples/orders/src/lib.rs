@@ -161,7 +161,7 @@ pub struct OrdersService {
     pub status: status::StatusView,
     /// Stock and the reservation/charge/shipment records.
     pub ledger: Arc<dyn Ledger>,
-    /// The simulated payment provider.
+    /// The simulated payment provider (and its books).
     pub payment: payment::PaymentProvider,
     /// Counters.
     pub stats: Stats,
@@ -183,9 +183,17 @@ impl OrdersService {
             config: cfg.clone(),
             status: status::StatusView::new(cfg.record_capacity),
             ledger,
-            payment: payment::PaymentProvider::from_config(cfg),
+            payment: payment::PaymentProvider::from_config(cfg)
+                .map_err(|e| ConfigError::with_source("orders.redis_url", e.to_string(), e))?,
             stats: Stats::default(),
         }))
+    }
+
+    /// Deletes the records and the provider's books (demo and test cleanup).
+    pub async fn clear_records(&self) -> Result<(), ledger::LedgerError> {
+        let books = self.payment.clear().await;
+        self.ledger.clear().await?;
+        books
     }
 
     /// `<[orders] exchange>` / `routing_key`.

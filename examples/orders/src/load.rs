@@ -143,6 +143,59 @@ pub struct LoadReport {
     pub server: Option<Value>,
     /// The ids of accepted orders.
     pub accepted_ids: Vec<String>,
+    /// Each accepted order by id: what it asked for and how it ended.
+    pub accepted_orders: BTreeMap<String, AcceptedOrder>,
+    /// Time from the start of sending to the first 503 answer.
+    pub first_503_after: Option<Duration>,
+}
+
+/// An accepted order of a run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcceptedOrder {
+    /// Its place in the run ([`order_body`]'s `i`).
+    pub index: usize,
+    /// Its lines, (SKU, quantity).
+    pub items: Vec<(String, u64)>,
+    /// Its final status, if it reached one.
+    pub end: Option<End>,
+}
+
+/// The final status of an order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum End {
+    /// `shipped`.
+    Shipped,
+    /// `failed`, with its reason.
+    Failed(String),
+}
+
+impl AcceptedOrder {
+    /// True when it passed the reserve stage (its stock was taken): it
+    /// shipped, or failed after reserve (any reason but out of stock).
+    pub fn reserved(&self) -> bool {
+        match &self.end {
+            Some(End::Shipped) => true,
+            Some(End::Failed(r)) => {
+                r != crate::stages::OUT_OF_STOCK && r != crate::stages::MALFORMED
+            }
+            None => false,
+        }
+    }
+    /// True when it asked for `sku`.
+    pub fn wants(&self, sku: &str) -> bool {
+        self.items.iter().any(|(s, _)| s == sku)
+    }
+}
+
+fn items_of(body: &Value) -> Vec<(String, u64)> {
+    body["items"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|it| Some((it["sku"].as_str()?.to_owned(), it["qty"].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The body of the `i`-th order.
@@ -175,7 +228,7 @@ fn bar(len: usize, quiet: bool, template: &str) -> indicatif::ProgressBar {
 }
 
 enum Sent {
-    Accepted(String),
+    Accepted(String, usize, Vec<(String, u64)>),
     Rejected503 { retry_after: bool },
     Other(u16),
     Transport,
@@ -211,8 +264,13 @@ pub async fn run(plan: &LoadPlan) -> LoadReport {
             biased;
             Some(res) = inflight.next(), if !inflight.is_empty() => {
                 match res {
-                    Sent::Accepted(id) => { report.accepted += 1; report.accepted_ids.push(id); }
+                    Sent::Accepted(id, index, items) => {
+                        report.accepted += 1;
+                        report.accepted_ids.push(id.clone());
+                        report.accepted_orders.insert(id, AcceptedOrder { index, items, end: None });
+                    }
                     Sent::Rejected503 { retry_after } => {
+                        report.first_503_after.get_or_insert_with(|| started.elapsed());
                         report.rejected_503 += 1;
                         report.retry_after_seen += usize::from(retry_after);
                     }
@@ -226,14 +284,16 @@ pub async fn run(plan: &LoadPlan) -> LoadReport {
                 let req = client
                     .post(format!("{}/orders", plan.url))
                     .insert_header(("content-type", "application/json"));
-                let body = order_body(next, plan.scarce_every).to_string();
+                let body = order_body(next, plan.scarce_every);
+                let (index, items) = (next, items_of(&body));
+                let body = body.to_string();
                 inflight.push(async move {
                     match req.send_body(body).await {
                         Ok(mut resp) => {
                             let code = resp.status().as_u16();
                             match code {
                                 202 => match resp.json::<Value>().await {
-                                    Ok(v) => v["order_id"].as_str().map(|s| Sent::Accepted(s.to_owned())).unwrap_or(Sent::Other(202)),
+                                    Ok(v) => v["order_id"].as_str().map(|s| Sent::Accepted(s.to_owned(), index, items)).unwrap_or(Sent::Other(202)),
                                     Err(_) => Sent::Other(202),
                                 },
                                 503 => Sent::Rejected503 { retry_after: resp.headers().contains_key("retry-after") },
@@ -293,6 +353,9 @@ pub async fn run(plan: &LoadPlan) -> LoadReport {
                         report.latencies_ms.push(u.saturating_sub(c));
                     }
                     report.shipped += 1;
+                    if let Some(o) = report.accepted_orders.get_mut(&id) {
+                        o.end = Some(End::Shipped);
+                    }
                     moved = true;
                 }
                 Some("failed") => {
@@ -301,7 +364,10 @@ pub async fn run(plan: &LoadPlan) -> LoadReport {
                         .and_then(|v| v["reason"].as_str())
                         .unwrap_or("unknown")
                         .to_owned();
-                    *report.failed.entry(reason).or_insert(0) += 1;
+                    *report.failed.entry(reason.clone()).or_insert(0) += 1;
+                    if let Some(o) = report.accepted_orders.get_mut(&id) {
+                        o.end = Some(End::Failed(reason));
+                    }
                     moved = true;
                 }
                 _ => {
@@ -336,6 +402,17 @@ pub async fn run(plan: &LoadPlan) -> LoadReport {
 }
 
 impl LoadReport {
+    /// Units taken from stock per SKU by the orders that passed reserve.
+    pub fn stock_taken(&self) -> BTreeMap<String, u64> {
+        let mut m = BTreeMap::new();
+        for o in self.accepted_orders.values().filter(|o| o.reserved()) {
+            for (sku, qty) in &o.items {
+                *m.entry(sku.clone()).or_insert(0) += qty;
+            }
+        }
+        m
+    }
+
     /// A latency percentile in ms.
     pub fn latency(&self, p: f64) -> Option<u64> {
         percentile(&self.latencies_ms, p)

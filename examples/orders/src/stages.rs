@@ -7,7 +7,7 @@
 //! every attempt) answers [`Outcome::Retry`]; a permanent one (out of stock,
 //! a body that is not an order) [`Outcome::DeadLetter`].
 
-use super::ledger::Reservation;
+use super::ledger::{ChargeClaim, LedgerError, Reservation};
 use super::model::{Order, ORDER_PAID, ORDER_RESERVED, ORDER_SHIPPED};
 use super::status::OrderStatus;
 use super::OrdersService;
@@ -15,6 +15,7 @@ use flowgate::actors::trace;
 use flowgate::config::Target;
 use flowgate::{Delivery, Handler, HandlerError, Outcome, Output};
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::{debug, warn};
 
 /// The header carrying a dead letter's reason.
@@ -34,11 +35,15 @@ fn parse(svc: &OrdersService, d: &Delivery) -> Result<Order, Outcome> {
 }
 
 /// The next event: the order as JSON, same message id, a child traceparent.
+/// It is a new message: none of the input's dead-letter history (a copy
+/// back from the retry ladder carries the broker's `x-death`, which would
+/// make the status stage take the shipped order for a dead letter).
 fn event(target: &Target, d: &Delivery, order: &Order) -> Output {
-    let mut props = d
-        .properties
-        .clone()
-        .with_content_type("application/json".into());
+    let mut props = flowgate::actors::envelope::without(
+        d.properties.clone(),
+        &flowgate::actors::envelope::REPLAY_STRIPPED,
+    )
+    .with_content_type("application/json".into());
     let tp = trace::traceparent_of(&props)
         .map(|p| trace::child_of(&p))
         .unwrap_or_else(trace::new_traceparent);
@@ -101,9 +106,87 @@ impl Handler for Reserve {
     }
 }
 
+/// How long a charge claim holds: past it another copy of the order takes
+/// the claim over (its holder died mid-call; the provider's idempotency key
+/// makes that copy's call return the first charge, so a holder that was
+/// merely slow costs a provider call, never a second charge). Each of the
+/// `payment_attempts` calls gets its latency plus a quarter second for the
+/// rate limit and the records; at least a second. Shorter than the first
+/// steps of the pay stage's retry ladder, through which a waiting copy
+/// comes back.
+pub fn charge_claim_lease(cfg: &crate::OrdersConfig) -> Duration {
+    let per_call = cfg.payment_latency + Duration::from_millis(250);
+    (per_call * cfg.payment_attempts.max(1)).max(Duration::from_secs(1))
+}
+
+/// Retry reason of a copy of an order whose charge another copy is making.
+pub const PAYMENT_IN_PROGRESS: &str = "payment-in-progress";
+/// Retry reason when the provider failed every attempt.
+pub const PAYMENT_UNAVAILABLE: &str = "payment-unavailable";
+
+/// What one pass of the payment step ended with.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Payment {
+    /// The order's charge (made now, or found recorded).
+    Charged(String),
+    /// Another copy holds the claim: come back later.
+    InProgress,
+    /// The provider failed every attempt; the claim is released.
+    Unavailable,
+}
+
+/// The payment step of one order: claims the charge (atomically, in the
+/// ledger), calls the provider with the order id as idempotency key, records
+/// the charge. Two copies of one order never both call the provider while a
+/// claim is live; a copy that comes after finds the recorded charge.
+pub async fn pay_once(svc: &OrdersService, order_id: &str) -> Result<Payment, LedgerError> {
+    let token = uuid::Uuid::new_v4().to_string();
+    match svc
+        .ledger
+        .claim_charge(order_id, &token, charge_claim_lease(&svc.config))
+        .await?
+    {
+        ChargeClaim::Charged(c) => return Ok(Payment::Charged(c)),
+        ChargeClaim::Busy => return Ok(Payment::InProgress),
+        ChargeClaim::Claimed => {}
+    }
+    let mut charged = None;
+    for _ in 0..svc.config.payment_attempts {
+        let (report, res) = svc.payment.charge(order_id, order_id).await;
+        if report.throttled {
+            svc.stats.count_throttled();
+            if let Err(e) = svc.ledger.note_throttled().await {
+                debug!(error = %e, "could not count a throttle hit");
+            }
+        }
+        match res {
+            Ok(c) => {
+                charged = Some(c);
+                break;
+            }
+            Err(e) => {
+                svc.stats.count_error(PAYMENT_UNAVAILABLE);
+                debug!(%order_id, error = %e, "payment call failed");
+            }
+        }
+    }
+    match charged {
+        Some(c) => Ok(Payment::Charged(
+            svc.ledger.commit_charge(order_id, &c).await?,
+        )),
+        None => {
+            if let Err(e) = svc.ledger.release_charge(order_id, &token).await {
+                // The lease frees it in time.
+                debug!(error = %e, "could not release a charge claim");
+            }
+            Ok(Payment::Unavailable)
+        }
+    }
+}
+
 /// `orders.pay`: charges through the simulated provider (rate limit,
-/// latency, transient failures) unless this order was charged before,
-/// publishes `order.paid`.
+/// latency, transient failures) once per order ([`pay_once`]), publishes
+/// `order.paid`.
 pub struct Pay {
     svc: Arc<OrdersService>,
     target: Target,
@@ -124,47 +207,20 @@ impl Handler for Pay {
             Ok(o) => o,
             Err(out) => return Ok(out),
         };
-        let existing = match self.svc.ledger.charge_of(&order.order_id).await {
-            Ok(c) => c,
-            Err(e) => return Ok(retry(&self.svc, &d.stage, "records-unavailable", e)),
-        };
-        let charge = match existing {
-            Some(c) => c,
-            None => {
-                let mut charged = None;
-                for _ in 0..self.svc.config.payment_attempts {
-                    let (report, res) = self.svc.payment.call().await;
-                    if report.throttled {
-                        self.svc.stats.count_throttled();
-                        if let Err(e) = self.svc.ledger.note_throttled().await {
-                            debug!(error = %e, "could not count a throttle hit");
-                        }
-                    }
-                    match res {
-                        Ok(()) => {
-                            charged = Some(uuid::Uuid::new_v4().to_string());
-                            break;
-                        }
-                        Err(e) => {
-                            self.svc.stats.count_error("payment-unavailable");
-                            debug!(order_id = %order.order_id, error = %e, "payment call failed");
-                        }
-                    }
-                }
-                let Some(new_charge) = charged else {
-                    warn!(order_id = %order.order_id, "payment provider failed every attempt; asking for a retry");
-                    return Ok(Outcome::retry("payment-unavailable"));
-                };
-                match self
-                    .svc
-                    .ledger
-                    .commit_charge(&order.order_id, &new_charge)
-                    .await
-                {
-                    Ok(c) => c,
-                    Err(e) => return Ok(retry(&self.svc, &d.stage, "records-unavailable", e)),
-                }
+        let charge = match pay_once(&self.svc, &order.order_id).await {
+            Ok(Payment::Charged(c)) => c,
+            Ok(Payment::InProgress) => {
+                // Not dropped: this copy may be the redelivery of a holder
+                // that died; it comes back through the retry ladder.
+                self.svc.stats.count_error(PAYMENT_IN_PROGRESS);
+                debug!(order_id = %order.order_id, "another copy is charging; retrying later");
+                return Ok(Outcome::retry(PAYMENT_IN_PROGRESS));
             }
+            Ok(Payment::Unavailable) => {
+                warn!(order_id = %order.order_id, "payment provider failed every attempt; asking for a retry");
+                return Ok(Outcome::retry(PAYMENT_UNAVAILABLE));
+            }
+            Err(e) => return Ok(retry(&self.svc, &d.stage, "records-unavailable", e)),
         };
         order.charge_id = Some(charge);
         self.svc
@@ -269,5 +325,77 @@ impl Handler for Track {
             self.svc.stats.count_shipped(created);
         }
         Ok(Outcome::ack())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payment::ProviderReport;
+
+    fn config() -> crate::OrdersConfig {
+        crate::OrdersConfig {
+            // Long enough that both calls overlap.
+            payment_latency: Duration::from_millis(200),
+            payment_failure_rate: 0.0,
+            payment_rate: 0,
+            ..Default::default()
+        }
+    }
+
+    /// Two copies of one order paid at once: one claims and calls the
+    /// provider, the other finds the claim held; a later copy finds the
+    /// charge. The provider is called once.
+    async fn concurrent_pays_call_the_provider_once(svc: Arc<OrdersService>) -> ProviderReport {
+        let (a, b) = tokio::join!(pay_once(&svc, "o-1"), pay_once(&svc, "o-1"));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let charge = match (&a, &b) {
+            (Payment::Charged(c), Payment::InProgress)
+            | (Payment::InProgress, Payment::Charged(c)) => c.clone(),
+            other => panic!("one copy charges, the other waits: {other:?}"),
+        };
+        assert_eq!(
+            pay_once(&svc, "o-1").await.unwrap(),
+            Payment::Charged(charge),
+            "a later copy finds the charge"
+        );
+        let books = svc.payment.report().await.unwrap();
+        assert_eq!(
+            books.calls_of("o-1"),
+            1,
+            "the provider was called once: {books:?}"
+        );
+        assert_eq!(books.charges_of("o-1"), 1);
+        books
+    }
+
+    #[tokio::test]
+    async fn memory_ledger_two_concurrent_pays_call_the_provider_once() {
+        let svc = OrdersService::new(&config()).unwrap();
+        concurrent_pays_call_the_provider_once(svc).await;
+    }
+
+    #[tokio::test]
+    async fn redis_ledger_two_concurrent_pays_call_the_provider_once() {
+        let mut cfg = config();
+        cfg.redis_url = Some("redis://127.0.0.1:6379".into());
+        cfg.key_prefix = format!("t-pay-{}:", uuid::Uuid::new_v4().simple());
+        let svc = OrdersService::new(&cfg).unwrap();
+        if let Err(e) = svc.ledger.report().await {
+            // Under CI Redis is part of the suite: missing is a failure.
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "Redis at 127.0.0.1:6379 is required under CI: {e}"
+            );
+            eprintln!("skipped: no Redis at 127.0.0.1:6379 ({e})");
+            return;
+        }
+        concurrent_pays_call_the_provider_once(svc.clone()).await;
+        svc.ledger.clear().await.unwrap();
+        svc.payment.clear().await.unwrap();
+        assert_eq!(
+            svc.payment.report().await.unwrap(),
+            ProviderReport::default()
+        );
     }
 }

@@ -31,6 +31,28 @@ fn demo_runs_the_order_pipeline_and_exits_zero() {
         .and_then(|l| l.split_whitespace().last())
         .and_then(|n| n.parse::<u64>().ok());
     assert_eq!(lost, Some(0), "no order lost:\n{stdout}");
+    // The summary's counts: orders went through (a run where the gateway
+    // refused every order is no demo), and each accepted one ended shipped
+    // or dead-lettered.
+    let count = |label: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("summary line `{label}`:\n{stdout}"))
+    };
+    let (accepted, shipped, failed) = (
+        count("accepted (202)"),
+        count("shipped"),
+        count("dead-lettered"),
+    );
+    assert!(accepted > 0, "orders were accepted:\n{stdout}");
+    assert_eq!(
+        shipped + failed,
+        accepted,
+        "every accepted order shipped or failed:\n{stdout}"
+    );
     assert!(stdout.contains("topology removed"), "cleans up:\n{stdout}");
 }
 

@@ -88,7 +88,7 @@ impl Flow {
         self.app.shutdown().await;
         let client = Client::connect(AMQP_URL).await;
         client.delete_topology(&self.cfg.engine).await;
-        let _ = self.app.service().ledger.clear().await;
+        let _ = self.app.service().clear_records().await;
     }
 }
 
@@ -142,6 +142,12 @@ async fn a_valid_order_is_queued_confirmed_and_reaches_shipped() {
     assert_eq!(code, 404);
     let r = flow.app.service().ledger.report().await.unwrap();
     assert_eq!((r.reserved, r.charged, r.shipped), (1, 1, 1));
+    let books = flow.app.service().payment.report().await.unwrap();
+    assert_eq!(
+        (books.calls_of(&id), books.charges_of(&id)),
+        (1, 1),
+        "the provider charged it once: {books:?}"
+    );
 
     client
         .ch
@@ -267,10 +273,26 @@ async fn an_out_of_stock_order_ends_failed_and_sits_in_the_dlq_with_headers() {
         header(&dead[0].1, "x-flowgate-stage").as_deref(),
         Some("reserve")
     );
-    // Nothing was taken from stock: a one-unit order of sku-rare still fits.
-    let r = flow.app.service().ledger.report().await.unwrap();
-    assert_eq!(r.reserved, 0);
-    assert_eq!(r.charged, 0);
+    // Nothing was taken from stock, not even the line that fitted.
+    let svc = flow.app.service().clone();
+    assert_eq!(svc.ledger.stock_of("sku-rare").await.unwrap(), 1);
+    assert_eq!(
+        svc.ledger.stock_of("sku-1").await.unwrap(),
+        flow.cfg.orders.stock_default,
+        "sku-1 untouched"
+    );
+    assert_eq!(svc.payment.report().await.unwrap().calls_of(&id), 0);
+    // So the last unit of sku-rare is still there for the next order.
+    let (code, v) = flow
+        .post_json(
+            json!({"customer_id": "c-2", "items": [{"sku": "sku-rare", "qty": 1}], "total": 5}),
+        )
+        .await;
+    assert_eq!(code, 202, "{v}");
+    let next = v["order_id"].as_str().unwrap().to_owned();
+    let end = flow.wait_final(&next).await;
+    assert_eq!(end["status"], "shipped", "{end}");
+    assert_eq!(svc.ledger.stock_of("sku-rare").await.unwrap(), 0);
     flow.stop().await;
 }
 
@@ -336,10 +358,22 @@ async fn a_redelivered_event_reserves_and_charges_once() {
     );
     let r = svc.ledger.report().await.unwrap();
     assert_eq!(r.reserved, 1, "one reservation");
-    assert_eq!(r.double_reservations, 0);
-    assert_eq!(r.charged, 1, "one charge");
-    assert_eq!(r.double_charges, 0);
-    assert_eq!(r.stock.get("sku-count"), Some(&93), "7 units taken once");
+    assert_eq!(r.charged, 1, "one charge recorded");
+    assert_eq!(
+        svc.ledger.stock_of("sku-count").await.unwrap(),
+        93,
+        "7 units taken once"
+    );
+    // The provider's own books: the three copies called it once.
+    let books = svc.payment.report().await.unwrap();
+    assert_eq!(
+        (
+            books.calls_of(&order.order_id),
+            books.charges_of(&order.order_id)
+        ),
+        (1, 1),
+        "one provider call, one charge: {books:?}"
+    );
     flow.stop().await;
 }
 
@@ -447,6 +481,34 @@ async fn a_throttled_payment_provider_makes_the_gateway_answer_503_and_accepted_
     .collect();
     let client = Client::connect(AMQP_URL).await;
     let (done, sampler) = sample_peaks(&client, bounds.keys().cloned().collect()).await;
+    // Whether reserve (which feeds the throttled stage) is paused, by either
+    // cause, sampled through the run: its gauges went to 1, then back to 0.
+    let paused_gauges: Vec<_> = ["watermark", "budget"]
+        .iter()
+        .map(|c| {
+            flow.app
+                .engine()
+                .metrics()
+                .stage_paused
+                .with_label_values(&["reserve", c])
+        })
+        .collect();
+    let paused_seen = Arc::new(AtomicBool::new(false));
+    let resumed_seen = Arc::new(AtomicBool::new(false));
+    let pause_sampler = {
+        let (stop, paused, resumed) = (done.clone(), paused_seen.clone(), resumed_seen.clone());
+        let gauges = paused_gauges.clone();
+        actix_rt::spawn(async move {
+            while !stop.load(Ordering::Acquire) {
+                if gauges.iter().any(|g| g.get() == 1) {
+                    paused.store(true, Ordering::Release);
+                } else if paused.load(Ordering::Acquire) {
+                    resumed.store(true, Ordering::Release);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
 
     let plan = orders::load::LoadPlan {
         url: flow.base.clone(),
@@ -460,9 +522,42 @@ async fn a_throttled_payment_provider_makes_the_gateway_answer_503_and_accepted_
     let report = orders::load::run(&plan).await;
     done.store(true, Ordering::Release);
     let peaks = sampler.await.unwrap();
+    pause_sampler.await.unwrap();
+    let offered = report.sent as f64 / report.send_time.as_secs_f64();
     eprintln!(
-        "throttled: accepted {}, 503 {}, shipped {}, peaks {peaks:?} (bounds {bounds:?})",
-        report.accepted, report.rejected_503, report.shipped
+        "throttled: offered {offered:.0}/s, accepted {}, 503 {} (first after {:?}), shipped {}, peaks {peaks:?} (bounds {bounds:?})",
+        report.accepted, report.rejected_503, report.first_503_after, report.shipped
+    );
+
+    assert!(
+        offered > 2.0 * f64::from(RATE),
+        "orders were offered ({offered:.0}/s) at over twice the provider's rate ({RATE}/s), \
+         or the watermarks are never exercised"
+    );
+    assert_eq!(report.transport_errors, 0, "every request was answered");
+    assert!(
+        report.rejected_other.is_empty(),
+        "no refusal but 503: {:?}",
+        report.rejected_other
+    );
+    // Offered at 5x the provider's rate, orders.reserved (high 100) fills
+    // in about half a second and orders.created (high 60) a quarter second
+    // after: the push-back comes early in the run, well within its first
+    // half (a bound relative to the run, so a slow machine moves both).
+    let first_503 = report.first_503_after.expect("a 503 was answered");
+    assert!(
+        first_503 < report.send_time / 2,
+        "the gateway pushed back within the first half of sending: first 503 after {first_503:?}, \
+         sending took {:?}",
+        report.send_time
+    );
+    assert!(
+        paused_seen.load(Ordering::Acquire),
+        "reserve was paused during the run"
+    );
+    assert!(
+        resumed_seen.load(Ordering::Acquire),
+        "reserve resumed during the run"
     );
 
     assert!(
@@ -479,14 +574,8 @@ async fn a_throttled_payment_provider_makes_the_gateway_answer_503_and_accepted_
         "the 503s come from the watermark of orders.created: {errors:?}"
     );
     assert!(
-        flow.app
-            .engine()
-            .metrics()
-            .stage_paused
-            .with_label_values(&["reserve", "watermark"])
-            .get()
-            == 0,
-        "reserve resumed once orders.reserved drained"
+        paused_gauges.iter().all(|g| g.get() == 0),
+        "reserve is not paused once orders.reserved drained"
     );
     for (q, bound) in &bounds {
         assert!(
@@ -506,13 +595,31 @@ async fn a_throttled_payment_provider_makes_the_gateway_answer_503_and_accepted_
         report.shipped, report.accepted,
         "every accepted order shipped"
     );
-    let r = flow.app.service().ledger.report().await.unwrap();
+    let svc = flow.app.service();
+    let r = svc.ledger.report().await.unwrap();
     assert_eq!(
         r.charged as usize, report.accepted,
-        "charged exactly once each"
+        "a charge recorded for each"
     );
-    assert_eq!(r.double_charges, 0);
-    assert_eq!(r.double_reservations, 0);
+    let books = svc.payment.report().await.unwrap();
+    for id in &report.accepted_ids {
+        assert_eq!(
+            (books.calls_of(id), books.charges_of(id)),
+            (1, 1),
+            "order {id}: one provider call, one charge"
+        );
+    }
+    assert_eq!(books.charges.len(), report.accepted, "nothing else charged");
+    // Stock: what every accepted (hence reserved) order asked for, taken once.
+    let taken = report.stock_taken();
+    assert!(!taken.is_empty());
+    for (sku, units) in &taken {
+        assert_eq!(
+            svc.ledger.stock_of(sku).await.unwrap(),
+            flow.cfg.orders.stock_default - units,
+            "stock of {sku}"
+        );
+    }
     assert!(r.throttle_hits > 0, "the provider's rate limit was hit");
     // The monitor's own peaks (what the demo prints) saw the backlog too.
     let monitored = flow.app.engine().ingress().queue_peaks();
