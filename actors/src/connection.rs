@@ -3,6 +3,15 @@
 //! Consuming and publishing use separate connections: when the broker blocks
 //! a connection (memory or disk alarm) lapin stops writing every frame on it,
 //! acks included, so acks must not share a connection with publishes.
+//!
+//! lapin recovers a lost connection by itself, but its backoff doubles up
+//! to a minute and nothing bounds it. The engine owns the deadline: a
+//! connection not back within `supervisor.backoff_max` is torn down and
+//! both are re-established through the actor's own connect path (a
+//! restart, backoff with full jitter, the next URL). The replaced
+//! connections are retired, not forgotten: lapin may still bring one back
+//! later, and its recovered channels would re-register consumers nobody
+//! reads, so a retired connection that comes back is closed at once.
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -81,6 +90,11 @@ pub enum LinkEvent {
     LinkUp(Purpose),
     /// A connection failed; lapin is recovering or the actor will restart.
     LinkDown(Purpose),
+    /// The connection was replaced by a new one (the engine's recovery
+    /// deadline passed, or lapin gave up): channels opened on it are not
+    /// coming back, even if lapin still reports them reconnecting. Drop
+    /// them and open new ones on the next `LinkUp`.
+    Replaced(Purpose),
     /// The broker blocked publishing (resource alarm).
     Blocked(String),
     /// The broker lifted the block.
@@ -135,7 +149,16 @@ pub struct ConnectionActor {
     connected_at: std::time::Instant,
     /// Index into `cfg.urls` of the URL tried first on the next connect.
     url_index: usize,
+    /// Since when each connection of the current generation is not connected.
+    lost_since: std::collections::HashMap<Purpose, std::time::Instant>,
+    /// Connections replaced while lapin was still recovering them; closed
+    /// if lapin brings them back, forgotten once lapin gives up on them.
+    retired: Vec<Arc<Connection>>,
 }
+
+/// How often the recovery deadline is checked: a small part of any
+/// sensible `backoff_max`, so the deadline is kept to within this.
+const WATCHDOG_TICK: Duration = Duration::from_millis(250);
 
 impl ConnectionActor {
     /// A new actor; start it under `actix::Supervisor`.
@@ -159,6 +182,8 @@ impl ConnectionActor {
             failed: Default::default(),
             connected_at: std::time::Instant::now(),
             url_index: 0,
+            lost_since: Default::default(),
+            retired: Vec::new(),
         }
     }
 
@@ -186,6 +211,64 @@ impl ConnectionActor {
     fn update_gauge(&self) {
         self.metrics.connection_up.set(i64::from(self.both_up()));
     }
+
+    /// The engine's recovery deadline: true when a connection has not been
+    /// connected for `backoff_max` (lapin may still be trying; its own
+    /// backoff is not bounded by ours).
+    fn past_deadline(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        for p in [Purpose::Consume, Purpose::Publish] {
+            match self.conn(p) {
+                Some(c) if c.status().connected() => {
+                    self.lost_since.remove(&p);
+                }
+                Some(_) => {
+                    self.lost_since.entry(p).or_insert(now);
+                }
+                None => {}
+            }
+        }
+        let bound = self.cfg.policy.backoff_max;
+        self.lost_since
+            .values()
+            .any(|t| now.duration_since(*t) >= bound)
+    }
+
+    /// Moves both connections to `retired`; one still connected is closed
+    /// (its channels end, their users open new ones on the next LinkUp).
+    fn retire(&mut self) {
+        for c in [self.consume.take(), self.publish.take()]
+            .into_iter()
+            .flatten()
+        {
+            if c.status().connected() {
+                close_replaced(c.clone());
+            }
+            self.retired.push(c);
+        }
+    }
+
+    /// Closes a retired connection lapin brought back; forgets one lapin
+    /// gave up on (or that is closing).
+    fn sweep_retired(&mut self) {
+        self.retired.retain(|c| {
+            let s = c.status();
+            if s.connected() {
+                info!("a replaced broker connection came back; closing it");
+                close_replaced(c.clone());
+                return false;
+            }
+            s.reconnecting() || s.connecting()
+        });
+    }
+}
+
+/// Closes a connection the engine replaced, off the actor (the actor may be
+/// restarting, which drops its own futures).
+fn close_replaced(c: Arc<Connection>) {
+    actix::spawn(async move {
+        let _ = c.close(200, "flowgate: connection replaced".into()).await;
+    });
 }
 
 async fn connect_one(cfg: &ConnectionConfig, url: &str, p: Purpose) -> Result<Connection> {
@@ -256,6 +339,7 @@ impl Actor for ConnectionActor {
                     act.url_index = index;
                     act.generation += 1;
                     act.failed.clear();
+                    act.lost_since.clear();
                     act.connected_at = std::time::Instant::now();
                     let generation = act.generation;
                     for (purpose, conn) in [(Purpose::Consume, &c), (Purpose::Publish, &p)] {
@@ -301,6 +385,21 @@ impl Actor for ConnectionActor {
                 ctx.stop();
             }
         });
+        // The engine's recovery deadline (see the module docs).
+        ctx.run_interval(WATCHDOG_TICK, |act, ctx| {
+            if act.closing {
+                return;
+            }
+            act.sweep_retired();
+            if act.past_deadline() {
+                warn!(
+                    bound = ?act.cfg.policy.backoff_max,
+                    "broker connection not back within supervisor.backoff_max; re-establishing it"
+                );
+                act.retire();
+                ctx.stop();
+            }
+        });
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
@@ -326,8 +425,11 @@ impl Supervised for ConnectionActor {
             .restarts
             .with_label_values(&["connection"])
             .inc();
+        self.lost_since.clear();
         self.notify(LinkEvent::LinkDown(Purpose::Consume));
         self.notify(LinkEvent::LinkDown(Purpose::Publish));
+        self.notify(LinkEvent::Replaced(Purpose::Consume));
+        self.notify(LinkEvent::Replaced(Purpose::Publish));
         if !self.restarts.record(tokio::time::Instant::now()) {
             self.metrics.escalations.inc();
             tracing::error!(actor = "connection", "restart budget spent; escalating");
@@ -360,6 +462,7 @@ impl StreamHandler<ConnEvent> for ConnectionActor {
                 if !self.failed.remove(&ev.purpose)
                     && self.connected_at.elapsed() < Duration::from_millis(500) => {}
             Event::Connected => {
+                self.lost_since.remove(&ev.purpose);
                 self.metrics
                     .reconnects
                     .with_label_values(&[ev.purpose.as_str()])
@@ -373,6 +476,9 @@ impl StreamHandler<ConnEvent> for ConnectionActor {
             }
             Event::Error(e) => {
                 self.failed.insert(ev.purpose);
+                self.lost_since
+                    .entry(ev.purpose)
+                    .or_insert_with(std::time::Instant::now);
                 if !self.closing {
                     warn!(connection = ev.purpose.as_str(), error = %e, "broker connection error");
                 }
@@ -450,6 +556,7 @@ impl Handler<Close> for ConnectionActor {
         let conns: Vec<_> = [self.consume.take(), self.publish.take()]
             .into_iter()
             .flatten()
+            .chain(self.retired.drain(..).filter(|c| c.status().connected()))
             .collect();
         Box::pin(
             async move {

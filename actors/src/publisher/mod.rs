@@ -1169,6 +1169,11 @@ impl Handler<LinkEvent> for PublisherActor {
             LinkEvent::LinkUp(Purpose::Publish) if !self.core.channel_alive() => {
                 self.open_channel(ctx);
             }
+            // The connection under the channel was replaced: the channel
+            // will not come back; the next LinkUp opens a new one.
+            LinkEvent::Replaced(Purpose::Publish) => {
+                *lock(&self.core.channel) = None;
+            }
             LinkEvent::Blocked(reason) => {
                 let mut since = lock(&self.core.blocked_since);
                 if since.is_none() {

@@ -557,6 +557,15 @@ impl actix::Handler<LinkEvent> for StageActor {
             LinkEvent::LinkDown(Purpose::Consume) => {
                 self.shared.consuming.store(false, Ordering::Release);
             }
+            // The connection under the channel was replaced: the channel
+            // will not come back (however lapin reports it). End its intake
+            // (a stale end) and consume anew on the next LinkUp.
+            LinkEvent::Replaced(Purpose::Consume) if self.channel.is_some() => {
+                let _ = self.stop.send(true);
+                self.intake_generation += 1;
+                self.channel = None;
+                self.shared.consuming.store(false, Ordering::Release);
+            }
             _ => {}
         }
     }

@@ -1,0 +1,237 @@
+//! Broker restarts mid-run (issue 10, acceptance 3): `stop_app` for 5 s
+//! ten times, then three full node restarts (the node process stops and
+//! starts again on the same data dir and ports), all in one run with the
+//! pipeline busy. The engine reconnects by itself every time within
+//! `supervisor.backoff_max` (plus one connect attempt, bounded by
+//! `amqp.connect_timeout`) of the broker accepting connections again
+//! (lapin's own backoff, 1 s doubling, would often take longer: the
+//! engine's recovery deadline tears such a connection down and connects
+//! anew), no stage or publisher restarts, exactly one consumer per stage
+//! queue afterwards, and every id arrives.
+
+use flowgate_testkit as common;
+
+use common::node::BrokerNode;
+use common::*;
+use flowgate::Engine;
+use std::time::{Duration, Instant};
+
+const N: usize = 7_000;
+const PREFETCH: u32 = 20;
+/// The first stage's rate (messages per second): keeps the run going
+/// through all thirteen faults.
+const RATE: u32 = 150;
+/// `supervisor.backoff_max`: shorter than lapin's backoff after a
+/// 5 s outage (its attempts come 1, 2, 4, 8, 16 s after the loss).
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// `amqp.connect_timeout`. The attempt after the broker is back starts
+/// within `backoff_max` and is over within this (the stages' channels and
+/// consumers and this test's 20 ms polling fit in it too).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const STOP_APPS: usize = 10;
+const NODE_RESTARTS: usize = 3;
+
+/// The first moment the node accepts TCP connections on its AMQP port.
+async fn accepting(node: &BrokerNode) -> Instant {
+    loop {
+        if tokio::net::TcpStream::connect(node.addr()).await.is_ok() {
+            return Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The queue holds `by` more messages than now (within a minute). Queue
+/// depths between faults are read over AMQP, a fresh client after each
+/// fault: rabbitmqctl costs a second or two a call on this machine.
+async fn grown(client: &Client, queue: &str, by: u32) -> bool {
+    let from = client.depth(queue).await;
+    eventually(Duration::from_secs(60), || async {
+        client.depth(queue).await >= from + by
+    })
+    .await
+}
+
+#[actix_rt::test]
+async fn stop_app_and_node_restarts_are_recovered_within_backoff_max_without_loss() {
+    let t0 = Instant::now();
+    let node = BrokerNode::start_async()
+        .await
+        .expect("private broker node");
+    let prefix = unique("fbrestart");
+    let mut cfg = chain_config(&prefix, &["forward", "forward"], PREFETCH);
+    cfg.amqp.url = node.amqp_url();
+    cfg.amqp.connect_timeout = CONNECT_TIMEOUT;
+    cfg.supervisor.backoff_max = BACKOFF_MAX;
+    // Every connect attempt while the broker is down is a restart of the
+    // connection actor: with a 2 s cap that is many per minute.
+    cfg.supervisor.max_restarts = 10_000;
+    cfg.stages[0].rate = Some(RATE);
+    let handle = Engine::builder()
+        .config(cfg.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    eprintln!("engine ready (t={:?})", t0.elapsed());
+    let ids: Vec<String> = (0..N).map(|i| format!("id-{i}")).collect();
+    {
+        let client = Client::connect(&node.amqp_url()).await;
+        client
+            .publish_many(&format!("{prefix}.ex"), "in", &ids, &[2u8; 256])
+            .await;
+        let _ = client.conn.close(200, "published".into()).await;
+    }
+    let s1 = format!("{prefix}.s1");
+    let sink = format!("{prefix}.sink");
+    let depth = |q: String| {
+        let node = node.clone();
+        async move { node.blocking(move |n| n.list_queue(&q)).await }
+    };
+    let mut client = Client::connect(&node.amqp_url()).await;
+    assert!(grown(&client, &sink, 300).await, "the pipeline moves");
+
+    let mut recoveries = Vec::new();
+    for k in 0..STOP_APPS + NODE_RESTARTS {
+        let full = k >= STOP_APPS;
+        assert!(
+            client.depth(&s1).await > 0,
+            "fault {k} is not mid-run: the first stage's queue is empty"
+        );
+        let _ = client.conn.close(200, "fault".into()).await;
+        if full {
+            node.blocking(|n| n.stop_node())
+                .await
+                .expect("stop the node");
+        } else {
+            node.blocking(|n| n.stop_app()).await.expect("stop_app");
+            // The outage (the fault itself, not a wait for an event).
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        let h = handle.clone();
+        let ready = actix_rt::spawn(async move {
+            // The engine saw the loss; then wait for it to be back.
+            while h.ready().await {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            while !h.ready().await {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Instant::now()
+        });
+        let n2 = node.clone();
+        let back = actix_rt::spawn(async move { accepting(&n2).await });
+        if full {
+            node.blocking(|n| n.start_node())
+                .await
+                .expect("start the node");
+        } else {
+            node.blocking(|n| n.ctl_ok(&["start_app"]))
+                .await
+                .expect("start_app");
+        }
+        let back = back.await.expect("accepting");
+        let ready = tokio::time::timeout(Duration::from_secs(90), ready)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "fault {k}: the engine did not reconnect within 90 s\n{}",
+                    handle.metrics().render()
+                )
+            })
+            .expect("ready");
+        let took = ready.saturating_duration_since(back);
+        eprintln!(
+            "fault {k} ({}): ready {took:?} after the broker accepted connections (t={:?})",
+            if full { "node restart" } else { "stop_app 5 s" },
+            t0.elapsed()
+        );
+        recoveries.push((k, took));
+        client = Client::connect(&node.amqp_url()).await;
+        assert!(
+            grown(&client, &sink, 100).await,
+            "fault {k}: the pipeline did not move again"
+        );
+    }
+    let _ = client.conn.close(200, "faults done".into()).await;
+
+    // The run finishes while the engine keeps running.
+    let stage_queues: Vec<String> = cfg.stages.iter().map(|s| s.queue.clone()).collect();
+    let idle = eventually(Duration::from_secs(180), || {
+        let node = node.clone();
+        let queues = stage_queues.clone();
+        async move {
+            node.blocking(move |n| {
+                queues.iter().all(|q| {
+                    n.list_queue(q)
+                        .is_ok_and(|(ready, unacked, _)| ready == 0 && unacked == 0)
+                })
+            })
+            .await
+        }
+    })
+    .await;
+    let m = handle.metrics();
+    assert!(idle, "the stage queues did not drain\n{}", m.render());
+    // Exactly one consumer per stage queue: none left on a replaced connection.
+    for q in &stage_queues {
+        let (_, _, consumers) = depth(q.clone()).await.expect("list_queues");
+        assert_eq!(consumers, 1, "consumers on {q}");
+    }
+    let (in_sink, _, _) = depth(sink.clone()).await.expect("sink");
+    let client = Client::connect(&node.amqp_url()).await;
+    let got = client
+        .collect(&sink, in_sink as usize, Duration::from_secs(120))
+        .await;
+    assert_eq!(got.len(), in_sink as usize, "collected the whole sink");
+    let seen = counts(got.into_iter().map(|(id, _)| id));
+    let missing: Vec<&String> = ids.iter().filter(|i| !seen.contains_key(*i)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {N} ids never arrived (first: {:?})",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
+    let faults = STOP_APPS + NODE_RESTARTS;
+    let duplicates = in_sink as usize - seen.len();
+    // Per fault, each delivery in flight may be redelivered and its
+    // output's confirm may be lost and the output published again.
+    let windows = cfg.stages.len() * PREFETCH as usize;
+    let bound = 2 * windows * faults;
+    eprintln!(
+        "broker restarts: {faults} faults, {duplicates} duplicates (bound {bound}), \
+         connection restarts {}, recoveries {:?}, wall {:?}",
+        m.restarts.with_label_values(&["connection"]).get(),
+        recoveries
+            .iter()
+            .map(|(_, d)| format!("{:.2}s", d.as_secs_f64()))
+            .collect::<Vec<_>>(),
+        t0.elapsed()
+    );
+    assert!(
+        duplicates <= bound,
+        "{duplicates} duplicates exceed twice the in-flight windows ({windows}) per fault"
+    );
+    for actor in ["stage:s1", "stage:s2", "publisher"] {
+        assert_eq!(
+            m.restarts.with_label_values(&[actor]).get(),
+            0,
+            "restarts of {actor}\n{}",
+            m.render()
+        );
+    }
+    assert_eq!(m.escalations.get(), 0, "no escalation");
+    let slow: Vec<_> = recoveries
+        .iter()
+        .filter(|(_, d)| *d > BACKOFF_MAX + CONNECT_TIMEOUT)
+        .collect();
+    assert!(
+        slow.is_empty(),
+        "reconnected later than backoff_max ({BACKOFF_MAX:?}) + {CONNECT_TIMEOUT:?} \
+         after the broker was back: {slow:?}"
+    );
+    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    handle.shutdown().await;
+}

@@ -1,0 +1,180 @@
+//! Node failover (issue 10, acceptance 4): a three-node cluster on this
+//! machine (one Erlang cookie, quorum queues with a replica on every node),
+//! flowgate given all three URLs. Stopping the node the engine is connected
+//! to at 30% of a 20,000-message run loses nothing: the engine's recovery
+//! deadline gives up on that node and connects to the next URL, and the run
+//! finishes on the other two.
+
+use flowgate_testkit as common;
+
+use common::node::BrokerNode;
+use common::*;
+use flowgate::Engine;
+use std::time::{Duration, Instant};
+
+const N: usize = 20_000;
+const PREFETCH: u32 = 20;
+/// `supervisor.backoff_max`: how long the engine waits for a lost
+/// connection to come back before it moves to the next URL.
+const BACKOFF_MAX: Duration = Duration::from_secs(3);
+
+#[actix_rt::test]
+async fn stopping_the_connected_node_of_a_cluster_loses_nothing() {
+    let t0 = Instant::now();
+    let nodes = BrokerNode::cluster_async(3).await.expect("3-node cluster");
+    let prefix = unique("fcluster");
+    let mut cfg = chain_config(&prefix, &["forward", "forward"], PREFETCH);
+    cfg.amqp.urls = nodes.iter().map(BrokerNode::amqp_url).collect();
+    cfg.amqp.connect_timeout = Duration::from_secs(2);
+    cfg.supervisor.backoff_max = BACKOFF_MAX;
+    let handle = Engine::builder()
+        .config(cfg.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(handle.wait_ready(Duration::from_secs(30)).await);
+    // Every queue has a replica on every node.
+    let queues: Vec<String> = cfg.queues.iter().map(|q| q.name.clone()).collect();
+    let members = nodes[1]
+        .blocking(|n| n.ctl_ok(&["-q", "list_queues", "--no-table-headers", "name", "members"]))
+        .await
+        .expect("list_queues members");
+    for q in &queues {
+        let line = members
+            .lines()
+            .find(|l| l.split('\t').next() == Some(q.as_str()))
+            .unwrap_or_else(|| panic!("{q} not listed: {members}"));
+        for n in &nodes {
+            assert!(
+                line.contains(n.node_name()),
+                "{q} has no replica on {}: {line}",
+                n.node_name()
+            );
+        }
+    }
+    // The node the engine is connected to: the cluster lists every
+    // connection on every node; a connection's pid names its node.
+    let name = prefix.clone();
+    let ours: Vec<String> = nodes[0]
+        .blocking(move |n| n.list_connections())
+        .await
+        .expect("list_connections")
+        .into_iter()
+        .filter(|c| {
+            c.connection_name
+                .as_deref()
+                .is_some_and(|c| c.contains(&name))
+        })
+        .map(|c| c.pid)
+        .collect();
+    assert_eq!(ours.len(), 2, "the engine's two connections: {ours:?}");
+    let on = |pid: &String| {
+        nodes
+            .iter()
+            .position(|n| pid.contains(&format!("<{}.", n.node_name())))
+    };
+    let connected = on(&ours[0]);
+    assert_eq!(
+        connected,
+        on(&ours[1]),
+        "both connections on one node: {ours:?}"
+    );
+    let victim = connected.expect("the engine is connected to one of the nodes");
+    let other = (victim + 1) % nodes.len();
+    let observer = nodes[other].clone();
+    let client = Client::connect(&observer.amqp_url()).await;
+    let ids: Vec<String> = (0..N).map(|i| format!("id-{i}")).collect();
+    client
+        .publish_many(&format!("{prefix}.ex"), "in", &ids, &[2u8; 256])
+        .await;
+    let sink = format!("{prefix}.sink");
+    let depth = |q: String| {
+        let node = observer.clone();
+        async move { node.blocking(move |n| n.list_queue(&q)).await }
+    };
+    assert!(
+        eventually(Duration::from_secs(180), || async {
+            depth(sink.clone())
+                .await
+                .is_ok_and(|(ready, _, _)| ready as usize > N * 3 / 10)
+        })
+        .await,
+        "the pipeline moves"
+    );
+    let (at_stop, _, _) = depth(sink.clone()).await.expect("sink");
+    assert!(
+        (at_stop as usize) < N,
+        "the node stops mid-run ({at_stop} of {N} arrived)"
+    );
+    let stopped_at = Instant::now();
+    nodes[victim]
+        .blocking(|n| n.stop_node())
+        .await
+        .expect("stop the connected node");
+    // The engine is ready again, on another node.
+    assert!(
+        handle.wait_ready(Duration::from_secs(60)).await,
+        "the engine did not reconnect to another node\n{}",
+        handle.metrics().render()
+    );
+    let failover = stopped_at.elapsed();
+    // The run finishes on the other two nodes.
+    let stage_queues: Vec<String> = cfg.stages.iter().map(|s| s.queue.clone()).collect();
+    let idle = eventually(Duration::from_secs(240), || {
+        let node = observer.clone();
+        let queues = stage_queues.clone();
+        async move {
+            node.blocking(move |n| {
+                queues.iter().all(|q| {
+                    n.list_queue(q)
+                        .is_ok_and(|(ready, unacked, _)| ready == 0 && unacked == 0)
+                })
+            })
+            .await
+        }
+    })
+    .await;
+    let m = handle.metrics();
+    assert!(idle, "the stage queues did not drain\n{}", m.render());
+    for q in &stage_queues {
+        let (_, _, consumers) = depth(q.clone()).await.expect("list_queues");
+        assert_eq!(consumers, 1, "consumers on {q}");
+    }
+    let (in_sink, _, _) = depth(sink.clone()).await.expect("sink");
+    let got = client
+        .collect(&sink, in_sink as usize, Duration::from_secs(120))
+        .await;
+    assert_eq!(got.len(), in_sink as usize, "collected the whole sink");
+    let seen = counts(got.into_iter().map(|(id, _)| id));
+    let missing: Vec<&String> = ids.iter().filter(|i| !seen.contains_key(*i)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {N} ids never arrived (first: {:?})",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
+    let duplicates = in_sink as usize - seen.len();
+    let windows = cfg.stages.len() * PREFETCH as usize;
+    eprintln!(
+        "cluster failover: stopped node {victim} at {at_stop} of {N}, ready again after \
+         {failover:?}, {duplicates} duplicates (bound {}), connection restarts {}, wall {:?}",
+        2 * windows,
+        m.restarts.with_label_values(&["connection"]).get(),
+        t0.elapsed()
+    );
+    assert!(
+        duplicates <= 2 * windows,
+        "{duplicates} duplicates exceed twice the in-flight windows ({windows})"
+    );
+    for actor in ["stage:s1", "stage:s2", "publisher"] {
+        assert_eq!(
+            m.restarts.with_label_values(&[actor]).get(),
+            0,
+            "restarts of {actor}\n{}",
+            m.render()
+        );
+    }
+    handle.shutdown().await;
+}
