@@ -3,7 +3,8 @@
 //! names and a cleanup guard that deletes them even when a test panics,
 //! queue counts, private broker nodes for tests that disturb a broker
 //! ([`node`]), a fault-injecting TCP proxy ([`proxy`]), chain configs and
-//! the publish/collect driver of the benches ([`driver`]).
+//! the publish/collect driver of the benches ([`driver`]), secret-leak
+//! checks for command-line tests ([`secrets`]).
 //!
 //! A test against the shared broker on 127.0.0.1:5672:
 //!
@@ -28,6 +29,7 @@
 pub mod driver;
 pub mod node;
 pub mod proxy;
+pub mod secrets;
 
 use flowgate::config::{Config, QueueKind};
 use futures::StreamExt;
