@@ -149,6 +149,90 @@ async fn overload_keeps_the_slow_stage_input_within_its_watermark_and_loses_noth
     }
 }
 
+/// The watermark on its own (the overload test above is usually held by
+/// the intake budget before the watermark is crossed): a slow stage's input
+/// filled past `high` by someone else pauses the stage feeding it with
+/// cause `watermark`, and falling below `low` resumes it.
+#[actix_rt::test]
+async fn a_queue_above_its_high_watermark_pauses_its_producer_until_below_low() {
+    const PREFETCH: u32 = 10;
+    const HIGH: u64 = 300;
+    const LOW: u64 = 100;
+    const BACKLOG: usize = 400;
+    const UPSTREAM: usize = 50;
+    let prefix = unique("watermark");
+    let mut cfg = chain_config(&prefix, &["forward", "forward"], PREFETCH);
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    cfg.stages[1].rate = Some(100);
+    let slow_q = format!("{prefix}.s2");
+    for q in &mut cfg.queues {
+        if q.name == slow_q {
+            q.watermark = Some(Watermark {
+                high: HIGH,
+                low: LOW,
+            });
+        }
+    }
+    cfg.depth.interval = Duration::from_millis(50);
+    let client = Client::connect(AMQP_URL).await;
+    flowgate::topology::declare(&client.ch, &cfg).await.unwrap();
+    // The slow stage's input is past its high watermark before anything runs.
+    let backlog: Vec<String> = (0..BACKLOG).map(|i| format!("b{i}")).collect();
+    client.publish_many("", &slow_q, &backlog, b"x").await;
+
+    let h = Engine::builder()
+        .config(cfg.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(h.wait_ready(Duration::from_secs(20)).await, "engine ready");
+    let upstream: Vec<String> = (0..UPSTREAM).map(|i| format!("u{i}")).collect();
+    client
+        .publish_many(&format!("{prefix}.ex"), "in", &upstream, b"x")
+        .await;
+
+    let m = h.metrics();
+    let watermark_paused = || m.stage_paused.with_label_values(&["s1", "watermark"]).get();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            watermark_paused() == 1
+        })
+        .await,
+        "s1 paused by the watermark while s2's input holds {BACKLOG} > high {HIGH}"
+    );
+    let s2_depth = || async {
+        client
+            .passive_declare(&slow_q)
+            .await
+            .expect("queue exists")
+            .message_count()
+    };
+    assert!(
+        u64::from(s2_depth().await) > LOW,
+        "paused before the slow stage's input fell below low"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            watermark_paused() == 0
+        })
+        .await,
+        "s1 resumed once s2's input fell below low {LOW}"
+    );
+    let got = client
+        .collect(
+            &format!("{prefix}.sink"),
+            BACKLOG + UPSTREAM,
+            Duration::from_secs(60),
+        )
+        .await;
+    let c = counts(got.into_iter().map(|(id, _)| id));
+    assert_eq!(c.len(), BACKLOG + UPSTREAM, "every message processed");
+    assert!(c.values().all(|n| *n == 1), "none twice");
+    h.shutdown().await;
+}
+
 #[actix_rt::test]
 async fn a_backlog_scales_workers_to_max_and_draining_returns_them_to_min() {
     const N: usize = 1_500;
