@@ -227,6 +227,18 @@ impl Client {
                 BasicCancelOptions::default(),
             )
             .await;
+        // Deliveries past the `n` asked for may already be ours (prefetch):
+        // give them back, or they stay unacked until the channel closes.
+        while let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_secs(1), consumer.next()).await
+        {
+            d.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .expect("nack");
+        }
         let q = queue.to_owned();
         let node = self.node.clone();
         let settled = eventually(Duration::from_secs(10), || {
@@ -493,6 +505,16 @@ mod tests {
         let got = client.collect(&q, 3, Duration::from_secs(10)).await;
         let ids: Vec<_> = got.into_iter().map(|(id, _)| id).collect();
         assert_eq!(ids, ["m-0", "m-1", "m-2"]);
+    }
+
+    #[actix_rt::test]
+    async fn collect_gives_back_what_it_did_not_ask_for() {
+        let client = Client::connect(AMQP_URL).await;
+        let q = queue_with(&client, 50).await;
+        let got = client.collect(&q, 2, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 2);
+        let left = client.passive_declare(&q).await.expect("queue");
+        assert_eq!(left.message_count(), 48, "the rest are ready again");
     }
 
     #[actix_rt::test]
