@@ -67,7 +67,7 @@ pub use engine::{
     Stopped,
 };
 pub use flowgate_actors as actors;
-pub use flowgate_actors::{handler_fn, Delivery, Handler, HandlerError, Outcome, Output};
+pub use flowgate_actors::{handler_fn, Delivery, Handler, HandlerError, Metrics, Outcome, Output};
 pub use handlers::{FactoryError, HandlerFactory};
 pub use ingress::{Accepted, Ingress, IngressError};
 

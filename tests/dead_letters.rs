@@ -91,9 +91,7 @@ async fn run_with_middle_handler(
     assert_eq!(
         handle
             .metrics()
-            .dead_lettered
-            .with_label_values(&["s2", label])
-            .get(),
+            .counter(flowgate::Metrics::DEAD_LETTERED, &["s2", label]),
         expect_bad.len() as u64
     );
     handle.shutdown().await;

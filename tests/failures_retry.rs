@@ -93,19 +93,17 @@ async fn fails_twice_then_succeeds_on_attempt_3_with_ladder_gaps() {
     assert!(gap1 >= STEP1, "first wait follows tier 1: {gap1:?}");
     assert!(gap2 >= STEP2, "second wait follows tier 2: {gap2:?}");
     assert_eq!(
-        handle
-            .metrics()
-            .retried
-            .with_label_values(&["s1", &format!("{prefix}.s1.retry.1")])
-            .get(),
+        handle.metrics().counter(
+            flowgate::Metrics::RETRIED,
+            &["s1", &format!("{prefix}.s1.retry.1")]
+        ),
         1
     );
     assert_eq!(
-        handle
-            .metrics()
-            .retried
-            .with_label_values(&["s1", &format!("{prefix}.s1.retry.2")])
-            .get(),
+        handle.metrics().counter(
+            flowgate::Metrics::RETRIED,
+            &["s1", &format!("{prefix}.s1.retry.2")]
+        ),
         1
     );
     handle.shutdown().await;

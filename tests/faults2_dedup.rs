@@ -81,9 +81,7 @@ async fn a_wrong_type_dedup_key_dead_letters_its_message_and_the_rest_flow() {
     );
     assert_eq!(
         h.metrics()
-            .dead_lettered
-            .with_label_values(&["s1", "dedup-error"])
-            .get(),
+            .counter(flowgate::Metrics::DEAD_LETTERED, &["s1", "dedup-error"]),
         1
     );
     h.shutdown().await;

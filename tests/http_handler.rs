@@ -185,7 +185,7 @@ async fn five_thousand_orders_pass_through_the_python_service_exactly_once() {
         );
     }
     assert_eq!(
-        handle.metrics().acked.with_label_values(&["s2"]).get(),
+        handle.metrics().counter(flowgate::Metrics::ACKED, &["s2"]),
         5_000
     );
     let stats = worker.stats().await;

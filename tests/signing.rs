@@ -237,12 +237,10 @@ async fn signed_messages_pass_and_bad_ones_are_dead_lettered() {
     assert!(unsigned.header(SIG).is_none());
 
     let m = h.metrics();
-    assert_eq!(m.signature_failures.with_label_values(&["s1"]).get(), 3);
-    assert_eq!(m.signature_failures.with_label_values(&["s2"]).get(), 0);
+    assert_eq!(m.counter(flowgate::Metrics::SIGNATURE_FAILURES, &["s1"]), 3);
+    assert_eq!(m.counter(flowgate::Metrics::SIGNATURE_FAILURES, &["s2"]), 0);
     assert_eq!(
-        m.dead_lettered
-            .with_label_values(&["s1", "bad-signature"])
-            .get(),
+        m.counter(flowgate::Metrics::DEAD_LETTERED, &["s1", "bad-signature"]),
         3
     );
     let text = prometheus_text(&h);
@@ -263,7 +261,7 @@ fn prometheus_text(h: &EngineHandle) -> String {
     use prometheus::Encoder;
     let mut buf = Vec::new();
     prometheus::TextEncoder::new()
-        .encode(&h.metrics().registry.gather(), &mut buf)
+        .encode(&h.metrics().registry().gather(), &mut buf)
         .unwrap();
     String::from_utf8(buf).unwrap()
 }
@@ -297,12 +295,10 @@ async fn warn_mode_counts_and_processes() {
     assert_eq!(ids(&sink), ["ok", "tampered", "unsigned"]);
     assert!(sink.iter().all(|g| g.signed_by(KEY)));
     let m = h.metrics();
-    assert_eq!(m.signature_failures.with_label_values(&["s1"]).get(), 2);
-    assert_eq!(m.signature_failures.with_label_values(&["s2"]).get(), 0);
+    assert_eq!(m.counter(flowgate::Metrics::SIGNATURE_FAILURES, &["s1"]), 2);
+    assert_eq!(m.counter(flowgate::Metrics::SIGNATURE_FAILURES, &["s2"]), 0);
     assert_eq!(
-        m.dead_lettered
-            .with_label_values(&["s1", "bad-signature"])
-            .get(),
+        m.counter(flowgate::Metrics::DEAD_LETTERED, &["s1", "bad-signature"]),
         0
     );
     assert_eq!(client.depth(&format!("{prefix}.s1.dlq")).await, 0);
@@ -398,13 +394,11 @@ async fn spooled_then_replayed_messages_verify() {
         replayed.header(SIG)
     );
     assert!(sink.iter().all(|g| g.signed_by(KEY)));
-    assert!(h.metrics().spool_replayed.get() >= 2);
+    assert!(h.metrics().counter(flowgate::Metrics::SPOOL_REPLAYED, &[]) >= 2);
     // and the verifying stage accepted its replayed record.
     assert_eq!(
         h.metrics()
-            .signature_failures
-            .with_label_values(&["s1"])
-            .get(),
+            .counter(flowgate::Metrics::SIGNATURE_FAILURES, &["s1"]),
         0
     );
     assert_eq!(client.depth(&format!("{prefix}.s1.dlq")).await, 0);
@@ -466,12 +460,13 @@ async fn retried_copies_verify_when_they_come_back() {
     assert!(sink[0].signed_by(KEY));
     let m = h.metrics();
     assert_eq!(
-        m.retried
-            .with_label_values(&["s1", &format!("{prefix}.s1.retry.1")])
-            .get(),
+        m.counter(
+            flowgate::Metrics::RETRIED,
+            &["s1", &format!("{prefix}.s1.retry.1")]
+        ),
         1
     );
-    assert_eq!(m.signature_failures.with_label_values(&["s1"]).get(), 0);
+    assert_eq!(m.counter(flowgate::Metrics::SIGNATURE_FAILURES, &["s1"]), 0);
 
     h.shutdown().await;
 }

@@ -5,6 +5,7 @@
 //! acks included, so acks must not share a connection with publishes.
 
 use crate::error::{Error, Result};
+use crate::metrics::events::{self, Event as _};
 use crate::metrics::Metrics;
 use crate::supervision::{Escalation, EscalationSender, RestartPolicy, Restarts};
 use actix::prelude::*;
@@ -184,7 +185,7 @@ impl ConnectionActor {
     }
 
     fn update_gauge(&self) {
-        self.metrics.connection_up.set(i64::from(self.both_up()));
+        events::LinkState { up: self.both_up() }.emit(&self.metrics);
     }
 }
 
@@ -304,7 +305,7 @@ impl Actor for ConnectionActor {
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        self.metrics.connection_up.set(0);
+        events::LinkState { up: false }.emit(&self.metrics);
     }
 }
 
@@ -321,16 +322,18 @@ impl Supervised for ConnectionActor {
             self.url_index = (self.url_index + 1) % self.cfg.urls.len();
         }
         self.blocked = false;
-        self.metrics.broker_blocked.set(0);
-        self.metrics
-            .restarts
-            .with_label_values(&["connection"])
-            .inc();
+        events::Unblocked { reset: true }.emit(&self.metrics);
+        events::Restarted {
+            actor: "connection",
+        }
+        .emit(&self.metrics);
         self.notify(LinkEvent::LinkDown(Purpose::Consume));
         self.notify(LinkEvent::LinkDown(Purpose::Publish));
         if !self.restarts.record(tokio::time::Instant::now()) {
-            self.metrics.escalations.inc();
-            tracing::error!(actor = "connection", "restart budget spent; escalating");
+            events::Escalated {
+                actor: "connection",
+            }
+            .emit(&self.metrics);
             if let Some(tx) = &self.escalations {
                 let _ = tx.try_send(Escalation {
                     actor: "connection".into(),
@@ -360,35 +363,31 @@ impl StreamHandler<ConnEvent> for ConnectionActor {
                 if !self.failed.remove(&ev.purpose)
                     && self.connected_at.elapsed() < Duration::from_millis(500) => {}
             Event::Connected => {
-                self.metrics
-                    .reconnects
-                    .with_label_values(&[ev.purpose.as_str()])
-                    .inc();
-                info!(
-                    connection = ev.purpose.as_str(),
-                    "broker connection recovered"
-                );
+                events::Reconnected {
+                    connection: ev.purpose.as_str(),
+                }
+                .emit(&self.metrics);
                 self.update_gauge();
                 self.notify(LinkEvent::LinkUp(ev.purpose));
             }
             Event::Error(e) => {
                 self.failed.insert(ev.purpose);
-                if !self.closing {
-                    warn!(connection = ev.purpose.as_str(), error = %e, "broker connection error");
+                events::LinkDown {
+                    connection: ev.purpose.as_str(),
+                    error: &e,
+                    closing: self.closing,
                 }
-                self.metrics.connection_up.set(0);
+                .emit(&self.metrics);
                 self.notify(LinkEvent::LinkDown(ev.purpose));
             }
             Event::ConnectionBlocked(reason) if ev.purpose == Purpose::Publish => {
-                warn!(%reason, "broker blocked publishing");
+                events::Blocked { reason: &reason }.emit(&self.metrics);
                 self.blocked = true;
-                self.metrics.broker_blocked.set(1);
                 self.notify(LinkEvent::Blocked(reason));
             }
             Event::ConnectionUnblocked if ev.purpose == Purpose::Publish => {
-                info!("broker unblocked publishing");
+                events::Unblocked { reset: false }.emit(&self.metrics);
                 self.blocked = false;
-                self.metrics.broker_blocked.set(0);
                 self.notify(LinkEvent::Unblocked);
             }
             _ => {}

@@ -42,7 +42,6 @@ pub mod dedup;
 pub mod depth;
 pub mod envelope;
 pub mod error;
-pub mod events;
 pub mod message;
 pub mod metrics;
 pub mod publisher;

@@ -34,8 +34,8 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(s: web::Data<HttpState>) -> HttpResponse {
-    let connected = s.metrics.connection_up.get() == 1;
-    let blocked = s.metrics.broker_blocked.get() == 1;
+    let connected = s.metrics.connected();
+    let blocked = s.metrics.broker_blocked();
     let stages: Vec<_> = s
         .probes
         .iter()

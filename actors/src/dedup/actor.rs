@@ -29,7 +29,7 @@
 //! the price is a credit held for at most one lease per such duplicate.
 
 use super::contract::{Claim, ClaimToken, CommitOutcome, DedupError, DedupStore, MissingId};
-use crate::events::{self, Event};
+use crate::metrics::events::{self, Event};
 use crate::metrics::Metrics;
 use actix::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,9 +1,6 @@
 //! Watermarks: high/low hysteresis of a queue's depth, and the share of the
 //! room below `high` each producer of the queue may take between samples.
 
-/// The pause cause used for watermarks (a `flowgate_stage_paused` label).
-pub const WATERMARK_CAUSE: &str = "watermark";
-
 /// High/low watermarks of a queue (ready messages).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Watermark {

@@ -320,15 +320,10 @@ async fn a_redelivered_event_reserves_and_charges_once() {
         "the order shipped"
     );
     // Let every copy finish: all three pass the ship stage.
-    let track = flow
-        .app
-        .engine()
-        .metrics()
-        .acked
-        .with_label_values(&["track"]);
+    let metrics = flow.app.engine().metrics().clone();
     assert!(
         eventually(Duration::from_secs(30), || {
-            let n = track.get();
+            let n = metrics.counter(flowgate::Metrics::ACKED, &["track"]);
             async move { n == 3 }
         })
         .await,
@@ -482,9 +477,7 @@ async fn a_throttled_payment_provider_makes_the_gateway_answer_503_and_accepted_
         flow.app
             .engine()
             .metrics()
-            .stage_paused
-            .with_label_values(&["reserve", "watermark"])
-            .get()
+            .gauge(flowgate::Metrics::STAGE_PAUSED, &["reserve", "watermark"])
             == 0,
         "reserve resumed once orders.reserved drained"
     );
