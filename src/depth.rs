@@ -6,9 +6,9 @@
 //! HTTP ingresses.
 
 use crate::config::{Config, StageConfig};
-use flowgate_actors::depth::{QueueLevels, Refusal, ScaleRange, WatchedQueue, Watermark};
-use flowgate_actors::metrics::events::{Event, IngressRefused};
 use flowgate_actors::Metrics;
+use flowgate_actors::{Event, IngressRefused};
+use flowgate_actors::{QueueLevels, Refusal, ScaleRange, WatchedQueue, Watermark};
 use std::sync::Arc;
 use tracing::debug;
 

@@ -7,8 +7,8 @@ use flowgate_testkit as common;
 
 use common::node::BrokerNode;
 use common::*;
-use flowgate::actors::Output;
 use flowgate::config::{Binding, Config, ExchangeConfig, ExchangeType, QueueConfig, QueueKind};
+use flowgate::Output;
 use flowgate::{Engine, EngineHandle, PublishOutcome};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -307,7 +307,7 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
     // spooled, and the breaker stays closed.
     let r = h.publish(msg(&prefix, "nowhere", "x")).await;
     assert!(
-        matches!(r, Err(flowgate::actors::Error::Unroutable { .. })),
+        matches!(r, Err(flowgate::RuntimeError::Unroutable { .. })),
         "{r:?}"
     );
     assert_eq!(

@@ -5,10 +5,10 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::{Delivery, Outcome};
 use flowgate::config::{Concurrency, Watermark};
+use flowgate::handler_fn;
 use flowgate::Engine;
+use flowgate::{Delivery, Outcome};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};

@@ -12,9 +12,9 @@ use flowgate_testkit as common;
 
 use common::proxy::Proxy;
 use common::*;
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::{Delivery, Outcome};
+use flowgate::handler_fn;
 use flowgate::Engine;
+use flowgate::{Delivery, Outcome};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,10 +3,10 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::Outcome;
 use flowgate::config::DedupMode;
+use flowgate::handler_fn;
 use flowgate::Engine;
+use flowgate::Outcome;
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};

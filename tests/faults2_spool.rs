@@ -4,10 +4,10 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldTable};
-use flowgate::actors::lapin::BasicProperties;
-use flowgate::actors::publisher::{Spool, SpoolRecord};
+use flowgate::lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldTable};
+use flowgate::lapin::BasicProperties;
 use flowgate::Engine;
+use flowgate_actors::{Spool, SpoolRecord};
 use std::time::Duration;
 
 /// A header of every field-table type the records carry.

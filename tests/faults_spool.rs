@@ -3,9 +3,9 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::lapin::BasicProperties;
-use flowgate::actors::publisher::{Spool, SpoolRecord};
+use flowgate::lapin::BasicProperties;
 use flowgate::Engine;
+use flowgate_actors::{Spool, SpoolRecord};
 use std::time::{Duration, Instant};
 
 #[actix_rt::test]

@@ -6,11 +6,11 @@ use flowgate_testkit as common;
 
 use common::node::BrokerNode;
 use common::*;
-use flowgate::actors::message::{handler_fn, Outcome, Output};
-use flowgate::actors::publisher::UNROUTABLE_QUEUE;
-use flowgate::actors::stage::REASON_HEADER;
 use flowgate::config::{Binding, QueueConfig, Target};
+use flowgate::envelope::REASON;
 use flowgate::Engine;
+use flowgate::{handler_fn, Outcome, Output};
+use flowgate_actors::UNROUTABLE_QUEUE;
 use std::collections::HashSet;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -63,7 +63,7 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
     // The bad stage's handler waits while the gate is shut.
     let (gate, gate_rx) = watch::channel(true);
     let out_ex = ex.clone();
-    let gated = handler_fn(move |d: flowgate::actors::Delivery| {
+    let gated = handler_fn(move |d: flowgate::Delivery| {
         let mut rx = gate_rx.clone();
         let ex = out_ex.clone();
         async move {
@@ -210,7 +210,7 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
     let mut ids = HashSet::new();
     for (id, headers) in &letters {
         assert_eq!(
-            header(headers, REASON_HEADER).as_deref(),
+            header(headers, REASON).as_deref(),
             Some("unroutable"),
             "{id}"
         );
@@ -279,7 +279,7 @@ async fn returns_are_matched_to_their_own_publish() {
                 good_ok.insert(id);
             }
             (true, Err(e)) => panic!("{id}: a routable publish failed: {e}"),
-            (false, Err(flowgate::actors::Error::Unroutable { .. })) => {
+            (false, Err(flowgate::RuntimeError::Unroutable { .. })) => {
                 bad_returned.insert(id);
             }
             (false, Ok(_)) => {} // its return went to another confirm

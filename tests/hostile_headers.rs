@@ -4,10 +4,10 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::{Delivery, Outcome, Output};
 use flowgate::config::PayloadKind;
+use flowgate::handler_fn;
 use flowgate::Engine;
+use flowgate::{Delivery, Outcome, Output};
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 use std::collections::HashSet;

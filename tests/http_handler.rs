@@ -2,9 +2,9 @@
 //! `examples/python-worker` (started by each test on a port of its own):
 //! `forward → http(python) → sink`.
 
-use flowgate::actors::envelope;
-use flowgate::actors::message::header_int;
 use flowgate::config::{HttpStageConfig, RetryConfig};
+use flowgate::envelope;
+use flowgate::envelope::header_int;
 use flowgate::{Config, Engine, EngineHandle};
 use flowgate_testkit::*;
 use serde_json::{json, Value};

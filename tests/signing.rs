@@ -11,12 +11,12 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::lapin::options::{BasicAckOptions, BasicGetOptions};
-use flowgate::actors::lapin::BasicProperties;
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::{Outcome, Output};
 use flowgate::config::{Config, VerifyMode};
+use flowgate::handler_fn;
+use flowgate::lapin::options::{BasicAckOptions, BasicGetOptions};
+use flowgate::lapin::BasicProperties;
 use flowgate::{Engine, EngineHandle, PublishOutcome};
+use flowgate::{Outcome, Output};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::time::Duration;
@@ -436,7 +436,7 @@ async fn retried_copies_verify_when_they_come_back() {
             handler_fn(move |d| {
                 let ex = ex2.clone();
                 async move {
-                    if d.header(flowgate::actors::retry::ATTEMPT_HEADER).is_none() {
+                    if d.header(flowgate::envelope::ATTEMPT).is_none() {
                         return Ok(Outcome::retry("first attempt fails"));
                     }
                     Ok(Outcome::ack_with(vec![d.forward(&ex, "hop1")]))

@@ -5,9 +5,9 @@
 pub(crate) mod ingress;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
-use flowgate_actors::publisher::PublisherHandle;
-use flowgate_actors::stage::StageProbe;
 use flowgate_actors::Metrics;
+use flowgate_actors::PublisherHandle;
+use flowgate_actors::StageProbe;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -38,7 +38,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// How often an unavailable store is pinged.
-pub const PING_INTERVAL: Duration = Duration::from_millis(250);
+pub(crate) const PING_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Longest pause between two claims of a key someone else holds.
 const IN_PROGRESS_BACKOFF_MAX: Duration = Duration::from_millis(500);

@@ -37,14 +37,16 @@
 //! is drained and most workers idle, at most once per `cooldown`. Every
 //! decision is logged with its reason.
 
-pub mod admission;
-pub mod autoscale;
-pub mod sampler;
-pub mod watermark;
+pub(crate) mod admission;
+pub(crate) mod autoscale;
+pub(crate) mod sampler;
+pub(crate) mod watermark;
 
 pub use admission::{QueueLevels, Refusal};
-pub use autoscale::{scale_decision, ScaleDecision, ScaleRange, StageSample};
-pub use watermark::{above_watermark, share, Watermark};
+pub use autoscale::ScaleRange;
+pub(crate) use autoscale::{scale_decision, StageSample};
+pub use watermark::Watermark;
+pub(crate) use watermark::{above_watermark, share};
 
 use crate::connection::ConnectionActor;
 use crate::metrics::events::{self, Event, PauseCause};

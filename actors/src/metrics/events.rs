@@ -23,7 +23,7 @@ pub trait Event {
 }
 
 /// A stage took a delivery from its queue.
-pub struct Consumed<'a> {
+pub(crate) struct Consumed<'a> {
     /// The stage.
     pub stage: &'a str,
 }
@@ -35,7 +35,7 @@ impl Event for Consumed<'_> {
 }
 
 /// A delivery was acked (after its outputs were confirmed).
-pub struct Acked<'a> {
+pub(crate) struct Acked<'a> {
     /// The stage.
     pub stage: &'a str,
 }
@@ -47,7 +47,7 @@ impl Event for Acked<'_> {
 }
 
 /// An ack, reject or nack could not be sent: the broker will redeliver.
-pub struct AckFailed<'a> {
+pub(crate) struct AckFailed<'a> {
     /// The stage.
     pub stage: &'a str,
     /// Why (the channel closed, an I/O error).
@@ -63,7 +63,7 @@ impl Event for AckFailed<'_> {
 
 /// A delivery was dead-lettered (published to the stage's DLX, or rejected
 /// when there is none).
-pub struct DeadLettered<'a> {
+pub(crate) struct DeadLettered<'a> {
     /// The stage.
     pub stage: &'a str,
     /// Why: the metric label.
@@ -90,7 +90,7 @@ impl Event for DeadLettered<'_> {
 }
 
 /// A delivery's signature was missing or wrong.
-pub struct SignatureFailed<'a> {
+pub(crate) struct SignatureFailed<'a> {
     /// The stage.
     pub stage: &'a str,
     /// Why.
@@ -111,7 +111,7 @@ impl Event for SignatureFailed<'_> {
 }
 
 /// A copy of a failed delivery went to a retry tier.
-pub struct Retried<'a> {
+pub(crate) struct Retried<'a> {
     /// The stage.
     pub stage: &'a str,
     /// The tier queue.
@@ -135,7 +135,7 @@ impl Event for Retried<'_> {
 }
 
 /// A stage's publish failed transiently and will be retried.
-pub struct PublishRetried<'a> {
+pub(crate) struct PublishRetried<'a> {
     /// The stage.
     pub stage: &'a str,
     /// Why it failed.
@@ -150,7 +150,7 @@ impl Event for PublishRetried<'_> {
 }
 
 /// A handler ran; its duration is observed.
-pub struct Handled<'a> {
+pub(crate) struct Handled<'a> {
     /// The stage.
     pub stage: &'a str,
     /// How long it ran.
@@ -166,7 +166,7 @@ impl Event for Handled<'_> {
 }
 
 /// A delivery's dedup key was already done: acked without handling.
-pub struct DedupHit<'a> {
+pub(crate) struct DedupHit<'a> {
     /// The stage.
     pub stage: &'a str,
     /// The key.
@@ -185,7 +185,7 @@ impl Event for DedupHit<'_> {
 }
 
 /// A commit came after the claim's lease had expired.
-pub struct DedupLeaseLost<'a> {
+pub(crate) struct DedupLeaseLost<'a> {
     /// The stage.
     pub stage: &'a str,
     /// The key.
@@ -204,7 +204,7 @@ impl Event for DedupLeaseLost<'_> {
 }
 
 /// A dedup store call failed: the stage waits for the store.
-pub struct DedupStoreFailed<'a> {
+pub(crate) struct DedupStoreFailed<'a> {
     /// The stage.
     pub stage: &'a str,
     /// Which call (`claim`, `commit`, `release`).
@@ -221,7 +221,7 @@ impl Event for DedupStoreFailed<'_> {
 }
 
 /// A dedup backend's availability changed (or is first reported, up).
-pub struct DedupAvailability<'a> {
+pub(crate) struct DedupAvailability<'a> {
     /// The backend (`memory`, `redis`).
     pub backend: &'a str,
     /// True: it answers again; false: stages wait for it.
@@ -256,7 +256,7 @@ impl Event for DedupAvailability<'_> {
 /// How a publish attempt ended: the `result` label of
 /// `flowgate_publish_total`.
 #[derive(Clone, Copy, Debug)]
-pub enum PublishResult<'a> {
+pub(crate) enum PublishResult<'a> {
     /// The broker confirmed it.
     Confirmed,
     /// The breaker was open: it is durable in the spool.
@@ -271,7 +271,7 @@ pub enum PublishResult<'a> {
 
 impl PublishResult<'_> {
     /// Every label value, in the README's order.
-    pub const LABELS: [&'static str; 16] = [
+    pub(crate) const LABELS: [&'static str; 16] = [
         "confirmed",
         "spooled",
         "spool_full",
@@ -291,7 +291,7 @@ impl PublishResult<'_> {
     ];
 
     /// The label value.
-    pub fn as_str(&self) -> &'static str {
+    pub(crate) fn as_str(&self) -> &'static str {
         let i = match self {
             PublishResult::Confirmed => 0,
             PublishResult::Spooled => 1,
@@ -349,7 +349,7 @@ impl Display for PauseCause {
 /// Which way autoscaling moved: the `direction` label of
 /// `flowgate_stage_scaling_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ScaleDirection {
+pub(crate) enum ScaleDirection {
     /// More workers.
     Up,
     /// Fewer workers.
@@ -358,10 +358,10 @@ pub enum ScaleDirection {
 
 impl ScaleDirection {
     /// Both directions.
-    pub const ALL: [ScaleDirection; 2] = [ScaleDirection::Up, ScaleDirection::Down];
+    pub(crate) const ALL: [ScaleDirection; 2] = [ScaleDirection::Up, ScaleDirection::Down];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ScaleDirection::Up => "up",
             ScaleDirection::Down => "down",
@@ -372,7 +372,7 @@ impl ScaleDirection {
 // ---- publisher -----------------------------------------------------------
 
 /// A publish attempt ended (live or replayed; once per attempt).
-pub struct PublishFinished<'a> {
+pub(crate) struct PublishFinished<'a> {
     /// How.
     pub result: PublishResult<'a>,
 }
@@ -388,7 +388,7 @@ impl Event for PublishFinished<'_> {
 
 /// What the publisher was doing with its spool when the store failed.
 #[derive(Clone, Copy, Debug)]
-pub enum SpoolOp {
+pub(crate) enum SpoolOp {
     /// Appending a record.
     Append,
     /// Reading the next records to replay.
@@ -398,7 +398,7 @@ pub enum SpoolOp {
 }
 
 /// The spool's store failed (counted as `flowgate_publish_total{result="store_error"}`).
-pub struct SpoolFailed<'a> {
+pub(crate) struct SpoolFailed<'a> {
     /// What the publisher was doing.
     pub op: SpoolOp,
     /// Why.
@@ -422,7 +422,7 @@ impl Event for SpoolFailed<'_> {
 }
 
 /// The number of callers waiting to publish changed.
-pub struct PublishWaiters {
+pub(crate) struct PublishWaiters {
     /// Waiting for a token, an unblock or window room.
     pub waiting: usize,
 }
@@ -434,7 +434,7 @@ impl Event for PublishWaiters {
 }
 
 /// The unconfirmed window's occupancy changed.
-pub struct PublishWindow {
+pub(crate) struct PublishWindow {
     /// Publishes awaiting a confirm.
     pub unconfirmed: usize,
 }
@@ -446,7 +446,7 @@ impl Event for PublishWindow {
 }
 
 /// The breaker was consulted; its state now.
-pub struct BreakerChecked {
+pub(crate) struct BreakerChecked {
     /// 0 closed, 1 open, 2 half-open (the breaker's `as_gauge`).
     pub state: i64,
 }
@@ -458,7 +458,7 @@ impl Event for BreakerChecked {
 }
 
 /// The breaker changed state.
-pub struct BreakerTransitioned {
+pub(crate) struct BreakerTransitioned {
     /// The state left (the breaker's `as_str`).
     pub from: &'static str,
     /// The state entered: the `to` label.
@@ -483,7 +483,7 @@ impl Event for BreakerTransitioned {
 }
 
 /// The spool's size changed.
-pub struct SpoolLevel {
+pub(crate) struct SpoolLevel {
     /// Records in it.
     pub records: u64,
     /// Their encoded bytes.
@@ -498,7 +498,7 @@ impl Event for SpoolLevel {
 }
 
 /// A spooled record was replayed and confirmed.
-pub struct SpoolReplayed;
+pub(crate) struct SpoolReplayed;
 
 impl Event for SpoolReplayed {
     fn emit(self, m: &Metrics) {
@@ -507,7 +507,7 @@ impl Event for SpoolReplayed {
 }
 
 /// A spooled record did not decode and was moved to the quarantine table.
-pub struct SpoolQuarantined<'a> {
+pub(crate) struct SpoolQuarantined<'a> {
     /// Its sequence number.
     pub seq: u64,
     /// Its encoded size.
@@ -529,7 +529,7 @@ impl Event for SpoolQuarantined<'_> {
 }
 
 /// Where an unroutable message was.
-pub struct Unroutable<'a> {
+pub(crate) struct Unroutable<'a> {
     /// Its exchange.
     pub exchange: &'a str,
     /// Its routing key.
@@ -542,7 +542,7 @@ pub struct Unroutable<'a> {
 
 /// An unroutable message (returned live, or on replay) was moved to the
 /// unroutable queue: dead-lettered by stage `publisher`, reason `unroutable`.
-pub struct UnroutableDeadLettered<'a> {
+pub(crate) struct UnroutableDeadLettered<'a> {
     /// The stage label (the publisher's).
     pub stage: &'a str,
     /// The message.
@@ -565,7 +565,7 @@ impl Event for UnroutableDeadLettered<'_> {
 }
 
 /// A returned message could not be moved to the unroutable queue: it is lost.
-pub struct UnroutableDropped<'a> {
+pub(crate) struct UnroutableDropped<'a> {
     /// The message.
     pub message: Unroutable<'a>,
     /// Why the move failed.
@@ -589,7 +589,7 @@ impl Event for UnroutableDropped<'_> {
 // ---- connection ----------------------------------------------------------
 
 /// Whether both broker connections are up, re-checked.
-pub struct LinkState {
+pub(crate) struct LinkState {
     /// True when both are connected.
     pub up: bool,
 }
@@ -601,7 +601,7 @@ impl Event for LinkState {
 }
 
 /// A broker connection failed.
-pub struct LinkDown<'a> {
+pub(crate) struct LinkDown<'a> {
     /// Which (`consume`, `publish`: the connection's `as_str`).
     pub connection: &'static str,
     /// Why.
@@ -620,7 +620,7 @@ impl Event for LinkDown<'_> {
 }
 
 /// A broker connection recovered after a loss.
-pub struct Reconnected {
+pub(crate) struct Reconnected {
     /// Which (`consume`, `publish`): the `connection` label.
     pub connection: &'static str,
 }
@@ -633,7 +633,7 @@ impl Event for Reconnected {
 }
 
 /// The broker blocked the publishing connection (a resource alarm).
-pub struct Blocked<'a> {
+pub(crate) struct Blocked<'a> {
     /// The broker's reason.
     pub reason: &'a str,
 }
@@ -647,7 +647,7 @@ impl Event for Blocked<'_> {
 
 /// The broker unblocked the publishing connection, or the connection that
 /// was blocked is gone (`restarting`).
-pub struct Unblocked {
+pub(crate) struct Unblocked {
     /// True when the connection was dropped rather than unblocked (not logged).
     pub reset: bool,
 }
@@ -664,7 +664,7 @@ impl Event for Unblocked {
 // ---- supervision ---------------------------------------------------------
 
 /// A supervisor restarted an actor.
-pub struct Restarted<'a> {
+pub(crate) struct Restarted<'a> {
     /// The actor (`connection`, `publisher`, `stage:<name>`).
     pub actor: &'a str,
 }
@@ -676,7 +676,7 @@ impl Event for Restarted<'_> {
 }
 
 /// An actor spent its restart budget: escalating.
-pub struct Escalated<'a> {
+pub(crate) struct Escalated<'a> {
     /// The actor.
     pub actor: &'a str,
 }
@@ -691,7 +691,7 @@ impl Event for Escalated<'_> {
 // ---- stages and depth ----------------------------------------------------
 
 /// A stage's deliveries in flight changed.
-pub struct InFlight<'a> {
+pub(crate) struct InFlight<'a> {
     /// The stage.
     pub stage: &'a str,
     /// Deliveries holding a credit now.
@@ -707,7 +707,7 @@ impl Event for InFlight<'_> {
 }
 
 /// A stage's intake was paused or resumed for a cause.
-pub struct Paused<'a> {
+pub(crate) struct Paused<'a> {
     /// The stage.
     pub stage: &'a str,
     /// Why.
@@ -730,7 +730,7 @@ impl Event for Paused<'_> {
 }
 
 /// A stage runs this many handler workers now.
-pub struct WorkersSet<'a> {
+pub(crate) struct WorkersSet<'a> {
     /// The stage.
     pub stage: &'a str,
     /// Workers.
@@ -746,7 +746,7 @@ impl Event for WorkersSet<'_> {
 }
 
 /// Autoscaling changed a stage's worker count.
-pub struct Scaled<'a> {
+pub(crate) struct Scaled<'a> {
     /// The stage.
     pub stage: &'a str,
     /// Workers before.
@@ -772,7 +772,7 @@ impl Event for Scaled<'_> {
 }
 
 /// The depth monitor sampled a queue.
-pub struct QueueSampled<'a> {
+pub(crate) struct QueueSampled<'a> {
     /// The queue.
     pub queue: &'a str,
     /// Ready messages.

@@ -10,7 +10,7 @@
 //! bumps them only through the typed [`events`]; hosts and tests read them
 //! with [`Metrics::counter`], [`Metrics::gauge`] or the rendered text.
 
-pub mod events;
+pub(crate) mod events;
 
 use crate::envelope::Reason;
 use events::{PauseCause, PublishResult, ScaleDirection};

@@ -47,13 +47,14 @@
 //! spool replays are not held back behind it: order is kept among spooled
 //! records, not between spooled and live ones.
 
-pub mod breaker;
-pub mod bucket;
-pub mod spool;
+pub(crate) mod breaker;
+pub(crate) mod bucket;
+pub(crate) mod spool;
 
-pub use breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker, Transition};
-pub use bucket::{TokenBucket, TokioClock, TokioInstant};
-pub use spool::{Spool, SpoolError, SpoolRecord};
+pub use breaker::BreakerConfig;
+pub(crate) use breaker::{Admission, BreakerState, CircuitBreaker, Transition};
+pub(crate) use bucket::TokenBucket;
+pub use spool::{Spool, SpoolRecord};
 
 use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscribe};
 use crate::credit::{Credit, Credits};

@@ -18,7 +18,7 @@ use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscr
 use crate::credit::Credits;
 use crate::error::{Error, Result};
 use crate::message::Handler;
-pub use crate::metrics::events::PauseCause;
+pub(crate) use crate::metrics::events::PauseCause;
 use crate::metrics::events::{self, Event};
 use crate::metrics::Metrics;
 use crate::publisher::PublisherHandle;
@@ -34,8 +34,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
-
-pub use process::{ATTEMPTS_HEADER, DEAD_LETTER_HEADERS, MAX_ERROR_HEADER_BYTES, REASON_HEADER};
 
 /// Everything a stage needs to know about itself.
 #[derive(Clone)]

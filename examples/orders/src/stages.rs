@@ -11,14 +11,14 @@ use super::ledger::Reservation;
 use super::model::{Order, ORDER_PAID, ORDER_RESERVED, ORDER_SHIPPED};
 use super::status::OrderStatus;
 use super::OrdersService;
-use flowgate::actors::trace;
 use flowgate::config::Target;
+use flowgate::trace;
 use flowgate::{Delivery, Handler, HandlerError, Outcome, Output};
 use std::sync::Arc;
 use tracing::{debug, warn};
 
 /// The header carrying a dead letter's reason.
-pub const REASON_HEADER: &str = flowgate::actors::envelope::REASON;
+pub const REASON_HEADER: &str = flowgate::envelope::REASON;
 
 /// Dead-letter reason of an order whose stock ran out.
 pub const OUT_OF_STOCK: &str = "out-of-stock";
@@ -220,8 +220,8 @@ fn failure_reason(d: &Delivery) -> Option<String> {
         return Some(r);
     }
     let headers = d.properties.headers().as_ref()?;
-    headers.inner().get(flowgate::actors::envelope::X_DEATH)?;
-    let reason = flowgate::actors::envelope::newest_death(headers).and_then(|death| death.reason);
+    headers.inner().get(flowgate::envelope::X_DEATH)?;
+    let reason = flowgate::envelope::newest_death(headers).and_then(|death| death.reason);
     Some(reason.unwrap_or_else(|| "dead-lettered".into()))
 }
 

@@ -1,9 +1,9 @@
 //! The order pipeline over HTTP against the real broker (issue 5,
 //! acceptance 1, 2 and 4).
 
-use flowgate::actors::lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
-use flowgate::actors::lapin::types::FieldTable;
 use flowgate::config::Watermark;
+use flowgate::lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use flowgate::lapin::types::FieldTable;
 use flowgate_orders::{self as orders, FlowConfig, OrdersApp};
 use flowgate_testkit::*;
 use serde_json::{json, Value};

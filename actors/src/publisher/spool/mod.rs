@@ -47,7 +47,7 @@ use crate::metrics::events::{Event, SpoolQuarantined};
 use crate::metrics::Metrics;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-pub mod format;
+pub(crate) mod format;
 
 /// Table holding the spooled records, keyed by sequence number.
 const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
