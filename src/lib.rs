@@ -72,9 +72,6 @@ pub use engine::{
     Engine, EngineBuilder, EngineHandle, PublishOutcome, ShutdownReport, StartError, StopReason,
     Stopped,
 };
-pub use flowgate_actors::{
-    handler_fn, Delivery, Handler, HandlerError, MetricDesc, Metrics, Outcome, Output,
-};
 /// The message envelope: every `x-flowgate-*` header name, the dead-letter
 /// [`Reason`](envelope::Reason)s, `x-death` reading, header readers
 /// ([`header_string`](envelope::header_string),
@@ -86,6 +83,9 @@ pub use flowgate_actors::lapin;
 pub use flowgate_actors::trace;
 /// What went wrong inside the actor runtime (a publish, the broker link).
 pub use flowgate_actors::Error as RuntimeError;
+pub use flowgate_actors::{
+    handler_fn, Delivery, Handler, HandlerError, MetricDesc, Metrics, Outcome, Output,
+};
 pub use handlers::{FactoryError, HandlerFactory};
 pub use ingress::{Accepted, Ingress, IngressError};
 

@@ -68,6 +68,7 @@ pub use metrics::{Kind, MetricDesc, Metrics};
 pub use connection::{
     redact_url, Close, ConnectionActor, ConnectionConfig, GetStatus, OpenChannel, Purpose,
 };
+pub use dedup::{Claim, ClaimToken, Claimed, CommitOutcome, DedupError};
 pub use dedup::{
     DedupActor, DedupHandle, DedupSettings, DedupStore, MemoryStore, MissingId, RedisStore,
     RedisStoreConfig, DEFAULT_DONE_TTL as DEDUP_DONE_TTL, DEFAULT_LEASE as DEDUP_LEASE,
@@ -79,7 +80,7 @@ pub use depth::{
 pub use message::{set_header, try_set_header};
 pub use publisher::{
     BreakerConfig, Published, PublisherActor, PublisherConfig, PublisherHandle, Spool, SpoolConfig,
-    SpoolRecord, UNROUTABLE_QUEUE,
+    SpoolError, SpoolRecord, UNROUTABLE_QUEUE,
 };
 pub use retry::RetryPolicy;
 pub use signing::{Keys, SigningKey, Verifier, VerifyMode};

@@ -1,5 +1,5 @@
 //! HMAC-SHA256 message signing: every publish carries
-//! [`SIGNATURE_HEADER`], and stages verify it before anything else
+//! [`envelope::SIGNATURE`](crate::envelope::SIGNATURE), and stages verify it before anything else
 //! touches the message.
 //!
 //! # The canonical form
@@ -170,7 +170,7 @@ impl Keys {
         }
     }
 
-    /// Sets [`SIGNATURE_HEADER`] on `props` for a publish with
+    /// Sets [`envelope::SIGNATURE`](crate::envelope::SIGNATURE) on `props` for a publish with
     /// `routing_key`, replacing any signature already there.
     pub fn sign_properties(
         &self,

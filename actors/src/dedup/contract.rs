@@ -116,7 +116,7 @@ pub enum MissingId {
     /// Derive the key from a SHA-256 of the routing key and body.
     #[default]
     Hash,
-    /// Refuse to derive a key ([`MissingIdRejected`]).
+    /// Refuse to derive a key (the stage dead-letters it `missing-id`).
     Reject,
 }
 

@@ -19,8 +19,10 @@ pub(crate) mod redis;
 pub(crate) mod store;
 
 pub use self::redis::{RedisStore, RedisStoreConfig};
-pub(crate) use actor::Claimed;
-pub use actor::{DedupActor, DedupHandle, DedupSettings};
-pub(crate) use contract::{key_for, ClaimToken, CommitOutcome};
-pub use contract::{DedupStore, MissingId, DEFAULT_DONE_TTL, DEFAULT_LEASE};
+pub use actor::{Claimed, DedupActor, DedupHandle, DedupSettings};
+pub(crate) use contract::key_for;
+pub use contract::{
+    Claim, ClaimToken, CommitOutcome, DedupError, DedupStore, MissingId, DEFAULT_DONE_TTL,
+    DEFAULT_LEASE,
+};
 pub use memory::MemoryStore;

@@ -18,7 +18,7 @@
 //!    [`Error::Backpressure`]).
 //!
 //! With [`PublisherConfig::signing`] set, each message is signed (header
-//! `x-flowgate-signature`, see [`crate::signing`]) in the one place that
+//! `x-flowgate-signature`, see [`Keys`](crate::Keys)) in the one place that
 //! calls `basic.publish`, right before it: spooled records are stored
 //! unsigned and signed when they are replayed.
 //!
@@ -54,7 +54,7 @@ pub(crate) mod spool;
 pub use breaker::BreakerConfig;
 pub(crate) use breaker::{Admission, BreakerState, CircuitBreaker, Transition};
 pub(crate) use bucket::TokenBucket;
-pub use spool::{Spool, SpoolRecord};
+pub use spool::{Spool, SpoolError, SpoolRecord};
 
 use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscribe};
 use crate::credit::{Credit, Credits};
@@ -129,7 +129,7 @@ pub struct PublisherConfig {
     /// Restart backoff and budget.
     pub policy: RestartPolicy,
     /// Signs every publish (header `x-flowgate-signature`, see
-    /// [`crate::signing`]) just before it is sent, spool replays included;
+    /// [`Keys`](crate::Keys)) just before it is sent, spool replays included;
     /// `None`: messages go out as they are.
     pub signing: Option<Keys>,
     /// Publish every message persistent (`delivery_mode = 2`) whatever it

@@ -63,7 +63,7 @@ pub struct StageSpec {
     /// Larger bodies are dead-lettered as `oversized` before the handler runs.
     pub max_message_bytes: Option<usize>,
     /// HMAC signature verification of every delivery (see
-    /// [`crate::signing`]); `None`: off.
+    /// [`Keys`](crate::Keys)); `None`: off.
     pub signature: Option<crate::signing::Verifier>,
 }
 

@@ -153,7 +153,7 @@ struct Inner {
 
 /// A durable, bounded FIFO spool of outgoing publishes backed by one redb
 /// file. Cheap to clone (an `Arc` inside); all clones share the same
-/// database. See the [module docs](self) for the blocking caveat.
+/// database. See the module docs for the blocking caveat.
 #[derive(Clone)]
 pub struct Spool {
     /// Shared state; the database is closed when the last clone drops.
@@ -233,7 +233,7 @@ impl Spool {
     }
 
     /// Every later move of an undecodable record to the quarantine table
-    /// is reported to `metrics` (one [`SpoolQuarantined`] per record). Only
+    /// is reported to `metrics` (one `SpoolQuarantined` event per record). Only
     /// the first call has effect.
     pub fn count_quarantined_in(&self, metrics: Metrics) {
         let _ = self.inner.quarantined.set(metrics);
