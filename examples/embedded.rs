@@ -7,9 +7,9 @@
 //!
 //! Run: `cargo run --example embedded` (needs RabbitMQ on 127.0.0.1:5672).
 
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::{Delivery, HandlerError, Outcome, Output};
+use flowgate::handler_fn;
 use flowgate::{Config, Engine};
+use flowgate::{Delivery, HandlerError, Outcome, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -112,7 +112,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Removes what the example declared.
 async fn delete_topology(cfg: &Config) -> anyhow::Result<()> {
-    use flowgate::actors::lapin::{Connection, ConnectionProperties};
+    use flowgate::lapin::{Connection, ConnectionProperties};
     let conn = Connection::connect(&cfg.amqp.url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     flowgate::topology::delete(&ch, cfg).await?;

@@ -6,8 +6,9 @@
 //! HTTP ingresses.
 
 use crate::config::{Config, StageConfig};
-use flowgate_actors::depth::{QueueLevels, Refusal, ScaleRange, WatchedQueue, Watermark};
 use flowgate_actors::Metrics;
+use flowgate_actors::{Event, IngressRefused};
+use flowgate_actors::{QueueLevels, Refusal, ScaleRange, WatchedQueue, Watermark};
 use std::sync::Arc;
 use tracing::debug;
 
@@ -107,11 +108,13 @@ impl IngressGate {
         self.levels
             .admit(queues.iter().map(String::as_str))
             .inspect_err(|r: &Refusal| {
-                debug!(exchange, routing_key, reason = %r, "ingress refused by a watermark");
-                self.metrics
-                    .ingress_refused
-                    .with_label_values(&[r.queue()])
-                    .inc();
+                IngressRefused {
+                    queue: r.queue(),
+                    exchange,
+                    routing_key,
+                    reason: r,
+                }
+                .emit(&self.metrics)
             })
             .map_err(Denied::Watermark)
     }

@@ -16,7 +16,7 @@
 
 use crate::config::Config;
 use flowgate_actors::envelope::{self, newest_death};
-use flowgate_actors::message::{header_int, header_string};
+use flowgate_actors::envelope::{header_int, header_string};
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions, QueuePurgeOptions,

@@ -7,21 +7,19 @@ use crate::handlers::{self, FactoryError, HandlerFactory};
 use crate::http::{self, HttpState};
 use crate::ingress::Ingress;
 use actix::prelude::*;
-use flowgate_actors::connection::{
-    Close, ConnectionActor, ConnectionConfig, GetStatus, OpenChannel, Purpose,
-};
-use flowgate_actors::dedup::store::RedisStoreConfig;
-use flowgate_actors::dedup::{
-    DedupActor, DedupHandle, DedupSettings, DedupStore, MemoryStore, MissingId, RedisStore,
-};
-use flowgate_actors::depth::{DepthMonitorActor, DepthMonitorConfig, WatchedStage};
-use flowgate_actors::publisher::{
+use flowgate_actors::Escalation;
+use flowgate_actors::RedisStoreConfig;
+use flowgate_actors::{
     BreakerConfig, Published, PublisherActor, PublisherConfig, PublisherHandle, SpoolConfig,
 };
-use flowgate_actors::signing::{Keys, Verifier, VerifyMode as SigMode};
-use flowgate_actors::stage::{Drain, DrainReport, StageActor, StageProbe, StageSpec};
-use flowgate_actors::supervision::Escalation;
+use flowgate_actors::{Close, ConnectionActor, ConnectionConfig, GetStatus, OpenChannel, Purpose};
+use flowgate_actors::{
+    DedupActor, DedupHandle, DedupSettings, DedupStore, MemoryStore, MissingId, RedisStore,
+};
+use flowgate_actors::{DepthMonitorActor, DepthMonitorConfig, WatchedStage};
+use flowgate_actors::{Drain, DrainReport, StageActor, StageProbe, StageSpec};
 use flowgate_actors::{Handler, Metrics, Output, Payload};
+use flowgate_actors::{Keys, Verifier, VerifyMode as SigMode};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,7 +76,7 @@ pub enum PublishOutcome {
 ///
 /// ```no_run
 /// use flowgate::{Config, Engine};
-/// use flowgate::actors::{handler_fn, Outcome};
+/// use flowgate::{handler_fn, Outcome};
 ///
 /// # fn main() -> anyhow::Result<()> {
 /// flowgate::run_system(async {
@@ -337,7 +335,7 @@ impl Engine {
             Err(_) => {
                 return Err(StartError::ConnectTimeout {
                     wait,
-                    url: flowgate_actors::connection::redact_url(&config.amqp.url),
+                    url: flowgate_actors::redact_url(&config.amqp.url),
                 });
             }
         };
@@ -735,7 +733,7 @@ impl EngineHandle {
         if let Some(h) = &self.0.http {
             h.stop(true).await;
         }
-        let _ = self.0.depth.send(flowgate_actors::depth::Stop).await;
+        let _ = self.0.depth.send(flowgate_actors::StopSampling).await;
         let _ = self.0.conn.send(Close).await;
         let clean = flushed && reports.iter().all(|r| r.drained);
         info!(clean, "shutdown complete");

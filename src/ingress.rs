@@ -11,9 +11,9 @@
 use crate::depth::{Denied, IngressGate};
 use actix_web::http::{header, StatusCode};
 use actix_web::HttpResponse;
-use flowgate_actors::depth::{QueueLevels, Refusal};
-use flowgate_actors::publisher::{Published, PublisherHandle};
 use flowgate_actors::Output;
+use flowgate_actors::{Published, PublisherHandle};
+use flowgate_actors::{QueueLevels, Refusal};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;

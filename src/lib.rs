@@ -22,7 +22,13 @@
 //! * [`topology`] — declares and deletes exchanges, queues, bindings,
 //!   dead-letter plumbing.
 //! * [`dlq`] — dead-letter queue tools: stats, replay, purge.
-//! * [`actors`] — the actor runtime (re-exported `flowgate-actors`).
+//! * [`envelope`], [`trace`], [`lapin`] — the message envelope (header
+//!   names, dead-letter reasons, header readers), trace context helpers and
+//!   the AMQP client, for handlers; [`RuntimeError`] — the runtime's error;
+//!   [`Metrics`] — the engine's collectors, read by [`MetricDesc`].
+//!
+//! The actor runtime itself is the `flowgate-actors` crate; the engine
+//! assembles it, and hosts need none of its internals.
 //!
 //! The worked example, an order pipeline with an HTTP gateway, is its own
 //! package on this public API (`examples/orders`).
@@ -66,8 +72,20 @@ pub use engine::{
     Engine, EngineBuilder, EngineHandle, PublishOutcome, ShutdownReport, StartError, StopReason,
     Stopped,
 };
-pub use flowgate_actors as actors;
-pub use flowgate_actors::{handler_fn, Delivery, Handler, HandlerError, Outcome, Output};
+/// The message envelope: every `x-flowgate-*` header name, the dead-letter
+/// [`Reason`](envelope::Reason)s, `x-death` reading, header readers
+/// ([`header_string`](envelope::header_string),
+/// [`header_int`](envelope::header_int)).
+pub use flowgate_actors::envelope;
+/// The AMQP client flowgate uses, for properties and field tables.
+pub use flowgate_actors::lapin;
+/// W3C `traceparent` helpers (new, child of, read, set).
+pub use flowgate_actors::trace;
+/// What went wrong inside the actor runtime (a publish, the broker link).
+pub use flowgate_actors::Error as RuntimeError;
+pub use flowgate_actors::{
+    handler_fn, Delivery, Handler, HandlerError, MetricDesc, Metrics, Outcome, Output,
+};
 pub use handlers::{FactoryError, HandlerFactory};
 pub use ingress::{Accepted, Ingress, IngressError};
 

@@ -17,7 +17,7 @@
 //! head-of-queue expiry never holds a message back behind a longer one.
 
 use crate::config::{Config, ExchangeType, QueueConfig, QueueKind};
-use flowgate_actors::retry::RetryPolicy;
+use flowgate_actors::RetryPolicy;
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,

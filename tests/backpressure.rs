@@ -7,8 +7,8 @@ use flowgate_testkit as common;
 
 use common::node::BrokerNode;
 use common::*;
-use flowgate::actors::Output;
 use flowgate::config::{Binding, Config, ExchangeConfig, ExchangeType, QueueConfig, QueueKind};
+use flowgate::Output;
 use flowgate::{Engine, EngineHandle, PublishOutcome};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -204,7 +204,7 @@ async fn memory_alarm_pauses_then_spools_and_replays_exactly_once() {
     };
     assert!(
         eventually(Duration::from_secs(15), || async {
-            m.broker_blocked.get() == 1
+            m.gauge(flowgate::Metrics::BROKER_BLOCKED, &[]) == 1
         })
         .await,
         "broker blocks publishing"
@@ -221,23 +221,24 @@ async fn memory_alarm_pauses_then_spools_and_replays_exactly_once() {
     // Publishing pauses: callers wait at the gate.
     assert!(
         eventually(Duration::from_secs(2), || async {
-            m.publish_waiters.get() as usize == N
+            m.gauge(flowgate::Metrics::PUBLISH_WAITERS, &[]) as usize == N
         })
         .await,
         "publishes wait while the broker is blocked ({} waiting)",
-        m.publish_waiters.get()
+        m.gauge(flowgate::Metrics::PUBLISH_WAITERS, &[])
     );
     // After blocked_timeout the breaker opens and publishes spool.
     assert!(
         eventually(Duration::from_secs(15), || async {
-            m.breaker_state.get() == 1 && m.spool_messages.get() as usize == N
+            m.gauge(flowgate::Metrics::BREAKER_STATE, &[]) == 1
+                && m.gauge(flowgate::Metrics::SPOOL_MESSAGES, &[]) as usize == N
         })
         .await,
         "breaker open and publishes spooled (state {}, spooled {})",
-        m.breaker_state.get(),
-        m.spool_messages.get()
+        m.gauge(flowgate::Metrics::BREAKER_STATE, &[]),
+        m.gauge(flowgate::Metrics::SPOOL_MESSAGES, &[])
     );
-    assert!(m.breaker_transitions.with_label_values(&["open"]).get() >= 1);
+    assert!(m.counter(flowgate::Metrics::BREAKER_TRANSITIONS, &["open"]) >= 1);
 
     node.blocking(|n| n.set_memory_alarm(false))
         .await
@@ -254,14 +255,21 @@ async fn memory_alarm_pauses_then_spools_and_replays_exactly_once() {
     let spooled = N;
     assert!(
         eventually(Duration::from_secs(30), || async {
-            m.spool_messages.get() == 0
+            m.gauge(flowgate::Metrics::SPOOL_MESSAGES, &[]) == 0
         })
         .await,
         "spool drains after the alarm clears"
     );
-    assert_eq!(m.spool_replayed.get() as usize, spooled);
+    assert_eq!(
+        m.counter(flowgate::Metrics::SPOOL_REPLAYED, &[]) as usize,
+        spooled
+    );
     assert_eq!(h.spooled(), 0);
-    assert_eq!(m.breaker_state.get(), 0, "breaker closed again");
+    assert_eq!(
+        m.gauge(flowgate::Metrics::BREAKER_STATE, &[]),
+        0,
+        "breaker closed again"
+    );
 
     let client = Client::connect(&url).await;
     let got = client
@@ -299,10 +307,14 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
     // spooled, and the breaker stays closed.
     let r = h.publish(msg(&prefix, "nowhere", "x")).await;
     assert!(
-        matches!(r, Err(flowgate::actors::Error::Unroutable { .. })),
+        matches!(r, Err(flowgate::RuntimeError::Unroutable { .. })),
         "{r:?}"
     );
-    assert_eq!(m.breaker_state.get(), 0, "a return is no outage");
+    assert_eq!(
+        m.gauge(flowgate::Metrics::BREAKER_STATE, &[]),
+        0,
+        "a return is no outage"
+    );
     // Two publishes the broker fails (an exchange that does not exist:
     // the broker closes the channel) open the breaker; the failure that
     // opens it spools its message.
@@ -317,8 +329,15 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
             Err(_) => {}
         }
     }
-    assert_eq!(m.breaker_state.get(), 1, "breaker open");
-    assert_eq!(m.spool_messages.get() as usize, spooled.len());
+    assert_eq!(
+        m.gauge(flowgate::Metrics::BREAKER_STATE, &[]),
+        1,
+        "breaker open"
+    );
+    assert_eq!(
+        m.gauge(flowgate::Metrics::SPOOL_MESSAGES, &[]) as usize,
+        spooled.len()
+    );
     // The exchange exists by the time the spool replays.
     let client = Client::connect(AMQP_URL).await;
     client
@@ -361,9 +380,9 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
         "{} spooled, {refused} refused",
         spooled.len()
     );
-    assert!(m.spool_bytes.get() <= 1500);
+    assert!(m.gauge(flowgate::Metrics::SPOOL_BYTES, &[]) <= 1500);
     assert_eq!(
-        m.spool_messages.get() as usize,
+        m.gauge(flowgate::Metrics::SPOOL_MESSAGES, &[]) as usize,
         spooled.len(),
         "nothing dropped"
     );
@@ -384,7 +403,7 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
     // After the cooldown the spool replays: every spooled message arrives once.
     assert!(
         eventually(Duration::from_secs(30), || async {
-            m.spool_messages.get() == 0
+            m.gauge(flowgate::Metrics::SPOOL_MESSAGES, &[]) == 0
         })
         .await,
         "spool replays after the cooldown"

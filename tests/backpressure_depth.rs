@@ -5,10 +5,10 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::{Delivery, Outcome};
 use flowgate::config::{Concurrency, Watermark};
-use flowgate::Engine;
+use flowgate::handler_fn;
+use flowgate::{Delivery, Outcome};
+use flowgate::{Engine, Metrics};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -136,16 +136,17 @@ async fn overload_keeps_the_slow_stage_input_within_its_watermark_and_loses_noth
     for cause in ["watermark", "budget"] {
         assert_eq!(
             h.metrics()
-                .stage_paused
-                .with_label_values(&["s1", cause])
-                .get(),
+                .gauge(flowgate::Metrics::STAGE_PAUSED, &["s1", cause]),
             0,
             "no {cause} pause left"
         );
     }
     h.shutdown().await;
     for s in ["s1", "s2", "s3"] {
-        assert_eq!(h.metrics().acked.with_label_values(&[s]).get(), N as u64);
+        assert_eq!(
+            h.metrics().counter(flowgate::Metrics::ACKED, &[s]),
+            N as u64
+        );
     }
 }
 
@@ -194,7 +195,7 @@ async fn a_queue_above_its_high_watermark_pauses_its_producer_until_below_low() 
         .await;
 
     let m = h.metrics();
-    let watermark_paused = || m.stage_paused.with_label_values(&["s1", "watermark"]).get();
+    let watermark_paused = || m.gauge(Metrics::STAGE_PAUSED, &["s1", "watermark"]);
     assert!(
         eventually(Duration::from_secs(10), || async {
             watermark_paused() == 1
@@ -293,8 +294,8 @@ async fn a_backlog_scales_workers_to_max_and_draining_returns_them_to_min() {
         "drained stage returns to min (workers {})",
         probe.workers()
     );
-    assert!(m.stage_scaling.with_label_values(&["s1", "up"]).get() >= 2);
-    assert!(m.stage_scaling.with_label_values(&["s1", "down"]).get() >= 2);
+    assert!(m.counter(flowgate::Metrics::STAGE_SCALING, &["s1", "up"]) >= 2);
+    assert!(m.counter(flowgate::Metrics::STAGE_SCALING, &["s1", "down"]) >= 2);
 
     // Back at min, the stage really runs one handler at a time: a batch of
     // one prefetch window (all delivered at once, so no broker backlog to

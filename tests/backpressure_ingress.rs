@@ -88,8 +88,10 @@ async fn the_ingress_answers_503_above_the_watermark_until_the_queue_falls_to_lo
     let http = awc::Client::default();
     let client = Client::connect(AMQP_URL).await;
     let sampled = |depth: u64| {
-        let g = h.metrics().queue_depth.with_label_values(&[&watched]);
-        async move { g.get() == depth as i64 }
+        let got = h
+            .metrics()
+            .gauge(flowgate::Metrics::QUEUE_DEPTH, &[&watched]);
+        async move { got == depth as i64 }
     };
 
     // Below the watermark: accepted.
@@ -140,9 +142,7 @@ async fn the_ingress_answers_503_above_the_watermark_until_the_queue_falls_to_lo
     );
     assert!(
         h.metrics()
-            .ingress_refused
-            .with_label_values(&[&watched])
-            .get()
+            .counter(flowgate::Metrics::INGRESS_REFUSED, &[&watched])
             >= 2,
         "refusals are counted"
     );

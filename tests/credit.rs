@@ -12,9 +12,9 @@ use flowgate_testkit as common;
 
 use common::proxy::Proxy;
 use common::*;
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::{Delivery, Outcome};
+use flowgate::handler_fn;
 use flowgate::Engine;
+use flowgate::{Delivery, Outcome};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,7 +66,7 @@ async fn a_blocked_stage_holds_at_most_prefetch_deliveries_even_when_the_broker_
         .await;
 
     let m = handle.metrics().clone();
-    let in_flight = || m.in_flight.with_label_values(&["s1"]).get();
+    let in_flight = || m.gauge(flowgate::Metrics::IN_FLIGHT, &["s1"]);
     assert!(
         eventually(Duration::from_secs(20), || async {
             holding.load(Ordering::SeqCst) == P
@@ -97,14 +97,14 @@ async fn a_blocked_stage_holds_at_most_prefetch_deliveries_even_when_the_broker_
     // broker requeues the P deliveries; the recovered consumer is granted P
     // new ones, which arrive while the P old handlers still hold theirs.
     proxy.reset_all();
-    let reconnected = || m.reconnects.with_label_values(&["consume"]).get() >= 1;
+    let reconnected = || m.counter(flowgate::Metrics::RECONNECTS, &["consume"]) >= 1;
     assert!(
         eventually(Duration::from_secs(60), || async {
             reconnected() && handle.stages()[0].consuming()
         })
         .await,
         "the consumer recovers (reconnects {})",
-        m.reconnects.with_label_values(&["consume"]).get()
+        m.counter(flowgate::Metrics::RECONNECTS, &["consume"])
     );
     assert!(
         eventually(Duration::from_secs(30), settled_at_p).await,

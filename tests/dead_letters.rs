@@ -4,10 +4,10 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::envelope::Reason;
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::{Delivery, HandlerError, Outcome};
+use flowgate::envelope::Reason;
+use flowgate::handler_fn;
 use flowgate::Engine;
+use flowgate::{Delivery, HandlerError, Outcome};
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ fn index(d: &Delivery) -> usize {
 
 async fn run_with_middle_handler(
     tag: &str,
-    handler: impl flowgate::actors::Handler,
+    handler: impl flowgate::Handler,
     bad: impl Fn(usize) -> bool,
     reason: &str,
     error_contains: &str,
@@ -91,9 +91,7 @@ async fn run_with_middle_handler(
     assert_eq!(
         handle
             .metrics()
-            .dead_lettered
-            .with_label_values(&["s2", label])
-            .get(),
+            .counter(flowgate::Metrics::DEAD_LETTERED, &["s2", label]),
         expect_bad.len() as u64
     );
     handle.shutdown().await;

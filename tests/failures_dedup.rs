@@ -3,10 +3,10 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::Outcome;
 use flowgate::config::DedupMode;
+use flowgate::handler_fn;
 use flowgate::Engine;
+use flowgate::Outcome;
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -72,7 +72,7 @@ async fn same_id_three_times_and_a_redelivery_give_one_effect(mode: DedupMode) {
         .await
         .unwrap();
     assert!(handle.wait_ready(Duration::from_secs(20)).await);
-    let stage_acked = || handle.metrics().acked.with_label_values(&["s1"]).get();
+    let stage_acked = || handle.metrics().counter(flowgate::Metrics::ACKED, &["s1"]);
     assert!(
         eventually(Duration::from_secs(20), || async { stage_acked() == 5 }).await,
         "all five deliveries acked"
@@ -94,7 +94,9 @@ async fn same_id_three_times_and_a_redelivery_give_one_effect(mode: DedupMode) {
     assert_eq!(effects.get("dup"), Some(&1), "exactly one handler effect");
     assert_eq!(effects.get("other"), Some(&1));
     assert_eq!(
-        handle.metrics().dedup_hits.with_label_values(&["s1"]).get(),
+        handle
+            .metrics()
+            .counter(flowgate::Metrics::DEDUP_HITS, &["s1"]),
         5,
         "five of the six dup deliveries recognised as done"
     );

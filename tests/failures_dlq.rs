@@ -3,9 +3,9 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::Outcome;
+use flowgate::handler_fn;
 use flowgate::Engine;
+use flowgate::Outcome;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -232,20 +232,16 @@ async fn malformed_oversized_and_unparseable_messages_reach_the_dlq_and_neighbou
     assert_eq!(reasons, ["malformed", "oversized"]);
     let m = handle.metrics();
     assert_eq!(
-        m.dead_lettered
-            .with_label_values(&["s1", "malformed"])
-            .get(),
+        m.counter(flowgate::Metrics::DEAD_LETTERED, &["s1", "malformed"]),
         1
     );
     assert_eq!(
-        m.dead_lettered
-            .with_label_values(&["s1", "oversized"])
-            .get(),
+        m.counter(flowgate::Metrics::DEAD_LETTERED, &["s1", "oversized"]),
         1
     );
     // No message costs the connection.
-    let reconnects = m.reconnects.with_label_values(&["consume"]).get()
-        + m.restarts.with_label_values(&["connection"]).get();
+    let reconnects = m.counter(flowgate::Metrics::RECONNECTS, &["consume"])
+        + m.counter(flowgate::Metrics::RESTARTS, &["connection"]);
     assert_eq!(reconnects, 0, "no reconnect");
     handle.shutdown().await;
     assert_eq!(client.depth(&format!("{prefix}.s1")).await, 0);

@@ -3,10 +3,10 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::Outcome;
 use flowgate::config::DedupMode;
+use flowgate::handler_fn;
 use flowgate::Engine;
+use flowgate::Outcome;
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -141,13 +141,13 @@ async fn redis_stopped_mid_run_pauses_without_acking_and_completes_without_dupli
     client.publish_many(&ex, "in", &stream, b"{}").await;
 
     let m = handle.metrics().clone();
-    let acked = || m.acked.with_label_values(&["s1"]).get();
+    let acked = || m.counter(flowgate::Metrics::ACKED, &["s1"]);
     let effects_n = || effects.lock().unwrap().values().sum::<usize>();
     assert!(eventually(Duration::from_secs(30), || async { effects_n() >= 100 }).await);
     redis.stop();
     assert!(
         eventually(Duration::from_secs(10), || async {
-            m.dedup_up.with_label_values(&["redis"]).get() == 0
+            m.gauge(flowgate::Metrics::DEDUP_UP, &["redis"]) == 0
         })
         .await,
         "the outage is noticed"
@@ -158,7 +158,7 @@ async fn redis_stopped_mid_run_pauses_without_acking_and_completes_without_dupli
     // by design: every credit is held by a task waiting for the store, no
     // handler runs.
     const PREFETCH: i64 = 20;
-    let in_flight = || m.in_flight.with_label_values(&["s1"]).get();
+    let in_flight = || m.gauge(flowgate::Metrics::IN_FLIGHT, &["s1"]);
     assert!(
         eventually(Duration::from_secs(20), || async {
             in_flight() == PREFETCH && running.load(Ordering::SeqCst) == 0
@@ -195,7 +195,7 @@ async fn redis_stopped_mid_run_pauses_without_acking_and_completes_without_dupli
     assert_eq!(acked(), acked_before, "no ack without a dedup decision");
     assert_eq!(effects_n(), effects_before, "no handling without a claim");
     assert_eq!(in_flight(), PREFETCH, "intake stopped at the prefetch");
-    assert!(m.dedup_errors.with_label_values(&["s1"]).get() >= 1);
+    assert!(m.counter(flowgate::Metrics::DEDUP_ERRORS, &["s1"]) >= 1);
     assert!(
         client.depth(&format!("{prefix}.s1")).await > 0,
         "the backlog waits in the broker"
@@ -224,7 +224,7 @@ async fn redis_stopped_mid_run_pauses_without_acking_and_completes_without_dupli
         .await;
     assert_eq!(sink.len(), ids.len(), "one output per id");
     assert_eq!(
-        m.dedup_hits.with_label_values(&["s1"]).get(),
+        m.counter(flowgate::Metrics::DEDUP_HITS, &["s1"]),
         ids.len() as u64,
         "every second copy recognised"
     );

@@ -3,10 +3,10 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::Outcome;
 use flowgate::config::{Config, RetryConfig};
+use flowgate::handler_fn;
 use flowgate::Engine;
+use flowgate::Outcome;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -93,19 +93,17 @@ async fn fails_twice_then_succeeds_on_attempt_3_with_ladder_gaps() {
     assert!(gap1 >= STEP1, "first wait follows tier 1: {gap1:?}");
     assert!(gap2 >= STEP2, "second wait follows tier 2: {gap2:?}");
     assert_eq!(
-        handle
-            .metrics()
-            .retried
-            .with_label_values(&["s1", &format!("{prefix}.s1.retry.1")])
-            .get(),
+        handle.metrics().counter(
+            flowgate::Metrics::RETRIED,
+            &["s1", &format!("{prefix}.s1.retry.1")]
+        ),
         1
     );
     assert_eq!(
-        handle
-            .metrics()
-            .retried
-            .with_label_values(&["s1", &format!("{prefix}.s1.retry.2")])
-            .get(),
+        handle.metrics().counter(
+            flowgate::Metrics::RETRIED,
+            &["s1", &format!("{prefix}.s1.retry.2")]
+        ),
         1
     );
     handle.shutdown().await;
@@ -164,13 +162,13 @@ async fn always_failing_message_reaches_the_dlq_after_max_attempts_with_every_he
     assert_eq!(
         h.inner()
             .get("x-flowgate-attempts")
-            .and_then(flowgate::actors::message::header_int),
+            .and_then(flowgate::envelope::header_int),
         Some(3)
     );
     let err = header(h, "x-flowgate-error").expect("error header");
     assert!(err.starts_with("handler-error: xxx"), "{}", &err[..40]);
     assert!(
-        err.len() <= flowgate::actors::stage::MAX_ERROR_HEADER_BYTES + 4,
+        err.len() <= flowgate::envelope::MAX_ERROR_BYTES + 4,
         "error truncated: {} bytes",
         err.len()
     );
@@ -182,7 +180,7 @@ async fn always_failing_message_reaches_the_dlq_after_max_attempts_with_every_he
         header(h, "x-flowgate-original-routing-key").as_deref(),
         Some("in")
     );
-    for name in flowgate::actors::stage::DEAD_LETTER_HEADERS {
+    for name in flowgate::envelope::DEAD_LETTER_HEADERS {
         assert!(h.inner().contains_key(name), "{name} present");
     }
     assert_eq!(

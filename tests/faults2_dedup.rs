@@ -76,14 +76,12 @@ async fn a_wrong_type_dedup_key_dead_letters_its_message_and_the_rest_flow() {
     assert_eq!(dead.len(), 1, "the poisoned message is dead-lettered");
     assert_eq!(dead[0].0, "poison");
     assert_eq!(
-        header(&dead[0].1, flowgate::actors::envelope::REASON).as_deref(),
+        header(&dead[0].1, flowgate::envelope::REASON).as_deref(),
         Some("dedup-error")
     );
     assert_eq!(
         h.metrics()
-            .dead_lettered
-            .with_label_values(&["s1", "dedup-error"])
-            .get(),
+            .counter(flowgate::Metrics::DEAD_LETTERED, &["s1", "dedup-error"]),
         1
     );
     h.shutdown().await;

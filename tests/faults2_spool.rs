@@ -4,10 +4,10 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldTable};
-use flowgate::actors::lapin::BasicProperties;
-use flowgate::actors::publisher::{Spool, SpoolRecord};
+use flowgate::lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldTable};
+use flowgate::lapin::BasicProperties;
 use flowgate::Engine;
+use flowgate_actors::{Spool, SpoolRecord};
 use std::time::Duration;
 
 /// A header of every field-table type the records carry.
@@ -92,16 +92,17 @@ async fn a_spool_file_with_one_corrupted_record_replays_every_other_and_quaranti
     let m = h.metrics().clone();
     assert!(
         eventually(Duration::from_secs(120), || async {
-            m.spool_messages.get() == 0 && m.spool_replayed.get() as usize == N - 1
+            m.gauge(flowgate::Metrics::SPOOL_MESSAGES, &[]) == 0
+                && m.counter(flowgate::Metrics::SPOOL_REPLAYED, &[]) as usize == N - 1
         })
         .await,
         "spool replayed: {} of {}, quarantined {}",
-        m.spool_replayed.get(),
+        m.counter(flowgate::Metrics::SPOOL_REPLAYED, &[]),
         N - 1,
-        m.spool_quarantined.get()
+        m.counter(flowgate::Metrics::SPOOL_QUARANTINED, &[])
     );
     assert_eq!(
-        m.spool_quarantined.get(),
+        m.counter(flowgate::Metrics::SPOOL_QUARANTINED, &[]),
         1,
         "the one bad record, counted once"
     );

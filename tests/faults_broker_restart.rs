@@ -13,7 +13,7 @@ use flowgate_testkit as common;
 
 use common::node::BrokerNode;
 use common::*;
-use flowgate::Engine;
+use flowgate::{Engine, Metrics};
 use std::time::{Duration, Instant};
 
 const N: usize = 7_000;
@@ -203,7 +203,7 @@ async fn stop_app_and_node_restarts_are_recovered_within_backoff_max_without_los
     eprintln!(
         "broker restarts: {faults} faults, {duplicates} duplicates (bound {bound}), \
          connection restarts {}, recoveries {:?}, wall {:?}",
-        m.restarts.with_label_values(&["connection"]).get(),
+        m.counter(Metrics::RESTARTS, &["connection"]),
         recoveries
             .iter()
             .map(|(_, d)| format!("{:.2}s", d.as_secs_f64()))
@@ -216,13 +216,13 @@ async fn stop_app_and_node_restarts_are_recovered_within_backoff_max_without_los
     );
     for actor in ["stage:s1", "stage:s2", "publisher"] {
         assert_eq!(
-            m.restarts.with_label_values(&[actor]).get(),
+            m.counter(Metrics::RESTARTS, &[actor]),
             0,
             "restarts of {actor}\n{}",
             m.render()
         );
     }
-    assert_eq!(m.escalations.get(), 0, "no escalation");
+    assert_eq!(m.counter(Metrics::ESCALATIONS, &[]), 0, "no escalation");
     let slow: Vec<_> = recoveries
         .iter()
         .filter(|(_, d)| *d > BACKOFF_MAX + CONNECT_TIMEOUT)

@@ -9,7 +9,7 @@ use flowgate_testkit as common;
 
 use common::node::BrokerNode;
 use common::*;
-use flowgate::Engine;
+use flowgate::{Engine, Metrics};
 use std::time::{Duration, Instant};
 
 const N: usize = 20_000;
@@ -161,7 +161,7 @@ async fn stopping_the_connected_node_of_a_cluster_loses_nothing() {
         "cluster failover: stopped node {victim} at {at_stop} of {N}, ready again after \
          {failover:?}, {duplicates} duplicates (bound {}), connection restarts {}, wall {:?}",
         2 * windows,
-        m.restarts.with_label_values(&["connection"]).get(),
+        m.counter(Metrics::RESTARTS, &["connection"]),
         t0.elapsed()
     );
     assert!(
@@ -170,7 +170,7 @@ async fn stopping_the_connected_node_of_a_cluster_loses_nothing() {
     );
     for actor in ["stage:s1", "stage:s2", "publisher"] {
         assert_eq!(
-            m.restarts.with_label_values(&[actor]).get(),
+            m.counter(Metrics::RESTARTS, &[actor]),
             0,
             "restarts of {actor}\n{}",
             m.render()

@@ -118,8 +118,8 @@ async fn a_forced_close_of_both_connections_costs_no_restart_and_no_message() {
         duplicates <= 2 * windows,
         "{duplicates} duplicates exceed twice the in-flight windows ({windows})"
     );
-    let recovered = m.reconnects.with_label_values(&["consume"]).get()
-        + m.reconnects.with_label_values(&["publish"]).get();
+    let recovered = m.counter(flowgate::Metrics::RECONNECTS, &["consume"])
+        + m.counter(flowgate::Metrics::RECONNECTS, &["publish"]);
     assert!(
         recovered >= 2,
         "lapin recovered both connections\n{}",
@@ -127,7 +127,7 @@ async fn a_forced_close_of_both_connections_costs_no_restart_and_no_message() {
     );
     for actor in ["stage:s1", "stage:s2", "publisher", "connection"] {
         assert_eq!(
-            m.restarts.with_label_values(&[actor]).get(),
+            m.counter(flowgate::Metrics::RESTARTS, &[actor]),
             0,
             "restarts of {actor}\n{}",
             m.render()

@@ -3,9 +3,9 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::lapin::BasicProperties;
-use flowgate::actors::publisher::{Spool, SpoolRecord};
+use flowgate::lapin::BasicProperties;
 use flowgate::Engine;
+use flowgate_actors::{Spool, SpoolRecord};
 use std::time::{Duration, Instant};
 
 #[actix_rt::test]
@@ -47,11 +47,12 @@ async fn a_replay_of_5000_records_keeps_to_the_rate_and_delivers_each_once() {
     let m = h.metrics().clone();
     assert!(
         eventually(Duration::from_secs(120), || async {
-            m.spool_messages.get() == 0 && m.spool_replayed.get() as usize == N
+            m.gauge(flowgate::Metrics::SPOOL_MESSAGES, &[]) == 0
+                && m.counter(flowgate::Metrics::SPOOL_REPLAYED, &[]) as usize == N
         })
         .await,
         "spool replayed: {} of {N}",
-        m.spool_replayed.get()
+        m.counter(flowgate::Metrics::SPOOL_REPLAYED, &[])
     );
     let took = started.elapsed();
     eprintln!("replay of {N} records at rate {RATE}: {took:?}");

@@ -6,11 +6,11 @@ use flowgate_testkit as common;
 
 use common::node::BrokerNode;
 use common::*;
-use flowgate::actors::message::{handler_fn, Outcome, Output};
-use flowgate::actors::publisher::UNROUTABLE_QUEUE;
-use flowgate::actors::stage::REASON_HEADER;
 use flowgate::config::{Binding, QueueConfig, Target};
+use flowgate::envelope::REASON;
 use flowgate::Engine;
+use flowgate::{handler_fn, Outcome, Output};
+use flowgate_actors::UNROUTABLE_QUEUE;
 use std::collections::HashSet;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -63,7 +63,7 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
     // The bad stage's handler waits while the gate is shut.
     let (gate, gate_rx) = watch::channel(true);
     let out_ex = ex.clone();
-    let gated = handler_fn(move |d: flowgate::actors::Delivery| {
+    let gated = handler_fn(move |d: flowgate::Delivery| {
         let mut rx = gate_rx.clone();
         let ex = out_ex.clone();
         async move {
@@ -113,20 +113,18 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
         m.render()
     );
     assert_eq!(
-        m.dead_lettered
-            .with_label_values(&["s1", "unroutable"])
-            .get(),
+        m.counter(flowgate::Metrics::DEAD_LETTERED, &["s1", "unroutable"]),
         0,
         "a good output was taken for unroutable"
     );
     assert_eq!(
-        m.breaker_transitions.with_label_values(&["open"]).get(),
+        m.counter(flowgate::Metrics::BREAKER_TRANSITIONS, &["open"]),
         0,
         "returns opened the breaker\n{}",
         m.render()
     );
-    assert_eq!(m.publish.with_label_values(&["spooled"]).get(), 0);
-    assert_eq!(m.spool_messages.get(), 0);
+    assert_eq!(m.counter(flowgate::Metrics::PUBLISH, &["spooled"]), 0);
+    assert_eq!(m.gauge(flowgate::Metrics::SPOOL_MESSAGES, &[]), 0);
     let sunk = client.collect(&sink, N, Duration::from_secs(10)).await;
     assert_eq!(counts(sunk.into_iter().map(|(id, _)| id)).len(), N);
 
@@ -147,7 +145,7 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
     };
     assert!(
         eventually(Duration::from_secs(15), || async {
-            m.broker_blocked.get() == 1
+            m.gauge(flowgate::Metrics::BROKER_BLOCKED, &[]) == 1
         })
         .await,
         "broker blocks publishing"
@@ -155,7 +153,7 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
     gate.send_replace(true);
     assert!(
         eventually(Duration::from_secs(60), || async {
-            m.breaker_state.get() == 1
+            m.gauge(flowgate::Metrics::BREAKER_STATE, &[]) == 1
                 && client.depth(&bad_queue).await == 0
                 && h.stages().iter().all(|s| s.in_flight() == 0)
         })
@@ -163,7 +161,7 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
         "the bad stage handled its inputs with the breaker open\n{}",
         m.render()
     );
-    let spooled = m.publish.with_label_values(&["spooled"]).get();
+    let spooled = m.counter(flowgate::Metrics::PUBLISH, &["spooled"]);
     assert!(spooled > 0, "outputs were spooled\n{}", m.render());
     node.blocking(|n| n.set_memory_alarm(false))
         .await
@@ -174,13 +172,13 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
     // stage (returned live) or, spooled, by the replay.
     assert!(
         eventually(Duration::from_secs(60), || async {
-            dead().await == 2 * N && m.spool_messages.get() == 0
+            dead().await == 2 * N && m.gauge(flowgate::Metrics::SPOOL_MESSAGES, &[]) == 0
         })
         .await,
         "dead letters {} != {}; spool {}\n{}",
         dead().await,
         2 * N,
-        m.spool_messages.get(),
+        m.gauge(flowgate::Metrics::SPOOL_MESSAGES, &[]),
         m.render()
     );
     let mut letters = client
@@ -212,7 +210,7 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
     let mut ids = HashSet::new();
     for (id, headers) in &letters {
         assert_eq!(
-            header(headers, REASON_HEADER).as_deref(),
+            header(headers, REASON).as_deref(),
             Some("unroutable"),
             "{id}"
         );
@@ -223,7 +221,7 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
     }
     assert_eq!(letters.len(), 2 * N, "each dead-lettered once");
     assert_eq!(
-        m.spool_dropped.with_label_values(&["unroutable"]).get(),
+        m.counter(flowgate::Metrics::SPOOL_DROPPED, &["unroutable"]),
         0,
         "nothing dropped"
     );
@@ -281,7 +279,7 @@ async fn returns_are_matched_to_their_own_publish() {
                 good_ok.insert(id);
             }
             (true, Err(e)) => panic!("{id}: a routable publish failed: {e}"),
-            (false, Err(flowgate::actors::Error::Unroutable { .. })) => {
+            (false, Err(flowgate::RuntimeError::Unroutable { .. })) => {
                 bad_returned.insert(id);
             }
             (false, Ok(_)) => {} // its return went to another confirm

@@ -4,10 +4,10 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::{Delivery, Outcome, Output};
 use flowgate::config::PayloadKind;
+use flowgate::handler_fn;
 use flowgate::Engine;
+use flowgate::{Delivery, Outcome, Output};
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 use std::collections::HashSet;
@@ -111,15 +111,13 @@ async fn forged_routing_headers_are_stripped_and_good_messages_behind_them_flow(
         stage.in_flight()
     );
     let m = handle.metrics();
-    assert_eq!(m.in_flight.with_label_values(&["s1"]).get(), 0);
+    assert_eq!(m.gauge(flowgate::Metrics::IN_FLIGHT, &["s1"]), 0);
     assert_eq!(
-        m.dead_lettered
-            .with_label_values(&["s1", "malformed"])
-            .get(),
+        m.counter(flowgate::Metrics::DEAD_LETTERED, &["s1", "malformed"]),
         200
     );
-    assert_eq!(m.publish.with_label_values(&["panicked"]).get(), 0);
-    assert_eq!(m.publish_retries.with_label_values(&["s1"]).get(), 0);
+    assert_eq!(m.counter(flowgate::Metrics::PUBLISH, &["panicked"]), 0);
+    assert_eq!(m.counter(flowgate::Metrics::PUBLISH_RETRIES, &["s1"]), 0);
     handle.shutdown().await;
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "no panic anywhere");
     assert_drained(&client, &format!("{prefix}.s1")).await;
@@ -193,12 +191,10 @@ async fn an_output_with_an_over_long_routing_key_dead_letters_its_input() {
     }
     let m = handle.metrics();
     assert_eq!(
-        m.dead_lettered
-            .with_label_values(&["s1", "invalid-output"])
-            .get(),
+        m.counter(flowgate::Metrics::DEAD_LETTERED, &["s1", "invalid-output"]),
         20
     );
-    assert_eq!(m.publish_retries.with_label_values(&["s1"]).get(), 0);
+    assert_eq!(m.counter(flowgate::Metrics::PUBLISH_RETRIES, &["s1"]), 0);
     let stage = &handle.stages()[0];
     assert!(eventually(Duration::from_secs(10), || async { stage.in_flight() == 0 }).await);
     handle.shutdown().await;

@@ -2,9 +2,9 @@
 //! `examples/python-worker` (started by each test on a port of its own):
 //! `forward → http(python) → sink`.
 
-use flowgate::actors::envelope;
-use flowgate::actors::message::header_int;
 use flowgate::config::{HttpStageConfig, RetryConfig};
+use flowgate::envelope;
+use flowgate::envelope::header_int;
 use flowgate::{Config, Engine, EngineHandle};
 use flowgate_testkit::*;
 use serde_json::{json, Value};
@@ -185,7 +185,7 @@ async fn five_thousand_orders_pass_through_the_python_service_exactly_once() {
         );
     }
     assert_eq!(
-        handle.metrics().acked.with_label_values(&["s2"]).get(),
+        handle.metrics().counter(flowgate::Metrics::ACKED, &["s2"]),
         5_000
     );
     let stats = worker.stats().await;

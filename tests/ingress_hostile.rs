@@ -128,19 +128,23 @@ async fn an_unbound_route_is_404_and_never_reaches_the_breaker() {
         .await;
     assert_eq!(got.len(), N, "the pipeline delivered everything");
 
-    assert_eq!(m.breaker_state.get(), 0, "breaker closed");
     assert_eq!(
-        m.breaker_transitions.with_label_values(&["open"]).get(),
+        m.gauge(flowgate::Metrics::BREAKER_STATE, &[]),
+        0,
+        "breaker closed"
+    );
+    assert_eq!(
+        m.counter(flowgate::Metrics::BREAKER_TRANSITIONS, &["open"]),
         0,
         "the breaker never opened"
     );
     assert_eq!(
-        m.publish.with_label_values(&["returned"]).get(),
+        m.counter(flowgate::Metrics::PUBLISH, &["returned"]),
         0,
         "nothing was published unroutable"
     );
     assert_eq!(
-        m.publish.with_label_values(&["spooled"]).get(),
+        m.counter(flowgate::Metrics::PUBLISH, &["spooled"]),
         0,
         "the pipeline never spooled"
     );

@@ -48,6 +48,9 @@ async fn three_forward_stages_carry_10k_messages_exactly_once() {
         );
     }
     for s in ["s1", "s2", "s3"] {
-        assert_eq!(handle.metrics().acked.with_label_values(&[s]).get(), 10_000);
+        assert_eq!(
+            handle.metrics().counter(flowgate::Metrics::ACKED, &[s]),
+            10_000
+        );
     }
 }

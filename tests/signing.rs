@@ -11,12 +11,12 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::actors::lapin::options::{BasicAckOptions, BasicGetOptions};
-use flowgate::actors::lapin::BasicProperties;
-use flowgate::actors::message::handler_fn;
-use flowgate::actors::{Outcome, Output};
 use flowgate::config::{Config, VerifyMode};
+use flowgate::handler_fn;
+use flowgate::lapin::options::{BasicAckOptions, BasicGetOptions};
+use flowgate::lapin::BasicProperties;
 use flowgate::{Engine, EngineHandle, PublishOutcome};
+use flowgate::{Outcome, Output};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::time::Duration;
@@ -237,12 +237,10 @@ async fn signed_messages_pass_and_bad_ones_are_dead_lettered() {
     assert!(unsigned.header(SIG).is_none());
 
     let m = h.metrics();
-    assert_eq!(m.signature_failures.with_label_values(&["s1"]).get(), 3);
-    assert_eq!(m.signature_failures.with_label_values(&["s2"]).get(), 0);
+    assert_eq!(m.counter(flowgate::Metrics::SIGNATURE_FAILURES, &["s1"]), 3);
+    assert_eq!(m.counter(flowgate::Metrics::SIGNATURE_FAILURES, &["s2"]), 0);
     assert_eq!(
-        m.dead_lettered
-            .with_label_values(&["s1", "bad-signature"])
-            .get(),
+        m.counter(flowgate::Metrics::DEAD_LETTERED, &["s1", "bad-signature"]),
         3
     );
     let text = prometheus_text(&h);
@@ -263,7 +261,7 @@ fn prometheus_text(h: &EngineHandle) -> String {
     use prometheus::Encoder;
     let mut buf = Vec::new();
     prometheus::TextEncoder::new()
-        .encode(&h.metrics().registry.gather(), &mut buf)
+        .encode(&h.metrics().registry().gather(), &mut buf)
         .unwrap();
     String::from_utf8(buf).unwrap()
 }
@@ -297,12 +295,10 @@ async fn warn_mode_counts_and_processes() {
     assert_eq!(ids(&sink), ["ok", "tampered", "unsigned"]);
     assert!(sink.iter().all(|g| g.signed_by(KEY)));
     let m = h.metrics();
-    assert_eq!(m.signature_failures.with_label_values(&["s1"]).get(), 2);
-    assert_eq!(m.signature_failures.with_label_values(&["s2"]).get(), 0);
+    assert_eq!(m.counter(flowgate::Metrics::SIGNATURE_FAILURES, &["s1"]), 2);
+    assert_eq!(m.counter(flowgate::Metrics::SIGNATURE_FAILURES, &["s2"]), 0);
     assert_eq!(
-        m.dead_lettered
-            .with_label_values(&["s1", "bad-signature"])
-            .get(),
+        m.counter(flowgate::Metrics::DEAD_LETTERED, &["s1", "bad-signature"]),
         0
     );
     assert_eq!(client.depth(&format!("{prefix}.s1.dlq")).await, 0);
@@ -398,13 +394,11 @@ async fn spooled_then_replayed_messages_verify() {
         replayed.header(SIG)
     );
     assert!(sink.iter().all(|g| g.signed_by(KEY)));
-    assert!(h.metrics().spool_replayed.get() >= 2);
+    assert!(h.metrics().counter(flowgate::Metrics::SPOOL_REPLAYED, &[]) >= 2);
     // and the verifying stage accepted its replayed record.
     assert_eq!(
         h.metrics()
-            .signature_failures
-            .with_label_values(&["s1"])
-            .get(),
+            .counter(flowgate::Metrics::SIGNATURE_FAILURES, &["s1"]),
         0
     );
     assert_eq!(client.depth(&format!("{prefix}.s1.dlq")).await, 0);
@@ -442,7 +436,7 @@ async fn retried_copies_verify_when_they_come_back() {
             handler_fn(move |d| {
                 let ex = ex2.clone();
                 async move {
-                    if d.header(flowgate::actors::retry::ATTEMPT_HEADER).is_none() {
+                    if d.header(flowgate::envelope::ATTEMPT).is_none() {
                         return Ok(Outcome::retry("first attempt fails"));
                     }
                     Ok(Outcome::ack_with(vec![d.forward(&ex, "hop1")]))
@@ -466,12 +460,13 @@ async fn retried_copies_verify_when_they_come_back() {
     assert!(sink[0].signed_by(KEY));
     let m = h.metrics();
     assert_eq!(
-        m.retried
-            .with_label_values(&["s1", &format!("{prefix}.s1.retry.1")])
-            .get(),
+        m.counter(
+            flowgate::Metrics::RETRIED,
+            &["s1", &format!("{prefix}.s1.retry.1")]
+        ),
         1
     );
-    assert_eq!(m.signature_failures.with_label_values(&["s1"]).get(), 0);
+    assert_eq!(m.counter(flowgate::Metrics::SIGNATURE_FAILURES, &["s1"]), 0);
 
     h.shutdown().await;
 }

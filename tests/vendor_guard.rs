@@ -303,7 +303,7 @@ fn the_patched_parser_reads_every_hostile_property_set() {
 fn total(handle: &flowgate::EngineHandle, family: &str) -> f64 {
     handle
         .metrics()
-        .registry
+        .registry()
         .gather()
         .iter()
         .filter(|f| f.name() == family)
@@ -435,7 +435,7 @@ async fn non_utf8_short_strings_do_not_cost_the_consume_connection() {
     // whole window).
     assert_eq!(total(&handle, "flowgate_reconnects_total"), 0.0);
     assert_eq!(total(&handle, "flowgate_actor_restarts_total"), 0.0);
-    let consumed = |s: &str| handle.metrics().consumed.with_label_values(&[s]).get();
+    let consumed = |s: &str| handle.metrics().counter(flowgate::Metrics::CONSUMED, &[s]);
     assert_eq!(
         consumed("s1") as usize,
         expected,

@@ -14,6 +14,7 @@
 //! reads, so a retired connection that comes back is closed at once.
 
 use crate::error::{Error, Result};
+use crate::metrics::events::{self, Event as _};
 use crate::metrics::Metrics;
 use crate::supervision::{Escalation, EscalationSender, RestartPolicy, Restarts};
 use actix::prelude::*;
@@ -209,7 +210,7 @@ impl ConnectionActor {
     }
 
     fn update_gauge(&self) {
-        self.metrics.connection_up.set(i64::from(self.both_up()));
+        events::LinkState { up: self.both_up() }.emit(&self.metrics);
     }
 
     /// The engine's recovery deadline: true when a connection has not been
@@ -403,7 +404,7 @@ impl Actor for ConnectionActor {
     }
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        self.metrics.connection_up.set(0);
+        events::LinkState { up: false }.emit(&self.metrics);
     }
 }
 
@@ -420,19 +421,21 @@ impl Supervised for ConnectionActor {
             self.url_index = (self.url_index + 1) % self.cfg.urls.len();
         }
         self.blocked = false;
-        self.metrics.broker_blocked.set(0);
-        self.metrics
-            .restarts
-            .with_label_values(&["connection"])
-            .inc();
+        events::Unblocked { reset: true }.emit(&self.metrics);
+        events::Restarted {
+            actor: "connection",
+        }
+        .emit(&self.metrics);
         self.lost_since.clear();
         self.notify(LinkEvent::LinkDown(Purpose::Consume));
         self.notify(LinkEvent::LinkDown(Purpose::Publish));
         self.notify(LinkEvent::Replaced(Purpose::Consume));
         self.notify(LinkEvent::Replaced(Purpose::Publish));
         if !self.restarts.record(tokio::time::Instant::now()) {
-            self.metrics.escalations.inc();
-            tracing::error!(actor = "connection", "restart budget spent; escalating");
+            events::Escalated {
+                actor: "connection",
+            }
+            .emit(&self.metrics);
             if let Some(tx) = &self.escalations {
                 let _ = tx.try_send(Escalation {
                     actor: "connection".into(),
@@ -463,14 +466,10 @@ impl StreamHandler<ConnEvent> for ConnectionActor {
                     && self.connected_at.elapsed() < Duration::from_millis(500) => {}
             Event::Connected => {
                 self.lost_since.remove(&ev.purpose);
-                self.metrics
-                    .reconnects
-                    .with_label_values(&[ev.purpose.as_str()])
-                    .inc();
-                info!(
-                    connection = ev.purpose.as_str(),
-                    "broker connection recovered"
-                );
+                events::Reconnected {
+                    connection: ev.purpose.as_str(),
+                }
+                .emit(&self.metrics);
                 self.update_gauge();
                 self.notify(LinkEvent::LinkUp(ev.purpose));
             }
@@ -479,22 +478,22 @@ impl StreamHandler<ConnEvent> for ConnectionActor {
                 self.lost_since
                     .entry(ev.purpose)
                     .or_insert_with(std::time::Instant::now);
-                if !self.closing {
-                    warn!(connection = ev.purpose.as_str(), error = %e, "broker connection error");
+                events::LinkDown {
+                    connection: ev.purpose.as_str(),
+                    error: &e,
+                    closing: self.closing,
                 }
-                self.metrics.connection_up.set(0);
+                .emit(&self.metrics);
                 self.notify(LinkEvent::LinkDown(ev.purpose));
             }
             Event::ConnectionBlocked(reason) if ev.purpose == Purpose::Publish => {
-                warn!(%reason, "broker blocked publishing");
+                events::Blocked { reason: &reason }.emit(&self.metrics);
                 self.blocked = true;
-                self.metrics.broker_blocked.set(1);
                 self.notify(LinkEvent::Blocked(reason));
             }
             Event::ConnectionUnblocked if ev.purpose == Purpose::Publish => {
-                info!("broker unblocked publishing");
+                events::Unblocked { reset: false }.emit(&self.metrics);
                 self.blocked = false;
-                self.metrics.broker_blocked.set(0);
                 self.notify(LinkEvent::Unblocked);
             }
             _ => {}

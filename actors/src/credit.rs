@@ -10,17 +10,17 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// A fixed-size pool of credits.
 #[derive(Clone, Debug)]
-pub struct Credits {
+pub(crate) struct Credits {
     sem: Arc<Semaphore>,
     total: usize,
 }
 
 /// One credit, returned to its pool on drop.
-pub type Credit = OwnedSemaphorePermit;
+pub(crate) type Credit = OwnedSemaphorePermit;
 
 impl Credits {
     /// A pool of `total` credits.
-    pub fn new(total: usize) -> Self {
+    pub(crate) fn new(total: usize) -> Self {
         Self {
             sem: Arc::new(Semaphore::new(total)),
             total,
@@ -28,38 +28,33 @@ impl Credits {
     }
 
     /// Waits for a credit. Returns `None` only if the pool was closed.
-    pub async fn acquire(&self) -> Option<Credit> {
+    pub(crate) async fn acquire(&self) -> Option<Credit> {
         self.sem.clone().acquire_owned().await.ok()
     }
 
     /// Takes a credit if one is free now.
-    pub fn try_acquire(&self) -> Option<Credit> {
+    pub(crate) fn try_acquire(&self) -> Option<Credit> {
         self.sem.clone().try_acquire_owned().ok()
     }
 
     /// Credits currently taken (work in flight).
-    pub fn in_use(&self) -> usize {
+    pub(crate) fn in_use(&self) -> usize {
         self.total.saturating_sub(self.sem.available_permits())
     }
 
     /// Size of the pool.
-    pub fn total(&self) -> usize {
+    pub(crate) fn total(&self) -> usize {
         self.total
     }
 
     /// Waits until every credit is back (all in-flight work finished).
-    pub async fn drained(&self) {
+    pub(crate) async fn drained(&self) {
         // `total` fits in u32: pools are sized from prefetch (u16) or config
         // values validated to u32 range.
         let n = u32::try_from(self.total).unwrap_or(u32::MAX);
         if let Ok(all) = self.sem.acquire_many(n).await {
             drop(all);
         }
-    }
-
-    /// Closes the pool: waiters wake with `None`.
-    pub fn close(&self) {
-        self.sem.close();
     }
 }
 

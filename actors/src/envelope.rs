@@ -47,7 +47,7 @@ pub const ATTEMPTS: &str = "x-flowgate-attempts";
 pub const ERROR: &str = "x-flowgate-error";
 /// The queue a dead letter was consumed from.
 pub const QUEUE: &str = "x-flowgate-queue";
-/// The hex HMAC-SHA256 signature (see [`crate::signing`]).
+/// The hex HMAC-SHA256 signature (see [`Keys`](crate::Keys)).
 pub const SIGNATURE: &str = "x-flowgate-signature";
 /// Engine-internal marker: publish without (re)signing; removed before the
 /// publish and stripped from every delivery.

@@ -82,25 +82,6 @@ impl Error {
             | Error::Panicked(_) => false,
         }
     }
-
-    /// A short label for metrics (`flowgate_publish_total{result}` and friends).
-    pub fn label(&self) -> &'static str {
-        match self {
-            Error::Amqp(_) => "amqp_error",
-            Error::NotConnected => "not_connected",
-            Error::ConnectTimeout(..) => "connect_timeout",
-            Error::Nacked => "nacked",
-            Error::NotConfirmed => "not_confirmed",
-            Error::Unroutable { .. } => "returned",
-            Error::ConfirmTimeout(_) => "confirm_timeout",
-            Error::Backpressure(_) => "backpressure",
-            Error::ShuttingDown => "shutting_down",
-            Error::ActorGone(_) => "actor_gone",
-            Error::Store(_) => "store_error",
-            Error::Invalid(_) => "invalid",
-            Error::Panicked(_) => "panicked",
-        }
-    }
 }
 
 impl From<actix::MailboxError> for Error {

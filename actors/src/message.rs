@@ -65,7 +65,7 @@ impl Delivery {
     }
 }
 
-pub use crate::envelope::{header_int, header_string};
+pub(crate) use crate::envelope::{header_int, header_string};
 
 /// A message a handler wants published once its input is done.
 #[derive(Clone, Debug)]

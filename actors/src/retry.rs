@@ -8,7 +8,7 @@
 //! When attempt `k` of a message fails with [`Outcome::Retry`](crate::Outcome)
 //! (or a handler error), the stage publishes a copy to the tier of
 //! `backoff[min(k-1, len-1)]` with the engine-owned header
-//! [`ATTEMPT_HEADER`] = `k+1`, waits for the confirm and only then acks the
+//! [`envelope::ATTEMPT`](crate::envelope::ATTEMPT) = `k+1`, waits for the confirm and only then acks the
 //! original: while the copy waits in the tier, nothing in the process holds a
 //! credit or a task for it. After attempt `max_attempts` fails, the message
 //! is dead-lettered with reason `max-attempts`.
@@ -17,24 +17,13 @@
 //! versions (3.13/4.0), the attempt header is ours.
 
 use crate::envelope;
-use crate::message::{header_int, Delivery};
 use std::time::Duration;
-
-/// The engine-owned attempt counter of a message: the number of the attempt
-/// the delivery carrying it is (absent = 1). See [`envelope::ATTEMPT`].
-pub const ATTEMPT_HEADER: &str = envelope::ATTEMPT;
 
 /// Where a retried message came from before the tier's dead-lettering
 /// rewrote its exchange and routing key. See [`envelope::ORIGINAL_EXCHANGE`].
-pub const ORIGINAL_EXCHANGE_HEADER: &str = envelope::ORIGINAL_EXCHANGE;
+pub(crate) const ORIGINAL_EXCHANGE_HEADER: &str = envelope::ORIGINAL_EXCHANGE;
 /// See [`envelope::ORIGINAL_ROUTING_KEY`].
-pub const ORIGINAL_ROUTING_KEY_HEADER: &str = envelope::ORIGINAL_ROUTING_KEY;
-
-/// Headers the engine owns while a message travels through a retry ladder;
-/// they are removed from a handler's outputs so the next stage starts at
-/// attempt 1, and stripped from any delivery that is not a copy back from
-/// the stage's own tier. See [`envelope::ROUTING_HEADERS`].
-pub const ENGINE_HEADERS: [&str; 4] = envelope::ROUTING_HEADERS;
+pub(crate) const ORIGINAL_ROUTING_KEY_HEADER: &str = envelope::ORIGINAL_ROUTING_KEY;
 
 /// A stage's retry ladder.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,17 +68,6 @@ impl RetryPolicy {
         let n = self.tiers().iter().position(|d| *d == delay)? + 1;
         Some(Self::tier_queue(queue, n))
     }
-}
-
-/// The attempt number of a delivery: its [`ATTEMPT_HEADER`], or 1. A stage
-/// has already stripped the header from any delivery that is not its own
-/// retry copy (see [`envelope::intake`]).
-pub fn attempt_of(d: &Delivery) -> u32 {
-    d.header(ATTEMPT_HEADER)
-        .and_then(header_int)
-        .and_then(|i| u32::try_from(i).ok())
-        .filter(|i| *i >= 1)
-        .unwrap_or(1)
 }
 
 #[cfg(test)]

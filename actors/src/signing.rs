@@ -1,5 +1,5 @@
 //! HMAC-SHA256 message signing: every publish carries
-//! [`SIGNATURE_HEADER`], and stages verify it before anything else
+//! [`envelope::SIGNATURE`](crate::envelope::SIGNATURE), and stages verify it before anything else
 //! touches the message.
 //!
 //! # The canonical form
@@ -51,21 +51,19 @@ use std::fmt;
 use std::sync::Arc;
 
 /// The header carrying the hex HMAC-SHA256 signature.
-pub const SIGNATURE_HEADER: &str = envelope::SIGNATURE;
+pub(crate) const SIGNATURE_HEADER: &str = envelope::SIGNATURE;
 
 /// Engine-internal marker: a message carrying it is published *without*
 /// (re)signing, and the marker is removed before the publish. The stage sets
 /// it on the dead letters of messages that failed verification; stages strip
 /// it from every delivery, so input cannot smuggle it into outputs.
-pub const UNSIGNED_HEADER: &str = envelope::UNSIGNED;
-
-/// The dead-letter reason of a message whose signature is missing or wrong.
-pub const BAD_SIGNATURE: &str = envelope::Reason::BadSignature.as_str();
+pub(crate) const UNSIGNED_HEADER: &str = envelope::UNSIGNED;
 
 type HmacSha256 = Hmac<Sha256>;
 
 /// The canonical byte string that is signed (see the module docs).
-pub fn canonical(
+#[cfg(test)]
+pub(crate) fn canonical(
     routing_key: &str,
     message_id: Option<&str>,
     content_type: Option<&str>,
@@ -172,7 +170,7 @@ impl Keys {
         }
     }
 
-    /// Sets [`SIGNATURE_HEADER`] on `props` for a publish with
+    /// Sets [`envelope::SIGNATURE`](crate::envelope::SIGNATURE) on `props` for a publish with
     /// `routing_key`, replacing any signature already there.
     pub fn sign_properties(
         &self,
@@ -247,7 +245,7 @@ pub struct Verifier {
 
 /// Prepares the properties of a publish: removes [`UNSIGNED_HEADER`] (and
 /// then leaves the message as it is), or else signs with `keys` if any.
-pub fn prepare(
+pub(crate) fn prepare(
     keys: Option<&Keys>,
     routing_key: &str,
     body: &[u8],
@@ -267,7 +265,7 @@ pub fn prepare(
 }
 
 /// `props` without the header `name` (unchanged when absent).
-pub fn without_header(props: BasicProperties, name: &str) -> BasicProperties {
+pub(crate) fn without_header(props: BasicProperties, name: &str) -> BasicProperties {
     envelope::without(props, &[name])
 }
 
@@ -276,7 +274,12 @@ pub fn without_header(props: BasicProperties, name: &str) -> BasicProperties {
 /// accepted only when the delivery arrived with routing key `queue` (how
 /// tiers dead-letter back) and the entry names a tier of `queue`. Stages
 /// use [`envelope::own_tier`], which also requires the default exchange.
-pub fn retry_tier_key(queue: &str, delivered_key: &str, props: &BasicProperties) -> Option<String> {
+#[cfg(test)]
+pub(crate) fn retry_tier_key(
+    queue: &str,
+    delivered_key: &str,
+    props: &BasicProperties,
+) -> Option<String> {
     if delivered_key != queue {
         return None;
     }

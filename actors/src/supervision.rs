@@ -22,7 +22,7 @@ use tokio::time::Instant;
 /// The wait before retry number `attempt` (0 for the first retry): a
 /// uniformly random duration in `[0, min(max, min · 2^attempt)]` ("full
 /// jitter"). The one backoff formula of the runtime.
-pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
+pub(crate) fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
     let cap = min.saturating_mul(1u32 << attempt.min(16)).min(max);
     let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
     Duration::from_nanos(fastrand::u64(0..=nanos))
@@ -30,7 +30,7 @@ pub fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
 
 /// Successive waits of [`backoff`] for a retry loop.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     attempt: u32,
@@ -38,7 +38,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// Waits starting at `min`, capped at `max`.
-    pub fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         Self {
             min,
             max,
@@ -47,7 +47,7 @@ impl Backoff {
     }
 
     /// The next wait.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let d = backoff(self.min, self.max, self.attempt);
         self.attempt = self.attempt.saturating_add(1);
         d
@@ -90,11 +90,11 @@ pub struct Escalation {
 /// Where escalations go. Bounded: escalations are rare and one is enough to
 /// act on, so a full channel drops the extra ones (they are also logged and
 /// counted).
-pub type EscalationSender = mpsc::Sender<Escalation>;
+pub(crate) type EscalationSender = mpsc::Sender<Escalation>;
 
 /// Restart bookkeeping embedded in a supervised actor.
 #[derive(Debug)]
-pub struct Restarts {
+pub(crate) struct Restarts {
     policy: RestartPolicy,
     recent: VecDeque<Instant>,
     consecutive: u32,
@@ -103,7 +103,7 @@ pub struct Restarts {
 
 impl Restarts {
     /// A tracker with this policy.
-    pub fn new(policy: RestartPolicy) -> Self {
+    pub(crate) fn new(policy: RestartPolicy) -> Self {
         Self {
             policy,
             recent: VecDeque::new(),
@@ -113,7 +113,7 @@ impl Restarts {
     }
 
     /// Records a restart. Returns false when the budget is spent.
-    pub fn record(&mut self, now: Instant) -> bool {
+    pub(crate) fn record(&mut self, now: Instant) -> bool {
         while let Some(t) = self.recent.front() {
             if now.duration_since(*t) > self.policy.window {
                 self.recent.pop_front();
@@ -131,13 +131,13 @@ impl Restarts {
     }
 
     /// Marks a successful (re)start: the backoff starts over next time.
-    pub fn succeeded(&mut self) {
+    pub(crate) fn succeeded(&mut self) {
         self.consecutive = 0;
     }
 
     /// How long to wait before working again after the latest restart
     /// ([`backoff`]: jittered, at most `backoff_max`).
-    pub fn delay(&self) -> Duration {
+    pub(crate) fn delay(&self) -> Duration {
         if self.consecutive == 0 {
             return Duration::ZERO;
         }
@@ -149,13 +149,8 @@ impl Restarts {
     }
 
     /// True once the budget is spent.
-    pub fn escalated(&self) -> bool {
+    pub(crate) fn escalated(&self) -> bool {
         self.escalated
-    }
-
-    /// Restarts inside the current window.
-    pub fn in_window(&self) -> usize {
-        self.recent.len()
     }
 }
 

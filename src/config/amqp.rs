@@ -32,13 +32,13 @@ pub struct AmqpConfig {
 impl std::fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpConfig")
-            .field("url", &flowgate_actors::connection::redact_url(&self.url))
+            .field("url", &flowgate_actors::redact_url(&self.url))
             .field(
                 "urls",
                 &self
                     .urls
                     .iter()
-                    .map(|u| flowgate_actors::connection::redact_url(u))
+                    .map(|u| flowgate_actors::redact_url(u))
                     .collect::<Vec<_>>(),
             )
             .field("url_file", &self.url_file)

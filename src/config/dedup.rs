@@ -38,10 +38,10 @@ pub struct DedupConfig {
 }
 
 fn default_lease() -> Duration {
-    Duration::from_secs(30)
+    flowgate_actors::DEDUP_LEASE
 }
 fn default_ttl() -> Duration {
-    Duration::from_secs(24 * 60 * 60)
+    flowgate_actors::DEDUP_DONE_TTL
 }
 fn default_capacity() -> usize {
     1_000_000

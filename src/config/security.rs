@@ -66,8 +66,8 @@ fn key_from_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
 impl SecurityConfig {
     /// Reads the keys: `None` when no key is configured. Errors name the
     /// key at fault and never contain key material.
-    pub fn keys(&self) -> Result<Option<flowgate_actors::signing::Keys>, ConfigError> {
-        use flowgate_actors::signing::{Keys, SigningKey};
+    pub fn keys(&self) -> Result<Option<flowgate_actors::Keys>, ConfigError> {
+        use flowgate_actors::{Keys, SigningKey};
         let current = match (&self.hmac_key_file, &self.hmac_key_env) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::new(

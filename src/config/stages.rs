@@ -283,8 +283,8 @@ fn default_backoff() -> Vec<humantime_serde::Serde<Duration>> {
 
 impl RetryConfig {
     /// As the actors' retry policy.
-    pub fn policy(&self) -> flowgate_actors::retry::RetryPolicy {
-        flowgate_actors::retry::RetryPolicy {
+    pub fn policy(&self) -> flowgate_actors::RetryPolicy {
+        flowgate_actors::RetryPolicy {
             max_attempts: self.max_attempts,
             backoff: self.backoff.iter().map(|d| **d).collect(),
         }

@@ -47,8 +47,8 @@ impl Default for SupervisorConfig {
 
 impl SupervisorConfig {
     /// As the actors' restart policy.
-    pub fn policy(&self) -> flowgate_actors::supervision::RestartPolicy {
-        flowgate_actors::supervision::RestartPolicy {
+    pub fn policy(&self) -> flowgate_actors::RestartPolicy {
+        flowgate_actors::RestartPolicy {
             backoff_min: self.backoff_min,
             backoff_max: self.backoff_max,
             max_restarts: self.max_restarts,

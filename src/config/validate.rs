@@ -631,8 +631,7 @@ mod security_tests {
         assert!(keys.previous.is_none());
         assert_eq!(cfg.stages[0].verify_mode(true), VerifyMode::Reject);
         // The file's whitespace is trimmed: it signs like the bare key.
-        let bare =
-            flowgate_actors::signing::SigningKey::new(b"0123456789abcdef0123456789abcdef".to_vec());
+        let bare = flowgate_actors::SigningKey::new(b"0123456789abcdef0123456789abcdef".to_vec());
         let p = lapin::BasicProperties::default();
         assert_eq!(keys.current.sign("k", &p, b"x"), bare.sign("k", &p, b"x"));
         let cfg = with(

@@ -367,7 +367,7 @@ fn header_text(v: &AMQPValue) -> Option<Vec<u8>> {
         AMQPValue::Boolean(b) => b.to_string().into_bytes(),
         AMQPValue::Float(f) => f.to_string().into_bytes(),
         AMQPValue::Double(f) => f.to_string().into_bytes(),
-        v => flowgate_actors::message::header_int(v)?
+        v => flowgate_actors::envelope::header_int(v)?
             .to_string()
             .into_bytes(),
     })
@@ -529,8 +529,7 @@ fn output(d: &Delivery, o: OutputDoc, default_target: Option<&Target>) -> Result
                 ))
             }
         };
-        flowgate_actors::message::try_set_header(&mut props, &k, value)
-            .map_err(|e| e.to_string())?;
+        flowgate_actors::try_set_header(&mut props, &k, value).map_err(|e| e.to_string())?;
     }
     Ok(Output {
         exchange,

@@ -57,7 +57,7 @@ pub(crate) fn builtins() -> HashMap<String, HandlerFactory> {
     m.insert(
         "sink".into(),
         Arc::new(|_: &StageConfig| {
-            Ok(Arc::new(flowgate_actors::message::handler_fn(|_d| async {
+            Ok(Arc::new(flowgate_actors::handler_fn(|_d| async {
                 Ok(flowgate_actors::Outcome::ack())
             })) as Arc<dyn Handler>)
         }),

@@ -31,8 +31,8 @@ use crate::ingress::{Ingress, IngressError};
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::{Bytes, BytesMut};
-use flowgate_actors::message::set_header;
-use flowgate_actors::signing::UNSIGNED_HEADER;
+use flowgate_actors::envelope::UNSIGNED;
+use flowgate_actors::set_header;
 use flowgate_actors::Output;
 use futures::StreamExt;
 use lapin::types::AMQPValue;
@@ -136,11 +136,7 @@ async fn publish(
         out.properties = out.properties.with_content_type(ct.into());
     }
     if !authenticated {
-        set_header(
-            &mut out.properties,
-            UNSIGNED_HEADER,
-            AMQPValue::Boolean(true),
-        );
+        set_header(&mut out.properties, UNSIGNED, AMQPValue::Boolean(true));
     }
     let tp = req
         .headers()

@@ -5,9 +5,9 @@
 pub(crate) mod ingress;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
-use flowgate_actors::publisher::PublisherHandle;
-use flowgate_actors::stage::StageProbe;
 use flowgate_actors::Metrics;
+use flowgate_actors::PublisherHandle;
+use flowgate_actors::StageProbe;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -34,8 +34,8 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(s: web::Data<HttpState>) -> HttpResponse {
-    let connected = s.metrics.connection_up.get() == 1;
-    let blocked = s.metrics.broker_blocked.get() == 1;
+    let connected = s.metrics.connected();
+    let blocked = s.metrics.broker_blocked();
     let stages: Vec<_> = s
         .probes
         .iter()

@@ -167,7 +167,7 @@ pub async fn drive(
                 .headers()
                 .as_ref()
                 .and_then(|h| h.inner().get("x-sent-at"))
-                .and_then(flowgate::actors::message::header_int);
+                .and_then(flowgate::envelope::header_int);
             if seen.insert(id) {
                 if let Some(t) = sent_at {
                     lat.push(Duration::from_micros((now_micros() - t).max(0) as u64));

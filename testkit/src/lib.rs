@@ -395,7 +395,7 @@ impl Drop for ChildGuard {
 pub fn header(h: &FieldTable, name: &str) -> Option<String> {
     h.inner()
         .get(name)
-        .and_then(flowgate::actors::message::header_string)
+        .and_then(flowgate::envelope::header_string)
 }
 
 /// A config for a chain `prefix.s1 → … → prefix.sN → prefix.sink` on exchange

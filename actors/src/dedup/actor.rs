@@ -29,7 +29,7 @@
 //! the price is a credit held for at most one lease per such duplicate.
 
 use super::contract::{Claim, ClaimToken, CommitOutcome, DedupError, DedupStore, MissingId};
-use crate::events::{self, Event};
+use crate::metrics::events::{self, Event};
 use crate::metrics::Metrics;
 use actix::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,7 +38,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// How often an unavailable store is pinged.
-pub const PING_INTERVAL: Duration = Duration::from_millis(250);
+pub(crate) const PING_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Longest pause between two claims of a key someone else holds.
 const IN_PROGRESS_BACKOFF_MAX: Duration = Duration::from_millis(500);

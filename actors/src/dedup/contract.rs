@@ -38,7 +38,7 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 pub const DEFAULT_DONE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Default timeout of each Redis call (and of connecting).
-pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Shortest lease or TTL applied: Redis rejects `PX 0`, so zero durations are
 /// rounded up to this in both stores to keep their behaviour identical.
@@ -116,14 +116,14 @@ pub enum MissingId {
     /// Derive the key from a SHA-256 of the routing key and body.
     #[default]
     Hash,
-    /// Refuse to derive a key ([`MissingIdRejected`]).
+    /// Refuse to derive a key (the stage dead-letters it `missing-id`).
     Reject,
 }
 
 /// Returned by [`key_for`] when a message has no id and [`MissingId::Reject`] is in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("message has no message id and the dedup policy rejects such messages")]
-pub struct MissingIdRejected;
+pub(crate) struct MissingIdRejected;
 
 /// Computes the dedup key of a message.
 ///
@@ -131,7 +131,7 @@ pub struct MissingIdRejected;
 /// [`MissingId::Hash`], the key is `"h:"` followed by the lowercase hex SHA-256
 /// of the routing key (length-prefixed, so `("ab", "c")` and `("a", "bc")`
 /// differ) and the body; this is stable across Rust versions and processes.
-pub fn key_for(
+pub(crate) fn key_for(
     message_id: Option<&str>,
     body: &[u8],
     routing_key: &str,

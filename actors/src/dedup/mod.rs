@@ -10,18 +10,19 @@
 //!
 //! [`store`] keeps the former paths.
 
-pub mod actor;
+pub(crate) mod actor;
 #[cfg(test)]
 mod conformance;
-pub mod contract;
-pub mod memory;
-pub mod redis;
-pub mod store;
+pub(crate) mod contract;
+pub(crate) mod memory;
+pub(crate) mod redis;
+pub(crate) mod store;
 
 pub use self::redis::{RedisStore, RedisStoreConfig};
-pub use actor::{Claimed, DedupActor, DedupHandle, DedupSettings, StoreFailed};
+pub use actor::{Claimed, DedupActor, DedupHandle, DedupSettings};
+pub(crate) use contract::key_for;
 pub use contract::{
-    key_for, Claim, ClaimToken, CommitOutcome, DedupError, DedupStore, MissingId,
-    MissingIdRejected, DEFAULT_DONE_TTL, DEFAULT_LEASE, DEFAULT_REDIS_TIMEOUT,
+    Claim, ClaimToken, CommitOutcome, DedupError, DedupStore, MissingId, DEFAULT_DONE_TTL,
+    DEFAULT_LEASE,
 };
 pub use memory::MemoryStore;

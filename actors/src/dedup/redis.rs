@@ -34,7 +34,7 @@ return 0
 /// Settings of a [`RedisStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisStoreConfig {
-    /// Timeout of each Redis call, and of connecting. Default [`DEFAULT_REDIS_TIMEOUT`].
+    /// Timeout of each Redis call, and of connecting. Default 2 s.
     pub op_timeout: Duration,
     /// Whether [`RedisStore::connect_with`] returns without connecting; the
     /// connection is then made by the first call. Default false.

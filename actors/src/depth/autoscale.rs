@@ -14,7 +14,7 @@ pub struct ScaleRange {
 
 /// What a stage looked like at one sample.
 #[derive(Clone, Copy, Debug)]
-pub struct StageSample {
+pub(crate) struct StageSample {
     /// Workers it runs now.
     pub workers: usize,
     /// Workers running a handler at the sample.
@@ -28,7 +28,7 @@ pub struct StageSample {
 
 /// An autoscaling decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ScaleDecision {
+pub(crate) struct ScaleDecision {
     /// The new number of workers.
     pub workers: usize,
     /// Why, for the log.
@@ -42,7 +42,7 @@ const SCALE_DOWN_UTILIZATION: f64 = 0.5;
 
 /// Decides whether to change a stage's workers. `last_change` is when the
 /// previous change was made; none is made within `cooldown` of it.
-pub fn scale_decision(
+pub(crate) fn scale_decision(
     range: ScaleRange,
     s: StageSample,
     last_change: Option<Instant>,

@@ -37,16 +37,19 @@
 //! is drained and most workers idle, at most once per `cooldown`. Every
 //! decision is logged with its reason.
 
-pub mod admission;
-pub mod autoscale;
-pub mod sampler;
-pub mod watermark;
+pub(crate) mod admission;
+pub(crate) mod autoscale;
+pub(crate) mod sampler;
+pub(crate) mod watermark;
 
 pub use admission::{QueueLevels, Refusal};
-pub use autoscale::{scale_decision, ScaleDecision, ScaleRange, StageSample};
-pub use watermark::{above_watermark, share, Watermark, WATERMARK_CAUSE};
+pub use autoscale::ScaleRange;
+pub(crate) use autoscale::{scale_decision, StageSample};
+pub use watermark::Watermark;
+pub(crate) use watermark::{above_watermark, share};
 
 use crate::connection::ConnectionActor;
+use crate::metrics::events::{self, Event, PauseCause};
 use crate::metrics::Metrics;
 use crate::stage::{Pause, Resume, SetBudget, SetWorkers, StageActor, StageProbe};
 use actix::prelude::*;
@@ -153,14 +156,12 @@ impl DepthMonitorActor {
                 continue;
             };
             depths.insert(name.as_str(), *depth);
-            self.metrics
-                .queue_depth
-                .with_label_values(&[name])
-                .set(*depth as i64);
-            self.metrics
-                .queue_consumers
-                .with_label_values(&[name])
-                .set(*consumers as i64);
+            events::QueueSampled {
+                queue: name,
+                depth: *depth,
+                consumers: *consumers,
+            }
+            .emit(&self.metrics);
             if let Some(w) = self
                 .cfg
                 .queues
@@ -207,7 +208,7 @@ impl DepthMonitorActor {
                 }
             }
             if should_pause != was {
-                let cause = WATERMARK_CAUSE.to_owned();
+                let cause = PauseCause::Watermark;
                 // bounded: only on a watermark crossing, at most one per
                 // stage per sample.
                 if should_pause {
@@ -234,12 +235,13 @@ impl DepthMonitorActor {
                 now,
                 self.cfg.cooldown,
             ) {
-                let dir = if d.workers > s.workers { "up" } else { "down" };
-                info!(stage = %name, from = s.workers, to = d.workers, reason = %d.reason, "autoscaling");
-                self.metrics
-                    .stage_scaling
-                    .with_label_values(&[&name, dir])
-                    .inc();
+                events::Scaled {
+                    stage: &name,
+                    from: s.workers,
+                    to: d.workers,
+                    reason: &d.reason,
+                }
+                .emit(&self.metrics);
                 // bounded: at most one per stage per cooldown.
                 st.addr.do_send(SetWorkers(d.workers));
                 self.last_scaled.insert(name, now);

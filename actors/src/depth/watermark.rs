@@ -1,9 +1,6 @@
 //! Watermarks: high/low hysteresis of a queue's depth, and the share of the
 //! room below `high` each producer of the queue may take between samples.
 
-/// The pause cause used for watermarks (a `flowgate_stage_paused` label).
-pub const WATERMARK_CAUSE: &str = "watermark";
-
 /// High/low watermarks of a queue (ready messages).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Watermark {
@@ -15,7 +12,7 @@ pub struct Watermark {
 
 /// Whether a queue counts as above its watermark after a sample of `depth`,
 /// given whether it was above before (hysteresis between `low` and `high`).
-pub fn above_watermark(was_above: bool, depth: u64, w: Watermark) -> bool {
+pub(crate) fn above_watermark(was_above: bool, depth: u64, w: Watermark) -> bool {
     if was_above {
         depth > w.low
     } else {
@@ -27,12 +24,12 @@ pub fn above_watermark(was_above: bool, depth: u64, w: Watermark) -> bool {
 /// between `sharers` (the stages feeding the queue, and for the ingress
 /// headroom one more, the ingress itself). Between two samples each sharer
 /// takes at most its share.
-pub fn share(w: Watermark, depth: u64, sharers: u64) -> u64 {
+pub(crate) fn share(w: Watermark, depth: u64, sharers: u64) -> u64 {
     w.high.saturating_sub(depth) / sharers.max(1)
 }
 
 /// How many of `stages` feed `queue` (publish to it).
-pub fn feeders(stages: &[super::WatchedStage], queue: &str) -> u64 {
+pub(crate) fn feeders(stages: &[super::WatchedStage], queue: &str) -> u64 {
     stages
         .iter()
         .filter(|s| s.outputs.iter().any(|q| q == queue))

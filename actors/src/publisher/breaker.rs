@@ -74,7 +74,7 @@ impl std::fmt::Display for BreakerState {
 /// logged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[must_use = "count every breaker transition (flowgate_breaker_transitions_total{to})"]
-pub struct Transition {
+pub(crate) struct Transition {
     /// State before the change (as last reported to the caller).
     pub from: BreakerState,
     /// State after the change; the metric's `to` label.
@@ -83,7 +83,7 @@ pub struct Transition {
 
 /// What the breaker says about one publish attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Admission {
+pub(crate) enum Admission {
     /// Breaker closed: publish normally and report the outcome.
     Admit,
     /// Breaker half-open and this caller holds the single probe slot:
@@ -96,7 +96,7 @@ pub enum Admission {
 
 impl Admission {
     /// `true` for [`Admission::Admit`] and [`Admission::Probe`].
-    pub fn is_allowed(self) -> bool {
+    pub(crate) fn is_allowed(self) -> bool {
         !matches!(self, Admission::Reject)
     }
 }
@@ -156,7 +156,7 @@ impl Inner {
 /// The circuit breaker. Not internally synchronised: own it from a single
 /// actor/task (or wrap it in a mutex).
 #[derive(Clone, Debug)]
-pub struct CircuitBreaker {
+pub(crate) struct CircuitBreaker {
     /// Configuration, with zero counts already clamped to one.
     cfg: BreakerConfig,
     /// Current internal state.
@@ -165,7 +165,7 @@ pub struct CircuitBreaker {
 
 impl CircuitBreaker {
     /// A closed breaker with the given configuration.
-    pub fn new(cfg: BreakerConfig) -> Self {
+    pub(crate) fn new(cfg: BreakerConfig) -> Self {
         CircuitBreaker {
             cfg: BreakerConfig {
                 failures: cfg.failures.max(1),
@@ -179,7 +179,8 @@ impl CircuitBreaker {
     }
 
     /// The effective configuration (zero counts clamped to one).
-    pub fn config(&self) -> &BreakerConfig {
+    #[cfg(test)]
+    pub(crate) fn config(&self) -> &BreakerConfig {
         &self.cfg
     }
 
@@ -187,7 +188,7 @@ impl CircuitBreaker {
     /// `HalfOpen` as soon as the cooldown has elapsed, but the matching
     /// [`Transition`] is returned by the next mutating call (see the
     /// [module docs](self)).
-    pub fn state(&self, now: Instant) -> BreakerState {
+    pub(crate) fn state(&self, now: Instant) -> BreakerState {
         match self.inner {
             Inner::Open { since } if self.cooldown_over(since, now) => BreakerState::HalfOpen,
             other => other.public(),
@@ -195,7 +196,8 @@ impl CircuitBreaker {
     }
 
     /// Consecutive failures counted while closed (0 in other states).
-    pub fn consecutive_failures(&self) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn consecutive_failures(&self) -> u32 {
         match self.inner {
             Inner::Closed {
                 consecutive_failures,
@@ -208,7 +210,7 @@ impl CircuitBreaker {
     /// and returns it. Call it from a periodic tick if you want the
     /// transition counted without waiting for the next publish attempt.
     #[must_use = "count every breaker transition"]
-    pub fn poll(&mut self, now: Instant) -> Option<Transition> {
+    pub(crate) fn poll(&mut self, now: Instant) -> Option<Transition> {
         let before = self.inner.public();
         self.advance(now);
         self.transition_from(before)
@@ -222,7 +224,7 @@ impl CircuitBreaker {
     /// [`Admission::Reject`] until that probe's outcome is reported (or its
     /// lease of `reset` runs out).
     #[must_use = "check the admission and count the transition"]
-    pub fn allow(&mut self, now: Instant) -> (Admission, Option<Transition>) {
+    pub(crate) fn allow(&mut self, now: Instant) -> (Admission, Option<Transition>) {
         let before = self.inner.public();
         self.advance(now);
         let reset = self.cfg.reset;
@@ -249,7 +251,7 @@ impl CircuitBreaker {
     /// Open, or half-open without a probe in flight: a late outcome of a
     /// publish admitted before the breaker opened; ignored.
     #[must_use = "count every breaker transition"]
-    pub fn on_success(&mut self, now: Instant) -> Option<Transition> {
+    pub(crate) fn on_success(&mut self, now: Instant) -> Option<Transition> {
         let before = self.inner.public();
         self.advance(now);
         match &mut self.inner {
@@ -281,7 +283,7 @@ impl CircuitBreaker {
     /// starting at `now`. Open, or half-open without a probe in flight:
     /// ignored (a late outcome; it must not extend the cooldown).
     #[must_use = "count every breaker transition"]
-    pub fn on_failure(&mut self, now: Instant) -> Option<Transition> {
+    pub(crate) fn on_failure(&mut self, now: Instant) -> Option<Transition> {
         let before = self.inner.public();
         self.advance(now);
         match &mut self.inner {
@@ -308,7 +310,7 @@ impl CircuitBreaker {
     /// connection for longer than `blocked_timeout`). Already open: the
     /// cooldown is restarted and no transition is returned.
     #[must_use = "count every breaker transition"]
-    pub fn force_open(&mut self, now: Instant) -> Option<Transition> {
+    pub(crate) fn force_open(&mut self, now: Instant) -> Option<Transition> {
         // No `advance` here: an elapsed-but-unreported Open stays Open, so
         // the net change is Open → Open and nothing is reported.
         let before = self.inner.public();

@@ -26,7 +26,7 @@ use governor::{Quota, RateLimiter};
 /// because governor needs `Add<Nanos>`, which cannot be implemented for a
 /// foreign type here).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TokioInstant(pub tokio::time::Instant);
+pub(crate) struct TokioInstant(pub tokio::time::Instant);
 
 impl Add<Nanos> for TokioInstant {
     type Output = TokioInstant;
@@ -55,7 +55,7 @@ impl Reference for TokioInstant {
 /// governor clock reading [`tokio::time::Instant::now`], so rate limiting
 /// follows tokio's (possibly paused) clock.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct TokioClock;
+pub(crate) struct TokioClock;
 
 impl Clock for TokioClock {
     type Instant = TokioInstant;
@@ -73,7 +73,7 @@ type Limiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<T
 /// spool) instead of queueing unboundedly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 #[error("publish rate limit: too many waiters")]
-pub struct Backpressure;
+pub(crate) struct Backpressure;
 
 /// Token bucket limiting publishes to `rate_per_sec` with bursts of up to
 /// `burst`, and at most `max_waiters` callers waiting for a token at once.
@@ -81,7 +81,7 @@ pub struct Backpressure;
 /// `Send + Sync`; share it behind an `Arc`. Waiters are not queued fairly:
 /// when a token frees up, whichever caller checks first gets it (a waiter
 /// that loses simply sleeps until the next one).
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     /// The GCRA limiter; `None` when the rate is unlimited (`rate = 0`).
     limiter: Option<Limiter>,
     /// Callers currently waiting inside [`TokenBucket::acquire`]; exported
@@ -125,7 +125,7 @@ impl TokenBucket {
     /// `burst` of 0 is treated as 1). `rate_per_sec = 0` means unlimited:
     /// [`acquire`](TokenBucket::acquire) always returns `Ok` at once.
     /// `max_waiters = 0` means callers never wait: no token, no admission.
-    pub fn new(rate_per_sec: u32, burst: u32, max_waiters: usize) -> Self {
+    pub(crate) fn new(rate_per_sec: u32, burst: u32, max_waiters: usize) -> Self {
         let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
         let limiter = NonZeroU32::new(rate_per_sec).map(|rate| {
             RateLimiter::direct_with_clock(Quota::per_second(rate).allow_burst(burst), TokioClock)
@@ -147,7 +147,7 @@ impl TokenBucket {
     /// if `max_waiters` are already waiting, returns [`Backpressure`] at
     /// once. Cancel-safe: dropping the future gives up the waiter slot and
     /// consumes no token.
-    pub async fn acquire(&self) -> Result<(), Backpressure> {
+    pub(crate) async fn acquire(&self) -> Result<(), Backpressure> {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
@@ -167,23 +167,20 @@ impl TokenBucket {
     }
 
     /// Takes a token if one is available right now, never waiting.
-    pub fn try_acquire(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn try_acquire(&self) -> bool {
         self.limiter.as_ref().is_none_or(|l| l.check().is_ok())
     }
 
     /// Number of callers currently waiting in
     /// [`acquire`](TokenBucket::acquire), for the waiters gauge.
-    pub fn waiters(&self) -> usize {
+    pub(crate) fn waiters(&self) -> usize {
         self.waiters.load(Ordering::Acquire)
     }
 
-    /// The configured limit on waiters.
-    pub fn max_waiters(&self) -> usize {
-        self.max_waiters
-    }
-
     /// `true` when the bucket was built with `rate_per_sec = 0`.
-    pub fn is_unlimited(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_unlimited(&self) -> bool {
         self.limiter.is_none()
     }
 

@@ -18,7 +18,7 @@
 //!    [`Error::Backpressure`]).
 //!
 //! With [`PublisherConfig::signing`] set, each message is signed (header
-//! `x-flowgate-signature`, see [`crate::signing`]) in the one place that
+//! `x-flowgate-signature`, see [`Keys`](crate::Keys)) in the one place that
 //! calls `basic.publish`, right before it: spooled records are stored
 //! unsigned and signed when they are replayed.
 //!
@@ -47,12 +47,13 @@
 //! spool replays are not held back behind it: order is kept among spooled
 //! records, not between spooled and live ones.
 
-pub mod breaker;
-pub mod bucket;
-pub mod spool;
+pub(crate) mod breaker;
+pub(crate) mod bucket;
+pub(crate) mod spool;
 
-pub use breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker, Transition};
-pub use bucket::{TokenBucket, TokioClock, TokioInstant};
+pub use breaker::BreakerConfig;
+pub(crate) use breaker::{Admission, BreakerState, CircuitBreaker, Transition};
+pub(crate) use bucket::TokenBucket;
 pub use spool::{Spool, SpoolError, SpoolRecord};
 
 use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscribe};
@@ -64,6 +65,7 @@ use crate::envelope::{
 };
 use crate::error::{Error, Result};
 use crate::message::{set_header, Output};
+use crate::metrics::events::{self, Event, PublishResult, SpoolOp};
 use crate::metrics::Metrics;
 use crate::retry::{ORIGINAL_EXCHANGE_HEADER, ORIGINAL_ROUTING_KEY_HEADER};
 use crate::signing::{self, Keys};
@@ -127,7 +129,7 @@ pub struct PublisherConfig {
     /// Restart backoff and budget.
     pub policy: RestartPolicy,
     /// Signs every publish (header `x-flowgate-signature`, see
-    /// [`crate::signing`]) just before it is sent, spool replays included;
+    /// [`Keys`](crate::Keys)) just before it is sent, spool replays included;
     /// `None`: messages go out as they are.
     pub signing: Option<Keys>,
     /// Publish every message persistent (`delivery_mode = 2`) whatever it
@@ -247,13 +249,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Core {
     fn update_waiters(&self) {
         let n = self.bucket.waiters() + self.slots.count.load(Ordering::Acquire);
-        self.metrics.publish_waiters.set(n as i64);
+        events::PublishWaiters { waiting: n }.emit(&self.metrics);
     }
 
     fn update_spool_gauges(&self) {
         if let Some(s) = &self.spool {
-            self.metrics.spool_messages.set(s.len() as i64);
-            self.metrics.spool_bytes.set(s.bytes() as i64);
+            events::SpoolLevel {
+                records: s.len(),
+                bytes: s.bytes(),
+            }
+            .emit(&self.metrics);
         }
     }
 
@@ -268,16 +273,17 @@ impl Core {
             let (r, t) = f(&mut b, now);
             (r, t, b.state(now))
         };
-        self.metrics.breaker_state.set(state.as_gauge());
+        events::BreakerChecked {
+            state: state.as_gauge(),
+        }
+        .emit(&self.metrics);
         if let Some(t) = t {
-            self.metrics
-                .breaker_transitions
-                .with_label_values(&[t.to.as_str()])
-                .inc();
-            match t.to {
-                BreakerState::Open => warn!(from = %t.from, "publish circuit breaker opened"),
-                _ => info!(from = %t.from, to = %t.to, "publish circuit breaker changed state"),
+            events::BreakerTransitioned {
+                from: t.from.as_str(),
+                to: t.to.as_str(),
+                opened: t.to == BreakerState::Open,
             }
+            .emit(&self.metrics);
         }
         r
     }
@@ -298,10 +304,11 @@ impl Core {
     /// Counts a publish attempt's result and feeds it to the breaker; every
     /// attempt (live or replayed) goes through here once.
     fn record(&self, res: &Result<()>) {
-        self.metrics
-            .publish
-            .with_label_values(&[result_label(res)])
-            .inc();
+        let result = match res {
+            Ok(()) => PublishResult::Confirmed,
+            Err(e) => PublishResult::Failed(e),
+        };
+        events::PublishFinished { result }.emit(&self.metrics);
         match res {
             // A return is the message's own fault: the broker answered, so
             // for the breaker the link works.
@@ -391,14 +398,13 @@ impl Core {
     /// Appends to the spool; resolves once the record is durable.
     async fn spool(&self, msg: Output) -> Result<Published> {
         let Some(spool) = &self.spool else {
-            self.metrics
-                .publish
-                .with_label_values(&["backpressure"])
-                .inc();
-            debug!("breaker open and no spool configured; backpressure");
-            return Err(Error::Backpressure(
-                "publish circuit breaker open (no spool configured)".into(),
-            ));
+            let e =
+                Error::Backpressure("publish circuit breaker open (no spool configured)".into());
+            events::PublishFinished {
+                result: PublishResult::Failed(&e),
+            }
+            .emit(&self.metrics);
+            return Err(e);
         };
         let rec = SpoolRecord {
             exchange: msg.exchange,
@@ -410,23 +416,26 @@ impl Core {
         self.update_spool_gauges();
         match res {
             Ok(_) => {
-                self.metrics.publish.with_label_values(&["spooled"]).inc();
+                events::PublishFinished {
+                    result: PublishResult::Spooled,
+                }
+                .emit(&self.metrics);
                 Ok(Published::Spooled)
             }
             Err(e) if e.is_full() => {
-                self.metrics
-                    .publish
-                    .with_label_values(&["spool_full"])
-                    .inc();
+                events::PublishFinished {
+                    result: PublishResult::SpoolFull,
+                }
+                .emit(&self.metrics);
                 debug!(error = %e, "spool full; backpressure");
                 Err(Error::Backpressure(e.to_string()))
             }
             Err(e) => {
-                self.metrics
-                    .publish
-                    .with_label_values(&["store_error"])
-                    .inc();
-                error!(error = %e, "could not append to the spool");
+                events::SpoolFailed {
+                    op: SpoolOp::Append,
+                    error: &e,
+                }
+                .emit(&self.metrics);
                 Err(Error::Store(e.to_string()))
             }
         }
@@ -467,11 +476,11 @@ impl Core {
             let batch = match spool.peek_batch_async(REPLAY_BATCH).await {
                 Ok(b) => b,
                 Err(e) => {
-                    self.metrics
-                        .publish
-                        .with_label_values(&["store_error"])
-                        .inc();
-                    error!(error = %e, "cannot read the spool; replay stopped");
+                    events::SpoolFailed {
+                        op: SpoolOp::Read,
+                        error: &e,
+                    }
+                    .emit(&self.metrics);
                     return;
                 }
             };
@@ -494,7 +503,7 @@ impl Core {
                 self.record(&res);
                 match res {
                     Ok(()) => {
-                        self.metrics.spool_replayed.inc();
+                        events::SpoolReplayed.emit(&self.metrics);
                         remove.push(*seq);
                     }
                     Err(e @ Error::Unroutable { .. }) => {
@@ -524,11 +533,11 @@ impl Core {
             let removed = spool.remove_many_async(remove).await;
             self.update_spool_gauges();
             if let Err(e) = removed {
-                self.metrics
-                    .publish
-                    .with_label_values(&["store_error"])
-                    .inc();
-                error!(error = %e, "cannot delete replayed records; they will be replayed again");
+                events::SpoolFailed {
+                    op: SpoolOp::Remove,
+                    error: &e,
+                }
+                .emit(&self.metrics);
                 return;
             }
             if failed {
@@ -801,31 +810,31 @@ impl Core {
                     );
                     next = foreign;
                 }
-                Err(e) => {
-                    self.metrics
-                        .spool_dropped
-                        .with_label_values(&[envelope::Reason::Unroutable.as_str()])
-                        .inc();
-                    error!(
-                        exchange = %rec.exchange, routing_key = %rec.routing_key,
-                        message_id = ?rec.properties.message_id(), error = %e,
-                        "a returned message could not be moved to the unroutable queue; it is lost"
-                    );
+                Err(e) => events::UnroutableDropped {
+                    message: self.unroutable(&rec),
+                    error: &e,
                 }
+                .emit(&self.metrics),
             }
         }
     }
 
     fn count_unroutable_dead_letter(&self, rec: &SpoolRecord, what: &'static str) {
-        self.metrics
-            .dead_lettered
-            .with_label_values(&[PUBLISHER_STAGE, envelope::Reason::Unroutable.as_str()])
-            .inc();
-        warn!(
-            exchange = %rec.exchange, routing_key = %rec.routing_key,
-            message_id = ?rec.properties.message_id(),
-            queue = %self.cfg.unroutable_queue, "{what}"
-        );
+        events::UnroutableDeadLettered {
+            stage: PUBLISHER_STAGE,
+            message: self.unroutable(rec),
+            what,
+        }
+        .emit(&self.metrics);
+    }
+
+    fn unroutable<'a>(&'a self, rec: &'a SpoolRecord) -> events::Unroutable<'a> {
+        events::Unroutable {
+            exchange: &rec.exchange,
+            routing_key: &rec.routing_key,
+            message_id: rec.properties.message_id().as_ref().map(|id| id.as_str()),
+            queue: &self.cfg.unroutable_queue,
+        }
     }
 
     /// The one `basic.publish` of the actor: signs the message (unless it
@@ -910,14 +919,12 @@ impl PublisherHandle {
     pub async fn send(&self, msg: Output) -> Result<Published> {
         let core = &self.core;
         if core.bucket.acquire().await.is_err() {
-            core.metrics
-                .publish
-                .with_label_values(&["backpressure"])
-                .inc();
-            debug!("publish rate limit: too many waiters; backpressure");
-            return Err(Error::Backpressure(
-                "publish rate limit: too many waiting publishers".into(),
-            ));
+            let e = Error::Backpressure("publish rate limit: too many waiting publishers".into());
+            events::PublishFinished {
+                result: PublishResult::Failed(&e),
+            }
+            .emit(&core.metrics);
+            return Err(e);
         }
         let credit = match self.window.try_acquire() {
             Some(c) => c,
@@ -933,12 +940,18 @@ impl PublisherHandle {
         // Wait for an unblock holding the credit, so that at most
         // `max_unconfirmed` publishes are past the window at any time.
         if let Err(e) = core.wait_gate().await {
-            core.metrics.publish.with_label_values(&[e.label()]).inc();
+            events::PublishFinished {
+                result: PublishResult::Failed(&e),
+            }
+            .emit(&core.metrics);
             return Err(e);
         }
-        core.metrics.unconfirmed.set(self.window.in_use() as i64);
+        let window = |w: &Credits| events::PublishWindow {
+            unconfirmed: w.in_use(),
+        };
+        window(&self.window).emit(&core.metrics);
         let res = self.addr.send(Publish { msg, credit }).await;
-        core.metrics.unconfirmed.set(self.window.in_use() as i64);
+        window(&self.window).emit(&core.metrics);
         res?
     }
 
@@ -1022,7 +1035,7 @@ impl PublisherActor {
             None => None,
         };
         if let Some(s) = &spool {
-            s.count_quarantined_in(metrics.spool_quarantined.clone());
+            s.count_quarantined_in(metrics.clone());
             if !s.is_empty() {
                 info!(
                     records = s.len(),
@@ -1051,7 +1064,10 @@ impl PublisherActor {
             cfg,
         });
         core.update_spool_gauges();
-        core.metrics.breaker_state.set(0);
+        events::BreakerChecked {
+            state: BreakerState::Closed.as_gauge(),
+        }
+        .emit(&core.metrics);
         let c = core.clone();
         let addr = Supervisor::start(move |_| PublisherActor {
             restarts: Restarts::new(c.cfg.policy.clone()),
@@ -1140,14 +1156,9 @@ impl Actor for PublisherActor {
 impl Supervised for PublisherActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         *lock(&self.core.channel) = None;
-        self.core
-            .metrics
-            .restarts
-            .with_label_values(&["publisher"])
-            .inc();
+        events::Restarted { actor: "publisher" }.emit(&self.core.metrics);
         if !self.restarts.record(tokio::time::Instant::now()) {
-            self.core.metrics.escalations.inc();
-            tracing::error!(actor = "publisher", "restart budget spent; escalating");
+            events::Escalated { actor: "publisher" }.emit(&self.core.metrics);
             if let Some(tx) = &self.escalations {
                 let _ = tx.try_send(Escalation {
                     actor: "publisher".into(),
@@ -1195,13 +1206,6 @@ impl Handler<LinkEvent> for PublisherActor {
             }
             _ => {}
         }
-    }
-}
-
-fn result_label(r: &Result<()>) -> &'static str {
-    match r {
-        Ok(()) => "confirmed",
-        Err(e) => e.label(),
     }
 }
 

@@ -18,6 +18,8 @@ use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscr
 use crate::credit::{Credit, Credits};
 use crate::error::{Error, Result};
 use crate::message::Handler;
+pub(crate) use crate::metrics::events::PauseCause;
+use crate::metrics::events::{self, Event};
 use crate::metrics::Metrics;
 use crate::publisher::PublisherHandle;
 use crate::supervision::{Escalation, EscalationSender, RestartPolicy, Restarts};
@@ -32,8 +34,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
-
-pub use process::{ATTEMPTS_HEADER, DEAD_LETTER_HEADERS, MAX_ERROR_HEADER_BYTES, REASON_HEADER};
 
 /// Everything a stage needs to know about itself.
 #[derive(Clone)]
@@ -63,7 +63,7 @@ pub struct StageSpec {
     /// Larger bodies are dead-lettered as `oversized` before the handler runs.
     pub max_message_bytes: Option<usize>,
     /// HMAC signature verification of every delivery (see
-    /// [`crate::signing`]); `None`: off.
+    /// [`Keys`](crate::Keys)); `None`: off.
     pub signature: Option<crate::signing::Verifier>,
 }
 
@@ -83,16 +83,13 @@ pub(crate) struct Shared {
     /// in flight).
     pub in_flight: Arc<AtomicUsize>,
     /// Causes that currently pause intake (see [`Pause`]); empty: running.
-    pub paused: watch::Sender<BTreeSet<String>>,
+    pub paused: watch::Sender<BTreeSet<PauseCause>>,
     /// Workers the stage should run; `workers` converges to it.
     pub worker_target: Arc<AtomicUsize>,
     /// Deliveries intake may still take before pausing with cause
-    /// [`BUDGET_CAUSE`] (see [`SetBudget`]); `u64::MAX`: unlimited.
+    /// [`PauseCause::Budget`] (see [`SetBudget`]); `u64::MAX`: unlimited.
     pub budget: AtomicU64,
 }
-
-/// The pause cause used while the intake budget is spent.
-pub const BUDGET_CAUSE: &str = "budget";
 
 impl Shared {
     /// Counts one delivery against the intake budget; pauses intake when
@@ -104,30 +101,26 @@ impl Shared {
                 (b != u64::MAX).then(|| b.saturating_sub(1))
             });
         if before == Ok(1) {
-            self.set_cause(BUDGET_CAUSE, true);
+            self.set_cause(PauseCause::Budget, true);
         }
     }
 
     /// Adds or removes a pause cause; logs and updates the gauge on change.
-    fn set_cause(&self, cause: &str, on: bool) {
+    fn set_cause(&self, cause: PauseCause, on: bool) {
         let changed = self.paused.send_if_modified(|set| {
             if on {
-                set.insert(cause.to_owned())
+                set.insert(cause)
             } else {
-                set.remove(cause)
+                set.remove(&cause)
             }
         });
         if changed {
-            let name = &self.spec.name;
-            if on {
-                debug!(stage = %name, cause, "intake paused");
-            } else {
-                debug!(stage = %name, cause, "intake resumed");
+            events::Paused {
+                stage: &self.spec.name,
+                cause,
+                on,
             }
-            self.metrics
-                .stage_paused
-                .with_label_values(&[name, cause])
-                .set(i64::from(on));
+            .emit(&self.metrics);
         }
     }
 }
@@ -142,10 +135,11 @@ impl Shared {
                 .fetch_sub(1, Ordering::AcqRel)
                 .saturating_sub(1)
         };
-        self.metrics
-            .in_flight
-            .with_label_values(&[&self.spec.name])
-            .set(n as i64);
+        events::InFlight {
+            stage: &self.spec.name,
+            count: n,
+        }
+        .emit(&self.metrics);
     }
 }
 
@@ -176,7 +170,7 @@ pub struct DrainReport {
 #[rtype(result = "()")]
 pub struct Pause {
     /// Why (a metric label).
-    pub cause: String,
+    pub cause: PauseCause,
 }
 
 /// Clears a [`Pause`] cause.
@@ -184,11 +178,11 @@ pub struct Pause {
 #[rtype(result = "()")]
 pub struct Resume {
     /// The cause given to [`Pause`].
-    pub cause: String,
+    pub cause: PauseCause,
 }
 
 /// Sets how many more deliveries intake may take before it pauses (cause
-/// [`BUDGET_CAUSE`]) until the next budget: the depth monitor hands out
+/// [`PauseCause::Budget`]) until the next budget: the depth monitor hands out
 /// `high - depth` of the stage's output queue each sample, so the stage
 /// cannot overshoot the watermark between two samples. `None`: unlimited.
 #[derive(Message, Clone, Copy, Debug)]
@@ -224,7 +218,7 @@ pub struct StageProbe {
     in_flight: Arc<AtomicUsize>,
     workers: Arc<Semaphore>,
     worker_target: Arc<AtomicUsize>,
-    paused: watch::Receiver<BTreeSet<String>>,
+    paused: watch::Receiver<BTreeSet<PauseCause>>,
 }
 
 impl StageProbe {
@@ -287,10 +281,11 @@ impl StageActor {
         let workers = Arc::new(Semaphore::new(spec.concurrency.max(1)));
         let worker_target = Arc::new(AtomicUsize::new(spec.concurrency.max(1)));
         let paused = watch::channel(BTreeSet::new()).0;
-        metrics
-            .stage_workers
-            .with_label_values(&[&spec.name])
-            .set(spec.concurrency.max(1) as i64);
+        events::WorkersSet {
+            stage: &spec.name,
+            workers: spec.concurrency.max(1),
+        }
+        .emit(&metrics);
         let probe = StageProbe {
             name: spec.name.clone(),
             consuming: consuming.clone(),
@@ -404,9 +399,9 @@ enum Pulled<T> {
 /// channel incarnation's deliveries still held while the new one gets its
 /// own), at most `credits.total()` items are out of the stream and not yet
 /// given back.
-async fn next_with_credit<S: Stream + Unpin>(
+async fn next_with_credit<S: Stream + Unpin, C>(
     credits: &Credits,
-    paused: &mut watch::Receiver<BTreeSet<String>>,
+    paused: &mut watch::Receiver<BTreeSet<C>>,
     stop: &mut watch::Receiver<bool>,
     stream: &mut S,
 ) -> Pulled<S::Item> {
@@ -523,14 +518,9 @@ impl Supervised for StageActor {
         self.starting = false;
         self.shared.consuming.store(false, Ordering::Release);
         let name = format!("stage:{}", self.shared.spec.name);
-        self.shared
-            .metrics
-            .restarts
-            .with_label_values(&[&name])
-            .inc();
+        events::Restarted { actor: &name }.emit(&self.shared.metrics);
         if !self.restarts.record(tokio::time::Instant::now()) {
-            self.shared.metrics.escalations.inc();
-            tracing::error!(actor = %name, "restart budget spent; escalating");
+            events::Escalated { actor: &name }.emit(&self.shared.metrics);
             if let Some(tx) = &self.escalations {
                 let _ = tx.try_send(Escalation {
                     actor: name,
@@ -642,7 +632,7 @@ impl actix::Handler<Pause> for StageActor {
     type Result = ();
 
     fn handle(&mut self, msg: Pause, _ctx: &mut Context<Self>) {
-        self.shared.set_cause(&msg.cause, true);
+        self.shared.set_cause(msg.cause, true);
     }
 }
 
@@ -650,7 +640,7 @@ impl actix::Handler<Resume> for StageActor {
     type Result = ();
 
     fn handle(&mut self, msg: Resume, _ctx: &mut Context<Self>) {
-        self.shared.set_cause(&msg.cause, false);
+        self.shared.set_cause(msg.cause, false);
     }
 }
 
@@ -660,7 +650,7 @@ impl actix::Handler<SetBudget> for StageActor {
     fn handle(&mut self, msg: SetBudget, _ctx: &mut Context<Self>) {
         let b = msg.0.unwrap_or(u64::MAX);
         self.shared.budget.store(b, Ordering::Release);
-        self.shared.set_cause(BUDGET_CAUSE, b == 0);
+        self.shared.set_cause(PauseCause::Budget, b == 0);
     }
 }
 
@@ -691,11 +681,11 @@ impl actix::Handler<SetWorkers> for StageActor {
                 });
             }
         }
-        self.shared
-            .metrics
-            .stage_workers
-            .with_label_values(&[&self.shared.spec.name])
-            .set(want as i64);
+        events::WorkersSet {
+            stage: &self.shared.spec.name,
+            workers: want,
+        }
+        .emit(&self.shared.metrics);
     }
 }
 
@@ -725,7 +715,7 @@ mod tests {
         let credits = Credits::new(P);
         let pulled = Arc::new(AtomicUsize::new(0));
         let mut stream = never_blocking(pulled.clone());
-        let (_pause_tx, mut paused) = watch::channel(BTreeSet::new());
+        let (_pause_tx, mut paused) = watch::channel(BTreeSet::<PauseCause>::new());
         let (_stop_tx, mut stop) = watch::channel(false);
 
         let mut held = Vec::new();
@@ -765,7 +755,7 @@ mod tests {
         let credits = Credits::new(3);
         let pulled = Arc::new(AtomicUsize::new(0));
         let mut stream = never_blocking(pulled.clone());
-        let (pause_tx, mut paused) = watch::channel(BTreeSet::from(["depth".to_string()]));
+        let (pause_tx, mut paused) = watch::channel(BTreeSet::from([PauseCause::Watermark]));
         let (stop_tx, mut stop) = watch::channel(false);
 
         assert!(

@@ -32,8 +32,8 @@ use crate::credit::Credit;
 use crate::dedup::{key_for, ClaimToken, Claimed, CommitOutcome, DedupHandle};
 use crate::envelope::{self, Reason};
 use crate::error::Error;
-use crate::events::{self, Event};
 use crate::message::{set_header, Delivery, HandlerError, Outcome, Output};
+use crate::metrics::events::{self, Event};
 use crate::signing::VerifyMode;
 use crate::trace;
 use futures::FutureExt;
@@ -45,16 +45,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Longest `x-flowgate-error` value (see [`envelope::MAX_ERROR_BYTES`]).
-pub const MAX_ERROR_HEADER_BYTES: usize = envelope::MAX_ERROR_BYTES;
-
-/// Why a message was dead-lettered (see [`envelope::REASON`]).
-pub const REASON_HEADER: &str = envelope::REASON;
-
-/// How many handling attempts a dead letter had (see [`envelope::ATTEMPTS`]).
-pub const ATTEMPTS_HEADER: &str = envelope::ATTEMPTS;
-
-/// The headers every dead letter carries (see [`envelope::DEAD_LETTER_HEADERS`]).
-pub const DEAD_LETTER_HEADERS: [&str; 7] = envelope::DEAD_LETTER_HEADERS;
+pub(crate) const MAX_ERROR_HEADER_BYTES: usize = envelope::MAX_ERROR_BYTES;
 
 /// A dead letter to publish: why, and what to say about it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -26,7 +26,7 @@ use super::status::OrderStatus;
 use super::OrdersService;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use flowgate::actors::trace;
+use flowgate::trace;
 use flowgate::{EngineHandle, Ingress, IngressError, Output};
 use futures::StreamExt;
 use serde_json::json;

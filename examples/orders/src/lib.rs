@@ -326,7 +326,7 @@ impl OrdersApp {
 /// Deletes the exchanges and queues of `cfg` (a demo's or a test's
 /// uniquely named copy) from the broker at `url`.
 pub async fn delete_topology(url: &str, cfg: &flowgate::Config) {
-    use flowgate::actors::lapin::{Connection, ConnectionProperties};
+    use flowgate::lapin::{Connection, ConnectionProperties};
     if let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await {
         if let Ok(ch) = conn.create_channel().await {
             if let Err(e) = flowgate::topology::delete(&ch, cfg).await {

@@ -11,15 +11,15 @@ use super::ledger::{ChargeClaim, LedgerError, Reservation};
 use super::model::{Order, ORDER_PAID, ORDER_RESERVED, ORDER_SHIPPED};
 use super::status::OrderStatus;
 use super::OrdersService;
-use flowgate::actors::trace;
 use flowgate::config::Target;
+use flowgate::trace;
 use flowgate::{Delivery, Handler, HandlerError, Outcome, Output};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, warn};
 
 /// The header carrying a dead letter's reason.
-pub const REASON_HEADER: &str = flowgate::actors::envelope::REASON;
+pub const REASON_HEADER: &str = flowgate::envelope::REASON;
 
 /// Dead-letter reason of an order whose stock ran out.
 pub const OUT_OF_STOCK: &str = "out-of-stock";
@@ -39,11 +39,9 @@ fn parse(svc: &OrdersService, d: &Delivery) -> Result<Order, Outcome> {
 /// back from the retry ladder carries the broker's `x-death`, which would
 /// make the status stage take the shipped order for a dead letter).
 fn event(target: &Target, d: &Delivery, order: &Order) -> Output {
-    let mut props = flowgate::actors::envelope::without(
-        d.properties.clone(),
-        &flowgate::actors::envelope::REPLAY_STRIPPED,
-    )
-    .with_content_type("application/json".into());
+    let mut props =
+        flowgate::envelope::without(d.properties.clone(), &flowgate::envelope::REPLAY_STRIPPED)
+            .with_content_type("application/json".into());
     let tp = trace::traceparent_of(&props)
         .map(|p| trace::child_of(&p))
         .unwrap_or_else(trace::new_traceparent);
@@ -276,8 +274,8 @@ fn failure_reason(d: &Delivery) -> Option<String> {
         return Some(r);
     }
     let headers = d.properties.headers().as_ref()?;
-    headers.inner().get(flowgate::actors::envelope::X_DEATH)?;
-    let reason = flowgate::actors::envelope::newest_death(headers).and_then(|death| death.reason);
+    headers.inner().get(flowgate::envelope::X_DEATH)?;
+    let reason = flowgate::envelope::newest_death(headers).and_then(|death| death.reason);
     Some(reason.unwrap_or_else(|| "dead-lettered".into()))
 }
 

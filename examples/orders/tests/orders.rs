@@ -1,9 +1,9 @@
 //! The order pipeline over HTTP against the real broker (issue 5,
 //! acceptance 1, 2 and 4).
 
-use flowgate::actors::lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
-use flowgate::actors::lapin::types::FieldTable;
 use flowgate::config::Watermark;
+use flowgate::lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use flowgate::lapin::types::FieldTable;
 use flowgate_orders::{self as orders, FlowConfig, OrdersApp};
 use flowgate_testkit::*;
 use serde_json::{json, Value};
@@ -342,15 +342,10 @@ async fn a_redelivered_event_reserves_and_charges_once() {
         "the order shipped"
     );
     // Let every copy finish: all three pass the ship stage.
-    let track = flow
-        .app
-        .engine()
-        .metrics()
-        .acked
-        .with_label_values(&["track"]);
+    let metrics = flow.app.engine().metrics().clone();
     assert!(
         eventually(Duration::from_secs(30), || {
-            let n = track.get();
+            let n = metrics.counter(flowgate::Metrics::ACKED, &["track"]);
             async move { n == 3 }
         })
         .await,
@@ -483,24 +478,20 @@ async fn a_throttled_payment_provider_makes_the_gateway_answer_503_and_accepted_
     let (done, sampler) = sample_peaks(&client, bounds.keys().cloned().collect()).await;
     // Whether reserve (which feeds the throttled stage) is paused, by either
     // cause, sampled through the run: its gauges went to 1, then back to 0.
-    let paused_gauges: Vec<_> = ["watermark", "budget"]
-        .iter()
-        .map(|c| {
-            flow.app
-                .engine()
-                .metrics()
-                .stage_paused
-                .with_label_values(&["reserve", c])
-        })
-        .collect();
+    let metrics = flow.app.engine().metrics().clone();
+    let reserve_paused = move |m: &flowgate::Metrics| {
+        ["watermark", "budget"]
+            .iter()
+            .any(|c| m.gauge(flowgate::Metrics::STAGE_PAUSED, &["reserve", c]) == 1)
+    };
     let paused_seen = Arc::new(AtomicBool::new(false));
     let resumed_seen = Arc::new(AtomicBool::new(false));
     let pause_sampler = {
         let (stop, paused, resumed) = (done.clone(), paused_seen.clone(), resumed_seen.clone());
-        let gauges = paused_gauges.clone();
+        let m = metrics.clone();
         actix_rt::spawn(async move {
             while !stop.load(Ordering::Acquire) {
-                if gauges.iter().any(|g| g.get() == 1) {
+                if reserve_paused(&m) {
                     paused.store(true, Ordering::Release);
                 } else if paused.load(Ordering::Acquire) {
                     resumed.store(true, Ordering::Release);
@@ -574,7 +565,7 @@ async fn a_throttled_payment_provider_makes_the_gateway_answer_503_and_accepted_
         "the 503s come from the watermark of orders.created: {errors:?}"
     );
     assert!(
-        paused_gauges.iter().all(|g| g.get() == 0),
+        !reserve_paused(&metrics),
         "reserve is not paused once orders.reserved drained"
     );
     for (q, bound) in &bounds {

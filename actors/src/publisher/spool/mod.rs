@@ -43,10 +43,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use prometheus::IntCounter;
+use crate::metrics::events::{Event, SpoolQuarantined};
+use crate::metrics::Metrics;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-pub mod format;
+pub(crate) mod format;
 
 /// Table holding the spooled records, keyed by sequence number.
 const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
@@ -147,12 +148,12 @@ struct Inner {
     writer: Mutex<u64>,
     /// Counts records moved to [`QUARANTINE`]; see
     /// [`Spool::count_quarantined_in`].
-    quarantined: OnceLock<IntCounter>,
+    quarantined: OnceLock<Metrics>,
 }
 
 /// A durable, bounded FIFO spool of outgoing publishes backed by one redb
 /// file. Cheap to clone (an `Arc` inside); all clones share the same
-/// database. See the [module docs](self) for the blocking caveat.
+/// database. See the module docs for the blocking caveat.
 #[derive(Clone)]
 pub struct Spool {
     /// Shared state; the database is closed when the last clone drops.
@@ -232,9 +233,10 @@ impl Spool {
     }
 
     /// Every later move of an undecodable record to the quarantine table
-    /// bumps `counter` (once per record). Only the first call has effect.
-    pub fn count_quarantined_in(&self, counter: IntCounter) {
-        let _ = self.inner.quarantined.set(counter);
+    /// is reported to `metrics` (one `SpoolQuarantined` event per record). Only
+    /// the first call has effect.
+    pub fn count_quarantined_in(&self, metrics: Metrics) {
+        let _ = self.inner.quarantined.set(metrics);
     }
 
     /// Number of values in the quarantine table. Blocking; see the module
@@ -270,13 +272,18 @@ impl Spool {
         for (seq, size, why) in moved {
             self.inner.bytes.fetch_sub(size, Ordering::AcqRel);
             self.inner.len.fetch_sub(1, Ordering::AcqRel);
-            if let Some(c) = self.inner.quarantined.get() {
-                c.inc();
+            let event = SpoolQuarantined {
+                seq,
+                bytes: size,
+                error: &why,
+                path: &self.inner.path,
+            };
+            match self.inner.quarantined.get() {
+                Some(m) => event.emit(m),
+                // A spool nobody counts for (a standalone one): the line is
+                // still logged, on a throwaway registry.
+                None => event.emit(&Metrics::new()),
             }
-            tracing::error!(
-                seq, bytes = size, error = %why, path = %self.inner.path.display(),
-                "undecodable spool record moved to the quarantine table; replay goes on"
-            );
         }
         Ok(())
     }
@@ -634,21 +641,22 @@ mod tests {
         // A spool whose oldest record is bad still yields the next ones.
         corrupt(&path, seqs[0], b"garbage");
         let s = open(&dir, 1 << 20);
-        let counter = IntCounter::new("q", "q").unwrap();
-        s.count_quarantined_in(counter.clone());
+        let metrics = Metrics::new();
+        s.count_quarantined_in(metrics.clone());
+        let counter = || metrics.counter(Metrics::SPOOL_QUARANTINED, &[]);
         assert_eq!(s.len(), 5);
         let got = s.peek_batch(10).unwrap();
         assert_eq!(
             got.iter().map(|(q, _)| *q).collect::<Vec<_>>(),
             vec![seqs[1], seqs[3], seqs[4]]
         );
-        assert_eq!(counter.get(), 2);
+        assert_eq!(counter(), 2);
         assert_eq!(s.quarantined().unwrap(), 2);
         assert_eq!(s.len(), 3);
         assert_eq!(s.bytes(), 3 * good.len() as u64);
         // Moved once: later peeks neither see nor count them again.
         assert_eq!(s.peek_batch(10).unwrap(), got);
-        assert_eq!(counter.get(), 2);
+        assert_eq!(counter(), 2);
         drop(s);
         let s = open(&dir, 1 << 20);
         assert_eq!((s.len(), s.quarantined().unwrap()), (3, 2));
