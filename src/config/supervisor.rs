@@ -9,7 +9,9 @@ pub struct SupervisorConfig {
     /// First restart delay. Default `100ms`.
     #[serde(default = "default_backoff_min", with = "humantime_serde")]
     pub backoff_min: Duration,
-    /// Restart delay cap. Default `10s`.
+    /// Restart delay cap; also the broker recovery deadline: a connection
+    /// not back within it is torn down and re-established (next URL).
+    /// Default `10s`.
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     pub backoff_max: Duration,
     /// Restarts allowed per `window` before the engine escalates (shuts
