@@ -92,16 +92,8 @@ async fn a_forced_close_of_both_connections_costs_no_restart_and_no_message() {
         assert_eq!(consumers, 1, "consumers on {q}");
     }
     // Everything the sink holds, duplicates included.
-    let s2 = sink.clone();
-    let (in_sink, _, _) = node
-        .blocking(move |n| n.list_queue(&s2))
-        .await
-        .expect("sink");
-    let got = client
-        .collect(&sink, in_sink as usize, Duration::from_secs(120))
-        .await;
-    assert_eq!(got.len(), in_sink as usize, "collected the whole sink");
-    let seen = counts(got.into_iter().map(|(id, _)| id));
+    let seen = client.collect_all(&sink, N, Duration::from_secs(120)).await;
+    let in_sink: usize = seen.values().sum();
     let missing: Vec<&String> = ids.iter().filter(|i| !seen.contains_key(*i)).collect();
     assert!(
         missing.is_empty(),
@@ -109,7 +101,7 @@ async fn a_forced_close_of_both_connections_costs_no_restart_and_no_message() {
         missing.len(),
         missing.iter().take(5).collect::<Vec<_>>()
     );
-    let duplicates = in_sink as usize - seen.len();
+    let duplicates = in_sink - seen.len();
     // Each delivery in flight at the close may be redelivered, and its
     // output's confirm may be lost and the output published again.
     let windows = cfg.stages.len() * PREFETCH as usize;

@@ -289,6 +289,33 @@ impl Client {
         seen
     }
 
+    /// Collects from `queue` until `n` distinct ids arrived (or `timeout`
+    /// passed), then everything still in it (duplicates); returns how often
+    /// each id was delivered. What is left is read from the queue itself
+    /// (`queue.declare-ok`), not from `rabbitmqctl`, whose quorum-queue
+    /// figures are published periodically and lag behind.
+    pub async fn collect_all(
+        &self,
+        queue: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> HashMap<String, usize> {
+        let mut seen = self.collect_distinct(queue, n, timeout).await;
+        loop {
+            let left = self
+                .passive_declare(queue)
+                .await
+                .expect("the collected queue exists")
+                .message_count() as usize;
+            if left == 0 {
+                return seen;
+            }
+            for (id, _) in self.collect(queue, left, timeout).await {
+                *seen.entry(id).or_insert(0) += 1;
+            }
+        }
+    }
+
     /// A passive `queue.declare` on a fresh channel: the queue's counts, or
     /// the broker's error if it does not exist.
     pub async fn passive_declare(&self, queue: &str) -> Result<lapin::Queue, lapin::Error> {
