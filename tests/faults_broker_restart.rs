@@ -52,7 +52,7 @@ async fn grown(client: &Client, queue: &str, by: u32) -> bool {
     .await
 }
 
-// Opt-in until the stall below is fixed (issue 10 stays open): in 2 of 6
+// Opt-in until the stall below is fixed (issue 10 stays open): in 2 of 7
 // runs, after a full node restart the engine reported ready (both
 // connections up, every stage consuming) but the sink did not grow for
 // 60 s. Run with `cargo test --test faults_broker_restart -- --ignored`.
