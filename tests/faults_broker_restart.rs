@@ -165,20 +165,7 @@ async fn stop_app_and_node_restarts_are_recovered_within_backoff_max_without_los
 
     // The run finishes while the engine keeps running.
     let stage_queues: Vec<String> = cfg.stages.iter().map(|s| s.queue.clone()).collect();
-    let idle = eventually(Duration::from_secs(180), || {
-        let node = node.clone();
-        let queues = stage_queues.clone();
-        async move {
-            node.blocking(move |n| {
-                queues.iter().all(|q| {
-                    n.list_queue(q)
-                        .is_ok_and(|(ready, unacked, _)| ready == 0 && unacked == 0)
-                })
-            })
-            .await
-        }
-    })
-    .await;
+    let idle = node.drained(&stage_queues, Duration::from_secs(180)).await;
     let m = handle.metrics();
     assert!(idle, "the stage queues did not drain\n{}", m.render());
     // Exactly one consumer per stage queue: none left on a replaced connection.

@@ -122,20 +122,9 @@ async fn stopping_the_connected_node_of_a_cluster_loses_nothing() {
     let failover = stopped_at.elapsed();
     // The run finishes on the other two nodes.
     let stage_queues: Vec<String> = cfg.stages.iter().map(|s| s.queue.clone()).collect();
-    let idle = eventually(Duration::from_secs(240), || {
-        let node = observer.clone();
-        let queues = stage_queues.clone();
-        async move {
-            node.blocking(move |n| {
-                queues.iter().all(|q| {
-                    n.list_queue(q)
-                        .is_ok_and(|(ready, unacked, _)| ready == 0 && unacked == 0)
-                })
-            })
-            .await
-        }
-    })
-    .await;
+    let idle = observer
+        .drained(&stage_queues, Duration::from_secs(240))
+        .await;
     let m = handle.metrics();
     assert!(idle, "the stage queues did not drain\n{}", m.render());
     for q in &stage_queues {

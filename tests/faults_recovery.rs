@@ -53,20 +53,7 @@ async fn a_forced_close_of_both_connections_costs_no_restart_and_no_message() {
     );
     // The run finishes while the engine keeps running.
     let stage_queues: Vec<String> = cfg.stages.iter().map(|s| s.queue.clone()).collect();
-    let idle = eventually(Duration::from_secs(180), || {
-        let node = node.clone();
-        let queues = stage_queues.clone();
-        async move {
-            node.blocking(move |n| {
-                queues.iter().all(|q| {
-                    n.list_queue(q)
-                        .is_ok_and(|(ready, unacked, _)| ready == 0 && unacked == 0)
-                })
-            })
-            .await
-        }
-    })
-    .await;
+    let idle = node.drained(&stage_queues, Duration::from_secs(180)).await;
     let m = handle.metrics();
     assert!(
         idle,
