@@ -18,13 +18,11 @@ const PREFETCH: u32 = 20;
 /// connection to come back before it moves to the next URL.
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 
-// Opt-in until the fault below is fixed (issue 10 stays open): on an idle
-// machine three runs in a row delivered every id but left s1's queue with
-// no consumer after the failover (the stage still counted as consuming),
-// the same fault as in faults_broker_restart.rs. Run with
-// `cargo test --test faults_cluster -- --ignored`.
+// `rabbitmqctl list_queues` figures of a quorum queue whose leader has just
+// moved read zero for a while (they are published on a timer): the end of
+// the run is read from the queues themselves (`queue.declare-ok`) and the
+// engine's in-flight gauges ([`pipeline_idle`]).
 #[actix_rt::test]
-#[ignore = "a stage keeps a consumer the broker no longer has after a failover (issue 10)"]
 async fn stopping_the_connected_node_of_a_cluster_loses_nothing() {
     let t0 = Instant::now();
     let nodes = BrokerNode::cluster_async(3).await.expect("3-node cluster");
@@ -127,16 +125,13 @@ async fn stopping_the_connected_node_of_a_cluster_loses_nothing() {
     );
     let failover = stopped_at.elapsed();
     // The run finishes on the other two nodes.
-    let stage_queues: Vec<String> = cfg.stages.iter().map(|s| s.queue.clone()).collect();
-    let idle = observer
-        .drained(&stage_queues, Duration::from_secs(240))
-        .await;
     let m = handle.metrics();
-    assert!(idle, "the stage queues did not drain\n{}", m.render());
-    for q in &stage_queues {
-        let (_, _, consumers) = depth(q.clone()).await.expect("list_queues");
-        assert_eq!(consumers, 1, "consumers on {q}");
-    }
+    let idle = pipeline_idle(&client, m, &cfg, Duration::from_secs(240)).await;
+    assert!(
+        idle.is_ok(),
+        "the run did not finish with one consumer per stage queue: {idle:?}\n{}",
+        m.render()
+    );
     // Everything the sink holds, duplicates included.
     let seen = client.collect_all(&sink, N, Duration::from_secs(120)).await;
     let in_sink: usize = seen.values().sum();

@@ -52,32 +52,14 @@ async fn a_forced_close_of_both_connections_costs_no_restart_and_no_message() {
         "closed the engine's consume and publish connections"
     );
     // The run finishes while the engine keeps running.
-    let stage_queues: Vec<String> = cfg.stages.iter().map(|s| s.queue.clone()).collect();
-    let idle = node.drained(&stage_queues, Duration::from_secs(180)).await;
+    // Exactly one consumer per stage queue: no zombie left by a second channel.
     let m = handle.metrics();
+    let idle = pipeline_idle(&client, m, &cfg, Duration::from_secs(180)).await;
     assert!(
-        idle,
-        "the stage queues did not drain: {:?}\n{}",
-        node.blocking({
-            let q = stage_queues.clone();
-            move |n| {
-                q.iter()
-                    .map(|q| (q.clone(), n.list_queue(q).ok()))
-                    .collect::<Vec<_>>()
-            }
-        })
-        .await,
+        idle.is_ok(),
+        "the run did not finish with one consumer per stage queue: {idle:?}\n{}",
         m.render()
     );
-    // Exactly one consumer per stage queue: no zombie left by a second channel.
-    for q in &stage_queues {
-        let q2 = q.clone();
-        let (_, _, consumers) = node
-            .blocking(move |n| n.list_queue(&q2))
-            .await
-            .expect("list_queues");
-        assert_eq!(consumers, 1, "consumers on {q}");
-    }
     // Everything the sink holds, duplicates included.
     let seen = client.collect_all(&sink, N, Duration::from_secs(120)).await;
     let in_sink: usize = seen.values().sum();

@@ -334,6 +334,49 @@ impl Client {
         q
     }
 
+    /// `(ready messages, consumers)` of a queue as the queue itself answers
+    /// a passive `queue.declare` (live, unlike `rabbitmqctl`'s quorum-queue
+    /// figures, which are published periodically and read zero for a while
+    /// after a leader moves).
+    pub async fn queue_stat(&self, queue: &str) -> (u32, u32) {
+        let q = self.passive_declare(queue).await.expect("queue exists");
+        (q.message_count(), q.consumer_count())
+    }
+
+    /// Waits up to `timeout` until every one of `queues` holds no ready
+    /// message and has exactly `consumers` consumers ([`Client::queue_stat`]).
+    /// `Err` names the last state seen of each queue. Unacked deliveries are
+    /// not visible this way: pair it with the engine's in-flight gauges.
+    pub async fn settled(
+        &self,
+        queues: &[String],
+        consumers: u32,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let last = std::cell::RefCell::new(Vec::new());
+        let ok = eventually(timeout, || {
+            let last = &last;
+            async move {
+                let mut now = Vec::new();
+                for q in queues {
+                    now.push((q.clone(), self.queue_stat(q).await));
+                }
+                let ok = now
+                    .iter()
+                    .all(|(_, (ready, c))| *ready == 0 && *c == consumers);
+                *last.borrow_mut() = now;
+                ok
+            }
+        })
+        .await;
+        let last = last.into_inner();
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("(queue, (ready, consumers)): {last:?}"))
+        }
+    }
+
     /// Ready messages in a queue (passive declare).
     pub async fn depth(&self, queue: &str) -> u32 {
         self.passive_declare(queue)
@@ -456,6 +499,43 @@ pub async fn assert_drained(client: &Client, queue: &str) {
             "queue {queue} still holds {} messages; rabbitmqctl: {view:?}",
             client.depth(queue).await
         );
+    }
+}
+
+/// Waits up to `timeout` until the pipeline `cfg` describes is idle at one
+/// moment: every stage queue holds no ready message and has exactly one
+/// consumer ([`Client::settled`]), and every stage of the engine whose
+/// `metrics` these are has nothing in flight. `Err` says what was seen last.
+pub async fn pipeline_idle(
+    client: &Client,
+    metrics: &flowgate::Metrics,
+    cfg: &Config,
+    timeout: Duration,
+) -> Result<(), String> {
+    let queues: Vec<String> = cfg.stages.iter().map(|s| s.queue.clone()).collect();
+    let in_flight = || -> Vec<(String, i64)> {
+        cfg.stages
+            .iter()
+            .map(|s| {
+                let n = metrics.gauge(flowgate::Metrics::IN_FLIGHT, &[s.name.as_str()]);
+                (s.name.clone(), n)
+            })
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let queues_seen = client.settled(&queues, 1, left).await;
+        let stages = in_flight();
+        if queues_seen.is_ok() && stages.iter().all(|(_, n)| *n == 0) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "stage queues: {queues_seen:?}; in flight per stage: {stages:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -343,21 +343,6 @@ impl BrokerNode {
         tokio::task::spawn_blocking(Self::start).await?
     }
 
-    /// Waits up to `timeout` until every one of `queues` holds nothing
-    /// ready and nothing unacked, as this node reports them; false if not.
-    pub async fn drained(&self, queues: &[String], timeout: Duration) -> bool {
-        crate::eventually(timeout, || {
-            let queues = queues.to_vec();
-            self.blocking(move |n| {
-                queues.iter().all(|q| {
-                    n.list_queue(q)
-                        .is_ok_and(|(ready, unacked, _)| ready == 0 && unacked == 0)
-                })
-            })
-        })
-        .await
-    }
-
     /// Run a blocking closure against this node on tokio's blocking pool, e.g.
     /// `node.blocking(|n| n.set_memory_alarm(true)).await?`.
     pub async fn blocking<T, F>(&self, f: F) -> T

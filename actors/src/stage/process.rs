@@ -449,10 +449,43 @@ async fn finish_claim(
     }
 }
 
+/// How long an ack, reject or nack may take to be handed to the connection.
+/// It is a frame write with no reply, so only a channel that is gone takes
+/// longer: lapin (4.12) drops the request of a channel it has just killed
+/// (a recovery, a close) without ever resolving it, and a settle awaiting it
+/// would hold its credit for good — after enough faults no credit is left
+/// and the stage stops while its consumer looks healthy. Past this bound the
+/// settle counts as failed, like any ack on a dead channel: the broker
+/// redelivers the message (at-least-once; dedup catches the copy).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Step 7: acks, rejects or requeues the input.
 async fn settle(shared: &Shared, acker: lapin::Acker, s: Settle) {
     let stage = shared.spec.name.as_str();
-    let res = match s {
+    let Ok(res) = tokio::time::timeout(SETTLE_TIMEOUT, send_settle(shared, &acker, s)).await else {
+        events::AckFailed {
+            stage,
+            error: &format_args!("no answer from the channel within {SETTLE_TIMEOUT:?}"),
+        }
+        .emit(&shared.metrics);
+        return;
+    };
+    match res {
+        Ok(true) => {}
+        // The channel closed under this delivery (reconnect): its tag is
+        // dead and the broker redelivers the message (dedup catches it).
+        Ok(false) => events::AckFailed {
+            stage,
+            error: &"channel closed since delivery",
+        }
+        .emit(&shared.metrics),
+        Err(e) => events::AckFailed { stage, error: &e }.emit(&shared.metrics),
+    }
+}
+
+async fn send_settle(shared: &Shared, acker: &lapin::Acker, s: Settle) -> lapin::Result<bool> {
+    let stage = shared.spec.name.as_str();
+    match s {
         Settle::Ack => {
             let r = acker.ack(BasicAckOptions::default()).await;
             if matches!(r, Ok(true)) {
@@ -469,17 +502,6 @@ async fn settle(shared: &Shared, acker: lapin::Acker, s: Settle) {
                 })
                 .await
         }
-    };
-    match res {
-        Ok(true) => {}
-        // The channel closed under this delivery (reconnect): its tag is
-        // dead and the broker redelivers the message (dedup catches it).
-        Ok(false) => events::AckFailed {
-            stage,
-            error: &"channel closed since delivery",
-        }
-        .emit(&shared.metrics),
-        Err(e) => events::AckFailed { stage, error: &e }.emit(&shared.metrics),
     }
 }
 
