@@ -7,7 +7,8 @@
 //! (lapin's own backoff, 1 s doubling, would often take longer: the
 //! engine's recovery deadline tears such a connection down and connects
 //! anew), no stage or publisher restarts, exactly one consumer per stage
-//! queue afterwards, and every id arrives.
+//! queue afterwards, every id arrives, and the default restart budget is
+//! not spent (waiting for a broker that is down is not a failure).
 
 use flowgate_testkit as common;
 
@@ -52,15 +53,17 @@ async fn grown(client: &Client, queue: &str, by: u32) -> bool {
     .await
 }
 
-// Opt-in until the fault below is fixed (issue 10 stays open): in 3 of 10
-// runs a stage kept a consumer the broker no longer had after a full node
-// restart — twice the sink did not grow for 60 s although the engine
-// reported ready, once s1's queue had no consumer at the end. Run with
-// `cargo test --test faults_broker_restart -- --ignored`.
+// What it found (issue 10): lapin drops an ack whose channel it has just
+// killed without ever resolving it; the stage waited for good, each fault
+// leaked a credit or two, and after a few full restarts the first stage
+// stopped with its consumer still registered. Settles are bounded now.
 #[actix_rt::test]
-#[ignore = "flaky: after a full node restart the pipeline sometimes stalls although the engine is ready (issue 10)"]
 async fn stop_app_and_node_restarts_are_recovered_within_backoff_max_without_loss() {
     let t0 = Instant::now();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init(); // RUST_LOG=flowgate_actors=debug shows the engine's log
     let node = BrokerNode::start_async()
         .await
         .expect("private broker node");
@@ -69,9 +72,8 @@ async fn stop_app_and_node_restarts_are_recovered_within_backoff_max_without_los
     cfg.amqp.url = node.amqp_url();
     cfg.amqp.connect_timeout = CONNECT_TIMEOUT;
     cfg.supervisor.backoff_max = BACKOFF_MAX;
-    // Every connect attempt while the broker is down is a restart of the
-    // connection actor: with a 2 s cap that is many per minute.
-    cfg.supervisor.max_restarts = 10_000;
+    // The default restart budget: waiting for a broker that is down (many
+    // connect attempts a minute with a 2 s cap) must not spend it.
     cfg.stages[0].rate = Some(RATE);
     let handle = Engine::builder()
         .config(cfg.clone())
@@ -92,10 +94,6 @@ async fn stop_app_and_node_restarts_are_recovered_within_backoff_max_without_los
     }
     let s1 = format!("{prefix}.s1");
     let sink = format!("{prefix}.sink");
-    let depth = |q: String| {
-        let node = node.clone();
-        async move { node.blocking(move |n| n.list_queue(&q)).await }
-    };
     let mut client = Client::connect(&node.amqp_url()).await;
     assert!(grown(&client, &sink, 300).await, "the pipeline moves");
 
@@ -156,25 +154,65 @@ async fn stop_app_and_node_restarts_are_recovered_within_backoff_max_without_los
         );
         recoveries.push((k, took));
         client = Client::connect(&node.amqp_url()).await;
-        assert!(
-            grown(&client, &sink, 100).await,
-            "fault {k}: the pipeline did not move again"
-        );
+        if !grown(&client, &sink, 100).await {
+            let diag = node
+                .blocking(|n| {
+                    let mut out = String::new();
+                    for args in [
+                        &["-q", "list_connections", "name", "state", "channels"][..],
+                        &[
+                            "-q",
+                            "list_channels",
+                            "connection",
+                            "name",
+                            "consumer_count",
+                            "messages_unacknowledged",
+                            "messages_unconfirmed",
+                            "prefetch_count",
+                            "state",
+                        ][..],
+                        &[
+                            "-q",
+                            "list_consumers",
+                            "queue_name",
+                            "channel_pid",
+                            "consumer_tag",
+                            "active",
+                        ][..],
+                        &[
+                            "-q",
+                            "list_queues",
+                            "name",
+                            "messages_ready",
+                            "messages_unacknowledged",
+                            "consumers",
+                        ][..],
+                    ] {
+                        out.push_str(&n.ctl_ok(args).unwrap_or_else(|e| format!("{e:#}")));
+                        out.push('\n');
+                    }
+                    out
+                })
+                .await;
+            panic!(
+                "fault {k}: the pipeline did not move again\n{diag}\n{}",
+                handle.metrics().render()
+            );
+        }
     }
     let _ = client.conn.close(200, "faults done".into()).await;
 
     // The run finishes while the engine keeps running.
-    let stage_queues: Vec<String> = cfg.stages.iter().map(|s| s.queue.clone()).collect();
-    let idle = node.drained(&stage_queues, Duration::from_secs(180)).await;
-    let m = handle.metrics();
-    assert!(idle, "the stage queues did not drain\n{}", m.render());
     // Exactly one consumer per stage queue: none left on a replaced connection.
-    for q in &stage_queues {
-        let (_, _, consumers) = depth(q.clone()).await.expect("list_queues");
-        assert_eq!(consumers, 1, "consumers on {q}");
-    }
-    // Everything the sink holds, duplicates included.
     let client = Client::connect(&node.amqp_url()).await;
+    let m = handle.metrics();
+    let idle = pipeline_idle(&client, m, &cfg, Duration::from_secs(180)).await;
+    assert!(
+        idle.is_ok(),
+        "the run did not finish with one consumer per stage queue: {idle:?}\n{}",
+        m.render()
+    );
+    // Everything the sink holds, duplicates included.
     let seen = client.collect_all(&sink, N, Duration::from_secs(120)).await;
     let in_sink: usize = seen.values().sum();
     let missing: Vec<&String> = ids.iter().filter(|i| !seen.contains_key(*i)).collect();

@@ -12,6 +12,11 @@
 //! connections are retired, not forgotten: lapin may still bring one back
 //! later, and its recovered channels would re-register consumers nobody
 //! reads, so a retired connection that comes back is closed at once.
+//!
+//! Waiting for an unreachable broker is this actor's job, not a failure:
+//! those restarts back off (up to `backoff_max`) without spending the
+//! restart budget, however long the outage lasts. Only errors that waiting
+//! cannot cure (refused credentials, a missing vhost) spend it and escalate.
 
 use crate::error::{Error, Result};
 use crate::metrics::events::{self, Event as _};
@@ -155,6 +160,33 @@ pub struct ConnectionActor {
     /// Connections replaced while lapin was still recovering them; closed
     /// if lapin brings them back, forgotten once lapin gives up on them.
     retired: Vec<Arc<Connection>>,
+    /// The next restart is a wait for an unreachable broker (see
+    /// [`unreachable`]), not a failure: it backs off without spending the
+    /// restart budget.
+    waiting_for_broker: bool,
+}
+
+/// True when `e` says the broker cannot be reached right now (refused, reset,
+/// timed out, shutting down): the engine waits for it however long it takes
+/// (a broker outage must not turn into a crash loop). Anything else — refused
+/// credentials, a missing vhost, a protocol mismatch — will not go away by
+/// waiting and spends the restart budget, so it escalates.
+fn unreachable(e: &Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError};
+    match e {
+        Error::ConnectTimeout(..) | Error::NotConnected => true,
+        Error::Amqp(e) => match e.kind() {
+            lapin::ErrorKind::IOError(_)
+            | lapin::ErrorKind::MissingHeartbeatError
+            | lapin::ErrorKind::InvalidConnectionState(_) => true,
+            lapin::ErrorKind::ProtocolError(p) => matches!(
+                p.kind(),
+                AMQPErrorKind::Hard(AMQPHardError::CONNECTIONFORCED)
+            ),
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 /// How often the recovery deadline is checked: a small part of any
@@ -185,6 +217,7 @@ impl ConnectionActor {
             url_index: 0,
             lost_since: Default::default(),
             retired: Vec::new(),
+            waiting_for_broker: false,
         }
     }
 
@@ -359,6 +392,7 @@ impl Actor for ConnectionActor {
                     act.notify(LinkEvent::LinkUp(Purpose::Publish));
                 }
                 Err(e) => {
+                    act.waiting_for_broker = unreachable(&e);
                     warn!(error = %e, "broker connection failed; restarting with backoff");
                     ctx.stop();
                 }
@@ -383,6 +417,7 @@ impl Actor for ConnectionActor {
             act.update_gauge();
             if dead {
                 warn!("broker connection lost and not recovering; restarting the connection actor");
+                act.waiting_for_broker = true;
                 ctx.stop();
             }
         });
@@ -398,6 +433,7 @@ impl Actor for ConnectionActor {
                     "broker connection not back within supervisor.backoff_max; re-establishing it"
                 );
                 act.retire();
+                act.waiting_for_broker = true;
                 ctx.stop();
             }
         });
@@ -431,7 +467,9 @@ impl Supervised for ConnectionActor {
         self.notify(LinkEvent::LinkDown(Purpose::Publish));
         self.notify(LinkEvent::Replaced(Purpose::Consume));
         self.notify(LinkEvent::Replaced(Purpose::Publish));
-        if !self.restarts.record(tokio::time::Instant::now()) {
+        if std::mem::take(&mut self.waiting_for_broker) {
+            self.restarts.retry();
+        } else if !self.restarts.record(tokio::time::Instant::now()) {
             events::Escalated {
                 actor: "connection",
             }
@@ -439,7 +477,7 @@ impl Supervised for ConnectionActor {
             if let Some(tx) = &self.escalations {
                 let _ = tx.try_send(Escalation {
                     actor: "connection".into(),
-                    reason: "broker unreachable".into(),
+                    reason: "the broker refuses the connection".into(),
                 });
             }
         }
@@ -584,7 +622,39 @@ pub(crate) fn channel_alive(ch: &lapin::Channel) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::*;
+
+    fn cfg(url: &str) -> ConnectionConfig {
+        ConnectionConfig {
+            urls: vec![url.to_owned()],
+            name: "flowgate-unit".into(),
+            connect_timeout: Duration::from_secs(5),
+            policy: RestartPolicy::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_outage_is_waited_for_refused_credentials_are_not() {
+        // Nothing listens on a port just freed: connection refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+        let refused = connect_one(&cfg(&url), &url, Purpose::Consume).await;
+        let e = refused.err().expect("nothing listens there");
+        assert!(unreachable(&e), "connection refused counted as fatal: {e}");
+
+        let url = "amqp://guest:not-the-password@127.0.0.1:5672/%2f";
+        let denied = connect_one(&cfg(url), url, Purpose::Consume).await;
+        let e = denied.err().expect("the broker refuses a wrong password");
+        assert!(!unreachable(&e), "refused credentials waited for: {e}");
+
+        let url = "amqp://guest:guest@127.0.0.1:5672/no-such-vhost";
+        let denied = connect_one(&cfg(url), url, Purpose::Consume).await;
+        let e = denied.err().expect("the broker refuses a missing vhost");
+        assert!(!unreachable(&e), "a missing vhost waited for: {e}");
+    }
 
     #[test]
     fn passwords_never_leave_the_url_redactor() {

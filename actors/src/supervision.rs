@@ -130,6 +130,13 @@ impl Restarts {
         !self.escalated
     }
 
+    /// Records a retry that is not a failure of the actor (the broker is
+    /// unreachable: waiting for it is the actor's job): the backoff grows,
+    /// the restart budget is not touched.
+    pub(crate) fn retry(&mut self) {
+        self.consecutive = self.consecutive.saturating_add(1);
+    }
+
     /// Marks a successful (re)start: the backoff starts over next time.
     pub(crate) fn succeeded(&mut self) {
         self.consecutive = 0;
@@ -208,6 +215,25 @@ mod tests {
         for cap in caps {
             assert!(b.next_delay() <= Duration::from_millis(cap));
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_back_off_without_spending_the_budget() {
+        let mut r = Restarts::new(policy());
+        for _ in 0..100 {
+            r.retry();
+        }
+        assert!(!r.escalated());
+        let top = max_of(|| r.delay());
+        assert!(top <= Duration::from_secs(1), "{top:?}");
+        assert!(
+            top >= Duration::from_millis(900),
+            "backoff did not grow: {top:?}"
+        );
+        for _ in 0..3 {
+            assert!(r.record(Instant::now()), "retries spent the budget");
+        }
+        assert!(!r.record(Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]
