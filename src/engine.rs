@@ -1,7 +1,7 @@
 //! The engine: builds the actor tree from a [`Config`] and runs it.
 
 use crate::config::StageConfig;
-use crate::config::{Config, ConfigError, DedupMode, MissingIdPolicy, PayloadKind, VerifyMode};
+use crate::config::{Config, ConfigError, DedupMode};
 use crate::depth::IngressGate;
 use crate::handlers::{self, FactoryError, HandlerFactory};
 use crate::http::{self, HttpState};
@@ -9,17 +9,15 @@ use crate::ingress::Ingress;
 use actix::prelude::*;
 use flowgate_actors::Escalation;
 use flowgate_actors::RedisStoreConfig;
-use flowgate_actors::{
-    BreakerConfig, Published, PublisherActor, PublisherConfig, PublisherHandle, SpoolConfig,
-};
 use flowgate_actors::{Close, ConnectionActor, ConnectionConfig, GetStatus, OpenChannel, Purpose};
 use flowgate_actors::{
-    DedupActor, DedupHandle, DedupSettings, DedupStore, MemoryStore, MissingId, RedisStore,
+    DedupActor, DedupHandle, DedupSettings, DedupStore, MemoryStore, RedisStore,
 };
 use flowgate_actors::{DepthMonitorActor, DepthMonitorConfig, WatchedStage};
 use flowgate_actors::{Drain, DrainReport, StageActor, StageProbe, StageSpec};
-use flowgate_actors::{Handler, Metrics, Output, Payload};
-use flowgate_actors::{Keys, Verifier, VerifyMode as SigMode};
+use flowgate_actors::{Handler, Metrics, Output};
+use flowgate_actors::{Keys, Verifier, VerifyMode};
+use flowgate_actors::{Published, PublisherActor, PublisherConfig, PublisherHandle, SpoolConfig};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -347,28 +345,15 @@ impl Engine {
         // Read again at start (validated at load): a key file may be
         // rotated between the two.
         let keys = config.security.keys()?;
-        let p = &config.publisher;
         let publisher = PublisherActor::start_supervised(
             PublisherConfig {
-                confirm_timeout: p.confirm_timeout,
-                max_unconfirmed: p.max_unconfirmed as usize,
-                rate: p.rate,
-                burst: p.burst,
-                max_waiters: p.max_waiters as usize,
-                breaker: BreakerConfig {
-                    failures: p.breaker.failures,
-                    reset: p.breaker.reset,
-                    half_open_probes: 1,
-                },
-                blocked_timeout: p.breaker.blocked_timeout,
                 spool: config.spool.path.as_ref().map(|path| SpoolConfig {
                     path: path.clone(),
                     max_bytes: config.spool.max_bytes,
                 }),
                 policy: policy.clone(),
                 signing: keys.clone().filter(|_| config.security.sign_outputs),
-                force_persistent: p.force_persistent,
-                ..PublisherConfig::default()
+                ..config.publisher.runtime()
             },
             conn.clone(),
             metrics.clone(),
@@ -400,10 +385,7 @@ impl Engine {
                     DedupMode::Memory => dedup.memory.clone(),
                     DedupMode::Redis => dedup.redis.clone(),
                 },
-                payload: match s.payload {
-                    PayloadKind::Bytes => Payload::Bytes,
-                    PayloadKind::Json => Payload::Json,
-                },
+                payload: s.payload,
                 max_message_bytes: Some(
                     usize::try_from(config.limits.max_message_bytes).unwrap_or(usize::MAX),
                 ),
@@ -507,11 +489,9 @@ impl Drop for CloseOnFailure {
 
 /// A stage's signature check from its `verify` mode and the keys.
 fn signature_check(mode: VerifyMode, keys: Option<&Keys>) -> Option<Verifier> {
-    let mode = match mode {
-        VerifyMode::Off => return None,
-        VerifyMode::Warn => SigMode::Warn,
-        VerifyMode::Reject => SigMode::Reject,
-    };
+    if mode == VerifyMode::Off {
+        return None;
+    }
     keys.map(|k| Verifier {
         keys: k.clone(),
         mode,
@@ -532,10 +512,7 @@ async fn build_dedup(config: &Config, metrics: &Metrics) -> Result<DedupBackends
     let settings = DedupSettings {
         lease: config.dedup.lease,
         ttl: config.dedup.ttl,
-        missing_id: match config.dedup.missing_id {
-            MissingIdPolicy::Hash => MissingId::Hash,
-            MissingIdPolicy::Reject => MissingId::Reject,
-        },
+        missing_id: config.dedup.missing_id,
     };
     let mut out = DedupBackends::default();
     if config.stages.iter().any(|s| s.dedup == DedupMode::Memory) {

@@ -110,8 +110,10 @@ pub trait DedupStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), DedupError>;
 }
 
-/// What to do with a message that carries no (or an empty) message id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What to do with a message that carries no (or an empty) message id
+/// (`[dedup] missing_id`: `hash` or `reject`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MissingId {
     /// Derive the key from a SHA-256 of the routing key and body.
     #[default]

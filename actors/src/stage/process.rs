@@ -208,7 +208,11 @@ pub(crate) fn screen(
             format!("message_id is not valid UTF-8 (read as {id:?})"),
         ));
     }
-    if let Some(v) = &spec.signature {
+    if let Some(v) = spec
+        .signature
+        .as_ref()
+        .filter(|v| v.mode != VerifyMode::Off)
+    {
         if let Err(e) = v.keys.verify(signed_keys, &d.properties, &d.body) {
             let processed_anyway = v.mode == VerifyMode::Warn;
             events::SignatureFailed {
