@@ -773,6 +773,11 @@ mod tests {
         assert_eq!(e.reason, Reason::BadSignature);
         let p = dead_letter_properties(&unsigned.delivery, 1, &e);
         assert!(envelope::header(&p, envelope::UNSIGNED).is_some());
+        // `off` (the config's word, the runtime's type) checks nothing.
+        if let Some(v) = s.signature.as_mut() {
+            v.mode = VerifyMode::Off;
+        }
+        assert_eq!(screened(&s, &unsigned), Ok(None));
     }
 
     #[test]
