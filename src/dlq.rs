@@ -15,6 +15,7 @@
 //! never loses one.
 
 use crate::config::Config;
+use crate::Error;
 use flowgate_actors::envelope::{self, newest_death};
 use flowgate_actors::envelope::{header_int, header_string};
 use lapin::options::{
@@ -24,18 +25,6 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use std::collections::BTreeMap;
-
-/// Why a DLQ tool failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum DlqError {
-    /// The broker could not be reached, or refused an operation.
-    #[error("broker: {0}")]
-    Broker(#[from] lapin::Error),
-    /// The configuration is unusable.
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-}
 
 /// Counts of the dead letters in a queue.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -68,7 +57,7 @@ pub fn resolve_queue(cfg: &Config, q: &str) -> String {
 }
 
 /// Opens a connection to the configured broker.
-pub async fn connect(cfg: &Config) -> Result<Connection, DlqError> {
+pub async fn connect(cfg: &Config) -> Result<Connection, Error> {
     let url = cfg.amqp.resolved_url()?;
     let props = ConnectionProperties::default()
         .with_connection_name(format!("{}-dlq-tool", cfg.amqp.connection_name).into());
@@ -127,7 +116,7 @@ fn replay_properties(p: &BasicProperties) -> BasicProperties {
     p.clone().with_headers(kept).with_delivery_mode(2)
 }
 
-async fn depth(ch: &Channel, queue: &str) -> Result<u32, DlqError> {
+async fn depth(ch: &Channel, queue: &str) -> Result<u32, Error> {
     let q = ch
         .queue_declare(
             queue.into(),
@@ -142,7 +131,7 @@ async fn depth(ch: &Channel, queue: &str) -> Result<u32, DlqError> {
 }
 
 /// Counts a DLQ's messages by reason and stage, leaving them in place.
-pub async fn stats(conn: &Connection, queue: &str) -> Result<DlqStats, DlqError> {
+pub async fn stats(conn: &Connection, queue: &str) -> Result<DlqStats, Error> {
     let ch = conn.create_channel().await?;
     let n = depth(&ch, queue).await?;
     let mut out = DlqStats::default();
@@ -171,7 +160,7 @@ pub async fn replay(
     queue: &str,
     reason: Option<&str>,
     limit: Option<u64>,
-) -> Result<ReplayReport, DlqError> {
+) -> Result<ReplayReport, Error> {
     let get = conn.create_channel().await?;
     let publish = conn.create_channel().await?;
     publish
@@ -222,7 +211,7 @@ pub async fn replay(
 }
 
 /// Deletes every message of a DLQ; returns how many.
-pub async fn purge(conn: &Connection, queue: &str) -> Result<u32, DlqError> {
+pub async fn purge(conn: &Connection, queue: &str) -> Result<u32, Error> {
     let ch = conn.create_channel().await?;
     let n = ch
         .queue_purge(queue.into(), QueuePurgeOptions::default())

@@ -1,60 +1,29 @@
 //! The engine: builds the actor tree from a [`Config`] and runs it.
 
 use crate::config::StageConfig;
-use crate::config::{Config, ConfigError, DedupMode, MissingIdPolicy, PayloadKind, VerifyMode};
+use crate::config::{Config, ConfigError, DedupMode};
 use crate::depth::IngressGate;
+use crate::error::Error;
 use crate::handlers::{self, FactoryError, HandlerFactory};
 use crate::http::{self, HttpState};
 use crate::ingress::Ingress;
 use actix::prelude::*;
 use flowgate_actors::Escalation;
 use flowgate_actors::RedisStoreConfig;
-use flowgate_actors::{
-    BreakerConfig, Published, PublisherActor, PublisherConfig, PublisherHandle, SpoolConfig,
-};
 use flowgate_actors::{Close, ConnectionActor, ConnectionConfig, GetStatus, OpenChannel, Purpose};
 use flowgate_actors::{
-    DedupActor, DedupHandle, DedupSettings, DedupStore, MemoryStore, MissingId, RedisStore,
+    DedupActor, DedupHandle, DedupSettings, DedupStore, MemoryStore, RedisStore,
 };
 use flowgate_actors::{DepthMonitorActor, DepthMonitorConfig, WatchedStage};
 use flowgate_actors::{Drain, DrainReport, StageActor, StageProbe, StageSpec};
-use flowgate_actors::{Handler, Metrics, Output, Payload};
-use flowgate_actors::{Keys, Verifier, VerifyMode as SigMode};
+use flowgate_actors::{Handler, Metrics, Output};
+use flowgate_actors::{Keys, Verifier, VerifyMode};
+use flowgate_actors::{Published, PublisherActor, PublisherConfig, PublisherHandle, SpoolConfig};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Mutex};
 use tracing::info;
-
-/// Why the engine could not start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StartError {
-    /// The configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The broker could not be reached.
-    #[error("broker: {0}")]
-    Broker(#[source] flowgate_actors::Error),
-    /// No connection to the broker within `[amqp] connect_timeout` (plus a
-    /// second).
-    #[error("no connection to the broker within {wait:?} ({url})")]
-    ConnectTimeout {
-        /// How long it waited.
-        wait: Duration,
-        /// The broker, password redacted.
-        url: String,
-    },
-    /// The broker refused the topology.
-    #[error("declaring the topology: {0}")]
-    Topology(#[source] lapin::Error),
-    /// The HTTP server (or the ingress listener) could not bind.
-    #[error("http server: {0}")]
-    Http(#[source] std::io::Error),
-    /// The spool file could not be opened.
-    #[error("spool: {0}")]
-    Spool(#[source] flowgate_actors::Error),
-}
 
 /// How [`EngineHandle::publish`] went.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -305,7 +274,7 @@ impl Engine {
 
     /// Connects, declares the topology, starts the actors and the HTTP
     /// server. Must be called inside an actix `System` (see [`crate::run_system`]).
-    pub async fn start(self) -> Result<EngineHandle, StartError> {
+    pub async fn start(self) -> Result<EngineHandle, Error> {
         let Engine { config, handlers } = self;
         let metrics = Metrics::new();
         let (esc_tx, esc_rx) = mpsc::channel(16);
@@ -326,14 +295,14 @@ impl Engine {
         let wait = config.amqp.connect_timeout + Duration::from_secs(1);
         let ch = match tokio::time::timeout(wait, conn.send(OpenChannel(Purpose::Publish))).await {
             Ok(Ok(Ok(ch))) => ch,
-            Ok(Ok(Err(e))) => return Err(StartError::Broker(e)),
+            Ok(Ok(Err(e))) => return Err(Error::Broker(e)),
             Ok(Err(_)) => {
-                return Err(StartError::Broker(flowgate_actors::Error::ActorGone(
+                return Err(Error::Broker(flowgate_actors::Error::ActorGone(
                     "connection",
                 )))
             }
             Err(_) => {
-                return Err(StartError::ConnectTimeout {
+                return Err(Error::ConnectTimeout {
                     wait,
                     url: flowgate_actors::redact_url(&config.amqp.url),
                 });
@@ -341,41 +310,28 @@ impl Engine {
         };
         crate::topology::declare(&ch, &config)
             .await
-            .map_err(StartError::Topology)?;
+            .map_err(Error::Topology)?;
         let _ = ch.close(200, "topology declared".into()).await;
 
         // Read again at start (validated at load): a key file may be
         // rotated between the two.
         let keys = config.security.keys()?;
-        let p = &config.publisher;
         let publisher = PublisherActor::start_supervised(
             PublisherConfig {
-                confirm_timeout: p.confirm_timeout,
-                max_unconfirmed: p.max_unconfirmed as usize,
-                rate: p.rate,
-                burst: p.burst,
-                max_waiters: p.max_waiters as usize,
-                breaker: BreakerConfig {
-                    failures: p.breaker.failures,
-                    reset: p.breaker.reset,
-                    half_open_probes: 1,
-                },
-                blocked_timeout: p.breaker.blocked_timeout,
                 spool: config.spool.path.as_ref().map(|path| SpoolConfig {
                     path: path.clone(),
                     max_bytes: config.spool.max_bytes,
                 }),
                 policy: policy.clone(),
                 signing: keys.clone().filter(|_| config.security.sign_outputs),
-                force_persistent: p.force_persistent,
-                ..PublisherConfig::default()
+                ..config.publisher.runtime()
             },
             conn.clone(),
             metrics.clone(),
             Some(esc_tx.clone()),
         )
         .await
-        .map_err(StartError::Spool)?;
+        .map_err(Error::Spool)?;
 
         let dedup = build_dedup(&config, &metrics).await?;
         let mut stages = Vec::new();
@@ -400,10 +356,7 @@ impl Engine {
                     DedupMode::Memory => dedup.memory.clone(),
                     DedupMode::Redis => dedup.redis.clone(),
                 },
-                payload: match s.payload {
-                    PayloadKind::Bytes => Payload::Bytes,
-                    PayloadKind::Json => Payload::Json,
-                },
+                payload: s.payload,
                 max_message_bytes: Some(
                     usize::try_from(config.limits.max_message_bytes).unwrap_or(usize::MAX),
                 ),
@@ -453,7 +406,7 @@ impl Engine {
                 probes: probes.clone(),
                 publisher: publisher.clone(),
             };
-            let (h, a) = http::start(&config.http.bind, state).map_err(StartError::Http)?;
+            let (h, a) = http::start(&config.http.bind, state).map_err(Error::Http)?;
             info!(addr = %a, "http server listening");
             (Some(h), Some(a))
         };
@@ -507,11 +460,9 @@ impl Drop for CloseOnFailure {
 
 /// A stage's signature check from its `verify` mode and the keys.
 fn signature_check(mode: VerifyMode, keys: Option<&Keys>) -> Option<Verifier> {
-    let mode = match mode {
-        VerifyMode::Off => return None,
-        VerifyMode::Warn => SigMode::Warn,
-        VerifyMode::Reject => SigMode::Reject,
-    };
+    if mode == VerifyMode::Off {
+        return None;
+    }
     keys.map(|k| Verifier {
         keys: k.clone(),
         mode,
@@ -528,14 +479,11 @@ struct DedupBackends {
 /// Starts a DedupActor per backend some stage uses. Redis connects lazily:
 /// an unreachable Redis at start pauses the stages (fail closed) instead of
 /// failing the start, and they resume when it answers.
-async fn build_dedup(config: &Config, metrics: &Metrics) -> Result<DedupBackends, StartError> {
+async fn build_dedup(config: &Config, metrics: &Metrics) -> Result<DedupBackends, Error> {
     let settings = DedupSettings {
         lease: config.dedup.lease,
         ttl: config.dedup.ttl,
-        missing_id: match config.dedup.missing_id {
-            MissingIdPolicy::Hash => MissingId::Hash,
-            MissingIdPolicy::Reject => MissingId::Reject,
-        },
+        missing_id: config.dedup.missing_id,
     };
     let mut out = DedupBackends::default();
     if config.stages.iter().any(|s| s.dedup == DedupMode::Memory) {
@@ -557,7 +505,7 @@ async fn build_dedup(config: &Config, metrics: &Metrics) -> Result<DedupBackends
             },
         )
         .await
-        .map_err(|e| StartError::Config(ConfigError::with_source("redis.url", e.to_string(), e)))?;
+        .map_err(|e| Error::Config(ConfigError::with_source("redis.url", e.to_string(), e)))?;
         if let Err(e) = store.ping().await {
             tracing::warn!(error = %e, "redis does not answer yet; stages with dedup = \"redis\" wait for it");
         }

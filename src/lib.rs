@@ -22,6 +22,9 @@
 //! * [`topology`] — declares and deletes exchanges, queues, bindings,
 //!   dead-letter plumbing.
 //! * [`dlq`] — dead-letter queue tools: stats, replay, purge.
+//! * [`Error`] — the crate's one error (starting the engine, the DLQ tools),
+//!   keeping the underlying error (lapin, I/O, the runtime's) as its source;
+//!   [`ConfigError`] names the key at fault.
 //! * [`envelope`], [`trace`], [`lapin`] — the message envelope (header
 //!   names, dead-letter reasons, header readers), trace context helpers and
 //!   the AMQP client, for handlers; [`RuntimeError`] — the runtime's error;
@@ -62,6 +65,7 @@ pub mod config;
 mod depth;
 pub mod dlq;
 mod engine;
+mod error;
 mod handlers;
 mod http;
 mod ingress;
@@ -69,9 +73,9 @@ pub mod topology;
 
 pub use config::{Config, ConfigError, StageConfig};
 pub use engine::{
-    Engine, EngineBuilder, EngineHandle, PublishOutcome, ShutdownReport, StartError, StopReason,
-    Stopped,
+    Engine, EngineBuilder, EngineHandle, PublishOutcome, ShutdownReport, StopReason, Stopped,
 };
+pub use error::Error;
 /// The message envelope: every `x-flowgate-*` header name, the dead-letter
 /// [`Reason`](envelope::Reason)s, `x-death` reading, header readers
 /// ([`header_string`](envelope::header_string),
@@ -86,7 +90,7 @@ pub use flowgate_actors::Error as RuntimeError;
 pub use flowgate_actors::{
     handler_fn, Delivery, Handler, HandlerError, MetricDesc, Metrics, Outcome, Output,
 };
-pub use handlers::{FactoryError, HandlerFactory};
+pub use handlers::FactoryError;
 pub use ingress::{Accepted, Ingress, IngressError};
 
 /// Runs a future on an actix `System` backed by a multi-threaded tokio

@@ -3,7 +3,7 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::config::{DedupMode, PayloadKind};
+use flowgate::config::{DedupMode, Payload};
 use flowgate::Engine;
 use std::time::Duration;
 
@@ -147,7 +147,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 async fn malformed_oversized_and_unparseable_messages_reach_the_dlq_and_neighbours_are_processed() {
     let prefix = unique("poison");
     let mut cfg = chain_config(&prefix, &["forward"], 1);
-    cfg.stages[0].payload = PayloadKind::Json;
+    cfg.stages[0].payload = Payload::Json;
     cfg.stages[0].dedup = DedupMode::Memory;
     cfg.queues[0].delivery_limit = Some(3);
     cfg.limits.max_message_bytes = 1024;

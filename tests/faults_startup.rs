@@ -4,7 +4,7 @@ use flowgate_testkit as common;
 
 use common::node::BrokerNode;
 use common::*;
-use flowgate::{Engine, StartError};
+use flowgate::{Engine, Error};
 use std::time::Duration;
 
 #[actix_rt::test]
@@ -20,7 +20,7 @@ async fn a_failed_start_leaves_no_connection_behind() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     cfg.http.bind = taken.local_addr().unwrap().to_string();
     let res = Engine::builder().config(cfg).build().unwrap().start().await;
-    assert!(matches!(res, Err(StartError::Http(_))), "{:?}", res.err());
+    assert!(matches!(res, Err(Error::Http(_))), "{:?}", res.err());
     let engine_connections = || {
         let node = node.clone();
         let name = prefix.clone();

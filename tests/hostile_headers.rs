@@ -4,7 +4,7 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::config::PayloadKind;
+use flowgate::config::Payload;
 use flowgate::handler_fn;
 use flowgate::Engine;
 use flowgate::{Delivery, Outcome, Output};
@@ -41,7 +41,7 @@ async fn forged_routing_headers_are_stripped_and_good_messages_behind_them_flow(
     count_panics();
     let prefix = unique("forged");
     let mut cfg = chain_config(&prefix, &["forward"], 10);
-    cfg.stages[0].payload = PayloadKind::Json;
+    cfg.stages[0].payload = Payload::Json;
     cfg.queues[0].delivery_limit = Some(3);
     let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     let handle = Engine::builder()

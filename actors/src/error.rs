@@ -1,6 +1,30 @@
 //! The crate's one error type, grouped by what failed.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+/// An underlying error (redb, bincode, redis, a join error...) kept as an
+/// error's [`source`](std::error::Error::source); shared, so the errors
+/// holding one stay `Clone`.
+pub(crate) type Source = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A timeout, as a source error.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} timed out after {after:?}")]
+pub(crate) struct TimedOut {
+    /// What timed out.
+    pub(crate) what: String,
+    /// The bound.
+    pub(crate) after: Duration,
+}
+
+/// Renders `: <source>` after an error's own words, or nothing.
+pub(crate) fn colon_source(source: &Option<Source>) -> String {
+    source
+        .as_ref()
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default()
+}
 
 /// Result alias for the actor runtime.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -50,9 +74,10 @@ pub enum Error {
     /// An actor's mailbox is gone (it stopped for good).
     #[error("actor {0} is not running")]
     ActorGone(&'static str),
-    /// A durable store (spool, dedup) failed.
-    #[error("store: {0}")]
-    Store(String),
+    /// The durable spool failed (its redb file, a record's encoding, the
+    /// blocking task running it).
+    #[error("spool: {0}")]
+    Spool(#[from] crate::publisher::SpoolError),
     /// The message cannot be published as it is (an exchange or routing key
     /// over 255 bytes, ...): trying again cannot help.
     #[error("invalid message: {0}")]
@@ -74,7 +99,7 @@ impl Error {
             | Error::NotConfirmed
             | Error::ConfirmTimeout(_)
             | Error::Backpressure(_)
-            | Error::Store(_) => true,
+            | Error::Spool(_) => true,
             Error::Unroutable { .. }
             | Error::ShuttingDown
             | Error::ActorGone(_)

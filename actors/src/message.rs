@@ -286,7 +286,9 @@ where
 /// What a stage's handler expects in the body; checked before the handler
 /// runs, so a body that cannot be what the handler expects is dead-lettered
 /// with reason `malformed` instead of failing (or retrying) in the handler.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// A stage's `payload` key: `bytes` or `json`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Payload {
     /// Any bytes (no check).
     #[default]

@@ -224,9 +224,13 @@ impl Keys {
     }
 }
 
-/// What a stage does with a delivery whose signature is missing or wrong.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a stage does with a delivery whose signature is missing or wrong
+/// (a stage's `verify` key: `off`, `warn`, `reject`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum VerifyMode {
+    /// No check: a [`Verifier`] in this mode accepts every delivery.
+    Off,
     /// Count it (`flowgate_signature_failures_total`), log, process it anyway.
     Warn,
     /// Count it and dead-letter it with reason `bad-signature`, before the

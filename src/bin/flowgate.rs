@@ -186,7 +186,7 @@ fn dlq(cmd: DlqCmd) -> ExitCode {
             }
         };
         let _ = conn.close(200, "done".into()).await;
-        Ok::<_, flowgate::dlq::DlqError>(out)
+        Ok::<_, flowgate::Error>(out)
     });
     match res {
         Ok(text) => {

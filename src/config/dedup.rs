@@ -2,16 +2,10 @@
 
 use super::*;
 
-/// What a message without `message_id` is deduplicated by.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum MissingIdPolicy {
-    /// A SHA-256 of routing key and body (default).
-    #[default]
-    Hash,
-    /// Dead-letter it with reason `missing-id`.
-    Reject,
-}
+/// What a message without `message_id` is deduplicated by: `hash` (a
+/// SHA-256 of routing key and body, the default) or `reject` (dead-letter
+/// it with reason `missing-id`). The runtime's own type.
+pub use flowgate_actors::MissingId;
 
 /// `[dedup]`
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -28,9 +22,9 @@ pub struct DedupConfig {
     /// `memory` backend: most ids held (oldest evicted first). Default `1000000`.
     #[serde(default = "default_capacity")]
     pub capacity: usize,
-    /// `hash` or `reject` (see [`MissingIdPolicy`]). Default `hash`.
+    /// `hash` or `reject` (see [`MissingId`]). Default `hash`.
     #[serde(default)]
-    pub missing_id: MissingIdPolicy,
+    pub missing_id: MissingId,
     /// Prefix of the Redis keys (`<prefix><stage>:<id>`), so several
     /// pipelines can share a Redis. Default `flowgate:dedup:`.
     #[serde(default = "default_dedup_prefix")]
@@ -56,7 +50,7 @@ impl Default for DedupConfig {
             lease: default_lease(),
             ttl: default_ttl(),
             capacity: default_capacity(),
-            missing_id: MissingIdPolicy::default(),
+            missing_id: MissingId::default(),
             prefix: default_dedup_prefix(),
         }
     }

@@ -92,7 +92,7 @@ pub struct StageConfig {
     /// What the handler expects: `bytes` (anything) or `json` (other bodies
     /// are dead-lettered with reason `malformed`). Default `bytes`.
     #[serde(default)]
-    pub payload: PayloadKind,
+    pub payload: Payload,
     /// `record`: the file each handled message id is appended to (one line
     /// per handling; for demos and tests of exactly-once effects). Required
     /// for `record`.
@@ -192,17 +192,8 @@ impl HttpStageConfig {
     }
 }
 
-/// A stage's signature check.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum VerifyMode {
-    /// No check.
-    Off,
-    /// Count and log a missing or wrong signature; process the message.
-    Warn,
-    /// Count it and dead-letter the message (`bad-signature`).
-    Reject,
-}
+/// A stage's signature check: `off`, `warn`, `reject`. The runtime's own type.
+pub use flowgate_actors::VerifyMode;
 
 impl Default for StageConfig {
     /// Every option at its documented default; `name` and `queue` empty.
@@ -218,7 +209,7 @@ impl Default for StageConfig {
             rate: None,
             retry: None,
             dedup: DedupMode::default(),
-            payload: PayloadKind::default(),
+            payload: Payload::default(),
             record_file: None,
             verify: None,
             http: None,
@@ -304,16 +295,8 @@ pub enum DedupMode {
     Redis,
 }
 
-/// A stage's payload type.
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum PayloadKind {
-    /// Any bytes (default).
-    #[default]
-    Bytes,
-    /// A JSON document.
-    Json,
-}
+/// A stage's payload type: `bytes` (default) or `json`. The runtime's own type.
+pub use flowgate_actors::Payload;
 
 fn default_handler() -> String {
     "forward".into()

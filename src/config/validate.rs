@@ -551,7 +551,7 @@ handler = "sink"
 
 #[cfg(test)]
 mod failure_keys_tests {
-    use crate::config::{Config, DedupMode, PayloadKind};
+    use crate::config::{Config, DedupMode, Payload};
     use std::time::Duration;
 
     use super::TEST_BASE as BASE;
@@ -575,7 +575,7 @@ mod failure_keys_tests {
             vec![Duration::from_millis(200), Duration::from_secs(1)]
         );
         assert_eq!(s.dedup, DedupMode::Redis);
-        assert_eq!(s.payload, PayloadKind::Json);
+        assert_eq!(s.payload, Payload::Json);
         assert_eq!(cfg.dedup.lease, Duration::from_secs(30));
         assert_eq!(cfg.dedup.ttl, Duration::from_secs(24 * 3600));
         assert_eq!(cfg.redis.url, "redis://127.0.0.1:6379");

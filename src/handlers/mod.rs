@@ -30,7 +30,7 @@ use std::sync::Arc;
 pub type FactoryError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Builds the handler of one stage from the stage's configuration.
-pub type HandlerFactory =
+pub(crate) type HandlerFactory =
     Arc<dyn Fn(&StageConfig) -> Result<Arc<dyn Handler>, FactoryError> + Send + Sync>;
 
 /// The built-in factories, by handler name.

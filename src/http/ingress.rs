@@ -68,7 +68,7 @@ struct State {
 pub(crate) fn start(
     config: &IngressConfig,
     ingress: Ingress,
-) -> Result<(actix_web::dev::ServerHandle, SocketAddr), crate::StartError> {
+) -> Result<(actix_web::dev::ServerHandle, SocketAddr), crate::Error> {
     let tokens = match config.auth {
         IngressAuth::Token => Some(config.tokens()?),
         IngressAuth::None => None,
@@ -91,7 +91,7 @@ pub(crate) fn start(
                 HttpResponse::NotFound().json(json!({ "error": "no such endpoint" }))
             }));
     })
-    .map_err(crate::StartError::Http)
+    .map_err(crate::Error::Http)
 }
 
 async fn publish(

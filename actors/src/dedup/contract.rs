@@ -45,18 +45,38 @@ pub(crate) const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) const MIN_DURATION: Duration = Duration::from_millis(1);
 
 /// Errors of a [`DedupStore`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+///
+/// Hand-written `Error`, not derived: the source is the backend's error
+/// itself (downcastable to `redis::RedisError`), not the `Arc` around it.
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum DedupError {
     /// The backend cannot be reached right now (connection refused, timeout,
     /// I/O error, server loading or failing over). Transient: the caller must
     /// pause consumption and must not ack the message.
-    #[error("dedup store unavailable: {0}")]
-    Unavailable(String),
+    /// The source is the backend's error (a redis error, a timeout).
+    Unavailable(crate::error::Source),
     /// The backend answered with an error that retrying will not fix
     /// (bad configuration, authentication, unexpected reply).
-    #[error("dedup store error: {0}")]
-    Backend(String),
+    /// The source is the backend's error.
+    Backend(crate::error::Source),
+}
+
+impl std::fmt::Display for DedupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DedupError::Unavailable(e) => write!(f, "dedup store unavailable: {e}"),
+            DedupError::Backend(e) => write!(f, "dedup store error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DedupError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DedupError::Unavailable(e) | DedupError::Backend(e) => Some(&**e),
+        }
+    }
 }
 
 impl DedupError {
@@ -110,8 +130,10 @@ pub trait DedupStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), DedupError>;
 }
 
-/// What to do with a message that carries no (or an empty) message id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What to do with a message that carries no (or an empty) message id
+/// (`[dedup] missing_id`: `hash` or `reject`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MissingId {
     /// Derive the key from a SHA-256 of the routing key and body.
     #[default]
@@ -217,7 +239,8 @@ mod tests {
 
     #[test]
     fn error_transience() {
-        assert!(DedupError::Unavailable("x".into()).is_transient());
-        assert!(!DedupError::Backend("x".into()).is_transient());
+        let x = || std::sync::Arc::new(std::io::Error::other("x"));
+        assert!(DedupError::Unavailable(x()).is_transient());
+        assert!(!DedupError::Backend(x()).is_transient());
     }
 }

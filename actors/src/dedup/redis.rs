@@ -3,6 +3,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use crate::error::TimedOut;
+
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -93,10 +95,11 @@ fn map_redis_error(err: redis::RedisError) -> DedupError {
                         | ServerErrorKind::ReadOnly
                 )
         );
+    let err = std::sync::Arc::new(err);
     if transient {
-        DedupError::Unavailable(err.to_string())
+        DedupError::Unavailable(err)
     } else {
-        DedupError::Backend(err.to_string())
+        DedupError::Backend(err)
     }
 }
 
@@ -117,8 +120,8 @@ impl RedisStore {
         prefix: &str,
         config: RedisStoreConfig,
     ) -> Result<Self, DedupError> {
-        let client = redis::Client::open(url)
-            .map_err(|e| DedupError::Backend(format!("invalid redis url: {e}")))?;
+        let client =
+            redis::Client::open(url).map_err(|e| DedupError::Backend(std::sync::Arc::new(e)))?;
         let op_timeout = config.op_timeout;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(op_timeout))
@@ -140,9 +143,10 @@ impl RedisStore {
                 Ok(Ok(con)) => con,
                 Ok(Err(e)) => return Err(map_redis_error(e)),
                 Err(_) => {
-                    return Err(DedupError::Unavailable(format!(
-                        "connecting to redis timed out after {op_timeout:?}"
-                    )))
+                    return Err(DedupError::Unavailable(std::sync::Arc::new(TimedOut {
+                        what: "connecting to redis".into(),
+                        after: op_timeout,
+                    })))
                 }
             }
         };
@@ -172,10 +176,10 @@ impl RedisStore {
         match tokio::time::timeout(self.op_timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(map_redis_error(e)),
-            Err(_) => Err(DedupError::Unavailable(format!(
-                "redis {what} timed out after {:?}",
-                self.op_timeout
-            ))),
+            Err(_) => Err(DedupError::Unavailable(std::sync::Arc::new(TimedOut {
+                what: format!("redis {what}"),
+                after: self.op_timeout,
+            }))),
         }
     }
 }
@@ -255,6 +259,16 @@ mod tests {
     use super::*;
 
     const LEASE: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn an_invalid_url_is_a_backend_error_keeping_redis_error() {
+        let Err(err) = RedisStore::connect("no-scheme", "p:").await else {
+            panic!("an invalid url connects");
+        };
+        assert!(matches!(err, DedupError::Backend(_)), "{err:?}");
+        let source = std::error::Error::source(&err).expect("keeps the source");
+        assert!(source.is::<redis::RedisError>(), "{source:?}");
+    }
 
     fn acquired(c: Claim) -> ClaimToken {
         match c {

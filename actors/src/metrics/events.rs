@@ -306,7 +306,7 @@ impl PublishResult<'_> {
                 Error::NotConnected => 8,
                 Error::ConnectTimeout(..) => 9,
                 Error::Amqp(_) => 10,
-                Error::Store(_) => 11,
+                Error::Spool(_) => 11,
                 Error::ShuttingDown => 12,
                 Error::ActorGone(_) => 13,
                 Error::Invalid(_) => 14,
@@ -842,7 +842,10 @@ mod tests {
         for e in [
             Error::Nacked,
             Error::Backpressure("x".into()),
-            Error::Store("x".into()),
+            Error::Spool(crate::SpoolError::Full {
+                bytes: 0,
+                max_bytes: 0,
+            }),
         ] {
             PublishFinished {
                 result: PublishResult::Failed(&e),

@@ -436,7 +436,7 @@ impl Core {
                     error: &e,
                 }
                 .emit(&self.metrics);
-                Err(Error::Store(e.to_string()))
+                Err(Error::Spool(e))
             }
         }
     }
@@ -590,8 +590,7 @@ impl Core {
         if self.unroutable_declared.load(Ordering::Acquire) {
             return Ok(());
         }
-        let name = ShortString::try_new(self.cfg.unroutable_queue.as_str())
-            .map_err(|e| Error::Store(format!("unroutable queue name: {e}")))?;
+        let name = envelope::short_string("unroutable queue", &self.cfg.unroutable_queue)?;
         let ch = self.conn.send(OpenChannel(Purpose::Publish)).await??;
         let declared = ch
             .queue_declare(
@@ -1030,7 +1029,10 @@ impl PublisherActor {
             Some(s) => Some(
                 Spool::open_async(s.path.clone(), s.max_bytes)
                     .await
-                    .map_err(|e| Error::Store(format!("opening {}: {e}", s.path.display())))?,
+                    .map_err(|e| {
+                        tracing::error!(path = %s.path.display(), error = %e, "cannot open the spool");
+                        Error::Spool(e)
+                    })?,
             ),
             None => None,
         };
@@ -1228,7 +1230,8 @@ impl Handler<Publish> for PublisherActor {
                 Err(if e.is_panic() {
                     Error::Panicked(format!("publish task: {e}"))
                 } else {
-                    Error::Store(format!("publish task failed: {e}"))
+                    // Only the runtime shutting down cancels it.
+                    Error::ShuttingDown
                 })
             })
         })

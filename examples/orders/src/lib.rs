@@ -48,9 +48,7 @@ pub use config::{FlowConfig, OrdersConfig};
 
 use dashmap::DashMap;
 use flowgate::config::Target;
-use flowgate::{
-    ConfigError, Engine, EngineBuilder, EngineHandle, Handler, StageConfig, StartError,
-};
+use flowgate::{ConfigError, Engine, EngineBuilder, EngineHandle, Handler, StageConfig};
 use ledger::{Ledger, MemoryLedger, RedisLedger, StockPolicy};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -241,7 +239,7 @@ pub enum OrdersError {
     Config(#[from] ConfigError),
     /// The engine did not start.
     #[error(transparent)]
-    Start(#[from] StartError),
+    Start(#[from] flowgate::Error),
     /// The gateway could not bind.
     #[error("order gateway: {0}")]
     Gateway(#[source] std::io::Error),

@@ -89,8 +89,12 @@ struct Legacy {
     properties: BasicProperties,
 }
 
-fn codec(e: impl std::fmt::Display) -> SpoolError {
-    SpoolError::Codec(e.to_string())
+/// A bincode error, kept as the source.
+fn codec(e: impl std::error::Error + Send + Sync + 'static) -> SpoolError {
+    SpoolError::Codec {
+        reason: "bincode".into(),
+        source: Some(std::sync::Arc::new(e)),
+    }
 }
 
 fn table_out(t: &FieldTable) -> Vec<(String, Value)> {
@@ -233,7 +237,7 @@ fn exact<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, SpoolError> 
     let (v, used): (T, usize) =
         bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map_err(codec)?;
     if used != bytes.len() {
-        return Err(SpoolError::Codec(format!(
+        return Err(SpoolError::codec(format!(
             "{} trailing bytes after record",
             bytes.len() - used
         )));
@@ -260,8 +264,13 @@ pub(super) fn encode(rec: &SpoolRecord) -> Result<Vec<u8>, SpoolError> {
 /// Reads a stored record of any version this build knows.
 pub(super) fn decode(bytes: &[u8]) -> Result<SpoolRecord, SpoolError> {
     let Some(rest) = bytes.strip_prefix(&MAGIC) else {
-        let old: Legacy =
-            exact(bytes).map_err(|e| SpoolError::Codec(format!("unversioned record: {e}")))?;
+        let old: Legacy = exact(bytes).map_err(|e| match e {
+            SpoolError::Codec { reason, source } => SpoolError::Codec {
+                reason: format!("unversioned record: {reason}"),
+                source,
+            },
+            other => other,
+        })?;
         return Ok(SpoolRecord {
             exchange: old.exchange,
             routing_key: old.routing_key,
@@ -279,9 +288,9 @@ pub(super) fn decode(bytes: &[u8]) -> Result<SpoolRecord, SpoolError> {
                 properties: properties_in(r.properties)?,
             })
         }
-        Some((v, _)) => Err(SpoolError::Codec(format!(
+        Some((v, _)) => Err(SpoolError::codec(format!(
             "record format version {v} is newer than this build reads ({VERSION})"
         ))),
-        None => Err(SpoolError::Codec("record has no format version".into())),
+        None => Err(SpoolError::codec("record has no format version")),
     }
 }

@@ -43,6 +43,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use crate::error::{colon_source, Source};
 use crate::metrics::events::{Event, SpoolQuarantined};
 use crate::metrics::Metrics;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -93,12 +94,15 @@ impl SpoolRecord {
 }
 
 /// Errors returned by [`Spool`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+///
+/// Hand-written `Error`, not derived: the source is the shared underlying
+/// error itself (downcastable to redb's or bincode's type), not the `Arc`
+/// around it.
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum SpoolError {
     /// Appending the record would exceed the configured bound; nothing was
     /// written. The caller should apply backpressure (or drop with a metric).
-    #[error("spool full: {bytes} bytes stored, limit {max_bytes} bytes")]
     Full {
         /// Encoded bytes currently stored in the spool (before the rejected
         /// record), so the caller can log how close to the limit it is.
@@ -107,13 +111,43 @@ pub enum SpoolError {
         max_bytes: u64,
     },
     /// The underlying redb database (or the blocking task running it)
-    /// failed; the message is the source error's `Display`.
-    #[error("spool storage error: {0}")]
-    Storage(String),
+    /// failed; the redb (or join) error is the source.
+    Storage(Source),
     /// A record could not be encoded or a stored record could not be
-    /// decoded; the message is the bincode error's `Display`.
-    #[error("spool codec error: {0}")]
-    Codec(String),
+    /// decoded: the bincode error is the source, if it was bincode's.
+    Codec {
+        /// What was wrong.
+        reason: String,
+        /// The bincode error, if any.
+        source: Option<Source>,
+    },
+}
+
+impl fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpoolError::Full { bytes, max_bytes } => {
+                write!(
+                    f,
+                    "spool full: {bytes} bytes stored, limit {max_bytes} bytes"
+                )
+            }
+            SpoolError::Storage(e) => write!(f, "spool storage error: {e}"),
+            SpoolError::Codec { reason, source } => {
+                write!(f, "spool codec error: {reason}{}", colon_source(source))
+            }
+        }
+    }
+}
+
+impl std::error::Error for SpoolError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SpoolError::Full { .. } => None,
+            SpoolError::Storage(e) => Some(&**e),
+            SpoolError::Codec { source, .. } => source.as_deref().map(|e| e as _),
+        }
+    }
 }
 
 impl SpoolError {
@@ -123,10 +157,18 @@ impl SpoolError {
         matches!(self, SpoolError::Full { .. })
     }
 
-    /// Wraps any storage-layer error (redb's error types all implement
-    /// `Display`) into [`SpoolError::Storage`].
-    fn storage(e: impl fmt::Display) -> SpoolError {
-        SpoolError::Storage(e.to_string())
+    /// Wraps any storage-layer error (redb's error types) into
+    /// [`SpoolError::Storage`], keeping it as the source.
+    fn storage(e: impl std::error::Error + Send + Sync + 'static) -> SpoolError {
+        SpoolError::Storage(Arc::new(e))
+    }
+
+    /// A codec error of this crate's own finding (no underlying error).
+    pub(crate) fn codec(reason: impl Into<String>) -> SpoolError {
+        SpoolError::Codec {
+            reason: reason.into(),
+            source: None,
+        }
     }
 }
 
@@ -489,7 +531,7 @@ where
 {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| SpoolError::Storage(format!("spool blocking task failed: {e}")))?
+        .map_err(|e| SpoolError::Storage(Arc::new(e)))?
 }
 
 #[cfg(test)]
@@ -722,11 +764,11 @@ mod tests {
         bytes.push(0);
         assert!(matches!(
             SpoolRecord::decode(&bytes),
-            Err(SpoolError::Codec(_))
+            Err(SpoolError::Codec { .. })
         ));
         assert!(matches!(
             SpoolRecord::decode(&[0xff, 0xff, 0xff]),
-            Err(SpoolError::Codec(_))
+            Err(SpoolError::Codec { source: Some(ref e), .. }) if e.is::<bincode::error::DecodeError>()
         ));
     }
 
@@ -782,12 +824,9 @@ mod tests {
         assert_eq!(s.bytes(), size * 3);
         let err = s.append(&rec(3)).unwrap_err();
         assert!(err.is_full());
-        assert_eq!(
-            err,
-            SpoolError::Full {
-                bytes: size * 3,
-                max_bytes: size * 3
-            }
+        assert!(
+            matches!(err, SpoolError::Full { bytes, max_bytes } if bytes == size * 3 && max_bytes == size * 3),
+            "{err:?}"
         );
         assert_eq!(s.len(), 3);
         assert_eq!(s.peek_batch(10).unwrap().len(), 3);
@@ -869,6 +908,12 @@ mod tests {
         let _s = open(&dir, 1 << 20);
         let err = Spool::open(&dir.path().join("spool.redb"), 1 << 20).unwrap_err();
         assert!(matches!(err, SpoolError::Storage(_)), "{err:?}");
+        let source = std::error::Error::source(&err).expect("keeps redb's error");
+        assert!(source.is::<redb::DatabaseError>(), "{source:?}");
+        // ...and so does the runtime's error wrapping it.
+        let runtime = crate::Error::from(err);
+        let chain = std::error::Error::source(&runtime).and_then(|e| e.source());
+        assert!(chain.is_some_and(|e| e.is::<redb::DatabaseError>()));
     }
 
     #[test]

@@ -1,0 +1,41 @@
+//! The crate's one error type.
+
+use crate::config::ConfigError;
+use std::time::Duration;
+
+/// What went wrong in the engine: starting it ([`Engine::start`](crate::Engine::start))
+/// or a [`dlq`](crate::dlq) tool. The underlying error is kept as the
+/// source. A publish through the ingress has its own [`IngressError`](crate::IngressError)
+/// (each maps to one HTTP answer, with `retry_after()`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The broker could not be reached at start.
+    #[error("broker: {0}")]
+    Broker(#[source] flowgate_actors::Error),
+    /// No connection to the broker within `[amqp] connect_timeout` (plus a
+    /// second).
+    #[error("no connection to the broker within {wait:?} ({url})")]
+    ConnectTimeout {
+        /// How long it waited.
+        wait: Duration,
+        /// The broker, password redacted.
+        url: String,
+    },
+    /// The broker refused the topology.
+    #[error("declaring the topology: {0}")]
+    Topology(#[source] lapin::Error),
+    /// A DLQ tool could not reach the broker, or the broker refused an
+    /// operation.
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The HTTP server (or the ingress listener) could not bind.
+    #[error("http server: {0}")]
+    Http(#[source] std::io::Error),
+    /// The spool file could not be opened.
+    #[error("spool: {0}")]
+    Spool(#[source] flowgate_actors::Error),
+}
