@@ -64,17 +64,15 @@
 pub mod config;
 mod depth;
 pub mod dlq;
-mod engine;
+pub mod engine;
 mod error;
 mod handlers;
 mod http;
-mod ingress;
+pub mod ingress;
 pub mod topology;
 
 pub use config::{Config, ConfigError, StageConfig};
-pub use engine::{
-    Engine, EngineBuilder, EngineHandle, PublishOutcome, ShutdownReport, StopReason, Stopped,
-};
+pub use engine::{Engine, EngineBuilder, EngineHandle};
 pub use error::Error;
 /// The message envelope: every `x-flowgate-*` header name, the dead-letter
 /// [`Reason`](envelope::Reason)s, `x-death` reading, header readers
@@ -90,8 +88,7 @@ pub use flowgate_actors::Error as RuntimeError;
 pub use flowgate_actors::{
     handler_fn, Delivery, Handler, HandlerError, MetricDesc, Metrics, Outcome, Output,
 };
-pub use handlers::FactoryError;
-pub use ingress::{Accepted, Ingress, IngressError};
+pub use ingress::Ingress;
 
 /// Runs a future on an actix `System` backed by a multi-threaded tokio
 /// runtime: actors live on the system thread, message tasks and the AMQP

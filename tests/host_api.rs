@@ -5,7 +5,8 @@
 use flowgate_testkit as common;
 
 use common::*;
-use flowgate::{Accepted, Engine, Output};
+use flowgate::ingress::{Accepted, IngressError};
+use flowgate::{Engine, Output};
 use std::time::Duration;
 
 #[actix_rt::test]
@@ -40,7 +41,7 @@ async fn a_served_host_route_publishes_through_the_ingress_and_stops_with_the_en
                             let out = Output::new(ex, "in", body).with_message_id(id.into_inner());
                             let accepted = ingress.send(out).await?;
                             assert_eq!(accepted, Accepted::Confirmed);
-                            Ok::<_, flowgate::IngressError>(
+                            Ok::<_, IngressError>(
                                 actix_web::HttpResponse::Accepted().finish(),
                             )
                         }

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// What a handler factory may fail with.
-pub type FactoryError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type FactoryError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Builds the handler of one stage from the stage's configuration.
 pub(crate) type HandlerFactory =
