@@ -84,7 +84,7 @@ pub use flowgate_actors::trace;
 /// What went wrong inside the actor runtime (a publish, the broker link).
 pub use flowgate_actors::Error as RuntimeError;
 pub use flowgate_actors::{
-    handler_fn, Delivery, Handler, HandlerError, MetricDesc, Metrics, Outcome, Output,
+    handler_fn, BatchPolicy, Delivery, Handler, HandlerError, MetricDesc, Metrics, Outcome, Output,
 };
 pub use handlers::{FactoryError, HandlerFactory};
 pub use ingress::{Accepted, Ingress, IngressError};
