@@ -240,15 +240,23 @@ mod tests {
         );
     }
 
+    /// `collect`, failing (not hanging) if it never returns a batch.
+    async fn flushed(rx: &mut mpsc::Receiver<i32>, size: usize, ms: u64) -> Option<Vec<i32>> {
+        tokio::time::timeout(
+            Duration::from_secs(3600),
+            collect(rx, size, Duration::from_millis(ms)),
+        )
+        .await
+        .expect("the partial batch was never flushed")
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_partial_batch_is_flushed_after_the_timeout_from_its_first_item() {
         let (tx, mut rx) = mpsc::channel(10);
         tx.send(1).await.unwrap();
         tx.send(2).await.unwrap();
         let t0 = tokio::time::Instant::now();
-        let b = collect(&mut rx, 5, Duration::from_millis(20))
-            .await
-            .unwrap();
+        let b = flushed(&mut rx, 5, 20).await.unwrap();
         assert_eq!(b, [1, 2]);
         assert_eq!(t0.elapsed(), Duration::from_millis(20));
         // The clock starts at the first item, not at the call.
@@ -260,13 +268,11 @@ mod tests {
             tx
         });
         let t0 = tokio::time::Instant::now();
-        let b = collect(&mut rx, 5, Duration::from_millis(20))
-            .await
-            .unwrap();
+        let b = flushed(&mut rx, 5, 20).await.unwrap();
         assert_eq!(b, [3, 4]);
         assert_eq!(t0.elapsed(), Duration::from_millis(120));
         drop(late.await.unwrap());
-        assert_eq!(collect(&mut rx, 5, Duration::from_millis(20)).await, None);
+        assert_eq!(flushed(&mut rx, 5, 20).await, None);
     }
 
     #[test]
