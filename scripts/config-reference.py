@@ -18,7 +18,7 @@ ENGINE = [
     ("exchanges[]", "ExchangeConfig"),
     ("queues[]", "QueueConfig"), ("queues[].bindings[]", "Binding"), ("queues[].watermark", "Watermark"),
     ("stages[]", "StageConfig"), ("stages[].output", "Target"), ("stages[].retry", "RetryConfig"),
-    ("stages[].http", "HttpStageConfig"),
+    ("stages[].http", "HttpStageConfig"), ("stages[].batch", "BatchConfig"),
     ("publisher", "PublisherConfig"), ("publisher.breaker", "BreakerConfig"),
     ("spool", "SpoolConfig"), ("depth", "DepthConfig"),
     ("dedup", "DedupConfig"), ("redis", "RedisConfig"),

@@ -1,7 +1,7 @@
 //! The engine: builds the actor tree from a [`Config`] and runs it.
 
 use crate::config::StageConfig;
-use crate::config::{Config, ConfigError, DedupMode};
+use crate::config::{BatchConfig, Config, ConfigError, DedupMode};
 use crate::depth::IngressGate;
 use crate::error::Error;
 use crate::handlers::{self, FactoryError, HandlerFactory};
@@ -361,6 +361,8 @@ impl Engine {
                     usize::try_from(config.limits.max_message_bytes).unwrap_or(usize::MAX),
                 ),
                 signature: signature_check(s.verify_mode(keys.is_some()), keys.as_ref()),
+                // validated to 1..=prefetch
+                batch: s.batch.as_ref().map(BatchConfig::policy),
             };
             let (addr, probe) = StageActor::start_supervised(
                 spec,

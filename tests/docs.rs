@@ -78,6 +78,7 @@ fn every_config_key_is_in_the_readme_reference() {
         output = { exchange = "shop", routing_key = "x" }
         retry = { max_attempts = 3, backoff = ["1s"] }
         http = { url = "http://127.0.0.1:8000/" }
+        batch = { size = 10 }
         [ingress]
         routes = [{ exchange = "shop" }]
         "#,

@@ -41,9 +41,7 @@ async fn a_served_host_route_publishes_through_the_ingress_and_stops_with_the_en
                             let out = Output::new(ex, "in", body).with_message_id(id.into_inner());
                             let accepted = ingress.send(out).await?;
                             assert_eq!(accepted, Accepted::Confirmed);
-                            Ok::<_, IngressError>(
-                                actix_web::HttpResponse::Accepted().finish(),
-                            )
+                            Ok::<_, IngressError>(actix_web::HttpResponse::Accepted().finish())
                         }
                     },
                 ),

@@ -642,17 +642,17 @@ mod tests {
             .expect("a free port");
         let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
         let refused = connect_one(&cfg(&url), &url, Purpose::Consume).await;
-        let e = refused.err().expect("nothing listens there");
+        let e = refused.expect_err("nothing listens there");
         assert!(unreachable(&e), "connection refused counted as fatal: {e}");
 
         let url = "amqp://guest:not-the-password@127.0.0.1:5672/%2f";
         let denied = connect_one(&cfg(url), url, Purpose::Consume).await;
-        let e = denied.err().expect("the broker refuses a wrong password");
+        let e = denied.expect_err("the broker refuses a wrong password");
         assert!(!unreachable(&e), "refused credentials waited for: {e}");
 
         let url = "amqp://guest:guest@127.0.0.1:5672/no-such-vhost";
         let denied = connect_one(&cfg(url), url, Purpose::Consume).await;
-        let e = denied.err().expect("the broker refuses a missing vhost");
+        let e = denied.expect_err("the broker refuses a missing vhost");
         assert!(!unreachable(&e), "a missing vhost waited for: {e}");
     }
 

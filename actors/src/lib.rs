@@ -10,7 +10,9 @@
 //! * `stage` — one [`StageActor`] per consumed queue. It
 //!   holds `prefetch` credits: one delivery takes one
 //!   credit and gives it back only when it is acked or rejected, so the
-//!   in-process bound is the broker's prefetch.
+//!   in-process bound is the broker's prefetch. With a [`BatchPolicy`] it
+//!   hands deliveries to [`Handler::handle_batch`] in groups (credits, acks
+//!   and outcomes stay per delivery).
 //! * `message` — the [`Handler`] contract: a [`Delivery`] in, an
 //!   [`Outcome`] out.
 //! * `publisher` — the [`PublisherActor`] (and its [`PublisherHandle`]):
@@ -84,7 +86,7 @@ pub use publisher::{
 };
 pub use retry::RetryPolicy;
 pub use signing::{Keys, SigningKey, Verifier, VerifyMode};
-pub use stage::{Drain, DrainReport, StageActor, StageProbe, StageSpec};
+pub use stage::{BatchPolicy, Drain, DrainReport, StageActor, StageProbe, StageSpec};
 pub use supervision::{Escalation, RestartPolicy};
 
 /// Re-exported so hosts build properties and field tables with the same lapin version.

@@ -251,6 +251,57 @@ impl Outcome {
 pub trait Handler: Send + Sync + 'static {
     /// Processes one delivery.
     async fn handle(&self, delivery: &Delivery) -> Result<Outcome, HandlerError>;
+
+    /// Processes a batch of deliveries in one call; used instead of
+    /// [`Handler::handle`] on a stage with a `batch` setting (see
+    /// [`BatchPolicy`](crate::BatchPolicy)), e.g. to write them to a
+    /// database in one statement.
+    ///
+    /// Returns one result per delivery, **in the same order**: each is
+    /// judged on its own (its own ack, retry, dead letter and outputs), so
+    /// one failing message fails only itself. A result vector of the wrong
+    /// length loses nothing: deliveries without a result are retried
+    /// (through the ladder; without one, dead-lettered as `handler`) and
+    /// extra results are ignored, with a warning. A panic fails the whole
+    /// batch (each delivery is dead-lettered as `panic`).
+    ///
+    /// The default calls [`Handler::handle`] on each delivery in turn, so
+    /// a handler written for one message also runs on a batching stage.
+    ///
+    /// ```
+    /// use flowgate_actors::{Delivery, Handler, HandlerError, Outcome};
+    ///
+    /// /// Acks every delivery of a batch but those with an empty body.
+    /// struct BulkInsert;
+    ///
+    /// #[async_trait::async_trait]
+    /// impl Handler for BulkInsert {
+    ///     async fn handle(&self, d: &Delivery) -> Result<Outcome, HandlerError> {
+    ///         Ok(self.handle_batch(vec![d.clone()]).await.remove(0)?)
+    ///     }
+    ///
+    ///     async fn handle_batch(
+    ///         &self,
+    ///         batch: Vec<Delivery>,
+    ///     ) -> Vec<Result<Outcome, HandlerError>> {
+    ///         // One round trip to the database for the whole batch here.
+    ///         batch
+    ///             .iter()
+    ///             .map(|d| match d.body.is_empty() {
+    ///                 true => Ok(Outcome::dead_letter("empty")),
+    ///                 false => Ok(Outcome::ack()),
+    ///             })
+    ///             .collect()
+    ///     }
+    /// }
+    /// ```
+    async fn handle_batch(&self, batch: Vec<Delivery>) -> Vec<Result<Outcome, HandlerError>> {
+        let mut results = Vec::with_capacity(batch.len());
+        for d in &batch {
+            results.push(self.handle(d).await);
+        }
+        results
+    }
 }
 
 /// A handler made from an async closure taking an owned [`Delivery`].

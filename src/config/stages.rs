@@ -110,6 +110,53 @@ pub struct StageConfig {
     /// below). Required for `http`.
     #[serde(default)]
     pub http: Option<HttpStageConfig>,
+    /// Hand the handler batches instead of single deliveries:
+    /// `{ size = 100, timeout = "50ms" }` (keys below). Credits, acks and
+    /// outcomes stay per delivery. `size` may not exceed `prefetch` (a
+    /// batch cannot hold more deliveries than the stage has credits).
+    /// Default none: one delivery per handler call.
+    #[serde(default)]
+    pub batch: Option<BatchConfig>,
+}
+
+/// A stage's `batch` table: how many deliveries one handler call gets.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most deliveries in one batch (1..=`prefetch`). Default `100`.
+    #[serde(default = "default_batch_size")]
+    pub size: u32,
+    /// Longest the first delivery of a batch waits for it to fill before
+    /// the batch is handled as it is (1ms..=1m). Default `50ms`.
+    #[serde(default = "default_batch_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_batch_size() -> u32 {
+    flowgate_actors::BatchPolicy::default().size as u32
+}
+fn default_batch_timeout() -> Duration {
+    flowgate_actors::BatchPolicy::default().timeout
+}
+
+impl Default for BatchConfig {
+    /// `size = 100`, `timeout = "50ms"`.
+    fn default() -> Self {
+        Self {
+            size: default_batch_size(),
+            timeout: default_batch_timeout(),
+        }
+    }
+}
+
+impl BatchConfig {
+    /// As the actors' batch policy.
+    pub(crate) fn policy(&self) -> flowgate_actors::BatchPolicy {
+        flowgate_actors::BatchPolicy {
+            size: self.size as usize,
+            timeout: self.timeout,
+        }
+    }
 }
 
 /// A stage's `http` table: the service the `http` handler POSTs each
@@ -213,6 +260,7 @@ impl Default for StageConfig {
             record_file: None,
             verify: None,
             http: None,
+            batch: None,
         }
     }
 }

@@ -173,6 +173,7 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
         }
         validate_failures(cfg, s, &key)?;
         validate_http(s, &key)?;
+        validate_batch(s, &key)?;
     }
     validate_dedup(cfg)?;
     validate_security(cfg)?;
@@ -369,6 +370,29 @@ fn validate_failures(
         return Err(ConfigError::new(
             "redis.url",
             "must be set for dedup = \"redis\"",
+        ));
+    }
+    Ok(())
+}
+
+/// A stage's `batch` table: a batch fits in the stage's credits.
+fn validate_batch(s: &StageConfig, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    let Some(b) = &s.batch else {
+        return Ok(());
+    };
+    if b.size == 0 || b.size > s.prefetch {
+        return Err(ConfigError::new(
+            key("batch.size"),
+            format!(
+                "must be between 1 and the stage's prefetch ({}): a batch cannot hold more deliveries than the stage has credits",
+                s.prefetch
+            ),
+        ));
+    }
+    if b.timeout < Duration::from_millis(1) || b.timeout > Duration::from_secs(60) {
+        return Err(ConfigError::new(
+            key("batch.timeout"),
+            "must be between 1ms and 1m",
         ));
     }
     Ok(())
@@ -584,6 +608,42 @@ mod failure_keys_tests {
         assert_eq!(p.max_attempts, 5);
         assert_eq!(p.backoff.len(), 3);
         assert_eq!(with("", "").unwrap().stages[0].dedup, DedupMode::Off);
+    }
+
+    #[test]
+    fn batch_parses_with_documented_defaults_and_fits_in_the_credits() {
+        let s = &with("prefetch = 200\nbatch = {}", "").unwrap().stages[0];
+        let b = s.batch.unwrap();
+        assert_eq!((b.size, b.timeout), (100, Duration::from_millis(50)));
+        assert_eq!(b.policy(), flowgate_actors::BatchPolicy::default());
+        assert!(with("", "").unwrap().stages[0].batch.is_none());
+        let b = with(
+            "prefetch = 10\nbatch = { size = 10, timeout = \"20ms\" }",
+            "",
+        )
+        .unwrap()
+        .stages[0]
+            .batch
+            .unwrap();
+        assert_eq!((b.size, b.timeout), (10, Duration::from_millis(20)));
+        for (extra, bad) in [
+            (
+                "prefetch = 10\nbatch = { size = 11 }",
+                "stages[0].batch.size",
+            ),
+            ("batch = { size = 0 }", "stages[0].batch.size"),
+            ("batch = {}", "stages[0].batch.size"), // default prefetch 50 < 100
+            (
+                "batch = { size = 5, timeout = \"0s\" }",
+                "stages[0].batch.timeout",
+            ),
+            (
+                "batch = { size = 5, timeout = \"2m\" }",
+                "stages[0].batch.timeout",
+            ),
+        ] {
+            assert_eq!(with(extra, "").unwrap_err().key, bad, "{extra}");
+        }
     }
 
     #[test]

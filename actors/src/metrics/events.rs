@@ -165,6 +165,28 @@ impl Event for Handled<'_> {
     }
 }
 
+/// A batch handler returned the wrong number of results: the deliveries
+/// without one are retried, extra results are ignored.
+pub(crate) struct BatchMismatched<'a> {
+    /// The stage.
+    pub stage: &'a str,
+    /// Deliveries in the batch.
+    pub sent: usize,
+    /// Results the handler returned.
+    pub returned: usize,
+}
+
+impl Event for BatchMismatched<'_> {
+    fn emit(self, _m: &Metrics) {
+        warn!(
+            stage = self.stage,
+            sent = self.sent,
+            returned = self.returned,
+            "batch handler returned the wrong number of results; retrying the deliveries without one"
+        );
+    }
+}
+
 /// A delivery's dedup key was already done: acked without handling.
 pub(crate) struct DedupHit<'a> {
     /// The stage.

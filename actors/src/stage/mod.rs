@@ -12,7 +12,10 @@
 //! the task keeps its credit and retries with backoff; credits stop coming
 //! back, intake stops, and the backlog stays in the broker.
 
+mod batch;
 mod process;
+
+pub use batch::BatchPolicy;
 
 use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscribe};
 use crate::credit::{Credit, Credits};
@@ -65,6 +68,9 @@ pub struct StageSpec {
     /// HMAC signature verification of every delivery (see
     /// [`Keys`](crate::Keys)); `None`: off.
     pub signature: Option<crate::signing::Verifier>,
+    /// Hand deliveries to [`Handler::handle_batch`] in batches (see
+    /// [`BatchPolicy`]); `None`: one [`Handler::handle`] call per delivery.
+    pub batch: Option<BatchPolicy>,
 }
 
 /// Shared between the actor, its intake task and its message tasks.
@@ -89,6 +95,8 @@ pub(crate) struct Shared {
     /// Deliveries intake may still take before pausing with cause
     /// [`PauseCause::Budget`] (see [`SetBudget`]); `u64::MAX`: unlimited.
     pub budget: AtomicU64,
+    /// The batch collector, when the stage batches.
+    pub batcher: Option<batch::Batcher>,
 }
 
 impl Shared {
@@ -295,7 +303,18 @@ impl StageActor {
             paused: paused.subscribe(),
         };
         let restarts = Restarts::new(spec.policy.clone());
+        let batcher = spec.batch.map(|policy| {
+            batch::Batcher::start(
+                policy,
+                credits.total(),
+                spec.handler.clone(),
+                workers.clone(),
+                metrics.clone(),
+                spec.name.clone(),
+            )
+        });
         let shared = Arc::new(Shared {
+            batcher,
             workers,
             paused,
             worker_target,

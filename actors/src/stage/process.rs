@@ -261,8 +261,15 @@ async fn claim(shared: &Shared, key: Option<String>) -> Result<Option<ClaimToken
     }
 }
 
-/// Step 4: runs the handler on a worker slot, catching panics.
+/// Step 4: runs the handler on a worker slot, catching panics; on a
+/// batching stage, as part of the next batch (see [`super::batch`]).
 async fn run_handler(shared: &Shared, d: &Delivery) -> Handled {
+    if let Some(batcher) = &shared.batcher {
+        if let Some(handled) = batcher.handle(d).await {
+            return handled;
+        }
+        // The collector is gone (teardown): handle it alone.
+    }
     // A closed semaphore only happens at teardown; run anyway then.
     let _worker = shared.workers.clone().acquire_owned().await.ok();
     let started = Instant::now();
@@ -277,7 +284,7 @@ async fn run_handler(shared: &Shared, d: &Delivery) -> Handled {
     res.map_err(|p| panic_message(p.as_ref()))
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+pub(super) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = p.downcast_ref::<String>() {
@@ -725,6 +732,7 @@ mod tests {
             payload: Payload::Bytes,
             max_message_bytes: None,
             signature: None,
+            batch: None,
         }
     }
 
