@@ -77,7 +77,7 @@ pub enum Error {
     /// The durable spool failed (its redb file, a record's encoding, the
     /// blocking task running it).
     #[error("spool: {0}")]
-    Spool(#[from] crate::publisher::SpoolError),
+    Spool(#[from] SpoolError),
     /// The message cannot be published as it is (an exchange or routing key
     /// over 255 bytes, ...): trying again cannot help.
     #[error("invalid message: {0}")]
@@ -112,5 +112,84 @@ impl Error {
 impl From<actix::MailboxError> for Error {
     fn from(_: actix::MailboxError) -> Self {
         Error::ActorGone("mailbox closed")
+    }
+}
+
+/// Errors returned by the durable spool (the publisher's `Spool`).
+///
+/// Hand-written `Error`, not derived: the source is the shared underlying
+/// error itself (downcastable to redb's or bincode's type), not the `Arc`
+/// around it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum SpoolError {
+    /// Appending the record would exceed the configured bound; nothing was
+    /// written. The caller should apply backpressure (or drop with a metric).
+    Full {
+        /// Encoded bytes currently stored in the spool (before the rejected
+        /// record), so the caller can log how close to the limit it is.
+        bytes: u64,
+        /// The configured limit the spool was opened with.
+        max_bytes: u64,
+    },
+    /// The underlying redb database (or the blocking task running it)
+    /// failed; the redb (or join) error is the source.
+    Storage(Source),
+    /// A record could not be encoded or a stored record could not be
+    /// decoded: the bincode error is the source, if it was bincode's.
+    Codec {
+        /// What was wrong.
+        reason: String,
+        /// The bincode error, if any.
+        source: Option<Source>,
+    },
+}
+
+impl std::fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpoolError::Full { bytes, max_bytes } => {
+                write!(
+                    f,
+                    "spool full: {bytes} bytes stored, limit {max_bytes} bytes"
+                )
+            }
+            SpoolError::Storage(e) => write!(f, "spool storage error: {e}"),
+            SpoolError::Codec { reason, source } => {
+                write!(f, "spool codec error: {reason}{}", colon_source(source))
+            }
+        }
+    }
+}
+
+impl std::error::Error for SpoolError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SpoolError::Full { .. } => None,
+            SpoolError::Storage(e) => Some(&**e),
+            SpoolError::Codec { source, .. } => source.as_deref().map(|e| e as _),
+        }
+    }
+}
+
+impl SpoolError {
+    /// `true` for [`SpoolError::Full`], the only error that is expected in
+    /// normal operation and that clears by itself once the spool drains.
+    pub fn is_full(&self) -> bool {
+        matches!(self, SpoolError::Full { .. })
+    }
+
+    /// Wraps any storage-layer error (redb's error types) into
+    /// [`SpoolError::Storage`], keeping it as the source.
+    pub(crate) fn storage(e: impl std::error::Error + Send + Sync + 'static) -> SpoolError {
+        SpoolError::Storage(Arc::new(e))
+    }
+
+    /// A codec error of this crate's own finding (no underlying error).
+    pub(crate) fn codec(reason: impl Into<String>) -> SpoolError {
+        SpoolError::Codec {
+            reason: reason.into(),
+            source: None,
+        }
     }
 }

@@ -16,7 +16,8 @@ pub struct SupervisorConfig {
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
     /// Restarts allowed per `window` before the engine escalates (shuts
-    /// down, exit status 1). Default `20`.
+    /// down, exit status 1). Waiting for an unreachable broker is not a
+    /// restart that counts: an outage of any length is waited out. Default `20`.
     pub max_restarts: u32,
     /// Default `60s`.
     #[serde(with = "humantime_serde")]

@@ -43,7 +43,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use crate::error::{colon_source, Source};
 use crate::metrics::events::{Event, SpoolQuarantined};
 use crate::metrics::Metrics;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -93,84 +92,7 @@ impl SpoolRecord {
     }
 }
 
-/// Errors returned by [`Spool`].
-///
-/// Hand-written `Error`, not derived: the source is the shared underlying
-/// error itself (downcastable to redb's or bincode's type), not the `Arc`
-/// around it.
-#[derive(Debug, Clone)]
-#[non_exhaustive]
-pub enum SpoolError {
-    /// Appending the record would exceed the configured bound; nothing was
-    /// written. The caller should apply backpressure (or drop with a metric).
-    Full {
-        /// Encoded bytes currently stored in the spool (before the rejected
-        /// record), so the caller can log how close to the limit it is.
-        bytes: u64,
-        /// The configured limit passed to [`Spool::open`].
-        max_bytes: u64,
-    },
-    /// The underlying redb database (or the blocking task running it)
-    /// failed; the redb (or join) error is the source.
-    Storage(Source),
-    /// A record could not be encoded or a stored record could not be
-    /// decoded: the bincode error is the source, if it was bincode's.
-    Codec {
-        /// What was wrong.
-        reason: String,
-        /// The bincode error, if any.
-        source: Option<Source>,
-    },
-}
-
-impl fmt::Display for SpoolError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SpoolError::Full { bytes, max_bytes } => {
-                write!(
-                    f,
-                    "spool full: {bytes} bytes stored, limit {max_bytes} bytes"
-                )
-            }
-            SpoolError::Storage(e) => write!(f, "spool storage error: {e}"),
-            SpoolError::Codec { reason, source } => {
-                write!(f, "spool codec error: {reason}{}", colon_source(source))
-            }
-        }
-    }
-}
-
-impl std::error::Error for SpoolError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            SpoolError::Full { .. } => None,
-            SpoolError::Storage(e) => Some(&**e),
-            SpoolError::Codec { source, .. } => source.as_deref().map(|e| e as _),
-        }
-    }
-}
-
-impl SpoolError {
-    /// `true` for [`SpoolError::Full`], the only error that is expected in
-    /// normal operation and that clears by itself once the spool drains.
-    pub fn is_full(&self) -> bool {
-        matches!(self, SpoolError::Full { .. })
-    }
-
-    /// Wraps any storage-layer error (redb's error types) into
-    /// [`SpoolError::Storage`], keeping it as the source.
-    fn storage(e: impl std::error::Error + Send + Sync + 'static) -> SpoolError {
-        SpoolError::Storage(Arc::new(e))
-    }
-
-    /// A codec error of this crate's own finding (no underlying error).
-    pub(crate) fn codec(reason: impl Into<String>) -> SpoolError {
-        SpoolError::Codec {
-            reason: reason.into(),
-            source: None,
-        }
-    }
-}
+pub use crate::error::SpoolError;
 
 /// Shared state behind the [`Spool`] handle.
 struct Inner {
