@@ -552,7 +552,7 @@ mod tests {
             redelivered: false,
             exchange: "shop".into(),
             routing_key: "order.new".into(),
-            queue: "orders".into(),
+            queue: "priced".into(),
             stage: "price".into(),
         }
     }
