@@ -20,10 +20,12 @@ use std::time::{Duration, Instant};
 /// Ids published at the start; more follow whenever the first stage's
 /// queue runs low (see `BACKLOG`).
 const N: usize = 3_000;
-/// Before each fault the first stage's queue holds at least this many (a
-/// top-up of fresh ids if not), so every fault lands mid-run however the
-/// time between faults comes out (breaker resets and the broker's own
-/// start-up vary it several-fold on a loaded machine).
+/// Before each fault, and again once the engine is back, the first stage's
+/// queue holds at least this many (a top-up of fresh ids if not): every
+/// fault lands mid-run and there is work to show the pipeline moving
+/// again, however the time between faults comes out (the stage's rate
+/// bucket refills during an outage; breaker resets and the broker's own
+/// start-up vary the timing several-fold on a loaded machine).
 const BACKLOG: u32 = 1_500;
 const PREFETCH: u32 = 20;
 /// The first stage's rate (messages per second): keeps the run going
@@ -47,6 +49,21 @@ async fn accepting(node: &BrokerNode) -> Instant {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Publishes fresh ids (recorded in `ids`) while the first stage's queue
+/// holds fewer than `BACKLOG`.
+async fn top_up(client: &Client, prefix: &str, ids: &mut Vec<String>) {
+    if client.depth(&format!("{prefix}.s1")).await >= BACKLOG {
+        return;
+    }
+    let more: Vec<String> = (ids.len()..ids.len() + BACKLOG as usize)
+        .map(|i| format!("id-{i}"))
+        .collect();
+    client
+        .publish_many(&format!("{prefix}.ex"), "in", &more, &[2u8; 256])
+        .await;
+    ids.extend(more);
 }
 
 /// The queue holds `by` more messages than now (within a minute). Queue
@@ -107,16 +124,7 @@ async fn stop_app_and_node_restarts_are_recovered_within_backoff_max_without_los
     let mut recoveries = Vec::new();
     for k in 0..STOP_APPS + NODE_RESTARTS {
         let full = k >= STOP_APPS;
-        let backlog = client.depth(&s1).await;
-        if backlog < BACKLOG {
-            let more: Vec<String> = (ids.len()..ids.len() + BACKLOG as usize)
-                .map(|i| format!("id-{i}"))
-                .collect();
-            client
-                .publish_many(&format!("{prefix}.ex"), "in", &more, &[2u8; 256])
-                .await;
-            ids.extend(more);
-        }
+        top_up(&client, &prefix, &mut ids).await;
         assert!(
             client.depth(&s1).await > 0,
             "fault {k} is not mid-run: the first stage's queue is empty"
@@ -171,6 +179,8 @@ async fn stop_app_and_node_restarts_are_recovered_within_backoff_max_without_los
         );
         recoveries.push((k, took));
         client = Client::connect(&node.amqp_url()).await;
+        // Work for "moves again" to show on, however much the recovery took.
+        top_up(&client, &prefix, &mut ids).await;
         if !grown(&client, &sink, 100).await {
             let diag = node
                 .blocking(|n| {
