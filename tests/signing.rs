@@ -317,7 +317,9 @@ async fn spooled_then_replayed_messages_verify() {
     let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     let _keys = with_keys(&mut cfg);
     cfg.publisher.breaker.failures = 1;
-    cfg.publisher.breaker.reset = Duration::from_millis(500);
+    // Long enough that the publishes below find the breaker still open on
+    // a loaded machine (500 ms did not: the direct record was confirmed).
+    cfg.publisher.breaker.reset = Duration::from_secs(3);
     cfg.spool.path = Some(dir.path().join("spool.redb"));
     let h = start(&cfg).await;
     let client = Client::connect(AMQP_URL).await;
@@ -333,6 +335,13 @@ async fn spooled_then_replayed_messages_verify() {
         matches!(r, Ok(PublishOutcome::Spooled)),
         "the failure that opens the breaker spools its message: {r:?}"
     );
+    // Two records spooled: one routed straight to the sink (nobody consumes
+    // it, so what arrives there is the replayed record exactly as the
+    // publisher sent it), one through the verifying stage s1.
+    let direct = Output::new(&ex, "hop1", "direct body").with_properties(props("direct", None));
+    assert_eq!(h.publish(direct).await.unwrap(), PublishOutcome::Spooled);
+    let msg = Output::new(&ex, "in", "spooled body").with_properties(props("spooled", None));
+    assert_eq!(h.publish(msg).await.unwrap(), PublishOutcome::Spooled);
     client
         .ch
         .exchange_declare(
@@ -363,13 +372,6 @@ async fn spooled_then_replayed_messages_verify() {
         )
         .await
         .expect("bind");
-    // Two records spooled: one routed straight to the sink (nobody consumes
-    // it, so what arrives there is the replayed record exactly as the
-    // publisher sent it), one through the verifying stage s1.
-    let direct = Output::new(&ex, "hop1", "direct body").with_properties(props("direct", None));
-    assert_eq!(h.publish(direct).await.unwrap(), PublishOutcome::Spooled);
-    let msg = Output::new(&ex, "in", "spooled body").with_properties(props("spooled", None));
-    assert_eq!(h.publish(msg).await.unwrap(), PublishOutcome::Spooled);
 
     // At least once: a replay round may publish a record again (see the
     // publisher's module docs), so look at the first copy of each.
