@@ -338,3 +338,72 @@ async fn rejections_dead_letter_with_the_status_and_timeouts_retry_through_the_l
     assert_eq!(client.depth(&dlq).await, 0);
     assert_eq!(client.depth(&format!("{prefix}.s1.dlq")).await, 0);
 }
+
+/// An `http` stage with `batch`: one request per batch (a JSON document of
+/// entries), each entry's fate from the answer's statuses — the accepted
+/// ones published and acked, the rejected one alone dead-lettered with the
+/// service's reason.
+#[actix_rt::test]
+async fn a_batching_http_stage_sends_batches_and_each_entry_meets_its_own_fate() {
+    let worker = Worker::start(&[]).await;
+    let prefix = unique("http-batch");
+    let mut cfg = pipeline(&prefix, &worker, 50);
+    cfg.stages[1].batch = Some(flowgate::config::BatchConfig {
+        size: 25,
+        timeout: Duration::from_millis(20),
+    });
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    let rejected = format!("{prefix}-7");
+    worker.admin(json!({ "reject_ids": [rejected] })).await;
+    let handle = start(&cfg).await;
+    let client = Client::connect(AMQP_URL).await;
+    let sent = ids(&prefix, 300);
+    client
+        .publish_many(&format!("{prefix}.ex"), "in", &sent, ORDER)
+        .await;
+    let got = client
+        .collect_all(
+            &format!("{prefix}.sink"),
+            sent.len() - 1,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(
+        got.len(),
+        sent.len() - 1,
+        "every accepted id reached the sink"
+    );
+    assert!(got.values().all(|n| *n == 1), "each once");
+    assert!(
+        !got.contains_key(&rejected),
+        "the rejected one did not pass"
+    );
+    let dead = client
+        .collect(&format!("{prefix}.s2.dlq"), 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0, rejected);
+    let reason = header(&dead[0].1, envelope::REASON).unwrap_or_default();
+    assert!(
+        reason.contains("unknown customer"),
+        "the service's reason: {reason}"
+    );
+    let stats = worker.stats().await;
+    let batches: Vec<u64> = stats["batches"]
+        .as_array()
+        .expect("batch sizes")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert_eq!(
+        batches.iter().sum::<u64>(),
+        300,
+        "every delivery in one batch: {batches:?}"
+    );
+    assert!(batches.iter().all(|b| (1..=25).contains(b)), "{batches:?}");
+    assert!(
+        batches.iter().any(|b| *b > 1),
+        "requests carried batches: {batches:?}"
+    );
+    handle.shutdown().await;
+}

@@ -102,6 +102,10 @@ pub const REPLAY_STRIPPED: [&str; 13] = [
 /// a dead letter stays far below the broker's frame and message limits.
 pub const MAX_ERROR_BYTES: usize = 1024;
 
+/// The start of the retry reason of a delivery its batch handler returned
+/// no result for (`Handler::handle_batch`, an `http` stage's batch answer).
+pub const MISSING_BATCH_RESULT: &str = "missing-batch-result";
+
 /// Why the engine dead-lettered a message. A closed set: the wire value
 /// ([`Reason::as_str`]) is both the [`REASON`] header and the
 /// `flowgate_messages_dead_lettered_total{reason}` label.

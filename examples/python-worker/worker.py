@@ -23,8 +23,13 @@ with POST /admin and a JSON object holding any of these keys):
   malformed_ids    WORKER_MALFORMED_IDS=a,b   answer these 200 with a JSON document
                                               that is not an outputs document
 
-GET /admin/stats answers {"handled": n, "max_in_flight": n (most messages
-being handled at once), "statuses": {"200": n, ...}, "calls": {message id: n}}.
+GET /admin/stats answers {"handled": n, "max_in_flight": n (most requests
+being handled at once), "statuses": {"200": n, ...}, "calls": {message id: n},
+"batches": [size of each batch request, ...]}.
+
+A request with the header x-flowgate-batch-size (a stage with `batch`) holds
+{"entries": [{"entry_id", "headers", "body"}, ...]}; the answer is
+{"statuses": [{"entry_id", "status": "ack" | "dead_letter", ...}, ...]}.
 """
 
 import argparse
@@ -61,6 +66,7 @@ class State:
         self.max_in_flight = 0
         self.statuses = {}
         self.calls = {}
+        self.batches = []
 
     def configure(self, cfg):
         with self.lock:
@@ -102,6 +108,7 @@ class State:
                 "max_in_flight": self.max_in_flight,
                 "statuses": dict(self.statuses),
                 "calls": dict(self.calls),
+                "batches": list(self.batches),
             }
 
 
@@ -172,46 +179,84 @@ class Handler(BaseHTTPRequestHandler):
             STATE.leave()
 
     def handle_message(self, body):
+        if self.headers.get("x-flowgate-batch-size") is not None:
+            return self.handle_batch(body)
         # flowgate percent-encodes mapped values: unquote gives the id back.
         message_id = urllib.parse.unquote(self.headers.get("x-amqp-message-id", ""))
         s = STATE
-        s.call(message_id)
         with s.lock:
             unavailable = s.unavailable or time.monotonic() < s.unavailable_until
             retry_after = s.retry_after
-            rejected = message_id in s.reject_ids
-            slow = s.slow_seconds if message_id in s.slow_ids else 0
-            bad_output = message_id in s.bad_output_ids
-            malformed = message_id in s.malformed_ids
         if unavailable:
             # Slow down: flowgate waits Retry-After, holding the message.
+            s.call(message_id)
             s.count(503)
             return self._answer(503, b"busy", extra=[("retry-after", f"{retry_after:g}")])
-        if slow:
-            time.sleep(slow)
-        try:
-            order = json.loads(body)
-            priced = price(order)
-        except (ValueError, KeyError, TypeError) as e:
+        kind, what = process(message_id, body)
+        if kind == "reject":
             # A permanent problem with this message: flowgate dead-letters
             # it with reason "http 422: ..." (the text below).
             s.count(422)
-            return self._answer(422, f"not a valid order: {e!r}".encode())
-        if rejected:
-            s.count(422)
-            return self._answer(422, b"order rejected: unknown customer")
-        output = {
-            # exchange and routing_key default to the stage's `output`.
-            "body": priced,
-            "message_id": message_id,
-            "headers": {"x-priced-by": "python-worker"},
-        }
-        if bad_output:
-            output["routing_key"] = "k" * 300
+            return self._answer(422, what.encode())
         s.count(200)
-        if malformed:
+        if kind == "malformed":
             return self._json(200, {"outputs": "not a list"})
-        self._json(200, {"outputs": [output]})
+        self._json(200, {"outputs": [what]})
+
+    def handle_batch(self, body):
+        """A batch stage's request: {"entries": [...]}, answered with one
+        status per entry (see README.md)."""
+        s = STATE
+        entries = json.loads(body)["entries"]
+        with s.lock:
+            unavailable = s.unavailable or time.monotonic() < s.unavailable_until
+            retry_after = s.retry_after
+            s.batches.append(len(entries))
+        if unavailable:
+            for e in entries:
+                s.call(urllib.parse.unquote(e["headers"].get("x-amqp-message-id", "")))
+            s.count(503)
+            return self._answer(503, b"busy", extra=[("retry-after", f"{retry_after:g}")])
+        statuses = []
+        for e in entries:
+            message_id = urllib.parse.unquote(e["headers"].get("x-amqp-message-id", ""))
+            kind, what = process(message_id, e.get("body", "").encode())
+            if kind == "reject":
+                statuses.append({"entry_id": e["entry_id"], "status": "dead_letter", "reason": what})
+            else:
+                statuses.append({"entry_id": e["entry_id"], "status": "ack", "outputs": [what]})
+        s.count(200)
+        self._json(200, {"statuses": statuses})
+
+
+def process(message_id, body):
+    """One message: ("ok", output), ("reject", reason) or ("malformed", None)."""
+    s = STATE
+    s.call(message_id)
+    with s.lock:
+        rejected = message_id in s.reject_ids
+        slow = s.slow_seconds if message_id in s.slow_ids else 0
+        bad_output = message_id in s.bad_output_ids
+        malformed = message_id in s.malformed_ids
+    if slow:
+        time.sleep(slow)
+    try:
+        priced = price(json.loads(body))
+    except (ValueError, KeyError, TypeError) as e:
+        return "reject", f"not a valid order: {e!r}"
+    if rejected:
+        return "reject", "order rejected: unknown customer"
+    if malformed:
+        return "malformed", None
+    output = {
+        # exchange and routing_key default to the stage's `output`.
+        "body": priced,
+        "message_id": message_id,
+        "headers": {"x-priced-by": "python-worker"},
+    }
+    if bad_output:
+        output["routing_key"] = "k" * 300
+    return "ok", output
 
 
 def main():

@@ -51,6 +51,30 @@
 //!   `handler`).
 //! * **5xx, other statuses, timeouts, connection errors**: retry through
 //!   the stage's ladder (`Outcome::Retry`).
+//!
+//! # Batches
+//!
+//! A stage with `batch = { size, timeout }` sends one request per batch:
+//! `POST <url>` with `content-type: application/json`,
+//! `x-flowgate-batch-size: <n>`, the stage's `http.headers`, and the body
+//! `{"entries": [{"entry_id": "0", "headers": {...}, "body": "..."}, ...]}`
+//! — `headers` are the request headers above for that delivery, as a JSON
+//! object; `body` is the delivery's body as text when it is UTF-8, else
+//! `body_base64` holds it in standard base64. Entry ids are the positions
+//! `"0"`..`"n-1"`.
+//!
+//! 429/503, other 4xx, 5xx and timeouts mean what they mean for one
+//! delivery, for every entry of the batch. A 2xx without a JSON body acks
+//! them all. A 2xx JSON answer says each entry's fate:
+//! `{"statuses": [{"entry_id": "0", "status": "ack", "outputs": [...]},
+//! {"entry_id": "1", "status": "dead_letter", "reason": "no such sku"},
+//! {"entry_id": "2", "status": "retry", "reason": "db busy"}]}` — outputs
+//! as in the one-delivery answer; `reason` becomes the dead letter's
+//! reason header (or the retry's). An entry the answer does not mention is
+//! retried as `missing-batch-result`; unknown or repeated entry ids are
+//! ignored; an entry with invalid outputs alone is dead-lettered as
+//! `invalid-output`; an answer that is not this document dead-letters the
+//! batch as `invalid-output`.
 
 use crate::config::{
     HttpStageConfig, StageConfig, Target, HTTP_MAPPED_PREFIX, HTTP_RESERVED_HEADERS,
@@ -167,7 +191,7 @@ impl Http {
     }
 
     /// One request and what its answer means.
-    async fn attempt(&self, d: &Delivery) -> Answer {
+    async fn attempt(&self, d: &Delivery) -> Answer<Outcome> {
         // The semaphore is never closed: acquire cannot fail.
         let _permit = self.in_flight.acquire().await;
         let sent = self
@@ -237,10 +261,11 @@ impl Http {
     }
 }
 
-/// What one request's answer means.
-enum Answer {
-    /// The delivery's outcome.
-    Done(Outcome),
+/// What one request's answer means: `T` is the delivery's outcome (one
+/// delivery) or the batch's outcomes.
+enum Answer<T> {
+    /// The outcome(s).
+    Done(T),
     /// 429/503: wait and try again.
     SlowDown {
         status: StatusCode,
@@ -248,15 +273,20 @@ enum Answer {
     },
 }
 
-#[async_trait::async_trait]
-impl Handler for Http {
-    async fn handle(&self, d: &Delivery) -> Result<Outcome, HandlerError> {
+impl Http {
+    /// Sends with `attempt` until answered, waiting out 429/503 answers
+    /// (capped by `retry_after_max` each, `slow_down_limit` in all); `Err`
+    /// is the retry reason once the limit is passed.
+    async fn until_answered<T, F>(&self, stage: &str, attempt: impl Fn() -> F) -> Result<T, String>
+    where
+        F: std::future::Future<Output = Answer<T>>,
+    {
         let started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
         loop {
             self.wait_out_pause().await;
-            match self.attempt(d).await {
-                Answer::Done(outcome) => return Ok(outcome),
+            match attempt().await {
+                Answer::Done(done) => return Ok(done),
                 Answer::SlowDown {
                     status,
                     retry_after,
@@ -264,18 +294,237 @@ impl Handler for Http {
                     let wait = retry_after.unwrap_or(backoff).min(self.retry_after_max);
                     backoff = (backoff * 2).min(self.retry_after_max);
                     if started.elapsed() + wait > self.slow_down_limit {
-                        return Ok(Outcome::retry(format!(
+                        return Err(format!(
                             "http {}: still asked to slow down after {:?}",
                             status.as_u16(),
                             started.elapsed()
-                        )));
+                        ));
                     }
-                    tracing::debug!(stage = %d.stage, status = status.as_u16(), ?wait, "http service asks to slow down");
+                    tracing::debug!(%stage, status = status.as_u16(), ?wait, "http service asks to slow down");
                     self.pause_for(wait);
                 }
             }
         }
     }
+
+    /// One request carrying a whole batch (see the module docs) and what
+    /// its answer means for each delivery.
+    async fn attempt_batch(&self, batch: &[Delivery]) -> Answer<Vec<Outcome>> {
+        let n = batch.len();
+        let all = |o: Outcome| Answer::Done(vec![o; n]);
+        let request = match serde_json::to_vec(&batch_request(batch)) {
+            Ok(r) => r,
+            // A document of strings and maps always serializes.
+            Err(e) => return all(Outcome::retry(format!("http batch: {e}"))),
+        };
+        // The semaphore is never closed: acquire cannot fail.
+        let _permit = self.in_flight.acquire().await;
+        let sent = self
+            .client
+            .post(self.url.clone())
+            .timeout(self.timeout)
+            .headers(self.extra_headers.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(BATCH_SIZE_HEADER, HeaderValue::from(n))
+            .body(request)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) => return all(Outcome::retry(self.failure("request", e))),
+        };
+        let status = resp.status();
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            return Answer::SlowDown {
+                status,
+                retry_after: retry_after(resp.headers()),
+            };
+        }
+        let json = is_json(resp.headers());
+        let body = match read_bounded(resp, self.max_response_bytes).await {
+            Ok(b) => b,
+            Err(BodyError::Http(e)) => {
+                return all(Outcome::retry(self.failure("reading the answer", e)))
+            }
+            Err(BodyError::TooLong) if status.is_success() => {
+                return all(Outcome::invalid_output(format!(
+                    "http {}: the answer is longer than {} bytes",
+                    status.as_u16(),
+                    self.max_response_bytes
+                )))
+            }
+            Err(BodyError::TooLong) => Bytes::new(),
+        };
+        if !status.is_success() {
+            let reason = status_reason(status, &body);
+            return all(if status.is_client_error() {
+                Outcome::dead_letter(reason)
+            } else {
+                Outcome::retry(reason)
+            });
+        }
+        if !json || body.iter().all(u8::is_ascii_whitespace) {
+            return all(Outcome::ack());
+        }
+        Answer::Done(
+            parse_statuses(batch, &body, self.default_target.as_ref()).unwrap_or_else(|e| {
+                vec![Outcome::invalid_output(format!("http {}: {e}", status.as_u16())); n]
+            }),
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for Http {
+    async fn handle(&self, d: &Delivery) -> Result<Outcome, HandlerError> {
+        Ok(self
+            .until_answered(&d.stage, || self.attempt(d))
+            .await
+            .unwrap_or_else(Outcome::retry))
+    }
+
+    /// A stage with `batch`: one request per batch, a JSON document of
+    /// entries; the answer says each entry's fate (see the module docs).
+    async fn handle_batch(&self, batch: Vec<Delivery>) -> Vec<Result<Outcome, HandlerError>> {
+        let Some(stage) = batch.first().map(|d| d.stage.clone()) else {
+            return Vec::new();
+        };
+        let outcomes = match self
+            .until_answered(&stage, || self.attempt_batch(&batch))
+            .await
+        {
+            Ok(outcomes) => outcomes,
+            Err(reason) => vec![Outcome::retry(reason); batch.len()],
+        };
+        outcomes.into_iter().map(Ok).collect()
+    }
+}
+
+/// The header of a batch request that says how many entries it holds.
+const BATCH_SIZE_HEADER: &str = "x-flowgate-batch-size";
+
+/// The request document of a batch: `{"entries": [{"entry_id": "0",
+/// "headers": {...}, "body": "..." | "body_base64": "..."}, ...]}`.
+fn batch_request(batch: &[Delivery]) -> serde_json::Value {
+    use base64::Engine as _;
+    let entries = batch
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let headers: serde_json::Map<String, serde_json::Value> = request_headers(d)
+                .iter()
+                .map(|(k, v)| {
+                    // Every mapped value is printable ASCII (percent-encoded).
+                    let text = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                    (k.as_str().to_owned(), serde_json::Value::String(text))
+                })
+                .collect();
+            let mut entry = serde_json::Map::new();
+            entry.insert("entry_id".into(), i.to_string().into());
+            entry.insert("headers".into(), headers.into());
+            match std::str::from_utf8(&d.body) {
+                Ok(text) => entry.insert("body".into(), text.into()),
+                Err(_) => entry.insert(
+                    "body_base64".into(),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(&d.body)
+                        .into(),
+                ),
+            };
+            serde_json::Value::Object(entry)
+        })
+        .collect();
+    serde_json::json!({ "entries": serde_json::Value::Array(entries) })
+}
+
+/// The answer to a batch: `{"statuses": [...]}` (other keys ignored).
+#[derive(Deserialize)]
+struct BatchAnswerDoc {
+    statuses: Vec<EntryStatusDoc>,
+}
+
+/// One entry's fate in a batch answer.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryStatusDoc {
+    entry_id: String,
+    status: EntryStatus,
+    reason: Option<String>,
+    #[serde(default)]
+    outputs: Vec<OutputDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum EntryStatus {
+    Ack,
+    Retry,
+    DeadLetter,
+}
+
+/// Each delivery's outcome from a 2xx batch answer, or why the answer is
+/// not the documented one. An entry the answer does not mention is
+/// retried ([`envelope::MISSING_BATCH_RESULT`]); unknown or repeated entry
+/// ids are ignored; an entry whose outputs are invalid is dead-lettered
+/// as `invalid-output` alone.
+fn parse_statuses(
+    batch: &[Delivery],
+    body: &[u8],
+    default_target: Option<&Target>,
+) -> Result<Vec<Outcome>, String> {
+    let doc: BatchAnswerDoc = serde_json::from_slice(body)
+        .map_err(|e| format!("the answer is not a batch statuses document: {e}"))?;
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+    let mut ignored = 0usize;
+    for st in doc.statuses {
+        let free = |i: &usize| outcomes.get(*i).is_some_and(Option::is_none);
+        let Some(i) = st.entry_id.parse::<usize>().ok().filter(free) else {
+            ignored += 1;
+            continue;
+        };
+        let reason = |default: &str| {
+            let text = st.reason.clone().unwrap_or_else(|| default.to_owned());
+            envelope::truncate(text, MAX_REASON_TEXT)
+        };
+        let outcome = match st.status {
+            EntryStatus::Retry => Outcome::retry(reason("http batch: retry")),
+            EntryStatus::DeadLetter => Outcome::dead_letter(reason("http batch: dead_letter")),
+            EntryStatus::Ack => {
+                let outputs: Result<Vec<Output>, String> = st
+                    .outputs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, o)| {
+                        output(&batch[i], o, default_target).map_err(|e| format!("output {k}: {e}"))
+                    })
+                    .collect();
+                match outputs {
+                    Ok(outputs) => Outcome::ack_with(outputs),
+                    Err(e) => Outcome::invalid_output(format!("http batch entry {i}: {e}")),
+                }
+            }
+        };
+        outcomes[i] = Some(outcome);
+    }
+    if ignored > 0 {
+        tracing::warn!(
+            ignored,
+            "http batch answer: statuses with unknown or repeated entry ids ignored"
+        );
+    }
+    let n = batch.len();
+    Ok(outcomes
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            o.unwrap_or_else(|| {
+                Outcome::retry(format!(
+                    "{}: the http batch answer has no status for entry {i} of {n}",
+                    envelope::MISSING_BATCH_RESULT
+                ))
+            })
+        })
+        .collect())
 }
 
 /// `http <status>` and the start of the answer's text, for a reason header.
@@ -647,6 +896,89 @@ mod tests {
         assert!(parse_outputs(&d, br#"{"status":"ok"}"#, None)
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn a_batch_answer_gives_each_entry_its_own_fate() {
+        let batch: Vec<Delivery> = (0..5)
+            .map(|i| {
+                let mut d = delivery(BasicProperties::default());
+                d.body = Bytes::from(if i == 4 {
+                    vec![0xff, 0xfe]
+                } else {
+                    b"{}".to_vec()
+                });
+                d
+            })
+            .collect();
+        let request = batch_request(&batch);
+        let entries = request["entries"].as_array().unwrap();
+        assert_eq!(entries.len(), 5);
+        assert_eq!(entries[1]["entry_id"], "1");
+        assert_eq!(entries[1]["body"], "{}");
+        assert_eq!(
+            entries[1]["headers"]["x-amqp-queue"],
+            batch[1].queue.as_str()
+        );
+        assert_eq!(
+            entries[4]["body_base64"], "//4=",
+            "a body that is not UTF-8"
+        );
+        // 0 acked with an output, 1 dead-lettered, 2 retried, 3 missing,
+        // 4 with an invalid output; "9" and a repeated "1" are ignored.
+        let answer = br#"{"statuses": [
+            {"entry_id": "0", "status": "ack", "outputs": [{"body": "zero"}]},
+            {"entry_id": "1", "status": "dead_letter", "reason": "no such sku"},
+            {"entry_id": "1", "status": "ack"},
+            {"entry_id": "2", "status": "retry", "reason": "db busy"},
+            {"entry_id": "9", "status": "ack"},
+            {"entry_id": "4", "status": "ack", "outputs": [{"body": "x", "routing_key": null, "exchange": null}]}
+        ]}"#;
+        let out = parse_statuses(&batch, answer, Some(&target())).unwrap();
+        assert_eq!(out.len(), 5);
+        assert!(
+            matches!(&out[0], Outcome::Ack { outputs } if outputs.len() == 1 && outputs[0].body == "zero"),
+            "{:?}",
+            out[0]
+        );
+        assert!(
+            matches!(&out[1], Outcome::DeadLetter { reason, .. } if reason == "no such sku"),
+            "{:?}",
+            out[1]
+        );
+        assert!(
+            matches!(&out[2], Outcome::Retry { reason } if reason == "db busy"),
+            "{:?}",
+            out[2]
+        );
+        assert!(
+            matches!(&out[3], Outcome::Retry { reason } if reason.starts_with(envelope::MISSING_BATCH_RESULT)),
+            "{:?}",
+            out[3]
+        );
+        let no_target = parse_statuses(&batch, answer, None).unwrap();
+        assert!(
+            matches!(&out[4], Outcome::Ack { outputs } if outputs.len() == 1),
+            "{:?}",
+            out[4]
+        );
+        assert!(
+            matches!(&no_target[4], Outcome::InvalidOutput { reason } if reason.contains("entry 4")),
+            "an output with no exchange and no stage output: {:?}",
+            no_target[4]
+        );
+        assert!(
+            matches!(&no_target[1], Outcome::DeadLetter { .. }),
+            "only the invalid entry: {:?}",
+            no_target[1]
+        );
+        assert!(parse_statuses(&batch, br#"{"outputs": []}"#, None).is_err());
+        assert!(parse_statuses(
+            &batch,
+            br#"{"statuses": [{"entry_id": "0", "status": "maybe"}]}"#,
+            None
+        )
+        .is_err());
     }
 
     #[test]

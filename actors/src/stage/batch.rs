@@ -15,6 +15,7 @@
 //! prefetch (the daemon's config refuses a larger one).
 
 use super::process::{panic_message, Handled};
+use crate::envelope::MISSING_BATCH_RESULT as MISSING_RESULT;
 use crate::message::{Delivery, Handler, Outcome};
 use crate::metrics::events::{self, Event};
 use crate::metrics::Metrics;
@@ -216,9 +217,6 @@ fn matched(
         })
         .collect()
 }
-
-/// The retry reason of a delivery its batch handler returned no result for.
-pub(crate) const MISSING_RESULT: &str = "missing-batch-result";
 
 #[cfg(test)]
 mod tests {
