@@ -14,7 +14,7 @@ import sys
 WHICH = sys.argv[1] if len(sys.argv) > 1 else "engine"
 # Where each struct sits in the file's key tree.
 ENGINE = [
-    ("amqp", "AmqpConfig"), ("http", "HttpConfig"),
+    ("amqp", "AmqpConfig"), ("amqp.tls", "AmqpTlsConfig"), ("http", "HttpConfig"),
     ("exchanges[]", "ExchangeConfig"),
     ("queues[]", "QueueConfig"), ("queues[].bindings[]", "Binding"), ("queues[].watermark", "Watermark"),
     ("stages[]", "StageConfig"), ("stages[].output", "Target"), ("stages[].retry", "RetryConfig"),
@@ -33,7 +33,7 @@ try:
     }[WHICH]
 except KeyError:
     sys.exit(f"unknown table {WHICH!r}: engine or orders")
-NESTED = {"breaker", "bindings", "watermark", "output", "retry", "http"}
+NESTED = {"breaker", "bindings", "watermark", "output", "retry", "http", "tls"}
 
 import glob
 import os

@@ -285,6 +285,9 @@ impl Engine {
             name: config.amqp.connection_name.clone(),
             connect_timeout: config.amqp.connect_timeout,
             policy: policy.clone(),
+            // Read again at start (validated at load): certificates are
+            // rotated.
+            tls: config.amqp.tls.settings()?,
         };
         let m = metrics.clone();
         let tx = esc_tx.clone();
@@ -498,11 +501,15 @@ async fn build_dedup(config: &Config, metrics: &Metrics) -> Result<DedupBackends
         ));
     }
     if config.stages.iter().any(|s| s.dedup == DedupMode::Redis) {
+        // Read again at start (validated at load): certificates are rotated.
+        let (ca_pem, client_pem) = config.redis.tls()?;
         let store = RedisStore::connect_with(
             &config.redis.url,
             &config.dedup.prefix,
             RedisStoreConfig {
                 lazy: true,
+                ca_pem,
+                client_pem,
                 ..Default::default()
             },
         )

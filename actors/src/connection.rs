@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::metrics::events::{self, Event as _};
 use crate::metrics::Metrics;
 use crate::supervision::{Escalation, EscalationSender, RestartPolicy, Restarts};
+use crate::tls::TlsSettings;
 use actix::prelude::*;
 use futures::StreamExt;
 use lapin::{Channel, Connection, ConnectionProperties, Event};
@@ -62,6 +63,8 @@ pub struct ConnectionConfig {
     pub connect_timeout: Duration,
     /// Restart backoff and budget.
     pub policy: RestartPolicy,
+    /// TLS (CA, client certificate, server name) and the SASL mechanism.
+    pub tls: TlsSettings,
 }
 
 impl std::fmt::Debug for ConnectionConfig {
@@ -72,6 +75,7 @@ impl std::fmt::Debug for ConnectionConfig {
                 &self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
             )
             .field("name", &self.name)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -164,6 +168,11 @@ pub struct ConnectionActor {
     /// [`unreachable`]), not a failure: it backs off without spending the
     /// restart budget.
     waiting_for_broker: bool,
+    /// Why the very first connect failed, when waiting cannot cure it
+    /// (credentials, vhost, TLS): the actor gives up at once and every
+    /// `OpenChannel` is answered with this, so the engine's start fails
+    /// with the broker's own words instead of a timeout.
+    refused: Option<String>,
 }
 
 /// True when `e` says the broker cannot be reached right now (refused, reset,
@@ -176,8 +185,8 @@ fn unreachable(e: &Error) -> bool {
     match e {
         Error::ConnectTimeout(..) | Error::NotConnected => true,
         Error::Amqp(e) => match e.kind() {
-            lapin::ErrorKind::IOError(_)
-            | lapin::ErrorKind::MissingHeartbeatError
+            lapin::ErrorKind::IOError(io) => !crate::tls::is_tls_failure(io),
+            lapin::ErrorKind::MissingHeartbeatError
             | lapin::ErrorKind::InvalidConnectionState(_) => true,
             lapin::ErrorKind::ProtocolError(p) => matches!(
                 p.kind(),
@@ -218,6 +227,7 @@ impl ConnectionActor {
             lost_since: Default::default(),
             retired: Vec::new(),
             waiting_for_broker: false,
+            refused: None,
         }
     }
 
@@ -309,7 +319,8 @@ async fn connect_one(cfg: &ConnectionConfig, url: &str, p: Purpose) -> Result<Co
     let props = ConnectionProperties::default()
         .with_connection_name(format!("{}-{}", cfg.name, p.as_str()).into())
         .enable_auto_recover();
-    match tokio::time::timeout(cfg.connect_timeout, Connection::connect(url, props)).await {
+    let open = crate::tls::open(url, props, &cfg.tls);
+    match tokio::time::timeout(cfg.connect_timeout, open).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(Error::ConnectTimeout(cfg.connect_timeout, redact_url(url))),
     }
@@ -393,7 +404,15 @@ impl Actor for ConnectionActor {
                 }
                 Err(e) => {
                     act.waiting_for_broker = unreachable(&e);
-                    warn!(error = %e, "broker connection failed; restarting with backoff");
+                    if !act.waiting_for_broker && act.generation == 0 {
+                        // Never connected, and waiting will not help: a
+                        // configuration error. Give up now (see `refused`).
+                        warn!(error = %e, "the broker refuses the connection; giving up");
+                        act.refused = Some(e.to_string());
+                        act.restarts.give_up();
+                    } else {
+                        warn!(error = %e, "broker connection failed; restarting with backoff");
+                    }
                     ctx.stop();
                 }
             }),
@@ -469,7 +488,7 @@ impl Supervised for ConnectionActor {
         self.notify(LinkEvent::Replaced(Purpose::Publish));
         if std::mem::take(&mut self.waiting_for_broker) {
             self.restarts.retry();
-        } else if !self.restarts.record(tokio::time::Instant::now()) {
+        } else if self.restarts.escalated() || !self.restarts.record(tokio::time::Instant::now()) {
             events::Escalated {
                 actor: "connection",
             }
@@ -477,7 +496,10 @@ impl Supervised for ConnectionActor {
             if let Some(tx) = &self.escalations {
                 let _ = tx.try_send(Escalation {
                     actor: "connection".into(),
-                    reason: "the broker refuses the connection".into(),
+                    reason: match &self.refused {
+                        Some(why) => format!("the broker refuses the connection: {why}"),
+                        None => "the broker refuses the connection".into(),
+                    },
                 });
             }
         }
@@ -551,8 +573,12 @@ impl Handler<OpenChannel> for ConnectionActor {
         // A connection lapin is recovering (or gave up on) has no room for
         // a new channel: the caller waits for the next LinkUp.
         let conn = self.conn(msg.0).filter(|c| c.status().connected()).cloned();
+        let refused = self.refused.clone();
         Box::pin(async move {
-            let conn = conn.ok_or(Error::NotConnected)?;
+            let conn = conn.ok_or(match refused {
+                Some(why) => Error::Refused(why),
+                None => Error::NotConnected,
+            })?;
             Ok(conn.create_channel().await?)
         })
     }
@@ -630,6 +656,7 @@ mod tests {
             name: "flowgate-unit".into(),
             connect_timeout: Duration::from_secs(5),
             policy: RestartPolicy::default(),
+            tls: TlsSettings::default(),
         }
     }
 

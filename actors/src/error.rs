@@ -47,6 +47,14 @@ pub enum Error {
     /// The broker could not be reached in time at start-up.
     #[error("could not connect to the broker within {0:?}: {1}")]
     ConnectTimeout(Duration, String),
+    /// A broker URL that does not parse.
+    #[error("invalid broker URL: {0}")]
+    InvalidUrl(String),
+    /// The broker cannot be used as configured (credentials, vhost, TLS
+    /// certificates): the first connect failed with this and waiting does
+    /// not cure it.
+    #[error("the broker refuses the connection: {0}")]
+    Refused(String),
     /// The broker answered a publish with `basic.nack`.
     #[error("publish nacked by the broker")]
     Nacked,
@@ -104,6 +112,8 @@ impl Error {
             | Error::ShuttingDown
             | Error::ActorGone(_)
             | Error::Invalid(_)
+            | Error::InvalidUrl(_)
+            | Error::Refused(_)
             | Error::Panicked(_) => false,
         }
     }

@@ -58,6 +58,7 @@ mod retry;
 mod signing;
 mod stage;
 mod supervision;
+mod tls;
 pub mod trace;
 
 // The handler contract: what a host writes.
@@ -88,6 +89,7 @@ pub use retry::RetryPolicy;
 pub use signing::{Keys, SigningKey, Verifier, VerifyMode};
 pub use stage::{BatchPolicy, Drain, DrainReport, StageActor, StageProbe, StageSpec};
 pub use supervision::{Escalation, RestartPolicy};
+pub use tls::{ClientIdentity, TlsSettings};
 
 /// Re-exported so hosts build properties and field tables with the same lapin version.
 pub use lapin;

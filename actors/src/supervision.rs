@@ -137,6 +137,12 @@ impl Restarts {
         self.consecutive = self.consecutive.saturating_add(1);
     }
 
+    /// Spends the whole budget at once: the failure is one no restart can
+    /// cure (the next [`Restarts::record`] reports it spent).
+    pub(crate) fn give_up(&mut self) {
+        self.escalated = true;
+    }
+
     /// Marks a successful (re)start: the backoff starts over next time.
     pub(crate) fn succeeded(&mut self) {
         self.consecutive = 0;

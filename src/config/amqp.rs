@@ -1,6 +1,7 @@
 //! `[amqp]`: the broker.
 
 use super::*;
+use flowgate_actors::{ClientIdentity, TlsSettings};
 
 /// `[amqp]`
 #[derive(Clone, Deserialize, Serialize)]
@@ -27,6 +28,170 @@ pub struct AmqpConfig {
     /// Bound on one connection attempt. Default `10s`.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// TLS for `amqps://` URLs: a private CA, a client certificate, the
+    /// name to verify, SASL EXTERNAL. Default: the system's roots, no
+    /// client certificate, PLAIN.
+    #[serde(default)]
+    pub tls: AmqpTlsConfig,
+}
+
+/// `[amqp.tls]`: TLS and authentication of the broker connections. Files
+/// are read at start (and by `check-config`); a broker whose certificate
+/// they cannot verify fails the start at once (exit code 1), it is not
+/// waited for.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpTlsConfig {
+    /// PEM file of CA certificates trusted to sign the broker's
+    /// certificate, in addition to the system's roots. Default: none.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate (its chain, the client's own
+    /// certificate first), for brokers with `fail_if_no_peer_cert = true`
+    /// or `auth = "external"`. Needs `client_key_file`. Default: none.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key (PKCS#8, PKCS#1
+    /// or SEC1). Default: none.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// A PKCS#12 bundle holding the client certificate and key, instead of
+    /// `client_cert_file` + `client_key_file`. Default: none.
+    #[serde(default)]
+    pub pkcs12_file: Option<PathBuf>,
+    /// A file whose contents (trimmed) are the PKCS#12 bundle's password.
+    /// Default: none (an empty password).
+    #[serde(default)]
+    pub pkcs12_password_file: Option<PathBuf>,
+    /// The name the broker's certificate must carry (and the SNI sent),
+    /// when it is not the URL's host (connecting by IP address, through a
+    /// tunnel). Default: the URL's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// `plain` (the URL's user and password) or `external` (SASL EXTERNAL:
+    /// the broker takes the user name from the client certificate; needs
+    /// the `rabbitmq_auth_mechanism_ssl` plugin and a client certificate).
+    /// Default `plain`.
+    #[serde(default)]
+    pub auth: AmqpAuth,
+}
+
+/// How flowgate authenticates to the broker.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AmqpAuth {
+    /// The URL's user and password (SASL PLAIN).
+    #[default]
+    Plain,
+    /// The client certificate (SASL EXTERNAL).
+    External,
+}
+
+impl AmqpTlsConfig {
+    /// True when any setting differs from the default.
+    pub fn is_set(&self) -> bool {
+        self != &AmqpTlsConfig::default()
+    }
+
+    /// Reads the files into the runtime's settings. Every error names its key.
+    pub fn settings(&self) -> Result<TlsSettings, ConfigError> {
+        let read = |key: &str, p: &Path| {
+            std::fs::read(p).map_err(|e| {
+                ConfigError::new(
+                    format!("amqp.tls.{key}"),
+                    format!("cannot read {}: {e}", p.display()),
+                )
+            })
+        };
+        let pem = |key: &str, p: &Path, what: &str| -> Result<Vec<u8>, ConfigError> {
+            let bytes = read(key, p)?;
+            if !String::from_utf8_lossy(&bytes).contains(what) {
+                return Err(ConfigError::new(
+                    format!("amqp.tls.{key}"),
+                    format!("{} holds no PEM `{what}`", p.display()),
+                ));
+            }
+            Ok(bytes)
+        };
+        let ca_pem = match &self.ca_file {
+            Some(p) => {
+                let bytes = pem("ca_file", p, "BEGIN CERTIFICATE")?;
+                Some(String::from_utf8(bytes).map_err(|_| {
+                    ConfigError::new("amqp.tls.ca_file", "is not a text (PEM) file")
+                })?)
+            }
+            None => None,
+        };
+        let identity = match (
+            &self.client_cert_file,
+            &self.client_key_file,
+            &self.pkcs12_file,
+        ) {
+            (None, None, None) => None,
+            (Some(c), Some(k), None) => Some(ClientIdentity::Pem {
+                cert_chain: pem("client_cert_file", c, "BEGIN CERTIFICATE")?,
+                key: pem("client_key_file", k, "PRIVATE KEY")?,
+            }),
+            (None, None, Some(b)) => Some(ClientIdentity::Pkcs12 {
+                der: read("pkcs12_file", b)?,
+                password: match &self.pkcs12_password_file {
+                    Some(p) => String::from_utf8_lossy(&read("pkcs12_password_file", p)?)
+                        .trim()
+                        .to_owned(),
+                    None => String::new(),
+                },
+            }),
+            (Some(_), None, None) => {
+                return Err(ConfigError::new(
+                    "amqp.tls.client_key_file",
+                    "is needed with client_cert_file",
+                ))
+            }
+            (None, Some(_), None) => {
+                return Err(ConfigError::new(
+                    "amqp.tls.client_cert_file",
+                    "is needed with client_key_file",
+                ))
+            }
+            _ => {
+                return Err(ConfigError::new(
+                    "amqp.tls.pkcs12_file",
+                    "give either pkcs12_file or client_cert_file + client_key_file, not both",
+                ))
+            }
+        };
+        if self.pkcs12_password_file.is_some() && self.pkcs12_file.is_none() {
+            return Err(ConfigError::new(
+                "amqp.tls.pkcs12_password_file",
+                "is set but pkcs12_file is not",
+            ));
+        }
+        if self.auth == AmqpAuth::External && identity.is_none() {
+            return Err(ConfigError::new(
+                "amqp.tls.auth",
+                "`external` needs a client certificate (client_cert_file + client_key_file, or pkcs12_file)",
+            ));
+        }
+        if let Some(name) = &self.server_name {
+            let valid = !name.is_empty()
+                && name.len() <= 253
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
+            if !valid {
+                return Err(ConfigError::new(
+                    "amqp.tls.server_name",
+                    "must be a DNS name or an IP address",
+                ));
+            }
+        }
+        Ok(TlsSettings {
+            ca_pem,
+            identity,
+            server_name: self.server_name.clone(),
+            external_auth: self.auth == AmqpAuth::External,
+        })
+    }
 }
 
 impl std::fmt::Debug for AmqpConfig {
@@ -44,6 +209,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("url_file", &self.url_file)
             .field("connection_name", &self.connection_name)
             .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -66,6 +232,7 @@ impl Default for AmqpConfig {
             url_file: None,
             connection_name: default_conn_name(),
             connect_timeout: default_connect_timeout(),
+            tls: AmqpTlsConfig::default(),
         }
     }
 }

@@ -10,6 +10,69 @@ pub struct RedisConfig {
     /// `FLOWGATE__REDIS__URL` over writing a password into a file.
     #[serde(default = "default_redis_url")]
     pub url: String,
+    /// PEM file of the CA certificates that sign a `rediss://` server's
+    /// certificate, trusted instead of the system's roots. Default: none
+    /// (the system's roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of a client certificate, for a `rediss://` server that
+    /// authenticates its clients (`tls-auth-clients yes`, Redis's
+    /// default). Needs `client_key_file`. Default: none.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key. Default: none.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+}
+
+/// The `[redis]` TLS files as read: the CA PEM, and the client's
+/// certificate and key PEM.
+pub type RedisTlsFiles = (Option<Vec<u8>>, Option<(Vec<u8>, Vec<u8>)>);
+
+impl RedisConfig {
+    /// The TLS files read into the store's settings (`ca_pem`,
+    /// `client_pem`). Every error names its key.
+    pub fn tls(&self) -> Result<RedisTlsFiles, ConfigError> {
+        let read = |key: &str, p: &Path| {
+            std::fs::read(p).map_err(|e| {
+                ConfigError::new(
+                    format!("redis.{key}"),
+                    format!("cannot read {}: {e}", p.display()),
+                )
+            })
+        };
+        let tls_files = self.ca_file.is_some()
+            || self.client_cert_file.is_some()
+            || self.client_key_file.is_some();
+        if tls_files && !self.url.starts_with("rediss://") {
+            return Err(ConfigError::new(
+                "redis.ca_file",
+                "TLS files are set, but redis.url is not rediss://",
+            ));
+        }
+        let ca = self
+            .ca_file
+            .as_deref()
+            .map(|p| read("ca_file", p))
+            .transpose()?;
+        let client = match (&self.client_cert_file, &self.client_key_file) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((read("client_cert_file", c)?, read("client_key_file", k)?)),
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "redis.client_key_file",
+                    "is needed with client_cert_file",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "redis.client_cert_file",
+                    "is needed with client_key_file",
+                ))
+            }
+        };
+        Ok((ca, client))
+    }
 }
 
 fn default_redis_url() -> String {
@@ -20,6 +83,9 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: default_redis_url(),
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -35,6 +101,11 @@ impl std::fmt::Debug for RedisConfig {
             Ok(u) => u.to_string(),
             Err(_) => "<malformed>".into(),
         };
-        f.debug_struct("RedisConfig").field("url", &shown).finish()
+        f.debug_struct("RedisConfig")
+            .field("url", &shown)
+            .field("ca_file", &self.ca_file)
+            .field("client_cert_file", &self.client_cert_file)
+            .field("client_key_file", &self.client_key_file)
+            .finish()
     }
 }

@@ -29,6 +29,20 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
             Err(e) => return Err(ConfigError::new("amqp.url", format!("malformed URL ({e})"))),
         }
     }
+    if cfg.amqp.tls.is_set() {
+        if !cfg
+            .amqp
+            .resolved_urls()?
+            .iter()
+            .all(|u| u.starts_with("amqps://"))
+        {
+            return Err(ConfigError::new(
+                "amqp.tls",
+                "is set, but a broker URL is not amqps:// (TLS settings apply to amqps:// only)",
+            ));
+        }
+        cfg.amqp.tls.settings()?;
+    }
     if !cfg.http.bind.is_empty() && cfg.http.bind.parse::<std::net::SocketAddr>().is_err() {
         return Err(ConfigError::new(
             "http.bind",
@@ -495,7 +509,9 @@ fn validate_dedup(cfg: &Config) -> Result<(), ConfigError> {
     }
     if cfg.stages.iter().any(|s| s.dedup == DedupMode::Redis) {
         match url::Url::parse(&cfg.redis.url) {
-            Ok(u) if u.scheme() == "redis" || u.scheme() == "rediss" => {}
+            Ok(u) if u.scheme() == "redis" || u.scheme() == "rediss" => {
+                cfg.redis.tls()?;
+            }
             // Never echo the URL: it may hold a password.
             _ => {
                 return Err(ConfigError::new(

@@ -28,6 +28,7 @@
 
 pub mod driver;
 pub mod node;
+pub mod pki;
 pub mod proxy;
 pub mod secrets;
 

@@ -316,21 +316,37 @@ fn tail_file(path: &Path, max: u64) -> String {
     s
 }
 
+/// Extra settings of a private node ([`BrokerNode::start_with`]).
+#[derive(Clone, Debug, Default)]
+pub struct NodeOptions {
+    /// Lines appended to the node's `rabbitmq.conf` (new-style keys, e.g.
+    /// `listeners.ssl.default = 127.0.0.1:5671`).
+    pub conf: String,
+    /// Plugins enabled at boot (e.g. `rabbitmq_auth_mechanism_ssl`).
+    pub plugins: Vec<String>,
+}
+
 impl BrokerNode {
     /// Start a fresh private node and wait (≤ [`NODE_START_TIMEOUT`]) until it
     /// accepts AMQP connections. Blocking (~5-10 s).
     pub fn start() -> Result<BrokerNode> {
-        Self::start_with_cookie(None)
+        Self::start_with_cookie(None, &NodeOptions::default())
+    }
+
+    /// Like [`start`](Self::start), with extra `rabbitmq.conf` lines and
+    /// plugins (a TLS listener, an auth mechanism).
+    pub fn start_with(options: &NodeOptions) -> Result<BrokerNode> {
+        Self::start_with_cookie(None, options)
     }
 
     /// Like [`start`](Self::start), with this Erlang cookie (nodes that
     /// are to form a cluster share one); `None` makes one up.
-    fn start_with_cookie(cookie: Option<&str>) -> Result<BrokerNode> {
+    fn start_with_cookie(cookie: Option<&str>, options: &NodeOptions) -> Result<BrokerNode> {
         reap_orphans();
         // Ports are picked racily; retry a couple of times on a failed boot.
         let mut last_err = None;
         for _ in 0..3 {
-            match Self::try_start(cookie) {
+            match Self::try_start(cookie, options) {
                 Ok(n) => return Ok(n),
                 Err(e) => last_err = Some(e),
             }
@@ -356,7 +372,7 @@ impl BrokerNode {
             .expect("blocking BrokerNode task panicked")
     }
 
-    fn try_start(cookie_value: Option<&str>) -> Result<BrokerNode> {
+    fn try_start(cookie_value: Option<&str>, options: &NodeOptions) -> Result<BrokerNode> {
         let name = format!("fg-{}@localhost", random_suffix());
         let short = name.split('@').next().unwrap().to_string();
         let dir = base_dir().join(&short);
@@ -388,10 +404,15 @@ impl BrokerNode {
                  listeners.tcp.default = 127.0.0.1:{port}\n\
                  log.console = true\n\
                  log.console.level = warning\n\
-                 log.file.level = info\n"
+                 log.file.level = info\n\
+                 {}\n",
+                options.conf
             ),
         )?;
-        fs::write(dir.join("enabled_plugins"), "[].\n")?;
+        fs::write(
+            dir.join("enabled_plugins"),
+            format!("[{}].\n", options.plugins.join(",")),
+        )?;
         fs::write(dir.join("rabbitmq-env.conf"), "")?;
         let child = match server_command(&name, port, dist_port, &dir).and_then(|mut c| {
             c.spawn().with_context(|| {
@@ -662,10 +683,10 @@ impl BrokerNode {
     /// afterwards get a replica on every node.
     pub fn cluster(n: usize) -> Result<Vec<BrokerNode>> {
         let cookie = format!("FG{}CLUSTER", random_suffix().to_uppercase());
-        let first = Self::start_with_cookie(Some(&cookie))?;
+        let first = Self::start_with_cookie(Some(&cookie), &NodeOptions::default())?;
         let mut nodes = vec![first];
         for _ in 1..n {
-            let node = Self::start_with_cookie(Some(&cookie))?;
+            let node = Self::start_with_cookie(Some(&cookie), &NodeOptions::default())?;
             node.ctl_ok(&["stop_app"])?;
             node.ctl_ok(&["join_cluster", nodes[0].node_name()])?;
             node.start_app()?;

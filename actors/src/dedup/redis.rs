@@ -34,13 +34,34 @@ return 0
 "#;
 
 /// Settings of a [`RedisStore`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisStoreConfig {
     /// Timeout of each Redis call, and of connecting. Default 2 s.
     pub op_timeout: Duration,
     /// Whether [`RedisStore::connect_with`] returns without connecting; the
     /// connection is then made by the first call. Default false.
     pub lazy: bool,
+    /// PEM CA certificates trusted for a `rediss://` server, instead of
+    /// the system's roots. Default none (the system's roots).
+    pub ca_pem: Option<Vec<u8>>,
+    /// A PEM client certificate and key for a `rediss://` server that
+    /// authenticates its clients (`tls-auth-clients yes`). Default none.
+    pub client_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisStoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a key.
+        f.debug_struct("RedisStoreConfig")
+            .field("op_timeout", &self.op_timeout)
+            .field("lazy", &self.lazy)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "<pem>"))
+            .field(
+                "client_pem",
+                &self.client_pem.as_ref().map(|_| "<pem cert + key>"),
+            )
+            .finish()
+    }
 }
 
 impl Default for RedisStoreConfig {
@@ -48,6 +69,8 @@ impl Default for RedisStoreConfig {
         Self {
             op_timeout: DEFAULT_REDIS_TIMEOUT,
             lazy: false,
+            ca_pem: None,
+            client_pem: None,
         }
     }
 }
@@ -120,8 +143,23 @@ impl RedisStore {
         prefix: &str,
         config: RedisStoreConfig,
     ) -> Result<Self, DedupError> {
-        let client =
-            redis::Client::open(url).map_err(|e| DedupError::Backend(std::sync::Arc::new(e)))?;
+        let client = if config.ca_pem.is_some() || config.client_pem.is_some() {
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: config.client_pem.clone().map(|(client_cert, client_key)| {
+                        redis::ClientTlsConfig {
+                            client_cert,
+                            client_key,
+                        }
+                    }),
+                    root_cert: config.ca_pem.clone(),
+                },
+            )
+        } else {
+            redis::Client::open(url)
+        }
+        .map_err(|e| DedupError::Backend(std::sync::Arc::new(e)))?;
         let op_timeout = config.op_timeout;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(op_timeout))
@@ -464,6 +502,7 @@ mod tests {
         let config = RedisStoreConfig {
             op_timeout: timeout,
             lazy: false,
+            ..Default::default()
         };
         let started = std::time::Instant::now();
         let err = RedisStore::connect_with("redis://127.0.0.1:1/", "x:", config.clone())
@@ -544,6 +583,7 @@ mod tests {
         let config = RedisStoreConfig {
             op_timeout: Duration::from_millis(500),
             lazy: true,
+            ..Default::default()
         };
         let s = RedisStore::connect_with(&url, "p:", config).await.unwrap();
         wait_until_ok(&s).await;
@@ -584,6 +624,7 @@ mod tests {
         let config = RedisStoreConfig {
             op_timeout: timeout,
             lazy: false,
+            ..Default::default()
         };
         let started = std::time::Instant::now();
         let err = RedisStore::connect_with(&url, "x:", config.clone())

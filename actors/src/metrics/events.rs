@@ -325,7 +325,9 @@ impl PublishResult<'_> {
                 Error::NotConfirmed => 5,
                 Error::ConfirmTimeout(_) => 6,
                 Error::Backpressure(_) => 7,
-                Error::NotConnected => 8,
+                // No connection to publish on (the last two only arise
+                // when connecting).
+                Error::NotConnected | Error::InvalidUrl(_) | Error::Refused(_) => 8,
                 Error::ConnectTimeout(..) => 9,
                 Error::Amqp(_) => 10,
                 Error::Spool(_) => 11,
