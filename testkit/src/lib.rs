@@ -325,6 +325,21 @@ impl Client {
         n: usize,
         timeout: Duration,
     ) -> Vec<(String, FieldTable)> {
+        self.collect_while(queue, timeout, |got| got.len() < n)
+            .await
+    }
+
+    /// [`Client::collect`] until `more`, asked with everything taken so far
+    /// before each delivery is awaited, says enough (or `timeout` passed).
+    /// One consumer throughout: what it takes is acked once, never handed
+    /// back and taken again (a requeue counts against a quorum queue's
+    /// `delivery_limit`).
+    pub async fn collect_while(
+        &self,
+        queue: &str,
+        timeout: Duration,
+        mut more: impl FnMut(&[(String, FieldTable)]) -> bool,
+    ) -> Vec<(String, FieldTable)> {
         let ch = self.conn.create_channel().await.expect("channel");
         ch.basic_qos(1000, BasicQosOptions::default())
             .await
@@ -338,9 +353,9 @@ impl Client {
             )
             .await
             .expect("consume");
-        let mut out = Vec::with_capacity(n);
+        let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + timeout;
-        while out.len() < n {
+        while more(&out) {
             match tokio::time::timeout_at(deadline, consumer.next()).await {
                 Ok(Some(Ok(d))) => {
                     let id = d
@@ -382,7 +397,7 @@ impl Client {
                 BasicCancelOptions::default(),
             )
             .await;
-        // Deliveries past the `n` asked for may already be ours (prefetch):
+        // Deliveries past the ones asked for may already be ours (prefetch):
         // give them back, or they stay unacked until the channel closes.
         while let Ok(Some(Ok(d))) =
             tokio::time::timeout(Duration::from_secs(1), consumer.next()).await
