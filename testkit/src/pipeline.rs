@@ -144,8 +144,9 @@ impl TestPipeline {
     /// Exactly-once accounting of `queue` (one no stage consumes, e.g. the
     /// sink or a dead-letter queue) against the ids `expected` there:
     /// collects (and acks, [`Client::collect_while`]) until every expected
-    /// id arrived or `timeout` passed, waits for the pipeline to be [idle](Self::idle) so late
-    /// copies have landed, then takes what is left in the queue too.
+    /// id arrived or `timeout` passed, waits for the pipeline to be
+    /// [idle](Self::idle) so late copies have landed, then takes what is
+    /// left in the queue too.
     ///
     /// # Panics
     ///
@@ -170,7 +171,10 @@ impl TestPipeline {
         let mut arrived = crate::counts(got.into_iter().map(|(id, _)| id));
         if let Err(state) = self.idle(timeout).await {
             let so_far = Accounting::of(expected, &arrived);
-            panic!("account({queue}): the pipeline is not idle within {timeout:?} ({state}); so far: {so_far}");
+            panic!(
+                "account({queue}): the pipeline is not idle within {timeout:?} \
+                 ({state}); so far: {so_far}"
+            );
         }
         merge(
             &mut arrived,
