@@ -1,15 +1,106 @@
-//! What flowgate's integration tests, benches and examples share: a raw
-//! AMQP client (not flowgate) for publishing and collecting, unique topology
-//! names and a cleanup guard that deletes them even when a test panics,
-//! queue counts, private broker nodes for tests that disturb a broker
-//! ([`node`]), a fault-injecting TCP proxy ([`proxy`]), chain configs and
-//! the publish/collect driver of the benches ([`driver`]), secret-leak
-//! checks for command-line tests ([`secrets`]).
+//! A test kit for flowgate and for the applications that embed it, in
+//! four parts:
 //!
-//! A test against the shared broker on 127.0.0.1:5672:
+//! * **A handler on its own** ([`synthetic`]): build a [`flowgate::Delivery`]
+//!   with [`DeliveryBuilder`], run a handler on it with [`run_handler`] (or
+//!   [`run_batch`]) and read the [`flowgate::Outcome`] with [`OutcomeExt`].
+//!   No broker.
+//! * **An engine on a real broker** ([`pipeline`]): [`TestPipeline`] runs
+//!   the handlers a test registers on topology with unique names
+//!   ([`unique`], [`chain_config`], [`uniquely_named`]), declared by the
+//!   engine and deleted afterwards, even when the test panics ([`Cleanup`]).
+//! * **Publish, collect, account**: a raw AMQP client that is not flowgate
+//!   ([`Client`]: publish with confirms, collect and ack, queue counts) and
+//!   exactly-once accounting of what arrived ([`counts`], [`Accounting`]).
+//! * **Faults**: a private RabbitMQ node for tests that disturb a broker
+//!   ([`node::BrokerNode`]: memory alarms, closed connections, `stop_app`,
+//!   clusters, extra config and plugins such as a TLS listener) and a
+//!   fault-injecting TCP proxy ([`proxy`]); a throwaway PKI for TLS tests
+//!   ([`pki`]).
+//!
+//! Also: chain configs and the publish/collect driver of flowgate's benches
+//! ([`driver`]), secret-leak checks for command-line tests ([`secrets`]).
+//!
+//! What it expects of the machine: a RabbitMQ broker on 127.0.0.1:5672
+//! (guest/guest, [`AMQP_URL`]) with `rabbitmqctl` on the `PATH` (collecting
+//! waits until the broker settled its acks), and for [`node`] the Debian
+//! RabbitMQ package (`/usr/lib/rabbitmq/bin`). Its helpers panic instead of
+//! returning errors: a test must fail loudly, not read "fewer arrived" into
+//! a broken probe.
+//!
+//! # A handler on a synthetic delivery
+//!
+//! ```
+//! use flowgate::{handler_fn, Outcome};
+//! use flowgate_testkit::{run_handler, DeliveryBuilder, OutcomeExt};
+//!
+//! # futures::executor::block_on(async {
+//! let reject_empty = handler_fn(|d| async move {
+//!     Ok(match d.body.is_empty() {
+//!         true => Outcome::dead_letter("empty order"),
+//!         false => Outcome::ack_with(vec![d.forward("shop", "order.accepted")]),
+//!     })
+//! });
+//! let empty = DeliveryBuilder::new("").message_id("o-1").build();
+//! let outcome = run_handler(&reject_empty, &empty).await.unwrap();
+//! assert_eq!(outcome.dead_letter_reason(), Some("empty order"));
+//!
+//! let order = DeliveryBuilder::new("{}").routing_key("order.created").build();
+//! let outcome = run_handler(&reject_empty, &order).await.unwrap();
+//! assert_eq!(outcome.outputs()[0].routing_key, "order.accepted");
+//! # });
+//! ```
+//!
+//! # An engine against the local broker
+//!
+//! A host's own config with its names made unique, its handler registered,
+//! every id accounted for, then the engine stopped and the topology
+//! deleted:
 //!
 //! ```no_run
-//! use flowgate_testkit::{chain_config, unique, Cleanup, Client, AMQP_URL};
+//! use flowgate::{handler_fn, Config, Outcome};
+//! use flowgate_testkit::{unique, uniquely_named, TestPipeline};
+//! use std::time::Duration;
+//!
+//! # flowgate::run_system(async {
+//! let host = Config::from_toml(r#"
+//!     [[exchanges]]
+//!     name = "shop"
+//!     [[queues]]
+//!     name = "orders"
+//!     bindings = [{ exchange = "shop", routing_key = "order.created" }]
+//!     dead_letter = true
+//!     [[queues]]
+//!     name = "audit"
+//!     bindings = [{ exchange = "shop", routing_key = "order.accepted" }]
+//!     [[stages]]
+//!     name = "accept"
+//!     queue = "orders"
+//!     handler = "accept"
+//! "#).unwrap();
+//! let prefix = unique("shop");
+//! let cfg = uniquely_named(&host, &prefix); // `shop` is now `<prefix>.shop`, ...
+//! let shop = format!("{prefix}.shop");
+//! let pipeline = TestPipeline::builder(cfg)
+//!     .handler("accept", handler_fn(move |d| {
+//!         let out = d.forward(&shop, "order.accepted");
+//!         async move { Ok(Outcome::ack_with(vec![out])) }
+//!     }))
+//!     .start()
+//!     .await;
+//! let ids: Vec<String> = (0..50).map(|i| format!("o-{i}")).collect();
+//! pipeline.publish_many(&ids, b"{}").await;
+//! let audit = format!("{prefix}.audit");
+//! let acc = pipeline.account(&audit, &ids, Duration::from_secs(30)).await;
+//! acc.assert_exactly_once();
+//! assert!(pipeline.stop().await.clean);
+//! # });
+//! ```
+//!
+//! # Publish and collect with the raw client
+//!
+//! ```no_run
+//! use flowgate_testkit::{chain_config, counts, unique, Accounting, Cleanup, Client, AMQP_URL};
 //! use std::time::Duration;
 //!
 //! # #[actix_rt::main]
@@ -21,23 +112,48 @@
 //! flowgate::topology::declare(&client.ch, &cfg).await.unwrap();
 //! client.publish(&format!("{prefix}.ex"), "in", "m-1", b"hello").await;
 //! let got = client.collect(&format!("{prefix}.s1"), 1, Duration::from_secs(5)).await;
-//! assert_eq!(got[0].0, "m-1");
+//! let acc = Accounting::of(["m-1"], &counts(got.into_iter().map(|(id, _)| id)));
+//! acc.assert_exactly_once();
 //! # }
+//! ```
+//!
+//! # A private broker node for fault tests
+//!
+//! ```no_run
+//! use flowgate_testkit::node::BrokerNode;
+//! use flowgate_testkit::{chain_config, unique, TestPipeline};
+//!
+//! # flowgate::run_system(async {
+//! let node = BrokerNode::start_async().await.unwrap(); // stopped on drop
+//! let cfg = chain_config(&unique("fault"), &["forward"], 10);
+//! let pipeline = TestPipeline::builder(cfg).url(&node.amqp_url()).start().await;
+//! node.blocking(|n| n.set_memory_alarm(true)).await.unwrap();
+//! // ... publishers are blocked now; assert the engine holds back ...
+//! node.blocking(|n| n.set_memory_alarm(false)).await.unwrap();
+//! pipeline.stop().await;
+//! # });
 //! ```
 #![warn(missing_docs)]
 
+mod accounting;
 pub mod driver;
 pub mod node;
+pub mod pipeline;
 pub mod pki;
 pub mod proxy;
 pub mod secrets;
+pub mod synthetic;
+
+pub use accounting::Accounting;
+pub use pipeline::{TestPipeline, TestPipelineBuilder};
+pub use synthetic::{run_batch, run_handler, DeliveryBuilder, OutcomeExt, OutputExt};
 
 use flowgate::config::{Config, QueueKind};
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 /// The shared broker every machine runs.
@@ -49,6 +165,47 @@ pub fn unique(prefix: &str) -> String {
         "t-{prefix}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     )
+}
+
+/// `cfg` with every exchange and queue it names renamed `<prefix>.<name>`
+/// (bindings, stage queues, outputs and ingress routes follow; the default
+/// exchange and `amq.*` keep their names), its connection named `prefix`
+/// and its Redis dedup keys under their own prefix: a host's own config,
+/// made safe to run beside other tests on the shared broker.
+pub fn uniquely_named(cfg: &Config, prefix: &str) -> Config {
+    let queues: HashSet<&str> = cfg.queues.iter().map(|q| q.name.as_str()).collect();
+    let exchange = |name: &str| match name.is_empty() || name.starts_with("amq.") {
+        true => name.to_owned(),
+        false => format!("{prefix}.{name}"),
+    };
+    // Through the default exchange a routing key is a queue's name.
+    let key = |exchange: &str, key: &str| match exchange.is_empty() && queues.contains(key) {
+        true => format!("{prefix}.{key}"),
+        false => key.to_owned(),
+    };
+    let mut c = cfg.clone();
+    for e in &mut c.exchanges {
+        e.name = exchange(&e.name);
+    }
+    for q in &mut c.queues {
+        q.name = format!("{prefix}.{}", q.name);
+        for b in &mut q.bindings {
+            b.exchange = exchange(&b.exchange);
+        }
+    }
+    for s in &mut c.stages {
+        s.queue = format!("{prefix}.{}", s.queue);
+        if let Some(o) = &mut s.output {
+            o.routing_key = key(&o.exchange, &o.routing_key);
+            o.exchange = exchange(&o.exchange);
+        }
+    }
+    for r in &mut c.ingress.routes {
+        r.exchange = exchange(&r.exchange);
+    }
+    c.amqp.connection_name = prefix.to_owned();
+    c.dedup.prefix = format!("{}{prefix}:", cfg.dedup.prefix);
+    c
 }
 
 /// A raw client (not flowgate) used by tests to publish and observe.
@@ -171,6 +328,21 @@ impl Client {
         n: usize,
         timeout: Duration,
     ) -> Vec<(String, FieldTable)> {
+        self.collect_while(queue, timeout, |got| got.len() < n)
+            .await
+    }
+
+    /// [`Client::collect`] until `more`, asked with everything taken so far
+    /// before each delivery is awaited, says enough (or `timeout` passed).
+    /// One consumer throughout: what it takes is acked once, never handed
+    /// back and taken again (a requeue counts against a quorum queue's
+    /// `delivery_limit`).
+    pub async fn collect_while(
+        &self,
+        queue: &str,
+        timeout: Duration,
+        mut more: impl FnMut(&[(String, FieldTable)]) -> bool,
+    ) -> Vec<(String, FieldTable)> {
         let ch = self.conn.create_channel().await.expect("channel");
         ch.basic_qos(1000, BasicQosOptions::default())
             .await
@@ -184,9 +356,9 @@ impl Client {
             )
             .await
             .expect("consume");
-        let mut out = Vec::with_capacity(n);
+        let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + timeout;
-        while out.len() < n {
+        while more(&out) {
             match tokio::time::timeout_at(deadline, consumer.next()).await {
                 Ok(Some(Ok(d))) => {
                     let id = d
@@ -228,7 +400,7 @@ impl Client {
                 BasicCancelOptions::default(),
             )
             .await;
-        // Deliveries past the `n` asked for may already be ours (prefetch):
+        // Deliveries past the ones asked for may already be ours (prefetch):
         // give them back, or they stay unacked until the channel closes.
         while let Ok(Some(Ok(d))) =
             tokio::time::timeout(Duration::from_secs(1), consumer.next()).await
@@ -584,6 +756,62 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uniquely_named_renames_every_name_and_every_reference() {
+        let host = Config::from_toml(
+            r#"
+            [[exchanges]]
+            name = "shop"
+            [[queues]]
+            name = "orders"
+            bindings = [{ exchange = "shop", routing_key = "order.created" },
+                        { exchange = "amq.topic", routing_key = "legacy" }]
+            [[queues]]
+            name = "audit"
+            [[stages]]
+            name = "enrich"
+            queue = "orders"
+            handler = "forward"
+            output = { exchange = "", routing_key = "audit" }
+            [[stages]]
+            name = "audit"
+            queue = "audit"
+            handler = "forward"
+            output = { exchange = "shop", routing_key = "order.audited" }
+            [ingress]
+            routes = [{ exchange = "shop" }]
+            "#,
+        )
+        .expect("the host config parses");
+        let c = uniquely_named(&host, "t-x");
+        assert_eq!(c.exchanges[0].name, "t-x.shop");
+        let names: Vec<_> = c.queues.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(names, ["t-x.orders", "t-x.audit"]);
+        let b = &c.queues[0].bindings;
+        assert_eq!(
+            (b[0].exchange.as_str(), b[1].exchange.as_str()),
+            ("t-x.shop", "amq.topic")
+        );
+        assert_eq!(c.stages[0].queue, "t-x.orders");
+        let o = c.stages[0].output.as_ref().unwrap();
+        assert_eq!(
+            (o.exchange.as_str(), o.routing_key.as_str()),
+            ("", "t-x.audit")
+        );
+        let o = c.stages[1].output.as_ref().unwrap();
+        assert_eq!(
+            (o.exchange.as_str(), o.routing_key.as_str()),
+            ("t-x.shop", "order.audited")
+        );
+        assert_eq!(c.ingress.routes[0].exchange, "t-x.shop");
+        assert_eq!(c.amqp.connection_name, "t-x");
+        assert_ne!(c.dedup.prefix, host.dedup.prefix);
+        assert_eq!(
+            c.stages[0].name, "enrich",
+            "stage names (metric labels) stay"
+        );
+    }
 
     /// A fresh server-named, exclusive queue on `client` holding `n` messages.
     async fn queue_with(client: &Client, n: usize) -> String {

@@ -79,7 +79,7 @@ impl Proxy {
         })
     }
 
-    /// Address clients should connect to (127.0.0.1:<port>).
+    /// Address clients should connect to (`127.0.0.1:<port>`).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
