@@ -16,7 +16,10 @@
 //! Waiting for an unreachable broker is this actor's job, not a failure:
 //! those restarts back off (up to `backoff_max`) without spending the
 //! restart budget, however long the outage lasts. Only errors that waiting
-//! cannot cure (refused credentials, a missing vhost) spend it and escalate.
+//! cannot cure (refused credentials, a missing vhost, a certificate either
+//! side rejects) spend it and escalate — at once when the actor has never
+//! connected: a start with such an error fails with the broker's reason
+//! ([`Error::Refused`]) instead of a connect timeout.
 
 use crate::error::{Error, Result};
 use crate::metrics::events::{self, Event as _};
