@@ -14,7 +14,7 @@ import sys
 WHICH = sys.argv[1] if len(sys.argv) > 1 else "engine"
 # Where each struct sits in the file's key tree.
 ENGINE = [
-    ("amqp", "AmqpConfig"), ("amqp.tls", "AmqpTlsConfig"), ("http", "HttpConfig"),
+    ("amqp", "AmqpConfig"), ("amqp.tls", "AmqpTlsConfig"), ("http", "HttpConfig"), ("management", "ManagementConfig"),
     ("exchanges[]", "ExchangeConfig"),
     ("queues[]", "QueueConfig"), ("queues[].bindings[]", "Binding"), ("queues[].watermark", "Watermark"),
     ("stages[]", "StageConfig"), ("stages[].output", "Target"), ("stages[].retry", "RetryConfig"),

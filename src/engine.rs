@@ -2,6 +2,7 @@
 
 use crate::config::StageConfig;
 use crate::config::{BatchConfig, Config, ConfigError, DedupMode};
+use crate::control::Control;
 use crate::depth::IngressGate;
 use crate::error::Error;
 use crate::handlers::{self, FactoryError, HandlerFactory};
@@ -209,6 +210,10 @@ struct Running {
     probes: Vec<StageProbe>,
     http: Option<actix_web::dev::ServerHandle>,
     http_addr: Option<std::net::SocketAddr>,
+    control: Control,
+    /// The management API (`[management] bind`), stopped with `http`.
+    management_http: Option<actix_web::dev::ServerHandle>,
+    management_addr: Option<std::net::SocketAddr>,
     /// The publish listener (`[ingress] bind`), stopped first at shutdown.
     ingress_http: std::sync::Mutex<Option<actix_web::dev::ServerHandle>>,
     ingress_addr: Option<std::net::SocketAddr>,
@@ -339,6 +344,7 @@ impl Engine {
         let dedup = build_dedup(&config, &metrics).await?;
         let mut stages = Vec::new();
         let mut probes = Vec::new();
+        let mut controlled = Vec::new();
         let mut watched = Vec::new();
         for (s, handler) in config.stages.iter().zip(handlers) {
             let dlx = config
@@ -381,6 +387,12 @@ impl Engine {
                 outputs: crate::depth::output_queues(&config, s),
                 scale: crate::depth::scale_range(s),
             });
+            controlled.push((
+                s.queue.clone(),
+                u16::try_from(s.prefetch).unwrap_or(u16::MAX),
+                addr.clone(),
+                probe.clone(),
+            ));
             stages.push((s.name.clone(), addr));
             probes.push(probe);
         }
@@ -403,13 +415,13 @@ impl Engine {
         );
         let depth = monitor.start();
 
+        let control = Control::new(controlled, publisher.clone(), metrics.clone());
         let (http, http_addr) = if config.http.bind.is_empty() {
             (None, None)
         } else {
             let state = HttpState {
                 metrics: metrics.clone(),
-                probes: probes.clone(),
-                publisher: publisher.clone(),
+                control: control.clone(),
             };
             let (h, a) = http::start(&config.http.bind, state).map_err(Error::Http)?;
             info!(addr = %a, "http server listening");
@@ -420,6 +432,16 @@ impl Engine {
         } else {
             let (h, a) = http::ingress::start(&config.ingress, ingress.clone())?;
             info!(addr = %a, auth = ?config.ingress.auth, "ingress listening");
+            (Some(h), Some(a))
+        };
+
+        let (management_http, management_addr) = if config.management.bind.is_empty() {
+            (None, None)
+        } else {
+            let tokens = config.management.tokens()?;
+            let (h, a) = http::management::start(&config.management.bind, control.clone(), tokens)
+                .map_err(Error::Http)?;
+            info!(addr = %a, "management API listening");
             (Some(h), Some(a))
         };
 
@@ -435,6 +457,9 @@ impl Engine {
             probes,
             http,
             http_addr,
+            control,
+            management_http,
+            management_addr,
             ingress_http: std::sync::Mutex::new(ingress_http),
             ingress_addr,
             served: std::sync::Mutex::new(Vec::new()),
@@ -537,6 +562,18 @@ impl EngineHandle {
     /// The address the HTTP server (metrics, health) listens on, if any.
     pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
         self.0.http_addr
+    }
+
+    /// The address the management API (`[management] bind`) listens on, if any.
+    pub fn management_addr(&self) -> Option<std::net::SocketAddr> {
+        self.0.management_addr
+    }
+
+    /// The engine's status and live controls (what the management API
+    /// serves): pause and resume stages, set their concurrency and the
+    /// publish rate, read readiness with its reasons.
+    pub fn control(&self) -> &Control {
+        &self.0.control
     }
 
     /// The address the publish ingress (`[ingress] bind`) listens on, if any.
@@ -687,7 +724,10 @@ impl EngineHandle {
         let flushed = tokio::time::timeout_at(deadline, self.0.publisher.flush())
             .await
             .is_ok();
-        if let Some(h) = &self.0.http {
+        for h in [&self.0.http, &self.0.management_http]
+            .into_iter()
+            .flatten()
+        {
             h.stop(true).await;
         }
         let _ = self.0.depth.send(flowgate_actors::StopSampling).await;

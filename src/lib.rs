@@ -62,6 +62,7 @@
 #![warn(unreachable_pub, missing_docs)]
 
 pub mod config;
+pub mod control;
 mod depth;
 pub mod dlq;
 pub mod engine;

@@ -81,13 +81,17 @@ pub use depth::{
     WatchedQueue, WatchedStage, Watermark,
 };
 pub use message::{set_header, try_set_header};
+pub use metrics::events::PauseCause;
 pub use publisher::{
-    BreakerConfig, Published, PublisherActor, PublisherConfig, PublisherHandle, Spool, SpoolConfig,
-    SpoolError, SpoolRecord, UNROUTABLE_QUEUE,
+    BreakerConfig, BreakerState, Published, PublisherActor, PublisherConfig, PublisherHandle,
+    Spool, SpoolConfig, SpoolError, SpoolRecord, UNROUTABLE_QUEUE,
 };
 pub use retry::RetryPolicy;
 pub use signing::{Keys, SigningKey, Verifier, VerifyMode};
-pub use stage::{BatchPolicy, Drain, DrainReport, StageActor, StageProbe, StageSpec};
+
+pub use stage::{
+    BatchPolicy, Drain, DrainReport, Pause, PinWorkers, Resume, StageActor, StageProbe, StageSpec,
+};
 pub use supervision::{Escalation, RestartPolicy};
 pub use tls::{ClientIdentity, TlsSettings};
 

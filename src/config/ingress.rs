@@ -159,6 +159,34 @@ impl Tokens {
         self.0.is_empty()
     }
 
+    /// Reads the tokens of section `section` from its `token_file` (one per
+    /// line) and `token_env` (separated by commas or whitespace). Errors name
+    /// the key at fault and never contain a token.
+    pub(crate) fn read(
+        section: &str,
+        file: Option<&std::path::Path>,
+        env: Option<&str>,
+    ) -> Result<Tokens, ConfigError> {
+        let mut tokens = Tokens::default();
+        if let Some(p) = file {
+            let key = format!("{section}.token_file");
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| ConfigError::new(&key, format!("cannot read {}: {e}", p.display())))?;
+            tokens.push_all(&key, &text, true)?;
+        }
+        if let Some(var) = env {
+            let key = format!("{section}.token_env");
+            let text = std::env::var(var).map_err(|_| {
+                ConfigError::new(
+                    &key,
+                    format!("environment variable `{var}` is not set (or not UTF-8)"),
+                )
+            })?;
+            tokens.push_all(&key, &text, false)?;
+        }
+        Ok(tokens)
+    }
+
     fn push_all(&mut self, key: &str, text: &str, by_line: bool) -> Result<(), ConfigError> {
         let items: Vec<&str> = if by_line {
             text.lines()
@@ -199,26 +227,11 @@ impl IngressConfig {
     /// Reads the accepted tokens from `token_file` and `token_env`. Errors
     /// name the key at fault and never contain a token.
     pub fn tokens(&self) -> Result<Tokens, ConfigError> {
-        let mut tokens = Tokens::default();
-        if let Some(p) = &self.token_file {
-            let text = std::fs::read_to_string(p).map_err(|e| {
-                ConfigError::new(
-                    "ingress.token_file",
-                    format!("cannot read {}: {e}", p.display()),
-                )
-            })?;
-            tokens.push_all("ingress.token_file", &text, true)?;
-        }
-        if let Some(var) = &self.token_env {
-            let text = std::env::var(var).map_err(|_| {
-                ConfigError::new(
-                    "ingress.token_env",
-                    format!("environment variable `{var}` is not set (or not UTF-8)"),
-                )
-            })?;
-            tokens.push_all("ingress.token_env", &text, false)?;
-        }
-        Ok(tokens)
+        Tokens::read(
+            "ingress",
+            self.token_file.as_deref(),
+            self.token_env.as_deref(),
+        )
     }
 
     /// Whether a route listed in `routes` allows `exchange`/`routing_key`.

@@ -15,6 +15,7 @@ mod exchanges;
 mod http;
 mod ingress;
 mod limits;
+mod management;
 mod publisher;
 mod queues;
 mod redis;
@@ -37,6 +38,7 @@ pub use exchanges::*;
 pub use http::*;
 pub use ingress::{IngressAuth, IngressConfig, IngressRoute, Tokens, MIN_TOKEN_BYTES};
 pub use limits::*;
+pub use management::*;
 pub use publisher::*;
 pub use queues::*;
 pub use redis::*;
@@ -98,6 +100,9 @@ pub struct Config {
     /// The HTTP publish ingress: its own listener, tokens, routes, bounds.
     #[serde(default)]
     pub ingress: IngressConfig,
+    /// The management API: its own listener and tokens.
+    #[serde(default)]
+    pub management: ManagementConfig,
     /// Exchanges to declare.
     #[serde(default)]
     pub exchanges: Vec<ExchangeConfig>,

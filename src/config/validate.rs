@@ -192,11 +192,44 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
     validate_dedup(cfg)?;
     validate_security(cfg)?;
     validate_ingress(cfg, &exchanges)?;
+    validate_management(cfg)?;
     Ok(())
 }
 
 /// The longest AMQP short string (exchange names, routing keys).
 const SHORT_STRING_MAX: usize = 255;
+
+/// `[management]`: an address of its own and at least one token.
+fn validate_management(cfg: &Config) -> Result<(), ConfigError> {
+    let m = &cfg.management;
+    if m.bind.is_empty() {
+        if m.token_file.is_some() || m.token_env.is_some() {
+            // Read anyway, so a wrong path is found before it matters.
+            m.tokens()?;
+        }
+        return Ok(());
+    }
+    if m.bind.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ConfigError::new(
+            "management.bind",
+            format!("`{}` is not an address like 127.0.0.1:9466", m.bind),
+        ));
+    }
+    if !m.bind.ends_with(":0") && (m.bind == cfg.http.bind || m.bind == cfg.ingress.bind) {
+        return Err(ConfigError::new(
+            "management.bind",
+            "must differ from http.bind and ingress.bind: steering the engine has its own listener",
+        ));
+    }
+    if m.tokens()?.is_empty() {
+        return Err(ConfigError::new(
+            "management.bind",
+            "the management API needs management.token_file or management.token_env with at \
+             least one token",
+        ));
+    }
+    Ok(())
+}
 
 /// `[ingress]`: an address, who may publish (the tokens are read), and
 /// routes to declared exchanges.

@@ -154,11 +154,7 @@ fn authenticate(s: &State, req: &HttpRequest) -> Result<bool, IngressError> {
     let Some(tokens) = &s.tokens else {
         return Ok(false);
     };
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .ok_or(IngressError::Unauthorized)?;
+    let presented = crate::http::bearer_token(req).ok_or(IngressError::Unauthorized)?;
     if tokens.accepts(presented) {
         Ok(true)
     } else {

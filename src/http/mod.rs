@@ -1,13 +1,15 @@
 //! The HTTP servers: `/metrics`, `/healthz`, `/readyz` on `[http] bind`,
-//! and the publish ingress on its own listener (`[ingress] bind`, see
-//! [`ingress`]), so that reaching the scrape port does not let anyone publish.
+//! the publish ingress on its own listener (`[ingress] bind`, see
+//! [`ingress`]) and the management API on a third (`[management] bind`, see
+//! [`management`]), so that reaching the scrape port lets nobody publish or
+//! steer the engine.
 
 pub(crate) mod ingress;
+pub(crate) mod management;
 
-use actix_web::{web, App, HttpResponse, HttpServer};
+use crate::control::Control;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use flowgate_actors::Metrics;
-use flowgate_actors::PublisherHandle;
-use flowgate_actors::StageProbe;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,9 +20,14 @@ pub(crate) struct HttpState {
     /// Rendered by `/metrics`.
     pub(crate) metrics: Metrics,
     /// Consulted by `/readyz`.
-    pub(crate) probes: Vec<StageProbe>,
-    /// `/readyz` shows its breaker state and spool.
-    pub(crate) publisher: PublisherHandle,
+    pub(crate) control: Control,
+}
+
+/// The token of an `Authorization: Bearer <token>` header, if any.
+pub(crate) fn bearer_token(req: &HttpRequest) -> Option<&[u8]> {
+    req.headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
 }
 
 async fn metrics(s: web::Data<HttpState>) -> HttpResponse {
@@ -29,34 +36,13 @@ async fn metrics(s: web::Data<HttpState>) -> HttpResponse {
         .body(s.metrics.render())
 }
 
-async fn healthz() -> HttpResponse {
+/// Liveness: answers while the process serves requests.
+pub(crate) async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "alive" }))
 }
 
 async fn readyz(s: web::Data<HttpState>) -> HttpResponse {
-    let connected = s.metrics.connected();
-    let blocked = s.metrics.broker_blocked();
-    let stages: Vec<_> = s
-        .probes
-        .iter()
-        .map(|p| json!({ "stage": p.name, "consuming": p.consuming(), "in_flight": p.in_flight() }))
-        .collect();
-    let ready = connected && !blocked && s.probes.iter().all(|p| p.consuming());
-    let body = json!({
-        "ready": ready,
-        "connected": connected,
-        "broker_blocked": blocked,
-        "breaker": s.publisher.breaker_state().as_str(),
-        "spooled": s.publisher.spooled(),
-        "stages": stages,
-    });
-    if ready {
-        HttpResponse::Ok().json(body)
-    } else {
-        HttpResponse::ServiceUnavailable()
-            .insert_header(("Retry-After", "1"))
-            .json(body)
-    }
+    management::readiness_response(&s.control.readiness())
 }
 
 /// Registers the routes on an app.

@@ -222,6 +222,10 @@ impl DepthMonitorActor {
             else {
                 continue;
             };
+            if st.probe.pinned_workers().is_some() {
+                // An operator pinned the workers: autoscaling waits.
+                continue;
+            }
             let s = StageSample {
                 workers: st.probe.workers(),
                 busy: st.probe.busy_workers(),

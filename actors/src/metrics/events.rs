@@ -349,17 +349,24 @@ pub enum PauseCause {
     Watermark,
     /// The intake budget the depth monitor handed out is spent.
     Budget,
+    /// An operator paused the stage (management API, `flowgate ctl pause`).
+    Operator,
 }
 
 impl PauseCause {
     /// Every cause.
-    pub const ALL: [PauseCause; 2] = [PauseCause::Watermark, PauseCause::Budget];
+    pub const ALL: [PauseCause; 3] = [
+        PauseCause::Watermark,
+        PauseCause::Budget,
+        PauseCause::Operator,
+    ];
 
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
             PauseCause::Watermark => "watermark",
             PauseCause::Budget => "budget",
+            PauseCause::Operator => "operator",
         }
     }
 }

@@ -13,9 +13,11 @@
 use std::fmt;
 use std::num::NonZeroU32;
 use std::ops::Add;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use governor::clock::{Clock, Reference};
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
@@ -83,23 +85,23 @@ pub(crate) struct Backpressure;
 /// that loses simply sleeps until the next one).
 pub(crate) struct TokenBucket {
     /// The GCRA limiter; `None` when the rate is unlimited (`rate = 0`).
-    limiter: Option<Limiter>,
+    /// Swapped whole by [`TokenBucket::set_rate`].
+    limiter: ArcSwapOption<Limiter>,
     /// Callers currently waiting inside [`TokenBucket::acquire`]; exported
     /// as a gauge via [`TokenBucket::waiters`].
     waiters: AtomicUsize,
     /// Most callers allowed to wait at once before [`Backpressure`].
     max_waiters: usize,
-    /// Configured rate, kept for `Debug`/logging.
-    rate_per_sec: u32,
-    /// Effective burst (at least 1), kept for `Debug`/logging.
-    burst: u32,
+    /// Configured rate, as [`TokenBucket::rate`] reports it.
+    rate_per_sec: AtomicU32,
+    /// Effective burst (at least 1), as [`TokenBucket::rate`] reports it.
+    burst: AtomicU32,
 }
 
 impl fmt::Debug for TokenBucket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenBucket")
-            .field("rate_per_sec", &self.rate_per_sec)
-            .field("burst", &self.burst)
+            .field("rate", &self.rate())
             .field("max_waiters", &self.max_waiters)
             .field("waiters", &self.waiters())
             .finish()
@@ -126,17 +128,40 @@ impl TokenBucket {
     /// [`acquire`](TokenBucket::acquire) always returns `Ok` at once.
     /// `max_waiters = 0` means callers never wait: no token, no admission.
     pub(crate) fn new(rate_per_sec: u32, burst: u32, max_waiters: usize) -> Self {
-        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
-        let limiter = NonZeroU32::new(rate_per_sec).map(|rate| {
-            RateLimiter::direct_with_clock(Quota::per_second(rate).allow_burst(burst), TokioClock)
-        });
-        TokenBucket {
-            limiter,
+        let bucket = TokenBucket {
+            limiter: ArcSwapOption::empty(),
             waiters: AtomicUsize::new(0),
             max_waiters,
-            rate_per_sec,
-            burst: burst.get(),
-        }
+            rate_per_sec: AtomicU32::new(0),
+            burst: AtomicU32::new(1),
+        };
+        bucket.set_rate(rate_per_sec, burst);
+        bucket
+    }
+
+    /// Changes the rate and burst live (same meaning as in
+    /// [`TokenBucket::new`]). The new limiter starts with a full burst;
+    /// callers already waiting finish their current wait on the old one,
+    /// then take their token from the new one.
+    pub(crate) fn set_rate(&self, rate_per_sec: u32, burst: u32) {
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        let limiter = NonZeroU32::new(rate_per_sec).map(|rate| {
+            Arc::new(RateLimiter::direct_with_clock(
+                Quota::per_second(rate).allow_burst(burst),
+                TokioClock,
+            ))
+        });
+        self.limiter.store(limiter);
+        self.rate_per_sec.store(rate_per_sec, Ordering::Release);
+        self.burst.store(burst.get(), Ordering::Release);
+    }
+
+    /// The rate (publishes per second, `0`: unlimited) and burst in force.
+    pub(crate) fn rate(&self) -> (u32, u32) {
+        (
+            self.rate_per_sec.load(Ordering::Acquire),
+            self.burst.load(Ordering::Acquire),
+        )
     }
 
     /// Takes a token, waiting for one if necessary.
@@ -148,20 +173,18 @@ impl TokenBucket {
     /// once. Cancel-safe: dropping the future gives up the waiter slot and
     /// consumes no token.
     pub(crate) async fn acquire(&self) -> Result<(), Backpressure> {
-        let Some(limiter) = &self.limiter else {
-            return Ok(());
-        };
-        let mut not_until = match limiter.check() {
-            Ok(()) => return Ok(()),
-            Err(not_until) => not_until,
+        let mut not_until = match self.limiter.load().as_deref().map(Limiter::check) {
+            None | Some(Ok(())) => return Ok(()),
+            Some(Err(not_until)) => not_until,
         };
         let _slot = self.enter_wait()?;
         loop {
             tokio::time::sleep_until(not_until.earliest_possible().0).await;
-            match limiter.check() {
-                Ok(()) => return Ok(()),
+            // Loaded again: the rate may have changed while we slept.
+            match self.limiter.load().as_deref().map(Limiter::check) {
+                None | Some(Ok(())) => return Ok(()),
                 // Another caller took the token first; wait for the next one.
-                Err(next) => not_until = next,
+                Some(Err(next)) => not_until = next,
             }
         }
     }
@@ -169,7 +192,10 @@ impl TokenBucket {
     /// Takes a token if one is available right now, never waiting.
     #[cfg(test)]
     pub(crate) fn try_acquire(&self) -> bool {
-        self.limiter.as_ref().is_none_or(|l| l.check().is_ok())
+        self.limiter
+            .load()
+            .as_deref()
+            .is_none_or(|l| l.check().is_ok())
     }
 
     /// Number of callers currently waiting in
@@ -181,7 +207,7 @@ impl TokenBucket {
     /// `true` when the bucket was built with `rate_per_sec = 0`.
     #[cfg(test)]
     pub(crate) fn is_unlimited(&self) -> bool {
-        self.limiter.is_none()
+        self.limiter.load().is_none()
     }
 
     /// Claims a waiter slot, or fails with [`Backpressure`] if all
@@ -255,6 +281,31 @@ mod tests {
             "100 tokens at 100/s took {took:?}"
         );
         assert_eq!(b.waiters(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_live_rate_change_takes_effect_for_waiters_too() {
+        let b = TokenBucket::new(1, 1, 4);
+        assert!(b.try_acquire());
+        assert!(!b.try_acquire());
+        // A waiter on the 1/s limiter...
+        let start = Instant::now();
+        let waiter = b.acquire();
+        tokio::pin!(waiter);
+        assert!(poll_once(waiter.as_mut()).is_pending());
+        b.set_rate(1000, 50);
+        assert_eq!(b.rate(), (1000, 50));
+        // ...takes its token from the new one; the new burst is there at once.
+        waiter.await.unwrap();
+        assert!(Instant::now() - start <= Duration::from_secs(1));
+        let got = (0..100).filter(|_| b.try_acquire()).count();
+        assert_eq!(got, 49, "the new burst, minus the waiter's token");
+        b.set_rate(0, 0);
+        assert!(b.is_unlimited());
+        assert_eq!(b.rate(), (0, 1));
+        for _ in 0..1000 {
+            assert!(b.try_acquire());
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -51,8 +51,8 @@ pub(crate) mod breaker;
 pub(crate) mod bucket;
 pub(crate) mod spool;
 
-pub use breaker::BreakerConfig;
-pub(crate) use breaker::{Admission, BreakerState, CircuitBreaker, Transition};
+pub(crate) use breaker::{Admission, CircuitBreaker, Transition};
+pub use breaker::{BreakerConfig, BreakerState};
 pub(crate) use bucket::TokenBucket;
 pub use spool::{Spool, SpoolError, SpoolRecord};
 
@@ -980,6 +980,18 @@ impl PublisherHandle {
     /// Waits until every publish in the window is confirmed or failed.
     pub async fn flush(&self) {
         self.window.drained().await;
+    }
+
+    /// Changes the publish rate (publishes per second, `0`: unlimited) and
+    /// burst live, as `[publisher] rate`/`burst` set them at start.
+    pub fn set_rate(&self, rate_per_sec: u32, burst: u32) {
+        self.core.bucket.set_rate(rate_per_sec, burst);
+        tracing::info!(rate = rate_per_sec, burst, "publish rate changed");
+    }
+
+    /// The publish rate (`0`: unlimited) and burst in force.
+    pub fn rate(&self) -> (u32, u32) {
+        self.core.bucket.rate()
     }
 
     /// The breaker's state now.

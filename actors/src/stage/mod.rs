@@ -92,6 +92,9 @@ pub(crate) struct Shared {
     pub paused: watch::Sender<BTreeSet<PauseCause>>,
     /// Workers the stage should run; `workers` converges to it.
     pub worker_target: Arc<AtomicUsize>,
+    /// Workers an operator pinned (see [`PinWorkers`]); `0`: not pinned,
+    /// autoscaling (if configured) decides.
+    pub pinned: Arc<AtomicUsize>,
     /// Deliveries intake may still take before pausing with cause
     /// [`PauseCause::Budget`] (see [`SetBudget`]); `u64::MAX`: unlimited.
     pub budget: AtomicU64,
@@ -199,9 +202,17 @@ pub struct SetBudget(pub Option<u64>);
 
 /// Sets the number of handler workers (autoscaling). Growing adds worker
 /// permits at once; shrinking retires permits as running handlers finish.
+/// Ignored while an operator has pinned the count ([`PinWorkers`]).
 #[derive(Message, Clone, Copy, Debug)]
 #[rtype(result = "()")]
 pub struct SetWorkers(pub usize);
+
+/// An operator sets the number of handler workers (`Some(n)`, at least 1)
+/// and pins it: autoscaling leaves the stage alone until `None` hands the
+/// count back (the workers stay where they are until autoscaling moves them).
+#[derive(Message, Clone, Copy, Debug)]
+#[rtype(result = "()")]
+pub struct PinWorkers(pub Option<usize>);
 
 /// Reported by the intake task when it ends. `generation` names the intake
 /// it came from: a replaced intake's end is stale and ignored.
@@ -226,6 +237,7 @@ pub struct StageProbe {
     in_flight: Arc<AtomicUsize>,
     workers: Arc<Semaphore>,
     worker_target: Arc<AtomicUsize>,
+    pinned: Arc<AtomicUsize>,
     paused: watch::Receiver<BTreeSet<PauseCause>>,
 }
 
@@ -254,6 +266,19 @@ impl StageProbe {
     /// True while intake is paused (any cause).
     pub fn paused(&self) -> bool {
         !self.paused.borrow().is_empty()
+    }
+
+    /// Why intake is paused, in a stable order; empty while running.
+    pub fn pause_causes(&self) -> Vec<PauseCause> {
+        self.paused.borrow().iter().copied().collect()
+    }
+
+    /// The worker count an operator pinned ([`PinWorkers`]), if any.
+    pub fn pinned_workers(&self) -> Option<usize> {
+        match self.pinned.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(n),
+        }
     }
 }
 
@@ -288,6 +313,7 @@ impl StageActor {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let workers = Arc::new(Semaphore::new(spec.concurrency.max(1)));
         let worker_target = Arc::new(AtomicUsize::new(spec.concurrency.max(1)));
+        let pinned = Arc::new(AtomicUsize::new(0));
         let paused = watch::channel(BTreeSet::new()).0;
         events::WorkersSet {
             stage: &spec.name,
@@ -300,6 +326,7 @@ impl StageActor {
             in_flight: in_flight.clone(),
             workers: workers.clone(),
             worker_target: worker_target.clone(),
+            pinned: pinned.clone(),
             paused: paused.subscribe(),
         };
         let restarts = Restarts::new(spec.policy.clone());
@@ -318,6 +345,7 @@ impl StageActor {
             workers,
             paused,
             worker_target,
+            pinned,
             budget: AtomicU64::new(u64::MAX),
             spec,
             credits,
@@ -677,9 +705,31 @@ impl actix::Handler<SetWorkers> for StageActor {
     type Result = ();
 
     fn handle(&mut self, msg: SetWorkers, _ctx: &mut Context<Self>) {
-        let want = msg.0.max(1);
-        let had = self.shared.worker_target.swap(want, Ordering::AcqRel);
-        let sem = self.shared.workers.clone();
+        if self.shared.pinned.load(Ordering::Acquire) == 0 {
+            self.shared.resize_workers(msg.0);
+        }
+    }
+}
+
+impl actix::Handler<PinWorkers> for StageActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PinWorkers, _ctx: &mut Context<Self>) {
+        let pin = msg.0.map_or(0, |n| n.max(1));
+        self.shared.pinned.store(pin, Ordering::Release);
+        if pin > 0 {
+            self.shared.resize_workers(pin);
+        }
+    }
+}
+
+impl Shared {
+    /// Converges the worker permits to `want` (at least 1). Growing adds
+    /// permits at once; shrinking retires permits as running handlers finish.
+    fn resize_workers(&self, want: usize) {
+        let want = want.max(1);
+        let had = self.worker_target.swap(want, Ordering::AcqRel);
+        let sem = self.workers.clone();
         if want > had {
             sem.add_permits(want - had);
         } else if want < had {
@@ -701,10 +751,10 @@ impl actix::Handler<SetWorkers> for StageActor {
             }
         }
         events::WorkersSet {
-            stage: &self.shared.spec.name,
+            stage: &self.spec.name,
             workers: want,
         }
-        .emit(&self.shared.metrics);
+        .emit(&self.metrics);
     }
 }
 

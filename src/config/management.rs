@@ -1,0 +1,40 @@
+//! `[management]`: the operator API's listener and its tokens.
+
+use super::*;
+
+/// `[management]`: the management API (stage status, pause/resume, live
+/// concurrency and publish rate, `/healthz`, `/readyz`), on its own listener
+/// so that reaching the scrape or publish port does not let anyone steer the
+/// engine. Every route but `/healthz` and `/readyz` needs
+/// `Authorization: Bearer <token>`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagementConfig {
+    /// Address of the management API, e.g. `127.0.0.1:9466`. Default empty:
+    /// no listener (the API is still reachable from an embedding host through
+    /// `EngineHandle`).
+    #[serde(default)]
+    pub bind: String,
+    /// A file holding the accepted bearer tokens, one per line (blank lines
+    /// and `#` comments skipped; each at least 16 bytes). Required with
+    /// `bind`, unless `token_env` is set. Default none.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The name of an environment variable holding the accepted tokens,
+    /// separated by commas or whitespace; accepted together with
+    /// `token_file`'s. Default none.
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
+impl ManagementConfig {
+    /// Reads the accepted tokens from `token_file` and `token_env`. Errors
+    /// name the key at fault and never contain a token.
+    pub fn tokens(&self) -> Result<Tokens, ConfigError> {
+        Tokens::read(
+            "management",
+            self.token_file.as_deref(),
+            self.token_env.as_deref(),
+        )
+    }
+}
