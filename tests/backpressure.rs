@@ -398,8 +398,11 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
     .await;
     assert_eq!(status, 503, "{head}\n{body}");
     assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+    // Readiness honours the breaker: not ready while it is open, saying why.
     let (status, _, body) = http(addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"breaker\":\"open\""), "{status} {body}");
+    assert!(body.contains("the publish circuit breaker is open"), "{body}");
 
     // After the cooldown the spool replays: every spooled message arrives once.
     assert!(
