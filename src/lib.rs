@@ -63,6 +63,7 @@
 
 pub mod config;
 pub mod control;
+pub mod ctl;
 mod depth;
 pub mod dlq;
 pub mod engine;

@@ -402,7 +402,10 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
     let (status, _, body) = http(addr, "GET", "/readyz", &[], b"").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"breaker\":\"open\""), "{status} {body}");
-    assert!(body.contains("the publish circuit breaker is open"), "{body}");
+    assert!(
+        body.contains("the publish circuit breaker is open"),
+        "{body}"
+    );
 
     // After the cooldown the spool replays: every spooled message arrives once.
     assert!(

@@ -311,3 +311,79 @@ async fn a_missing_or_wrong_token_is_a_401_and_changes_nothing() {
     assert_eq!(v["ready"], true, "{v}");
     h.shutdown().await;
 }
+
+/// Runs `flowgate ctl --url <base> <args>` with `token` in the environment;
+/// exit code, stdout, stderr.
+async fn ctl(base: &str, token: Option<&str>, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_flowgate"));
+    cmd.arg("ctl").arg("--url").arg(base).args(args);
+    cmd.env_remove("FLOWGATE_CONFIG");
+    match token {
+        Some(t) => cmd.env("FLOWGATE_MANAGEMENT_TOKEN", t),
+        None => cmd.env_remove("FLOWGATE_MANAGEMENT_TOKEN"),
+    };
+    let out = cmd.output().await.expect("flowgate runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[actix_rt::test]
+async fn flowgate_ctl_pauses_resumes_and_reports_through_the_api() {
+    let prefix = unique("mgmt-ctl");
+    let (h, base, _cleanup) = start(&prefix, handler_fn(|_d| async { Ok(Outcome::ack()) })).await;
+
+    let (code, out, err) = ctl(&base, Some(TOKEN), &["pause", "s1"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("paused") && out.contains("operator"), "{out}");
+    assert_eq!(h.control().stage("s1").unwrap().paused, ["operator"]);
+
+    // Not ready while paused: `status` says why and exits 1.
+    let (code, out, err) = ctl(&base, Some(TOKEN), &["status"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("stage `s1` is paused by an operator"), "{out}");
+
+    let (code, out, err) = ctl(&base, Some(TOKEN), &["concurrency", "s1", "2"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(h.control().stage("s1").unwrap().pinned_workers, Some(2));
+    let (code, out, err) = ctl(&base, Some(TOKEN), &["concurrency", "s1", "auto"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(h.control().stage("s1").unwrap().pinned_workers, None);
+
+    let (code, out, err) = ctl(&base, Some(TOKEN), &["resume", "s1"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(h.control().stage("s1").unwrap().paused.is_empty());
+    let (code, out, err) = ctl(&base, Some(TOKEN), &["--json", "status"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).expect("--json prints JSON");
+    assert_eq!(v["ready"], true, "{v}");
+
+    let (code, out, err) = ctl(&base, Some(TOKEN), &["rate", "300", "--burst", "9"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("300/s (burst 9)"), "{out}");
+
+    // Refusals: the API's reason, exit 1; a usage error, exit 2.
+    let (code, _, err) = ctl(
+        &base,
+        Some("wrong-token-long-enough-to-count"),
+        &["pause", "s1"],
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("401"), "{err}");
+    assert!(h.control().stage("s1").unwrap().paused.is_empty());
+    let (code, _, err) = ctl(&base, None, &["stages"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("FLOWGATE_MANAGEMENT_TOKEN"),
+        "says where a token comes from: {err}"
+    );
+    let (code, _, err) = ctl(&base, Some(TOKEN), &["pause", "nope"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no stage named `nope`"), "{err}");
+    let (code, _, err) = ctl(&base, Some(TOKEN), &["concurrency", "s1", "lots"]).await;
+    assert_eq!(code, 2, "{err}");
+    h.shutdown().await;
+}

@@ -35,6 +35,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DlqCmd,
     },
+    /// Steer a running engine through its management API ([management] bind).
+    Ctl(flowgate::ctl::CtlArgs),
 }
 
 #[derive(Subcommand)]
@@ -130,6 +132,7 @@ fn main() -> ExitCode {
             init_tracing();
             dlq(cmd)
         }
+        Cmd::Ctl(args) => flowgate::ctl::main(args),
     }
 }
 
