@@ -660,6 +660,49 @@ mod failure_keys_tests {
     }
 
     #[test]
+    fn management_needs_its_own_address_and_a_token() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let tokens = dir.join("tokens");
+        std::fs::write(&tokens, "# ops\nabcdefghijklmnop-ops-1\n").unwrap();
+        let short = dir.join("short");
+        std::fs::write(&short, "tooshort\n").unwrap();
+        let t = tokens.display();
+        let off = with("", "").unwrap();
+        assert!(off.management.bind.is_empty(), "off by default");
+        let on = with(
+            "",
+            &format!("[management]\nbind = \"127.0.0.1:9466\"\ntoken_file = \"{t}\""),
+        )
+        .unwrap();
+        assert_eq!(on.management.tokens().unwrap().len(), 1);
+        for (section, key) in [
+            ("[management]\nbind = \"127.0.0.1:9466\"".to_owned(), "management.bind"),
+            (format!("[management]\nbind = \"nowhere\"\ntoken_file = \"{t}\""), "management.bind"),
+            (
+                format!("[http]\nbind = \"127.0.0.1:9466\"\n[management]\nbind = \"127.0.0.1:9466\"\ntoken_file = \"{t}\""),
+                "management.bind",
+            ),
+            (
+                format!("[management]\nbind = \"127.0.0.1:9466\"\ntoken_file = \"{}\"", short.display()),
+                "management.token_file",
+            ),
+            (
+                "[management]\ntoken_file = \"/nonexistent/flowgate-tokens\"".to_owned(),
+                "management.token_file",
+            ),
+            (
+                "[management]\nbind = \"127.0.0.1:9466\"\ntoken_env = \"FLOWGATE_TEST_UNSET_TOKEN_VAR\"".to_owned(),
+                "management.token_env",
+            ),
+        ] {
+            let e = with("", &section).unwrap_err();
+            assert_eq!(e.key, key, "{section}: {e}");
+            assert!(!e.to_string().contains("abcdefghijklmnop"), "never prints a token");
+        }
+    }
+
+    #[test]
     fn batch_parses_with_documented_defaults_and_fits_in_the_credits() {
         let s = &with("prefetch = 200\nbatch = {}", "").unwrap().stages[0];
         let b = s.batch.unwrap();
