@@ -975,7 +975,9 @@ impl PublisherHandle {
             Run::InPlace => AssertUnwindSafe(dispatch)
                 .catch_unwind()
                 .await
-                .unwrap_or_else(|p| Err(panicked(&crate::error::panic_message(p.as_ref())))),
+                .unwrap_or_else(|p| {
+                    Err(panicked(&crate::stage::process::panic_message(p.as_ref())))
+                }),
             Run::Spawned => tokio::spawn(dispatch).await.unwrap_or_else(|e| {
                 if e.is_panic() {
                     Err(panicked(&e))

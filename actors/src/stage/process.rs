@@ -31,7 +31,6 @@ use super::{Shared, StageSpec};
 use crate::credit::Credit;
 use crate::dedup::{key_for, ClaimToken, Claimed, CommitOutcome, DedupHandle};
 use crate::envelope::{self, Reason};
-pub(crate) use crate::error::panic_message;
 use crate::error::Error;
 use crate::message::{set_header, Delivery, HandlerError, Outcome, Output};
 use crate::metrics::events::{self, Event};
@@ -283,6 +282,16 @@ async fn run_handler(shared: &Shared, d: &Delivery) -> Handled {
     }
     .emit(&shared.metrics);
     res.map_err(|p| panic_message(p.as_ref()))
+}
+
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_owned()
+    }
 }
 
 /// Step 5: the verdict for a handler's result.
