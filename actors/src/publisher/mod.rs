@@ -57,7 +57,7 @@ pub(crate) use bucket::TokenBucket;
 pub use spool::{Spool, SpoolError, SpoolRecord};
 
 use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscribe};
-use crate::credit::Credits;
+use crate::credit::{Credit, Credits};
 use crate::envelope;
 use crate::envelope::{
     truncate, ERROR as ERROR_HEADER, MAX_ERROR_BYTES as MAX_ERROR_HEADER_BYTES,
@@ -71,13 +71,11 @@ use crate::retry::{ORIGINAL_EXCHANGE_HEADER, ORIGINAL_ROUTING_KEY_HEADER};
 use crate::signing::{self, Keys};
 use crate::supervision::{Escalation, EscalationSender, RestartPolicy, Restarts};
 use actix::prelude::*;
-use futures::FutureExt;
 use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::PublisherConfirm;
 use lapin::{BasicProperties, Channel, Confirmation};
-use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -175,13 +173,15 @@ pub enum Published {
     Spooled,
 }
 
-/// Where [`PublisherHandle`] runs a publish and its confirm.
-#[derive(Clone, Copy)]
-enum Run {
-    /// In a task of its own (cancel-safe for the caller).
-    Spawned,
-    /// In the caller's task.
-    InPlace,
+/// Publish one message; resolves once the broker confirmed it or it is
+/// durable in the spool.
+#[derive(Message)]
+#[rtype(result = "Result<Published>")]
+pub struct Publish {
+    /// The message.
+    pub msg: Output,
+    /// The window credit this publish holds until it is confirmed or failed.
+    pub credit: Credit,
 }
 
 /// A bounded set of waiting slots, shared by the blocked gate and the window.
@@ -915,22 +915,7 @@ impl PublisherHandle {
     /// unconfirmed window — each wait bounded by `max_waiters` callers;
     /// beyond that, and when the spool is full, it fails at once with
     /// [`Error::Backpressure`].
-    ///
-    /// Cancel-safe: the publish and its confirm run in a task of their own,
-    /// so a caller that gives up (a deadline) leaves the breaker and the
-    /// window in order.
     pub async fn send(&self, msg: Output) -> Result<Published> {
-        self.send_as(msg, Run::Spawned).await
-    }
-
-    /// Like [`send`](Self::send), with the publish and its confirm awaited
-    /// in the caller's task: no task spawned, no thread crossed. For callers
-    /// that are never cancelled (a stage's delivery task).
-    pub(crate) async fn send_in_place(&self, msg: Output) -> Result<Published> {
-        self.send_as(msg, Run::InPlace).await
-    }
-
-    async fn send_as(&self, msg: Output, run: Run) -> Result<Published> {
         let core = &self.core;
         if core.bucket.acquire().await.is_err() {
             let e = Error::Backpressure("publish rate limit: too many waiting publishers".into());
@@ -964,31 +949,9 @@ impl PublisherHandle {
             unconfirmed: w.in_use(),
         };
         window(&self.window).emit(&core.metrics);
-        let core = core.clone();
-        let dispatch = async move {
-            let _credit = credit;
-            core.dispatch(msg).await
-        };
-        // A panic is permanent (retrying would panic again).
-        let panicked = |e: &dyn std::fmt::Display| Error::Panicked(format!("publish: {e}"));
-        let res = match run {
-            Run::InPlace => AssertUnwindSafe(dispatch)
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|p| {
-                    Err(panicked(&crate::stage::process::panic_message(p.as_ref())))
-                }),
-            Run::Spawned => tokio::spawn(dispatch).await.unwrap_or_else(|e| {
-                if e.is_panic() {
-                    Err(panicked(&e))
-                } else {
-                    // Only the runtime shutting down cancels it.
-                    Err(Error::ShuttingDown)
-                }
-            }),
-        };
-        window(&self.window).emit(&self.core.metrics);
-        res
+        let res = self.addr.send(Publish { msg, credit }).await;
+        window(&self.window).emit(&core.metrics);
+        res?
     }
 
     /// Like [`send`](Self::send), for callers that only need to know the
@@ -1257,6 +1220,33 @@ impl Handler<LinkEvent> for PublisherActor {
             }
             _ => {}
         }
+    }
+}
+
+impl Handler<Publish> for PublisherActor {
+    type Result = ResponseFuture<Result<Published>>;
+
+    fn handle(&mut self, msg: Publish, _ctx: &mut Context<Self>) -> Self::Result {
+        let Publish { msg, credit } = msg;
+        let core = self.core.clone();
+        // The publish and its confirm run on the multi-threaded runtime, not
+        // on this actor's (single) arbiter thread: the actor only routes.
+        let task = tokio::spawn(async move {
+            let _credit = credit;
+            core.dispatch(msg).await
+        });
+        Box::pin(async move {
+            // A panic is permanent (retrying would panic again); a
+            // cancelled task (runtime shutting down) is not.
+            task.await.unwrap_or_else(|e| {
+                Err(if e.is_panic() {
+                    Error::Panicked(format!("publish task: {e}"))
+                } else {
+                    // Only the runtime shutting down cancels it.
+                    Error::ShuttingDown
+                })
+            })
+        })
     }
 }
 

@@ -13,7 +13,7 @@
 //! back, intake stops, and the backlog stays in the broker.
 
 mod batch;
-pub(crate) mod process;
+mod process;
 
 pub use batch::BatchPolicy;
 

@@ -284,7 +284,7 @@ async fn run_handler(shared: &Shared, d: &Delivery) -> Handled {
     res.map_err(|p| panic_message(p.as_ref()))
 }
 
-pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+pub(super) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = p.downcast_ref::<String>() {
@@ -599,12 +599,7 @@ async fn publish_retrying(shared: &Shared, out: Output) -> Result<(), PublishFai
     let mut backoff =
         crate::supervision::Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
     loop {
-        match shared
-            .publisher
-            .send_in_place(out.clone())
-            .await
-            .map(|_| ())
-        {
+        match shared.publisher.publish(out.clone()).await {
             Ok(()) => return Ok(()),
             Err(e @ Error::Unroutable { .. }) => {
                 return Err(PublishFailure::Unroutable(e.to_string()))
