@@ -231,12 +231,12 @@ async fn memory_alarm_pauses_then_spools_and_replays_exactly_once() {
     // After blocked_timeout the breaker opens and publishes spool.
     assert!(
         eventually(Duration::from_secs(15), || async {
-            m.gauge(flowgate::Metrics::BREAKER_STATE, &[]) == 1
+            m.gauge(flowgate::Metrics::BREAKER_STATE, &["open"]) == 1
                 && m.gauge(flowgate::Metrics::SPOOL_MESSAGES, &[]) as usize == N
         })
         .await,
         "breaker open and publishes spooled (state {}, spooled {})",
-        m.gauge(flowgate::Metrics::BREAKER_STATE, &[]),
+        m.gauge(flowgate::Metrics::BREAKER_STATE, &["open"]),
         m.gauge(flowgate::Metrics::SPOOL_MESSAGES, &[])
     );
     assert!(m.counter(flowgate::Metrics::BREAKER_TRANSITIONS, &["open"]) >= 1);
@@ -267,8 +267,8 @@ async fn memory_alarm_pauses_then_spools_and_replays_exactly_once() {
     );
     assert_eq!(h.spooled(), 0);
     assert_eq!(
-        m.gauge(flowgate::Metrics::BREAKER_STATE, &[]),
-        0,
+        m.gauge(flowgate::Metrics::BREAKER_STATE, &["closed"]),
+        1,
         "breaker closed again"
     );
 
@@ -312,8 +312,8 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
         "{r:?}"
     );
     assert_eq!(
-        m.gauge(flowgate::Metrics::BREAKER_STATE, &[]),
-        0,
+        m.gauge(flowgate::Metrics::BREAKER_STATE, &["closed"]),
+        1,
         "a return is no outage"
     );
     // Two publishes the broker fails (an exchange that does not exist:
@@ -331,7 +331,7 @@ async fn spool_full_answers_backpressure_and_http_503_and_drops_nothing() {
         }
     }
     assert_eq!(
-        m.gauge(flowgate::Metrics::BREAKER_STATE, &[]),
+        m.gauge(flowgate::Metrics::BREAKER_STATE, &["open"]),
         1,
         "breaker open"
     );

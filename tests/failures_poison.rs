@@ -241,7 +241,7 @@ async fn malformed_oversized_and_unparseable_messages_reach_the_dlq_and_neighbou
     );
     // No message costs the connection.
     let reconnects = m.counter(flowgate::Metrics::RECONNECTS, &["consume"])
-        + m.counter(flowgate::Metrics::RESTARTS, &["connection"]);
+        + m.counter(flowgate::Metrics::RESTARTS, &["connection", ""]);
     assert_eq!(reconnects, 0, "no reconnect");
     handle.shutdown().await;
     assert_eq!(client.depth(&format!("{prefix}.s1")).await, 0);

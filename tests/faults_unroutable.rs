@@ -153,7 +153,7 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
     gate.send_replace(true);
     assert!(
         eventually(Duration::from_secs(60), || async {
-            m.gauge(flowgate::Metrics::BREAKER_STATE, &[]) == 1
+            m.gauge(flowgate::Metrics::BREAKER_STATE, &["open"]) == 1
                 && client.depth(&bad_queue).await == 0
                 && h.stages().iter().all(|s| s.in_flight() == 0)
         })

@@ -72,7 +72,7 @@ async fn engine_recovers_from_a_broker_closed_connection_and_finishes() {
     let m = handle.metrics();
     let recoveries = m.counter(flowgate::Metrics::RECONNECTS, &["consume"])
         + m.counter(flowgate::Metrics::RECONNECTS, &["publish"])
-        + m.counter(flowgate::Metrics::RESTARTS, &["connection"]);
+        + m.counter(flowgate::Metrics::RESTARTS, &["connection", ""]);
     assert!(recoveries >= 1, "the recovery shows in the metrics");
     assert!(
         handle.wait_ready(Duration::from_secs(20)).await,

@@ -22,7 +22,7 @@
 //! ([`Error::Refused`]) instead of a connect timeout.
 
 use crate::error::{Error, Result};
-use crate::metrics::events::{self, Event as _};
+use crate::metrics::events::{self, ActorKind, Event as _};
 use crate::metrics::Metrics;
 use crate::supervision::{Escalation, EscalationSender, RestartPolicy, Restarts};
 use crate::tls::TlsSettings;
@@ -213,6 +213,12 @@ impl ConnectionActor {
         escalations: Option<EscalationSender>,
     ) -> Self {
         let restarts = Restarts::new(cfg.policy.clone());
+        for p in [Purpose::Consume, Purpose::Publish] {
+            events::ConnectionKnown {
+                connection: p.as_str(),
+            }
+            .emit(&metrics);
+        }
         Self {
             cfg,
             metrics,
@@ -481,7 +487,8 @@ impl Supervised for ConnectionActor {
         self.blocked = false;
         events::Unblocked { reset: true }.emit(&self.metrics);
         events::Restarted {
-            actor: "connection",
+            kind: ActorKind::Connection,
+            stage: "",
         }
         .emit(&self.metrics);
         self.lost_since.clear();
@@ -493,7 +500,8 @@ impl Supervised for ConnectionActor {
             self.restarts.retry();
         } else if self.restarts.escalated() || !self.restarts.record(tokio::time::Instant::now()) {
             events::Escalated {
-                actor: "connection",
+                kind: ActorKind::Connection,
+                stage: "",
             }
             .emit(&self.metrics);
             if let Some(tx) = &self.escalations {

@@ -53,6 +53,12 @@ pub const SIGNATURE: &str = "x-flowgate-signature";
 /// publish and stripped from every delivery.
 pub const UNSIGNED: &str = "x-flowgate-unsigned";
 
+/// When the message was first published through flowgate, in milliseconds
+/// since the unix epoch: stamped by the publisher when absent, carried to a
+/// stage's outputs, read for `flowgate_end_to_end_seconds`. A producer may
+/// set it itself (an integer) to measure from its own publish.
+pub const FIRST_PUBLISHED: &str = "x-flowgate-first-published";
+
 /// The broker's dead-letter history.
 pub const X_DEATH: &str = "x-death";
 /// The broker's first-death summary headers.
@@ -421,6 +427,44 @@ pub fn header_int(v: &AMQPValue) -> Option<i64> {
     }
 }
 
+
+/// Milliseconds since the unix epoch now (0 if the clock is before it).
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The [`FIRST_PUBLISHED`] stamp, if it is an integer.
+pub fn first_published(props: &BasicProperties) -> Option<i64> {
+    header(props, FIRST_PUBLISHED).and_then(header_int)
+}
+
+/// How long ago the message was first published, by its [`FIRST_PUBLISHED`]
+/// stamp; `None` without one, or for a stamp in the future (a clock skew or
+/// a forged header: nothing to measure).
+pub fn since_first_published(props: &BasicProperties) -> Option<std::time::Duration> {
+    let ms = now_millis().checked_sub(first_published(props)?)?;
+    u64::try_from(ms).ok().map(std::time::Duration::from_millis)
+}
+
+/// Stamps [`FIRST_PUBLISHED`] with the time now unless the message carries
+/// an integer stamp already (a stamp that is not an integer is replaced).
+pub fn stamp_first_published(props: &mut BasicProperties) {
+    if first_published(props).is_none() {
+        crate::message::set_header(props, FIRST_PUBLISHED, AMQPValue::LongLongInt(now_millis()));
+    }
+}
+
+/// Gives `to` the [`FIRST_PUBLISHED`] stamp of `from` when `to` has none, so
+/// a stage's fresh outputs keep measuring from the first publish.
+pub fn carry_first_published(from: &BasicProperties, to: &mut BasicProperties) {
+    if let (Some(ms), None) = (first_published(from), first_published(to)) {
+        crate::message::set_header(to, FIRST_PUBLISHED, AMQPValue::LongLongInt(ms));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,5 +623,36 @@ mod tests {
                 prop_assert!(header(&got.properties, n).is_none());
             }
         }
+    }
+
+    #[test]
+    fn first_published_is_stamped_once_carried_and_never_negative() {
+        let mut p = BasicProperties::default();
+        assert_eq!(since_first_published(&p), None);
+        stamp_first_published(&mut p);
+        let first = first_published(&p).unwrap();
+        assert!(since_first_published(&p).unwrap() < std::time::Duration::from_secs(5));
+        // A second stamp keeps the first.
+        let mut later = p.clone();
+        crate::message::set_header(&mut later, FIRST_PUBLISHED, AMQPValue::LongLongInt(first - 1000));
+        stamp_first_published(&mut later);
+        assert_eq!(first_published(&later), Some(first - 1000));
+        assert!(since_first_published(&later).unwrap() >= std::time::Duration::from_secs(1));
+        // A fresh output gets the input's stamp; one with its own keeps it.
+        let mut fresh = BasicProperties::default();
+        carry_first_published(&later, &mut fresh);
+        assert_eq!(first_published(&fresh), Some(first - 1000));
+        carry_first_published(&p, &mut fresh);
+        assert_eq!(first_published(&fresh), Some(first - 1000));
+        // Forged: text is replaced by a stamp, the future measures nothing.
+        let mut forged = BasicProperties::default();
+        crate::message::set_header(&mut forged, FIRST_PUBLISHED, text("yesterday"));
+        assert_eq!(since_first_published(&forged), None);
+        stamp_first_published(&mut forged);
+        assert!(first_published(&forged).is_some());
+        crate::message::set_header(&mut forged, FIRST_PUBLISHED, AMQPValue::LongLongInt(i64::MAX));
+        assert_eq!(since_first_published(&forged), None);
+        crate::message::set_header(&mut forged, FIRST_PUBLISHED, AMQPValue::LongLongInt(i64::MIN));
+        assert_eq!(since_first_published(&forged), None);
     }
 }

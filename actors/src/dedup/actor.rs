@@ -32,7 +32,7 @@ use super::contract::{Claim, ClaimToken, CommitOutcome, DedupError, DedupStore, 
 use crate::metrics::events::{self, Event};
 use crate::metrics::Metrics;
 use actix::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -85,6 +85,7 @@ impl DedupActor {
         metrics: Metrics,
     ) -> DedupHandle {
         let (tx, rx) = watch::channel(true);
+        events::DedupEvicted { backend, count: 0 }.emit(&metrics);
         events::DedupAvailability {
             backend,
             up: true,
@@ -105,6 +106,8 @@ impl DedupActor {
             available: rx,
             actor: addr,
             metrics,
+            backend: backend.into(),
+            evictions_reported: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -176,9 +179,27 @@ pub struct DedupHandle {
     available: watch::Receiver<bool>,
     actor: Addr<DedupActor>,
     metrics: Metrics,
+    /// `memory` or `redis`: the metric label.
+    backend: Arc<str>,
+    /// The store's eviction count last reported to the metric.
+    evictions_reported: Arc<AtomicU64>,
 }
 
 impl DedupHandle {
+    /// Counts the evictions the store made since the last report (the
+    /// claim that made room for a key is what evicts).
+    fn report_evictions(&self) {
+        let now = self.store.evictions();
+        let before = self.evictions_reported.fetch_max(now, Ordering::Relaxed);
+        if now > before {
+            events::DedupEvicted {
+                backend: &self.backend,
+                count: now - before,
+            }
+            .emit(&self.metrics);
+        }
+    }
+
     /// The stage's lease, TTL and key policy.
     pub fn settings(&self) -> &DedupSettings {
         &self.settings
@@ -229,7 +250,10 @@ impl DedupHandle {
                 return Claimed::Stopped;
             }
             match self.store.claim(key, self.settings.lease).await {
-                Ok(Claim::Acquired(t)) => return Claimed::Acquired(t),
+                Ok(Claim::Acquired(t)) => {
+                    self.report_evictions();
+                    return Claimed::Acquired(t);
+                }
                 Ok(Claim::AlreadyDone) => return Claimed::AlreadyDone,
                 Ok(Claim::InProgress) => {
                     tokio::time::sleep(backoff.next_delay()).await;
@@ -282,5 +306,36 @@ impl DedupHandle {
         if let Err(e) = self.store.release(token).await {
             self.failed(stage, "release", &e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dedup::MemoryStore;
+
+    #[actix::test]
+    async fn evictions_of_the_memory_store_are_counted() {
+        let metrics = Metrics::new();
+        let store = Arc::new(MemoryStore::new(2));
+        let settings = DedupSettings {
+            lease: Duration::from_secs(30),
+            ttl: Duration::from_secs(3600),
+            missing_id: MissingId::Hash,
+        };
+        let h = DedupActor::start(store.clone(), "memory", settings, metrics.clone());
+        assert_eq!(metrics.counter(Metrics::DEDUP_EVICTIONS, &["memory"]), 0);
+        let stop = AtomicBool::new(false);
+        for k in ["a", "b", "c", "d", "e"] {
+            let Claimed::Acquired(t) = h.claim("s", k, &stop).await else {
+                panic!("{k} not acquired");
+            };
+            h.commit("s", &t, &stop).await;
+        }
+        assert!(store.evictions() >= 3, "a store of 2 keys evicted for 5");
+        assert_eq!(
+            metrics.counter(Metrics::DEDUP_EVICTIONS, &["memory"]),
+            store.evictions()
+        );
     }
 }

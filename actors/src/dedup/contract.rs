@@ -128,6 +128,11 @@ pub trait DedupStore: Send + Sync + 'static {
     async fn release(&self, token: &ClaimToken) -> Result<(), DedupError>;
     /// Checks that the backend is reachable.
     async fn ping(&self) -> Result<(), DedupError>;
+    /// Unexpired keys evicted so far to respect a capacity (a store that
+    /// only expires keys, like Redis with TTLs, evicts none).
+    fn evictions(&self) -> u64 {
+        0
+    }
 }
 
 /// What to do with a message that carries no (or an empty) message id

@@ -271,6 +271,10 @@ impl DedupStore for MemoryStore {
     async fn ping(&self) -> Result<(), DedupError> {
         Ok(())
     }
+
+    fn evictions(&self) -> u64 {
+        MemoryStore::evictions(self)
+    }
 }
 
 #[cfg(test)]

@@ -26,11 +26,20 @@ pub trait Event {
 pub(crate) struct Consumed<'a> {
     /// The stage.
     pub stage: &'a str,
+    /// How long ago the message was first published, from its
+    /// [`FIRST_PUBLISHED`](crate::envelope::FIRST_PUBLISHED) stamp (`None`:
+    /// no stamp, or one in the future).
+    pub since_first_publish: Option<std::time::Duration>,
 }
 
 impl Event for Consumed<'_> {
     fn emit(self, m: &Metrics) {
         m.0.consumed.with_label_values(&[self.stage]).inc();
+        if let Some(d) = self.since_first_publish {
+            m.0.end_to_end
+                .with_label_values(&[self.stage])
+                .observe(d.as_secs_f64());
+        }
     }
 }
 
@@ -400,7 +409,75 @@ impl ScaleDirection {
     }
 }
 
+/// The three states of the publisher's circuit breaker: the `state` label
+/// of `flowgate_breaker_state` and the `to` label of
+/// `flowgate_breaker_transitions_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BreakerState {
+    /// Normal operation: publishes are admitted and failures are counted.
+    Closed,
+    /// Tripped: publishes are rejected (spooled) until the cooldown elapses.
+    Open,
+    /// Cooldown elapsed: one probe publish at a time is admitted to test the
+    /// broker before closing again.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// Every state, in the README's order.
+    pub const ALL: [BreakerState; 3] = [
+        BreakerState::Closed,
+        BreakerState::Open,
+        BreakerState::HalfOpen,
+    ];
+
+    /// Stable lowercase name: the metric label and the log value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+impl Display for BreakerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What kind of supervised actor restarted: the `kind` label of
+/// `flowgate_actor_restarts_total` (a stage's name is its own `stage` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ActorKind {
+    /// The connection actor (both broker connections).
+    Connection,
+    /// The publisher actor.
+    Publisher,
+    /// A stage actor.
+    Stage,
+}
+
+impl ActorKind {
+    /// Every kind.
+    pub(crate) const ALL: [ActorKind; 3] =
+        [ActorKind::Connection, ActorKind::Publisher, ActorKind::Stage];
+
+    /// The label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ActorKind::Connection => "connection",
+            ActorKind::Publisher => "publisher",
+            ActorKind::Stage => "stage",
+        }
+    }
+}
+
 // ---- publisher -----------------------------------------------------------
+
+/// The `stage` label of dead letters the publisher writes itself.
+pub(crate) const PUBLISHER_STAGE: &str = "publisher";
 
 /// A publish attempt ended (live or replayed; once per attempt).
 pub(crate) struct PublishFinished<'a> {
@@ -478,13 +555,17 @@ impl Event for PublishWindow {
 
 /// The breaker was consulted; its state now.
 pub(crate) struct BreakerChecked {
-    /// 0 closed, 1 open, 2 half-open (the breaker's `as_gauge`).
-    pub state: i64,
+    /// The state: its series is 1, the others' 0.
+    pub state: BreakerState,
 }
 
 impl Event for BreakerChecked {
     fn emit(self, m: &Metrics) {
-        m.0.breaker_state.set(self.state);
+        for s in BreakerState::ALL {
+            m.0.breaker_state
+                .with_label_values(&[s.as_str()])
+                .set(i64::from(s == self.state));
+        }
     }
 }
 
@@ -650,6 +731,18 @@ impl Event for LinkDown<'_> {
     }
 }
 
+/// A broker connection is configured: its series start at 0.
+pub(crate) struct ConnectionKnown {
+    /// Which (`consume`, `publish`): the `connection` label.
+    pub connection: &'static str,
+}
+
+impl Event for ConnectionKnown {
+    fn emit(self, m: &Metrics) {
+        m.0.reconnects.with_label_values(&[self.connection]);
+    }
+}
+
 /// A broker connection recovered after a loss.
 pub(crate) struct Reconnected {
     /// Which (`consume`, `publish`): the `connection` label.
@@ -696,26 +789,36 @@ impl Event for Unblocked {
 
 /// A supervisor restarted an actor.
 pub(crate) struct Restarted<'a> {
-    /// The actor (`connection`, `publisher`, `stage:<name>`).
-    pub actor: &'a str,
+    /// What kind of actor.
+    pub kind: ActorKind,
+    /// The stage's name for a stage actor; empty for the others.
+    pub stage: &'a str,
 }
 
 impl Event for Restarted<'_> {
     fn emit(self, m: &Metrics) {
-        m.0.restarts.with_label_values(&[self.actor]).inc();
+        m.0.restarts
+            .with_label_values(&[self.kind.as_str(), self.stage])
+            .inc();
     }
 }
 
 /// An actor spent its restart budget: escalating.
 pub(crate) struct Escalated<'a> {
-    /// The actor.
-    pub actor: &'a str,
+    /// What kind of actor.
+    pub kind: ActorKind,
+    /// The stage's name for a stage actor; empty for the others.
+    pub stage: &'a str,
 }
 
 impl Event for Escalated<'_> {
     fn emit(self, m: &Metrics) {
         m.0.escalations.inc();
-        error!(actor = self.actor, "restart budget spent; escalating");
+        error!(
+            actor = self.kind.as_str(),
+            stage = self.stage,
+            "restart budget spent; escalating"
+        );
     }
 }
 
@@ -842,6 +945,106 @@ impl Event for IngressRefused<'_> {
     }
 }
 
+/// The broker confirmed (or refused) a live publish: its round trip.
+pub(crate) struct ConfirmAwaited {
+    /// From `basic.publish` to the broker's answer.
+    pub elapsed: std::time::Duration,
+}
+
+impl Event for ConfirmAwaited {
+    fn emit(self, m: &Metrics) {
+        m.0.confirm_latency.observe(self.elapsed.as_secs_f64());
+    }
+}
+
+/// A dedup store evicted unexpired keys to respect its capacity.
+pub(crate) struct DedupEvicted<'a> {
+    /// The backend (`memory`).
+    pub backend: &'a str,
+    /// Keys evicted since the last report.
+    pub count: u64,
+}
+
+impl Event for DedupEvicted<'_> {
+    fn emit(self, m: &Metrics) {
+        m.0.dedup_evictions
+            .with_label_values(&[self.backend])
+            .inc_by(self.count);
+    }
+}
+
+/// A stage was configured: every series labelled with it is created at 0,
+/// so `increase()` sees its first event and an alert can tell 0 from absent.
+pub(crate) struct StageKnown<'a> {
+    /// The stage.
+    pub stage: &'a str,
+    /// Its retry tier queues (the `tier` label).
+    pub tiers: &'a [String],
+}
+
+impl Event for StageKnown<'_> {
+    fn emit(self, m: &Metrics) {
+        let s = self.stage;
+        let i = &m.0;
+        for c in [
+            &i.consumed,
+            &i.acked,
+            &i.signature_failures,
+            &i.ack_failures,
+            &i.publish_retries,
+            &i.dedup_hits,
+            &i.dedup_errors,
+            &i.dedup_lease_lost,
+        ] {
+            c.with_label_values(&[s]);
+        }
+        for r in Reason::ALL {
+            i.dead_lettered.with_label_values(&[s, r.as_str()]);
+        }
+        for t in self.tiers {
+            i.retried.with_label_values(&[s, t]);
+        }
+        for c in PauseCause::ALL {
+            i.stage_paused.with_label_values(&[s, c.as_str()]);
+        }
+        for d in ScaleDirection::ALL {
+            i.stage_scaling.with_label_values(&[s, d.as_str()]);
+        }
+        i.in_flight.with_label_values(&[s]);
+        i.handler_duration.with_label_values(&[s]);
+        i.end_to_end.with_label_values(&[s]);
+        i.restarts
+            .with_label_values(&[ActorKind::Stage.as_str(), s]);
+    }
+}
+
+/// Creates the series whose label values are all known up front (publish
+/// results, breaker states, the engine's own actors, the connections, the
+/// publisher's dead letters), each at 0.
+pub(crate) fn preinitialise(m: &Metrics) {
+    let i = &m.0;
+    for r in PublishResult::LABELS {
+        i.publish.with_label_values(&[r]);
+    }
+    for s in BreakerState::ALL {
+        i.breaker_transitions.with_label_values(&[s.as_str()]);
+    }
+    BreakerChecked {
+        state: BreakerState::Closed,
+    }
+    .emit(m);
+    for k in [ActorKind::Connection, ActorKind::Publisher] {
+        i.restarts.with_label_values(&[k.as_str(), ""]);
+    }
+    i.dead_lettered
+        .with_label_values(&[PUBLISHER_STAGE, Reason::Unroutable.as_str()]);
+    i.spool_dropped
+        .with_label_values(&[Reason::Unroutable.as_str()]);
+    i.build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -886,5 +1089,114 @@ mod tests {
         assert_eq!(m.counter(Metrics::PUBLISH, &["nacked"]), 1);
         assert_eq!(m.counter(Metrics::PUBLISH, &["backpressure"]), 1);
         assert_eq!(m.counter(Metrics::PUBLISH, &["store_error"]), 1);
+    }
+
+    #[test]
+    fn a_known_stage_has_every_series_before_its_first_event() {
+        let m = Metrics::new();
+        let text = m.render();
+        assert!(!text.contains("stage=\"s\""), "nothing of s yet");
+        StageKnown {
+            stage: "s",
+            tiers: &["q.retry.1".to_owned()],
+        }
+        .emit(&m);
+        let text = m.render();
+        for r in Reason::ALL {
+            let series = format!(
+                "flowgate_messages_dead_lettered_total{{reason=\"{}\",stage=\"s\"}} 0",
+                r.as_str()
+            );
+            assert!(text.contains(&series), "{series} in\n{text}");
+        }
+        for series in [
+            "flowgate_messages_consumed_total{stage=\"s\"} 0",
+            "flowgate_messages_acked_total{stage=\"s\"} 0",
+            "flowgate_retries_total{stage=\"s\",tier=\"q.retry.1\"} 0",
+            "flowgate_stage_paused{cause=\"operator\",stage=\"s\"} 0",
+            "flowgate_stage_scaling_total{direction=\"up\",stage=\"s\"} 0",
+            "flowgate_actor_restarts_total{kind=\"stage\",stage=\"s\"} 0",
+            "flowgate_end_to_end_seconds_count{stage=\"s\"} 0",
+            "flowgate_handler_duration_seconds_count{stage=\"s\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn engine_wide_series_exist_from_the_start() {
+        let text = Metrics::new().render();
+        for r in PublishResult::LABELS {
+            let series = format!("flowgate_publish_total{{result=\"{r}\"}} 0");
+            assert!(text.contains(&series), "{series}");
+        }
+        for series in [
+            "flowgate_breaker_transitions_total{to=\"open\"} 0",
+            "flowgate_actor_restarts_total{kind=\"publisher\",stage=\"\"} 0",
+            "flowgate_messages_dead_lettered_total{reason=\"unroutable\",stage=\"publisher\"} 0",
+            "flowgate_spool_dropped_total{reason=\"unroutable\"} 0",
+            "flowgate_publish_confirm_seconds_count 0",
+        ] {
+            assert!(text.contains(series), "{series} in\n{text}");
+        }
+        let build = format!(
+            "flowgate_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{build}");
+        #[cfg(target_os = "linux")]
+        for name in crate::metrics::PROCESS_METRICS {
+            assert!(text.contains(&format!("\n{name} ")), "{name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_breaker_is_one_series_per_state() {
+        let m = Metrics::new();
+        let states = |m: &Metrics| {
+            BreakerState::ALL.map(|s| m.gauge(Metrics::BREAKER_STATE, &[s.as_str()]))
+        };
+        assert_eq!(states(&m), [1, 0, 0]);
+        BreakerChecked {
+            state: BreakerState::HalfOpen,
+        }
+        .emit(&m);
+        assert_eq!(states(&m), [0, 0, 1]);
+        BreakerChecked {
+            state: BreakerState::Open,
+        }
+        .emit(&m);
+        assert_eq!(states(&m), [0, 1, 0]);
+    }
+
+    #[test]
+    fn restarts_carry_kind_and_stage_apart() {
+        let m = Metrics::new();
+        Restarted {
+            kind: ActorKind::Stage,
+            stage: "orders",
+        }
+        .emit(&m);
+        assert_eq!(m.counter(Metrics::RESTARTS, &["stage", "orders"]), 1);
+        assert_eq!(m.counter(Metrics::RESTARTS, &["publisher", ""]), 0);
+    }
+
+    #[test]
+    fn consumed_observes_the_time_since_the_first_publish() {
+        let m = Metrics::new();
+        Consumed {
+            stage: "s",
+            since_first_publish: Some(std::time::Duration::from_millis(1500)),
+        }
+        .emit(&m);
+        Consumed {
+            stage: "s",
+            since_first_publish: None,
+        }
+        .emit(&m);
+        let text = m.render();
+        assert!(text.contains("flowgate_end_to_end_seconds_count{stage=\"s\"} 1"), "{text}");
+        assert!(text.contains("flowgate_end_to_end_seconds_sum{stage=\"s\"} 1.5"), "{text}");
+        assert_eq!(m.counter(Metrics::CONSUMED, &["s"]), 2);
     }
 }

@@ -13,10 +13,10 @@
 pub(crate) mod events;
 
 use crate::envelope::Reason;
-use events::{PauseCause, PublishResult, ScaleDirection};
+use events::{ActorKind, BreakerState, PauseCause, PublishResult, ScaleDirection};
 use prometheus::{
-    core::Collector, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry,
+    core::Collector, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry,
 };
 use std::sync::Arc;
 
@@ -59,9 +59,11 @@ pub struct MetricDesc {
     pub help: &'static str,
 }
 
-/// Buckets of [`Metrics::HANDLER_DURATION`], in seconds.
-const HANDLER_BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+/// Buckets of every histogram, in seconds: from a fast handler or a local
+/// confirm (0.5 ms) to a message that waited in a backlog (5 min).
+const LATENCY_BUCKETS: [f64; 18] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
 ];
 
 /// A collector type that can be made from a [`MetricDesc`].
@@ -109,9 +111,16 @@ impl Collect for HistogramVec {
     const KIND: Kind = Kind::Histogram;
     fn make(d: &MetricDesc) -> prometheus::Result<Self> {
         HistogramVec::new(
-            HistogramOpts::new(d.name, d.help).buckets(HANDLER_BUCKETS.to_vec()),
+            HistogramOpts::new(d.name, d.help).buckets(LATENCY_BUCKETS.to_vec()),
             d.labels,
         )
+    }
+}
+
+impl Collect for Histogram {
+    const KIND: Kind = Kind::Histogram;
+    fn make(d: &MetricDesc) -> prometheus::Result<Self> {
+        Histogram::with_opts(HistogramOpts::new(d.name, d.help).buckets(LATENCY_BUCKETS.to_vec()))
     }
 }
 
@@ -194,9 +203,12 @@ metrics! {
     /// Callers waiting to publish (for a token, an unblock, or window room).
     publish_waiters: IntGauge = PUBLISH_WAITERS("flowgate_publish_waiters", [],
         "callers waiting for a token, an unblock or window room");
-    /// Publisher circuit breaker: 0 closed, 1 open, 2 half-open.
-    breaker_state: IntGauge = BREAKER_STATE("flowgate_breaker_state", [],
-        "circuit breaker: 0 closed, 1 open, 2 half-open");
+    /// Publisher circuit breaker: 1 for its current state, 0 for the others.
+    breaker_state: IntGaugeVec = BREAKER_STATE("flowgate_breaker_state", ["state"],
+        "publish circuit breaker: 1 for the current state, 0 for the others");
+    /// Round trip of a live publish: `basic.publish` to the broker's confirm.
+    confirm_latency: Histogram = CONFIRM_LATENCY("flowgate_publish_confirm_seconds", [],
+        "live publishes: from `basic.publish` to the broker's confirm (or nack, or return)");
     /// Breaker state changes, by the state entered (`to`).
     breaker_transitions: IntCounterVec = BREAKER_TRANSITIONS("flowgate_breaker_transitions_total", ["to"],
         "breaker state changes, by the state entered");
@@ -233,6 +245,9 @@ metrics! {
     /// Handler run time.
     handler_duration: HistogramVec = HANDLER_DURATION("flowgate_handler_duration_seconds", ["stage"],
         "handler run time");
+    /// First publish to this stage taking the message.
+    end_to_end: HistogramVec = END_TO_END("flowgate_end_to_end_seconds", ["stage"],
+        "from the message's first publish through flowgate (its `x-flowgate-first-published` stamp, carried by forwards) to this stage taking it");
     /// Ready messages per watched queue.
     queue_depth: IntGaugeVec = QUEUE_DEPTH("flowgate_queue_depth", ["queue"],
         "ready messages per watched queue (what an HPA/KEDA autoscaler scrapes)");
@@ -248,12 +263,15 @@ metrics! {
     /// Commits refused because the lease had expired during handling.
     dedup_lease_lost: IntCounterVec = DEDUP_LEASE_LOST("flowgate_dedup_lease_lost_total", ["stage"],
         "commits after the claim's lease expired (raise `dedup.lease`)");
+    /// Unexpired keys evicted to respect a dedup store's capacity.
+    dedup_evictions: IntCounterVec = DEDUP_EVICTIONS("flowgate_dedup_evictions_total", ["backend"],
+        "unexpired keys the memory store evicted to respect its `capacity` (a duplicate of one could be handled again: raise it)");
     /// 1 while a dedup backend answers.
     dedup_up: IntGaugeVec = DEDUP_UP("flowgate_dedup_up", ["backend"],
         "1 while the dedup backend answers");
-    /// Actor restarts by actor.
-    restarts: IntCounterVec = RESTARTS("flowgate_actor_restarts_total", ["actor"],
-        "supervisor restarts (`connection`, `publisher`, `stage:<name>`)");
+    /// Actor restarts by actor kind and stage.
+    restarts: IntCounterVec = RESTARTS("flowgate_actor_restarts_total", ["kind", "stage"],
+        "supervisor restarts (`stage` is empty for the connection and the publisher)");
     /// Escalations: an actor exhausted its restart budget.
     escalations: IntCounter = ESCALATIONS("flowgate_actor_escalations_total", [],
         "actors that spent their restart budget");
@@ -269,6 +287,9 @@ metrics! {
     /// Process start time, for uptime.
     start_time: Gauge = START_TIME("flowgate_process_start_time_seconds", [],
         "start time of the engine since the unix epoch");
+    /// Always 1; the version in a label.
+    build_info: IntGaugeVec = BUILD_INFO("flowgate_build_info", ["version"],
+        "always 1: the engine's version as a label");
 }
 
 impl Default for Metrics {
@@ -287,8 +308,25 @@ impl Metrics {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
         );
-        Metrics(Arc::new(inner))
+        let m = Metrics(Arc::new(inner));
+        m.register_process_collector();
+        events::preinitialise(&m);
+        m
     }
+
+    /// The standard `process_*` metrics of this process (CPU seconds,
+    /// resident memory, open file descriptors, threads, ...), where the
+    /// platform has them.
+    #[cfg(target_os = "linux")]
+    fn register_process_collector(&self) {
+        let pc = prometheus::process_collector::ProcessCollector::for_self();
+        if let Err(e) = self.0.registry.register(Box::new(pc)) {
+            tracing::warn!(error = %e, "process metrics unavailable");
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn register_process_collector(&self) {}
 
     /// The registry every collector is registered on (`/metrics` gathers it).
     pub fn registry(&self) -> &Registry {
@@ -389,9 +427,28 @@ impl Metrics {
                 meaning
             ));
         }
+        out.push_str(&format!(
+            "| `process_*` | counter, gauge | | the standard process metrics on Linux: {} |\n",
+            PROCESS_METRICS
+                .iter()
+                .map(|m| format!("`{m}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
         out
     }
 }
+
+/// What the process collector serves (Linux), for the README.
+pub(crate) const PROCESS_METRICS: [&str; 7] = [
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+    "process_threads",
+    "process_start_time_seconds",
+];
 
 /// The values a label takes when an enum owns them.
 fn label_values(metric: &MetricDesc, label: &str) -> Option<Vec<&'static str>> {
@@ -400,6 +457,8 @@ fn label_values(metric: &MetricDesc, label: &str) -> Option<Vec<&'static str>> {
         "reason" if metric.name == Metrics::SPOOL_DROPPED.name => vec![Reason::Unroutable.as_str()],
         "reason" => Reason::ALL.iter().map(|r| r.as_str()).collect(),
         "result" => PublishResult::LABELS.to_vec(),
+        "state" | "to" => BreakerState::ALL.iter().map(|s| s.as_str()).collect(),
+        "kind" => ActorKind::ALL.iter().map(|k| k.as_str()).collect(),
         "cause" => PauseCause::ALL.iter().map(|c| c.as_str()).collect(),
         "direction" => ScaleDirection::ALL.iter().map(|d| d.as_str()).collect(),
         _ => return None,
@@ -423,6 +482,7 @@ mod tests {
         // Registering any declaration again fails: it is already there.
         for d in Metrics::describe() {
             let again = match d.kind {
+                Kind::Histogram if d.labels.is_empty() => register_again::<Histogram>(&m, d),
                 Kind::Histogram => register_again::<HistogramVec>(&m, d),
                 Kind::Counter if d.labels.is_empty() => register_again::<IntCounter>(&m, d),
                 Kind::Counter => register_again::<IntCounterVec>(&m, d),

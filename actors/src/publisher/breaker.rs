@@ -31,44 +31,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// The three states of the breaker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum BreakerState {
-    /// Normal operation: publishes are admitted and failures are counted.
-    Closed,
-    /// Tripped: publishes are rejected (spooled) until the cooldown elapses.
-    Open,
-    /// Cooldown elapsed: one probe publish at a time is admitted to test the
-    /// broker before closing again.
-    HalfOpen,
-}
-
-impl BreakerState {
-    /// Value for the `flowgate_breaker_state` gauge: 0 closed, 1 open,
-    /// 2 half-open.
-    pub fn as_gauge(self) -> i64 {
-        match self {
-            BreakerState::Closed => 0,
-            BreakerState::Open => 1,
-            BreakerState::HalfOpen => 2,
-        }
-    }
-
-    /// Stable lowercase name, used as the `to` metric label and in logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BreakerState::Closed => "closed",
-            BreakerState::Open => "open",
-            BreakerState::HalfOpen => "half_open",
-        }
-    }
-}
-
-impl std::fmt::Display for BreakerState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::metrics::events::BreakerState;
 
 /// A state change, handed back to the caller so it can be counted and
 /// logged.
@@ -383,9 +346,6 @@ mod tests {
 
     #[test]
     fn gauge_and_names() {
-        assert_eq!(Closed.as_gauge(), 0);
-        assert_eq!(Open.as_gauge(), 1);
-        assert_eq!(HalfOpen.as_gauge(), 2);
         assert_eq!(Closed.as_str(), "closed");
         assert_eq!(Open.as_str(), "open");
         assert_eq!(HalfOpen.to_string(), "half_open");

@@ -65,7 +65,7 @@ use crate::envelope::{
 };
 use crate::error::{Error, Result};
 use crate::message::{set_header, Output};
-use crate::metrics::events::{self, Event, PublishResult, SpoolOp};
+use crate::metrics::events::{self, ActorKind, Event, PublishResult, SpoolOp};
 use crate::metrics::Metrics;
 use crate::retry::{ORIGINAL_EXCHANGE_HEADER, ORIGINAL_ROUTING_KEY_HEADER};
 use crate::signing::{self, Keys};
@@ -273,9 +273,7 @@ impl Core {
             let (r, t) = f(&mut b, now);
             (r, t, b.state(now))
         };
-        events::BreakerChecked {
-            state: state.as_gauge(),
-        }
+        events::BreakerChecked { state }
         .emit(&self.metrics);
         if let Some(t) = t {
             events::BreakerTransitioned {
@@ -359,11 +357,13 @@ impl Core {
     }
 
     /// Publishes (or spools) one message holding a window credit.
-    async fn dispatch(self: Arc<Self>, msg: Output) -> Result<Published> {
+    async fn dispatch(self: Arc<Self>, mut msg: Output) -> Result<Published> {
         // A message the broker cannot take is its sender's fault: refuse it
         // before it touches the breaker or the spool.
         envelope::check_short("exchange", &msg.exchange)?;
         envelope::check_short("routing key", &msg.routing_key)?;
+        // Spooled or live, this is its first publish unless it says otherwise.
+        envelope::stamp_first_published(&mut msg.properties);
         if self.blocked_expired() {
             // Keep the breaker open for as long as the block lasts: no probe
             // can succeed on a blocked connection.
@@ -547,9 +547,6 @@ impl Core {
     }
 }
 
-/// The `stage` label of dead letters the publisher writes itself.
-const PUBLISHER_STAGE: &str = "publisher";
-
 /// What we sent, to recognise our own message in a `basic.return`.
 struct Sent<'a> {
     exchange: &'a str,
@@ -714,10 +711,16 @@ impl Core {
         };
         let confirmation = self
             .patiently(async {
+                let started = std::time::Instant::now();
                 let confirm = self
                     .send(ch, &msg.exchange, &msg.routing_key, &msg.body, props)
                     .await?;
-                Ok(confirm.await)
+                let answer = confirm.await;
+                events::ConfirmAwaited {
+                    elapsed: started.elapsed(),
+                }
+                .emit(&self.metrics);
+                Ok(answer)
             })
             .await?;
         self.settle(ch, confirmation, &sent).await
@@ -820,7 +823,7 @@ impl Core {
 
     fn count_unroutable_dead_letter(&self, rec: &SpoolRecord, what: &'static str) {
         events::UnroutableDeadLettered {
-            stage: PUBLISHER_STAGE,
+            stage: events::PUBLISHER_STAGE,
             message: self.unroutable(rec),
             what,
         }
@@ -1079,7 +1082,7 @@ impl PublisherActor {
         });
         core.update_spool_gauges();
         events::BreakerChecked {
-            state: BreakerState::Closed.as_gauge(),
+            state: BreakerState::Closed,
         }
         .emit(&core.metrics);
         let c = core.clone();
@@ -1170,9 +1173,17 @@ impl Actor for PublisherActor {
 impl Supervised for PublisherActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         *lock(&self.core.channel) = None;
-        events::Restarted { actor: "publisher" }.emit(&self.core.metrics);
+        events::Restarted {
+            kind: ActorKind::Publisher,
+            stage: "",
+        }
+        .emit(&self.core.metrics);
         if !self.restarts.record(tokio::time::Instant::now()) {
-            events::Escalated { actor: "publisher" }.emit(&self.core.metrics);
+            events::Escalated {
+                kind: ActorKind::Publisher,
+                stage: "",
+            }
+            .emit(&self.core.metrics);
             if let Some(tx) = &self.escalations {
                 let _ = tx.try_send(Escalation {
                     actor: "publisher".into(),

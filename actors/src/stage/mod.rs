@@ -22,7 +22,7 @@ use crate::credit::{Credit, Credits};
 use crate::error::{Error, Result};
 use crate::message::Handler;
 pub(crate) use crate::metrics::events::PauseCause;
-use crate::metrics::events::{self, Event};
+use crate::metrics::events::{self, ActorKind, Event};
 use crate::metrics::Metrics;
 use crate::publisher::PublisherHandle;
 use crate::supervision::{Escalation, EscalationSender, RestartPolicy, Restarts};
@@ -315,6 +315,16 @@ impl StageActor {
         let worker_target = Arc::new(AtomicUsize::new(spec.concurrency.max(1)));
         let pinned = Arc::new(AtomicUsize::new(0));
         let paused = watch::channel(BTreeSet::new()).0;
+        let tiers: Vec<String> = spec
+            .retry
+            .as_ref()
+            .map(|r| (1..=r.tiers().len()).map(|n| crate::retry::RetryPolicy::tier_queue(&spec.queue, n)).collect())
+            .unwrap_or_default();
+        events::StageKnown {
+            stage: &spec.name,
+            tiers: &tiers,
+        }
+        .emit(&metrics);
         events::WorkersSet {
             stage: &spec.name,
             workers: spec.concurrency.max(1),
@@ -565,9 +575,18 @@ impl Supervised for StageActor {
         self.starting = false;
         self.shared.consuming.store(false, Ordering::Release);
         let name = format!("stage:{}", self.shared.spec.name);
-        events::Restarted { actor: &name }.emit(&self.shared.metrics);
+        let stage = self.shared.spec.name.as_str();
+        events::Restarted {
+            kind: ActorKind::Stage,
+            stage,
+        }
+        .emit(&self.shared.metrics);
         if !self.restarts.record(tokio::time::Instant::now()) {
-            events::Escalated { actor: &name }.emit(&self.shared.metrics);
+            events::Escalated {
+                kind: ActorKind::Stage,
+                stage,
+            }
+            .emit(&self.shared.metrics);
             if let Some(tx) = &self.escalations {
                 let _ = tx.try_send(Escalation {
                     actor: name,

@@ -111,7 +111,11 @@ pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, 
         shared: shared.clone(),
     };
     let stage = shared.spec.name.as_str();
-    events::Consumed { stage }.emit(&shared.metrics);
+    events::Consumed {
+        stage,
+        since_first_publish: envelope::since_first_published(&raw.properties),
+    }
+    .emit(&shared.metrics);
     let acker = raw.acker;
     let opened = open(
         &shared.spec,
@@ -364,6 +368,7 @@ fn prepare_outputs(d: &Delivery, outputs: Vec<Output>) -> Result<Vec<Output>, De
                     trace::set_traceparent(&mut o.properties, trace::child_of(p));
                 }
             }
+            envelope::carry_first_published(&d.properties, &mut o.properties);
             // The next stage starts its own ladder at attempt 1.
             o.properties = envelope::without(o.properties, &envelope::ROUTING_HEADERS);
             Ok(o)
@@ -903,6 +908,29 @@ mod tests {
         let child = trace::traceparent_of(&outs[0].properties).unwrap();
         assert_eq!(parent[3..35], child[3..35]);
         assert_ne!(parent, child);
+    }
+
+    #[test]
+    fn fresh_outputs_keep_the_first_publish_stamp() {
+        let s = spec();
+        let mut p = props("m");
+        crate::message::set_header(
+            &mut p,
+            envelope::FIRST_PUBLISHED,
+            AMQPValue::LongLongInt(1_000),
+        );
+        let o = opened(&s, "ex", "in", p, b"x");
+        let own = Output::new("ex", "own", "b").with_header(
+            envelope::FIRST_PUBLISHED,
+            AMQPValue::LongLongInt(2_000),
+        );
+        let outs = vec![Output::new("ex", "next", "b"), own];
+        let Verdict::Publish(outs) = judge(&s, &o.delivery, 1, Ok(Ok(Outcome::ack_with(outs))))
+        else {
+            panic!("publish")
+        };
+        assert_eq!(envelope::first_published(&outs[0].properties), Some(1_000));
+        assert_eq!(envelope::first_published(&outs[1].properties), Some(2_000));
     }
 
     #[test]
