@@ -26,6 +26,10 @@ ensure_packages() {
     command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
     # a C compiler for crates with C parts (ring)
     command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+    # promtool (Debian's prometheus package) checks the shipped alert rules
+    # and a live /metrics scrape (tests/observability.rs); the server it also
+    # installs is not started (policy-rc.d below).
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
     if ((${#missing[@]} == 0)); then
         return 0
     fi

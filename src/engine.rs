@@ -614,8 +614,11 @@ impl EngineHandle {
     /// Publishes a message (persistent, `mandatory`): confirmed by the
     /// broker, spooled while the breaker is open, or refused with
     /// backpressure. Other errors: unroutable, shutting down, a spool or
-    /// broker failure that did not open the breaker.
-    pub async fn publish(&self, msg: Output) -> flowgate_actors::Result<PublishOutcome> {
+    /// broker failure that did not open the breaker. The message is stamped
+    /// [`FIRST_PUBLISHED`](flowgate_actors::envelope::FIRST_PUBLISHED)
+    /// unless it carries a stamp already.
+    pub async fn publish(&self, mut msg: Output) -> flowgate_actors::Result<PublishOutcome> {
+        flowgate_actors::envelope::stamp_first_published(&mut msg.properties);
         match self.0.publisher.send(msg).await {
             Ok(Published::Confirmed) => Ok(PublishOutcome::Confirmed),
             Ok(Published::Spooled) => Ok(PublishOutcome::Spooled),

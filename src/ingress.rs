@@ -285,7 +285,9 @@ impl Ingress {
     /// then have it too: dedup downstream catches the copy); without a
     /// spool a late confirm is [`IngressError::Timeout`] (503, retry with
     /// the same message id).
-    pub async fn publish(&self, msg: Output) -> Result<Accepted, IngressError> {
+    pub async fn publish(&self, mut msg: Output) -> Result<Accepted, IngressError> {
+        // Its first publish: the stamp end-to-end latency is measured from.
+        flowgate_actors::envelope::stamp_first_published(&mut msg.properties);
         let keep = msg.clone();
         let sent = tokio::time::timeout(self.publish_timeout, self.publisher.send(msg)).await;
         let published = match sent {

@@ -86,7 +86,12 @@ async fn a_forced_close_of_both_connections_costs_no_restart_and_no_message() {
         "lapin recovered both connections\n{}",
         m.render()
     );
-    for actor in [["stage", "s1"], ["stage", "s2"], ["publisher", ""], ["connection", ""]] {
+    for actor in [
+        ["stage", "s1"],
+        ["stage", "s2"],
+        ["publisher", ""],
+        ["connection", ""],
+    ] {
         assert_eq!(
             m.counter(flowgate::Metrics::RESTARTS, &actor),
             0,

@@ -53,10 +53,12 @@ pub const SIGNATURE: &str = "x-flowgate-signature";
 /// publish and stripped from every delivery.
 pub const UNSIGNED: &str = "x-flowgate-unsigned";
 
-/// When the message was first published through flowgate, in milliseconds
-/// since the unix epoch: stamped by the publisher when absent, carried to a
-/// stage's outputs, read for `flowgate_end_to_end_seconds`. A producer may
-/// set it itself (an integer) to measure from its own publish.
+/// When the message was first published, in milliseconds since the unix
+/// epoch: stamped by the HTTP ingress and the host's `publish` when absent,
+/// carried to a stage's outputs (a forward of a message without it adds
+/// nothing: foreign messages pass unchanged), read for
+/// `flowgate_end_to_end_seconds`. A producer may set it itself (an integer)
+/// to measure from its own publish.
 pub const FIRST_PUBLISHED: &str = "x-flowgate-first-published";
 
 /// The broker's dead-letter history.
@@ -427,7 +429,6 @@ pub fn header_int(v: &AMQPValue) -> Option<i64> {
     }
 }
 
-
 /// Milliseconds since the unix epoch now (0 if the clock is before it).
 fn now_millis() -> i64 {
     std::time::SystemTime::now()
@@ -634,7 +635,11 @@ mod tests {
         assert!(since_first_published(&p).unwrap() < std::time::Duration::from_secs(5));
         // A second stamp keeps the first.
         let mut later = p.clone();
-        crate::message::set_header(&mut later, FIRST_PUBLISHED, AMQPValue::LongLongInt(first - 1000));
+        crate::message::set_header(
+            &mut later,
+            FIRST_PUBLISHED,
+            AMQPValue::LongLongInt(first - 1000),
+        );
         stamp_first_published(&mut later);
         assert_eq!(first_published(&later), Some(first - 1000));
         assert!(since_first_published(&later).unwrap() >= std::time::Duration::from_secs(1));
@@ -650,9 +655,17 @@ mod tests {
         assert_eq!(since_first_published(&forged), None);
         stamp_first_published(&mut forged);
         assert!(first_published(&forged).is_some());
-        crate::message::set_header(&mut forged, FIRST_PUBLISHED, AMQPValue::LongLongInt(i64::MAX));
+        crate::message::set_header(
+            &mut forged,
+            FIRST_PUBLISHED,
+            AMQPValue::LongLongInt(i64::MAX),
+        );
         assert_eq!(since_first_published(&forged), None);
-        crate::message::set_header(&mut forged, FIRST_PUBLISHED, AMQPValue::LongLongInt(i64::MIN));
+        crate::message::set_header(
+            &mut forged,
+            FIRST_PUBLISHED,
+            AMQPValue::LongLongInt(i64::MIN),
+        );
         assert_eq!(since_first_published(&forged), None);
     }
 }

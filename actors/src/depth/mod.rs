@@ -128,6 +128,13 @@ impl DepthMonitorActor {
     /// A monitor; start it with `Actor::start`.
     pub fn new(cfg: DepthMonitorConfig, conn: Addr<ConnectionActor>, metrics: Metrics) -> Self {
         let levels = QueueLevels::new(&cfg.queues, &cfg.stages);
+        for q in &cfg.queues {
+            events::QueueWatched {
+                queue: &q.name,
+                watermark: q.watermark.map(|w| (w.high, w.low)),
+            }
+            .emit(&metrics);
+        }
         Self {
             levels,
             cfg,

@@ -461,8 +461,11 @@ pub(crate) enum ActorKind {
 
 impl ActorKind {
     /// Every kind.
-    pub(crate) const ALL: [ActorKind; 3] =
-        [ActorKind::Connection, ActorKind::Publisher, ActorKind::Stage];
+    pub(crate) const ALL: [ActorKind; 3] = [
+        ActorKind::Connection,
+        ActorKind::Publisher,
+        ActorKind::Stage,
+    ];
 
     /// The label value.
     pub(crate) fn as_str(self) -> &'static str {
@@ -973,6 +976,51 @@ impl Event for DedupEvicted<'_> {
     }
 }
 
+/// Which of a queue's watermarks: the `level` label of
+/// `flowgate_queue_watermark`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WatermarkLevel {
+    /// Feeding stages pause at this depth.
+    High,
+    /// ...and resume at this one.
+    Low,
+}
+
+impl WatermarkLevel {
+    /// Both levels.
+    pub(crate) const ALL: [WatermarkLevel; 2] = [WatermarkLevel::High, WatermarkLevel::Low];
+
+    /// The label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            WatermarkLevel::High => "high",
+            WatermarkLevel::Low => "low",
+        }
+    }
+}
+
+/// The depth monitor watches a queue (with watermarks or without).
+pub(crate) struct QueueWatched<'a> {
+    /// The queue.
+    pub queue: &'a str,
+    /// Its `(high, low)` watermarks, if any.
+    pub watermark: Option<(u64, u64)>,
+}
+
+impl Event for QueueWatched<'_> {
+    fn emit(self, m: &Metrics) {
+        let Some((high, low)) = self.watermark else {
+            return;
+        };
+        for (level, v) in [(WatermarkLevel::High, high), (WatermarkLevel::Low, low)] {
+            m.0.queue_watermark
+                .with_label_values(&[self.queue, level.as_str()])
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
+        m.0.ingress_refused.with_label_values(&[self.queue]);
+    }
+}
+
 /// A stage was configured: every series labelled with it is created at 0,
 /// so `increase()` sees its first event and an alert can tell 0 from absent.
 pub(crate) struct StageKnown<'a> {
@@ -980,6 +1028,8 @@ pub(crate) struct StageKnown<'a> {
     pub stage: &'a str,
     /// Its retry tier queues (the `tier` label).
     pub tiers: &'a [String],
+    /// Its prefetch.
+    pub prefetch: u16,
 }
 
 impl Event for StageKnown<'_> {
@@ -1011,6 +1061,9 @@ impl Event for StageKnown<'_> {
             i.stage_scaling.with_label_values(&[s, d.as_str()]);
         }
         i.in_flight.with_label_values(&[s]);
+        i.stage_prefetch
+            .with_label_values(&[s])
+            .set(i64::from(self.prefetch));
         i.handler_duration.with_label_values(&[s]);
         i.end_to_end.with_label_values(&[s]);
         i.restarts
@@ -1099,6 +1152,7 @@ mod tests {
         StageKnown {
             stage: "s",
             tiers: &["q.retry.1".to_owned()],
+            prefetch: 7,
         }
         .emit(&m);
         let text = m.render();
@@ -1118,6 +1172,7 @@ mod tests {
             "flowgate_actor_restarts_total{kind=\"stage\",stage=\"s\"} 0",
             "flowgate_end_to_end_seconds_count{stage=\"s\"} 0",
             "flowgate_handler_duration_seconds_count{stage=\"s\"} 0",
+            "flowgate_stage_prefetch{stage=\"s\"} 7",
         ] {
             assert!(text.contains(series), "{series} in\n{text}");
         }
@@ -1153,9 +1208,8 @@ mod tests {
     #[test]
     fn the_breaker_is_one_series_per_state() {
         let m = Metrics::new();
-        let states = |m: &Metrics| {
-            BreakerState::ALL.map(|s| m.gauge(Metrics::BREAKER_STATE, &[s.as_str()]))
-        };
+        let states =
+            |m: &Metrics| BreakerState::ALL.map(|s| m.gauge(Metrics::BREAKER_STATE, &[s.as_str()]));
         assert_eq!(states(&m), [1, 0, 0]);
         BreakerChecked {
             state: BreakerState::HalfOpen,
@@ -1195,8 +1249,35 @@ mod tests {
         }
         .emit(&m);
         let text = m.render();
-        assert!(text.contains("flowgate_end_to_end_seconds_count{stage=\"s\"} 1"), "{text}");
-        assert!(text.contains("flowgate_end_to_end_seconds_sum{stage=\"s\"} 1.5"), "{text}");
+        assert!(
+            text.contains("flowgate_end_to_end_seconds_count{stage=\"s\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flowgate_end_to_end_seconds_sum{stage=\"s\"} 1.5"),
+            "{text}"
+        );
         assert_eq!(m.counter(Metrics::CONSUMED, &["s"]), 2);
+    }
+
+    #[test]
+    fn a_watched_queue_shows_its_watermarks() {
+        let m = Metrics::new();
+        QueueWatched {
+            queue: "q",
+            watermark: Some((100, 40)),
+        }
+        .emit(&m);
+        QueueWatched {
+            queue: "plain",
+            watermark: None,
+        }
+        .emit(&m);
+        assert_eq!(m.gauge(Metrics::QUEUE_WATERMARK, &["q", "high"]), 100);
+        assert_eq!(m.gauge(Metrics::QUEUE_WATERMARK, &["q", "low"]), 40);
+        assert!(!m.render().contains("queue=\"plain\""));
+        assert!(m
+            .render()
+            .contains("flowgate_ingress_refused_total{queue=\"q\"} 0"));
     }
 }

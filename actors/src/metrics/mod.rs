@@ -13,7 +13,7 @@
 pub(crate) mod events;
 
 use crate::envelope::Reason;
-use events::{ActorKind, BreakerState, PauseCause, PublishResult, ScaleDirection};
+use events::{ActorKind, BreakerState, PauseCause, PublishResult, ScaleDirection, WatermarkLevel};
 use prometheus::{
     core::Collector, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry,
@@ -233,6 +233,9 @@ metrics! {
     /// 1 while a stage's intake is paused, by cause.
     stage_paused: IntGaugeVec = STAGE_PAUSED("flowgate_stage_paused", ["stage", "cause"],
         "1 while intake is paused");
+    /// A stage's prefetch: the most deliveries it holds (`in_flight`'s ceiling).
+    stage_prefetch: IntGaugeVec = STAGE_PREFETCH("flowgate_stage_prefetch", ["stage"],
+        "the stage's prefetch: the ceiling of `flowgate_stage_in_flight`");
     /// Handler workers a stage runs right now.
     stage_workers: IntGaugeVec = STAGE_WORKERS("flowgate_stage_workers", ["stage"],
         "handler workers (autoscaled between `min` and `max`)");
@@ -247,10 +250,13 @@ metrics! {
         "handler run time");
     /// First publish to this stage taking the message.
     end_to_end: HistogramVec = END_TO_END("flowgate_end_to_end_seconds", ["stage"],
-        "from the message's first publish through flowgate (its `x-flowgate-first-published` stamp, carried by forwards) to this stage taking it");
+        "from the message's first publish (its `x-flowgate-first-published` stamp, in ms since the epoch: set by the ingress and the host's `publish`, or by a producer; carried by forwards) to this stage taking it");
     /// Ready messages per watched queue.
     queue_depth: IntGaugeVec = QUEUE_DEPTH("flowgate_queue_depth", ["queue"],
         "ready messages per watched queue (what an HPA/KEDA autoscaler scrapes)");
+    /// A watched queue's watermarks.
+    queue_watermark: IntGaugeVec = QUEUE_WATERMARK("flowgate_queue_watermark", ["queue", "level"],
+        "a watched queue's watermarks: feeding stages pause at `high` and resume at `low`");
     /// Consumers per watched queue.
     queue_consumers: IntGaugeVec = QUEUE_CONSUMERS("flowgate_queue_consumers", ["queue"],
         "consumers per watched queue");
@@ -461,6 +467,7 @@ fn label_values(metric: &MetricDesc, label: &str) -> Option<Vec<&'static str>> {
         "kind" => ActorKind::ALL.iter().map(|k| k.as_str()).collect(),
         "cause" => PauseCause::ALL.iter().map(|c| c.as_str()).collect(),
         "direction" => ScaleDirection::ALL.iter().map(|d| d.as_str()).collect(),
+        "level" => WatermarkLevel::ALL.iter().map(|l| l.as_str()).collect(),
         _ => return None,
     })
 }

@@ -273,8 +273,7 @@ impl Core {
             let (r, t) = f(&mut b, now);
             (r, t, b.state(now))
         };
-        events::BreakerChecked { state }
-        .emit(&self.metrics);
+        events::BreakerChecked { state }.emit(&self.metrics);
         if let Some(t) = t {
             events::BreakerTransitioned {
                 from: t.from.as_str(),
@@ -357,13 +356,11 @@ impl Core {
     }
 
     /// Publishes (or spools) one message holding a window credit.
-    async fn dispatch(self: Arc<Self>, mut msg: Output) -> Result<Published> {
+    async fn dispatch(self: Arc<Self>, msg: Output) -> Result<Published> {
         // A message the broker cannot take is its sender's fault: refuse it
         // before it touches the breaker or the spool.
         envelope::check_short("exchange", &msg.exchange)?;
         envelope::check_short("routing key", &msg.routing_key)?;
-        // Spooled or live, this is its first publish unless it says otherwise.
-        envelope::stamp_first_published(&mut msg.properties);
         if self.blocked_expired() {
             // Keep the breaker open for as long as the block lasts: no probe
             // can succeed on a blocked connection.

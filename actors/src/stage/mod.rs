@@ -318,11 +318,16 @@ impl StageActor {
         let tiers: Vec<String> = spec
             .retry
             .as_ref()
-            .map(|r| (1..=r.tiers().len()).map(|n| crate::retry::RetryPolicy::tier_queue(&spec.queue, n)).collect())
+            .map(|r| {
+                (1..=r.tiers().len())
+                    .map(|n| crate::retry::RetryPolicy::tier_queue(&spec.queue, n))
+                    .collect()
+            })
             .unwrap_or_default();
         events::StageKnown {
             stage: &spec.name,
             tiers: &tiers,
+            prefetch: spec.prefetch,
         }
         .emit(&metrics);
         events::WorkersSet {

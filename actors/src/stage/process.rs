@@ -920,10 +920,8 @@ mod tests {
             AMQPValue::LongLongInt(1_000),
         );
         let o = opened(&s, "ex", "in", p, b"x");
-        let own = Output::new("ex", "own", "b").with_header(
-            envelope::FIRST_PUBLISHED,
-            AMQPValue::LongLongInt(2_000),
-        );
+        let own = Output::new("ex", "own", "b")
+            .with_header(envelope::FIRST_PUBLISHED, AMQPValue::LongLongInt(2_000));
         let outs = vec![Output::new("ex", "next", "b"), own];
         let Verdict::Publish(outs) = judge(&s, &o.delivery, 1, Ok(Ok(Outcome::ack_with(outs))))
         else {
