@@ -17,7 +17,7 @@ ENGINE = [
     ("amqp", "AmqpConfig"), ("amqp.tls", "AmqpTlsConfig"), ("http", "HttpConfig"), ("management", "ManagementConfig"),
     ("exchanges[]", "ExchangeConfig"),
     ("queues[]", "QueueConfig"), ("queues[].bindings[]", "Binding"), ("queues[].watermark", "Watermark"),
-    ("stages[]", "StageConfig"), ("stages[].output", "Target"), ("stages[].retry", "RetryConfig"),
+    ("stages[]", "StageConfig"), ("stages[].output", "Target"), ("stages[].retry", "RetryConfig"), ("stages[].ack_batch", "AckBatchConfig"),
     ("stages[].http", "HttpStageConfig"), ("stages[].batch", "BatchConfig"),
     ("publisher", "PublisherConfig"), ("publisher.breaker", "BreakerConfig"),
     ("spool", "SpoolConfig"), ("depth", "DepthConfig"),

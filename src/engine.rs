@@ -11,12 +11,12 @@ use crate::ingress::Ingress;
 use actix::prelude::*;
 use flowgate_actors::Escalation;
 use flowgate_actors::RedisStoreConfig;
+use flowgate_actors::{AckPolicy, Drain, DrainReport, StageActor, StageProbe, StageSpec};
 use flowgate_actors::{Close, ConnectionActor, ConnectionConfig, GetStatus, OpenChannel, Purpose};
 use flowgate_actors::{
     DedupActor, DedupHandle, DedupSettings, DedupStore, MemoryStore, RedisStore,
 };
 use flowgate_actors::{DepthMonitorActor, DepthMonitorConfig, WatchedStage};
-use flowgate_actors::{Drain, DrainReport, StageActor, StageProbe, StageSpec};
 use flowgate_actors::{Handler, Metrics, Output};
 use flowgate_actors::{Keys, Verifier, VerifyMode};
 use flowgate_actors::{Published, PublisherActor, PublisherConfig, PublisherHandle, SpoolConfig};
@@ -372,6 +372,9 @@ impl Engine {
                 signature: signature_check(s.verify_mode(keys.is_some()), keys.as_ref()),
                 // validated to 1..=prefetch
                 batch: s.batch.as_ref().map(BatchConfig::policy),
+                ack: s.ack_batch.map(|a| {
+                    AckPolicy::for_prefetch(u16::try_from(s.prefetch).unwrap_or(u16::MAX), a.flush)
+                }),
             };
             let (addr, probe) = StageActor::start_supervised(
                 spec,

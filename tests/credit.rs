@@ -144,3 +144,57 @@ async fn a_blocked_stage_holds_at_most_prefetch_deliveries_even_when_the_broker_
     handle.shutdown().await;
     assert_eq!(in_flight(), 0);
 }
+
+/// A worker slot bounds handler execution only (issue 12, item 2): a
+/// delivery whose output waits for the publisher keeps its credit but frees
+/// its worker, so with one worker the next handlers run meanwhile.
+#[actix_rt::test]
+async fn a_delivery_waiting_for_its_publish_frees_its_worker() {
+    const N: usize = 6;
+    let prefix = unique("credit-worker");
+    let mut cfg = chain_config(&prefix, &["count"], 10);
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    cfg.stages[0].concurrency = flowgate::config::Concurrency::Fixed(1);
+    // Publishes wait for tokens: 2 per second after one of burst.
+    cfg.publisher.rate = 2;
+    cfg.publisher.burst = 1;
+    let handled = Arc::new(AtomicUsize::new(0));
+    let n = handled.clone();
+    let h = handler_fn(move |d: Delivery| {
+        n.fetch_add(1, Ordering::SeqCst);
+        async move { Ok(Outcome::ack_with(vec![d.forward(&d.exchange, "hop1")])) }
+    });
+    let handle = Engine::builder()
+        .config(cfg)
+        .handler("count", h)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    let client = Client::connect(AMQP_URL).await;
+    let ids: Vec<String> = (0..N).map(|i| format!("id-{i}")).collect();
+    client
+        .publish_many(&format!("{prefix}.ex"), "in", &ids, b"x")
+        .await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            handled.load(Ordering::SeqCst) == N
+        })
+        .await,
+        "every handler ran"
+    );
+    let acked = handle.metrics().counter(flowgate::Metrics::ACKED, &["s1"]) as usize;
+    // Holding the worker until the confirm would allow at most one handled
+    // delivery beyond the acked ones.
+    assert!(
+        acked + 2 <= N,
+        "with one worker, {N} handlers ran while only {acked} outputs were confirmed"
+    );
+    let got = client
+        .collect_distinct(&format!("{prefix}.sink"), N, Duration::from_secs(20))
+        .await;
+    assert_eq!(got.len(), N, "and every output arrives");
+    handle.shutdown().await;
+}

@@ -90,7 +90,8 @@ pub use retry::RetryPolicy;
 pub use signing::{Keys, SigningKey, Verifier, VerifyMode};
 
 pub use stage::{
-    BatchPolicy, Drain, DrainReport, Pause, PinWorkers, Resume, StageActor, StageProbe, StageSpec,
+    AckPolicy, BatchPolicy, Drain, DrainReport, Pause, PinWorkers, Resume, StageActor, StageProbe,
+    StageSpec,
 };
 pub use supervision::{Escalation, RestartPolicy};
 pub use tls::{ClientIdentity, TlsSettings};

@@ -117,6 +117,38 @@ pub struct StageConfig {
     /// Default none: one delivery per handler call.
     #[serde(default)]
     pub batch: Option<BatchConfig>,
+    /// Batched acknowledgement: `ack_batch = {}` or `{ flush = "5ms" }`.
+    /// Consecutive deliveries whose outputs are confirmed are acked with one
+    /// `basic.ack(multiple = true)` — at once when a quarter of the prefetch
+    /// is ready, else after `flush` — never covering a delivery still being
+    /// handled; at least once as with single acks (a crash between confirm
+    /// and ack redelivers; see the README's "Batched acks"). Default none:
+    /// one `basic.ack` per delivery.
+    #[serde(default)]
+    pub ack_batch: Option<AckBatchConfig>,
+}
+
+/// A stage's `ack_batch` table.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AckBatchConfig {
+    /// The longest a delivery whose outputs are confirmed waits for its ack
+    /// (1ms..=1s). Default `5ms`.
+    #[serde(default = "default_ack_flush", with = "humantime_serde")]
+    pub flush: Duration,
+}
+
+fn default_ack_flush() -> Duration {
+    Duration::from_millis(5)
+}
+
+impl Default for AckBatchConfig {
+    /// `flush = "5ms"`.
+    fn default() -> Self {
+        Self {
+            flush: default_ack_flush(),
+        }
+    }
 }
 
 /// A stage's `batch` table: how many deliveries one handler call gets.
@@ -261,6 +293,7 @@ impl Default for StageConfig {
             verify: None,
             http: None,
             batch: None,
+            ack_batch: None,
         }
     }
 }

@@ -43,15 +43,55 @@ impl Event for Consumed<'_> {
     }
 }
 
-/// A delivery was acked (after its outputs were confirmed).
+/// One `basic.ack` frame went out (after the outputs of every delivery it
+/// covers were confirmed): one delivery, or a batch (`multiple`).
 pub(crate) struct Acked<'a> {
     /// The stage.
     pub stage: &'a str,
+    /// Deliveries it acked.
+    pub covered: usize,
 }
 
 impl Event for Acked<'_> {
     fn emit(self, m: &Metrics) {
-        m.0.acked.with_label_values(&[self.stage]).inc();
+        m.0.acked
+            .with_label_values(&[self.stage])
+            .inc_by(self.covered as u64);
+        m.0.ack_frames.with_label_values(&[self.stage]).inc();
+    }
+}
+
+/// A batched `basic.ack` was sent, or could not be: the broker will
+/// redeliver what it covered.
+pub(crate) struct AcksSent<'a> {
+    /// The stage.
+    pub stage: &'a str,
+    /// Deliveries it covered.
+    pub covered: usize,
+    /// Why it was not sent.
+    pub error: Option<&'a str>,
+}
+
+impl Event for AcksSent<'_> {
+    fn emit(self, m: &Metrics) {
+        match self.error {
+            None => Acked {
+                stage: self.stage,
+                covered: self.covered,
+            }
+            .emit(m),
+            Some(error) => {
+                m.0.ack_failures
+                    .with_label_values(&[self.stage])
+                    .inc_by(self.covered as u64);
+                debug!(
+                    stage = self.stage,
+                    covered = self.covered,
+                    error,
+                    "ack not sent; the broker will redeliver"
+                );
+            }
+        }
     }
 }
 
@@ -1039,6 +1079,7 @@ impl Event for StageKnown<'_> {
         for c in [
             &i.consumed,
             &i.acked,
+            &i.ack_frames,
             &i.signature_failures,
             &i.ack_failures,
             &i.publish_retries,

@@ -12,9 +12,11 @@
 //! the task keeps its credit and retries with backoff; credits stop coming
 //! back, intake stops, and the backlog stays in the broker.
 
+mod ack;
 mod batch;
 mod process;
 
+pub use ack::AckPolicy;
 pub use batch::BatchPolicy;
 
 use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscribe};
@@ -71,6 +73,9 @@ pub struct StageSpec {
     /// Hand deliveries to [`Handler::handle_batch`] in batches (see
     /// [`BatchPolicy`]); `None`: one [`Handler::handle`] call per delivery.
     pub batch: Option<BatchPolicy>,
+    /// Batched acknowledgement (see [`AckPolicy`]); `None`: one `basic.ack` per
+    /// delivery.
+    pub ack: Option<AckPolicy>,
 }
 
 /// Shared between the actor, its intake task and its message tasks.
@@ -100,6 +105,8 @@ pub(crate) struct Shared {
     pub budget: AtomicU64,
     /// The batch collector, when the stage batches.
     pub batcher: Option<batch::Batcher>,
+    /// The ack register, when the stage batches acks.
+    pub acks: Option<Arc<ack::AckBatcher>>,
 }
 
 impl Shared {
@@ -355,8 +362,12 @@ impl StageActor {
                 spec.name.clone(),
             )
         });
+        let acks = spec
+            .ack
+            .map(|p| ack::AckBatcher::start(p, spec.name.clone(), metrics.clone()));
         let shared = Arc::new(Shared {
             batcher,
+            acks,
             workers,
             paused,
             worker_target,
@@ -510,7 +521,11 @@ async fn intake(
             Pulled::Item(Ok(delivery), credit) => {
                 shared.spend_budget();
                 shared.track_in_flight(true);
-                tokio::spawn(process::process(shared.clone(), delivery, credit));
+                let ticket = shared
+                    .acks
+                    .as_ref()
+                    .map(|a| a.register(delivery.delivery_tag));
+                tokio::spawn(process::process(shared.clone(), delivery, credit, ticket));
             }
             Pulled::Item(Err(e), credit) => {
                 drop(credit);
@@ -676,6 +691,9 @@ impl actix::Handler<Drain> for StageActor {
                     .await
                     .is_ok();
                 let abandoned = shared.credits.in_use();
+                if let Some(acks) = &shared.acks {
+                    acks.drain().await;
+                }
                 if let Some(ch) = &ch {
                     // lapin may write the close ahead of acks still queued on
                     // the channel; one synchronous round trip first makes the

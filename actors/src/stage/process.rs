@@ -27,6 +27,7 @@
 //! 7. [`settle`]: only then is the input acked (rejected when there is no
 //!    DLX, requeued while draining).
 
+use super::ack::Ticket;
 use super::{Shared, StageSpec};
 use crate::credit::Credit;
 use crate::dedup::{key_for, ClaimToken, Claimed, CommitOutcome, DedupHandle};
@@ -105,7 +106,12 @@ enum Settle {
 pub(crate) type Handled = Result<Result<Outcome, HandlerError>, String>;
 
 /// Processes one delivery; the credit is released when this returns.
-pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, credit: Credit) {
+pub(crate) async fn process(
+    shared: Arc<Shared>,
+    raw: lapin::message::Delivery,
+    credit: Credit,
+    ticket: Option<Ticket>,
+) {
     let _credit = CreditGuard {
         credit: Some(credit),
         shared: shared.clone(),
@@ -140,7 +146,7 @@ pub(crate) async fn process(shared: Arc<Shared>, raw: lapin::message::Delivery, 
         },
     };
     let verdict = carry_out(&shared, &opened, verdict, claim_token).await;
-    settle(&shared, acker, verdict).await;
+    settle(&shared, acker, verdict, ticket).await;
 }
 
 /// A delivery with what [`envelope::intake`] decided about it.
@@ -473,12 +479,28 @@ async fn finish_claim(
 /// and the stage stops while its consumer looks healthy. Past this bound the
 /// settle counts as failed, like any ack on a dead channel: the broker
 /// redelivers the message (at-least-once; dedup catches the copy).
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Step 7: acks, rejects or requeues the input.
-async fn settle(shared: &Shared, acker: lapin::Acker, s: Settle) {
+/// Step 7: acks, rejects or requeues the input. With batched acks, an ack
+/// joins the register (see [`super::ack`]; its sends are bounded there, and
+/// must not be cancelled half-way); a reject or requeue is sent here first,
+/// then leaves the register.
+async fn settle(shared: &Shared, acker: lapin::Acker, s: Settle, ticket: Option<Ticket>) {
+    if let (Some(acks), Some(ticket)) = (&shared.acks, ticket) {
+        if matches!(s, Settle::Ack) {
+            acks.ready(ticket, acker).await;
+            return;
+        }
+        settle_now(shared, &acker, s).await;
+        acks.settled(ticket).await;
+        return;
+    }
+    settle_now(shared, &acker, s).await;
+}
+
+async fn settle_now(shared: &Shared, acker: &lapin::Acker, s: Settle) {
     let stage = shared.spec.name.as_str();
-    let Ok(res) = tokio::time::timeout(SETTLE_TIMEOUT, send_settle(shared, &acker, s)).await else {
+    let Ok(res) = tokio::time::timeout(SETTLE_TIMEOUT, send_settle(shared, acker, s)).await else {
         events::AckFailed {
             stage,
             error: &format_args!("no answer from the channel within {SETTLE_TIMEOUT:?}"),
@@ -505,7 +527,7 @@ async fn send_settle(shared: &Shared, acker: &lapin::Acker, s: Settle) -> lapin:
         Settle::Ack => {
             let r = acker.ack(BasicAckOptions::default()).await;
             if matches!(r, Ok(true)) {
-                events::Acked { stage }.emit(&shared.metrics);
+                events::Acked { stage, covered: 1 }.emit(&shared.metrics);
             }
             r
         }
@@ -738,6 +760,7 @@ mod tests {
             max_message_bytes: None,
             signature: None,
             batch: None,
+            ack: None,
         }
     }
 
