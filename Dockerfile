@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 #
-# flowgate container image: a release build of the `flowgate` binary on
+# flowgate container image: the `flowgate` binary built with the `dist`
+# profile (release, no debug info, stripped: Cargo.toml [profile.dist]) on
 # debian:bookworm-slim, running as a non-root user.
 #
 #   docker build -t flowgate:0.1.0 .
@@ -22,8 +23,8 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin flowgate \
- && install -m 0755 target/release/flowgate /usr/local/bin/flowgate
+    cargo build --profile dist --locked --bin flowgate \
+ && install -m 0755 target/dist/flowgate /usr/local/bin/flowgate
 
 ############################ runtime ############################
 FROM debian:bookworm-slim AS runtime

@@ -23,6 +23,10 @@ cargo fmt --all -- --check
 section "no import cycle among modules"
 python3 scripts/module-cycles.py src actors/src examples/orders/src testkit/src
 
+section "deploy: Helm chart rendered and validated against Kubernetes schemas (offline)"
+bash scripts/check-deploy.sh
+bash scripts/check-deploy.sh --self-test
+
 section "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 

@@ -7,11 +7,12 @@
 //! `[management]` tokens. It is never taken as an argument (arguments show in
 //! `ps`).
 //!
-//! Exit status: 0 done (for `status`: ready); 1 the engine refused the
-//! request, could not be reached, or (for `status`) is not ready; 2 a usage
-//! or configuration error.
+//! Exit status ([`Exit`]): 0 done (for `status`: ready); 1 the engine
+//! refused the request, could not be reached, or (for `status`) is not
+//! ready; 2 a usage or configuration error.
 
 use crate::config::{Config, ManagementConfig};
+use crate::exit::Exit;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -23,6 +24,9 @@ use std::time::Duration;
 pub const DEFAULT_URL: &str = "http://127.0.0.1:9466";
 /// The environment variable holding the bearer token.
 pub const TOKEN_ENV: &str = "FLOWGATE_MANAGEMENT_TOKEN";
+/// The environment variable naming the configuration file, for every
+/// command that takes `--config`.
+pub const CONFIG_ENV: &str = "FLOWGATE_CONFIG";
 
 /// `flowgate ctl [OPTIONS] <COMMAND>`.
 #[derive(Args, Debug)]
@@ -32,7 +36,7 @@ pub struct CtlArgs {
     #[arg(long, env = "FLOWGATE_MANAGEMENT_URL")]
     pub url: Option<String>,
     /// A configuration file: its `[management]` bind and tokens are used.
-    #[arg(long, short, env = "FLOWGATE_CONFIG")]
+    #[arg(long, short, env = CONFIG_ENV)]
     pub config: Option<PathBuf>,
     /// A file holding the bearer token (its first line that is not blank or
     /// a `#` comment). The token may instead come from FLOWGATE_MANAGEMENT_TOKEN.
@@ -101,25 +105,25 @@ pub fn main(args: CtlArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("flowgate ctl: cannot start a runtime: {e}");
-            return ExitCode::FAILURE;
+            return Exit::Failure.into();
         }
     };
     match rt.block_on(run(&args)) {
         Ok((out, ok)) => {
             print!("{out}");
             if ok {
-                ExitCode::SUCCESS
+                Exit::Ok.into()
             } else {
-                ExitCode::FAILURE
+                Exit::Failure.into()
             }
         }
         Err(CtlError::Usage(e)) => {
             eprintln!("flowgate ctl: {e}");
-            ExitCode::from(2)
+            Exit::Usage.into()
         }
         Err(CtlError::Refused(e)) => {
             eprintln!("flowgate ctl: {e}");
-            ExitCode::FAILURE
+            Exit::Failure.into()
         }
     }
 }

@@ -24,10 +24,11 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// Counts of the dead letters in a queue.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Counts of the dead letters in a queue (`dlq stats --json` prints it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct DlqStats {
     /// Messages examined (the queue's depth at the start).
     pub total: u64,
@@ -37,8 +38,8 @@ pub struct DlqStats {
     pub by_stage: BTreeMap<String, u64>,
 }
 
-/// What a replay did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What a replay did (`dlq replay --json` prints it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ReplayReport {
     /// Republished, confirmed and removed from the DLQ.
     pub replayed: u64,
@@ -161,6 +162,27 @@ pub async fn replay(
     reason: Option<&str>,
     limit: Option<u64>,
 ) -> Result<ReplayReport, Error> {
+    replay_with_progress(conn, queue, reason, limit, |_| {}).await
+}
+
+/// How far a replay is: called once with the snapshot's size, then after
+/// each message examined (a progress bar's position and length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayProgress {
+    /// Messages examined so far.
+    pub examined: u64,
+    /// Messages in the snapshot (the DLQ's depth at the start).
+    pub total: u64,
+}
+
+/// [`replay`], telling `progress` how far it is.
+pub async fn replay_with_progress(
+    conn: &Connection,
+    queue: &str,
+    reason: Option<&str>,
+    limit: Option<u64>,
+    mut progress: impl FnMut(ReplayProgress),
+) -> Result<ReplayReport, Error> {
     let get = conn.create_channel().await?;
     let publish = conn.create_channel().await?;
     publish
@@ -168,7 +190,9 @@ pub async fn replay(
         .await?;
     let n = depth(&get, queue).await?;
     let mut report = ReplayReport::default();
-    for _ in 0..n {
+    let total = u64::from(n);
+    progress(ReplayProgress { examined: 0, total });
+    for examined in 1..=total {
         let Some(m) = get
             .basic_get(queue.into(), BasicGetOptions { no_ack: false })
             .await?
@@ -181,6 +205,7 @@ pub async fn replay(
         let origin = origin_of(&h);
         let (Some((exchange, key)), true) = (origin, wanted) else {
             report.skipped += 1;
+            progress(ReplayProgress { examined, total });
             continue;
         };
         let confirm = publish
@@ -204,6 +229,7 @@ pub async fn replay(
                 "replay not confirmed; the dead letter stays");
             report.failed += 1;
         }
+        progress(ReplayProgress { examined, total });
     }
     let _ = get.close(200, "dlq replay done".into()).await;
     let _ = publish.close(200, "dlq replay done".into()).await;

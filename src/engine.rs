@@ -251,8 +251,8 @@ impl Stopped {
     /// The process exit status: 1 after an escalation, else 0.
     pub fn exit_code(&self) -> std::process::ExitCode {
         match self.reason {
-            StopReason::Escalated(_) => std::process::ExitCode::from(1),
-            _ => std::process::ExitCode::SUCCESS,
+            StopReason::Escalated(_) => crate::exit::Exit::Failure.into(),
+            _ => crate::exit::Exit::Ok.into(),
         }
     }
 }

@@ -22,6 +22,7 @@
 //! * [`topology`] — declares and deletes exchanges, queues, bindings,
 //!   dead-letter plumbing.
 //! * [`dlq`] — dead-letter queue tools: stats, replay, purge.
+//! * [`exit`] — the `flowgate` command's exit statuses, one table.
 //! * [`Error`] — the crate's one error (starting the engine, the DLQ tools),
 //!   keeping the underlying error (lapin, I/O, the runtime's) as its source;
 //!   [`ConfigError`] names the key at fault.
@@ -68,6 +69,7 @@ mod depth;
 pub mod dlq;
 pub mod engine;
 mod error;
+pub mod exit;
 mod handlers;
 mod http;
 pub mod ingress;

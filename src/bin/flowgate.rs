@@ -1,7 +1,10 @@
 //! The `flowgate` command: parses arguments and calls the library.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use flowgate::ctl::CONFIG_ENV;
+use flowgate::exit::Exit;
 use flowgate::{Config, Engine};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,7 +12,8 @@ use std::process::ExitCode;
 #[command(
     name = "flowgate",
     version,
-    about = "A resilient RabbitMQ pipeline engine"
+    about = "A resilient RabbitMQ pipeline engine",
+    after_help = Exit::help_text(),
 )]
 struct Cli {
     #[command(subcommand)]
@@ -21,13 +25,13 @@ enum Cmd {
     /// Run the engine as a daemon until SIGTERM/SIGINT.
     Run {
         /// Configuration file (TOML).
-        #[arg(long, short)]
+        #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
     },
     /// Validate a configuration file and exit (status 2 when invalid).
     CheckConfig {
         /// Configuration file (TOML).
-        #[arg(long, short)]
+        #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
     },
     /// Inspect, replay or purge a dead-letter queue.
@@ -37,6 +41,14 @@ enum Cmd {
     },
     /// Steer a running engine through its management API ([management] bind).
     Ctl(flowgate::ctl::CtlArgs),
+    /// Print a shell completion script to stdout
+    /// (e.g. `flowgate completions bash > /etc/bash_completion.d/flowgate`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout (`flowgate man | man -l -`).
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -44,8 +56,11 @@ enum DlqCmd {
     /// Count dead letters by reason and stage (they stay in the queue).
     Stats {
         /// Configuration file (TOML): the broker to use.
-        #[arg(long, short)]
+        #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
         /// A configured queue (its `<queue>.dlq` is used) or a DLQ's name.
         #[arg(long, short)]
         queue: String,
@@ -54,8 +69,11 @@ enum DlqCmd {
     /// (confirmed; removed from the DLQ only after; attempt counter reset).
     Replay {
         /// Configuration file (TOML): the broker to use.
-        #[arg(long, short)]
+        #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
         /// A configured queue (its `<queue>.dlq` is used) or a DLQ's name.
         #[arg(long, short)]
         queue: String,
@@ -69,8 +87,11 @@ enum DlqCmd {
     /// Delete every dead letter of a queue.
     Purge {
         /// Configuration file (TOML): the broker to use.
-        #[arg(long, short)]
+        #[arg(long, short, env = CONFIG_ENV)]
         config: PathBuf,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
         /// A configured queue (its `<queue>.dlq` is used) or a DLQ's name.
         #[arg(long, short)]
         queue: String,
@@ -100,7 +121,7 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
         })
         .map_err(|e| {
             eprintln!("flowgate: invalid configuration {}: {e}", path.display());
-            ExitCode::from(2)
+            Exit::Usage.into()
         })
 }
 
@@ -116,7 +137,7 @@ fn main() -> ExitCode {
                     c.queues.len(),
                     c.stages.len()
                 );
-                ExitCode::SUCCESS
+                Exit::Ok.into()
             }
             Err(code) => code,
         },
@@ -133,18 +154,76 @@ fn main() -> ExitCode {
             dlq(cmd)
         }
         Cmd::Ctl(args) => flowgate::ctl::main(args),
+        Cmd::Completions { shell } => {
+            // Into a buffer: `generate` panics when its writer fails (a
+            // closed pipe); writing it ourselves turns that into a status.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "flowgate", &mut script);
+            print_out(&script, "the completion script")
+        }
+        Cmd::Man => {
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => print_out(&page, "the man page"),
+                Err(e) => {
+                    eprintln!("flowgate: cannot render the man page: {e}");
+                    Exit::Failure.into()
+                }
+            }
+        }
     }
 }
 
+/// Writes generated text to stdout; a closed or full stdout is a failure.
+fn print_out(bytes: &[u8], what: &str) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Exit::Ok.into(),
+        Err(e) => {
+            eprintln!("flowgate: cannot write {what}: {e}");
+            Exit::Failure.into()
+        }
+    }
+}
+
+/// A replay's progress bar: on stderr, and only when stderr is a terminal
+/// (a script's or a test's output stays clean).
+fn replay_bar() -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} replaying [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
 fn dlq(cmd: DlqCmd) -> ExitCode {
-    let (config, queue) = match &cmd {
-        DlqCmd::Stats { config, queue }
-        | DlqCmd::Replay { config, queue, .. }
-        | DlqCmd::Purge { config, queue, .. } => (config.clone(), queue.clone()),
+    let (config, queue, json) = match &cmd {
+        DlqCmd::Stats {
+            config,
+            queue,
+            json,
+        }
+        | DlqCmd::Replay {
+            config,
+            queue,
+            json,
+            ..
+        }
+        | DlqCmd::Purge {
+            config,
+            queue,
+            json,
+            ..
+        } => (config.clone(), queue.clone(), *json),
     };
     if let DlqCmd::Purge { yes: false, .. } = cmd {
         eprintln!("flowgate: purge deletes every dead letter of {queue}; add --yes to confirm");
-        return ExitCode::from(2);
+        return Exit::Usage.into();
     }
     let cfg = match load(&config) {
         Ok(c) => c,
@@ -158,7 +237,7 @@ fn dlq(cmd: DlqCmd) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("flowgate: cannot start a runtime: {e}");
-            return ExitCode::from(1);
+            return Exit::Failure.into();
         }
     };
     let res = rt.block_on(async {
@@ -166,26 +245,65 @@ fn dlq(cmd: DlqCmd) -> ExitCode {
         let out = match cmd {
             DlqCmd::Stats { .. } => {
                 let s = flowgate::dlq::stats(&conn, &queue).await?;
-                let mut text = format!("{queue}: {} dead letters\nby reason:\n", s.total);
-                for (r, n) in &s.by_reason {
-                    text.push_str(&format!("  {r:<24} {n}\n"));
+                if json {
+                    serde_json::json!({
+                        "queue": queue,
+                        "total": s.total,
+                        "by_reason": s.by_reason,
+                        "by_stage": s.by_stage,
+                    })
+                    .to_string()
+                        + "\n"
+                } else {
+                    let mut text = format!("{queue}: {} dead letters\nby reason:\n", s.total);
+                    for (r, n) in &s.by_reason {
+                        text.push_str(&format!("  {r:<24} {n}\n"));
+                    }
+                    text.push_str("by stage:\n");
+                    for (st, n) in &s.by_stage {
+                        text.push_str(&format!("  {st:<24} {n}\n"));
+                    }
+                    text
                 }
-                text.push_str("by stage:\n");
-                for (st, n) in &s.by_stage {
-                    text.push_str(&format!("  {st:<24} {n}\n"));
-                }
-                text
             }
             DlqCmd::Replay { reason, limit, .. } => {
-                let r = flowgate::dlq::replay(&conn, &queue, reason.as_deref(), limit).await?;
-                format!(
-                    "{queue}: replayed {}, skipped {}, failed {}\n",
-                    r.replayed, r.skipped, r.failed
+                let bar = replay_bar();
+                let r = flowgate::dlq::replay_with_progress(
+                    &conn,
+                    &queue,
+                    reason.as_deref(),
+                    limit,
+                    |p| {
+                        bar.set_length(p.total);
+                        bar.set_position(p.examined);
+                    },
                 )
+                .await;
+                bar.finish_and_clear();
+                let r = r?;
+                if json {
+                    serde_json::json!({
+                        "queue": queue,
+                        "replayed": r.replayed,
+                        "skipped": r.skipped,
+                        "failed": r.failed,
+                    })
+                    .to_string()
+                        + "\n"
+                } else {
+                    format!(
+                        "{queue}: replayed {}, skipped {}, failed {}\n",
+                        r.replayed, r.skipped, r.failed
+                    )
+                }
             }
             DlqCmd::Purge { .. } => {
                 let n = flowgate::dlq::purge(&conn, &queue).await?;
-                format!("{queue}: purged {n}\n")
+                if json {
+                    serde_json::json!({ "queue": queue, "purged": n }).to_string() + "\n"
+                } else {
+                    format!("{queue}: purged {n}\n")
+                }
             }
         };
         let _ = conn.close(200, "done".into()).await;
@@ -194,11 +312,11 @@ fn dlq(cmd: DlqCmd) -> ExitCode {
     match res {
         Ok(text) => {
             print!("{text}");
-            ExitCode::SUCCESS
+            Exit::Ok.into()
         }
         Err(e) => {
             eprintln!("flowgate: {e}");
-            ExitCode::from(1)
+            Exit::Failure.into()
         }
     }
 }
@@ -208,14 +326,14 @@ async fn run(cfg: Config) -> ExitCode {
         Ok(e) => e,
         Err(e) => {
             eprintln!("flowgate: invalid configuration: {e}");
-            return ExitCode::from(2);
+            return Exit::Usage.into();
         }
     };
     let handle = match engine.start().await {
         Ok(h) => h,
         Err(e) => {
             eprintln!("flowgate: cannot start: {e}");
-            return ExitCode::from(1);
+            return Exit::Failure.into();
         }
     };
     tracing::info!("flowgate running; SIGTERM or Ctrl-C to stop");
@@ -224,7 +342,7 @@ async fn run(cfg: Config) -> ExitCode {
         Err(e) => {
             eprintln!("flowgate: cannot install the signal handlers: {e}");
             handle.shutdown().await;
-            ExitCode::from(1)
+            Exit::Failure.into()
         }
     }
 }

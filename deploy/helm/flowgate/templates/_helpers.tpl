@@ -42,6 +42,23 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.spool.enabled .Values.spool.persistence.enabled }}StatefulSet{{ else }}Deployment{{ end }}
 {{- end }}
 
+{{/* The StatefulSet's governing Service: headless, one DNS name per pod. */}}
+{{- define "flowgate.headlessServiceName" -}}
+{{- printf "%s-headless" (include "flowgate.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The native `sleep` preStop action exists from Kubernetes 1.30 on; below, exec sleep (the image has coreutils). */}}
+{{- define "flowgate.preStop" -}}
+{{- $seconds := int .Values.shutdown.preStopSleepSeconds }}
+{{- if semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version }}
+sleep:
+  seconds: {{ $seconds }}
+{{- else }}
+exec:
+  command: ["sleep", "{{ $seconds }}"]
+{{- end }}
+{{- end }}
+
 {{/* The kubelet's SIGKILL deadline: preStop + flowgate's own grace + margin. */}}
 {{- define "flowgate.terminationGracePeriodSeconds" -}}
 {{- add (int .Values.shutdown.preStopSleepSeconds) (int .Values.shutdown.graceSeconds) (int .Values.shutdown.marginSeconds) }}
@@ -61,6 +78,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if and (eq $mode "keda") (empty .Values.amqp.existingSecret) }}
 {{- fail "autoscaling.mode=keda reads the broker URL from amqp.existingSecret: set it" }}
+{{- end }}
+{{- if and .Values.management.enabled (eq (int .Values.management.port) (int .Values.http.port)) }}
+{{- fail "management.port must differ from http.port: the management API has its own listener" }}
 {{- end }}
 {{- if lt (int .Values.shutdown.graceSeconds) 1 }}
 {{- fail "shutdown.graceSeconds must be at least 1" }}
