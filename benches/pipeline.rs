@@ -1,40 +1,67 @@
-//! End-to-end throughput: the same 3-hop forward pipeline through flowgate
-//! and through a plain lapin pipeline written here, in the same run.
+//! What a message costs: the same 3-hop forward pipeline through flowgate
+//! and through a plain lapin pipeline written here, in the same run, on
+//! classic durable and on quorum queues.
 //!
-//! Persistent messages, durable quorum queues, publisher confirms, prefetch
-//! 50, 256-byte bodies, 50,000 messages (override with
-//! `FLOWGATE_BENCH_MESSAGES`). Each hop acks its input only after its output
-//! is confirmed, in both pipelines. Prints msgs/s and p50/p99 end-to-end
-//! latency for both, and the ratio.
+//! The stages run in their own process — the `flowgate` daemon
+//! (`flowgate run --config`), or this bench binary re-executed as the lapin
+//! baseline — so their CPU time, context switches and peak RSS are read from
+//! `/proc/<pid>` alone; the source and the sink run here. Persistent 256-byte
+//! messages, publisher confirms, prefetch 50, each hop acks its input only
+//! after its output is confirmed (in both pipelines).
+//!
+//! Cases, per queue kind: plain lapin (per delivery: publish, await confirm,
+//! ack), flowgate at its default config, flowgate with `ack_batch = {}`.
+//! Then: a fixed 500 msg/s through 3 hops (classic, default config) for its
+//! latency, and the HTTP ingress (`POST /publish`) at saturation (64
+//! concurrent requests) and at a fixed 2,000 req/s.
+//!
+//! Environment: `FLOWGATE_BENCH_MESSAGES` (default 30000),
+//! `FLOWGATE_BENCH_REPS` (default 3; the median run by throughput is shown),
+//! `FLOWGATE_BENCH_COMPARE_BIN` (another `flowgate` binary, e.g. an earlier
+//! build: run as one more case with the default config).
 //!
 //! Run: `cargo bench --bench pipeline` (needs RabbitMQ on 127.0.0.1:5672).
 
-use flowgate::config::QueueKind;
-use flowgate::Engine;
+use flowgate::config::{AckBatchConfig, Config, IngressConfig, IngressRoute, QueueKind};
 use flowgate_testkit::delete_topology as cleanup;
-use flowgate_testkit::driver::{drive, pipeline_config, RunStats};
+use flowgate_testkit::driver::{drive_at, pipeline_config, RunStats};
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const HOPS: usize = 3;
 const PREFETCH: u16 = 50;
 const BODY: usize = 256;
+const ROLE: &str = "FLOWGATE_BENCH_ROLE";
+const FIXED_RATE: f64 = 500.0;
+const INGRESS_RATE: f64 = 2000.0;
+const INGRESS_CONCURRENCY: usize = 64;
 
-fn messages() -> usize {
-    std::env::var("FLOWGATE_BENCH_MESSAGES")
+fn env<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(50_000)
+        .unwrap_or(d)
 }
 
-/// The baseline: per hop, one consumer (prefetch 50) and one confirm-mode
-/// publishing channel on separate connections; each delivery is republished
-/// to the next hop and acked once the broker confirmed it.
-async fn raw_lapin_pipeline(prefix: &str) -> Vec<Connection> {
+fn kind_name(k: QueueKind) -> &'static str {
+    match k {
+        QueueKind::Classic => "classic",
+        QueueKind::Quorum => "quorum",
+    }
+}
+
+// ---- the lapin baseline (run in a child process) -------------------------
+
+/// Per hop, one consumer (prefetch 50) and one confirm-mode publishing
+/// channel on separate connections; each delivery is republished to the
+/// next hop and acked once the broker confirmed it.
+async fn raw_lapin_stages(prefix: &str) -> Vec<Connection> {
     let mut conns = Vec::new();
     for i in 0..HOPS {
         let cc = Connection::connect(URL, ConnectionProperties::default())
@@ -92,7 +119,162 @@ async fn raw_lapin_pipeline(prefix: &str) -> Vec<Connection> {
     conns
 }
 
-async fn declare(cfg: &flowgate::Config) {
+/// The child: runs the baseline's stages on `prefix` until killed.
+fn lapin_child(prefix: String) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
+        let _conns = raw_lapin_stages(&prefix).await;
+        println!("ready");
+        std::future::pending::<()>().await;
+    });
+}
+
+// ---- process accounting ---------------------------------------------------
+
+/// CPU time, context switches and peak RSS of a process so far.
+#[derive(Clone, Copy, Debug, Default)]
+struct Usage {
+    cpu: Duration,
+    switches: u64,
+    peak_rss_kib: u64,
+}
+
+fn usage(pid: u32) -> Usage {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime, stime: fields 14 and 15 of stat, 11 and 12 after the name.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let cpu = Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / hz);
+    let mut switches = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            switches += status_field(&status, "voluntary_ctxt_switches")
+                + status_field(&status, "nonvoluntary_ctxt_switches");
+        }
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    Usage {
+        cpu,
+        switches,
+        peak_rss_kib: status_field(&status, "VmHWM"),
+    }
+}
+
+fn status_field(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+// ---- the stages under test ------------------------------------------------
+
+enum Stages {
+    Lapin,
+    Flowgate { bin: PathBuf, ack_batch: bool },
+}
+
+struct Running {
+    child: Child,
+    _config: Option<tempfile::NamedTempFile>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn wait_ready(http: &str) {
+    let client = reqwest::Client::new();
+    for _ in 0..400 {
+        if let Ok(r) = client.get(format!("http://{http}/readyz")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("flowgate at {http} never became ready");
+}
+
+async fn start(stages: &Stages, prefix: &str, cfg: &Config) -> Running {
+    match stages {
+        Stages::Lapin => {
+            let mut child = Command::new(std::env::current_exe().expect("own path"))
+                .env(ROLE, "lapin")
+                .env("FLOWGATE_BENCH_PREFIX", prefix)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("lapin stages start");
+            let out = child.stdout.take().expect("stdout");
+            tokio::task::spawn_blocking(move || {
+                use std::io::BufRead;
+                let mut line = String::new();
+                let _ = std::io::BufReader::new(out).read_line(&mut line);
+            })
+            .await
+            .expect("ready line");
+            Running {
+                child,
+                _config: None,
+            }
+        }
+        Stages::Flowgate { bin, ack_batch } => {
+            let mut cfg = cfg.clone();
+            let http = format!("127.0.0.1:{}", free_port());
+            cfg.http.bind = http.clone();
+            if *ack_batch {
+                for s in &mut cfg.stages {
+                    s.ack_batch = Some(AckBatchConfig::default());
+                }
+            }
+            let file = tempfile::Builder::new()
+                .suffix(".toml")
+                .tempfile()
+                .expect("temp file");
+            std::fs::write(file.path(), toml::to_string(&cfg).expect("config as TOML"))
+                .expect("config written");
+            let child = Command::new(bin)
+                .args(["run", "--config"])
+                .arg(file.path())
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("flowgate starts");
+            wait_ready(&http).await;
+            Running {
+                child,
+                _config: Some(file),
+            }
+        }
+    }
+}
+
+async fn declare(cfg: &Config) {
     let conn = Connection::connect(URL, ConnectionProperties::default())
         .await
         .expect("connect");
@@ -103,74 +285,289 @@ async fn declare(cfg: &flowgate::Config) {
     let _ = conn.close(200, "".into()).await;
 }
 
-async fn measure(prefix: &str, n: usize) -> RunStats {
-    drive(
+/// One run's figures.
+#[derive(Clone, Debug, Default)]
+struct Row {
+    stats: RunStats,
+    cpu_us_per_msg: f64,
+    switches_per_msg: f64,
+    peak_rss_mib: f64,
+}
+
+async fn run_once(stages: &Stages, kind: QueueKind, n: usize, rate: Option<f64>) -> Row {
+    let prefix = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let cfg = pipeline_config(&prefix, HOPS, u32::from(PREFETCH), kind);
+    declare(&cfg).await;
+    let running = start(stages, &prefix, &cfg).await;
+    let pid = running.child.id();
+    let before = usage(pid);
+    let stats = drive_at(
         URL,
         &format!("{prefix}.ex"),
         "in",
         &format!("{prefix}.sink"),
         n,
         BODY,
-        Duration::from_secs(600),
+        rate,
+        Duration::from_secs(900),
         |_| {},
     )
     .await
-    .expect("drive")
+    .expect("drive");
+    let after = usage(pid);
+    drop(running);
+    cleanup(URL, &cfg).await;
+    let per = |v: f64| v / stats.received.max(1) as f64;
+    Row {
+        cpu_us_per_msg: per((after.cpu - before.cpu).as_secs_f64() * 1e6),
+        switches_per_msg: per(after.switches.saturating_sub(before.switches) as f64),
+        peak_rss_mib: after.peak_rss_kib as f64 / 1024.0,
+        stats,
+    }
 }
 
-fn report(name: &str, s: &RunStats) {
+/// The median of `reps` runs by throughput.
+async fn median(stages: &Stages, kind: QueueKind, n: usize, reps: usize) -> Row {
+    let mut rows = Vec::new();
+    for _ in 0..reps.max(1) {
+        rows.push(run_once(stages, kind, n, None).await);
+    }
+    rows.sort_by(|a, b| a.stats.throughput().total_cmp(&b.stats.throughput()));
+    rows.swap_remove(rows.len() / 2)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn print_row(name: &str, r: &Row, base: &Row) {
     println!(
-        "{name:<14} {:>8} msgs  {:>9.0} msg/s  p50 {:>8.1} ms  p99 {:>8.1} ms  lost {}",
-        s.received,
-        s.throughput(),
-        s.percentile(0.5).as_secs_f64() * 1e3,
-        s.percentile(0.99).as_secs_f64() * 1e3,
-        s.sent - s.received
+        "| {name} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.2} | {:.1} | {:.0} | {} |",
+        r.stats.throughput(),
+        r.stats.throughput() / base.stats.throughput().max(1e-9),
+        ms(r.stats.percentile(0.5)),
+        ms(r.stats.percentile(0.99)),
+        r.cpu_us_per_msg,
+        r.cpu_us_per_msg / base.cpu_us_per_msg.max(1e-9),
+        r.switches_per_msg,
+        r.peak_rss_mib,
+        r.stats.sent - r.stats.received,
     );
 }
 
-fn main() {
-    let n = messages();
-    flowgate::run_system(async move {
-        // Baseline first.
-        let base_prefix = format!(
-            "bench-raw-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        let base_cfg = pipeline_config(&base_prefix, HOPS, u32::from(PREFETCH), QueueKind::Quorum);
-        declare(&base_cfg).await;
-        let conns = raw_lapin_pipeline(&base_prefix).await;
-        let base = measure(&base_prefix, n).await;
-        for c in conns {
-            let _ = c.close(200, "".into()).await;
+// ---- the HTTP ingress -----------------------------------------------------
+
+/// Latencies and throughput of `POST /publish` requests.
+struct HttpRun {
+    ok: usize,
+    refused: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl HttpRun {
+    fn pct(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return 0.0;
         }
-        cleanup(URL, &base_cfg).await;
+        let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
+        ms(self.latencies[i.min(self.latencies.len() - 1)])
+    }
+}
 
-        let fg_prefix = format!(
-            "bench-fg-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        let cfg = pipeline_config(&fg_prefix, HOPS, u32::from(PREFETCH), QueueKind::Quorum);
-        let handle = Engine::builder()
-            .config(cfg.clone())
-            .build()
-            .expect("config")
-            .start()
-            .await
-            .expect("start");
-        handle.wait_ready(Duration::from_secs(20)).await;
-        let fg = measure(&fg_prefix, n).await;
-        handle.shutdown().await;
-        cleanup(URL, &cfg).await;
+/// `n` requests: from `concurrency` closed-loop workers, or open-loop at
+/// `rate` (request `i` sent `i / rate` s after the first).
+async fn post_many(url: &str, n: usize, concurrency: usize, rate: Option<f64>) -> HttpRun {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .expect("client");
+    let started = tokio::time::Instant::now();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers = if rate.is_some() {
+        n.min(1024)
+    } else {
+        concurrency
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (client, url, next) = (client.clone(), url.to_owned(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let (mut ok, mut refused) = (0, 0);
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let at = match rate {
+                    Some(r) => started + Duration::from_secs_f64(i as f64 / r),
+                    None => tokio::time::Instant::now(),
+                };
+                tokio::time::sleep_until(at).await;
+                let r = client
+                    .post(&url)
+                    .header("x-message-id", format!("http-{i}"))
+                    .body(vec![b'x'; BODY])
+                    .send()
+                    .await;
+                // Open loop: latency from when the request was due.
+                lat.push(at.elapsed());
+                match r {
+                    Ok(r) if r.status().is_success() => ok += 1,
+                    _ => refused += 1,
+                }
+            }
+            (ok, refused, lat)
+        }));
+    }
+    let mut run = HttpRun {
+        ok: 0,
+        refused: 0,
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+    };
+    for t in tasks {
+        let (ok, refused, lat) = t.await.expect("worker");
+        run.ok += ok;
+        run.refused += refused;
+        run.latencies.extend(lat);
+    }
+    run.elapsed = started.elapsed();
+    run.latencies.sort();
+    run
+}
 
+async fn ingress_case(bin: &Path, n: usize) {
+    let prefix = format!(
+        "bench-http-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut cfg = pipeline_config(&prefix, HOPS, u32::from(PREFETCH), QueueKind::Classic);
+    let bind = format!("127.0.0.1:{}", free_port());
+    cfg.ingress = IngressConfig::open(
+        bind.clone(),
+        vec![IngressRoute {
+            exchange: format!("{prefix}.ex"),
+            routing_key: "in".into(),
+        }],
+    );
+    declare(&cfg).await;
+    let stages = Stages::Flowgate {
+        bin: bin.to_owned(),
+        ack_batch: false,
+    };
+    let running = start(&stages, &prefix, &cfg).await;
+    let url = format!("http://{bind}/publish/{prefix}.ex/in");
+    let saturated = post_many(&url, n, INGRESS_CONCURRENCY, None).await;
+    let fixed = post_many(&url, n.min(20_000), 0, Some(INGRESS_RATE)).await;
+    drop(running);
+    cleanup(URL, &cfg).await;
+    println!("\nHTTP ingress (POST /publish, {BODY}-byte bodies, 3 forward stages behind it)\n");
+    println!("| load | requests | accepted | refused | req/s | p50 ms | p99 ms | p99.9 ms |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, r) in [
+        (
+            format!("saturation, {INGRESS_CONCURRENCY} concurrent"),
+            &saturated,
+        ),
+        (format!("fixed {INGRESS_RATE:.0} req/s"), &fixed),
+    ] {
         println!(
-            "\n3-hop pipeline, {n} persistent {BODY}-byte messages, confirms, prefetch {PREFETCH}"
+            "| {name} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            r.ok + r.refused,
+            r.ok,
+            r.refused,
+            r.ok as f64 / r.elapsed.as_secs_f64().max(1e-9),
+            r.pct(0.5),
+            r.pct(0.99),
+            r.pct(0.999),
         );
-        report("plain lapin", &base);
-        report("flowgate", &fg);
+    }
+}
+
+fn main() {
+    if std::env::var(ROLE).as_deref() == Ok("lapin") {
+        lapin_child(std::env::var("FLOWGATE_BENCH_PREFIX").expect("prefix"));
+        return;
+    }
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let n: usize = env("FLOWGATE_BENCH_MESSAGES", 30_000);
+    let reps: usize = env("FLOWGATE_BENCH_REPS", 3);
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_flowgate"));
+    let compare = std::env::var_os("FLOWGATE_BENCH_COMPARE_BIN").map(PathBuf::from);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async move {
         println!(
-            "ratio (flowgate / lapin throughput): {:.2}",
-            fg.throughput() / base.throughput().max(1e-9)
+            "3 hops, {n} persistent {BODY}-byte messages, confirms, prefetch {PREFETCH}; \
+             stage process: CPU, context switches and peak RSS; median of {reps} runs"
         );
+        for kind in [QueueKind::Classic, QueueKind::Quorum] {
+            let base = median(&Stages::Lapin, kind, n, reps).await;
+            let default = median(
+                &Stages::Flowgate {
+                    bin: bin.clone(),
+                    ack_batch: false,
+                },
+                kind,
+                n,
+                reps,
+            )
+            .await;
+            let batched = median(
+                &Stages::Flowgate {
+                    bin: bin.clone(),
+                    ack_batch: true,
+                },
+                kind,
+                n,
+                reps,
+            )
+            .await;
+            let other = match &compare {
+                Some(b) => Some(
+                    median(
+                        &Stages::Flowgate {
+                            bin: b.clone(),
+                            ack_batch: false,
+                        },
+                        kind,
+                        n,
+                        reps,
+                    )
+                    .await,
+                ),
+                None => None,
+            };
+            println!("\n{} durable queues\n", kind_name(kind));
+            println!("| stages | msg/s | ratio | p50 ms | p99 ms | CPU µs/msg | CPU ratio | ctx switches/msg | peak RSS MiB | lost |");
+            println!("|---|---|---|---|---|---|---|---|---|---|");
+            print_row("plain lapin", &base, &base);
+            print_row("flowgate, default", &default, &base);
+            print_row("flowgate, `ack_batch = {}`", &batched, &base);
+            if let Some(o) = &other {
+                print_row("flowgate, comparison build", o, &base);
+            }
+        }
+        let fixed_n = (FIXED_RATE as usize) * 20;
+        let fixed = run_once(
+            &Stages::Flowgate {
+                bin: bin.clone(),
+                ack_batch: false,
+            },
+            QueueKind::Classic,
+            fixed_n,
+            Some(FIXED_RATE),
+        )
+        .await;
+        println!(
+            "\nfixed {FIXED_RATE:.0} msg/s through 3 hops (classic, default config, {fixed_n} messages): \
+             p50 {:.1} ms, p99 {:.1} ms, stage CPU {:.0} µs/msg, lost {}",
+            ms(fixed.stats.percentile(0.5)),
+            ms(fixed.stats.percentile(0.99)),
+            fixed.cpu_us_per_msg,
+            fixed.stats.sent - fixed.stats.received
+        );
+        ingress_case(&bin, n).await;
     });
 }

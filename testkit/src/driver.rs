@@ -123,6 +123,26 @@ pub async fn drive(
     timeout: Duration,
     progress: impl Fn(usize) + Send + 'static,
 ) -> Result<RunStats, lapin::Error> {
+    drive_at(
+        url, exchange, key, sink, n, body_bytes, None, timeout, progress,
+    )
+    .await
+}
+
+/// [`drive`] at a fixed rate: message `i` is published `i / rate` seconds
+/// after the first (`None`: as fast as confirms allow).
+#[allow(clippy::too_many_arguments)]
+pub async fn drive_at(
+    url: &str,
+    exchange: &str,
+    key: &str,
+    sink: &str,
+    n: usize,
+    body_bytes: usize,
+    rate: Option<f64>,
+    timeout: Duration,
+    progress: impl Fn(usize) + Send + 'static,
+) -> Result<RunStats, lapin::Error> {
     let conn = Connection::connect(
         url,
         ConnectionProperties::default().with_connection_name("flowgate-demo-driver".into()),
@@ -184,7 +204,11 @@ pub async fn drive(
     let window = 256;
     let mut pending = futures::stream::FuturesUnordered::new();
     let mut sent = 0;
+    let paced_from = tokio::time::Instant::now();
     for i in 0..n {
+        if let Some(r) = rate.filter(|r| *r > 0.0) {
+            tokio::time::sleep_until(paced_from + Duration::from_secs_f64(i as f64 / r)).await;
+        }
         let mut headers = FieldTable::default();
         headers.insert(
             ShortString::from("x-sent-at"),
