@@ -93,7 +93,15 @@ impl Telemetry {
     {
         let provider = self.provider.as_ref()?;
         flowgate_actors::trace::set_enabled(true);
-        Some(tracing_opentelemetry::layer().with_tracer(provider.tracer(SCOPE)))
+        // Only the spans' own fields: no source location, thread or busy
+        // time attributes on every message's spans.
+        Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer(SCOPE))
+                .with_location(false)
+                .with_threads(false)
+                .with_tracked_inactivity(false),
+        )
     }
 
     /// Exports what is still batched and stops the exporter; call it once

@@ -130,8 +130,7 @@ impl TraceHeaders {
 }
 
 /// The W3C shape: `vv-<32 hex>-<16 hex>-ff`, lower-case hex, version `ff`
-/// forbidden; a later version may append `-...` fields. Ids of all zeros
-/// are refused by the propagator.
+/// forbidden, ids not all zeros; a later version may append `-...` fields.
 fn well_formed(t: &str) -> bool {
     let b = t.as_bytes();
     let hex = |s: &[u8]| {
@@ -148,7 +147,8 @@ fn well_formed(t: &str) -> bool {
         && hex(&b[36..52])
         && b[52] == b'-'
         && hex(&b[53..55]);
-    if !shape || &b[0..2] == b"ff" {
+    let zero = |s: &[u8]| s.iter().all(|c| *c == b'0');
+    if !shape || &b[0..2] == b"ff" || zero(&b[3..35]) || zero(&b[36..52]) {
         return false;
     }
     if &b[0..2] == b"00" {
