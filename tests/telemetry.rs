@@ -24,6 +24,11 @@ const PARENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_SPAN: &str = "00f067aa0ba902b7";
 /// A message id that would forge a log line if written raw.
 const EVIL_ID: &str = "evil\nFORGED line";
+/// The trace context of an HTTP client publishing through the ingress.
+const HTTP_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const HTTP_SPAN: &str = "b7ad6b7169203331";
+/// Messages that reach the sink.
+const THROUGH: usize = 8;
 
 type Received = Arc<Mutex<Vec<ExportTraceServiceRequest>>>;
 
@@ -58,11 +63,17 @@ fn receiver() -> (String, Received, actix_web::dev::ServerHandle) {
     (format!("http://{addr}/v1/traces"), got, handle)
 }
 
-fn write_config(prefix: &str, endpoint: &str, enabled: bool) -> tempfile::NamedTempFile {
+fn write_config(
+    prefix: &str,
+    endpoint: &str,
+    enabled: bool,
+    ingress: std::net::SocketAddr,
+) -> tempfile::NamedTempFile {
     let mut f = tempfile::NamedTempFile::new().unwrap();
     let ex = format!("{prefix}.ex");
     let mut text = format!(
         "[amqp]\nconnection_name = \"{prefix}\"\n[http]\nbind = \"127.0.0.1:0\"\n\
+         [ingress]\nbind = \"{ingress}\"\nauth = \"none\"\nroutes = [{{ exchange = \"{ex}\" }}]\n\
          [telemetry]\nenabled = {enabled}\nendpoint = \"{endpoint}\"\nservice_name = \"otel-test\"\n\
          [log]\nformat = \"json\"\n\
          [[exchanges]]\nname = \"{ex}\"\n"
@@ -101,13 +112,19 @@ struct Run {
     log: String,
 }
 
-/// Runs the daemon over a 3-stage pipeline: `ids` (plain), one message with
-/// a producer's trace context, one with a hostile `traceparent`, one with
-/// [`EVIL_ID`] and a body stage s1 dead-letters; then SIGTERM.
+/// Runs the daemon over a 3-stage pipeline: five plain messages, one with a
+/// producer's trace context, one with a hostile `traceparent`, one posted to
+/// the ingress with an HTTP client's `traceparent`, one with [`EVIL_ID`] and
+/// a body stage s1 dead-letters; then SIGTERM.
 async fn run_pipeline(name: &str, enabled: bool) -> Run {
     let (endpoint, got, server) = receiver();
     let prefix = unique(name);
-    let cfg_file = write_config(&prefix, &endpoint, enabled);
+    // A free port for the ingress (the daemon binds it again at once).
+    let ingress = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cfg_file = write_config(&prefix, &endpoint, enabled, ingress);
     let cfg = flowgate::Config::load(cfg_file.path()).unwrap();
     let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     let log = tempfile::NamedTempFile::new().unwrap();
@@ -144,13 +161,21 @@ async fn run_pipeline(name: &str, enabled: bool) -> Run {
     client
         .publish_props(&ex, "in", b"not json", props(EVIL_ID, None))
         .await;
+    let res = awc::Client::default()
+        .post(format!("http://{ingress}/publish/{ex}/in"))
+        .insert_header(("traceparent", format!("00-{HTTP_TRACE}-{HTTP_SPAN}-01")))
+        .insert_header(("Idempotency-Key", "m-http"))
+        .send_body(BODY)
+        .await
+        .expect("ingress answers");
+    assert_eq!(res.status().as_u16(), 202);
     let dlq = format!("{prefix}.s1.dlq");
     assert!(
         eventually(Duration::from_secs(60), || async {
-            client.depth(&sink).await == 7 && client.depth(&dlq).await == 1
+            client.depth(&sink).await == THROUGH as u32 && client.depth(&dlq).await == 1
         })
         .await,
-        "7 messages through the pipeline, 1 dead-lettered"
+        "{THROUGH} messages through the pipeline, 1 dead-lettered"
     );
     // SAFETY: plain kill(2) on our own child's pid.
     unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
@@ -164,7 +189,9 @@ async fn run_pipeline(name: &str, enabled: bool) -> Run {
     };
     let log = String::from_utf8_lossy(&std::fs::read(log.path()).unwrap()).into_owned();
     assert_eq!(status.code(), Some(0), "exit 0; log:\n{log}");
-    let sink = client.collect(&sink, 7, Duration::from_secs(10)).await;
+    let sink = client
+        .collect(&sink, THROUGH, Duration::from_secs(10))
+        .await;
     server.stop(true).await;
     // The daemon flushed its spans before it exited: all are in.
     let requests = std::mem::take(&mut *got.lock().unwrap());
@@ -253,7 +280,7 @@ async fn three_hops_give_one_trace_per_message_with_linked_spans_and_json_logs()
     }
     let ids: Vec<String> = (0..5)
         .map(|i| format!("m-{i}"))
-        .chain(["m-parent".into(), "m-hostile".into()])
+        .chain(["m-parent".into(), "m-hostile".into(), "m-http".into()])
         .collect();
     let mut traces = HashSet::new();
     for id in &ids {
@@ -322,6 +349,20 @@ async fn three_hops_give_one_trace_per_message_with_linked_spans_and_json_logs()
                 let (_, h) = run.sink.iter().find(|(m, _)| m == id).unwrap();
                 assert_eq!(header(h, "tracestate").as_deref(), Some("vendor=1"));
             }
+            "m-http" => {
+                assert_eq!(p1.trace_id, HTTP_TRACE, "the HTTP client's trace continues");
+                let ingress = spans
+                    .iter()
+                    .find(|s| s.span_id == p1.parent)
+                    .expect("s1 under the ingress's publish span");
+                assert_eq!(ingress.kind, SpanKind::Producer as i32);
+                assert_eq!(attr(ingress, "messaging.operation.type"), "publish");
+                assert_eq!(
+                    attr(ingress, "messaging.rabbitmq.destination.routing_key"),
+                    "in"
+                );
+                assert_eq!(ingress.parent, HTTP_SPAN);
+            }
             // Ignored: a new root.
             _ => assert_eq!(p1.parent, "", "{id}: a root span"),
         }
@@ -380,6 +421,12 @@ async fn export_off_sends_no_span_and_passes_the_trace_through() {
         header(h, "traceparent"),
         Some(format!("00-{PARENT_TRACE}-{PARENT_SPAN}-01")),
         "passed through unchanged"
+    );
+    let (_, h) = run.sink.iter().find(|(m, _)| m == "m-http").unwrap();
+    assert_eq!(
+        header(h, "traceparent"),
+        Some(format!("00-{HTTP_TRACE}-{HTTP_SPAN}-01")),
+        "the HTTP client's, passed through"
     );
     let (_, h) = run.sink.iter().find(|(m, _)| m == "m-hostile").unwrap();
     assert_eq!(header(h, "traceparent"), None, "a hostile one is dropped");

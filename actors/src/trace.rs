@@ -252,6 +252,11 @@ pub fn publish_span(out: &mut Output) -> Span {
     if !enabled() {
         return Span::none();
     }
+    publish_span_under(None, out)
+}
+
+/// The `publish` span, under `parent` when given (else the current span).
+fn publish_span_under(parent: Option<&TraceHeaders>, out: &mut Output) -> Span {
     let exchange = if out.exchange.is_empty() {
         "amq.default"
     } else {
@@ -275,21 +280,24 @@ pub fn publish_span(out: &mut Output) -> Span {
         messaging.message.id = message_id.as_deref(),
         message_id = message_id.as_deref(),
     );
+    if let Some(parent) = parent {
+        // Before the context is first read below; without a layer, no-op.
+        let _ = span.set_parent(parent.context());
+    }
     inject(&span, &mut out.properties);
     span
 }
 
 /// [`publish_span`] for a message entering the pipeline with the trace
 /// headers of its producer (e.g. an HTTP request's): its span continues that
-/// trace. With export off the headers are passed through as they are.
+/// trace, or starts a new one when there are none. With export off the
+/// headers are passed through as they are.
 pub fn publish_span_from(parent: &TraceHeaders, out: &mut Output) -> Span {
     if !enabled() {
         parent.copy_to(&mut out.properties);
         return Span::none();
     }
-    let span = tracing::info_span!(parent: None, "ingress");
-    let _ = span.set_parent(parent.context());
-    span.in_scope(|| publish_span(out))
+    publish_span_under(Some(parent), out)
 }
 
 #[cfg(test)]
