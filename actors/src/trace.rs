@@ -88,6 +88,18 @@ impl TraceHeaders {
         }
     }
 
+    /// A new root: random trace and span ids, sampled. For a gateway that
+    /// starts a trace id for every message even with export off (with export
+    /// on, [`publish_span_from`] with no headers starts a real one instead).
+    pub fn new_root() -> Self {
+        let trace_id = fastrand::u128(1..);
+        let span_id = fastrand::u64(1..);
+        Self {
+            traceparent: Some(format!("00-{trace_id:032x}-{span_id:016x}-01")),
+            tracestate: None,
+        }
+    }
+
     /// The `traceparent` value, if a well-formed one was present.
     pub fn traceparent(&self) -> Option<&str> {
         self.traceparent.as_deref()
@@ -383,6 +395,14 @@ mod tests {
         assert_eq!(TraceHeaders::of(&own).traceparent(), Some(other));
         // A sanity check that the subscriber does take spans otherwise.
         assert!(!tracing::info_span!("probe").is_disabled());
+    }
+
+    #[test]
+    fn a_new_root_is_well_formed_and_new() {
+        let (a, b) = (TraceHeaders::new_root(), TraceHeaders::new_root());
+        let tp = a.traceparent().unwrap();
+        assert_eq!(TraceHeaders::new(Some(tp), None), a, "reads back");
+        assert_ne!(a, b);
     }
 
     #[test]
