@@ -5,7 +5,10 @@
 //! 50, 256-byte bodies, 50,000 messages (override with
 //! `FLOWGATE_BENCH_MESSAGES`). Each hop acks its input only after its output
 //! is confirmed, in both pipelines. Prints msgs/s and p50/p99 end-to-end
-//! latency for both, and the ratio.
+//! latency for both, and the ratio. The engine runs twice: without any
+//! `tracing` subscriber (spans and events disabled entirely), then with the
+//! daemon's subscriber and `[telemetry]` off, whose ratio shows what export
+//! off costs (it should be 1 within noise).
 //!
 //! Run: `cargo bench --bench pipeline` (needs RabbitMQ on 127.0.0.1:5672).
 
@@ -118,6 +121,27 @@ async fn measure(prefix: &str, n: usize) -> RunStats {
     .expect("drive")
 }
 
+/// The 3-hop pipeline through the engine, measured once.
+async fn flowgate_run(n: usize) -> RunStats {
+    let fg_prefix = format!(
+        "bench-fg-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let cfg = pipeline_config(&fg_prefix, HOPS, u32::from(PREFETCH), QueueKind::Quorum);
+    let handle = Engine::builder()
+        .config(cfg.clone())
+        .build()
+        .expect("config")
+        .start()
+        .await
+        .expect("start");
+    handle.wait_ready(Duration::from_secs(20)).await;
+    let fg = measure(&fg_prefix, n).await;
+    handle.shutdown().await;
+    cleanup(URL, &cfg).await;
+    fg
+}
+
 fn report(name: &str, s: &RunStats) {
     println!(
         "{name:<14} {:>8} msgs  {:>9.0} msg/s  p50 {:>8.1} ms  p99 {:>8.1} ms  lost {}",
@@ -146,31 +170,27 @@ fn main() {
         }
         cleanup(URL, &base_cfg).await;
 
-        let fg_prefix = format!(
-            "bench-fg-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        );
-        let cfg = pipeline_config(&fg_prefix, HOPS, u32::from(PREFETCH), QueueKind::Quorum);
-        let handle = Engine::builder()
-            .config(cfg.clone())
-            .build()
-            .expect("config")
-            .start()
-            .await
-            .expect("start");
-        handle.wait_ready(Duration::from_secs(20)).await;
-        let fg = measure(&fg_prefix, n).await;
-        handle.shutdown().await;
-        cleanup(URL, &cfg).await;
+        // No subscriber at all: every span and event disabled entirely.
+        let fg = flowgate_run(n).await;
+        // The daemon's subscriber with `[telemetry]` off (the default): the
+        // span gate must make this cost nothing beyond noise.
+        let telemetry = flowgate::log::init(&flowgate::Config::default()).expect("subscriber");
+        assert!(!telemetry.is_enabled());
+        let fg_off = flowgate_run(n).await;
 
         println!(
             "\n3-hop pipeline, {n} persistent {BODY}-byte messages, confirms, prefetch {PREFETCH}"
         );
         report("plain lapin", &base);
         report("flowgate", &fg);
+        report("telemetry off", &fg_off);
         println!(
             "ratio (flowgate / lapin throughput): {:.2}",
             fg.throughput() / base.throughput().max(1e-9)
+        );
+        println!(
+            "ratio (telemetry off, log subscriber / no subscriber): {:.2}",
+            fg_off.throughput() / fg.throughput().max(1e-9)
         );
     });
 }
