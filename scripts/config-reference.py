@@ -23,7 +23,7 @@ ENGINE = [
     ("spool", "SpoolConfig"), ("depth", "DepthConfig"),
     ("dedup", "DedupConfig"), ("redis", "RedisConfig"),
     ("limits", "LimitsConfig"), ("shutdown", "ShutdownConfig"), ("supervisor", "SupervisorConfig"),
-    ("security", "SecurityConfig"),
+    ("security", "SecurityConfig"), ("telemetry", "TelemetryConfig"), ("log", "LogConfig"),
 ]
 ORDERS = [("orders", "OrdersConfig")]
 try:

@@ -38,4 +38,7 @@ pub enum Error {
     /// The spool file could not be opened.
     #[error("spool: {0}")]
     Spool(#[source] flowgate_actors::Error),
+    /// The trace exporter could not be set up (`[telemetry]`).
+    #[error("telemetry: {0}")]
+    Telemetry(#[source] Box<dyn std::error::Error + Send + Sync>),
 }

@@ -23,6 +23,9 @@
 //!   dead-letter plumbing.
 //! * [`dlq`] — dead-letter queue tools: stats, replay, purge.
 //! * [`exit`] — the `flowgate` command's exit statuses, one table.
+//! * [`telemetry`] — OpenTelemetry trace export over OTLP/HTTP
+//!   ([`Telemetry`]); [`log`] — the process's subscriber: text or JSON
+//!   lines carrying the trace and span ids ([`log::init`]).
 //! * [`Error`] — the crate's one error (starting the engine, the DLQ tools),
 //!   keeping the underlying error (lapin, I/O, the runtime's) as its source;
 //!   [`ConfigError`] names the key at fault.
@@ -73,6 +76,8 @@ pub mod exit;
 mod handlers;
 mod http;
 pub mod ingress;
+pub mod log;
+pub mod telemetry;
 pub mod topology;
 
 pub use config::{Config, ConfigError, StageConfig};
@@ -85,7 +90,8 @@ pub use error::Error;
 pub use flowgate_actors::envelope;
 /// The AMQP client flowgate uses, for properties and field tables.
 pub use flowgate_actors::lapin;
-/// W3C `traceparent` helpers (new, child of, read, set).
+/// W3C trace context in AMQP headers and the messaging spans (see
+/// [`telemetry`] for export).
 pub use flowgate_actors::trace;
 /// What went wrong inside the actor runtime (a publish, the broker link).
 pub use flowgate_actors::Error as RuntimeError;
@@ -93,6 +99,7 @@ pub use flowgate_actors::{
     handler_fn, Delivery, Handler, HandlerError, MetricDesc, Metrics, Outcome, Output,
 };
 pub use ingress::Ingress;
+pub use telemetry::Telemetry;
 
 /// Runs a future on an actix `System` backed by a multi-threaded tokio
 /// runtime: actors live on the system thread, message tasks and the AMQP

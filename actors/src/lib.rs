@@ -37,7 +37,8 @@
 //!   declared once ([`Metrics::describe`]), and the typed events (one per
 //!   thing that happens; [`Event::emit`] writes the log line and bumps the
 //!   metric with enum labels), the only code that touches the collectors.
-//! * [`trace`] — W3C `traceparent` helpers.
+//! * [`trace`] — W3C trace context in AMQP headers (OpenTelemetry
+//!   propagation) and the messaging spans, built only while export is on.
 //! * `error` — the crate's one [`Error`] type.
 //!
 //! The modules are private; what a host or the engine needs is re-exported

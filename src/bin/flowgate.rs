@@ -101,15 +101,16 @@ enum DlqCmd {
     },
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+/// Installs the log and the trace export from the config; `None` (after
+/// saying why) when that fails.
+fn init_tracing(cfg: &Config) -> Option<flowgate::Telemetry> {
+    match flowgate::log::init(cfg) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            eprintln!("flowgate: cannot set up logging: {e}");
+            None
+        }
+    }
 }
 
 /// Loads a daemon config: the daemon runs built-in handlers only.
@@ -142,17 +143,19 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Cmd::Run { config } => {
-            init_tracing();
             let cfg = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            flowgate::run_system(run(cfg))
+            let Some(telemetry) = init_tracing(&cfg) else {
+                return ExitCode::from(1);
+            };
+            let code = flowgate::run_system(run(cfg));
+            // After the drain: the last spans are exported before exit.
+            telemetry.shutdown();
+            code
         }
-        Cmd::Dlq { cmd } => {
-            init_tracing();
-            dlq(cmd)
-        }
+        Cmd::Dlq { cmd } => dlq(cmd),
         Cmd::Ctl(args) => flowgate::ctl::main(args),
         Cmd::Completions { shell } => {
             // Into a buffer: `generate` panics when its writer fails (a
@@ -229,6 +232,12 @@ fn dlq(cmd: DlqCmd) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    // The DLQ tools log in the configured format, without trace export.
+    let mut log_cfg = cfg.clone();
+    log_cfg.telemetry.enabled = false;
+    if init_tracing(&log_cfg).is_none() {
+        return ExitCode::from(1);
+    }
     let queue = flowgate::dlq::resolve_queue(&cfg, &queue);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -15,6 +15,7 @@ mod exchanges;
 mod http;
 mod ingress;
 mod limits;
+mod log;
 mod management;
 mod publisher;
 mod queues;
@@ -24,6 +25,7 @@ mod shutdown;
 mod spool;
 mod stages;
 mod supervisor;
+mod telemetry;
 mod validate;
 
 use serde::de::DeserializeOwned;
@@ -38,6 +40,7 @@ pub use exchanges::*;
 pub use http::*;
 pub use ingress::{IngressAuth, IngressConfig, IngressRoute, Tokens, MIN_TOKEN_BYTES};
 pub use limits::*;
+pub use log::*;
 pub use management::*;
 pub use publisher::*;
 pub use queues::*;
@@ -47,6 +50,7 @@ pub use shutdown::*;
 pub use spool::*;
 pub use stages::*;
 pub use supervisor::*;
+pub use telemetry::*;
 pub use validate::validate;
 
 /// A configuration problem, naming the key at fault.
@@ -139,6 +143,12 @@ pub struct Config {
     /// HMAC message signing: the key, and whether publishes are signed.
     #[serde(default)]
     pub security: SecurityConfig,
+    /// OpenTelemetry trace export.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// The daemon's log format.
+    #[serde(default)]
+    pub log: LogConfig,
 }
 
 /// Shortest key accepted, in bytes.

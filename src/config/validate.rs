@@ -56,6 +56,7 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
         ));
     }
     validate_backpressure(cfg)?;
+    validate_telemetry(&cfg.telemetry)?;
     if cfg.limits.max_message_bytes == 0 {
         return Err(ConfigError::new(
             "limits.max_message_bytes",
@@ -924,5 +925,79 @@ mod http_keys_tests {
             "http = {{ {u}, headers = {{ authorization = \"Bearer t\" }} }}"
         ))
         .is_ok());
+    }
+}
+
+/// `[telemetry]`: a ratio in range, an HTTP endpoint and a service name
+/// (checked even while off, so turning it on cannot fail at start).
+fn validate_telemetry(t: &super::TelemetryConfig) -> Result<(), ConfigError> {
+    if !(0.0..=1.0).contains(&t.sampling_ratio) {
+        return Err(ConfigError::new(
+            "telemetry.sampling_ratio",
+            format!("must be between 0 and 1, not {}", t.sampling_ratio),
+        ));
+    }
+    match url::Url::parse(&t.endpoint) {
+        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host_str().is_some() => {}
+        Ok(u) => {
+            return Err(ConfigError::new(
+                "telemetry.endpoint",
+                format!("must be an http:// or https:// URL, not `{}:`", u.scheme()),
+            ))
+        }
+        // Never echo the URL: it may hold a password.
+        Err(e) => {
+            return Err(ConfigError::new(
+                "telemetry.endpoint",
+                format!("malformed URL ({e})"),
+            ))
+        }
+    }
+    if t.service_name.trim().is_empty() {
+        return Err(ConfigError::new(
+            "telemetry.service_name",
+            "must not be empty",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod telemetry_tests {
+    use crate::Config;
+
+    #[test]
+    fn telemetry_keys_are_checked() {
+        let ok = Config::from_toml("[telemetry]\nenabled = true\nsampling_ratio = 0.5\n").unwrap();
+        assert!(ok.telemetry.enabled);
+        assert_eq!(ok.telemetry.service_name, "flowgate");
+        for (text, key) in [
+            (
+                "[telemetry]\nsampling_ratio = 1.5\n",
+                "telemetry.sampling_ratio",
+            ),
+            (
+                "[telemetry]\nsampling_ratio = nan\n",
+                "telemetry.sampling_ratio",
+            ),
+            (
+                "[telemetry]\nendpoint = \"grpc://x:4317\"\n",
+                "telemetry.endpoint",
+            ),
+            (
+                "[telemetry]\nendpoint = \"not a url\"\n",
+                "telemetry.endpoint",
+            ),
+            (
+                "[telemetry]\nservice_name = \" \"\n",
+                "telemetry.service_name",
+            ),
+        ] {
+            let e = Config::from_toml(text).unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+        }
+        assert!(Config::from_toml("[log]\nformat = \"xml\"\n").is_err());
+        let json = Config::from_toml("[log]\nformat = \"json\"\n").unwrap();
+        assert_eq!(json.log.format, crate::config::LogFormat::Json);
     }
 }

@@ -33,6 +33,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::{Bytes, BytesMut};
 use flowgate_actors::envelope::UNSIGNED;
 use flowgate_actors::set_header;
+use flowgate_actors::trace;
 use flowgate_actors::Output;
 use futures::StreamExt;
 use lapin::types::AMQPValue;
@@ -41,6 +42,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 /// The longest AMQP short string (exchange, routing key, message id,
 /// content type): lapin panics beyond it.
@@ -138,14 +140,10 @@ async fn publish(
     if !authenticated {
         set_header(&mut out.properties, UNSIGNED, AMQPValue::Boolean(true));
     }
-    let tp = req
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .map(flowgate_actors::trace::child_of)
-        .unwrap_or_else(flowgate_actors::trace::new_traceparent);
-    flowgate_actors::trace::set_traceparent(&mut out.properties, tp);
-    let accepted = s.ingress.publish(out).await?;
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let parent = trace::TraceHeaders::new(header(trace::TRACEPARENT), header(trace::TRACESTATE));
+    let span = trace::publish_span_from(&parent, &mut out);
+    let accepted = s.ingress.publish(out).instrument(span).await?;
     Ok(HttpResponse::Accepted().json(json!({ "message_id": id, "status": accepted.as_str() })))
 }
 

@@ -44,6 +44,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// Longest `x-flowgate-error` value (see [`envelope::MAX_ERROR_BYTES`]).
 pub(crate) const MAX_ERROR_HEADER_BYTES: usize = envelope::MAX_ERROR_BYTES;
@@ -122,6 +123,22 @@ pub(crate) async fn process(
         since_first_publish: envelope::since_first_published(&raw.properties),
     }
     .emit(&shared.metrics);
+    let span = trace::process_span(
+        stage,
+        &shared.spec.queue,
+        raw.routing_key.as_str(),
+        &raw.properties,
+        raw.data.len(),
+    );
+    process_delivery(&shared, raw, ticket).instrument(span).await;
+}
+
+/// [`process`] inside the delivery's span.
+async fn process_delivery(
+    shared: &Arc<Shared>,
+    raw: lapin::message::Delivery,
+    ticket: Option<Ticket>,
+) {
     let acker = raw.acker;
     let opened = open(
         &shared.spec,
@@ -136,17 +153,17 @@ pub(crate) async fn process(
     let mut claim_token = None;
     let verdict = match screen(&shared.spec, d, &opened.signed_keys(), &shared.metrics) {
         Err(dead) => Verdict::DeadLetter(dead),
-        Ok(key) => match claim(&shared, key).await {
+        Ok(key) => match claim(shared, key).await {
             Ok(token) => {
                 claim_token = token;
-                let handled = run_handler(&shared, d).await;
+                let handled = run_handler(shared, d).await;
                 judge(&shared.spec, d, opened.attempt, handled)
             }
             Err(v) => v,
         },
     };
-    let verdict = carry_out(&shared, &opened, verdict, claim_token).await;
-    settle(&shared, acker, verdict, ticket).await;
+    let verdict = carry_out(shared, &opened, verdict, claim_token).await;
+    settle(shared, acker, verdict, ticket).await;
 }
 
 /// A delivery with what [`envelope::intake`] decided about it.
@@ -361,7 +378,9 @@ fn retry_or_dead(spec: &StageSpec, attempt: u32, dead: DeadLetter) -> Verdict {
 /// can be published: an output the broker cannot take dead-letters the
 /// input as `invalid-output` (publishing it would fail the same way forever).
 fn prepare_outputs(d: &Delivery, outputs: Vec<Output>) -> Result<Vec<Output>, DeadLetter> {
-    let parent_trace = trace::traceparent_of(&d.properties);
+    // Export off: the input's trace headers pass through (export on, each
+    // output's publish span writes its own, see `publish_all`).
+    let parent_trace = (!trace::enabled()).then(|| trace::TraceHeaders::of(&d.properties));
     outputs
         .into_iter()
         .enumerate()
@@ -370,9 +389,7 @@ fn prepare_outputs(d: &Delivery, outputs: Vec<Output>) -> Result<Vec<Output>, De
                 .and_then(|()| envelope::check_short("output routing key", &o.routing_key))
                 .map_err(|e| DeadLetter::new(Reason::InvalidOutput, format!("output {i}: {e}")))?;
             if let Some(p) = &parent_trace {
-                if trace::traceparent_of(&o.properties).is_none() {
-                    trace::set_traceparent(&mut o.properties, trace::child_of(p));
-                }
+                p.copy_to(&mut o.properties);
             }
             envelope::carry_first_published(&d.properties, &mut o.properties);
             // The next stage starts its own ladder at attempt 1.
@@ -658,15 +675,22 @@ async fn publish_all(shared: &Shared, outputs: Vec<Output>) -> Result<(), Publis
             let mut outputs = outputs;
             // len checked above
             let out = outputs.pop().ok_or(PublishFailure::Draining)?;
-            publish_retrying(shared, out).await
+            publish_traced(shared, out).await
         }
         _ => {
             let results =
-                futures::future::join_all(outputs.into_iter().map(|o| publish_retrying(shared, o)))
+                futures::future::join_all(outputs.into_iter().map(|o| publish_traced(shared, o)))
                     .await;
             results.into_iter().collect()
         }
     }
+}
+
+/// Publishes one output inside its `publish` span, whose context the output
+/// carries: the next stage's span is its child.
+async fn publish_traced(shared: &Shared, mut out: Output) -> Result<(), PublishFailure> {
+    let span = trace::publish_span(&mut out);
+    publish_retrying(shared, out).instrument(span).await
 }
 
 /// Publishes a copy of `d` to the stage's dead-letter exchange with reason
@@ -914,10 +938,11 @@ mod tests {
     }
 
     #[test]
-    fn outputs_lose_routing_headers_and_gain_a_child_trace() {
+    fn outputs_lose_routing_headers_and_pass_the_trace_through() {
         let s = spec();
         let mut p = props("m");
-        trace::set_traceparent(&mut p, trace::new_traceparent());
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        set_header(&mut p, trace::TRACEPARENT, envelope::text(tp));
         let o = opened(&s, "ex", "in", p, b"x");
         let out = Output::new("ex", "next", "b")
             .with_header(envelope::ATTEMPT, AMQPValue::LongLongInt(3));
@@ -927,10 +952,12 @@ mod tests {
             panic!("publish")
         };
         assert!(envelope::header(&outs[0].properties, envelope::ATTEMPT).is_none());
-        let parent = trace::traceparent_of(&o.delivery.properties).unwrap();
-        let child = trace::traceparent_of(&outs[0].properties).unwrap();
-        assert_eq!(parent[3..35], child[3..35]);
-        assert_ne!(parent, child);
+        // Export is off in unit tests: the parent's trace passes through
+        // (with export on, the publish span writes a child instead).
+        assert_eq!(
+            trace::TraceHeaders::of(&outs[0].properties).traceparent(),
+            Some(tp)
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! | 202 | `order.created` is confirmed by the broker: `{"order_id", "status": "queued"}` |
 //!
 //! The event is persistent, `mandatory`, with `message_id` = the order id, a
-//! `traceparent` header (a child of the request's, or a new trace) and
+//! `traceparent` header (continuing the request's, or a new trace) and
 //! content type `application/json`.
 //!
 //! Watermarks are the primary bound: a slow payment provider fills
@@ -34,7 +34,7 @@ use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 /// What the gateway's handlers see.
 #[derive(Clone)]
@@ -175,14 +175,15 @@ async fn publish(s: &GatewayState, req: &HttpRequest, order: Order) -> HttpRespo
         .properties
         .with_content_type("application/json".into())
         .with_timestamp(order.created_at_ms / 1000);
-    let tp = req
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .map(trace::child_of)
-        .unwrap_or_else(trace::new_traceparent);
-    trace::set_traceparent(&mut out.properties, tp);
-    match s.ingress.publish(out).await {
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let mut parent =
+        trace::TraceHeaders::new(header(trace::TRACEPARENT), header(trace::TRACESTATE));
+    if parent.traceparent().is_none() && !trace::enabled() {
+        // Every order gets a trace id, exported or not.
+        parent = trace::TraceHeaders::new_root();
+    }
+    let span = trace::publish_span_from(&parent, &mut out);
+    match s.ingress.publish(out).instrument(span).await {
         Ok(_) => {
             svc.status
                 .advance(&order.order_id, OrderStatus::Created, order.created_at_ms);

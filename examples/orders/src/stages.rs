@@ -12,7 +12,6 @@ use super::model::{Order, ORDER_PAID, ORDER_RESERVED, ORDER_SHIPPED};
 use super::status::OrderStatus;
 use super::OrdersService;
 use flowgate::config::Target;
-use flowgate::trace;
 use flowgate::{Delivery, Handler, HandlerError, Outcome, Output};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,18 +33,16 @@ fn parse(svc: &OrdersService, d: &Delivery) -> Result<Order, Outcome> {
     })
 }
 
-/// The next event: the order as JSON, same message id, a child traceparent.
+/// The next event: the order as JSON, same message id, the input's trace
+/// context (the engine makes the published copy a child of this stage's span
+/// when tracing is on).
 /// It is a new message: none of the input's dead-letter history (a copy
 /// back from the retry ladder carries the broker's `x-death`, which would
 /// make the status stage take the shipped order for a dead letter).
 fn event(target: &Target, d: &Delivery, order: &Order) -> Output {
-    let mut props =
+    let props =
         flowgate::envelope::without(d.properties.clone(), &flowgate::envelope::REPLAY_STRIPPED)
             .with_content_type("application/json".into());
-    let tp = trace::traceparent_of(&props)
-        .map(|p| trace::child_of(&p))
-        .unwrap_or_else(trace::new_traceparent);
-    trace::set_traceparent(&mut props, tp);
     Output::new(&target.exchange, &target.routing_key, order.to_json())
         .with_properties(props)
         .with_message_id(order.order_id.clone())
