@@ -429,6 +429,19 @@ pub fn header_int(v: &AMQPValue) -> Option<i64> {
     }
 }
 
+/// Sets one header on a property set, creating the table if needed.
+///
+/// # Panics
+///
+/// When `name` is over 255 bytes: meant for the engine's and a host's own
+/// constant names; use [`try_set_header`](crate::message::try_set_header)
+/// for names from outside.
+pub fn set_header(props: &mut BasicProperties, name: &str, value: AMQPValue) {
+    let mut table = props.headers().clone().unwrap_or_default();
+    table.insert(ShortString::from(name), value);
+    *props = props.clone().with_headers(table);
+}
+
 /// Milliseconds since the unix epoch now (0 if the clock is before it).
 fn now_millis() -> i64 {
     std::time::SystemTime::now()
@@ -454,7 +467,7 @@ pub fn since_first_published(props: &BasicProperties) -> Option<std::time::Durat
 /// an integer stamp already (a stamp that is not an integer is replaced).
 pub fn stamp_first_published(props: &mut BasicProperties) {
     if first_published(props).is_none() {
-        crate::message::set_header(props, FIRST_PUBLISHED, AMQPValue::LongLongInt(now_millis()));
+        set_header(props, FIRST_PUBLISHED, AMQPValue::LongLongInt(now_millis()));
     }
 }
 
@@ -462,7 +475,7 @@ pub fn stamp_first_published(props: &mut BasicProperties) {
 /// a stage's fresh outputs keep measuring from the first publish.
 pub fn carry_first_published(from: &BasicProperties, to: &mut BasicProperties) {
     if let (Some(ms), None) = (first_published(from), first_published(to)) {
-        crate::message::set_header(to, FIRST_PUBLISHED, AMQPValue::LongLongInt(ms));
+        set_header(to, FIRST_PUBLISHED, AMQPValue::LongLongInt(ms));
     }
 }
 
@@ -635,7 +648,7 @@ mod tests {
         assert!(since_first_published(&p).unwrap() < std::time::Duration::from_secs(5));
         // A second stamp keeps the first.
         let mut later = p.clone();
-        crate::message::set_header(
+        set_header(
             &mut later,
             FIRST_PUBLISHED,
             AMQPValue::LongLongInt(first - 1000),
@@ -651,17 +664,17 @@ mod tests {
         assert_eq!(first_published(&fresh), Some(first - 1000));
         // Forged: text is replaced by a stamp, the future measures nothing.
         let mut forged = BasicProperties::default();
-        crate::message::set_header(&mut forged, FIRST_PUBLISHED, text("yesterday"));
+        set_header(&mut forged, FIRST_PUBLISHED, text("yesterday"));
         assert_eq!(since_first_published(&forged), None);
         stamp_first_published(&mut forged);
         assert!(first_published(&forged).is_some());
-        crate::message::set_header(
+        set_header(
             &mut forged,
             FIRST_PUBLISHED,
             AMQPValue::LongLongInt(i64::MAX),
         );
         assert_eq!(since_first_published(&forged), None);
-        crate::message::set_header(
+        set_header(
             &mut forged,
             FIRST_PUBLISHED,
             AMQPValue::LongLongInt(i64::MIN),

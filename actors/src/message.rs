@@ -137,17 +137,7 @@ impl Output {
     }
 }
 
-/// Sets one header on a property set, creating the table if needed.
-///
-/// # Panics
-///
-/// When `name` is over 255 bytes: meant for the engine's and a host's own
-/// constant names; use [`try_set_header`] for names from outside.
-pub fn set_header(props: &mut BasicProperties, name: &str, value: AMQPValue) {
-    let mut table = props.headers().clone().unwrap_or_default();
-    table.insert(ShortString::from(name), value);
-    *props = props.clone().with_headers(table);
-}
+pub use crate::envelope::set_header;
 
 /// Sets one header on a property set, or says why `name` cannot be a header key.
 pub fn try_set_header(

@@ -299,7 +299,7 @@ impl AckBatcher {
     async fn send(&self, acker: Acker, multiple: bool, covered: usize) {
         let stage = self.stage.as_str();
         let sent = tokio::time::timeout(
-            super::process::SETTLE_TIMEOUT,
+            super::SETTLE_TIMEOUT,
             acker.ack(BasicAckOptions { multiple }),
         )
         .await;
@@ -309,7 +309,7 @@ impl AckBatcher {
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some(format!(
                 "no answer from the channel within {:?}",
-                super::process::SETTLE_TIMEOUT
+                super::SETTLE_TIMEOUT
             )),
         };
         events::AcksSent {

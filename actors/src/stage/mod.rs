@@ -40,6 +40,16 @@ use std::time::Duration;
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
+/// How long an ack, reject or nack may take to be handed to the connection.
+/// It is a frame write with no reply, so only a channel that is gone takes
+/// longer: lapin (4.12) drops the request of a channel it has just killed
+/// (a recovery, a close) without ever resolving it, and a settle awaiting it
+/// would hold its credit for good — after enough faults no credit is left
+/// and the stage stops while its consumer looks healthy. Past this bound the
+/// settle counts as failed, like any ack on a dead channel: the broker
+/// redelivers the message (at-least-once; dedup catches the copy).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Everything a stage needs to know about itself.
 #[derive(Clone)]
 pub struct StageSpec {

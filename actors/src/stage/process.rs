@@ -28,6 +28,7 @@
 //!    DLX, requeued while draining).
 
 use super::ack::Ticket;
+use super::SETTLE_TIMEOUT;
 use super::{Shared, StageSpec};
 use crate::credit::Credit;
 use crate::dedup::{key_for, ClaimToken, Claimed, CommitOutcome, DedupHandle};
@@ -130,7 +131,9 @@ pub(crate) async fn process(
         &raw.properties,
         raw.data.len(),
     );
-    process_delivery(&shared, raw, ticket).instrument(span).await;
+    process_delivery(&shared, raw, ticket)
+        .instrument(span)
+        .await;
 }
 
 /// [`process`] inside the delivery's span.
@@ -487,16 +490,6 @@ async fn finish_claim(
         v
     }
 }
-
-/// How long an ack, reject or nack may take to be handed to the connection.
-/// It is a frame write with no reply, so only a channel that is gone takes
-/// longer: lapin (4.12) drops the request of a channel it has just killed
-/// (a recovery, a close) without ever resolving it, and a settle awaiting it
-/// would hold its credit for good — after enough faults no credit is left
-/// and the stage stops while its consumer looks healthy. Past this bound the
-/// settle counts as failed, like any ack on a dead channel: the broker
-/// redelivers the message (at-least-once; dedup catches the copy).
-pub(super) const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Step 7: acks, rejects or requeues the input. With batched acks, an ack
 /// joins the register (see [`super::ack`]; its sends are bounded there, and
