@@ -256,8 +256,7 @@ async fn start(stages: &Stages, prefix: &str, cfg: &Config) -> Running {
                 .suffix(".toml")
                 .tempfile()
                 .expect("temp file");
-            std::fs::write(file.path(), toml::to_string(&cfg).expect("config as TOML"))
-                .expect("config written");
+            std::fs::write(file.path(), minimal_toml(&cfg)).expect("config written");
             let child = Command::new(bin)
                 .args(["run", "--config"])
                 .arg(file.path())
@@ -274,6 +273,19 @@ async fn start(stages: &Stages, prefix: &str, cfg: &Config) -> Running {
     }
 }
 
+/// The config as TOML without the sections left at their defaults, so an
+/// earlier build (`FLOWGATE_BENCH_COMPARE_BIN`) that lacks a newer section
+/// reads it too.
+fn minimal_toml(cfg: &Config) -> String {
+    let full = toml::Table::try_from(cfg).expect("config as TOML");
+    let defaults = toml::Table::try_from(Config::default()).expect("defaults as TOML");
+    let kept: toml::Table = full
+        .into_iter()
+        .filter(|(k, v)| defaults.get(k) != Some(v))
+        .collect();
+    toml::to_string(&kept).expect("config as TOML")
+}
+
 async fn declare(cfg: &Config) {
     let conn = Connection::connect(URL, ConnectionProperties::default())
         .await
@@ -285,10 +297,12 @@ async fn declare(cfg: &Config) {
     let _ = conn.close(200, "".into()).await;
 }
 
-/// One run's figures.
+/// One run's figures (a median's, with the spread of its runs).
 #[derive(Clone, Debug, Default)]
 struct Row {
     stats: RunStats,
+    /// Lowest and highest throughput of the runs the median came from.
+    spread: (f64, f64),
     cpu_us_per_msg: f64,
     switches_per_msg: f64,
     peak_rss_mib: f64,
@@ -319,6 +333,7 @@ async fn run_once(stages: &Stages, kind: QueueKind, n: usize, rate: Option<f64>)
     cleanup(URL, &cfg).await;
     let per = |v: f64| v / stats.received.max(1) as f64;
     Row {
+        spread: (stats.throughput(), stats.throughput()),
         cpu_us_per_msg: per((after.cpu - before.cpu).as_secs_f64() * 1e6),
         switches_per_msg: per(after.switches.saturating_sub(before.switches) as f64),
         peak_rss_mib: after.peak_rss_kib as f64 / 1024.0,
@@ -333,7 +348,13 @@ async fn median(stages: &Stages, kind: QueueKind, n: usize, reps: usize) -> Row 
         rows.push(run_once(stages, kind, n, None).await);
     }
     rows.sort_by(|a, b| a.stats.throughput().total_cmp(&b.stats.throughput()));
-    rows.swap_remove(rows.len() / 2)
+    let spread = (
+        rows.first().map_or(0.0, |r| r.stats.throughput()),
+        rows.last().map_or(0.0, |r| r.stats.throughput()),
+    );
+    let mut median = rows.swap_remove(rows.len() / 2);
+    median.spread = spread;
+    median
 }
 
 fn ms(d: Duration) -> f64 {
@@ -342,8 +363,10 @@ fn ms(d: Duration) -> f64 {
 
 fn print_row(name: &str, r: &Row, base: &Row) {
     println!(
-        "| {name} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.2} | {:.1} | {:.0} | {} |",
+        "| {name} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.1} | {:.1} | {:.0} | {:.2} | {:.1} | {:.0} | {} |",
         r.stats.throughput(),
+        r.spread.0,
+        r.spread.1,
         r.stats.throughput() / base.stats.throughput().max(1e-9),
         ms(r.stats.percentile(0.5)),
         ms(r.stats.percentile(0.99)),
@@ -540,7 +563,7 @@ fn main() {
                 None => None,
             };
             println!("\n{} durable queues\n", kind_name(kind));
-            println!("| stages | msg/s | ratio | p50 ms | p99 ms | CPU µs/msg | CPU ratio | ctx switches/msg | peak RSS MiB | lost |");
+            println!("| stages | msg/s (runs' range) | ratio | p50 ms | p99 ms | CPU µs/msg | CPU ratio | ctx switches/msg | peak RSS MiB | lost |");
             println!("|---|---|---|---|---|---|---|---|---|---|");
             print_row("plain lapin", &base, &base);
             print_row("flowgate, default", &default, &base);
