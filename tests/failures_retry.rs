@@ -95,7 +95,10 @@ async fn fails_twice_then_succeeds_on_attempt_3_with_ladder_gaps() {
     // The broker's TTL timer may fire a millisecond or two early; the
     // tolerance is far below the 200 ms between the tiers.
     assert!(gap1 + EARLY >= STEP1, "first wait follows tier 1: {gap1:?}");
-    assert!(gap2 + EARLY >= STEP2, "second wait follows tier 2: {gap2:?}");
+    assert!(
+        gap2 + EARLY >= STEP2,
+        "second wait follows tier 2: {gap2:?}"
+    );
     assert_eq!(
         handle.metrics().counter(
             flowgate::Metrics::RETRIED,
