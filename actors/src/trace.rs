@@ -233,10 +233,7 @@ pub fn process_span(
     if !enabled() {
         return Span::none();
     }
-    let message_id = props
-        .message_id()
-        .as_ref()
-        .map(|id| loggable_id(id.as_str()));
+    let message_id = span_message_id(props);
     let span = tracing::info_span!(
         "process",
         otel.name = %format_args!("process {queue}"),
@@ -267,6 +264,14 @@ pub fn publish_span(out: &mut Output) -> Span {
     publish_span_under(None, out)
 }
 
+/// The message id as a span field: escaped and capped ([`loggable_id`]).
+fn span_message_id(props: &BasicProperties) -> Option<String> {
+    props
+        .message_id()
+        .as_ref()
+        .map(|id| loggable_id(id.as_str()))
+}
+
 /// The `publish` span, under `parent` when given (else the current span).
 fn publish_span_under(parent: Option<&TraceHeaders>, out: &mut Output) -> Span {
     let exchange = if out.exchange.is_empty() {
@@ -274,11 +279,7 @@ fn publish_span_under(parent: Option<&TraceHeaders>, out: &mut Output) -> Span {
     } else {
         out.exchange.as_str()
     };
-    let message_id = out
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|id| loggable_id(id.as_str()));
+    let message_id = span_message_id(&out.properties);
     let span = tracing::info_span!(
         "publish",
         otel.name = %format_args!("publish {exchange}"),
