@@ -105,8 +105,12 @@ async fn pausing_a_stage_stops_consumption_within_a_prefetch_window_and_resume_d
     let (_, ready, _) = call("GET", &format!("{base}/readyz"), None, None).await;
     assert_eq!(ready["ready"], true, "{ready}");
 
-    let before = handled.load(Ordering::SeqCst);
     let v = op("POST", &format!("{base}/stages/s1/pause"), None).await;
+    // The stage applied the pause before the API answered, so from here on only
+    // what it had already been sent (at most one prefetch window) may finish.
+    // Counting from before the request would also count what finished during the
+    // HTTP round trip, which is not the pause's business.
+    let before = handled.load(Ordering::SeqCst);
     assert_eq!(v["state"], "paused", "{v}");
     assert_eq!(v["paused"], json!(["operator"]), "{v}");
     // What intake had taken finishes; then nothing is in flight.
