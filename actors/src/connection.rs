@@ -119,10 +119,9 @@ pub enum LinkEvent {
 #[rtype(result = "Result<Channel>")]
 pub struct OpenChannel(pub Purpose);
 
-/// Registers for [`LinkEvent`]s; answers whether both connections are up
-/// (if so, the subscriber's `LinkUp`s are already on their way).
+/// Registers for [`LinkEvent`]s.
 #[derive(Message)]
-#[rtype(result = "bool")]
+#[rtype(result = "()")]
 pub struct Subscribe(pub Recipient<LinkEvent>);
 
 /// Asks whether both connections are up and whether publishing is blocked.
@@ -597,12 +596,11 @@ impl Handler<OpenChannel> for ConnectionActor {
 }
 
 impl Handler<Subscribe> for ConnectionActor {
-    type Result = bool;
+    type Result = ();
 
-    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) -> bool {
+    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) {
         // bounded: at most three notices to a new subscriber.
-        let up = self.both_up();
-        if up {
+        if self.both_up() {
             msg.0.do_send(LinkEvent::LinkUp(Purpose::Consume));
             msg.0.do_send(LinkEvent::LinkUp(Purpose::Publish));
         }
@@ -610,7 +608,6 @@ impl Handler<Subscribe> for ConnectionActor {
             msg.0.do_send(LinkEvent::Blocked("alarm in force".into()));
         }
         self.subscribers.push(msg.0);
-        up
     }
 }
 
