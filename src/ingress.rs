@@ -289,7 +289,8 @@ impl Ingress {
         // Its first publish: the stamp end-to-end latency is measured from.
         flowgate_actors::envelope::stamp_first_published(&mut msg.properties);
         let keep = msg.clone();
-        let sent = tokio::time::timeout(self.publish_timeout, self.publisher.send(msg)).await;
+        let sent =
+            tokio::time::timeout(self.publish_timeout, self.publisher.send_detached(msg)).await;
         let published = match sent {
             Ok(r) => r?,
             Err(_) if self.publisher.has_spool() => {

@@ -119,9 +119,10 @@ pub enum LinkEvent {
 #[rtype(result = "Result<Channel>")]
 pub struct OpenChannel(pub Purpose);
 
-/// Registers for [`LinkEvent`]s.
+/// Registers for [`LinkEvent`]s; answers whether both connections are up
+/// (if so, the subscriber's `LinkUp`s are already on their way).
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "bool")]
 pub struct Subscribe(pub Recipient<LinkEvent>);
 
 /// Asks whether both connections are up and whether publishing is blocked.
@@ -596,11 +597,12 @@ impl Handler<OpenChannel> for ConnectionActor {
 }
 
 impl Handler<Subscribe> for ConnectionActor {
-    type Result = ();
+    type Result = bool;
 
-    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) -> bool {
         // bounded: at most three notices to a new subscriber.
-        if self.both_up() {
+        let up = self.both_up();
+        if up {
             msg.0.do_send(LinkEvent::LinkUp(Purpose::Consume));
             msg.0.do_send(LinkEvent::LinkUp(Purpose::Publish));
         }
@@ -608,6 +610,7 @@ impl Handler<Subscribe> for ConnectionActor {
             msg.0.do_send(LinkEvent::Blocked("alarm in force".into()));
         }
         self.subscribers.push(msg.0);
+        up
     }
 }
 

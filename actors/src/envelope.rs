@@ -439,7 +439,8 @@ pub fn header_int(v: &AMQPValue) -> Option<i64> {
 pub fn set_header(props: &mut BasicProperties, name: &str, value: AMQPValue) {
     let mut table = props.headers().clone().unwrap_or_default();
     table.insert(ShortString::from(name), value);
-    *props = props.clone().with_headers(table);
+    // Taken, not cloned: only the header table is copied.
+    *props = std::mem::take(props).with_headers(table);
 }
 
 /// Milliseconds since the unix epoch now (0 if the clock is before it).

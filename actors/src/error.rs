@@ -203,3 +203,14 @@ impl SpoolError {
         }
     }
 }
+
+/// The text of a caught panic's payload (`"panic"` when it is not a string).
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_owned()
+    }
+}

@@ -148,7 +148,7 @@ pub fn try_set_header(
     let name = crate::envelope::short_string("header name", name)?;
     let mut table = props.headers().clone().unwrap_or_default();
     table.insert(name, value);
-    *props = props.clone().with_headers(table);
+    *props = std::mem::take(props).with_headers(table);
     Ok(())
 }
 

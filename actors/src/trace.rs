@@ -131,7 +131,7 @@ impl TraceHeaders {
                 .is_some_and(|h| h.contains_key(name))
         };
         if has(TRACEPARENT) || has(TRACESTATE) {
-            *props = crate::envelope::without(props.clone(), &[TRACEPARENT, TRACESTATE]);
+            *props = crate::envelope::without(std::mem::take(props), &[TRACEPARENT, TRACESTATE]);
         }
         let Some(tp) = &self.traceparent else { return };
         HeaderInjector(props).set(TRACEPARENT, tp.clone());

@@ -22,6 +22,15 @@
 //! calls `basic.publish`, right before it: spooled records are stored
 //! unsigned and signed when they are replayed.
 //!
+//! A publish runs in its caller's task: the handle awaits the breaker, the
+//! `basic.publish` and the confirm in place, with no actor mailbox and no
+//! task of its own on the way (each would be one more thread hand-off per
+//! message). The actor owns the channel's life — opening it, replacing a dead
+//! one, restarts, link events, the breaker's clock and the spool replay — and
+//! publishes find the channel in the shared core. While the actor opens a
+//! channel, publishes wait for it (at most `confirm_timeout`), as they would
+//! have waited in its mailbox.
+//!
 //! Failures counted by the breaker: nack, confirm timeout, channel or
 //! connection error. A `basic.return` is *not* one: the broker answered,
 //! the link works, and the message itself has no route — a per-message
@@ -71,11 +80,13 @@ use crate::retry::{ORIGINAL_EXCHANGE_HEADER, ORIGINAL_ROUTING_KEY_HEADER};
 use crate::signing::{self, Keys};
 use crate::supervision::{Escalation, EscalationSender, RestartPolicy, Restarts};
 use actix::prelude::*;
+use futures::FutureExt;
 use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::PublisherConfirm;
 use lapin::{BasicProperties, Channel, Confirmation};
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -173,17 +184,6 @@ pub enum Published {
     Spooled,
 }
 
-/// Publish one message; resolves once the broker confirmed it or it is
-/// durable in the spool.
-#[derive(Message)]
-#[rtype(result = "Result<Published>")]
-pub struct Publish {
-    /// The message.
-    pub msg: Output,
-    /// The window credit this publish holds until it is confirmed or failed.
-    pub credit: Credit,
-}
-
 /// A bounded set of waiting slots, shared by the blocked gate and the window.
 struct WaitSlots {
     /// Callers waiting right now.
@@ -221,6 +221,9 @@ struct Core {
     slots: WaitSlots,
     /// The confirm-mode channel, when open.
     channel: Mutex<Option<Channel>>,
+    /// `true` while the actor is about to open, or is opening, the channel:
+    /// publishes finding none wait for it instead of failing.
+    opening: watch::Sender<bool>,
     breaker: Mutex<CircuitBreaker>,
     spool: Option<Spool>,
     /// `true` while callers must wait: the broker blocks us and
@@ -340,6 +343,22 @@ impl Core {
             .cloned()
     }
 
+    /// The usable channel; while the actor is opening one, waits for it (at
+    /// most `confirm_timeout`: each waiter holds a window credit, so there
+    /// are at most `max_unconfirmed` of them).
+    async fn channel_for_publish(&self) -> Option<Channel> {
+        if let Some(ch) = self.usable_channel() {
+            return Some(ch);
+        }
+        let mut opening = self.opening.subscribe();
+        let _ = tokio::time::timeout(self.cfg.confirm_timeout, opening.wait_for(|o| !*o)).await;
+        self.usable_channel()
+    }
+
+    fn set_opening(&self, on: bool) {
+        self.opening.send_replace(on);
+    }
+
     /// Waits while the broker blocks us (bounded by `blocked_timeout`, after
     /// which the actor clears the gate and publishes spool).
     async fn wait_gate(&self) -> Result<()> {
@@ -355,8 +374,8 @@ impl Core {
         res.map_err(|_| Error::ShuttingDown)
     }
 
-    /// Publishes (or spools) one message holding a window credit.
-    async fn dispatch(self: Arc<Self>, msg: Output) -> Result<Published> {
+    /// Publishes (or spools) one message; the caller holds its window credit.
+    async fn dispatch(&self, msg: &Output) -> Result<Published> {
         // A message the broker cannot take is its sender's fault: refuse it
         // before it touches the breaker or the spool.
         envelope::check_short("exchange", &msg.exchange)?;
@@ -365,15 +384,15 @@ impl Core {
             // Keep the breaker open for as long as the block lasts: no probe
             // can succeed on a blocked connection.
             self.with_breaker(|b, now| ((), b.force_open(now)));
-            return self.spool(msg).await;
+            return self.spool(msg.clone()).await;
         }
         let admission = self.with_breaker(|b, now| b.allow(now));
         if !admission.is_allowed() {
-            return self.spool(msg).await;
+            return self.spool(msg.clone()).await;
         }
-        let res = match self.usable_channel() {
+        let res = match self.channel_for_publish().await {
             None => Err(Error::NotConnected),
-            Some(ch) => self.publish_once(&ch, &msg).await,
+            Some(ch) => self.publish_once(&ch, msg).await,
         };
         self.record(&res);
         match res {
@@ -385,7 +404,7 @@ impl Core {
                 }
                 if self.spool.is_some() && self.breaker_state() == BreakerState::Open {
                     warn!(error = %e, "publish failed and the breaker is open; spooling it");
-                    return self.spool(msg).await;
+                    return self.spool(msg.clone()).await;
                 }
                 Err(e)
             }
@@ -882,6 +901,12 @@ async fn send(
         .await?)
 }
 
+/// A panic in the publish path is that publish's (permanent) failure, not
+/// its caller's.
+fn publish_panicked(p: &(dyn std::any::Any + Send)) -> Error {
+    Error::Panicked(format!("publish: {}", crate::error::panic_message(p)))
+}
+
 fn confirmed(c: lapin::Result<Confirmation>) -> Result<()> {
     match c {
         Err(e) => Err(Error::Amqp(e)),
@@ -916,6 +941,49 @@ impl PublisherHandle {
     /// beyond that, and when the spool is full, it fails at once with
     /// [`Error::Backpressure`].
     pub async fn send(&self, msg: Output) -> Result<Published> {
+        self.send_ref(&msg).await
+    }
+
+    /// [`send`](Self::send) for a caller that keeps the message (to retry
+    /// it): nothing is copied unless it has to be spooled.
+    pub async fn send_ref(&self, msg: &Output) -> Result<Published> {
+        let credit = self.admit().await?;
+        // In place, in the caller's task (see the module docs).
+        let res = AssertUnwindSafe(self.core.dispatch(msg))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|p| Err(publish_panicked(p.as_ref())));
+        self.release(credit);
+        res
+    }
+
+    /// Like [`send`](Self::send), for a caller with a deadline of its own
+    /// (the HTTP ingress): the waits for a token, the gate and the window
+    /// are the caller's and end with it, but once admitted the publish and
+    /// its confirm run on a task of their own, so a caller that stops
+    /// waiting does not cancel them — the breaker still learns the outcome,
+    /// and a message the broker may already have is not given up half-way.
+    pub async fn send_detached(&self, msg: Output) -> Result<Published> {
+        let credit = self.admit().await?;
+        let core = self.core.clone();
+        let handle = self.clone();
+        tokio::spawn(async move {
+            let res = AssertUnwindSafe(core.dispatch(&msg))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|p| Err(publish_panicked(p.as_ref())));
+            handle.release(credit);
+            res
+        })
+        .await
+        // Only the runtime shutting down cancels the task.
+        .unwrap_or(Err(Error::ShuttingDown))
+    }
+
+    /// A publish's admission: a rate token, a window credit, then the
+    /// blocked gate (waited for holding the credit, so that at most
+    /// `max_unconfirmed` publishes are past the window at any time).
+    async fn admit(&self) -> Result<Credit> {
         let core = &self.core;
         if core.bucket.acquire().await.is_err() {
             let e = Error::Backpressure("publish rate limit: too many waiting publishers".into());
@@ -936,8 +1004,6 @@ impl PublisherHandle {
                 c.ok_or(Error::ShuttingDown)?
             }
         };
-        // Wait for an unblock holding the credit, so that at most
-        // `max_unconfirmed` publishes are past the window at any time.
         if let Err(e) = core.wait_gate().await {
             events::PublishFinished {
                 result: PublishResult::Failed(&e),
@@ -945,19 +1011,31 @@ impl PublisherHandle {
             .emit(&core.metrics);
             return Err(e);
         }
-        let window = |w: &Credits| events::PublishWindow {
-            unconfirmed: w.in_use(),
-        };
-        window(&self.window).emit(&core.metrics);
-        let res = self.addr.send(Publish { msg, credit }).await;
-        window(&self.window).emit(&core.metrics);
-        res?
+        self.report_window();
+        Ok(credit)
+    }
+
+    fn release(&self, credit: Credit) {
+        drop(credit);
+        self.report_window();
+    }
+
+    fn report_window(&self) {
+        events::PublishWindow {
+            unconfirmed: self.window.in_use(),
+        }
+        .emit(&self.core.metrics);
     }
 
     /// Like [`send`](Self::send), for callers that only need to know the
     /// message is safe (confirmed or spooled).
     pub async fn publish(&self, msg: Output) -> Result<()> {
         self.send(msg).await.map(|_| ())
+    }
+
+    /// [`publish`](Self::publish) by reference (see [`send_ref`](Self::send_ref)).
+    pub async fn publish_ref(&self, msg: &Output) -> Result<()> {
+        self.send_ref(msg).await.map(|_| ())
     }
 
     /// Stores `msg` in the spool without trying the broker, for a caller
@@ -1067,6 +1145,9 @@ impl PublisherActor {
             },
             breaker: Mutex::new(CircuitBreaker::new(cfg.breaker)),
             channel: Mutex::new(None),
+            // The actor opens the channel once it hears the link is up
+            // (see `started`).
+            opening: watch::channel(true).0,
             spool,
             gate: watch::channel(false).0,
             blocked_since: Mutex::new(None),
@@ -1096,6 +1177,7 @@ impl PublisherActor {
     fn open_channel(&mut self, ctx: &mut Context<Self>) {
         let conn = self.conn.clone();
         let delay = self.restarts.delay();
+        self.core.set_opening(true);
         ctx.wait(
             async move {
                 tokio::time::sleep(delay).await;
@@ -1108,12 +1190,15 @@ impl PublisherActor {
                 Ok(ch) => {
                     debug!("publisher channel open in confirm mode");
                     *lock(&act.core.channel) = Some(ch);
+                    act.core.set_opening(false);
                     act.restarts.succeeded();
                 }
                 Err(Error::NotConnected) => {
                     // The connection actor will send LinkUp when it is back.
+                    act.core.set_opening(false);
                 }
                 Err(e) => {
+                    // `restarting` keeps publishes waiting for the next one.
                     warn!(error = %e, "could not open the publisher channel; restarting");
                     ctx.stop();
                 }
@@ -1153,12 +1238,24 @@ impl Actor for PublisherActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         if self.restarts.escalated() {
+            self.core.set_opening(false);
             return;
         }
         if !self.subscribed {
             self.subscribed = true;
-            // bounded: once, on the first start.
-            self.conn.do_send(Subscribe(ctx.address().recipient()));
+            // Once, on the first start. The answer says whether the link is
+            // up: if so a LinkUp follows and opens the channel (publishes
+            // wait for it); if not, publishes fail at once until it is.
+            ctx.wait(
+                self.conn
+                    .send(Subscribe(ctx.address().recipient()))
+                    .into_actor(self)
+                    .map(|up, act, _| {
+                        if !matches!(up, Ok(true)) {
+                            act.core.set_opening(false);
+                        }
+                    }),
+            );
         } else {
             // A restart: the link may be up already (no LinkUp will come).
             self.open_channel(ctx);
@@ -1170,6 +1267,8 @@ impl Actor for PublisherActor {
 impl Supervised for PublisherActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         *lock(&self.core.channel) = None;
+        // `started` opens the next channel (or gives up and clears this).
+        self.core.set_opening(true);
         events::Restarted {
             kind: ActorKind::Publisher,
             stage: "",
@@ -1228,33 +1327,6 @@ impl Handler<LinkEvent> for PublisherActor {
             }
             _ => {}
         }
-    }
-}
-
-impl Handler<Publish> for PublisherActor {
-    type Result = ResponseFuture<Result<Published>>;
-
-    fn handle(&mut self, msg: Publish, _ctx: &mut Context<Self>) -> Self::Result {
-        let Publish { msg, credit } = msg;
-        let core = self.core.clone();
-        // The publish and its confirm run on the multi-threaded runtime, not
-        // on this actor's (single) arbiter thread: the actor only routes.
-        let task = tokio::spawn(async move {
-            let _credit = credit;
-            core.dispatch(msg).await
-        });
-        Box::pin(async move {
-            // A panic is permanent (retrying would panic again); a
-            // cancelled task (runtime shutting down) is not.
-            task.await.unwrap_or_else(|e| {
-                Err(if e.is_panic() {
-                    Error::Panicked(format!("publish task: {e}"))
-                } else {
-                    // Only the runtime shutting down cancels it.
-                    Error::ShuttingDown
-                })
-            })
-        })
     }
 }
 

@@ -314,15 +314,7 @@ async fn run_handler(shared: &Shared, d: &Delivery) -> Handled {
     res.map_err(|p| panic_message(p.as_ref()))
 }
 
-pub(super) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic".to_owned()
-    }
-}
+pub(super) use crate::error::panic_message;
 
 /// Step 5: the verdict for a handler's result.
 pub(crate) fn judge(spec: &StageSpec, d: &Delivery, attempt: u32, handled: Handled) -> Verdict {
@@ -636,7 +628,7 @@ async fn publish_retrying(shared: &Shared, out: Output) -> Result<(), PublishFai
     let mut backoff =
         crate::supervision::Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
     loop {
-        match shared.publisher.publish(out.clone()).await {
+        match shared.publisher.publish_ref(&out).await {
             Ok(()) => return Ok(()),
             Err(e @ Error::Unroutable { .. }) => {
                 return Err(PublishFailure::Unroutable(e.to_string()))
