@@ -600,8 +600,8 @@ impl Handler<Subscribe> for ConnectionActor {
     type Result = bool;
 
     fn handle(&mut self, msg: Subscribe, _ctx: &mut Context<Self>) -> bool {
-        // bounded: at most three notices to a new subscriber.
         let up = self.both_up();
+        // bounded: at most three notices to a new subscriber.
         if up {
             msg.0.do_send(LinkEvent::LinkUp(Purpose::Consume));
             msg.0.do_send(LinkEvent::LinkUp(Purpose::Publish));
