@@ -10,15 +10,20 @@
 //! after its output is confirmed (in both pipelines).
 //!
 //! Cases, per queue kind: plain lapin (per delivery: publish, await confirm,
-//! ack), flowgate at its default config, flowgate with `ack_batch = {}`.
+//! ack), flowgate at its default config (batched acks), flowgate with
+//! single acks (`ack_batch = { enabled = false }`).
 //! Then: a fixed 500 msg/s through 3 hops (classic, default config) for its
 //! latency, and the HTTP ingress (`POST /publish`) at saturation (64
-//! concurrent requests) and at a fixed 2,000 req/s.
+//! concurrent requests) and at a fixed 2,000 req/s. Last, a backlog: the
+//! first stage's input holds `FLOWGATE_BENCH_BACKLOG` messages (default
+//! 1,000,000) and the daemon consumes from it for a minute while its RSS is
+//! sampled.
 //!
 //! Environment: `FLOWGATE_BENCH_MESSAGES` (default 30000),
 //! `FLOWGATE_BENCH_REPS` (default 3; the median run by throughput is shown),
 //! `FLOWGATE_BENCH_COMPARE_BIN` (another `flowgate` binary, e.g. an earlier
-//! build: run as one more case with the default config).
+//! build: run as one more case with the default config),
+//! `FLOWGATE_BENCH_BACKLOG` (0 skips the backlog case).
 //!
 //! Run: `cargo bench --bench pipeline` (needs RabbitMQ on 127.0.0.1:5672).
 
@@ -139,7 +144,8 @@ struct Usage {
     peak_rss_kib: u64,
 }
 
-fn usage(pid: u32) -> Usage {
+/// User + system CPU time of a process so far.
+fn cpu_of(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which is in parentheses).
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -148,7 +154,27 @@ fn usage(pid: u32) -> Usage {
     // utime, stime: fields 14 and 15 of stat, 11 and 12 after the name.
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let cpu = Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / hz);
+    Duration::from_micros((ticks(11) + ticks(12)) * 1_000_000 / hz)
+}
+
+/// CPU time of the broker (every `beam.smp` process) so far.
+fn broker_cpu() -> Duration {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    procs
+        .flatten()
+        .filter_map(|p| p.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "beam.smp")
+        })
+        .map(cpu_of)
+        .sum()
+}
+
+fn usage(pid: u32) -> Usage {
+    let cpu = cpu_of(pid);
     let mut switches = 0;
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for t in tasks.flatten() {
@@ -177,7 +203,7 @@ fn status_field(status: &str, name: &str) -> u64 {
 
 enum Stages {
     Lapin,
-    Flowgate { bin: PathBuf, ack_batch: bool },
+    Flowgate { bin: PathBuf, single_acks: bool },
 }
 
 struct Running {
@@ -243,13 +269,13 @@ async fn start(stages: &Stages, prefix: &str, cfg: &Config) -> Running {
                 _config: None,
             }
         }
-        Stages::Flowgate { bin, ack_batch } => {
+        Stages::Flowgate { bin, single_acks } => {
             let mut cfg = cfg.clone();
             let http = format!("127.0.0.1:{}", free_port());
             cfg.http.bind = http.clone();
-            if *ack_batch {
+            if *single_acks {
                 for s in &mut cfg.stages {
-                    s.ack_batch = Some(AckBatchConfig::default());
+                    s.ack_batch = AckBatchConfig::off();
                 }
             }
             let file = tempfile::Builder::new()
@@ -279,10 +305,20 @@ async fn start(stages: &Stages, prefix: &str, cfg: &Config) -> Running {
 fn minimal_toml(cfg: &Config) -> String {
     let full = toml::Table::try_from(cfg).expect("config as TOML");
     let defaults = toml::Table::try_from(Config::default()).expect("defaults as TOML");
-    let kept: toml::Table = full
+    let mut kept: toml::Table = full
         .into_iter()
         .filter(|(k, v)| defaults.get(k) != Some(v))
         .collect();
+    // Likewise a stage's `ack_batch` at its default (builds before it had
+    // `enabled` refuse the key; their default is single acks).
+    let default_acks = toml::Value::try_from(AckBatchConfig::default()).expect("as TOML");
+    if let Some(toml::Value::Array(stages)) = kept.get_mut("stages") {
+        for s in stages.iter_mut().filter_map(toml::Value::as_table_mut) {
+            if s.get("ack_batch") == Some(&default_acks) {
+                s.remove("ack_batch");
+            }
+        }
+    }
     toml::to_string(&kept).expect("config as TOML")
 }
 
@@ -306,6 +342,8 @@ struct Row {
     cpu_us_per_msg: f64,
     switches_per_msg: f64,
     peak_rss_mib: f64,
+    /// The broker's CPU over the run, in % of one core (the machine has 2).
+    broker_cpu_pct: f64,
 }
 
 async fn run_once(stages: &Stages, kind: QueueKind, n: usize, rate: Option<f64>) -> Row {
@@ -315,6 +353,7 @@ async fn run_once(stages: &Stages, kind: QueueKind, n: usize, rate: Option<f64>)
     let running = start(stages, &prefix, &cfg).await;
     let pid = running.child.id();
     let before = usage(pid);
+    let (broker_before, wall) = (broker_cpu(), Instant::now());
     let stats = drive_at(
         URL,
         &format!("{prefix}.ex"),
@@ -329,10 +368,12 @@ async fn run_once(stages: &Stages, kind: QueueKind, n: usize, rate: Option<f64>)
     .await
     .expect("drive");
     let after = usage(pid);
+    let broker = (broker_cpu() - broker_before).as_secs_f64() / wall.elapsed().as_secs_f64();
     drop(running);
     cleanup(URL, &cfg).await;
     let per = |v: f64| v / stats.received.max(1) as f64;
     Row {
+        broker_cpu_pct: broker * 100.0,
         spread: (stats.throughput(), stats.throughput()),
         cpu_us_per_msg: per((after.cpu - before.cpu).as_secs_f64() * 1e6),
         switches_per_msg: per(after.switches.saturating_sub(before.switches) as f64),
@@ -363,7 +404,7 @@ fn ms(d: Duration) -> f64 {
 
 fn print_row(name: &str, r: &Row, base: &Row) {
     println!(
-        "| {name} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.1} | {:.1} | {:.0} | {:.2} | {:.1} | {:.0} | {} |",
+        "| {name} | {:.0} ({:.0}–{:.0}) | {:.2} | {:.1} | {:.1} | {:.0} | {:.2} | {:.1} | {:.0} | {:.0} | {} |",
         r.stats.throughput(),
         r.spread.0,
         r.spread.1,
@@ -374,6 +415,7 @@ fn print_row(name: &str, r: &Row, base: &Row) {
         r.cpu_us_per_msg / base.cpu_us_per_msg.max(1e-9),
         r.switches_per_msg,
         r.peak_rss_mib,
+        r.broker_cpu_pct,
         r.stats.sent - r.stats.received,
     );
 }
@@ -386,6 +428,8 @@ struct HttpRun {
     refused: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// The broker's CPU over the run, in % of one core.
+    broker_cpu_pct: f64,
 }
 
 impl HttpRun {
@@ -406,6 +450,7 @@ async fn post_many(url: &str, n: usize, concurrency: usize, rate: Option<f64>) -
         .build()
         .expect("client");
     let started = tokio::time::Instant::now();
+    let broker_before = broker_cpu();
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let workers = if rate.is_some() {
         n.min(1024)
@@ -449,6 +494,7 @@ async fn post_many(url: &str, n: usize, concurrency: usize, rate: Option<f64>) -
         refused: 0,
         elapsed: Duration::ZERO,
         latencies: Vec::new(),
+        broker_cpu_pct: 0.0,
     };
     for t in tasks {
         let (ok, refused, lat) = t.await.expect("worker");
@@ -457,6 +503,8 @@ async fn post_many(url: &str, n: usize, concurrency: usize, rate: Option<f64>) -
         run.latencies.extend(lat);
     }
     run.elapsed = started.elapsed();
+    run.broker_cpu_pct =
+        (broker_cpu() - broker_before).as_secs_f64() / run.elapsed.as_secs_f64() * 100.0;
     run.latencies.sort();
     run
 }
@@ -478,7 +526,7 @@ async fn ingress_case(bin: &Path, n: usize) {
     declare(&cfg).await;
     let stages = Stages::Flowgate {
         bin: bin.to_owned(),
-        ack_batch: false,
+        single_acks: false,
     };
     let running = start(&stages, &prefix, &cfg).await;
     let url = format!("http://{bind}/publish/{prefix}.ex/in");
@@ -487,8 +535,8 @@ async fn ingress_case(bin: &Path, n: usize) {
     drop(running);
     cleanup(URL, &cfg).await;
     println!("\nHTTP ingress (POST /publish, {BODY}-byte bodies, 3 forward stages behind it)\n");
-    println!("| load | requests | accepted | refused | req/s | p50 ms | p99 ms | p99.9 ms |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| load | requests | accepted | refused | req/s | p50 ms | p99 ms | p99.9 ms | broker CPU % of a core |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (name, r) in [
         (
             format!("saturation, {INGRESS_CONCURRENCY} concurrent"),
@@ -497,7 +545,7 @@ async fn ingress_case(bin: &Path, n: usize) {
         (format!("fixed {INGRESS_RATE:.0} req/s"), &fixed),
     ] {
         println!(
-            "| {name} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} |",
+            "| {name} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} |",
             r.ok + r.refused,
             r.ok,
             r.refused,
@@ -505,8 +553,118 @@ async fn ingress_case(bin: &Path, n: usize) {
             r.pct(0.5),
             r.pct(0.99),
             r.pct(0.999),
+            r.broker_cpu_pct,
         );
     }
+}
+
+// ---- a backlog in the broker ----------------------------------------------
+
+/// How long the daemon consumes from the backlog while its RSS is sampled.
+const BACKLOG_RUN: Duration = Duration::from_secs(60);
+
+/// Puts `n` persistent messages in `queue` (through the default exchange),
+/// confirmed in windows of a few thousand.
+async fn fill(queue: &str, n: usize) {
+    let conn = Connection::connect(URL, ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let body = vec![b'x'; BODY];
+    let props = lapin::BasicProperties::default().with_delivery_mode(2);
+    let mut sent = 0;
+    while sent < n {
+        let batch = (n - sent).min(5_000);
+        let mut confirms = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            confirms.push(
+                ch.basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props.clone(),
+                )
+                .await
+                .expect("publish"),
+            );
+        }
+        for c in confirms {
+            c.await.expect("confirm");
+        }
+        sent += batch;
+    }
+    let _ = conn.close(200, "".into()).await;
+}
+
+/// The daemon consuming one forward stage from a backlog of `n`: its RSS
+/// every second for [`BACKLOG_RUN`].
+async fn backlog_case(bin: &Path, n: usize) {
+    let prefix = format!(
+        "bench-backlog-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let cfg = pipeline_config(&prefix, 1, u32::from(PREFETCH), QueueKind::Classic);
+    declare(&cfg).await;
+    let input = format!("{prefix}.s1");
+    let filling = Instant::now();
+    fill(&input, n).await;
+    let filled_in = filling.elapsed();
+    let stages = Stages::Flowgate {
+        bin: bin.to_owned(),
+        single_acks: false,
+    };
+    let running = start(&stages, &prefix, &cfg).await;
+    let pid = running.child.id();
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status_field(&status, "VmRSS") as f64 / 1024.0
+    };
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    while started.elapsed() < BACKLOG_RUN {
+        tick.tick().await;
+        samples.push(rss());
+    }
+    let peak = usage(pid).peak_rss_kib as f64 / 1024.0;
+    let depth = {
+        let conn = Connection::connect(URL, ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                input.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("depth");
+        let _ = conn.close(200, "".into()).await;
+        q.message_count()
+    };
+    drop(running);
+    cleanup(URL, &cfg).await;
+    let half = samples.len() / 2;
+    let max = |s: &[f64]| s.iter().copied().fold(0.0, f64::max);
+    println!(
+        "\nbacklog: {n} persistent {BODY}-byte messages in the input (filled in {:.0} s), \
+         one forward stage consuming for {} s: {} consumed, {depth} still queued; \
+         daemon RSS max {:.1} MiB in the first half, {:.1} MiB in the second, peak {:.1} MiB",
+        filled_in.as_secs_f64(),
+        BACKLOG_RUN.as_secs(),
+        n.saturating_sub(depth as usize),
+        max(&samples[..half]),
+        max(&samples[half..]),
+        peak,
+    );
 }
 
 fn main() {
@@ -530,17 +688,17 @@ fn main() {
             let default = median(
                 &Stages::Flowgate {
                     bin: bin.clone(),
-                    ack_batch: false,
+                    single_acks: false,
                 },
                 kind,
                 n,
                 reps,
             )
             .await;
-            let batched = median(
+            let single = median(
                 &Stages::Flowgate {
                     bin: bin.clone(),
-                    ack_batch: true,
+                    single_acks: true,
                 },
                 kind,
                 n,
@@ -552,7 +710,7 @@ fn main() {
                     median(
                         &Stages::Flowgate {
                             bin: b.clone(),
-                            ack_batch: false,
+                            single_acks: false,
                         },
                         kind,
                         n,
@@ -563,20 +721,20 @@ fn main() {
                 None => None,
             };
             println!("\n{} durable queues\n", kind_name(kind));
-            println!("| stages | msg/s (runs' range) | ratio | p50 ms | p99 ms | CPU µs/msg | CPU ratio | ctx switches/msg | peak RSS MiB | lost |");
-            println!("|---|---|---|---|---|---|---|---|---|---|");
+            println!("| stages | msg/s (runs' range) | ratio | p50 ms | p99 ms | CPU µs/msg | CPU ratio | ctx switches/msg | peak RSS MiB | broker CPU % of a core | lost |");
+            println!("|---|---|---|---|---|---|---|---|---|---|---|");
             print_row("plain lapin", &base, &base);
             print_row("flowgate, default", &default, &base);
-            print_row("flowgate, `ack_batch = {}`", &batched, &base);
+            print_row("flowgate, single acks", &single, &base);
             if let Some(o) = &other {
-                print_row("flowgate, comparison build", o, &base);
+                print_row("flowgate, comparison build (its defaults)", o, &base);
             }
         }
         let fixed_n = (FIXED_RATE as usize) * 20;
         let fixed = run_once(
             &Stages::Flowgate {
                 bin: bin.clone(),
-                ack_batch: false,
+                single_acks: false,
             },
             QueueKind::Classic,
             fixed_n,
@@ -585,12 +743,17 @@ fn main() {
         .await;
         println!(
             "\nfixed {FIXED_RATE:.0} msg/s through 3 hops (classic, default config, {fixed_n} messages): \
-             p50 {:.1} ms, p99 {:.1} ms, stage CPU {:.0} µs/msg, lost {}",
+             p50 {:.1} ms, p99 {:.1} ms, stage CPU {:.0} µs/msg, broker CPU {:.0}% of a core, lost {}",
             ms(fixed.stats.percentile(0.5)),
             ms(fixed.stats.percentile(0.99)),
             fixed.cpu_us_per_msg,
+            fixed.broker_cpu_pct,
             fixed.stats.sent - fixed.stats.received
         );
         ingress_case(&bin, n).await;
+        let backlog: usize = env("FLOWGATE_BENCH_BACKLOG", 1_000_000);
+        if backlog > 0 {
+            backlog_case(&bin, backlog).await;
+        }
     });
 }

@@ -372,8 +372,11 @@ impl Engine {
                 signature: signature_check(s.verify_mode(keys.is_some()), keys.as_ref()),
                 // validated to 1..=prefetch
                 batch: s.batch.as_ref().map(BatchConfig::policy),
-                ack: s.ack_batch.map(|a| {
-                    AckPolicy::for_prefetch(u16::try_from(s.prefetch).unwrap_or(u16::MAX), a.flush)
+                ack: s.ack_batch.enabled.then(|| {
+                    AckPolicy::for_prefetch(
+                        u16::try_from(s.prefetch).unwrap_or(u16::MAX),
+                        s.ack_batch.flush,
+                    )
                 }),
             };
             let (addr, probe) = StageActor::start_supervised(

@@ -1,7 +1,9 @@
 //! Batched acknowledgement (issue 12, item 3): consecutive settled
 //! deliveries share one `basic.ack(multiple = true)`; a delivery still being
 //! handled is never covered by one (the broker keeps it unacked while the
-//! ones behind it are acked); a drain acks everything that is ready.
+//! ones behind it are acked); a run holding every delivery the stage has is
+//! acked at once, without waiting for the flush interval; a drain leaves
+//! nothing unacked; `enabled = false` sends one frame per delivery.
 
 use flowgate_testkit as common;
 
@@ -22,16 +24,16 @@ async fn broker_view(queue: &str) -> (u64, u64, u64) {
         .unwrap()
 }
 
-/// One stage (`s1` → sink) with batched acks flushed after `flush`; the
-/// message with id `slow` waits for `gate`.
+/// One stage (`s1` → sink) acking as `acks` says; the message with id
+/// `slow` waits for `gate`.
 async fn start(
     prefix: &str,
-    flush: Duration,
+    acks: AckBatchConfig,
     gate: Arc<Semaphore>,
 ) -> (EngineHandle, flowgate::config::Config, Cleanup) {
     let mut cfg = chain_config(prefix, &["gated"], PREFETCH);
     cfg.stages[0].concurrency = Concurrency::Fixed(8);
-    cfg.stages[0].ack_batch = Some(AckBatchConfig { flush });
+    cfg.stages[0].ack_batch = acks;
     let cleanup = Cleanup::new(AMQP_URL, &cfg);
     let h = handler_fn(move |d: Delivery| {
         let gate = gate.clone();
@@ -54,6 +56,14 @@ async fn start(
     (handle, cfg, cleanup)
 }
 
+/// Batched acks flushed after `flush`.
+fn batched(flush: Duration) -> AckBatchConfig {
+    AckBatchConfig {
+        flush,
+        ..AckBatchConfig::default()
+    }
+}
+
 fn frames(m: &Metrics) -> u64 {
     m.counter(Metrics::ACK_FRAMES, &["s1"])
 }
@@ -66,7 +76,8 @@ fn acked(m: &Metrics) -> u64 {
 async fn runs_share_one_ack_and_a_delivery_still_handled_is_never_covered() {
     let prefix = unique("acks-batch");
     let gate = Arc::new(Semaphore::new(0));
-    let (h, _cfg, _cleanup) = start(&prefix, Duration::from_millis(20), gate.clone()).await;
+    let (h, _cfg, _cleanup) =
+        start(&prefix, batched(Duration::from_millis(20)), gate.clone()).await;
     let m = h.metrics().clone();
     let client = Client::connect(AMQP_URL).await;
     let ex = format!("{prefix}.ex");
@@ -139,16 +150,63 @@ async fn runs_share_one_ack_and_a_delivery_still_handled_is_never_covered() {
 }
 
 #[actix_rt::test]
-async fn a_drain_acks_what_is_ready_before_the_channel_closes() {
-    let prefix = unique("acks-drain");
-    // Acks would wait up to a second: only the drain can send them in time.
-    let (h, _cfg, _cleanup) =
-        start(&prefix, Duration::from_secs(1), Arc::new(Semaphore::new(0))).await;
+async fn a_lone_delivery_is_acked_without_waiting_for_the_flush_interval() {
+    let prefix = unique("acks-idle");
+    const FLUSH: Duration = Duration::from_secs(1);
+    let (h, _cfg, _cleanup) = start(&prefix, batched(FLUSH), Arc::new(Semaphore::new(0))).await;
+    let m = h.metrics().clone();
     let client = Client::connect(AMQP_URL).await;
+    let (ex, sink) = (format!("{prefix}.ex"), format!("{prefix}.sink"));
+    // One at a time: each is the only delivery the stage has, so its ack
+    // goes out as soon as its output is confirmed. Left to the flush timer,
+    // it would go out a whole interval after that confirm, which comes
+    // after the publish: more than an interval after the publish.
+    for i in 0..5u64 {
+        let sent = std::time::Instant::now();
+        client.publish(&ex, "in", &format!("lone{i}"), b"x").await;
+        assert!(
+            eventually(Duration::from_secs(10), || async { acked(&m) == i + 1 }).await,
+            "lone{i} acked: {}",
+            acked(&m)
+        );
+        assert!(
+            sent.elapsed() < FLUSH,
+            "lone{i} acked {:?} after its publish: it waited for the {FLUSH:?} flush",
+            sent.elapsed()
+        );
+        let got = client
+            .collect_distinct(&sink, 1, Duration::from_secs(30))
+            .await;
+        assert_eq!(
+            got.get(format!("lone{i}").as_str()),
+            Some(&1),
+            "lone{i} forwarded once"
+        );
+    }
+    assert_eq!(frames(&m), 5, "one frame each: nothing to batch them with");
+    let input = format!("{prefix}.s1");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            broker_view(&input).await.1 == 0
+        })
+        .await,
+        "nothing unacked: {:?}",
+        broker_view(&input).await
+    );
+    h.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn a_drain_leaves_nothing_unacked() {
+    let prefix = unique("acks-drain");
+    // Acks behind the held delivery would wait up to a second.
+    let gate = Arc::new(Semaphore::new(0));
+    let (h, _cfg, _cleanup) = start(&prefix, batched(Duration::from_secs(1)), gate.clone()).await;
+    let client = Client::connect(AMQP_URL).await;
+    let ex = format!("{prefix}.ex");
+    client.publish(&ex, "in", "slow", b"x").await;
     let ids: Vec<String> = (0..5).map(|i| format!("d{i}")).collect();
-    client
-        .publish_many(&format!("{prefix}.ex"), "in", &ids, b"x")
-        .await;
+    client.publish_many(&ex, "in", &ids, b"x").await;
     let sink = format!("{prefix}.sink");
     assert_eq!(
         client
@@ -157,9 +215,42 @@ async fn a_drain_acks_what_is_ready_before_the_channel_closes() {
             .len(),
         5
     );
-    let report = h.shutdown().await;
+    // The drain waits for the held one; let it finish meanwhile.
+    let shutdown = tokio::spawn({
+        let h = h.clone();
+        async move { h.shutdown().await }
+    });
+    gate.add_permits(1);
+    let report = shutdown.await.unwrap();
     assert!(report.clean, "{report:?}");
-    assert_eq!(h.metrics().counter(Metrics::ACKED, &["s1"]), 5);
+    assert_eq!(h.metrics().counter(Metrics::ACKED, &["s1"]), 6);
     // Nothing went back to the queue for redelivery.
     assert_eq!(broker_view(&format!("{prefix}.s1")).await, (0, 0, 0));
+}
+
+#[actix_rt::test]
+async fn with_batching_off_every_delivery_has_its_own_frame() {
+    let prefix = unique("acks-off");
+    let (h, _cfg, _cleanup) =
+        start(&prefix, AckBatchConfig::off(), Arc::new(Semaphore::new(0))).await;
+    let m = h.metrics().clone();
+    let client = Client::connect(AMQP_URL).await;
+    let ids: Vec<String> = (0..100).map(|i| format!("o{i}")).collect();
+    client
+        .publish_many(&format!("{prefix}.ex"), "in", &ids, b"x")
+        .await;
+    assert_eq!(
+        client
+            .collect_distinct(&format!("{prefix}.sink"), 100, Duration::from_secs(30))
+            .await
+            .len(),
+        100
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async { acked(&m) == 100 }).await,
+        "all 100 acked: {}",
+        acked(&m)
+    );
+    assert_eq!(frames(&m), 100);
+    h.shutdown().await;
 }

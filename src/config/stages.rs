@@ -117,25 +117,32 @@ pub struct StageConfig {
     /// Default none: one delivery per handler call.
     #[serde(default)]
     pub batch: Option<BatchConfig>,
-    /// Batched acknowledgement: `ack_batch = {}` or `{ flush = "5ms" }`.
-    /// Consecutive deliveries whose outputs are confirmed are acked with one
-    /// `basic.ack(multiple = true)` — at once when a quarter of the prefetch
-    /// is ready, else after `flush` — never covering a delivery still being
-    /// handled; at least once as with single acks (a crash between confirm
-    /// and ack redelivers; see the README's "Batched acks"). Default none:
-    /// one `basic.ack` per delivery.
+    /// Batched acknowledgement, on by default: consecutive deliveries whose
+    /// outputs are confirmed are acked with one `basic.ack(multiple = true)`
+    /// — at once when a quarter of the prefetch is ready or when nothing
+    /// else is being handled, else after `flush` — never covering a delivery
+    /// still being handled; at least once as with single acks (a crash
+    /// between confirm and ack redelivers; see the README's "Batched acks").
+    /// `ack_batch = { enabled = false }`: one `basic.ack` per delivery.
     #[serde(default)]
-    pub ack_batch: Option<AckBatchConfig>,
+    pub ack_batch: AckBatchConfig,
 }
 
 /// A stage's `ack_batch` table.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct AckBatchConfig {
+    /// Batch acks at all. Default `true`.
+    #[serde(default = "default_ack_batching")]
+    pub enabled: bool,
     /// The longest a delivery whose outputs are confirmed waits for its ack
     /// (1ms..=1s). Default `5ms`.
     #[serde(default = "default_ack_flush", with = "humantime_serde")]
     pub flush: Duration,
+}
+
+fn default_ack_batching() -> bool {
+    true
 }
 
 fn default_ack_flush() -> Duration {
@@ -143,10 +150,21 @@ fn default_ack_flush() -> Duration {
 }
 
 impl Default for AckBatchConfig {
-    /// `flush = "5ms"`.
+    /// `enabled = true, flush = "5ms"`.
     fn default() -> Self {
         Self {
+            enabled: default_ack_batching(),
             flush: default_ack_flush(),
+        }
+    }
+}
+
+impl AckBatchConfig {
+    /// Single acks: `{ enabled = false }`.
+    pub fn off() -> Self {
+        Self {
+            enabled: false,
+            ..Self::default()
         }
     }
 }
@@ -293,7 +311,7 @@ impl Default for StageConfig {
             verify: None,
             http: None,
             batch: None,
-            ack_batch: None,
+            ack_batch: AckBatchConfig::default(),
         }
     }
 }

@@ -189,13 +189,12 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
         validate_failures(cfg, s, &key)?;
         validate_http(s, &key)?;
         validate_batch(s, &key)?;
-        if let Some(a) = &s.ack_batch {
-            if a.flush < Duration::from_millis(1) || a.flush > Duration::from_secs(1) {
-                return Err(ConfigError::new(
-                    key("ack_batch.flush"),
-                    "must be between 1ms and 1s",
-                ));
-            }
+        let flush = s.ack_batch.flush;
+        if flush < Duration::from_millis(1) || flush > Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                key("ack_batch.flush"),
+                "must be between 1ms and 1s",
+            ));
         }
     }
     validate_dedup(cfg)?;

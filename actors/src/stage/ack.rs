@@ -14,6 +14,10 @@
 //! * at once when the prefix holds [`AckPolicy::max_batch`] deliveries
 //!   (at most a quarter of the prefetch, so the broker keeps delivering while
 //!   the batch fills);
+//! * at once when it holds every registered delivery: nothing else is being
+//!   handled, so nothing could join the batch but a delivery not yet taken —
+//!   waiting for one would only add latency (a lone message at a low rate is
+//!   acked as soon as its outputs are confirmed, as with single acks);
 //! * otherwise after [`AckPolicy::flush_interval`]; a ready delivery behind
 //!   one still being handled is then acked on its own, so a slow message
 //!   never holds the acks of the others for longer than that;
@@ -195,12 +199,7 @@ impl AckBatcher {
             self.send_one(stale).await;
             return;
         }
-        let (now, schedule) = self.due();
-        if now {
-            self.flush(false).await;
-        } else if schedule {
-            self.wake.notify_one();
-        }
+        self.kick().await;
     }
 
     /// Whether the ready prefix is to be sent now, and whether a flush is
@@ -212,7 +211,8 @@ impl AckBatcher {
             .values()
             .take_while(|s| matches!(s, Slot::Ready(_)))
             .count();
-        let now = r.draining || prefix >= self.policy.max_batch;
+        let idle = prefix > 0 && prefix == r.slots.len();
+        let now = r.draining || idle || prefix >= self.policy.max_batch;
         let schedule = !now && !r.scheduled;
         if schedule {
             r.scheduled = true;
@@ -223,16 +223,22 @@ impl AckBatcher {
     /// The delivery was rejected or requeued (its frame already sent): it
     /// no longer holds the ready deliveries behind it.
     pub(crate) async fn settled(&self, ticket: Ticket) {
-        let flush = {
+        {
             let mut r = self.lock();
             if r.incarnation == ticket.incarnation {
                 r.slots.remove(&ticket.tag);
             }
-            r.draining
-        };
-        if flush {
+        }
+        self.kick().await;
+    }
+
+    /// Sends the ready prefix if it is due, else makes sure a flush is
+    /// scheduled.
+    async fn kick(&self) {
+        let (now, schedule) = self.due();
+        if now {
             self.flush(false).await;
-        } else {
+        } else if schedule {
             self.wake.notify_one();
         }
     }
