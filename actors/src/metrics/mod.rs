@@ -181,7 +181,7 @@ metrics! {
         "deliveries acked after their outputs were confirmed");
     /// `basic.ack` frames sent (one per delivery, or one per batch).
     ack_frames: IntCounterVec = ACK_FRAMES("flowgate_ack_frames_total", ["stage"],
-        "`basic.ack` frames sent: one per acked delivery, or one per batch with `ack_batch`");
+        "`basic.ack` frames sent: one per batch of acked deliveries (`ack_batch`, on by default), one per delivery with it off");
     /// Deliveries dead-lettered, by reason.
     dead_lettered: IntCounterVec = DEAD_LETTERED("flowgate_messages_dead_lettered_total", ["stage", "reason"],
         "deliveries dead-lettered (`handler` is a handler's own reason, which goes to the `x-flowgate-reason` header; the publisher counts unroutable returns as stage `publisher`)");
