@@ -631,25 +631,10 @@ async fn backlog_case(bin: &Path, n: usize) {
         samples.push(rss());
     }
     let peak = usage(pid).peak_rss_kib as f64 / 1024.0;
-    let depth = {
-        let conn = Connection::connect(URL, ConnectionProperties::default())
-            .await
-            .expect("connect");
-        let ch = conn.create_channel().await.expect("channel");
-        let q = ch
-            .queue_declare(
-                input.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("depth");
-        let _ = conn.close(200, "".into()).await;
-        q.message_count()
-    };
+    let depth = flowgate_testkit::Client::connect(URL)
+        .await
+        .depth(&input)
+        .await;
     drop(running);
     cleanup(URL, &cfg).await;
     let half = samples.len() / 2;
