@@ -564,40 +564,16 @@ async fn ingress_case(bin: &Path, n: usize) {
 const BACKLOG_RUN: Duration = Duration::from_secs(60);
 
 /// Puts `n` persistent messages in `queue` (through the default exchange),
-/// confirmed in windows of a few thousand.
+/// confirmed, a chunk of ids at a time.
 async fn fill(queue: &str, n: usize) {
-    let conn = Connection::connect(URL, ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
+    let client = flowgate_testkit::Client::connect(URL).await;
     let body = vec![b'x'; BODY];
-    let props = lapin::BasicProperties::default().with_delivery_mode(2);
-    let mut sent = 0;
-    while sent < n {
-        let batch = (n - sent).min(5_000);
-        let mut confirms = Vec::with_capacity(batch);
-        for _ in 0..batch {
-            confirms.push(
-                ch.basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    props.clone(),
-                )
-                .await
-                .expect("publish"),
-            );
-        }
-        for c in confirms {
-            c.await.expect("confirm");
-        }
-        sent += batch;
+    for start in (0..n).step_by(10_000) {
+        let ids: Vec<String> = (start..n.min(start + 10_000))
+            .map(|i| format!("backlog-{i}"))
+            .collect();
+        client.publish_many("", queue, &ids, &body).await;
     }
-    let _ = conn.close(200, "".into()).await;
 }
 
 /// The daemon consuming one forward stage from a backlog of `n`: its RSS
