@@ -31,7 +31,7 @@ mod browse;
 pub mod view;
 
 pub use browse::{
-    apply, dead_letter_id, ensure_browsable, list, show, Action, ActionReport, Entry, Filter,
+    apply, count, dead_letter_id, ensure_browsable, list, show, Action, ActionReport, Entry, Filter,
     Page, Scan, Scanned, Shown, PAGE_MAX, SCAN_DEADLINE, SHOW_MAX, WINDOW,
 };
 
@@ -134,7 +134,8 @@ fn replay_properties(p: &BasicProperties) -> BasicProperties {
     p.clone().with_headers(kept).with_delivery_mode(2)
 }
 
-async fn depth(ch: &Channel, queue: &str) -> Result<u32, Error> {
+/// Messages ready in `queue` (a passive declare).
+pub(crate) async fn depth(ch: &Channel, queue: &str) -> Result<u32, Error> {
     let q = ch
         .queue_declare(
             queue.into(),
@@ -157,8 +158,8 @@ pub async fn stats(conn: &Connection, queue: &str) -> Result<DlqStats, Error> {
         while let Some(m) = scan.next().await? {
             let h = m.properties.headers().clone().unwrap_or_default();
             out.total += 1;
-            count(&mut out.by_reason, reason_of(&h));
-            count(&mut out.by_stage, stage_of(&h));
+            tally(&mut out.by_reason, reason_of(&h));
+            tally(&mut out.by_stage, stage_of(&h));
         }
         Ok::<_, Error>(())
     }
@@ -168,7 +169,7 @@ pub async fn stats(conn: &Connection, queue: &str) -> Result<DlqStats, Error> {
     Ok(out)
 }
 
-fn count(map: &mut BTreeMap<String, u64>, key: String) {
+fn tally(map: &mut BTreeMap<String, u64>, key: String) {
     let key = if map.len() >= MAX_DISTINCT && !map.contains_key(&key) {
         OTHER.to_owned()
     } else {

@@ -627,6 +627,27 @@ pub async fn show(conn: &Connection, queue: &str, id: &str) -> Result<Vec<Shown>
     Ok(out)
 }
 
+/// How many dead letters `filter` picks now, and whether the read reached
+/// the end of the snapshot; the DLQ is left as it was.
+pub async fn count(conn: &Connection, queue: &str, filter: &Filter) -> Result<(u64, bool), Error> {
+    ensure_browsable(conn, queue).await?;
+    let mut scan = Scan::start(conn, queue).await?;
+    let mut n = 0u64;
+    let res = async {
+        while let Some(d) = scan.next().await? {
+            if filter.matches(&Scanned::of(&d)) {
+                n += 1;
+            }
+        }
+        Ok::<_, Error>(())
+    }
+    .await;
+    let complete = scan.complete();
+    scan.finish().await?;
+    res?;
+    Ok((n, complete))
+}
+
 /// What to do with the dead letters a filter picks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]

@@ -240,6 +240,75 @@ pub fn time_text(t: i64, unit: i64) -> String {
     }
 }
 
+/// A list page as text (`flowgate dlq list`).
+pub fn page_text(p: &super::Page) -> String {
+    let mut out = format!(
+        "{}: {} dead letters; {} shown from match {}{}\n",
+        p.queue,
+        p.depth,
+        p.entries.len(),
+        p.offset + 1,
+        if p.more { " (more follow)" } else { "" }
+    );
+    if !p.complete {
+        out.push_str("(the read stopped at its deadline: not every dead letter was read)\n");
+    }
+    for e in &p.entries {
+        let _ = writeln!(
+            out,
+            "{}  #{:<6} {:<24} {:<16} {:<12} attempts {:<3} last {}",
+            e.id,
+            e.position,
+            e.message_id.as_deref().unwrap_or("-"),
+            e.reason,
+            e.stage,
+            e.attempts.map_or("-".into(), |a| a.to_string()),
+            e.last_death.as_deref().unwrap_or("-"),
+        );
+        let _ = writeln!(out, "    {}", e.preview);
+    }
+    out
+}
+
+/// One dead letter in full as text (`flowgate dlq show`).
+pub fn shown_text(s: &super::Shown) -> String {
+    let e = &s.entry;
+    let mut out = format!(
+        "id {}  position {}\nmessage id  {}\nreason      {}\nstage       {}\nattempts    {}\nfirst death {}\nlast death  {}\n",
+        e.id,
+        e.position,
+        e.message_id.as_deref().unwrap_or("-"),
+        e.reason,
+        e.stage,
+        e.attempts.map_or("-".into(), |a| a.to_string()),
+        e.first_death.as_deref().unwrap_or("-"),
+        e.last_death.as_deref().unwrap_or("-"),
+    );
+    if let Some((x, k)) = &e.origin {
+        let _ = writeln!(out, "origin      exchange `{x}`, routing key `{k}`");
+    }
+    if let Some(err) = &e.error {
+        let _ = writeln!(out, "error       {err}");
+    }
+    out.push_str("properties:\n");
+    for (k, v) in &s.properties {
+        let _ = writeln!(out, "  {k}: {v}");
+    }
+    out.push_str("headers:\n");
+    for (k, v) in &s.headers {
+        let _ = writeln!(out, "  {k}: {v}");
+    }
+    let _ = writeln!(
+        out,
+        "body ({:?}, {} bytes{}):\n{}\n",
+        s.body.kind,
+        s.body.size,
+        if s.body.truncated { ", cut" } else { "" },
+        s.body.shown
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
