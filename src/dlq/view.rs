@@ -51,7 +51,7 @@ pub struct BodyView {
 /// bidirectional formatting character, visible as `\u{..}`; keeps at most
 /// `max` characters (appending `…` when cut).
 pub fn visible(s: &str, max: usize) -> String {
-    let mut out = String::with_capacity(s.len().min(max * 2));
+    let mut out = String::with_capacity(s.len().min(max.saturating_mul(2)));
     for (n, c) in s.chars().enumerate() {
         if n == max {
             out.push('…');

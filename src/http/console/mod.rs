@@ -207,7 +207,9 @@ fn secure(r: &mut actix_web::HttpResponseBuilder) {
     r.insert_header((header::CONTENT_SECURITY_POLICY, CSP))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .insert_header((header::X_FRAME_OPTIONS, "DENY"))
-        .insert_header((header::REFERRER_POLICY, "no-referrer"))
+        // Not `no-referrer`: with it a browser sends `Origin: null` on a
+        // form POST, and the origin check could not tell it from a forgery.
+        .insert_header((header::REFERRER_POLICY, "same-origin"))
         .insert_header((header::CACHE_CONTROL, "no-store"));
 }
 
@@ -394,8 +396,11 @@ async fn login(req: HttpRequest, s: web::Data<Console>, body: web::Bytes) -> Htt
         (Some(c), Some(f)) => session::same(c.as_bytes(), f.as_bytes()),
         _ => false,
     };
-    if !csrf_ok || !same_origin(&req) {
+    if !csrf_ok {
         return ConsoleError::Forbidden("missing or wrong CSRF token").error_response();
+    }
+    if !same_origin(&req) {
+        return ConsoleError::Forbidden("the request came from another origin").error_response();
     }
     let token = form.get("token").unwrap_or_default().trim();
     let Some(name) = s.tokens.identify(token.as_bytes()) else {
