@@ -31,8 +31,8 @@ mod browse;
 pub mod view;
 
 pub use browse::{
-    apply, count, dead_letter_id, ensure_browsable, list, show, Action, ActionReport, Entry, Filter,
-    Page, Scan, Scanned, Shown, PAGE_MAX, SCAN_DEADLINE, SHOW_MAX, WINDOW,
+    apply, count, dead_letter_id, ensure_browsable, list, show, Action, ActionReport, Entry,
+    Filter, Page, Scan, Scanned, Shown, PAGE_MAX, SCAN_DEADLINE, SHOW_MAX, WINDOW,
 };
 
 /// Most distinct reasons (and stages) [`stats`] counts apart; the rest are
@@ -213,7 +213,16 @@ pub async fn replay_with_progress(
         reason: reason.map(str::to_owned),
         ..Filter::default()
     };
-    let r = apply(conn, queue, &filter, &Action::Replay, limit, "api", progress).await?;
+    let r = apply(
+        conn,
+        queue,
+        &filter,
+        &Action::Replay,
+        limit,
+        "api",
+        progress,
+    )
+    .await?;
     Ok(ReplayReport {
         replayed: r.done,
         skipped: r.examined - r.done - r.failed,

@@ -115,7 +115,10 @@ async fn an_operator_pauses_a_stage_and_replays_a_dead_letter_in_the_browser() {
 
     // A wrong token is refused.
     b.goto(&format!("{base}/ui/pipeline")).await;
-    assert!(b.current_url().await.ends_with("/ui/login"), "sign-in first");
+    assert!(
+        b.current_url().await.ends_with("/ui/login"),
+        "sign-in first"
+    );
     b.type_into(&b.find("#token").await, "not-a-token-0123456789")
         .await;
     b.click(&b.find("#sign-in").await).await;
@@ -159,8 +162,11 @@ async fn an_operator_pauses_a_stage_and_replays_a_dead_letter_in_the_browser() {
     load.await.unwrap();
 
     // Pause it from the page: the broker stops delivering to it.
-    b.click(&b.find("#controls tr[data-stage=reserve] button.pause").await)
-        .await;
+    b.click(
+        &b.find("#controls tr[data-stage=reserve] button.pause")
+            .await,
+    )
+    .await;
     let flash = b.wait_text("#flash", WAIT, |t| !t.is_empty()).await;
     assert!(flash.contains("paused"), "{flash}");
     b.wait_text("#stages tr[data-stage=reserve] td.state", WAIT, |t| {
@@ -239,7 +245,10 @@ async fn an_operator_pauses_a_stage_and_replays_a_dead_letter_in_the_browser() {
     let origin = b.text_of("#origin").await;
     assert!(origin.contains("return.created"), "{origin}");
     let body = b.text_of("#body").await;
-    assert!(body.contains("\"amount\": \"12.50\""), "pretty JSON: {body}");
+    assert!(
+        body.contains("\"amount\": \"12.50\""),
+        "pretty JSON: {body}"
+    );
     b.screenshot(&shot("06-dead-letter")).await;
 
     // The operator fixes the topology (refunds now receive `refund.done`)...
@@ -273,8 +282,13 @@ async fn an_operator_pauses_a_stage_and_replays_a_dead_letter_in_the_browser() {
     assert_eq!(got[0].0, "refund-17");
     assert_eq!(client.depth(&returns_dlq).await, 1, "the other stays");
     b.goto(&format!("{base}/ui/dlq/{returns_dlq}")).await;
-    let left = b.wait_text("#dead-letters tbody", WAIT, |t| !t.is_empty()).await;
-    assert!(left.contains("refund-18") && !left.contains("refund-17"), "{left}");
+    let left = b
+        .wait_text("#dead-letters tbody", WAIT, |t| !t.is_empty())
+        .await;
+    assert!(
+        left.contains("refund-18") && !left.contains("refund-17"),
+        "{left}"
+    );
 
     // Every change is in the daemon's log with who made it.
     let log = daemon.log_text();
@@ -291,8 +305,11 @@ async fn an_operator_pauses_a_stage_and_replays_a_dead_letter_in_the_browser() {
 
     // Resume (so the stage drains for the cleanup).
     b.goto(&format!("{base}/ui/pipeline")).await;
-    b.click(&b.find("#controls tr[data-stage=reserve] button.resume").await)
-        .await;
+    b.click(
+        &b.find("#controls tr[data-stage=reserve] button.resume")
+            .await,
+    )
+    .await;
     b.wait_text("#stages tr[data-stage=reserve] td.state", WAIT, |t| {
         t == "running"
     })

@@ -87,7 +87,10 @@ pub struct Filter {
 impl Filter {
     /// True when it picks every dead letter.
     pub fn is_empty(&self) -> bool {
-        self.reason.is_none() && self.stage.is_none() && self.search.is_none() && self.ids.is_empty()
+        self.reason.is_none()
+            && self.stage.is_none()
+            && self.search.is_none()
+            && self.ids.is_empty()
     }
 
     /// Whether `m` is picked.
@@ -178,7 +181,10 @@ pub fn dead_letter_id(message_id: Option<&str>, headers: &FieldTable, body: &[u8
     h.update(format!("{headers:?}").as_bytes());
     h.update([0]);
     h.update(body);
-    h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// One dead letter in a list.
@@ -308,7 +314,10 @@ fn properties_of(d: &Delivery) -> Vec<(String, String)> {
             out.push((k.to_owned(), view::visible(&v, view::SHOWN_VALUE_CHARS)));
         }
     };
-    put("content_type", p.content_type().as_ref().map(|v| v.to_string()));
+    put(
+        "content_type",
+        p.content_type().as_ref().map(|v| v.to_string()),
+    );
     put(
         "content_encoding",
         p.content_encoding().as_ref().map(|v| v.to_string()),
@@ -365,7 +374,10 @@ pub async fn ensure_browsable(conn: &Connection, queue: &str) -> Result<(), Erro
         .queue_declare(name.clone(), passive, FieldTable::default())
         .await
     {
-        return Err(Error::Dlq(format!("no queue `{}`: {e}", view::visible(queue, 255))));
+        return Err(Error::Dlq(format!(
+            "no queue `{}`: {e}",
+            view::visible(queue, 255)
+        )));
     }
     let mut classic = FieldTable::default();
     classic.insert(

@@ -115,7 +115,13 @@ pub fn hex_dump(b: &[u8]) -> String {
     for (row, chunk) in b.chunks(16).enumerate() {
         let ascii: String = chunk
             .iter()
-            .map(|&c| if (0x20..0x7f).contains(&c) { c as char } else { '.' })
+            .map(|&c| {
+                if (0x20..0x7f).contains(&c) {
+                    c as char
+                } else {
+                    '.'
+                }
+            })
             .collect();
         let _ = writeln!(out, "{:08x}  {:<47}  {ascii}", row * 16, hex_bytes(chunk));
     }
@@ -188,7 +194,11 @@ fn write_value(out: &mut String, v: &AMQPValue, depth: usize) {
             let _ = write!(out, "0x{}", hex_bytes(b.as_slice()).replace(' ', ""));
         }
         AMQPValue::Timestamp(t) => {
-            let _ = write!(out, "{}", time_text(i64::try_from(*t).unwrap_or(i64::MAX), 1));
+            let _ = write!(
+                out,
+                "{}",
+                time_text(i64::try_from(*t).unwrap_or(i64::MAX), 1)
+            );
         }
         AMQPValue::FieldTable(t) if depth < MAX_DEPTH => {
             out.push('{');
@@ -329,7 +339,10 @@ mod tests {
         assert_eq!(body_view(b"plain <b>").kind, BodyKind::Text);
         let b = body_view(&[0xff, 0xfe, b'A', 0]);
         assert_eq!(b.kind, BodyKind::Binary);
-        assert_eq!(b.shown, "00000000  ff fe 41 00                                       ..A.\n");
+        assert_eq!(
+            b.shown,
+            "00000000  ff fe 41 00                                       ..A.\n"
+        );
         let big = vec![0xffu8; SHOWN_HEX_BYTES + 1];
         let v = body_view(&big);
         assert!(v.truncated && v.size == SHOWN_HEX_BYTES + 1);

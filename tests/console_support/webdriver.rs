@@ -46,7 +46,11 @@ impl Browser {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let ready = match http.get(format!("{base}/status")).send().await {
-                Ok(r) => r.json::<Value>().await.ok().is_some_and(|v| v["value"]["ready"] == true),
+                Ok(r) => r
+                    .json::<Value>()
+                    .await
+                    .ok()
+                    .is_some_and(|v| v["value"]["ready"] == true),
                 Err(_) => false,
             };
             if ready {
@@ -91,7 +95,9 @@ impl Browser {
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut r = self.http.request(method.clone(), format!("{}{path}", self.url));
+        let mut r = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.url));
         if let Some(b) = body {
             r = r.json(&b);
         } else if method == reqwest::Method::POST {
@@ -144,8 +150,12 @@ impl Browser {
 
     /// Clicks an element.
     pub async fn click(&self, e: &El) {
-        self.call(reqwest::Method::POST, &format!("/element/{}/click", e.0), None)
-            .await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{}/click", e.0),
+            None,
+        )
+        .await;
     }
 
     /// Types into an element.
@@ -160,11 +170,15 @@ impl Browser {
 
     /// An element's visible text.
     pub async fn text(&self, e: &El) -> String {
-        self.call(reqwest::Method::GET, &format!("/element/{}/text", e.0), None)
-            .await
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
+        self.call(
+            reqwest::Method::GET,
+            &format!("/element/{}/text", e.0),
+            None,
+        )
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
     }
 
     /// The visible text of the first element matching `css` ("" if none),
@@ -183,7 +197,12 @@ impl Browser {
 
     /// Waits (polling the page every 100 ms) until the text of `css`
     /// satisfies `ok`; returns it. Panics after `timeout`.
-    pub async fn wait_text(&self, css: &str, timeout: Duration, ok: impl Fn(&str) -> bool) -> String {
+    pub async fn wait_text(
+        &self,
+        css: &str,
+        timeout: Duration,
+        ok: impl Fn(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
             let t = self.text_of(css).await;
@@ -192,7 +211,10 @@ impl Browser {
             }
             if Instant::now() >= deadline {
                 let page = self
-                    .execute("return document.body ? document.body.innerText : '';", vec![])
+                    .execute(
+                        "return document.body ? document.body.innerText : '';",
+                        vec![],
+                    )
                     .await;
                 panic!(
                     "`{css}` never got the expected text; last: {t:?}; at {}: {page}",

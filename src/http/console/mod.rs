@@ -130,11 +130,14 @@ impl Console {
         let taken = self.metrics.counter(Metrics::CONSUMED, &[stage]);
         let mut all = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         let s = all.entry(stage.to_owned()).or_default();
-        if s.back().is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_millis(250)) {
+        if s.back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_millis(250))
+        {
             s.push_back((now, taken));
         }
         while s.len() > RATE_SAMPLES
-            || s.front().is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW * 2)
+            || s.front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW * 2)
         {
             s.pop_front();
         }
@@ -317,7 +320,8 @@ impl FromRequest for Change {
                     .collect(),
             );
             let presented = header_token.or_else(|| form.get("csrf").map(str::to_owned));
-            let token_ok = presented.is_some_and(|t| session::same(t.as_bytes(), who.csrf.as_bytes()));
+            let token_ok =
+                presented.is_some_and(|t| session::same(t.as_bytes(), who.csrf.as_bytes()));
             if !token_ok {
                 tracing::warn!(by = %who.name, "console: a change without the session's CSRF token refused");
                 return Err(ConsoleError::Forbidden("missing or wrong CSRF token").into());
@@ -336,7 +340,10 @@ pub(crate) fn routes(cfg: &mut web::ServiceConfig, console: web::Data<Console>) 
     cfg.app_data(console)
         .app_data(web::PayloadConfig::new(MAX_FORM))
         .route("/ui", web::get().to(|| async { see_other("/ui/pipeline") }))
-        .route("/ui/", web::get().to(|| async { see_other("/ui/pipeline") }))
+        .route(
+            "/ui/",
+            web::get().to(|| async { see_other("/ui/pipeline") }),
+        )
         .route("/ui/login", web::get().to(login_form))
         .route("/ui/login", web::post().to(login))
         .route("/ui/logout", web::post().to(logout))
@@ -405,7 +412,11 @@ async fn login(req: HttpRequest, s: web::Data<Console>, body: web::Bytes) -> Htt
     let token = form.get("token").unwrap_or_default().trim();
     let Some(name) = s.tokens.identify(token.as_bytes()) else {
         tracing::warn!("console: a sign-in with a token that is not accepted");
-        return login_page(&req, StatusCode::UNAUTHORIZED, Some("That token is not accepted."));
+        return login_page(
+            &req,
+            StatusCode::UNAUTHORIZED,
+            Some("That token is not accepted."),
+        );
     };
     let Some(id) = s.sessions.open(name) else {
         return HttpResponse::ServiceUnavailable().body("no randomness for a session");
@@ -413,8 +424,14 @@ async fn login(req: HttpRequest, s: web::Data<Console>, body: web::Bytes) -> Htt
     tracing::info!(by = %name, "console: signed in");
     HttpResponse::SeeOther()
         .insert_header((header::LOCATION, "/ui/pipeline"))
-        .append_header((header::SET_COOKIE, session::set_cookie(session::COOKIE, &id)))
-        .append_header((header::SET_COOKIE, session::set_cookie(session::LOGIN_COOKIE, "")))
+        .append_header((
+            header::SET_COOKIE,
+            session::set_cookie(session::COOKIE, &id),
+        ))
+        .append_header((
+            header::SET_COOKIE,
+            session::set_cookie(session::LOGIN_COOKIE, ""),
+        ))
         .finish()
 }
 
@@ -454,12 +471,7 @@ fn live_part(s: &Console) -> Markup {
                     let st = &v.status;
                     n.class = format!("{:?}", st.state).to_lowercase();
                     n.lines = vec![
-                        format!(
-                            "{:?} · {}",
-                            st.state,
-                            pages::rate_text(v.rate)
-                        )
-                        .to_lowercase(),
+                        format!("{:?} · {}", st.state, pages::rate_text(v.rate)).to_lowercase(),
                         format!(
                             "in flight {}/{} · workers {}",
                             st.in_flight, st.prefetch, st.workers
@@ -488,7 +500,8 @@ fn live_part(s: &Console) -> Markup {
             }
             graph::Kind::Exchange => {
                 if let Some(e) = s.config.exchanges.iter().find(|e| e.name == n.name) {
-                    n.lines.push(format!("{:?} exchange", e.kind).to_lowercase());
+                    n.lines
+                        .push(format!("{:?} exchange", e.kind).to_lowercase());
                 }
             }
         }
@@ -510,7 +523,12 @@ async fn pipeline(
     );
     html(
         StatusCode::OK,
-        pages::layout("Pipeline", Tab::Pipeline, Some((&who.name, &who.csrf)), body),
+        pages::layout(
+            "Pipeline",
+            Tab::Pipeline,
+            Some((&who.name, &who.csrf)),
+            body,
+        ),
     )
 }
 
@@ -586,7 +604,11 @@ async fn rate(c: Change, s: web::Data<Console>) -> Result<HttpResponse, ConsoleE
     tracing::info!(by = %c.who.name, rate = p.rate, burst = p.burst, "console: publish rate set");
     Ok(back_to_pipeline(&format!(
         "Publish rate {} (burst {}).",
-        if p.rate == 0 { "unlimited".to_owned() } else { format!("{}/s", p.rate) },
+        if p.rate == 0 {
+            "unlimited".to_owned()
+        } else {
+            format!("{}/s", p.rate)
+        },
         p.burst
     )))
 }
@@ -598,7 +620,9 @@ fn configured_dlq(s: &Console, queue: &str) -> Result<(), ConsoleError> {
         .iter()
         .any(|q| q.dead_letter_queue().as_deref() == Some(queue))
         .then_some(())
-        .ok_or_else(|| ConsoleError::BadRequest(format!("`{queue}` is not a configured dead-letter queue")))
+        .ok_or_else(|| {
+            ConsoleError::BadRequest(format!("`{queue}` is not a configured dead-letter queue"))
+        })
 }
 
 fn kind_name(k: QueueKind) -> &'static str {
@@ -648,7 +672,11 @@ async fn dlq_index(Viewer(who): Viewer, s: web::Data<Console>) -> HttpResponse {
 const PAGE_SIZE: usize = 50;
 
 fn filter_of(q: &BTreeMap<String, String>) -> Filter {
-    let get = |k: &str| q.get(k).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    let get = |k: &str| {
+        q.get(k)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
     Filter {
         reason: get("reason"),
         stage: get("stage"),
@@ -700,7 +728,9 @@ async fn dlq_message(
     let shown = match s.conn().await {
         Ok(conn) => {
             let _one = s.dlq_lock.lock().await;
-            dlq::show(&conn, &queue, &id).await.map_err(|e| e.to_string())
+            dlq::show(&conn, &queue, &id)
+                .await
+                .map_err(|e| e.to_string())
         }
         Err(e) => Err(e),
     };

@@ -134,7 +134,7 @@ pub(super) fn live(graph: &Graph, stages: &[StageView], publisher: &PublisherSta
                             td.num.rate { (rate_text(v.rate)) }
                             td.num { (s.in_flight) " / " (s.prefetch) }
                             td.num { (s.workers) " (" (s.busy_workers) " busy)" @if s.pinned_workers.is_some() { " pinned" } }
-                            td.paused { (s.paused.join(", ")) }
+                            td.causes { (s.paused.join(", ")) }
                             td { code { (s.queue) } }
                             td.num { @match v.depth { Some(d) => (d), None => "–" } }
                             td.num { @match v.watermark { Some((h, l)) => { (h) " / " (l) }, None => "–" } }
@@ -360,7 +360,12 @@ fn entry_row(e: &Entry, queue: &str) -> Markup {
 }
 
 /// A dead letter's page: summary, properties, headers, body, actions.
-pub(super) fn dlq_message(queue: &str, id: &str, shown: &Result<Vec<Shown>, String>, csrf: &str) -> Markup {
+pub(super) fn dlq_message(
+    queue: &str,
+    id: &str,
+    shown: &Result<Vec<Shown>, String>,
+    csrf: &str,
+) -> Markup {
     html! {
         p { a href=(format!("/ui/dlq/{}", seg(queue))) { "← " (queue) } }
         @match shown {
@@ -435,7 +440,11 @@ pub(super) fn confirm(p: &Pending<'_>, csrf: &str) -> Markup {
 }
 
 /// What an action did.
-pub(super) fn done(queue: &str, action_text: &str, r: &Result<crate::dlq::ActionReport, String>) -> Markup {
+pub(super) fn done(
+    queue: &str,
+    action_text: &str,
+    r: &Result<crate::dlq::ActionReport, String>,
+) -> Markup {
     html! {
         h1 { "Done" }
         @match r {

@@ -164,7 +164,10 @@ mod tests {
     fn cookies_are_http_only_and_strict() {
         let c = set_cookie(COOKIE, "abc");
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Path=/ui"));
-        assert_eq!(cookie("a=1; flowgate_session=xyz; b=2", COOKIE), Some("xyz"));
+        assert_eq!(
+            cookie("a=1; flowgate_session=xyz; b=2", COOKIE),
+            Some("xyz")
+        );
         assert_eq!(cookie("flowgate_sessionx=1", COOKIE), None);
     }
 }
