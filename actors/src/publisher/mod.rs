@@ -55,6 +55,18 @@
 //! deleted from the spool — never dropped. Live publishes admitted while the
 //! spool replays are not held back behind it: order is kept among spooled
 //! records, not between spooled and live ones.
+//!
+//! A caller with a deadline of its own (the HTTP ingress) publishes with
+//! [`PublisherHandle::send_within`]: when the deadline passes while the
+//! publish is on the wire (the broker may have read it, e.g. just before a
+//! memory alarm blocked the connection), a copy is spooled so the caller can
+//! answer, but that copy is *held*: the replay stops before it until the
+//! original publish is answered. A confirm (or the publish spooling a copy
+//! of its own) supersedes it — the held record is deleted unreplayed and
+//! counted in `flowgate_spool_superseded_total` — so the message goes out
+//! once; any other answer (a nack, a return, a timeout, a lost channel)
+//! releases it for replay. Holds live in memory: only a process that dies
+//! before the late answer arrives replays such a copy (at least once).
 
 pub(crate) mod breaker;
 pub(crate) mod bucket;
@@ -86,6 +98,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOpti
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::PublisherConfirm;
 use lapin::{BasicProperties, Channel, Confirmation};
+use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -240,6 +253,13 @@ struct Core {
     conn: Addr<ConnectionActor>,
     /// The unroutable queue was declared (by this process).
     unroutable_declared: AtomicBool,
+    /// Spooled copies whose original publish still awaits the broker's
+    /// answer (see the module docs): the replay stops before them. At most
+    /// one per window credit.
+    held: Mutex<BTreeSet<u64>>,
+    /// Held copies being appended right now: their sequence numbers are
+    /// not known yet, so no replay round may start its batch meanwhile.
+    holding: AtomicUsize,
 }
 
 /// Locks a std mutex; the guarded values stay consistent across a panic
@@ -413,6 +433,60 @@ impl Core {
 
     /// Appends to the spool; resolves once the record is durable.
     async fn spool(&self, msg: Output) -> Result<Published> {
+        self.spool_record(msg).await.map(|_| Published::Spooled)
+    }
+
+    /// Spools a copy of `msg`, whose publish still awaits its answer, held
+    /// until [`Core::settle_held`] (see the module docs).
+    async fn spool_held(&self, msg: &Output) -> Result<u64> {
+        struct Appending<'a>(&'a AtomicUsize);
+        impl Drop for Appending<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.holding.fetch_add(1, Ordering::SeqCst);
+        let _appending = Appending(&self.holding);
+        let seq = self.spool_record(msg.clone()).await?;
+        // Before `holding` drops: a replay that read this record sees it held.
+        lock(&self.held).insert(seq);
+        Ok(seq)
+    }
+
+    /// The original publish of held record `seq` was answered: a confirm
+    /// (or a copy of its own in the spool) supersedes the record, which is
+    /// deleted; any other answer releases it for replay.
+    async fn settle_held(&self, seq: u64, answer: &Result<Published>) {
+        if let (Ok(_), Some(spool)) = (answer, &self.spool) {
+            match spool.remove_async(seq).await {
+                Ok(()) => events::SpoolSuperseded.emit(&self.metrics),
+                // It stays, and is replayed: a copy too many, never one lost.
+                Err(e) => events::SpoolFailed {
+                    op: SpoolOp::Remove,
+                    error: &e,
+                }
+                .emit(&self.metrics),
+            }
+        }
+        lock(&self.held).remove(&seq);
+        self.update_spool_gauges();
+    }
+
+    /// The part of a replay batch before the first held record; `None`
+    /// while a held copy is being appended (it may be in the batch).
+    fn unheld_prefix(&self, mut batch: Vec<(u64, SpoolRecord)>) -> Option<Vec<(u64, SpoolRecord)>> {
+        if self.holding.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let held = lock(&self.held);
+        if let Some(first) = batch.iter().position(|(seq, _)| held.contains(seq)) {
+            batch.truncate(first);
+        }
+        Some(batch)
+    }
+
+    /// Appends to the spool; its sequence number once the record is durable.
+    async fn spool_record(&self, msg: Output) -> Result<u64> {
         let Some(spool) = &self.spool else {
             let e =
                 Error::Backpressure("publish circuit breaker open (no spool configured)".into());
@@ -431,12 +505,12 @@ impl Core {
         let res = spool.append_async(rec).await;
         self.update_spool_gauges();
         match res {
-            Ok(_) => {
+            Ok(seq) => {
                 events::PublishFinished {
                     result: PublishResult::Spooled,
                 }
                 .emit(&self.metrics);
-                Ok(Published::Spooled)
+                Ok(seq)
             }
             Err(e) if e.is_full() => {
                 events::PublishFinished {
@@ -502,6 +576,13 @@ impl Core {
             };
             if batch.is_empty() {
                 info!("spool drained");
+                return;
+            }
+            let Some(batch) = self.unheld_prefix(batch) else {
+                return;
+            };
+            if batch.is_empty() {
+                debug!("the next spooled record awaits its original publish's answer");
                 return;
             }
             let admission = self.with_breaker(|b, now| b.allow(now));
@@ -958,27 +1039,70 @@ impl PublisherHandle {
         res
     }
 
-    /// Like [`send`](Self::send), for a caller with a deadline of its own
-    /// (the HTTP ingress): the waits for a token, the gate and the window
-    /// are the caller's and end with it, but once admitted the publish and
-    /// its confirm run on a task of their own, so a caller that stops
-    /// waiting does not cancel them — the breaker still learns the outcome,
-    /// and a message the broker may already have is not given up half-way.
-    pub async fn send_detached(&self, msg: Output) -> Result<Published> {
-        let credit = self.admit().await?;
+    /// Like [`send`](Self::send), for a caller that must answer by
+    /// `deadline` (the HTTP ingress).
+    ///
+    /// The waits for a token, the gate and the window are the caller's and
+    /// end at the deadline (the message then goes to the spool, if there is
+    /// one: it was never sent). Once admitted, the publish and its confirm
+    /// run on a task of their own, so the deadline does not cancel them —
+    /// the breaker still learns the outcome, and a message the broker may
+    /// already have is not given up half-way. If the deadline passes first,
+    /// a copy is spooled, *held* until the publish is answered: a confirm
+    /// deletes the copy, anything else releases it for replay (see the
+    /// module docs), so the message goes out once.
+    ///
+    /// `Ok(None)`: the deadline passed and there is no spool to keep a
+    /// copy; the publish goes on, and its answer is only counted.
+    pub async fn send_within(
+        &self,
+        msg: Output,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<Published>> {
+        let credit = match tokio::time::timeout_at(deadline, self.admit()).await {
+            Ok(credit) => credit?,
+            Err(_) if self.has_spool() => return self.core.spool(msg).await.map(Some),
+            Err(_) => return Ok(None),
+        };
         let core = self.core.clone();
         let handle = self.clone();
+        let (answer, answered) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let res = AssertUnwindSafe(core.dispatch(&msg))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|p| Err(publish_panicked(p.as_ref())));
+            let mut publish = std::pin::pin!(AssertUnwindSafe(core.dispatch(&msg)).catch_unwind());
+            let early = tokio::select! {
+                res = &mut publish => Some(res),
+                () = tokio::time::sleep_until(deadline) => None,
+            };
+            let unwound = |p: Box<dyn std::any::Any + Send>| Err(publish_panicked(p.as_ref()));
+            if let Some(res) = early {
+                handle.release(credit);
+                let _ = answer.send(res.unwrap_or_else(unwound).map(Some));
+                return;
+            }
+            let held = if core.spool.is_some() {
+                debug!(message_id = ?msg.properties.message_id(), "no confirm by the caller's deadline; spooling a held copy");
+                match core.spool_held(&msg).await {
+                    Ok(seq) => {
+                        let _ = answer.send(Ok(Some(Published::Spooled)));
+                        Some(seq)
+                    }
+                    Err(e) => {
+                        let _ = answer.send(Err(e));
+                        None
+                    }
+                }
+            } else {
+                let _ = answer.send(Ok(None));
+                None
+            };
+            let res = publish.await.unwrap_or_else(unwound);
             handle.release(credit);
-            res
-        })
-        .await
-        // Only the runtime shutting down cancels the task.
-        .unwrap_or(Err(Error::ShuttingDown))
+            if let Some(seq) = held {
+                core.settle_held(seq, &res).await;
+            }
+        });
+        // Only the runtime shutting down drops the task unanswered.
+        answered.await.unwrap_or(Err(Error::ShuttingDown))
     }
 
     /// A publish's admission: a rate token, a window credit, then the
@@ -1037,13 +1161,6 @@ impl PublisherHandle {
     /// [`publish`](Self::publish) by reference (see [`send_ref`](Self::send_ref)).
     pub async fn publish_ref(&self, msg: &Output) -> Result<()> {
         self.send_ref(msg).await.map(|_| ())
-    }
-
-    /// Stores `msg` in the spool without trying the broker, for a caller
-    /// whose own deadline passed (the HTTP ingress): [`Published::Spooled`]
-    /// once durable; [`Error::Backpressure`] without a spool or when full.
-    pub async fn spool(&self, msg: Output) -> Result<Published> {
-        self.core.spool(msg).await
     }
 
     /// Whether a spool is configured.
@@ -1156,6 +1273,8 @@ impl PublisherActor {
             conn: conn.clone(),
             window: window.clone(),
             unroutable_declared: AtomicBool::new(false),
+            held: Mutex::new(BTreeSet::new()),
+            holding: AtomicUsize::new(0),
             metrics,
             cfg,
         });
