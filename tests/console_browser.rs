@@ -80,7 +80,6 @@ output = {{ exchange = "{p}.shop", routing_key = "refund.done" }}
 async fn an_operator_pauses_a_stage_and_replays_a_dead_letter_in_the_browser() {
     let p = unique("ui");
     let out = output_dir("console-browser");
-    let dir = tempfile::tempdir().unwrap();
     let cfg = flowgate::Config::from_toml(&config(&p)).unwrap();
     let _cleanup = Cleanup::new(AMQP_URL, &cfg);
     let daemon = start_daemon(&out, &config(&p)).await;
