@@ -339,10 +339,7 @@ mod tests {
         assert_eq!(body_view(b"plain <b>").kind, BodyKind::Text);
         let b = body_view(&[0xff, 0xfe, b'A', 0]);
         assert_eq!(b.kind, BodyKind::Binary);
-        assert_eq!(
-            b.shown,
-            "00000000  ff fe 41 00                                       ..A.\n"
-        );
+        assert_eq!(b.shown, format!("00000000  {:<47}  ..A.\n", "ff fe 41 00"));
         let big = vec![0xffu8; SHOWN_HEX_BYTES + 1];
         let v = body_view(&big);
         assert!(v.truncated && v.size == SHOWN_HEX_BYTES + 1);
