@@ -120,6 +120,7 @@ fn topology(prefix: &str) -> flowgate::Config {
             routing_key: "in".into(),
         }],
         dead_letter: true,
+        dead_letter_kind: None,
         delivery_limit: Some(20),
         watermark: None,
     });

@@ -746,6 +746,7 @@ impl Core {
             ORIGINAL_ROUTING_KEY_HEADER,
             text(&rec.routing_key),
         );
+        envelope::stamp_dead_lettered(&mut props);
         let queue = self.cfg.unroutable_queue.as_str();
         let sent = Sent {
             exchange: "",
