@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::Error;
 use flowgate_actors::envelope::{self, newest_death};
 use flowgate_actors::envelope::{header_int, header_string};
-use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
+use lapin::options::QueuePurgeOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde::Serialize;
@@ -126,7 +126,9 @@ fn replay_properties(p: &BasicProperties) -> BasicProperties {
     if let Some(h) = p.headers() {
         for (k, v) in h.inner() {
             let k_str = k.as_str();
-            if !envelope::REPLAY_STRIPPED.contains(&k_str) && !k_str.starts_with("x-last-death-") {
+            if !envelope::REPLAY_STRIPPED.contains(&k_str)
+                && !k_str.starts_with(envelope::LAST_DEATH_PREFIX)
+            {
                 kept.insert(k.clone(), v.clone());
             }
         }
@@ -136,17 +138,10 @@ fn replay_properties(p: &BasicProperties) -> BasicProperties {
 
 /// Messages ready in `queue` (a passive declare).
 pub(crate) async fn depth(ch: &Channel, queue: &str) -> Result<u32, Error> {
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(q.message_count())
+    Ok(crate::topology::inspect_queue(ch, queue)
+        .await
+        .map_err(Error::Broker)?
+        .message_count())
 }
 
 /// Counts a DLQ's messages by reason and stage, leaving them in place (a

@@ -18,6 +18,10 @@
 //! head-of-queue expiry never holds a message back behind a longer one.
 
 use crate::config::{Config, ExchangeType, QueueConfig, QueueKind};
+/// A queue's counts as the queue answers a passive `queue.declare` (or
+/// the broker's error if it does not exist): what the depth monitor, the DLQ
+/// tools and tests read.
+pub use flowgate_actors::inspect_queue;
 use flowgate_actors::RetryPolicy;
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,

@@ -71,6 +71,16 @@ pub const FIRST_DEAD_LETTERED_AT: &str = "x-flowgate-first-dead-lettered-at";
 
 /// The broker's dead-letter history.
 pub const X_DEATH: &str = "x-death";
+/// The prefix of the broker's own last-death headers (RabbitMQ 3.13+:
+/// `x-last-death-reason`, `-queue`, `-exchange`), dropped on a replay.
+pub const LAST_DEATH_PREFIX: &str = "x-last-death-";
+/// The W3C trace parent header (see [`crate::trace`]).
+pub const TRACEPARENT: &str = "traceparent";
+/// The W3C trace state header (vendor-specific trace data).
+pub const TRACESTATE: &str = "tracestate";
+/// The HTTP header of a batch request to an `http` handler stage: how many
+/// entries it holds.
+pub const BATCH_SIZE: &str = "x-flowgate-batch-size";
 /// The broker's first-death summary headers.
 pub const X_FIRST_DEATH: [&str; 3] = [
     "x-first-death-exchange",

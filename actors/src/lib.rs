@@ -77,6 +77,7 @@ pub use dedup::{
     DedupActor, DedupHandle, DedupSettings, DedupStore, MemoryStore, MissingId, RedisStore,
     RedisStoreConfig, DEFAULT_DONE_TTL as DEDUP_DONE_TTL, DEFAULT_LEASE as DEDUP_LEASE,
 };
+pub use depth::sampler::inspect_queue;
 pub use depth::{
     DepthMonitorActor, DepthMonitorConfig, QueueLevels, Refusal, ScaleRange, Stop as StopSampling,
     WatchedQueue, WatchedStage, Watermark,

@@ -23,10 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-/// The W3C trace parent header.
-pub const TRACEPARENT: &str = "traceparent";
-/// The W3C trace state header (vendor-specific trace data).
-pub const TRACESTATE: &str = "tracestate";
+pub use crate::envelope::{TRACEPARENT, TRACESTATE};
 /// `messaging.system` of every span.
 pub const MESSAGING_SYSTEM: &str = "rabbitmq";
 

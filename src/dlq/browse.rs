@@ -366,14 +366,7 @@ impl Shown {
 pub async fn ensure_browsable(conn: &Connection, queue: &str) -> Result<(), Error> {
     let name = short_string("queue", queue).map_err(|e| Error::Dlq(e.to_string()))?;
     let ch = conn.create_channel().await?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    if let Err(e) = ch
-        .queue_declare(name.clone(), passive, FieldTable::default())
-        .await
-    {
+    if let Err(e) = crate::topology::inspect_queue(&ch, queue).await {
         return Err(Error::Dlq(format!(
             "no queue `{}`: {e}",
             view::visible(queue, 255)

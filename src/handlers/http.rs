@@ -192,57 +192,65 @@ impl Http {
 
     /// One request and what its answer means.
     async fn attempt(&self, d: &Delivery) -> Answer<Outcome> {
-        // The semaphore is never closed: acquire cannot fail.
-        let _permit = self.in_flight.acquire().await;
-        let sent = self
+        let request = self
             .client
             .post(self.url.clone())
             .timeout(self.timeout)
             .headers(self.extra_headers.clone())
             .headers(request_headers(d))
-            .body(d.body.clone())
-            .send()
-            .await;
-        let resp = match sent {
+            .body(d.body.clone());
+        let reply = match self.exchange(request).await {
+            Ok(reply) => reply,
+            Err(early) => return early,
+        };
+        Answer::Done(if !reply.status.is_success() {
+            reply.refused()
+        } else if reply.has_document() {
+            match parse_outputs(d, &reply.body, self.default_target.as_ref()) {
+                Ok(outputs) => Outcome::ack_with(outputs),
+                Err(e) => Outcome::invalid_output(format!("http {}: {e}", reply.status.as_u16())),
+            }
+        } else {
+            Outcome::ack()
+        })
+    }
+
+    /// Sends `request` (one of at most `max_concurrency` in flight) and
+    /// reads its answer, bounded; `Err` is what the exchange means when
+    /// there is no answer to read (the request failed, a 429/503, an
+    /// answer too long or cut off) — the same for one delivery or a batch.
+    async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<Reply, Answer<Outcome>> {
+        // The semaphore is never closed: acquire cannot fail.
+        let _permit = self.in_flight.acquire().await;
+        let resp = match request.send().await {
             Ok(r) => r,
-            Err(e) => return Answer::Done(Outcome::retry(self.failure("request", e))),
+            Err(e) => return Err(Answer::Done(Outcome::retry(self.failure("request", e)))),
         };
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
-            return Answer::SlowDown {
+            return Err(Answer::SlowDown {
                 status,
                 retry_after: retry_after(resp.headers()),
-            };
+            });
         }
         let json = is_json(resp.headers());
         let body = match read_bounded(resp, self.max_response_bytes).await {
             Ok(b) => b,
             Err(BodyError::Http(e)) => {
-                return Answer::Done(Outcome::retry(self.failure("reading the answer", e)))
+                return Err(Answer::Done(Outcome::retry(
+                    self.failure("reading the answer", e),
+                )))
             }
             Err(BodyError::TooLong) if status.is_success() => {
-                return Answer::Done(Outcome::invalid_output(format!(
+                return Err(Answer::Done(Outcome::invalid_output(format!(
                     "http {}: the answer is longer than {} bytes",
                     status.as_u16(),
                     self.max_response_bytes
-                )))
+                ))))
             }
             Err(BodyError::TooLong) => Bytes::new(),
         };
-        Answer::Done(if status.is_success() {
-            if json && !body.iter().all(u8::is_ascii_whitespace) {
-                match parse_outputs(d, &body, self.default_target.as_ref()) {
-                    Ok(outputs) => Outcome::ack_with(outputs),
-                    Err(e) => Outcome::invalid_output(format!("http {}: {e}", status.as_u16())),
-                }
-            } else {
-                Outcome::ack()
-            }
-        } else if status.is_client_error() {
-            Outcome::dead_letter(status_reason(status, &body))
-        } else {
-            Outcome::retry(status_reason(status, &body))
-        })
+        Ok(Reply { status, json, body })
     }
 
     /// Why a request failed, without the URL (it may hold credentials).
@@ -317,60 +325,70 @@ impl Http {
             // A document of strings and maps always serializes.
             Err(e) => return all(Outcome::retry(format!("http batch: {e}"))),
         };
-        // The semaphore is never closed: acquire cannot fail.
-        let _permit = self.in_flight.acquire().await;
-        let sent = self
+        let request = self
             .client
             .post(self.url.clone())
             .timeout(self.timeout)
             .headers(self.extra_headers.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(BATCH_SIZE_HEADER, HeaderValue::from(n))
-            .body(request)
-            .send()
-            .await;
-        let resp = match sent {
-            Ok(r) => r,
-            Err(e) => return all(Outcome::retry(self.failure("request", e))),
+            .body(request);
+        let reply = match self.exchange(request).await {
+            Ok(reply) => reply,
+            Err(early) => return early.map(|o| vec![o; n]),
         };
-        let status = resp.status();
-        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
-            return Answer::SlowDown {
-                status,
-                retry_after: retry_after(resp.headers()),
-            };
+        if !reply.status.is_success() {
+            return all(reply.refused());
         }
-        let json = is_json(resp.headers());
-        let body = match read_bounded(resp, self.max_response_bytes).await {
-            Ok(b) => b,
-            Err(BodyError::Http(e)) => {
-                return all(Outcome::retry(self.failure("reading the answer", e)))
-            }
-            Err(BodyError::TooLong) if status.is_success() => {
-                return all(Outcome::invalid_output(format!(
-                    "http {}: the answer is longer than {} bytes",
-                    status.as_u16(),
-                    self.max_response_bytes
-                )))
-            }
-            Err(BodyError::TooLong) => Bytes::new(),
-        };
-        if !status.is_success() {
-            let reason = status_reason(status, &body);
-            return all(if status.is_client_error() {
-                Outcome::dead_letter(reason)
-            } else {
-                Outcome::retry(reason)
-            });
-        }
-        if !json || body.iter().all(u8::is_ascii_whitespace) {
+        if !reply.has_document() {
             return all(Outcome::ack());
         }
         Answer::Done(
-            parse_statuses(batch, &body, self.default_target.as_ref()).unwrap_or_else(|e| {
-                vec![Outcome::invalid_output(format!("http {}: {e}", status.as_u16())); n]
+            parse_statuses(batch, &reply.body, self.default_target.as_ref()).unwrap_or_else(|e| {
+                vec![Outcome::invalid_output(format!("http {}: {e}", reply.status.as_u16())); n]
             }),
         )
+    }
+}
+
+/// A service's answer, read.
+struct Reply {
+    status: StatusCode,
+    /// The answer says it is JSON.
+    json: bool,
+    body: Bytes,
+}
+
+impl Reply {
+    /// A JSON answer with something in it (outputs or statuses to read).
+    fn has_document(&self) -> bool {
+        self.json && !self.body.iter().all(u8::is_ascii_whitespace)
+    }
+
+    /// What a non-2xx answer means: a 4xx is the message's own fault (dead
+    /// letter), anything else the service's (retry).
+    fn refused(&self) -> Outcome {
+        let reason = status_reason(self.status, &self.body);
+        if self.status.is_client_error() {
+            Outcome::dead_letter(reason)
+        } else {
+            Outcome::retry(reason)
+        }
+    }
+}
+
+impl<T> Answer<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Answer<U> {
+        match self {
+            Answer::Done(t) => Answer::Done(f(t)),
+            Answer::SlowDown {
+                status,
+                retry_after,
+            } => Answer::SlowDown {
+                status,
+                retry_after,
+            },
+        }
     }
 }
 
@@ -401,7 +419,7 @@ impl Handler for Http {
 }
 
 /// The header of a batch request that says how many entries it holds.
-const BATCH_SIZE_HEADER: &str = "x-flowgate-batch-size";
+const BATCH_SIZE_HEADER: &str = flowgate_actors::envelope::BATCH_SIZE;
 
 /// The request document of a batch: `{"entries": [{"entry_id": "0",
 /// "headers": {...}, "body": "..." | "body_base64": "..."}, ...]}`.

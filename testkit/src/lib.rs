@@ -497,18 +497,13 @@ impl Client {
     /// the broker's error if it does not exist.
     pub async fn passive_declare(&self, queue: &str) -> Result<lapin::Queue, lapin::Error> {
         let ch = self.conn.create_channel().await?;
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
+        let q = flowgate::topology::inspect_queue(&ch, queue).await;
         let _ = ch.close(200, "".into()).await;
-        q
+        match q {
+            Ok(q) => Ok(q),
+            Err(flowgate::RuntimeError::Amqp(e)) => Err(e),
+            Err(e) => panic!("passive declare of {queue:?}: {e}"),
+        }
     }
 
     /// `(ready messages, consumers)` of a queue as the queue itself answers

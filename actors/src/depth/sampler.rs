@@ -4,7 +4,7 @@
 
 use super::{DepthMonitorActor, DepthSampled};
 use crate::connection::{ConnectionActor, OpenChannel, Purpose};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use actix::prelude::*;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -68,17 +68,27 @@ async fn open(conn: &Addr<ConnectionActor>) -> Result<Channel> {
     conn.send(OpenChannel(Purpose::Consume)).await?
 }
 
-async fn passive_declare(ch: &Channel, queue: &str) -> Result<(u64, u64)> {
-    let q = ch
+/// A queue as the broker answers a passive `queue.declare` (its ready
+/// messages and consumers, read from the queue itself: live, unlike
+/// `rabbitmqctl`'s quorum-queue figures), or the broker's error if it does
+/// not exist — which closes `ch` ([`Error::Amqp`]). A name the broker
+/// cannot take (over 255 bytes) is [`Error::Invalid`]. Nothing about the
+/// queue changes.
+pub async fn inspect_queue(ch: &Channel, queue: &str) -> Result<lapin::Queue> {
+    let name = crate::envelope::short_string("queue", queue)?;
+    Ok(ch
         .queue_declare(
-            queue.into(),
+            name,
             QueueDeclareOptions {
                 passive: true,
                 ..Default::default()
             },
             FieldTable::default(),
         )
-        .await
-        .map_err(Error::from)?;
+        .await?)
+}
+
+async fn passive_declare(ch: &Channel, queue: &str) -> Result<(u64, u64)> {
+    let q = inspect_queue(ch, queue).await?;
     Ok((u64::from(q.message_count()), u64::from(q.consumer_count())))
 }
