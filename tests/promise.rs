@@ -213,7 +213,9 @@ async fn an_unconfirmed_input_survives_the_engine(tag: &str, acks: AckBatchConfi
         broker_view(&input).await
     );
     assert_eq!(acked(&c.h), 0, "never counted acked");
-    c.h.shutdown().await;
+    // Cut off from the broker, the drain gives up after the grace (10 s).
+    let stopped = tokio::time::timeout(Duration::from_secs(60), c.h.shutdown()).await;
+    assert!(stopped.is_ok(), "the shutdown ended (grace 10 s)");
 }
 
 fn single() -> AckBatchConfig {
@@ -245,4 +247,133 @@ async fn single_acks_give_an_unconfirmed_input_back_when_the_engine_dies() {
 #[actix_rt::test]
 async fn batched_acks_give_an_unconfirmed_input_back_when_the_engine_dies() {
     an_unconfirmed_input_survives_the_engine("promise-cut-batched", batched()).await;
+}
+
+/// Across a channel recovery (lapin reconnects and delivery tags start at 1
+/// again), a late outcome of a delivery from before it never acks one of
+/// after it: the old delivery's tag now names another message.
+///
+/// `old-1` and `old-2` are held in the handler; the connection is reset and
+/// lapin recovers it; the broker redelivers both (tags 1 and 2 of the new
+/// channel), held too; `fresh-3` (tag 3) is taken and held. The old
+/// deliveries then finish (their outputs confirmed), and `fresh-3` after
+/// them: a batched ack covering tags 1–3 would ack the two redeliveries,
+/// whose handlers have not even returned. The broker must keep them unacked.
+#[actix_rt::test]
+async fn an_outcome_from_before_a_channel_recovery_never_acks_a_delivery_after_it() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::sync::Semaphore;
+
+    let prefix = unique("promise-incarnation");
+    let mut cfg = chain_config(&prefix, &["held"], 40);
+    for q in &mut cfg.queues {
+        q.kind = QueueKind::Classic;
+    }
+    cfg.stages[0].concurrency = flowgate::config::Concurrency::Fixed(8);
+    // A long flush: nothing is acked by the timer while the test looks.
+    cfg.stages[0].ack_batch = AckBatchConfig {
+        enabled: true,
+        flush: Duration::from_secs(1),
+    };
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    let proxy = Proxy::start("127.0.0.1:5672".parse().expect("address")).await;
+    cfg.amqp.url = proxy.amqp_url();
+    let (old, redelivered, fresh) = (
+        Arc::new(Semaphore::new(0)),
+        Arc::new(Semaphore::new(0)),
+        Arc::new(Semaphore::new(0)),
+    );
+    let entered_redelivered = Arc::new(AtomicUsize::new(0));
+    let (o, r, f, er) = (
+        old.clone(),
+        redelivered.clone(),
+        fresh.clone(),
+        entered_redelivered.clone(),
+    );
+    let held = handler_fn(move |d: Delivery| {
+        let (o, r, f, er) = (o.clone(), r.clone(), f.clone(), er.clone());
+        async move {
+            let gate = if d.redelivered {
+                er.fetch_add(1, Ordering::SeqCst);
+                r
+            } else if d.message_id().is_some_and(|id| id.starts_with("old")) {
+                o
+            } else {
+                f
+            };
+            gate.acquire().await.expect("gate").forget();
+            Ok(Outcome::ack_with(vec![d.forward(&d.exchange, "hop1")]))
+        }
+    });
+    let h = Engine::builder()
+        .config(cfg.clone())
+        .handler("held", held)
+        .build()
+        .expect("config")
+        .start()
+        .await
+        .expect("engine starts");
+    assert!(h.wait_ready(Duration::from_secs(20)).await, "ready");
+    let in_flight = || h.metrics().gauge(flowgate::Metrics::IN_FLIGHT, &["s1"]);
+    let client = Client::connect(AMQP_URL).await;
+    let ex = format!("{prefix}.ex");
+    let input = cfg.stages[0].queue.clone();
+    client.publish(&ex, "in", "old-1", b"{}").await;
+    client.publish(&ex, "in", "old-2", b"{}").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async { in_flight() == 2 }).await,
+        "both old deliveries are held"
+    );
+    // lapin recovers the connection; the broker redelivers both.
+    proxy.reset_all();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            entered_redelivered.load(Ordering::SeqCst) == 2
+        })
+        .await,
+        "the recovered channel got both again"
+    );
+    client.publish(&ex, "in", "fresh-3", b"{}").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async { in_flight() == 5 }).await,
+        "fresh-3 is held too: {}",
+        in_flight()
+    );
+    // The old deliveries finish: their outputs are confirmed, their tags
+    // (1 and 2) now name the redeliveries.
+    old.add_permits(2);
+    assert!(
+        eventually(Duration::from_secs(20), || async { in_flight() == 3 }).await,
+        "the old deliveries finished"
+    );
+    // fresh-3 (tag 3) finishes: it is acked alone once the flush interval
+    // passes (the ones before it are still being handled), never with them.
+    fresh.add_permits(1);
+    assert!(
+        eventually(Duration::from_secs(20), || async { acked(&h) >= 1 }).await,
+        "fresh-3 acked"
+    );
+    assert_eq!(acked(&h), 1, "fresh-3 alone");
+    assert_held_unacked_n(&input, 2, "the redeliveries, still in their handler").await;
+    redelivered.add_permits(2);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            broker_view(&input).await == (0, 0)
+        })
+        .await,
+        "everything acked in the end: {:?}",
+        broker_view(&input).await
+    );
+    assert!(h.shutdown().await.clean);
+}
+
+/// The input holds `n` unacked deliveries for [`WATCH`] (see
+/// [`assert_held_unacked`]).
+async fn assert_held_unacked_n(input: &str, n: u64, what: &str) {
+    let deadline = tokio::time::Instant::now() + WATCH;
+    while tokio::time::Instant::now() < deadline {
+        let (_, unacked) = broker_view(input).await;
+        assert_eq!(unacked, n, "{what}: acked before their handler returned");
+    }
 }
