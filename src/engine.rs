@@ -11,7 +11,7 @@ use crate::ingress::Ingress;
 use actix::prelude::*;
 use flowgate_actors::Escalation;
 use flowgate_actors::RedisStoreConfig;
-use flowgate_actors::{Close, ConnectionActor, ConnectionConfig, GetStatus, OpenChannel, Purpose};
+use flowgate_actors::{Close, Closer, ConnectionActor, ConnectionConfig, OpenChannel, Purpose};
 use flowgate_actors::{
     DedupActor, DedupHandle, DedupSettings, DedupStore, MemoryStore, RedisStore,
 };
@@ -202,6 +202,8 @@ struct Running {
     config: Config,
     metrics: Metrics,
     conn: Addr<ConnectionActor>,
+    /// Reaches the connection actor while it reconnects (see [`Closer`]).
+    closer: Closer,
     publisher: PublisherHandle,
     depth: Addr<DepthMonitorActor>,
     ingress: Ingress,
@@ -295,8 +297,10 @@ impl Engine {
         };
         let m = metrics.clone();
         let tx = esc_tx.clone();
-        let conn = Supervisor::start(move |_| ConnectionActor::new(conn_cfg, m, Some(tx)));
-        let close_on_failure = CloseOnFailure(Some(conn.clone()));
+        let conn_actor = ConnectionActor::new(conn_cfg, m, Some(tx));
+        let closer = conn_actor.closer();
+        let conn = Supervisor::start(move |_| conn_actor);
+        let close_on_failure = CloseOnFailure(Some((conn.clone(), closer.clone())));
 
         // The first channel doubles as the proof that the broker answers.
         let wait = config.amqp.connect_timeout + Duration::from_secs(1);
@@ -441,6 +445,7 @@ impl Engine {
             config,
             metrics,
             conn,
+            closer,
             publisher,
             depth,
             ingress,
@@ -461,7 +466,7 @@ impl Engine {
 
 /// Closes the broker connections when dropped armed: a start that fails
 /// after connecting leaves no connection behind.
-struct CloseOnFailure(Option<Addr<ConnectionActor>>);
+struct CloseOnFailure(Option<(Addr<ConnectionActor>, Closer)>);
 
 impl CloseOnFailure {
     /// The start succeeded: the engine owns the connections now.
@@ -472,7 +477,8 @@ impl CloseOnFailure {
 
 impl Drop for CloseOnFailure {
     fn drop(&mut self) {
-        if let Some(conn) = self.0.take() {
+        if let Some((conn, closer)) = self.0.take() {
+            closer.close();
             // bounded: one message, once, on a failed start.
             conn.do_send(Close);
         }
@@ -566,10 +572,12 @@ impl EngineHandle {
         &self.0.config
     }
 
-    /// True when connected and every stage is consuming.
+    /// True when connected and every stage is consuming. Answers at once:
+    /// the link state is read as `/readyz` reads it, not asked of the
+    /// connection actor, which serves no message while it (re)connects —
+    /// for as long as the broker is down.
     pub async fn ready(&self) -> bool {
-        let link = self.0.conn.send(GetStatus).await.unwrap_or_default();
-        link.up && self.0.probes.iter().all(|p| p.consuming())
+        self.0.metrics.connected() && self.0.probes.iter().all(|p| p.consuming())
     }
 
     /// Waits until [`ready`](Self::ready) or the timeout passes; returns readiness.
@@ -714,6 +722,9 @@ impl EngineHandle {
             h.stop(true).await;
         }
         let _ = self.0.depth.send(flowgate_actors::StopSampling).await;
+        // During a broker outage the actor is reconnecting: stop that first,
+        // or `Close` waits for the broker.
+        self.0.closer.close();
         let _ = self.0.conn.send(Close).await;
         let clean = flushed && reports.iter().all(|r| r.drained);
         info!(clean, "shutdown complete");

@@ -8,14 +8,17 @@ use common::*;
 use flowgate::config::BatchConfig;
 use flowgate::{Delivery, Engine, EngineHandle, Handler, HandlerError, Outcome};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// One `handle_batch` call: when it came, and its message ids.
+type Batches = Arc<Mutex<Vec<(Instant, Vec<String>)>>>;
 
 /// Forwards every delivery of a batch to `hop1` (dead-lettering the id
 /// `fail`, if set, as `bad-item`) and records each batch's message ids.
 struct Recording {
     exchange: String,
     fail: Option<String>,
-    batches: Arc<Mutex<Vec<Vec<String>>>>,
+    batches: Batches,
 }
 
 #[async_trait::async_trait]
@@ -29,7 +32,7 @@ impl Handler for Recording {
             .iter()
             .map(|d| d.message_id().unwrap_or_default().to_owned())
             .collect();
-        self.batches.lock().unwrap().push(ids);
+        self.batches.lock().unwrap().push((Instant::now(), ids));
         batch
             .iter()
             .map(|d| match (&self.fail, d.message_id()) {
@@ -46,7 +49,7 @@ async fn start(
     prefetch: u32,
     batch: BatchConfig,
     fail: Option<&str>,
-) -> (EngineHandle, Arc<Mutex<Vec<Vec<String>>>>, Cleanup) {
+) -> (EngineHandle, Batches, Cleanup) {
     let mut cfg = chain_config(prefix, &["batched"], prefetch);
     cfg.stages[0].batch = Some(batch);
     let cleanup = Cleanup::new(AMQP_URL, &cfg);
@@ -70,8 +73,13 @@ async fn start(
     (handle, batches, cleanup)
 }
 
-fn sizes(batches: &Mutex<Vec<Vec<String>>>) -> Vec<usize> {
-    batches.lock().unwrap().iter().map(Vec::len).collect()
+fn sizes(batches: &Batches) -> Vec<usize> {
+    batches
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, b)| b.len())
+        .collect()
 }
 
 #[actix_rt::test]
@@ -146,6 +154,7 @@ async fn one_failing_message_in_a_batch_is_dead_lettered_and_the_rest_acked() {
         .lock()
         .unwrap()
         .iter()
+        .map(|(_, b)| b)
         .filter(|b| b.iter().any(|id| id == "f-3"))
         .cloned()
         .collect();
@@ -158,19 +167,26 @@ async fn one_failing_message_in_a_batch_is_dead_lettered_and_the_rest_acked() {
     handle.shutdown().await;
 }
 
+/// Seven deliveries for a batch of 100: they wait the timeout for more,
+/// all together, and are then handled as one partial batch — not one by
+/// one as they come, and not never.
 #[actix_rt::test]
 async fn the_timeout_flushes_a_partial_batch() {
     let prefix = unique("batch-flush");
+    // Long enough that the seven, published at once, all arrive within it.
+    const TIMEOUT: Duration = Duration::from_secs(1);
     let batch = BatchConfig {
         size: 100,
-        timeout: Duration::from_millis(20),
+        timeout: TIMEOUT,
     };
     let (handle, batches, _cleanup) = start(&prefix, 100, batch, None).await;
     let client = Client::connect(AMQP_URL).await;
     let ids: Vec<String> = (0..7).map(|i| format!("t-{i}")).collect();
+    let publishing = Instant::now();
     client
         .publish_many(&format!("{prefix}.ex"), "in", &ids, b"{}")
         .await;
+    let published = Instant::now();
     let got = client
         .collect(
             &format!("{prefix}.sink"),
@@ -179,8 +195,27 @@ async fn the_timeout_flushes_a_partial_batch() {
         )
         .await;
     assert_eq!(got.len(), ids.len(), "a partial batch was never handled");
-    let sizes = sizes(&batches);
-    assert_eq!(sizes.iter().sum::<usize>(), ids.len(), "sizes {sizes:?}");
-    assert!(sizes.iter().all(|&n| n < 100), "sizes {sizes:?}");
+    let recorded = batches.lock().unwrap().clone();
+    let mut handled: Vec<String> = recorded.iter().flat_map(|(_, b)| b.clone()).collect();
+    handled.sort();
+    assert_eq!(
+        (recorded.len(), handled),
+        (1, ids.clone()),
+        "the seven in one batch: {recorded:?}"
+    );
+    // The batch's deadline, from the config: `timeout` after its first
+    // delivery, which came after the publishing began (a generous 5 s on
+    // top for the upper bound, for a loaded machine).
+    let at = recorded[0].0;
+    assert!(
+        at >= publishing + TIMEOUT,
+        "handled {:?} after the publishing began: it did not wait the {TIMEOUT:?} timeout",
+        at - publishing
+    );
+    assert!(
+        at <= published + TIMEOUT + Duration::from_secs(5),
+        "handled {:?} after the publishing ended: the {TIMEOUT:?} timeout did not flush it",
+        at - published
+    );
     handle.shutdown().await;
 }

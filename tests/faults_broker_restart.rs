@@ -291,3 +291,73 @@ async fn stop_app_and_node_restarts_are_recovered_within_backoff_max_without_los
     assert!(handle.wait_ready(Duration::from_secs(20)).await);
     handle.shutdown().await;
 }
+
+/// While the broker is down the connection actor is busy reconnecting:
+/// `wait_ready` still answers within its timeout (not ready), and the
+/// engine still shuts down.
+#[actix_rt::test]
+async fn wait_ready_and_shutdown_keep_their_deadlines_while_the_broker_is_down() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init(); // RUST_LOG=flowgate_actors=debug shows the engine's log
+    let node = BrokerNode::start_async()
+        .await
+        .expect("private broker node");
+    let prefix = unique("fbdown");
+    let mut cfg = chain_config(&prefix, &["forward"], PREFETCH);
+    cfg.amqp.url = node.amqp_url();
+    cfg.amqp.connect_timeout = CONNECT_TIMEOUT;
+    cfg.supervisor.backoff_max = BACKOFF_MAX;
+    let grace = cfg.shutdown.grace;
+    let handle = Engine::builder()
+        .config(cfg.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(handle.wait_ready(Duration::from_secs(20)).await);
+    node.blocking(|n| n.stop_app()).await.expect("stop_app");
+    // The engine notices (read without asking the connection actor).
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            !handle.control().readiness().connected
+        })
+        .await,
+        "the engine never noticed the broker going down"
+    );
+    // Past the recovery deadline, the actor is in its reconnect loop (it
+    // restarts for each attempt, holding its mailbox meanwhile).
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            handle
+                .metrics()
+                .counter(Metrics::RESTARTS, &["connection", ""])
+                >= 2
+        })
+        .await,
+        "the connection actor never retried"
+    );
+    let timeout = Duration::from_secs(2);
+    let asked = Instant::now();
+    let ready = tokio::time::timeout(4 * timeout, handle.wait_ready(timeout)).await;
+    assert_eq!(
+        ready,
+        Ok(false),
+        "wait_ready({timeout:?}) with the broker down: answered after {:?}",
+        asked.elapsed()
+    );
+    // The shutdown's own bound: the grace, then closing the connections.
+    let bound = grace + 2 * CONNECT_TIMEOUT + Duration::from_secs(10);
+    let stopping = Instant::now();
+    assert!(
+        tokio::time::timeout(bound, handle.shutdown()).await.is_ok(),
+        "shutdown with the broker down took more than {bound:?}"
+    );
+    eprintln!(
+        "broker down: wait_ready answered in {:?}, shutdown took {:?}",
+        asked.elapsed() - stopping.elapsed(),
+        stopping.elapsed()
+    );
+}

@@ -7,6 +7,7 @@ use flowgate_testkit as common;
 use common::node::BrokerNode;
 use common::*;
 use flowgate::config::{Binding, QueueConfig, Target};
+use flowgate::PublishOutcome;
 use flowgate::envelope::REASON;
 use flowgate::Engine;
 use flowgate::UNROUTABLE_QUEUE;
@@ -136,7 +137,9 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
         .await
         .expect("alarm on");
     // The broker blocks a connection when it next publishes: this one is
-    // held by the broker until the alarm clears; after it the publisher
+    // held by the broker until the alarm clears (and then confirmed: the
+    // publisher waits out a block rather than spool a copy of a publish
+    // the broker has read); after it the publisher
     // knows it is blocked and the bad stage's outputs wait, then spool.
     let primer = {
         let h = h.clone();
@@ -166,7 +169,11 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
     node.blocking(|n| n.set_memory_alarm(false))
         .await
         .expect("alarm off");
-    assert!(primer.await.expect("primer task").is_ok());
+    let primed = primer.await.expect("primer task");
+    assert!(
+        matches!(primed, Ok(PublishOutcome::Confirmed)),
+        "the publish the broker held through the alarm is confirmed, not spooled: {primed:?}"
+    );
 
     // Every phase-2 input ends dead-lettered `unroutable`: either by the
     // stage (returned live) or, spooled, by the replay.
@@ -225,14 +232,22 @@ async fn returns_never_open_the_breaker_and_unroutable_spooled_records_are_dead_
         0,
         "nothing dropped"
     );
+    // The sink was emptied after phase 1: the primer alone came since, once.
+    let sunk = client.collect_all(&sink, 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        sunk,
+        counts(["primer".to_owned()]),
+        "phase 2 reached the sink"
+    );
     h.shutdown().await;
 }
 
 /// lapin hands a `basic.return` to whichever confirm it completes next;
 /// with quorum queues confirming out of order that is often another
 /// publish's. Interleaved good and unroutable publishes must each end
-/// right: a good one confirmed (and delivered once), an unroutable one
-/// either answered unroutable or moved to the unroutable queue.
+/// right: a good one confirmed (and delivered once: the sink is collected),
+/// an unroutable one either answered unroutable or, its return taken by
+/// another publish's confirm, confirmed and moved to the unroutable queue.
 #[actix_rt::test]
 async fn returns_are_matched_to_their_own_publish() {
     let node = BrokerNode::start_async()
@@ -274,16 +289,20 @@ async fn returns_are_matched_to_their_own_publish() {
     let mut bad_returned = HashSet::new();
     for t in tasks {
         let (id, r) = t.await.expect("task");
+        // Nothing here may spool or meet backpressure: the breaker has no
+        // reason to open (no spool is configured, so it would answer
+        // backpressure), and the window bounds the publishes in flight.
         match (id.starts_with("good"), r) {
-            (true, Ok(_)) => {
+            (true, Ok(PublishOutcome::Confirmed)) => {
                 good_ok.insert(id);
             }
-            (true, Err(e)) => panic!("{id}: a routable publish failed: {e}"),
+            (true, r) => panic!("{id}: a routable publish was not confirmed: {r:?}"),
             (false, Err(flowgate::RuntimeError::Unroutable { .. })) => {
                 bad_returned.insert(id);
             }
-            (false, Ok(_)) => {} // its return went to another confirm
-            (false, Err(e)) => panic!("{id}: {e}"),
+            // Its return went to another confirm.
+            (false, Ok(PublishOutcome::Confirmed)) => {}
+            (false, r) => panic!("{id}: {r:?}"),
         }
     }
     assert_eq!(good_ok.len(), M);
@@ -317,5 +336,27 @@ async fn returns_are_matched_to_their_own_publish() {
         counts(rescued.into_iter().map(|(id, _)| id)).len(),
         rescued_n
     );
+    // Every confirmed good publish is at the sink, once, and nothing else.
+    let sunk = client
+        .collect_all(&format!("{prefix}.sink"), M, Duration::from_secs(60))
+        .await;
+    let expected = counts(good_ok);
+    if sunk != expected {
+        let missing: Vec<_> = expected
+            .keys()
+            .filter(|id| !sunk.contains_key(*id))
+            .take(5)
+            .collect();
+        let extra: Vec<_> = sunk
+            .iter()
+            .filter(|(id, n)| !expected.contains_key(*id) || **n > 1)
+            .take(5)
+            .collect();
+        panic!(
+            "the sink holds {} ids for {M} confirmed good publishes; missing {missing:?}, \
+             foreign or twice {extra:?}",
+            sunk.len()
+        );
+    }
     h.shutdown().await;
 }

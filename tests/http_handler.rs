@@ -197,6 +197,55 @@ async fn five_thousand_orders_pass_through_the_python_service_exactly_once() {
     );
 }
 
+/// `http.max_concurrency` bounds the requests in flight below the stage's
+/// handler tasks. The service holds each request until one more than the
+/// bound is in flight at once, or for a second: the stage, with twice as
+/// many handler tasks and a full prefetch window, fills the bound (so the
+/// overlap is forced, not left to chance) and a fifth request, if one were
+/// sent, would be seen at once.
+#[actix_rt::test]
+async fn the_service_sees_exactly_max_concurrency_requests_at_once() {
+    let max_concurrency = 4u32;
+    let over = (max_concurrency + 1).to_string();
+    // Each held request waits out its second (the observation window for a
+    // request beyond the bound, which must not come): 24 messages take
+    // about 24 / 4 seconds.
+    let worker = Worker::start(&[
+        ("WORKER_HOLD_IN_FLIGHT", over.as_str()),
+        ("WORKER_HOLD_SECONDS", "1"),
+    ])
+    .await;
+    let prefix = unique("http-bound");
+    let mut cfg = pipeline(&prefix, &worker, 50);
+    cfg.stages[1].concurrency = flowgate::config::Concurrency::Fixed(2 * max_concurrency);
+    cfg.stages[1].http.as_mut().unwrap().max_concurrency = max_concurrency;
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    let handle = start(&cfg).await;
+    let client = Client::connect(AMQP_URL).await;
+    let sent = ids("held", 24);
+    client
+        .publish_many(&format!("{prefix}.ex"), "in", &sent, ORDER)
+        .await;
+    let got = client
+        .collect_all(
+            &format!("{prefix}.sink"),
+            sent.len(),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(got.len(), sent.len(), "every id reached the sink");
+    assert!(got.values().all(|n| *n == 1), "each once: {got:?}");
+    let stats = worker.stats().await;
+    assert_eq!(stats["handled"].as_u64(), Some(sent.len() as u64));
+    assert_eq!(
+        stats["max_in_flight"].as_u64(),
+        Some(u64::from(max_concurrency)),
+        "the most requests the service saw at once: the stage keeps exactly \
+         max_concurrency = {max_concurrency} in flight against a service that holds them"
+    );
+    handle.shutdown().await;
+}
+
 #[actix_rt::test]
 async fn a_service_answering_503_makes_the_stage_hold_its_credit_then_recover() {
     let worker = Worker::start(&[("WORKER_UNAVAILABLE", "1"), ("WORKER_RETRY_AFTER", "0.2")]).await;

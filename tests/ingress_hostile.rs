@@ -172,6 +172,22 @@ async fn a_50_mb_body_is_413_without_being_read() {
     assert_eq!(a.json()["max_bytes"], cfg.limits.max_message_bytes, "{a:?}");
 
     // Chunked: the stream is cut at the limit; the client cannot push 50 MB.
+    let (a, sent) = push_chunked(addr, &path, FIFTY_MB).await;
+    assert_eq!(a.status, 413, "{a:?}");
+    // What the client got in is the server's read (a bit over the limit)
+    // plus the socket buffers: never the whole body.
+    assert!(
+        sent < FIFTY_MB,
+        "the server stopped reading at the limit; the client pushed {sent} bytes"
+    );
+    println!("chunked: the client got {sent} bytes in before the 413");
+    h.shutdown().await;
+}
+
+/// POSTs a chunked body of up to `total` bytes to `path` in 64 KiB chunks
+/// for as long as the server reads it, on a fresh connection; the answer
+/// and how many bytes the client got in.
+async fn push_chunked(addr: SocketAddr, path: &str, total: usize) -> (Answer, usize) {
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut rd, mut wr) = s.into_split();
     let reader = actix_rt::spawn(async move {
@@ -194,7 +210,7 @@ async fn a_50_mb_body_is_413_without_being_read() {
     wr.write_all(head.as_bytes()).await.unwrap();
     let chunk = format!("{:x}\r\n{}\r\n", 64 << 10, "y".repeat(64 << 10));
     let mut sent = 0usize;
-    while sent < FIFTY_MB && !reader.is_finished() {
+    while sent < total && !reader.is_finished() {
         // A write the server no longer reads stalls once the socket
         // buffers are full: bounded by the guard, it ends the loop.
         match tokio::time::timeout(Duration::from_secs(2), wr.write_all(chunk.as_bytes())).await {
@@ -206,15 +222,7 @@ async fn a_50_mb_body_is_413_without_being_read() {
         .await
         .expect("answered")
         .unwrap();
-    assert_eq!(a.status, 413, "{a:?}");
-    // What the client got in is the server's read (a bit over the limit)
-    // plus the socket buffers: never the whole body.
-    assert!(
-        sent < FIFTY_MB,
-        "the server stopped reading at the limit; the client pushed {sent} bytes"
-    );
-    println!("chunked: the client got {sent} bytes in before the 413");
-    h.shutdown().await;
+    (a, sent)
 }
 
 /// Reads one response head (and whatever body came with it), bounded.
@@ -285,8 +293,22 @@ async fn a_slow_body_is_408_and_requests_beyond_the_bound_are_503() {
     h.shutdown().await;
 }
 
+/// Idle connections each may cost the daemon this much memory (measured:
+/// about 12 KiB each).
+const IDLE_CONNECTION_KIB: u64 = 64;
+/// Clients pushing a 50 MB chunked body at once, and how many rounds of them.
+const HOSTILE: usize = 8;
+const HOSTILE_ROUNDS: usize = 25;
+
+/// The daemon under 2,000 idle connections and then 200 hostile 50 MB
+/// bodies: a normal request is still answered at once, and its memory
+/// stays bounded against what it used before the load (peak RSS, measured
+/// in the same run): idle connections by a per-connection allowance, the
+/// hostile bodies by what the requests in progress may hold at once — each
+/// is cut at `[limits] max_message_bytes`, so what they cost comes back,
+/// however many come.
 #[actix_rt::test]
-async fn two_thousand_idle_connections_do_not_stop_a_request() {
+async fn idle_connections_and_hostile_bodies_neither_stop_a_request_nor_grow_memory() {
     let prefix = unique("ing-idle");
     let dir = tempfile::tempdir().unwrap();
     let port = flowgate_testkit::node::free_port().expect("port");
@@ -315,7 +337,7 @@ async fn two_thousand_idle_connections_do_not_stop_a_request() {
         .await,
         "daemon answers"
     );
-    let idle_rss = peak_rss_kib(pid).unwrap_or(0);
+    let started_rss = peak_rss_kib(pid).expect("the daemon's peak RSS");
 
     let mut idle = Vec::with_capacity(2000);
     for _ in 0..2000 {
@@ -329,8 +351,51 @@ async fn two_thousand_idle_connections_do_not_stop_a_request() {
     .await
     .expect("a normal request is answered within 2 s beside 2000 idle connections");
     assert_eq!(a.status, 202, "{a:?}");
-    let peak = peak_rss_kib(pid).unwrap_or(0);
-    println!("daemon peak RSS: {idle_rss} KiB before, {peak} KiB with 2000 idle connections");
+    let idle_rss = peak_rss_kib(pid).expect("the daemon's peak RSS");
+    let idle_bound = started_rss + idle.len() as u64 * IDLE_CONNECTION_KIB;
+    assert!(
+        idle_rss <= idle_bound,
+        "peak RSS {idle_rss} KiB with {} idle connections, past {idle_bound} KiB \
+         ({started_rss} KiB before them + {IDLE_CONNECTION_KIB} KiB each)",
+        idle.len()
+    );
+
+    // Hostile bodies, the idle connections still open. Each request in
+    // progress holds at most `max_message_bytes` of body (x2 for the
+    // buffer's growth, x2 again for the chunk being read and allocator
+    // slack), plus 16 MiB for everything else.
+    let max_kib = cfg.limits.max_message_bytes / 1024;
+    let hostile_bound = idle_rss + HOSTILE as u64 * 4 * max_kib + (16 << 10);
+    let path = format!("/publish/{ex}/in");
+    let mut pushed = 0;
+    for round in 0..HOSTILE_ROUNDS {
+        let answers =
+            futures::future::join_all((0..HOSTILE).map(|_| push_chunked(addr, &path, 50 << 20)))
+                .await;
+        pushed += answers.iter().map(|(_, sent)| sent).sum::<usize>();
+        let peak = peak_rss_kib(pid).expect("the daemon's peak RSS");
+        assert!(
+            peak <= hostile_bound,
+            "after {} hostile bodies ({} MiB pushed in) the daemon's peak RSS is {peak} KiB, \
+             past {hostile_bound} KiB ({idle_rss} KiB before them + {HOSTILE} in progress x \
+             4 x {max_kib} KiB + 16 MiB)",
+            (round + 1) * HOSTILE,
+            pushed >> 20
+        );
+        for (a, _) in answers {
+            assert_eq!(a.status, 413, "round {round}: {a:?}");
+        }
+    }
+    let a = post(addr, &ex, "in", &[("x-message-id", "after")]).await;
+    assert_eq!(a.status, 202, "{a:?}");
+    println!(
+        "daemon peak RSS: {started_rss} KiB at start, {idle_rss} KiB with {} idle connections, \
+         {} KiB after {} hostile bodies ({} MiB pushed in)",
+        idle.len(),
+        peak_rss_kib(pid).unwrap_or(0),
+        HOSTILE * HOSTILE_ROUNDS,
+        pushed >> 20
+    );
     drop(idle);
 }
 

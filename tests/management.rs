@@ -74,13 +74,15 @@ async fn op(method: &str, url: &str, body: Option<Value>) -> Value {
 #[actix_rt::test]
 async fn pausing_a_stage_stops_consumption_within_a_prefetch_window_and_resume_drains_it() {
     let prefix = unique("mgmt-pause");
+    let started = Arc::new(AtomicUsize::new(0));
     let handled = Arc::new(AtomicUsize::new(0));
-    let n = handled.clone();
+    let (s, n) = (started.clone(), handled.clone());
     let (h, base, _cleanup) = start(
         &prefix,
         handler_fn(move |_d| {
-            let n = n.clone();
+            let (s, n) = (s.clone(), n.clone());
             async move {
+                s.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 n.fetch_add(1, Ordering::SeqCst);
                 Ok(Outcome::ack())
@@ -107,9 +109,13 @@ async fn pausing_a_stage_stops_consumption_within_a_prefetch_window_and_resume_d
 
     let v = op("POST", &format!("{base}/stages/s1/pause"), None).await;
     // The stage applied the pause before the API answered, so from here on only
-    // what it had already been sent (at most one prefetch window) may finish.
-    // Counting from before the request would also count what finished during the
-    // HTTP round trip, which is not the pause's business.
+    // what it had already taken may finish: what it holds in flight now, and
+    // at most the one delivery its intake was taking as the pause came
+    // (pulled, not yet counted in flight). Read in this order: whatever finishes
+    // after `before` was in flight when `at_pause` was read. Counting from
+    // before the request would also count what finished during the HTTP round
+    // trip, which is not the pause's business.
+    let at_pause = h.control().stage("s1").unwrap().in_flight;
     let before = handled.load(Ordering::SeqCst);
     assert_eq!(v["state"], "paused", "{v}");
     assert_eq!(v["paused"], json!(["operator"]), "{v}");
@@ -123,15 +129,30 @@ async fn pausing_a_stage_stops_consumption_within_a_prefetch_window_and_resume_d
     );
     let settled = handled.load(Ordering::SeqCst);
     assert!(
-        settled - before <= PREFETCH as usize,
-        "at most one prefetch window after the pause: {} handled",
+        at_pause <= PREFETCH as usize,
+        "in flight at the pause: {at_pause}"
+    );
+    assert!(
+        settled - before <= at_pause + 1,
+        "after the pause only what the stage held ({at_pause}, and one it was taking) \
+         finishes: {} handled",
         settled - before
     );
-    assert!(settled < TOTAL, "the pause came before the end ({settled})");
-    // Observe a while: a paused stage acks nothing more and the broker keeps
-    // the rest (ready, or sent and unacked: at most one prefetch window).
+    assert!(
+        settled + (PREFETCH as usize) < TOTAL,
+        "the pause came before the end, more than a window before ({settled})"
+    );
+    // Observe a while (nothing may happen, so there is no event to await): a
+    // paused stage starts and acks nothing more, and the broker keeps the rest.
+    let started_then = started.load(Ordering::SeqCst);
+    assert_eq!(started_then, settled, "every handler started has finished");
     let ready_then = client.depth(&input).await as usize;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        started_then,
+        "no handler started while paused"
+    );
     assert_eq!(
         handled.load(Ordering::SeqCst),
         settled,
@@ -142,10 +163,20 @@ async fn pausing_a_stage_stops_consumption_within_a_prefetch_window_and_resume_d
         ready_then,
         "nothing consumed while paused"
     );
-    let unacked = TOTAL - settled - ready_then;
-    assert!(
-        unacked <= PREFETCH as usize,
-        "the broker holds at most one prefetch window unacked, not {unacked}"
+    // At the end of the window: the broker's qos caps what it has sent
+    // unacked at one prefetch window, and it has refilled that window as the
+    // stage acked what it held, so the window is full (the broker would hand
+    // over more the moment one is acked) — and the stage takes none of it.
+    // Only the pause leaves a full window untouched with nothing in flight.
+    let unacked = TOTAL - handled.load(Ordering::SeqCst) - client.depth(&input).await as usize;
+    assert_eq!(
+        unacked, PREFETCH as usize,
+        "the broker holds a full prefetch window unacked"
+    );
+    assert_eq!(
+        h.control().stage("s1").unwrap().in_flight,
+        0,
+        "the paused stage took none of the window"
     );
 
     // /readyz (no token needed) says why.

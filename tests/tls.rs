@@ -73,6 +73,21 @@ fn config(prefix: &str, dir: &Path, tls_port: u16) -> Config {
     cfg
 }
 
+/// How many TLS sessions the node has refused for want of a client
+/// certificate, from its log ("generated SERVER ALERT: Fatal - Certificate
+/// required", one per refused handshake).
+fn certificate_required_alerts(node: &BrokerNode) -> usize {
+    let log = node
+        .dir()
+        .join("log")
+        .join(format!("{}.log", node.node_name()));
+    std::fs::read_to_string(&log)
+        .unwrap_or_else(|e| panic!("the node's log {}: {e}", log.display()))
+        .lines()
+        .filter(|l| l.contains("SERVER ALERT: Fatal - Certificate required"))
+        .count()
+}
+
 async fn start(cfg: Config) -> Result<EngineHandle, Error> {
     Engine::builder().config(cfg).build().unwrap().start().await
 }
@@ -211,10 +226,25 @@ async fn tls_with_a_private_ca_a_client_certificate_and_external_auth() {
     // the client's handshake is done, on the first read: lapin sees an I/O
     // error while connecting and retries it, so this one ends in the
     // connect timeout rather than at once (left as it is; see the note).
+    // What refused it is in the broker's own log: its alert for the
+    // missing certificate, counted before and after this start.
     anonymous.amqp.connect_timeout = Duration::from_secs(3);
+    let before = certificate_required_alerts(&node);
+    let err = start(anonymous)
+        .await
+        .err()
+        .expect("no client certificate for fail_if_no_peer_cert: started");
     assert!(
-        start(anonymous).await.is_err(),
-        "no client certificate for fail_if_no_peer_cert: started"
+        matches!(err, Error::ConnectTimeout { .. }),
+        "no client certificate: the refused session ends in the connect timeout, not {err:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            certificate_required_alerts(&node) > before
+        })
+        .await,
+        "the broker did not refuse a session for want of a client certificate \
+         ({before} such alerts in its log before this start, as many after)"
     );
 
     // The daemon: exit code 1 ("cannot start") with the reason on stderr.

@@ -139,10 +139,31 @@ pub struct LinkStatus {
     pub blocked: bool,
 }
 
-/// Closes both connections (graceful shutdown).
+/// Closes both connections (graceful shutdown). Call [`Closer::close`]
+/// first: while the actor (re)connects it serves no message.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Close;
+
+/// Stops a [`ConnectionActor`]'s (re)connecting from outside its mailbox.
+/// A connect attempt and the backoff before it hold the mailbox (so
+/// `OpenChannel` requests queue until connected); during a broker outage
+/// that is for as long as the outage lasts, and a [`Close`] sent then
+/// would wait for the broker. After [`close`](Self::close) the actor makes
+/// no further attempt and serves its mailbox, `Close` included.
+#[derive(Clone, Debug)]
+pub struct Closer(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Closer {
+    /// Requests the close: the attempt in progress is abandoned.
+    pub fn close(&self) {
+        self.0.send_replace(true);
+    }
+
+    fn requested(&self) -> bool {
+        *self.0.borrow()
+    }
+}
 
 /// Owns the broker connections. See the module docs.
 pub struct ConnectionActor {
@@ -177,6 +198,8 @@ pub struct ConnectionActor {
     /// `OpenChannel` is answered with this, so the engine's start fails
     /// with the broker's own words instead of a timeout.
     refused: Option<String>,
+    /// Set by the engine's shutdown outside the mailbox (see [`Closer`]).
+    closer: Closer,
 }
 
 /// True when `e` says the broker cannot be reached right now (refused, reset,
@@ -238,7 +261,13 @@ impl ConnectionActor {
             retired: Vec::new(),
             waiting_for_broker: false,
             refused: None,
+            closer: Closer(Arc::new(tokio::sync::watch::channel(false).0)),
         }
+    }
+
+    /// Its [`Closer`]: take it before starting the actor.
+    pub fn closer(&self) -> Closer {
+        self.closer.clone()
     }
 
     fn notify(&self, ev: LinkEvent) {
@@ -375,22 +404,32 @@ impl Actor for ConnectionActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        if self.restarts.escalated() || self.closing {
+        if self.restarts.escalated() || self.closing || self.closer.requested() {
             return; // stays idle: the engine was told, or is shutting down
         }
         let delay = self.restarts.delay();
         let cfg = self.cfg.clone();
         let first = self.url_index;
+        let mut close = self.closer.0.subscribe();
         // `wait` holds the mailbox until connected, so OpenChannel requests
-        // queue (one per actor, bounded) instead of failing.
+        // queue (one per actor, bounded) instead of failing — unless the
+        // engine shuts down meanwhile (see `Closer`).
         ctx.wait(
             async move {
-                tokio::time::sleep(delay).await;
-                connect_first(&cfg, first).await
+                tokio::select! {
+                    biased;
+                    Ok(_) = close.wait_for(|c| *c) => None,
+                    r = async {
+                        tokio::time::sleep(delay).await;
+                        connect_first(&cfg, first).await
+                    } => Some(r),
+                }
             }
             .into_actor(self)
             .map(|res, act, ctx| match res {
-                Ok((index, c, p)) => {
+                // Shutting down: make no further attempt; serve `Close`.
+                None => act.closing = true,
+                Some(Ok((index, c, p))) => {
                     act.url_index = index;
                     act.generation += 1;
                     act.failed.clear();
@@ -412,7 +451,7 @@ impl Actor for ConnectionActor {
                     act.notify(LinkEvent::LinkUp(Purpose::Consume));
                     act.notify(LinkEvent::LinkUp(Purpose::Publish));
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     act.waiting_for_broker = unreachable(&e);
                     if !act.waiting_for_broker && act.generation == 0 {
                         // Never connected, and waiting will not help: a
@@ -567,6 +606,7 @@ impl StreamHandler<ConnEvent> for ConnectionActor {
                     self.clear_block();
                 }
                 self.failed.insert(ev.purpose);
+                self.update_gauge();
                 self.lost_since
                     .entry(ev.purpose)
                     .or_insert_with(std::time::Instant::now);

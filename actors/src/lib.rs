@@ -70,7 +70,7 @@ pub use metrics::events::{Event, IngressRefused};
 pub use metrics::{Kind, MetricDesc, Metrics};
 // What the engine assembles: the actors, their settings and their handles.
 pub use connection::{
-    redact_url, Close, ConnectionActor, ConnectionConfig, GetStatus, OpenChannel, Purpose,
+    redact_url, Close, Closer, ConnectionActor, ConnectionConfig, GetStatus, OpenChannel, Purpose,
 };
 pub use dedup::{Claim, ClaimToken, Claimed, CommitOutcome, DedupError};
 pub use dedup::{

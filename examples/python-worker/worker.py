@@ -22,6 +22,10 @@ with POST /admin and a JSON object holding any of these keys):
                                               routing key is 300 bytes (invalid)
   malformed_ids    WORKER_MALFORMED_IDS=a,b   answer these 200 with a JSON document
                                               that is not an outputs document
+  hold_in_flight   WORKER_HOLD_IN_FLIGHT=n    hold each message request until n requests
+                                              have been in flight at once (from then on,
+                                              hold none), or hold_seconds passed
+  hold_seconds     WORKER_HOLD_SECONDS=s      (default 1)
 
 GET /admin/stats answers {"handled": n, "max_in_flight": n (most requests
 being handled at once), "statuses": {"200": n, ...}, "calls": {message id: n},
@@ -61,6 +65,10 @@ class State:
         self.slow_seconds = float(os.environ.get("WORKER_SLOW_SECONDS", "30"))
         self.bad_output_ids = _ids(os.environ.get("WORKER_BAD_OUTPUT_IDS"))
         self.malformed_ids = _ids(os.environ.get("WORKER_MALFORMED_IDS"))
+        self.hold_in_flight = int(os.environ.get("WORKER_HOLD_IN_FLIGHT", "0"))
+        self.hold_seconds = float(os.environ.get("WORKER_HOLD_SECONDS", "1"))
+        # Wakes held requests when the in-flight count grows.
+        self.grew = threading.Condition(self.lock)
         self.handled = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -81,6 +89,10 @@ class State:
                     setattr(self, key, set(cfg[key]))
             if "slow_seconds" in cfg:
                 self.slow_seconds = float(cfg["slow_seconds"])
+            if "hold_in_flight" in cfg:
+                self.hold_in_flight = int(cfg["hold_in_flight"])
+            if "hold_seconds" in cfg:
+                self.hold_seconds = float(cfg["hold_seconds"])
 
     def call(self, message_id):
         with self.lock:
@@ -93,9 +105,20 @@ class State:
                 self.handled += 1
 
     def enter(self):
+        """Counts a request in, then holds it (see hold_in_flight): a
+        caller's bound on requests in flight is then reached, and a caller
+        that exceeds it is seen doing so, instead of each answer leaving
+        before the next request comes."""
         with self.lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.grew.notify_all()
+            deadline = time.monotonic() + self.hold_seconds
+            while self.max_in_flight < self.hold_in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.grew.wait(left)
 
     def leave(self):
         with self.lock:

@@ -197,7 +197,8 @@ pub struct DrainReport {
 /// Stops intake for `cause` (e.g. `watermark`: the stage's output queue is
 /// above its high watermark) until a [`Resume`] with the same cause. Intake
 /// runs again once no cause is left. Deliveries already in flight finish;
-/// the paused stage holds no credit beyond the one it may be waiting with.
+/// the paused stage takes no other delivery (not even one it was waiting
+/// for, credit in hand, when the pause came) and holds no other credit.
 #[derive(Message, Clone, Debug)]
 #[rtype(result = "()")]
 pub struct Pause {
@@ -513,7 +514,15 @@ async fn next_with_credit<S: Stream + Unpin, C>(
             continue; // paused while waiting for the credit: give it back
         }
         return tokio::select! {
+            biased;
             _ = stop.changed() => Pulled::Stopped,
+            // Paused while waiting for an item (the broker had not sent it
+            // yet): give the credit back and take nothing. `next` is
+            // cancel-safe, so an item that was on its way stays in the stream.
+            r = paused.wait_for(|p| !p.is_empty()) => match r {
+                Ok(_) => continue,
+                Err(_) => Pulled::Stopped,
+            },
             n = stream.next() => match n {
                 Some(item) => Pulled::Item(item, credit),
                 None => Pulled::Ended,
@@ -911,5 +920,37 @@ mod tests {
             Pulled::Stopped
         ));
         assert_eq!(pulled.load(Ordering::SeqCst), 1);
+    }
+
+    /// A pause that comes while the intake waits, credit in hand, for the
+    /// broker to send the next delivery: the delivery that then arrives is
+    /// not taken, and the credit is given back.
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_while_waiting_for_a_delivery_takes_nothing() {
+        let credits = Credits::new(3);
+        let (item_tx, mut item_rx) = tokio::sync::mpsc::channel::<usize>(1);
+        let mut stream = futures::stream::poll_fn(move |cx| item_rx.poll_recv(cx));
+        let (pause_tx, mut paused) = watch::channel(BTreeSet::<PauseCause>::new());
+        let (_stop_tx, mut stop) = watch::channel(false);
+
+        {
+            let intake = next_with_credit(&credits, &mut paused, &mut stop, &mut stream);
+            tokio::pin!(intake);
+            // It waits for an item, holding a credit.
+            assert!(futures::poll!(intake.as_mut()).is_pending());
+            assert_eq!(credits.in_use(), 1);
+            pause_tx.send_modify(|p| {
+                p.insert(PauseCause::Operator);
+            });
+            item_tx.send(7).await.unwrap();
+            assert!(stays_pending(intake).await, "a paused intake took an item");
+        }
+        assert_eq!(credits.in_use(), 0, "the paused intake kept its credit");
+
+        pause_tx.send_modify(BTreeSet::clear);
+        assert!(matches!(
+            next_with_credit(&credits, &mut paused, &mut stop, &mut stream).await,
+            Pulled::Item(7, _)
+        ));
     }
 }
