@@ -960,6 +960,28 @@ mod tests {
     }
 
     #[test]
+    fn a_search_in_the_start_of_a_body_cannot_rule_it_out() {
+        let search = |t: &str| Filter {
+            search: Some(t.into()),
+            ..Filter::default()
+        };
+        let picks = |f: &Filter, whole| f.picks("x", Some("m-1"), "panic", "s", b"{\"Sku\"", whole);
+        assert_eq!(
+            picks(&search("sku"), false),
+            Some(true),
+            "found in the start"
+        );
+        assert_eq!(picks(&search("M-1"), false), Some(true), "the message id");
+        assert_eq!(picks(&search("later"), false), None, "perhaps further on");
+        assert_eq!(picks(&search("later"), true), Some(false));
+        let other = Filter {
+            reason: Some("unroutable".into()),
+            ..search("later")
+        };
+        assert_eq!(picks(&other, false), Some(false), "the reason rules it out");
+    }
+
+    #[test]
     fn ids_are_stable_and_tell_copies_apart_only_by_content() {
         let a = scanned(Some("m-1"), "panic", b"x");
         let b = scanned(Some("m-1"), "panic", b"x");
