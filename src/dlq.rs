@@ -28,11 +28,16 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 mod browse;
+mod index;
 pub mod view;
 
 pub use browse::{
-    apply, count, dead_letter_id, ensure_browsable, list, show, Action, ActionReport, Entry,
-    Filter, Page, Scan, Scanned, Shown, PAGE_MAX, SCAN_DEADLINE, SHOW_MAX, WINDOW,
+    apply, apply_observed, count, dead_letter_id, ensure_browsable, list, show, Action,
+    ActionReport, Entry, Filter, Page, Scan, Scanned, Seen, Shown, PAGE_MAX, SCAN_DEADLINE,
+    SHOW_MAX, WINDOW,
+};
+pub use index::{
+    Indexes, Served, INDEXES_KEPT, INDEX_BODY_BYTES, INDEX_BYTES, INDEX_ENTRIES, INDEX_MAX_AGE,
 };
 
 /// Most distinct reasons (and stages) [`stats`] counts apart; the rest are
@@ -138,10 +143,15 @@ fn replay_properties(p: &BasicProperties) -> BasicProperties {
 
 /// Messages ready in `queue` (a passive declare).
 pub(crate) async fn depth(ch: &Channel, queue: &str) -> Result<u32, Error> {
-    Ok(crate::topology::inspect_queue(ch, queue)
+    Ok(queue_stat(ch, queue).await?.0)
+}
+
+/// Messages ready in `queue` and its consumers (a passive declare).
+pub(crate) async fn queue_stat(ch: &Channel, queue: &str) -> Result<(u32, u32), Error> {
+    let q = crate::topology::inspect_queue(ch, queue)
         .await
-        .map_err(Error::Broker)?
-        .message_count())
+        .map_err(Error::Broker)?;
+    Ok((q.message_count(), q.consumer_count()))
 }
 
 /// Counts a DLQ's messages by reason and stage, leaving them in place (a

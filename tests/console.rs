@@ -192,6 +192,37 @@ async fn sign_in_csrf_origin_headers_and_hostile_dead_letters() {
     assert_eq!(r.status(), 303);
     assert!(ctl("running").await);
 
+    // The management API logs who changed what, as the console does.
+    let api = reqwest::Client::new();
+    for (path, token) in [("pause", TOKEN), ("resume", OTHER_TOKEN)] {
+        let r = api
+            .post(format!("{base}/stages/fwd/{path}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    let r = api
+        .put(format!("{base}/publisher/rate"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({ "rate": 0 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let log = d.log_text();
+    let logged = |what: &str, by: &str| {
+        log.lines()
+            .any(|l| l.contains(what) && l.contains(&format!("by={by}")))
+    };
+    assert!(logged("management: stage paused", "alice"), "{log}");
+    assert!(
+        logged("management: stage resumed", "token-"),
+        "an unnamed token by its fingerprint: {log}"
+    );
+    assert!(logged("management: publish rate set", "alice"), "{log}");
+
     // The vendored htmx is served as pinned (VENDORED.md's checksum).
     let js = http
         .get(format!("{base}/ui/assets/htmx-2.0.4.min.js"))
@@ -250,9 +281,26 @@ async fn sign_in_csrf_origin_headers_and_hostile_dead_letters() {
         .filter_map(|s| s.split('"').next())
         .collect();
     assert_eq!(ids.len(), 2, "{list}");
+    // The stage's workers may dead-letter the two in either order.
+    let row_of = |id: &str| {
+        list.split(&format!("<tr data-id=\"{id}\""))
+            .nth(1)
+            .unwrap_or_default()
+    };
+    let (hostile_id, bin_id): (&str, &str) = if row_of(ids[0])
+        .split("</tr>")
+        .next()
+        .unwrap_or_default()
+        .contains("bin-1")
+    {
+        (ids[1], ids[0])
+    } else {
+        (ids[0], ids[1])
+    };
+    let hostile_at = ids.iter().position(|i| *i == hostile_id).unwrap();
     for page in [
         list.clone(),
-        http.get(format!("{base}/ui/dlq/{dlq}/m/{}", ids[0]))
+        http.get(format!("{base}/ui/dlq/{dlq}/m/{hostile_id}"))
             .header("cookie", &cookie)
             .send()
             .await
@@ -269,7 +317,7 @@ async fn sign_in_csrf_origin_headers_and_hostile_dead_letters() {
         );
     }
     let msg = http
-        .get(format!("{base}/ui/dlq/{dlq}/m/{}", ids[0]))
+        .get(format!("{base}/ui/dlq/{dlq}/m/{hostile_id}"))
         .header("cookie", &cookie)
         .send()
         .await
@@ -284,7 +332,7 @@ async fn sign_in_csrf_origin_headers_and_hostile_dead_letters() {
     assert!(msg.contains("&lt;img src=x onerror=alert(2)&gt;"), "{msg}");
     assert!(msg.contains("invoice\\u{202e}gnp.exe\\u{1b}[31m"), "{msg}");
     let bin = http
-        .get(format!("{base}/ui/dlq/{dlq}/m/{}", ids[1]))
+        .get(format!("{base}/ui/dlq/{dlq}/m/{bin_id}"))
         .header("cookie", &cookie)
         .send()
         .await
@@ -329,14 +377,14 @@ async fn sign_in_csrf_origin_headers_and_hostile_dead_letters() {
         .collect();
     assert_eq!(cli_ids, ids, "the same dead letters, in the same order");
     assert_eq!(
-        listed["entries"][0]["message_id"],
+        listed["entries"][hostile_at]["message_id"],
         "<script>alert(1)</script>"
     );
-    assert_eq!(listed["entries"][0]["reason"], "unroutable");
-    assert_eq!(listed["entries"][0]["stage"], "fwd");
-    let shown = cli(&["show", "--queue", &dlq, ids[1], "--json"]);
+    assert_eq!(listed["entries"][hostile_at]["reason"], "unroutable");
+    assert_eq!(listed["entries"][hostile_at]["stage"], "fwd");
+    let shown = cli(&["show", "--queue", dlq.as_str(), bin_id, "--json"]);
     let m = &shown["messages"][0];
-    assert_eq!(m["id"], ids[1]);
+    assert_eq!(m["id"], bin_id);
     assert_eq!(m["message_id"], "bin-1");
     assert_eq!(m["body"]["kind"], "binary");
     let dump = m["body"]["shown"].as_str().unwrap();
@@ -345,8 +393,8 @@ async fn sign_in_csrf_origin_headers_and_hostile_dead_letters() {
         bin.contains(&dump.replace('<', "&lt;")),
         "the page shows the CLI's dump (escaped)"
     );
-    let by_id = cli(&["show", "--queue", &dlq, "bin-1", "--json"]);
-    assert_eq!(by_id["messages"][0]["id"], ids[1], "by message id too");
+    let by_id = cli(&["show", "--queue", dlq.as_str(), "bin-1", "--json"]);
+    assert_eq!(by_id["messages"][0]["id"], bin_id, "by message id too");
     assert_eq!(client.depth(&dlq).await, 2, "reading removed nothing");
 
     // Sign out: the session is gone.

@@ -17,9 +17,12 @@ use flowgate::lapin::types::FieldTable;
 use flowgate::lapin::BasicProperties;
 use flowgate_testkit::*;
 use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(20);
+/// How long the broker side may take (generous: two shared cores).
+const WAIT: Duration = Duration::from_secs(60);
 
 /// A shop with two flows on one topic exchange, classic queues with
 /// browsable (classic) DLQs:
@@ -114,43 +117,53 @@ async fn an_operator_pauses_a_stage_and_replays_a_dead_letter_in_the_browser() {
 
     // A wrong token is refused.
     b.goto(&format!("{base}/ui/pipeline")).await;
-    assert!(
-        b.current_url().await.ends_with("/ui/login"),
-        "sign-in first"
-    );
-    b.type_into(&b.find("#token").await, "not-a-token-0123456789")
+    b.wait_url("signed out: the pipeline leads to the login", |u| {
+        u.ends_with("/ui/login")
+    })
+    .await;
+    b.type_in("type a wrong token", "#token", "not-a-token-0123456789")
         .await;
-    b.click(&b.find("#sign-in").await).await;
-    let refused = b.wait_text("#login-error", WAIT, |t| !t.is_empty()).await;
+    b.click_on("sign in with the wrong token", "#sign-in").await;
+    let refused = b
+        .wait_text("the wrong token is refused", "#login-error", |t| {
+            !t.is_empty()
+        })
+        .await;
     assert!(refused.contains("not accepted"), "{refused}");
     b.screenshot(&shot("01-wrong-token")).await;
     b.goto(&format!("{base}/ui/pipeline")).await;
-    assert!(
-        b.current_url().await.ends_with("/ui/login"),
-        "still signed out"
-    );
+    b.wait_url("still signed out", |u| u.ends_with("/ui/login"))
+        .await;
 
     // Sign in with alice's token.
-    b.type_into(&b.find("#token").await, TOKEN).await;
-    b.click(&b.find("#sign-in").await).await;
-    let who = b.wait_text("#who", WAIT, |t| !t.is_empty()).await;
+    b.type_in("type alice's token", "#token", TOKEN).await;
+    b.click_on("sign in", "#sign-in").await;
+    let who = b
+        .wait_text("signed in: the name shown", "#who", |t| !t.is_empty())
+        .await;
     assert_eq!(who, "alice");
 
-    // The rate moves while orders flow in (the live part refreshes itself).
+    // The rate moves while orders flow in (the live part refreshes itself):
+    // orders keep coming until the page has shown a rate (bounded).
     let rate_cell = "#stages tr[data-stage=reserve] td.rate";
-    let ids: Vec<String> = (0..300).map(|i| format!("o-{i}")).collect();
+    let flowing = Arc::new(AtomicBool::new(true));
     let load = {
-        let (shop, ids) = (shop.clone(), ids.clone());
+        let (shop, flowing) = (shop.clone(), flowing.clone());
         tokio::spawn(async move {
             let c = Client::connect(AMQP_URL).await;
-            for chunk in ids.chunks(10) {
-                c.publish_many(&shop, "order.created", chunk, b"{}").await;
+            for round in 0..1200 {
+                if !flowing.load(Ordering::Relaxed) {
+                    break;
+                }
+                let ids: Vec<String> = (0..10).map(|i| format!("o-{round}-{i}")).collect();
+                c.publish_many(&shop, "order.created", &ids, b"{}").await;
+                // Paced: a steady flow, not one burst the stage drains at once.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
     };
     let rate = b
-        .wait_text(rate_cell, WAIT, |t| {
+        .wait_text("the stage's rate moves", rate_cell, |t| {
             t.trim_end_matches("/s")
                 .parse::<f64>()
                 .is_ok_and(|r| r > 0.0)
@@ -158,48 +171,70 @@ async fn an_operator_pauses_a_stage_and_replays_a_dead_letter_in_the_browser() {
         .await;
     assert!(rate.ends_with("/s"), "{rate}");
     b.screenshot(&shot("02-pipeline")).await;
+    flowing.store(false, Ordering::Relaxed);
     load.await.unwrap();
+    assert!(
+        eventually(WAIT, || async { client.depth(&orders).await == 0 }).await,
+        "the stage took every order"
+    );
 
     // Pause it from the page: the broker stops delivering to it.
-    b.click(
-        &b.find("#controls tr[data-stage=reserve] button.pause")
-            .await,
+    b.click_on(
+        "pause the stage",
+        "#controls tr[data-stage=reserve] button.pause",
     )
     .await;
-    let flash = b.wait_text("#flash", WAIT, |t| !t.is_empty()).await;
+    let flash = b
+        .wait_text("the page says the stage is paused", "#flash", |t| {
+            !t.is_empty()
+        })
+        .await;
     assert!(flash.contains("paused"), "{flash}");
-    b.wait_text("#stages tr[data-stage=reserve] td.state", WAIT, |t| {
-        t == "paused"
-    })
+    b.wait_text(
+        "the stage shows paused",
+        "#stages tr[data-stage=reserve] td.state",
+        |t| t == "paused",
+    )
     .await;
     // The paused consumer takes nothing more: of what arrives now, the stage
-    // may finish what intake had taken and the broker may have sent it one
-    // prefetch window (10), which it holds unacked — at most 20 in all; the
-    // rest waits in the queue, and stays there.
+    // may finish what intake had taken and the broker may then fill its
+    // prefetch window (10), which it holds unacked — at most 20 leave the
+    // queue; the rest waits there as long as the stage is paused (checked
+    // now, after the forged POST, and again seconds later before the resume).
     let more: Vec<String> = (0..40).map(|i| format!("late-{i}")).collect();
     client
         .publish_many(&shop, "order.created", &more, b"{}")
         .await;
+    let waiting = |when: &'static str| {
+        let (client, orders) = (&client, &orders);
+        async move {
+            let (ready, consumers) = client.queue_stat(orders).await;
+            assert_eq!(
+                consumers, 1,
+                "{when}: the consumer stays registered, paused"
+            );
+            assert!(
+                ready >= 20,
+                "{when}: the late orders wait in the queue while paused: {ready} of 40"
+            );
+        }
+    };
     assert!(
         eventually(WAIT, || async { client.depth(&orders).await >= 20 }).await,
-        "the late orders wait in the queue: {}",
+        "the late orders arrive: {}",
         client.depth(&orders).await
     );
-    let (held, consumers) = client.queue_stat(&orders).await;
-    assert_eq!(consumers, 1, "the consumer stays registered, paused");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        client.queue_stat(&orders).await.0,
-        held,
-        "nothing consumed while paused"
-    );
-    b.wait_text(rate_cell, WAIT, |t| t == "0.0/s").await;
+    // The rate falls to zero (it is measured over seconds).
+    b.wait_text("the rate falls to zero", rate_cell, |t| t == "0.0/s")
+        .await;
+    waiting("paused").await;
     b.screenshot(&shot("03-paused")).await;
 
     // A forged POST without the CSRF token (same origin, the session
     // cookie sent along) is refused with 403 and changes nothing.
     let status = b
         .execute(
+            "a forged POST without the CSRF token",
             "return fetch('/ui/stages/reserve/resume', { method: 'POST', \
              headers: { 'content-type': 'application/x-www-form-urlencoded' }, \
              body: 'workers=1' }).then(r => r.status);",
@@ -208,26 +243,43 @@ async fn an_operator_pauses_a_stage_and_replays_a_dead_letter_in_the_browser() {
         .await;
     assert_eq!(status, json!(403), "a forged POST is refused");
     b.goto(&format!("{base}/ui/pipeline")).await;
-    assert_eq!(
-        b.text_of("#stages tr[data-stage=reserve] td.state").await,
-        "paused",
-        "the forged resume changed nothing"
-    );
-    assert_eq!(client.queue_stat(&orders).await.0, held);
+    let state = b
+        .wait_text(
+            "the pipeline page after the forged POST",
+            "#stages tr[data-stage=reserve] td.state",
+            |t| !t.is_empty(),
+        )
+        .await;
+    assert_eq!(state, "paused", "the forged resume changed nothing");
+    waiting("after the forged POST").await;
 
     // Dead letters: find the unroutable one by its reason.
     b.goto(&format!("{base}/ui/dlq")).await;
+    b.wait_text("the DLQ overview", "h1", |t| !t.is_empty())
+        .await;
     b.screenshot(&shot("04-dead-letter-queues")).await;
-    b.click(&b.find(&format!("a[href='/ui/dlq/{returns_dlq}']")).await)
+    b.click_on(
+        "open the returns' DLQ",
+        &format!("a[href='/ui/dlq/{returns_dlq}']"),
+    )
+    .await;
+    b.wait_text("the DLQ's list", "#summary", |t| {
+        t.starts_with("2 in the queue")
+    })
+    .await;
+    b.click_on(
+        "choose the reason `unroutable`",
+        "#reason option[value=unroutable]",
+    )
+    .await;
+    b.click_on("filter", "#apply-filter").await;
+    b.wait_text("the list filtered by reason", "#summary", |t| {
+        t.contains("showing matches 1–1")
+    })
+    .await;
+    let row = b
+        .wait_text("the filtered row", "#dead-letters tbody", |t| !t.is_empty())
         .await;
-    b.wait_text("#summary", WAIT, |t| t.starts_with("2 in the queue"))
-        .await;
-    b.click(&b.find("#reason option[value=unroutable]").await)
-        .await;
-    b.click(&b.find("#apply-filter").await).await;
-    b.wait_text("#summary", WAIT, |t| t.contains("showing matches 1–1"))
-        .await;
-    let row = b.text_of("#dead-letters tbody").await;
     assert!(
         row.contains("refund-17") && row.contains("unroutable") && !row.contains("refund-18"),
         "{row}"
@@ -235,15 +287,20 @@ async fn an_operator_pauses_a_stage_and_replays_a_dead_letter_in_the_browser() {
     b.screenshot(&shot("05-dead-letters-by-reason")).await;
 
     // Open it.
-    b.click(&b.find("#dead-letters a.open").await).await;
+    b.click_on("open the dead letter", "#dead-letters a.open")
+        .await;
     assert_eq!(
-        b.wait_text("#message-id", WAIT, |t| !t.is_empty()).await,
+        b.wait_text("the dead letter's page", "#message-id", |t| {
+            !t.is_empty()
+        })
+        .await,
         "refund-17"
     );
-    assert_eq!(b.text_of("#reason").await, "unroutable");
-    let origin = b.text_of("#origin").await;
+    let text = |css: &'static str| b.wait_text("the dead letter's page", css, |t| !t.is_empty());
+    assert_eq!(text("#reason").await, "unroutable");
+    let origin = text("#origin").await;
     assert!(origin.contains("return.created"), "{origin}");
-    let body = b.text_of("#body").await;
+    let body = text("#body").await;
     assert!(
         body.contains("\"amount\": \"12.50\""),
         "pretty JSON: {body}"
@@ -263,13 +320,16 @@ async fn an_operator_pauses_a_stage_and_replays_a_dead_letter_in_the_browser() {
         .await
         .unwrap();
     // ...and replays the dead letter: confirm, then done.
-    b.click(&b.find("#one button[value=replay]").await).await;
-    let count = b.wait_text("#count", WAIT, |t| !t.is_empty()).await;
+    b.click_on("replay it", "#one button[value=replay]").await;
+    let count = b
+        .wait_text("the confirmation counts it", "#count", |t| !t.is_empty())
+        .await;
     assert!(count.starts_with("1 dead letter match"), "{count}");
     b.screenshot(&shot("07-confirm-replay")).await;
-    b.click(&b.find("#do-it").await).await;
+    b.click_on("confirm the replay", "#do-it").await;
     assert_eq!(
-        b.wait_text("#done-count", WAIT, |t| !t.is_empty()).await,
+        b.wait_text("the replay is done", "#done-count", |t| !t.is_empty())
+            .await,
         "1"
     );
     b.screenshot(&shot("08-replayed")).await;
@@ -282,7 +342,11 @@ async fn an_operator_pauses_a_stage_and_replays_a_dead_letter_in_the_browser() {
     assert_eq!(client.depth(&returns_dlq).await, 1, "the other stays");
     b.goto(&format!("{base}/ui/dlq/{returns_dlq}")).await;
     let left = b
-        .wait_text("#dead-letters tbody", WAIT, |t| !t.is_empty())
+        .wait_text(
+            "the DLQ's list after the replay",
+            "#dead-letters tbody",
+            |t| !t.is_empty(),
+        )
         .await;
     assert!(
         left.contains("refund-18") && !left.contains("refund-17"),
@@ -302,16 +366,20 @@ async fn an_operator_pauses_a_stage_and_replays_a_dead_letter_in_the_browser() {
         "{log}"
     );
 
+    waiting("after the dead-letter steps").await;
+
     // Resume (so the stage drains for the cleanup).
     b.goto(&format!("{base}/ui/pipeline")).await;
-    b.click(
-        &b.find("#controls tr[data-stage=reserve] button.resume")
-            .await,
+    b.click_on(
+        "resume the stage",
+        "#controls tr[data-stage=reserve] button.resume",
     )
     .await;
-    b.wait_text("#stages tr[data-stage=reserve] td.state", WAIT, |t| {
-        t == "running"
-    })
+    b.wait_text(
+        "the stage shows running",
+        "#stages tr[data-stage=reserve] td.state",
+        |t| t == "running",
+    )
     .await;
     b.quit().await;
 }

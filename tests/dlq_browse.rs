@@ -2,14 +2,19 @@
 //! page, filter, search, `show`, count and stats leaves the queue with the
 //! same messages in the same order; a quorum DLQ is refused (a return
 //! would reorder it); actions remove exactly what they pick, each message
-//! ending in one place.
+//! ending in one place. The console's index answers pages exactly as a
+//! scan would, leaves the queue as it was, notices a queue changed behind
+//! its back, and never decides what an action touches.
 
-use flowgate::dlq::{self, Action, Filter};
+use flowgate::dlq::{self, Action, Filter, Indexes, Served};
 use flowgate::envelope;
-use flowgate::lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use flowgate::lapin::options::{
+    BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use flowgate::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use flowgate::lapin::BasicProperties;
+use flowgate::lapin::{BasicProperties, Connection, ConnectionProperties};
 use flowgate_testkit::*;
+use std::sync::Arc;
 use std::time::Duration;
 
 const REASONS: [&str; 3] = ["unroutable", "malformed", "handler-error"];
@@ -238,4 +243,296 @@ async fn actions_remove_exactly_what_they_pick_and_the_rest_keeps_its_order() {
             .await
             .unwrap();
     }
+}
+
+/// A connection of the console's kind (shared with the index's reads).
+async fn shared_conn() -> Arc<Connection> {
+    Arc::new(
+        Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .unwrap(),
+    )
+}
+
+fn message_ids(p: &dlq::Page) -> Vec<String> {
+    p.entries
+        .iter()
+        .map(|e| e.message_id.clone().unwrap())
+        .collect()
+}
+
+#[actix_rt::test]
+async fn the_index_answers_pages_as_a_scan_would_and_reading_changes_nothing() {
+    let c = Client::connect(AMQP_URL).await;
+    let q = unique("index-pages");
+    let ids = fill(&c, &q, "classic", 2000).await;
+    let conn = shared_conn().await;
+    let idx = Indexes::new();
+
+    // Every page in turn, the first one cold: in order, nothing taken.
+    let mut seen = Vec::new();
+    let mut served = Vec::new();
+    let mut offset = 0;
+    loop {
+        let (page, how) = idx
+            .page(&conn, &q, &Filter::default(), offset, 200, false)
+            .await
+            .unwrap();
+        assert_eq!(page.depth, 2000);
+        seen.extend(message_ids(&page));
+        if matches!(how, Served::Index { .. }) {
+            // (While the index's read goes on, it holds what it read.)
+            assert_eq!(c.depth(&q).await, 2000, "a page leaves every message");
+        }
+        served.push(how);
+        offset += page.entries.len();
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(seen, ids, "the pages show the queue in order");
+    assert!(
+        matches!(&served[0], Served::Building { why, .. } if why == "no index yet"),
+        "cold: from the read that builds the index: {:?}",
+        served[0]
+    );
+    assert!(
+        matches!(served.last(), Some(Served::Index { indexed: 2000, .. })),
+        "the last page waited for the whole read: {:?}",
+        served.last()
+    );
+    assert_eq!(idx.indexed(&q), Some(2000));
+
+    // Warm: filters, searches and deep pages from the index say what a
+    // scan of the queue says.
+    let f = |reason: Option<&str>, stage: Option<&str>, search: Option<&str>| Filter {
+        reason: reason.map(Into::into),
+        stage: stage.map(Into::into),
+        search: search.map(Into::into),
+        ids: Vec::new(),
+    };
+    let cases = [
+        (Filter::default(), 0, 50),
+        (Filter::default(), 1950, 50),
+        (Filter::default(), 1990, 50),
+        (f(Some("malformed"), None, None), 0, 50),
+        (f(Some("malformed"), None, None), 600, 50),
+        (f(Some("unroutable"), Some("ship"), None), 100, 50),
+        (f(None, None, Some("\"needle\":TRUE")), 0, 50),
+        (f(None, None, Some("DL-0199")), 0, 5),
+        (f(None, None, Some("plain text 19")), 3, 4),
+        (f(None, None, Some("no such text")), 0, 50),
+        (f(Some("handler-error"), None, Some("order")), 0, 200),
+    ];
+    for (filter, offset, limit) in &cases {
+        let (from_index, how) = idx
+            .page(&conn, &q, filter, *offset, *limit, false)
+            .await
+            .unwrap();
+        assert!(
+            matches!(how, Served::Index { indexed: 2000, .. }),
+            "{filter:?}: {how:?}"
+        );
+        let scanned = dlq::list(&c.conn, &q, filter, *offset, *limit)
+            .await
+            .unwrap();
+        assert_eq!(
+            message_ids(&from_index),
+            message_ids(&scanned),
+            "{filter:?} from {offset}: the index and a scan list the same"
+        );
+        assert!(
+            from_index.entries == scanned.entries,
+            "{filter:?} from {offset}: every field as a scan reads it"
+        );
+        assert_eq!(from_index.more, scanned.more, "{filter:?} from {offset}");
+        assert_eq!(from_index.held_ms, 0, "no message held for a page");
+    }
+    let found = idx
+        .page(&conn, &q, &cases[6].0, 0, 50, false)
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(message_ids(&found), ["dl-01233"]);
+    assert_eq!(found.entries[0].position, 1234);
+
+    // Asked to read again: rebuilt, the same pages.
+    let (again, how) = idx
+        .page(&conn, &q, &Filter::default(), 0, 50, true)
+        .await
+        .unwrap();
+    assert!(matches!(how, Served::Building { .. }), "{how:?}");
+    assert_eq!(message_ids(&again), ids[..50]);
+
+    // After all that: the same 2000 messages in the same order.
+    let last = idx
+        .page(&conn, &q, &Filter::default(), 1999, 1, false)
+        .await
+        .unwrap();
+    assert_eq!(message_ids(&last.0), [ids[1999].clone()]);
+    assert_eq!(c.depth(&q).await, 2000);
+    assert_eq!(
+        drain_ids(&c, &q, 2000).await,
+        ids,
+        "order and count unchanged"
+    );
+    c.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+/// Every page of `q` through the index, and how the first was served.
+async fn every(idx: &Indexes, conn: &Arc<Connection>, q: &str) -> (Vec<String>, Served) {
+    let (p, how) = idx
+        .page(conn, q, &Filter::default(), 0, 200, false)
+        .await
+        .unwrap();
+    let mut got = message_ids(&p);
+    let (mut more, mut offset) = (p.more, p.entries.len());
+    while more {
+        let (p, _) = idx
+            .page(conn, q, &Filter::default(), offset, 200, false)
+            .await
+            .unwrap();
+        got.extend(message_ids(&p));
+        more = p.more;
+        offset += p.entries.len();
+    }
+    (got, how)
+}
+
+/// Publishes one more dead letter (reason `malformed`) with message id `id`.
+async fn append(c: &Client, q: &str, id: &str) {
+    let mut h = FieldTable::default();
+    h.insert(
+        ShortString::from(envelope::REASON),
+        AMQPValue::LongString(LongString::from("malformed")),
+    );
+    c.publish_props(
+        "",
+        q,
+        id.as_bytes(),
+        BasicProperties::default()
+            .with_message_id(id.into())
+            .with_headers(h),
+    )
+    .await;
+}
+
+#[actix_rt::test]
+async fn a_queue_changed_behind_the_index_is_noticed_and_never_steers_an_action() {
+    let c = Client::connect(AMQP_URL).await;
+    let q = unique("index-stale");
+    let mut ids = fill(&c, &q, "classic", 300).await;
+    let conn = shared_conn().await;
+    let idx = Indexes::new();
+    // Built, then warm.
+    let (got, _) = every(&idx, &conn, &q).await;
+    assert_eq!(got, ids);
+    let (_, how) = every(&idx, &conn, &q).await;
+    assert!(matches!(how, Served::Index { indexed: 300, .. }), "{how:?}");
+
+    // (a) Behind its back, the head is consumed and a new dead letter
+    // arrives: the count is the same, the head is not. The index notices.
+    let head =
+        c.ch.basic_get(q.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(
+        head.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        "dl-00000"
+    );
+    c.ch.basic_ack(head.delivery.delivery_tag, BasicAckOptions::default())
+        .await
+        .unwrap();
+    append(&c, &q, "late-1").await;
+    ids.remove(0);
+    ids.push("late-1".into());
+    assert_eq!(c.depth(&q).await, 300);
+    let (got, how) = every(&idx, &conn, &q).await;
+    assert!(
+        matches!(&how, Served::Building { why, .. } if why.contains("first dead letter")),
+        "a changed head makes the index stale: {how:?}"
+    );
+    assert_eq!(got, ids, "rebuilt: the queue as it is now");
+
+    // An action through the console on a valid index: applied to the
+    // index too (no rebuild), which then says what the queue says.
+    let sel = |message_ids: &[&str]| Filter {
+        ids: message_ids.iter().map(|s| s.to_string()).collect(),
+        ..Filter::default()
+    };
+    let r = idx
+        .apply(&conn, &q, &sel(&["dl-00010"]), &Action::Delete, "test")
+        .await
+        .unwrap();
+    assert_eq!((r.matched, r.done), (1, 1));
+    ids.retain(|i| i != "dl-00010");
+    let (got, how) = every(&idx, &conn, &q).await;
+    assert!(matches!(how, Served::Index { indexed: 299, .. }), "{how:?}");
+    assert_eq!(got, ids, "the index dropped what the action removed");
+    let p = idx
+        .page(&conn, &q, &Filter::default(), 9, 1, false)
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(p.entries[0].position, 10, "positions renumbered");
+    assert_eq!(p.entries[0].message_id.as_deref(), Some("dl-00011"));
+
+    // (b) Behind its back, another tool removes one from the middle and a
+    // new one arrives: count and head are what the index expects, so the
+    // index cannot tell yet and still shows the removed one...
+    let r = dlq::apply(
+        &c.conn,
+        &q,
+        &sel(&["dl-00150"]),
+        &Action::Delete,
+        None,
+        "other",
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.done, 1);
+    append(&c, &q, "late-2").await;
+    let (stale, how) = every(&idx, &conn, &q).await;
+    assert!(matches!(how, Served::Index { .. }), "{how:?}");
+    assert!(stale.contains(&"dl-00150".to_owned()));
+    // ...but an operator acting on what it shows touches only what is in
+    // the queue: the action reads the queue and picks by content. The
+    // gone one is not matched, the one beside it is deleted, nothing else.
+    let r = idx
+        .apply(
+            &conn,
+            &q,
+            &sel(&["dl-00150", "dl-00151"]),
+            &Action::Delete,
+            "test",
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.matched, r.done), (1, 1), "{r:?}");
+    ids.retain(|i| i != "dl-00150" && i != "dl-00151");
+    ids.push("late-2".into());
+    // The action read a queue that disagreed with the index: dropped,
+    // and the next page reads the queue again.
+    let (got, how) = every(&idx, &conn, &q).await;
+    assert!(
+        matches!(&how, Served::Building { why, .. } if why == "no index yet"),
+        "{how:?}"
+    );
+    assert_eq!(got, ids);
+
+    // In the end: exactly those, in order.
+    assert_eq!(c.depth(&q).await as usize, ids.len());
+    assert_eq!(drain_ids(&c, &q, ids.len()).await, ids);
+    c.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
 }

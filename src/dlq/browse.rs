@@ -95,22 +95,47 @@ impl Filter {
 
     /// Whether `m` is picked.
     pub fn matches(&self, m: &Scanned<'_>) -> bool {
-        self.reason.as_deref().is_none_or(|r| m.reason == r)
-            && self.stage.as_deref().is_none_or(|s| m.stage == s)
+        self.picks(
+            &m.id,
+            m.message_id.as_deref(),
+            &m.reason,
+            &m.stage,
+            m.body,
+            true,
+        ) == Some(true)
+    }
+
+    /// Whether a dead letter with these fields is picked. `body` is the
+    /// whole body when `whole`, else only its start: then a search that
+    /// does not find its text there cannot tell (`None`).
+    pub(crate) fn picks(
+        &self,
+        id: &str,
+        message_id: Option<&str>,
+        reason: &str,
+        stage: &str,
+        body: &[u8],
+        whole: bool,
+    ) -> Option<bool> {
+        let fixed = self.reason.as_deref().is_none_or(|r| reason == r)
+            && self.stage.as_deref().is_none_or(|s| stage == s)
             && (self.ids.is_empty()
                 || self
                     .ids
                     .iter()
-                    .any(|i| *i == m.id || Some(i.as_str()) == m.message_id.as_deref()))
-            && self.search.as_deref().is_none_or(|t| {
-                let t = t.to_ascii_lowercase();
-                m.message_id
-                    .as_deref()
-                    .is_some_and(|id| id.to_ascii_lowercase().contains(&t))
-                    || String::from_utf8_lossy(m.body)
-                        .to_ascii_lowercase()
-                        .contains(&t)
-            })
+                    .any(|i| *i == id || Some(i.as_str()) == message_id));
+        if !fixed {
+            return Some(false);
+        }
+        let Some(t) = self.search.as_deref() else {
+            return Some(true);
+        };
+        let t = t.to_ascii_lowercase();
+        let found = message_id.is_some_and(|id| id.to_ascii_lowercase().contains(&t))
+            || String::from_utf8_lossy(body)
+                .to_ascii_lowercase()
+                .contains(&t);
+        (found || whole).then_some(found)
     }
 
     /// The filter in words, for logs and confirmations.
@@ -154,7 +179,7 @@ pub struct Scanned<'a> {
 }
 
 impl<'a> Scanned<'a> {
-    fn of(d: &'a Delivery) -> Self {
+    pub(super) fn of(d: &'a Delivery) -> Self {
         let headers = d.properties.headers().clone().unwrap_or_default();
         let message_id = d.properties.message_id().as_ref().map(|m| m.to_string());
         Scanned {
@@ -241,7 +266,7 @@ fn death_times(h: &FieldTable) -> Vec<i64> {
 }
 
 impl Entry {
-    fn of(s: &Scanned<'_>, position: u64) -> Entry {
+    pub(super) fn of(s: &Scanned<'_>, position: u64) -> Entry {
         let h = &s.headers;
         let ms = |name| h.inner().get(name).and_then(header_int);
         let deaths = death_times(h);
@@ -399,6 +424,8 @@ pub struct Scan {
     queue: ShortString,
     /// Messages in the queue when the scan began.
     depth: u32,
+    /// Its consumers then.
+    consumers: u32,
     /// Deliveries taken so far.
     taken: u32,
     consumer: Option<(String, Consumer)>,
@@ -418,12 +445,13 @@ impl Scan {
     pub async fn start(conn: &Connection, queue: &str) -> Result<Scan, Error> {
         let queue = short_string("queue", queue).map_err(|e| Error::Dlq(e.to_string()))?;
         let ch = conn.create_channel().await?;
-        let depth = super::depth(&ch, queue.as_str()).await?;
+        let (depth, consumers) = super::queue_stat(&ch, queue.as_str()).await?;
         ch.basic_qos(WINDOW, BasicQosOptions::default()).await?;
         Ok(Scan {
             ch,
             queue,
             depth,
+            consumers,
             taken: 0,
             consumer: None,
             windows: 0,
@@ -438,6 +466,12 @@ impl Scan {
     /// Messages the queue held when the scan began.
     pub fn depth(&self) -> u32 {
         self.depth
+    }
+
+    /// The queue's consumers when the scan began (other readers: what
+    /// they hold is not in the scan).
+    pub fn consumers(&self) -> u32 {
+        self.consumers
     }
 
     /// Deliveries taken so far.
@@ -726,7 +760,34 @@ pub async fn apply(
     action: &Action,
     limit: Option<u64>,
     who: &str,
+    progress: impl FnMut(super::ReplayProgress),
+) -> Result<ActionReport, Error> {
+    apply_observed(conn, queue, filter, action, limit, who, progress, |_| {}).await
+}
+
+/// A dead letter an action's scan read: where it was and whether the
+/// action removed it (what the console's index learns from an action).
+#[derive(Debug, Clone, Copy)]
+pub struct Seen<'a> {
+    /// Its place in the queue when the action began, from 1 at the head.
+    pub position: u64,
+    /// Its id ([`dead_letter_id`]).
+    pub id: &'a str,
+    /// True when it was replayed (confirmed) or deleted, so removed.
+    pub removed: bool,
+}
+
+/// [`apply`], telling `seen` about every dead letter read, in queue order.
+#[allow(clippy::too_many_arguments)]
+pub async fn apply_observed(
+    conn: &Connection,
+    queue: &str,
+    filter: &Filter,
+    action: &Action,
+    limit: Option<u64>,
+    who: &str,
     mut progress: impl FnMut(super::ReplayProgress),
+    mut seen: impl FnMut(Seen<'_>),
 ) -> Result<ActionReport, Error> {
     let destination = match action {
         Action::ReplayTo {
@@ -755,6 +816,7 @@ pub async fn apply(
             let examined = u64::from(scan.taken());
             let s = Scanned::of(&d);
             let wanted = filter.matches(&s) && limit.is_none_or(|l| report.matched < l);
+            let done_before = report.done;
             if wanted {
                 report.matched += 1;
                 match (&publish, action) {
@@ -787,6 +849,11 @@ pub async fn apply(
                     }
                 }
             }
+            seen(Seen {
+                position: examined,
+                id: &s.id,
+                removed: report.done > done_before,
+            });
             progress(super::ReplayProgress { examined, total });
         }
         Ok::<_, Error>(())
@@ -883,6 +950,28 @@ mod tests {
         assert!(ids("Order-17").matches(&m));
         assert!(ids(&m.id).matches(&m));
         assert!(!ids("order-17").matches(&m), "ids are exact");
+    }
+
+    #[test]
+    fn a_search_in_the_start_of_a_body_cannot_rule_it_out() {
+        let search = |t: &str| Filter {
+            search: Some(t.into()),
+            ..Filter::default()
+        };
+        let picks = |f: &Filter, whole| f.picks("x", Some("m-1"), "panic", "s", b"{\"Sku\"", whole);
+        assert_eq!(
+            picks(&search("sku"), false),
+            Some(true),
+            "found in the start"
+        );
+        assert_eq!(picks(&search("M-1"), false), Some(true), "the message id");
+        assert_eq!(picks(&search("later"), false), None, "perhaps further on");
+        assert_eq!(picks(&search("later"), true), Some(false));
+        let other = Filter {
+            reason: Some("unroutable".into()),
+            ..search("later")
+        };
+        assert_eq!(picks(&other, false), Some(false), "the reason rules it out");
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //!
 //! Every route but `/healthz` and `/readyz` needs `Authorization: Bearer
 //! <token>` (401 otherwise). Bodies are JSON of at most 4 KiB; anything else
-//! is a 400 naming the problem.
+//! is a 400 naming the problem. Every change is logged with the token's
+//! name (`by=alice`), as the console logs its own.
 
 use crate::config::Tokens;
 use crate::control::{Control, ControlError, Readiness};
@@ -70,24 +71,21 @@ impl ResponseError for ApiError {
     }
 }
 
-/// Proof that the request carried an accepted token: an extractor, so a
-/// route cannot forget the check.
-struct Operator;
+/// Proof that the request carried an accepted token, and that token's
+/// name (for the log): an extractor, so a route cannot forget the check.
+struct Operator(String);
 
 impl FromRequest for Operator {
     type Error = ApiError;
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let ok = req
+        let name = req
             .app_data::<web::Data<State>>()
             .zip(bearer_token(req))
-            .is_some_and(|(s, presented)| s.tokens.accepts(presented));
-        ready(if ok {
-            Ok(Operator)
-        } else {
-            Err(ApiError::Unauthorized)
-        })
+            .and_then(|(s, presented)| s.tokens.identify(presented))
+            .map(str::to_owned);
+        ready(name.map(Operator).ok_or(ApiError::Unauthorized))
     }
 }
 
@@ -159,19 +157,23 @@ async fn stage(
 }
 
 async fn pause(
-    _: Operator,
+    Operator(by): Operator,
     s: web::Data<State>,
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(s.control.pause_stage(&name).await?))
+    let st = s.control.pause_stage(&name).await?;
+    tracing::info!(by = %by, stage = %name, "management: stage paused");
+    Ok(HttpResponse::Ok().json(st))
 }
 
 async fn resume(
-    _: Operator,
+    Operator(by): Operator,
     s: web::Data<State>,
     name: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(s.control.resume_stage(&name).await?))
+    let st = s.control.resume_stage(&name).await?;
+    tracing::info!(by = %by, stage = %name, "management: stage resumed");
+    Ok(HttpResponse::Ok().json(st))
 }
 
 /// `PUT /stages/{name}/concurrency`.
@@ -183,12 +185,14 @@ struct Concurrency {
 }
 
 async fn concurrency(
-    _: Operator,
+    Operator(by): Operator,
     s: web::Data<State>,
     name: web::Path<String>,
     body: web::Json<Concurrency>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(s.control.set_concurrency(&name, body.workers).await?))
+    let st = s.control.set_concurrency(&name, body.workers).await?;
+    tracing::info!(by = %by, stage = %name, workers = ?body.workers, "management: stage concurrency set");
+    Ok(HttpResponse::Ok().json(st))
 }
 
 async fn publisher(_: Operator, s: web::Data<State>) -> HttpResponse {
@@ -204,6 +208,8 @@ struct Rate {
     burst: Option<u32>,
 }
 
-async fn rate(_: Operator, s: web::Data<State>, body: web::Json<Rate>) -> HttpResponse {
-    HttpResponse::Ok().json(s.control.set_publish_rate(body.rate, body.burst))
+async fn rate(Operator(by): Operator, s: web::Data<State>, body: web::Json<Rate>) -> HttpResponse {
+    let p = s.control.set_publish_rate(body.rate, body.burst);
+    tracing::info!(by = %by, rate = p.rate, burst = p.burst, "management: publish rate set");
+    HttpResponse::Ok().json(p)
 }

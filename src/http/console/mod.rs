@@ -83,9 +83,9 @@ pub(crate) struct Console {
     /// The console's own broker connection (DLQ reads and actions), opened
     /// on first use and again after it broke.
     amqp: tokio::sync::Mutex<Option<std::sync::Arc<lapin::Connection>>>,
-    /// One DLQ read or action at a time: two at once would each see the
-    /// queue without the messages the other holds.
-    dlq_lock: tokio::sync::Mutex<()>,
+    /// The DLQs' indexes, and one read or action at a time per DLQ (two at
+    /// once would each see the queue without the messages the other holds).
+    indexes: dlq::Indexes,
 }
 
 impl Console {
@@ -106,7 +106,7 @@ impl Console {
             sessions: Sessions::default(),
             samples: Mutex::new(BTreeMap::new()),
             amqp: tokio::sync::Mutex::new(None),
-            dlq_lock: tokio::sync::Mutex::new(()),
+            indexes: dlq::Indexes::new(),
         }
     }
 
@@ -635,6 +635,7 @@ fn kind_name(k: QueueKind) -> &'static str {
 async fn dlq_index(Viewer(who): Viewer, s: web::Data<Console>) -> HttpResponse {
     let conn = s.conn().await;
     let mut rows = Vec::new();
+    let mut warmed = 0;
     for q in &s.config.queues {
         let Some(dlq_name) = q.dead_letter_queue() else {
             continue;
@@ -650,10 +651,20 @@ async fn dlq_index(Viewer(who): Viewer, s: web::Data<Console>) -> HttpResponse {
             },
             Err(e) => Err(e.clone()),
         };
+        let kind = q.dead_letter_queue_kind();
+        if let (Ok(c), QueueKind::Classic, Ok(d)) = (&conn, kind, &depth) {
+            // Most likely browsed next: start reading it into its index.
+            if *d > 0 && warmed < dlq::INDEXES_KEPT {
+                warmed += 1;
+                if let Err(e) = s.indexes.warm(c, &dlq_name).await {
+                    tracing::debug!(queue = %dlq_name, "console: no index warmed: {e}");
+                }
+            }
+        }
         rows.push(pages::DlqRow {
             queue: q.name.clone(),
             dlq: dlq_name,
-            kind: kind_name(q.dead_letter_queue_kind()),
+            kind: kind_name(kind),
             depth,
         });
     }
@@ -698,13 +709,20 @@ async fn dlq_list(
         .and_then(|p| p.parse::<usize>().ok())
         .unwrap_or(1)
         .clamp(1, 100_000);
+    let reread = q.contains_key("reread");
     let page = match s.conn().await {
-        Ok(conn) => {
-            let _one = s.dlq_lock.lock().await;
-            dlq::list(&conn, &queue, &filter, (page_no - 1) * PAGE_SIZE, PAGE_SIZE)
-                .await
-                .map_err(|e| e.to_string())
-        }
+        Ok(conn) => s
+            .indexes
+            .page(
+                &conn,
+                &queue,
+                &filter,
+                (page_no - 1) * PAGE_SIZE,
+                PAGE_SIZE,
+                reread,
+            )
+            .await
+            .map_err(|e| e.to_string()),
         Err(e) => Err(e),
     };
     Ok(html(
@@ -727,7 +745,7 @@ async fn dlq_message(
     configured_dlq(&s, &queue)?;
     let shown = match s.conn().await {
         Ok(conn) => {
-            let _one = s.dlq_lock.lock().await;
+            let _one = s.indexes.lock(&queue).await;
             dlq::show(&conn, &queue, &id)
                 .await
                 .map_err(|e| e.to_string())
@@ -805,7 +823,7 @@ async fn dlq_confirm(
     let (action, filter, scope_text) = action_of(&c.form)?;
     let matched = match s.conn().await {
         Ok(conn) => {
-            let _one = s.dlq_lock.lock().await;
+            let _one = s.indexes.lock(&queue).await;
             dlq::count(&conn, &queue, &filter)
                 .await
                 .map_err(|e| e.to_string())
@@ -845,15 +863,11 @@ async fn dlq_apply(
     configured_dlq(&s, &queue)?;
     let (action, filter, _) = action_of(&c.form)?;
     let report = match s.conn().await {
-        Ok(conn) => {
-            let _one = s.dlq_lock.lock().await;
-            match dlq::ensure_browsable(&conn, &queue).await {
-                Ok(()) => dlq::apply(&conn, &queue, &filter, &action, None, &c.who.name, |_| {})
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            }
-        }
+        Ok(conn) => s
+            .indexes
+            .apply(&conn, &queue, &filter, &action, &c.who.name)
+            .await
+            .map_err(|e| e.to_string()),
         Err(e) => Err(e),
     };
     Ok(html(

@@ -5,7 +5,7 @@
 
 use super::graph::Graph;
 use crate::control::{PublisherStatus, StageStatus};
-use crate::dlq::{Entry, Filter, Page, Shown};
+use crate::dlq::{Entry, Filter, Page, Served, Shown};
 use flowgate_actors::envelope::Reason;
 use maud::{html, Markup, DOCTYPE};
 
@@ -241,7 +241,7 @@ pub(super) fn dlq_index(rows: &[DlqRow]) -> Markup {
 
 /// The list of one DLQ: filters, the page, actions on a selection or the filter.
 pub(super) fn dlq_list(
-    page: &Result<Page, String>,
+    page: &Result<(Page, Served), String>,
     queue: &str,
     filter: &Filter,
     page_no: usize,
@@ -285,14 +285,26 @@ pub(super) fn dlq_list(
         }
         @match page {
             Err(e) => { p.error #dlq-error { (e) } }
-            Ok(p) => {
-                p.note #summary {
+            Ok((p, served)) => {
+                p.note #summary data-served=(served_kind(served)) {
                     (p.depth) " in the queue; "
                     @if p.entries.is_empty() { "no match" } @else {
                         "showing matches " (p.offset + 1) "–" (p.offset + p.entries.len())
                     }
-                    " (read " (p.examined) " in " (p.held_ms) " ms, given back in order)"
-                    @if !p.complete { " — the read stopped at its time limit: refine the filter" }
+                    @match served {
+                        Served::Index { age, indexed } => {
+                            " (from the index of " (indexed) " dead letters read " (age.as_secs()) " s ago, checked against the queue now; no message held for this page) "
+                        }
+                        Served::Building { read, depth, why } => {
+                            " (from the read that is indexing the queue: " (read) " of " (depth) " read so far; indexing because " (why) ") "
+                        }
+                        Served::Scan { why } => {
+                            " (read " (p.examined) " in " (p.held_ms) " ms, given back in order; not from the index: " (why) ")"
+                            @if !p.complete { " — the read stopped at its time limit: refine the filter" }
+                            " "
+                        }
+                    }
+                    a #reread href=(format!("{}&reread=1", link(page_no))) { "read the queue again" }
                 }
                 form #selection method="post" action=(format!("/ui/dlq/{}/confirm", seg(queue))) {
                     input type="hidden" name="csrf" value=(csrf);
@@ -324,6 +336,14 @@ pub(super) fn dlq_list(
                 }
             }
         }
+    }
+}
+
+fn served_kind(s: &Served) -> &'static str {
+    match s {
+        Served::Index { .. } => "index",
+        Served::Building { .. } => "building",
+        Served::Scan { .. } => "scan",
     }
 }
 
