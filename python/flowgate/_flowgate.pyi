@@ -174,6 +174,8 @@ class Runtime:
     @property
     def spooled(self) -> int:
         """Messages in the durable spool."""
+    def metrics(self) -> str:
+        """The engine's metrics, Prometheus text format."""
 
 class PublishedOutput:
     """One output as the engine would publish it."""
@@ -314,3 +316,31 @@ def judge_batch(
     messages: List[Message], value: Any, raised: bool, output: Optional[Tuple[str, str]] = None
 ) -> List[Outcome]:
     """The engine's judgement of a batch handler's result."""
+
+def drive(
+    url: str,
+    exchange: str,
+    routing_key: str,
+    sink: str,
+    n: int,
+    body_bytes: int = 256,
+    timeout: float = 300.0,
+    rate: Optional[float] = None,
+) -> Dict[str, Any]:
+    """The benches' publish/collect driver."""
+
+class BrokerNode:
+    """A private RabbitMQ node for tests that disturb a broker."""
+
+    @staticmethod
+    def start() -> BrokerNode:
+        """Start a node and wait until it accepts connections."""
+    @property
+    def amqp_url(self) -> str:
+        """Its AMQP URL."""
+    def set_memory_alarm(self, on: bool) -> None:
+        """Raise or clear the memory alarm."""
+    def list_queue(self, queue: str) -> Tuple[int, int, int]:
+        """``(ready, unacked, consumers)`` of ``queue``."""
+    def stop(self) -> None:
+        """Stop the node and remove its directory."""

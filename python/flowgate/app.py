@@ -394,6 +394,18 @@ class App:
         )
         return fut
 
+    def metrics(self) -> str:
+        """The engine's metrics in the Prometheus text format, as
+        ``GET /metrics`` on ``[http] bind`` serves them (every metric and
+        its labels: the project README's table).
+
+        >>> 'flowgate_messages_acked_total{stage="reserve"}' in app.metrics()  # doctest: +SKIP
+        True
+        """
+        if self._runtime is None:
+            raise RuntimeError("the app is not running")
+        return self._runtime.metrics()
+
     @property
     def http_addr(self) -> Optional[str]:
         """``host:port`` of ``[http] bind`` (``/metrics``, ``/healthz``,

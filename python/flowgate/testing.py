@@ -34,15 +34,17 @@ from types import TracebackType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 from . import _flowgate
-from ._flowgate import Accounting, Message, Outcome, PublishedOutput, message
+from ._flowgate import Accounting, BrokerNode, Message, Outcome, PublishedOutput, drive, message
 from .app import App
 from .logs import current_message
 
 __all__ = [
     "Accounting",
+    "BrokerNode",
     "Outcome",
     "PublishedOutput",
     "TestPipeline",
+    "drive",
     "message",
     "run_batch",
     "run_handler",
@@ -142,7 +144,8 @@ class TestPipeline:
     exit it drains and stops and the topology is deleted — also when the
     test failed. Names in its methods are the config's own (``"shipped"``),
     mapped to the unique ones. ``url`` runs it on another broker (a private
-    node, a proxy).
+    node, a proxy); ``rename=False`` keeps the config's names (made unique
+    by the test itself, e.g. to share them with an app in another process).
 
     >>> async def test_reserve():                          # doctest: +SKIP
     ...     async with TestPipeline(app) as p:
@@ -159,15 +162,18 @@ class TestPipeline:
         url: Optional[str] = None,
         ready_timeout: float = 20.0,
         prefix: str = "py",
+        rename: bool = True,
     ) -> None:
         self.app = app
-        #: The unique prefix of every name.
-        self.prefix = unique(prefix)
+        #: The unique prefix of every name ("" with ``rename=False``).
+        self.prefix = unique(prefix) if rename else ""
         config = app.config
         if url is not None:
             config = config.with_url(url)
-        #: The configuration the engine runs (unique names).
-        self.config = config.uniquely_named(self.prefix)
+        #: The configuration the engine runs (unique names, unless the
+        #: names are unique already: ``rename=False``, e.g. to share them
+        #: with another process).
+        self.config = config.uniquely_named(self.prefix) if rename else config
         self._names: Dict[str, str] = dict(zip(app.config.queues, self.config.queues))
         self._names.update(zip(app.config.exchanges, self.config.exchanges))
         self._ready_timeout = ready_timeout
@@ -204,7 +210,7 @@ class TestPipeline:
             self._kit = await fut
         except BaseException:
             await self.app.stop()
-            self._cleanup.close()
+            await asyncio.to_thread(self._cleanup.close)
             raise
         return self
 
@@ -220,7 +226,8 @@ class TestPipeline:
         finally:
             self._kit = None
             if self._cleanup is not None:
-                self._cleanup.close()
+                # Off the loop: the broker may be behind a proxy on it.
+                await asyncio.to_thread(self._cleanup.close)
 
     def _future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()

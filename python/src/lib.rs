@@ -48,12 +48,14 @@ fn _flowgate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<testing::Accounting>()?;
     m.add_class::<testing::Cleanup>()?;
     m.add_class::<testing::Kit>()?;
+    m.add_class::<testing::Node>()?;
     m.add_function(wrap_pyfunction!(logging::log, m)?)?;
     m.add_function(wrap_pyfunction!(logging::flush_telemetry, m)?)?;
     m.add_function(wrap_pyfunction!(testing::unique, m)?)?;
     m.add_function(wrap_pyfunction!(testing::message, m)?)?;
     m.add_function(wrap_pyfunction!(testing::judge, m)?)?;
     m.add_function(wrap_pyfunction!(testing::judge_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(testing::drive, m)?)?;
 
     // The engine's names, written once in the engine: header names,
     // dead-letter reasons, exit statuses.

@@ -378,6 +378,12 @@ impl Runtime {
             .map(|a| a.to_string())
     }
 
+    /// The engine's metrics in the Prometheus text format (what
+    /// ``GET /metrics`` serves).
+    fn metrics(&self) -> PyResult<String> {
+        Ok(self.engine_handle()?.metrics().render())
+    }
+
     /// Messages waiting in the durable spool.
     #[getter]
     fn spooled(&self) -> u64 {

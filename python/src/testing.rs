@@ -492,3 +492,124 @@ impl Kit {
         )
     }
 }
+
+/// The benches' publish/collect driver (the Rust test kit's): publishes
+/// `n` persistent messages of `body_bytes` to `exchange`/`routing_key`
+/// with confirms (stamped with their send time) while consuming `sink`
+/// until every id arrived or `timeout` seconds passed, at `rate` msg/s
+/// or as fast as confirms allow. Blocks (without the GIL); returns
+/// `{"sent", "received", "duplicates", "elapsed", "throughput",
+/// "p50_ms", "p99_ms"}`.
+#[pyfunction]
+#[pyo3(signature = (url, exchange, routing_key, sink, n, body_bytes = 256, timeout = 300.0, rate = None))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn drive<'py>(
+    py: Python<'py>,
+    url: String,
+    exchange: String,
+    routing_key: String,
+    sink: String,
+    n: usize,
+    body_bytes: usize,
+    timeout: f64,
+    rate: Option<f64>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let timeout = Duration::from_secs_f64(timeout.max(0.0));
+    let stats = py.detach(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        rt.block_on(flowgate_testkit::driver::drive_at(
+            &url,
+            &exchange,
+            &routing_key,
+            &sink,
+            n,
+            body_bytes,
+            rate,
+            timeout,
+            |_| {},
+        ))
+        .map_err(std::io::Error::other)
+    });
+    let stats = stats.map_err(|e| pyo3::exceptions::PyConnectionError::new_err(e.to_string()))?;
+    let d = PyDict::new(py);
+    d.set_item("sent", stats.sent)?;
+    d.set_item("received", stats.received)?;
+    d.set_item("duplicates", stats.duplicates)?;
+    d.set_item("elapsed", stats.elapsed.as_secs_f64())?;
+    d.set_item("throughput", stats.throughput())?;
+    d.set_item("p50_ms", stats.percentile(0.50).as_secs_f64() * 1e3)?;
+    d.set_item("p99_ms", stats.percentile(0.99).as_secs_f64() * 1e3)?;
+    Ok(d)
+}
+
+/// A private RabbitMQ node for tests that disturb a broker (memory alarms,
+/// closed connections), started in a temporary directory on free ports and
+/// stopped (its directory removed) by :meth:`stop` or when collected.
+/// Needs the Debian RabbitMQ package.
+#[pyclass(module = "flowgate.testing", name = "BrokerNode", frozen)]
+pub struct Node {
+    node: Mutex<Option<flowgate_testkit::node::BrokerNode>>,
+    url: String,
+}
+
+impl Node {
+    fn with<T>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&flowgate_testkit::node::BrokerNode) -> anyhow::Result<T> + Send,
+    ) -> PyResult<T>
+    where
+        T: Send,
+    {
+        let node = self
+            .node
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("the node is stopped"))?;
+        py.detach(move || f(&node))
+            .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("{e:#}")))
+    }
+}
+
+#[pymethods]
+impl Node {
+    /// Starts a node and waits until it accepts connections (5-10 s).
+    #[staticmethod]
+    fn start(py: Python<'_>) -> PyResult<Node> {
+        let node = py
+            .detach(flowgate_testkit::node::BrokerNode::start)
+            .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("{e:#}")))?;
+        let url = node.amqp_url();
+        Ok(Node {
+            node: Mutex::new(Some(node)),
+            url,
+        })
+    }
+
+    /// Its AMQP URL.
+    #[getter]
+    fn amqp_url(&self) -> &str {
+        &self.url
+    }
+
+    /// Raises (``True``) or clears the broker's memory alarm: it blocks
+    /// every publishing connection while raised.
+    fn set_memory_alarm(&self, py: Python<'_>, on: bool) -> PyResult<()> {
+        self.with(py, move |n| n.set_memory_alarm(on))
+    }
+
+    /// ``(ready, unacked, consumers)`` of ``queue`` on this node.
+    fn list_queue(&self, py: Python<'_>, queue: String) -> PyResult<(u64, u64, u64)> {
+        self.with(py, move |n| n.list_queue(&queue))
+    }
+
+    /// Stops the node and removes its directory.
+    fn stop(&self, py: Python<'_>) {
+        let node = self.node.lock().unwrap_or_else(|p| p.into_inner()).take();
+        py.detach(move || drop(node));
+    }
+}
