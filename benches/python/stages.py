@@ -51,7 +51,7 @@ url = "{url}"
 bind = ""
 [[exchanges]]
 name = "{prefix}.ex"
-kind = "topic"
+type = "topic"
 """
     for name, key in (("s1", "in"), ("s2", "hop1"), ("sink", "hop2")):
         text += f"""

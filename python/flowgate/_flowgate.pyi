@@ -13,6 +13,7 @@ HEADERS: Final[Dict[str, str]]
 REASONS: Final[Dict[str, str]]
 EXIT: Final[Dict[str, int]]
 MAX_ERROR_BYTES: Final[int]
+MISSING_BATCH_RESULT: Final[str]
 
 Body = Union[bytes, bytearray, memoryview, str]
 

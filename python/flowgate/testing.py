@@ -82,12 +82,29 @@ def run_handler(
     'ack'
     """
     try:
-        result = _call(handler, msg, msg)
-        if inspect.isawaitable(result):
-            result = asyncio.run(_awaited(result))
+        result = _run(_call(handler, msg, msg))
+    except _LoopRunning:
+        raise
     except Exception as e:
         return _flowgate.judge(msg, e, True, output)
     return _flowgate.judge(msg, result, False, output)
+
+
+class _LoopRunning(RuntimeError):
+    pass
+
+
+def _run(result: Any) -> Any:
+    """``result``, or what it resolves to on a new event loop."""
+    if not inspect.isawaitable(result):
+        return result
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_awaited(result))
+    if inspect.iscoroutine(result):
+        result.close()
+    raise _LoopRunning("an event loop is running here: `await run_handler_async(...)` instead")
 
 
 async def _awaited(aw: Any) -> Any:
@@ -128,9 +145,9 @@ def run_batch(
     """
     batch = list(msgs)
     try:
-        result = _call(handler, batch, batch[0] if batch else None)
-        if inspect.isawaitable(result):
-            result = asyncio.run(_awaited(result))
+        result = _run(_call(handler, batch, batch[0] if batch else None))
+    except _LoopRunning:
+        raise
     except Exception as e:
         return _flowgate.judge_batch(batch, e, True, output)
     return _flowgate.judge_batch(batch, result, False, output)

@@ -155,16 +155,21 @@ pub(crate) fn body_from_py(body: &Bound<'_, PyAny>) -> PyResult<Bytes> {
     if let Ok(b) = body.cast::<PyByteArray>() {
         return Ok(Bytes::from(b.to_vec()));
     }
+    // Anything with the buffer protocol (a memoryview, an array): not an
+    // int or an iterable, which `bytes()` would also take.
     let py = body.py();
-    let bytes = py.get_type::<PyBytes>().call1((body,)).map_err(|_| {
-        PyTypeError::new_err(format!(
-            "a body is bytes, str, bytearray or a buffer, not {}",
-            body.get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default()
-        ))
-    })?;
+    let view = py.get_type::<pyo3::types::PyMemoryView>().call1((body,));
+    let bytes = view
+        .and_then(|v| py.get_type::<PyBytes>().call1((v,)))
+        .map_err(|_| {
+            PyTypeError::new_err(format!(
+                "a body is bytes, str, bytearray or a buffer, not {}",
+                body.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
     let bytes = bytes.cast::<PyBytes>()?;
     Ok(Bytes::copy_from_slice(bytes.as_bytes()))
 }

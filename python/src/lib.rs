@@ -91,6 +91,7 @@ fn _flowgate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     }
     m.add("EXIT", exits)?;
     m.add("MAX_ERROR_BYTES", envelope::MAX_ERROR_BYTES)?;
+    m.add("MISSING_BATCH_RESULT", envelope::MISSING_BATCH_RESULT)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -3,7 +3,6 @@
 
 use crate::convert;
 use flowgate::Delivery;
-use pyo3::exceptions::PyUnicodeDecodeError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict};
@@ -63,12 +62,10 @@ impl Message {
         errors: &str,
     ) -> PyResult<Bound<'py, PyAny>> {
         if encoding.eq_ignore_ascii_case("utf-8") && errors == "strict" {
-            return match std::str::from_utf8(&self.delivery.body) {
-                Ok(s) => Ok(pyo3::types::PyString::new(py, s).into_any()),
-                Err(e) => Err(PyUnicodeDecodeError::new_err(format!(
-                    "the body is not UTF-8: {e}"
-                ))),
-            };
+            if let Ok(s) = std::str::from_utf8(&self.delivery.body) {
+                return Ok(pyo3::types::PyString::new(py, s).into_any());
+            }
+            // Not UTF-8: Python's decoder raises the error a user expects.
         }
         self.body_bytes(py)
             .call_method1("decode", (encoding, errors))
