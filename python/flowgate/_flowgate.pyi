@@ -105,6 +105,14 @@ class Config:
     def from_toml(text: str) -> Config:
         """TOML text plus environment overrides."""
     @staticmethod
+    def load_with_section(
+        path: Union[str, os.PathLike[str]], name: str
+    ) -> Tuple[Config, Dict[str, Any]]:
+        """A file with a host section ``[name]`` of its own."""
+    @staticmethod
+    def from_toml_with_section(text: str, name: str) -> Tuple[Config, Dict[str, Any]]:
+        """TOML text with a host section ``[name]`` of its own."""
+    @staticmethod
     def from_dict(d: Dict[str, Any]) -> Config:
         """A dict shaped like the TOML file, plus environment overrides."""
     def uniquely_named(self, prefix: str) -> Config:
@@ -177,6 +185,10 @@ class Runtime:
         """Messages in the durable spool."""
     def metrics(self) -> str:
         """The engine's metrics, Prometheus text format."""
+    def queue_depths(self) -> Dict[str, int]:
+        """Watched queues' ready messages at the last sample."""
+    def queue_peaks(self) -> Dict[str, int]:
+        """Watched queues' highest sampled depths."""
 
 class PublishedOutput:
     """One output as the engine would publish it."""

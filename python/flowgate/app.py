@@ -82,7 +82,9 @@ class App:
     >>> app.run()                                          # doctest: +SKIP
     """
 
-    def __init__(self, config: Union[str, os.PathLike[str], None] = None) -> None:
+    def __init__(
+        self, config: Union[str, os.PathLike[str], None] = None, *, section: Optional[str] = None
+    ) -> None:
         if config is None:
             path = os.environ.get("FLOWGATE_CONFIG")
             if not path:
@@ -90,10 +92,15 @@ class App:
                     "no configuration: pass App(path) or set FLOWGATE_CONFIG", "<config>"
                 )
             config = path
-        self._init(_flowgate.Config.load(os.fspath(config)))
+        if section is None:
+            self._init(_flowgate.Config.load(os.fspath(config)), {})
+        else:
+            self._init(*_flowgate.Config.load_with_section(os.fspath(config), section))
 
-    def _init(self, config: _flowgate.Config) -> None:
+    def _init(self, config: _flowgate.Config, section: Dict[str, Any]) -> None:
         self._config = config
+        self._section = section
+        self._running_config: Optional[_flowgate.Config] = None
         self._handlers: Dict[str, _Registered] = {}
         self._runtime: Optional[_flowgate.Runtime] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -102,14 +109,17 @@ class App:
         self._escalation: Optional[str] = None
 
     @classmethod
-    def from_toml(cls, text: str) -> App:
+    def from_toml(cls, text: str, *, section: Optional[str] = None) -> App:
         """An app from TOML text (the daemon's file format).
 
         >>> flowgate.App.from_toml('[http]\\nbind = ""\\n').config.stages
         []
         """
         app = cls.__new__(cls)
-        app._init(_flowgate.Config.from_toml(text))
+        if section is None:
+            app._init(_flowgate.Config.from_toml(text), {})
+        else:
+            app._init(*_flowgate.Config.from_toml_with_section(text, section))
         return app
 
     @classmethod
@@ -122,13 +132,41 @@ class App:
         ['audit']
         """
         app = cls.__new__(cls)
-        app._init(_flowgate.Config.from_dict(dict(config)))
+        app._init(_flowgate.Config.from_dict(dict(config)), {})
         return app
 
     @property
     def config(self) -> _flowgate.Config:
-        """The validated configuration it runs."""
-        return self._config
+        """The validated configuration it runs (while running with a
+        ``start(config=...)`` override, e.g. a test pipeline's uniquely
+        named copy, that one)."""
+        return self._running_config or self._config
+
+    def name(self, name: str) -> str:
+        """The name the running engine uses for the config's exchange or
+        queue ``name``: the same, unless it runs a renamed copy (a test
+        pipeline's, a demo's).
+
+        >>> flowgate.App.from_dict({"queues": [{"name": "audit"}]}).name("audit")
+        'audit'
+        """
+        running = self.config
+        names = dict(zip(self._config.queues, running.queues))
+        names.update(zip(self._config.exchanges, running.exchanges))
+        return names.get(name, name)
+
+    @property
+    def section(self) -> Dict[str, Any]:
+        """The host's own section of the file (``section="orders"``: the
+        ``[orders]`` table, with its ``FLOWGATE__ORDERS__…`` overrides), as
+        ``Config::load_with_section`` reads it for a Rust host. The engine
+        refuses every other key it does not know.
+
+        >>> app = flowgate.App.from_toml('[shop]\\ngreeting = "hi"\\n', section="shop")
+        >>> app.section
+        {'greeting': 'hi'}
+        """
+        return self._section
 
     # -- handlers ----------------------------------------------------------
 
@@ -198,6 +236,7 @@ class App:
         drain = runtime.attach(loop)
         loop.add_reader(drain.fd, drain)
         self._runtime, self._loop, self._drain = runtime, loop, drain
+        self._running_config = config
         self._stopping = asyncio.Event()
         self._escalation = None
         started = loop.create_future()
@@ -244,6 +283,7 @@ class App:
             runtime.detach()
             loop.remove_reader(drain.fd)
             self._runtime = self._loop = self._drain = None
+            self._running_config = None
             if self._stopping is not None:
                 self._stopping.set()
         return report or {"clean": True, "stages": []}
@@ -405,6 +445,19 @@ class App:
         if self._runtime is None:
             raise RuntimeError("the app is not running")
         return self._runtime.metrics()
+
+    def queue_depths(self) -> Dict[str, int]:
+        """Ready messages of every queue the depth monitor watches (stage
+        inputs, queues with a watermark), at its last sample."""
+        if self._runtime is None:
+            raise RuntimeError("the app is not running")
+        return self._runtime.queue_depths()
+
+    def queue_peaks(self) -> Dict[str, int]:
+        """The highest sampled depth of every watched queue since the start."""
+        if self._runtime is None:
+            raise RuntimeError("the app is not running")
+        return self._runtime.queue_peaks()
 
     @property
     def http_addr(self) -> Optional[str]:

@@ -191,15 +191,15 @@ class TestPipeline:
         #: names are unique already: ``rename=False``, e.g. to share them
         #: with another process).
         self.config = config.uniquely_named(self.prefix) if rename else config
-        self._names: Dict[str, str] = dict(zip(app.config.queues, self.config.queues))
-        self._names.update(zip(app.config.exchanges, self.config.exchanges))
         self._ready_timeout = ready_timeout
         self._cleanup: Optional[_flowgate.Cleanup] = None
         self._kit: Optional[_flowgate.Kit] = None
 
     def name(self, name: str) -> str:
         """The unique name of the config's exchange or queue ``name``."""
-        return self._names.get(name, name)
+        names = dict(zip(self.app._config.queues, self.config.queues))
+        names.update(zip(self.app._config.exchanges, self.config.exchanges))
+        return names.get(name, name)
 
     def dead_letter_queue(self, queue: str) -> str:
         """The unique dead-letter queue of the config's queue ``queue``."""

@@ -29,6 +29,29 @@ impl PyConfig {
         Self::loaded(py, r)
     }
 
+    /// :meth:`load` for a host with a section of its own in the same file:
+    /// ``(config, section)``, ``section`` being ``[name]`` (with its
+    /// ``FLOWGATE__NAME__…`` overrides) as a dict (empty without one).
+    #[staticmethod]
+    fn load_with_section<'py>(
+        py: Python<'py>,
+        path: PathBuf,
+        name: &str,
+    ) -> PyResult<(Self, Bound<'py, PyAny>)> {
+        let r = py.detach(|| Config::load_with_section::<serde_json::Value>(&path, name));
+        with_section(py, r)
+    }
+
+    /// :meth:`from_toml` with a host section, as :meth:`load_with_section`.
+    #[staticmethod]
+    fn from_toml_with_section<'py>(
+        py: Python<'py>,
+        text: &str,
+        name: &str,
+    ) -> PyResult<(Self, Bound<'py, PyAny>)> {
+        with_section(py, Config::from_toml_with_section::<serde_json::Value>(text, name))
+    }
+
     /// TOML text plus environment overrides.
     #[staticmethod]
     fn from_toml(py: Python<'_>, text: &str) -> PyResult<Self> {
@@ -103,6 +126,20 @@ impl PyConfig {
             None => (String::new(), queue.to_owned()),
         }
     }
+}
+
+/// The config and the host's section (JSON made Python; `{}` for none).
+fn with_section<'py>(
+    py: Python<'py>,
+    r: Result<(Config, serde_json::Value), flowgate::ConfigError>,
+) -> PyResult<(PyConfig, Bound<'py, PyAny>)> {
+    let (inner, section) = r.map_err(|e| errors::config(py, &e))?;
+    let section = match section {
+        serde_json::Value::Null => serde_json::Value::Object(Default::default()),
+        v => v,
+    };
+    let loads = py.import("json")?.getattr("loads")?;
+    Ok((PyConfig { inner }, loads.call1((section.to_string(),))?))
 }
 
 /// A Python value as a TOML value (`key` names it in errors).

@@ -384,6 +384,17 @@ impl Runtime {
         Ok(self.engine_handle()?.metrics().render())
     }
 
+    /// Every watched queue's ready messages at the depth monitor's last
+    /// sample.
+    fn queue_depths(&self) -> PyResult<std::collections::BTreeMap<String, u64>> {
+        Ok(self.engine_handle()?.ingress().queue_depths())
+    }
+
+    /// Every watched queue's highest sampled depth since the start.
+    fn queue_peaks(&self) -> PyResult<std::collections::BTreeMap<String, u64>> {
+        Ok(self.engine_handle()?.ingress().queue_peaks())
+    }
+
     /// Messages waiting in the durable spool.
     #[getter]
     fn spooled(&self) -> u64 {
