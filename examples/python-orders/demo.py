@@ -26,20 +26,21 @@ from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import httpx  # noqa: E402
-import uvicorn  # noqa: E402
-from gateway import create_gateway  # noqa: E402
-from services import CONFIG, SECTION, Services  # noqa: E402
+import flowgate
+import httpx
+import uvicorn
+from flowgate.testing import TestPipeline
 
-import flowgate  # noqa: E402
-from flowgate.testing import TestPipeline  # noqa: E402
+from gateway import create_gateway
+from services import CONFIG, SECTION, Services
 
 SKUS = ["sku-red", "sku-blue", "sku-green"]
 
 
 async def drive(url: str, n: int, rate: float, concurrency: int) -> Dict[str, List[str]]:
     """Sends ``n`` orders at ``rate``/s with at most ``concurrency`` in
-    flight: the ids accepted, and the refusals (by status)."""
+    flight: the ids accepted, and the refusals (by status).
+    """
     out: Dict[str, List[str]] = {"accepted": [], "503": [], "other": []}
     gate = asyncio.Semaphore(concurrency)
     start = time.monotonic()
@@ -51,11 +52,14 @@ async def drive(url: str, n: int, rate: float, concurrency: int) -> Dict[str, Li
                 # A few orders for the scarce SKU (10 in stock): those
                 # beyond its stock end dead-lettered `out-of-stock`.
                 sku = "sku-limited" if random.random() < 0.02 else random.choice(SKUS)
-                r = await http.post(url, json={
-                    "customer_id": f"c-{i % 97}",
-                    "items": [{"sku": sku, "qty": 1}],
-                    "total": 9.5,
-                })
+                r = await http.post(
+                    url,
+                    json={
+                        "customer_id": f"c-{i % 97}",
+                        "items": [{"sku": sku, "qty": 1}],
+                        "total": 9.5,
+                    },
+                )
             if r.status_code == 202:
                 out["accepted"].append(r.json()["order_id"])
             elif r.status_code == 503:
@@ -77,7 +81,9 @@ async def main() -> int:
     ap.add_argument("--orders", type=int, default=3000)
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--wait", type=float, default=60.0, help="give up after this long without progress")
+    ap.add_argument(
+        "--wait", type=float, default=60.0, help="give up after this long without progress"
+    )
     args = ap.parse_args()
 
     # Listeners on free ports: several demos (and tests) may run at once.
@@ -99,13 +105,19 @@ async def main() -> int:
 
     s = services.s
     print(f"flowgate for Python demo: the order pipeline, topology `{prefix}.*`\n")
-    print("  POST /orders ─▶ gateway ─order.created─▶ reserve ─order.reserved─▶ pay (throttled)"
-          " ─order.paid─▶ ship ─order.shipped─▶ track")
-    print(f"\npayment provider: {s.payment_rate:g} charges/s, {s.payment_latency * 1000:g}ms per call, "
-          f"{s.payment_failure_rate:.0%} transient failures; the gateway answers 503 while a queue "
-          "is above its watermark")
-    print(f"driving {args.orders} orders at {args.rate:g}/s through "
-          f"http://127.0.0.1:{port}/orders\n")
+    print(
+        "  POST /orders ─▶ gateway ─order.created─▶ reserve ─order.reserved─▶ pay (throttled)"
+        " ─order.paid─▶ ship ─order.shipped─▶ track"
+    )
+    print(
+        f"\npayment provider: {s.payment_rate:g} charges/s, "
+        f"{s.payment_latency * 1000:g}ms per call, "
+        f"{s.payment_failure_rate:.0%} transient failures; the gateway answers 503 while a queue "
+        "is above its watermark"
+    )
+    print(
+        f"driving {args.orders} orders at {args.rate:g}/s through http://127.0.0.1:{port}/orders\n"
+    )
     t0 = time.monotonic()
     sent = await drive(f"http://127.0.0.1:{port}/orders", args.orders, args.rate, args.concurrency)
     accepted = sent["accepted"]
@@ -159,8 +171,10 @@ async def main() -> int:
     server.should_exit = True
     await serving
     verdict = "every accepted order ended shipped or failed with a reason"
-    print(f"\n{verdict if lost == 0 else f'{lost} accepted orders have no final status'}; "
-          "topology removed.")
+    print(
+        f"\n{verdict if lost == 0 else f'{lost} accepted orders have no final status'}; "
+        "topology removed."
+    )
     return 0 if lost == 0 else 1
 
 

@@ -19,11 +19,11 @@ import json
 from contextlib import asynccontextmanager
 from typing import Any, AsyncContextManager, AsyncIterator, Callable, Dict, Optional
 
+import flowgate
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from services import CONFIG, SECTION, Services, Status, new_order
 
-import flowgate
+from services import CONFIG, SECTION, Services, Status, new_order
 
 
 def create_gateway(
@@ -31,12 +31,13 @@ def create_gateway(
     run: Optional[Callable[[], AsyncContextManager[Any]]] = None,
 ) -> FastAPI:
     """The gateway over ``services``; ``run`` runs the app during the
-    lifespan (default ``async with app``; the demo runs a renamed copy)."""
+    lifespan (default ``async with app``; the demo runs a renamed copy).
+    """
     app = services.app
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async with (run() if run is not None else app):
+        async with run() if run is not None else app:
             yield
 
     api = FastAPI(lifespan=lifespan)
@@ -103,8 +104,12 @@ def _invalid(doc: Any) -> list:  # type: ignore[type-arg]
         out.append({"field": "items", "message": "1 to 100 items"})
     else:
         for i, it in enumerate(items):
-            ok = (isinstance(it, dict) and isinstance(it.get("sku"), str)
-                  and isinstance(it.get("qty"), int) and 1 <= it["qty"] <= 10_000)
+            ok = (
+                isinstance(it, dict)
+                and isinstance(it.get("sku"), str)
+                and isinstance(it.get("qty"), int)
+                and 1 <= it["qty"] <= 10_000
+            )
             if not ok:
                 out.append({"field": f"items[{i}]", "message": "sku text, qty 1..10000"})
     if not isinstance(doc.get("total"), (int, float)) or doc["total"] < 0:
@@ -114,7 +119,8 @@ def _invalid(doc: Any) -> list:  # type: ignore[type-arg]
 
 def create() -> FastAPI:
     """The gateway on ``orders.toml`` (``$FLOWGATE_CONFIG`` wins), for
-    ``uvicorn --factory gateway:create``."""
+    ``uvicorn --factory gateway:create``.
+    """
     import os
 
     return create_gateway(

@@ -74,7 +74,8 @@ class Status:
 
 class Provider:
     """The payment provider: ``rate`` charges per second at most (a token
-    bucket), ``latency`` per call, ``failure_rate`` transient failures."""
+    bucket), ``latency`` per call, ``failure_rate`` transient failures.
+    """
 
     def __init__(self, s: Settings) -> None:
         self.s = s
@@ -98,16 +99,17 @@ class Provider:
 class Services:
     """The records (stock, reservations, charges, statuses) and the four
     handlers, registered on ``app``. Idempotent per order id: a redelivered
-    order is not reserved or charged twice."""
+    order is not reserved or charged twice.
+    """
 
-    def __init__(self, app: flowgate.App) -> None:
+    def __init__(self, app: flowgate.App, provider: Optional[Provider] = None) -> None:
         self.app = app
         self.s = Settings.of(app.section)
-        self.provider = Provider(self.s)
+        self.provider = provider or Provider(self.s)
         self.stock: Dict[str, int] = dict(self.s.stock)
         self.reserved: Dict[str, bool] = {}
         self.charges: Dict[str, str] = {}
-        self.statuses: "OrderedDict[str, Status]" = OrderedDict()
+        self.statuses: OrderedDict[str, Status] = OrderedDict()
         self._register()
 
     # -- records ----------------------------------------------------------
@@ -187,7 +189,7 @@ class Services:
 def _order(msg: flowgate.Message) -> Dict[str, Any]:
     try:
         order: Dict[str, Any] = msg.json()
-        order["order_id"], order["items"]  # noqa: B018 - required fields
+        order["order_id"], order["items"]
         return order
     except (ValueError, KeyError, TypeError):
         raise flowgate.DeadLetter("malformed-order") from None

@@ -145,9 +145,7 @@ class Drain:
 class Runtime:
     """One engine for one event loop."""
 
-    def __init__(
-        self, config: Config, handlers: Sequence[Tuple[str, Any, bool, bool]]
-    ) -> None: ...
+    def __init__(self, config: Config, handlers: Sequence[Tuple[str, Any, bool, bool]]) -> None: ...
     def attach(self, event_loop: asyncio.AbstractEventLoop) -> Drain:
         """Bind the bridge to ``event_loop``."""
     def detach(self) -> None:

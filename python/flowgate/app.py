@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Type
 from . import _flowgate, logs
 from .errors import ConfigError, FlowgateError
 
-__all__ = ["App", "Handler", "BatchHandler", "ShutdownReport"]
+__all__ = ["App", "BatchHandler", "Handler", "ShutdownReport"]
 
 log = logging.getLogger("flowgate")
 
@@ -139,7 +139,8 @@ class App:
     def config(self) -> _flowgate.Config:
         """The validated configuration it runs (while running with a
         ``start(config=...)`` override, e.g. a test pipeline's uniquely
-        named copy, that one)."""
+        named copy, that one).
+        """
         return self._running_config or self._config
 
     def name(self, name: str) -> str:
@@ -429,8 +430,13 @@ class App:
         assert self._loop is not None
         fut: asyncio.Future[str] = self._loop.create_future()
         runtime.publish(
-            fut, exchange, routing_key, body, dict(headers) if headers else None,
-            message_id, content_type,
+            fut,
+            exchange,
+            routing_key,
+            body,
+            dict(headers) if headers else None,
+            message_id,
+            content_type,
         )
         return fut
 
@@ -448,7 +454,8 @@ class App:
 
     def queue_depths(self) -> Dict[str, int]:
         """Ready messages of every queue the depth monitor watches (stage
-        inputs, queues with a watermark), at its last sample."""
+        inputs, queues with a watermark), at its last sample.
+        """
         if self._runtime is None:
             raise RuntimeError("the app is not running")
         return self._runtime.queue_depths()
@@ -462,7 +469,8 @@ class App:
     @property
     def http_addr(self) -> Optional[str]:
         """``host:port`` of ``[http] bind`` (``/metrics``, ``/healthz``,
-        ``/readyz``) while running, if configured."""
+        ``/readyz``) while running, if configured.
+        """
         return self._runtime.http_addr if self._runtime is not None else None
 
     @property

@@ -21,12 +21,12 @@ import datetime
 from typing import Optional, Union
 
 __all__ = [
-    "FlowgateError",
-    "ConfigError",
-    "Retry",
-    "DeadLetter",
-    "PublishError",
     "Backpressure",
+    "ConfigError",
+    "DeadLetter",
+    "FlowgateError",
+    "PublishError",
+    "Retry",
 ]
 
 
@@ -63,10 +63,7 @@ class ConfigError(FlowgateError, ValueError):
 def _seconds(after: Union[float, int, datetime.timedelta, None]) -> Optional[float]:
     if after is None:
         return None
-    if isinstance(after, datetime.timedelta):
-        seconds = after.total_seconds()
-    else:
-        seconds = float(after)
+    seconds = after.total_seconds() if isinstance(after, datetime.timedelta) else float(after)
     if not seconds >= 0:
         raise ValueError(f"`after` must be zero or more seconds, not {after!r}")
     return seconds

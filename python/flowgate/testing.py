@@ -265,7 +265,8 @@ class TestPipeline:
     ) -> None:
         """Publish one message (persistent, confirmed) with a raw client —
         not through the engine — to the input, or to ``exchange`` (a config
-        name) with ``routing_key``."""
+        name) with ``routing_key``.
+        """
         ex, key = self._route(exchange, routing_key)
         fut = self._future()
         self._client().publish(fut, ex, key, message_id, body, dict(headers) if headers else None)
@@ -295,7 +296,8 @@ class TestPipeline:
     ) -> List[Tuple[str, Dict[str, Any]]]:
         """Consume and ack up to ``n`` messages of ``queue`` (a config name,
         or a dead-letter queue's name) within ``timeout`` seconds:
-        ``[(message_id, headers), ...]`` in arrival order."""
+        ``[(message_id, headers), ...]`` in arrival order.
+        """
         fut = self._future()
         self._client().collect(fut, self.name(queue), n, timeout)
         result: List[Tuple[str, Dict[str, Any]]] = await fut
@@ -306,7 +308,8 @@ class TestPipeline:
     ) -> Accounting:
         """Exactly-once accounting of ``queue`` (one no stage consumes)
         against ``expected``: waits until every id arrived or ``timeout``,
-        then until the pipeline is idle, and counts what is left too."""
+        then until the pipeline is idle, and counts what is left too.
+        """
         fut = self._future()
         self._client().account(fut, self.name(queue), list(expected), timeout)
         acc: Accounting = await fut

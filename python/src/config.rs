@@ -49,7 +49,10 @@ impl PyConfig {
         text: &str,
         name: &str,
     ) -> PyResult<(Self, Bound<'py, PyAny>)> {
-        with_section(py, Config::from_toml_with_section::<serde_json::Value>(text, name))
+        with_section(
+            py,
+            Config::from_toml_with_section::<serde_json::Value>(text, name),
+        )
     }
 
     /// TOML text plus environment overrides.

@@ -68,7 +68,11 @@ class ConfirmHoldingProxy:
             rest = await r.readexactly(size + 1)
             assert rest[-1] == FRAME_END, "lost frame sync"
             frame = header + rest
-            if self.holding and kind == FRAME_METHOD and struct.unpack(">HH", rest[:4]) == BASIC_ACK:
+            if (
+                self.holding
+                and kind == FRAME_METHOD
+                and struct.unpack(">HH", rest[:4]) == BASIC_ACK
+            ):
                 self._held.append((w, frame))
                 self.held += 1
                 continue

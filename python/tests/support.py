@@ -65,9 +65,7 @@ def broker_counts(queue: str) -> Tuple[int, int]:
     raise AssertionError(f"queue {queue} not found")
 
 
-async def until(
-    what: str, check: Callable[[], Awaitable[bool]], timeout: float = 20.0
-) -> None:
+async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
     """Wait until ``check()`` holds (polling; fails after ``timeout``)."""
     deadline = time.monotonic() + timeout
     while not await check():
@@ -81,10 +79,10 @@ async def counts(queue: str) -> Tuple[int, int]:
     return await asyncio.to_thread(broker_counts, queue)
 
 
-def metric(app: "flowgate.App", name: str, stage: str) -> float:
+def metric(app: flowgate.App, name: str, stage: str) -> float:
     """One stage's value of an engine metric (``flowgate_…_total``)."""
     prefix = f'{name}{{stage="{stage}"}} '
     for line in app.metrics().splitlines():
         if line.startswith(prefix):
-            return float(line[len(prefix):])
+            return float(line[len(prefix) :])
     return 0.0

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import threading
 import time
-from typing import List, Set
+from typing import Set, Tuple
 
 import pytest
 from support import metric, until
@@ -75,7 +75,7 @@ async def test_concurrency_3_runs_at_most_3_handlers_at_once(kind: str) -> None:
         assert barrier_async is not None, "needs Python 3.11"
 
         @app.handler("h")
-        async def h(msg: flowgate.Message) -> flowgate.Output:
+        async def h_async(msg: flowgate.Message) -> flowgate.Output:
             enter()
             try:
                 await asyncio.wait_for(barrier_async.wait(), 10)
@@ -87,7 +87,7 @@ async def test_concurrency_3_runs_at_most_3_handlers_at_once(kind: str) -> None:
     else:
 
         @app.handler("h")
-        def h(msg: flowgate.Message) -> flowgate.Output:
+        def h_plain(msg: flowgate.Message) -> flowgate.Output:
             enter()
             try:
                 barrier_sync.wait(10)
@@ -130,8 +130,7 @@ async def test_a_plain_handler_sleeping_5s_does_not_delay_another_stages_acks() 
         got = await p.collect("sink", len(ids), 20)
         await until("the fast stage acked everything", lambda: _acked(app, "fast", len(ids)), 20)
         assert not slow_done.is_set(), (
-            f"the fast stage's acks waited for the slow handler "
-            f"({time.monotonic() - started:.1f}s)"
+            f"the fast stage's acks waited for the slow handler ({time.monotonic() - started:.1f}s)"
         )
         assert sorted(mid for mid, _ in got) == sorted(ids)
         assert metric(app, "flowgate_messages_acked_total", "slow") == 0
@@ -166,7 +165,7 @@ async def test_log_records_of_handlers_carry_message_id_and_stage(
             await p.publish_many(["f-1", "f-2"], b"x", exchange="ex", routing_key="fast")
             (await p.account("sink", ["s-1", "f-1", "f-2"])).assert_exactly_once()
         log.warning("outside")
-    seen: Set[tuple] = {
+    seen: Set[Tuple[str, object, object]] = {
         (r.getMessage(), getattr(r, "stage", "?"), getattr(r, "message_id", "?"))
         for r in caplog.records
         if r.name == "shop"
@@ -177,5 +176,3 @@ async def test_log_records_of_handlers_carry_message_id_and_stage(
         ("async handler", "fast", "f-2"),
         ("outside", None, None),
     }
-
-

@@ -32,14 +32,22 @@ def test_a_file_text_and_dict_load_the_same(tmp_path: Path) -> None:
         flowgate.App(path),
         flowgate.App(str(path)),
         flowgate.App.from_toml(TOML),
-        flowgate.App.from_dict({
-            "http": {"bind": ""},
-            "exchanges": [{"name": "shop"}],
-            "queues": [{"name": "orders", "watermark": None,
-                        "bindings": [{"exchange": "shop", "routing_key": "order.created"}]}],
-            "stages": [{"name": "reserve", "queue": "orders", "handler": "reserve",
-                        "prefetch": 20}],
-        }),
+        flowgate.App.from_dict(
+            {
+                "http": {"bind": ""},
+                "exchanges": [{"name": "shop"}],
+                "queues": [
+                    {
+                        "name": "orders",
+                        "watermark": None,
+                        "bindings": [{"exchange": "shop", "routing_key": "order.created"}],
+                    }
+                ],
+                "stages": [
+                    {"name": "reserve", "queue": "orders", "handler": "reserve", "prefetch": 20}
+                ],
+            }
+        ),
     ):
         assert app.config.stages == [("reserve", "orders", "reserve")]
         assert app.config.queues == ["orders"]

@@ -16,7 +16,9 @@ async def test_the_input_stays_unacked_until_its_output_is_confirmed() -> None:
     proxy = ConfirmHoldingProxy()
     url = await proxy.start()
     # The publisher waits for the held confirm longer than the test holds it.
-    app = flowgate.App.from_toml(chain(("hold", ""), extra='[publisher]\nconfirm_timeout = "60s"\n'))
+    app = flowgate.App.from_toml(
+        chain(("hold", ""), extra='[publisher]\nconfirm_timeout = "60s"\n')
+    )
     handled = asyncio.Event()
 
     @app.handler("hold")

@@ -16,8 +16,11 @@ import flowgate.testing
 PUBLIC = [getattr(flowgate, n) for n in flowgate.__all__ if not n.startswith("_")]
 
 
-@pytest.mark.parametrize("obj", [o for o in PUBLIC if isinstance(o, type) or inspect.isroutine(o)],
-                         ids=lambda o: getattr(o, "__name__", str(o)))
+@pytest.mark.parametrize(
+    "obj",
+    [o for o in PUBLIC if isinstance(o, type) or inspect.isroutine(o)],
+    ids=lambda o: getattr(o, "__name__", str(o)),
+)
 def test_every_public_name_has_a_docstring(obj: object) -> None:
     assert inspect.getdoc(obj), f"{obj} has no docstring"
     if inspect.isclass(obj):
@@ -29,7 +32,10 @@ def test_every_public_name_has_a_docstring(obj: object) -> None:
 def test_help_shows_documented_signatures() -> None:
     out = subprocess.run(
         [sys.executable, "-c", "import flowgate; help(flowgate.App)"],
-        capture_output=True, text=True, check=True, env={"PAGER": "cat", "TERM": "dumb"},
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PAGER": "cat", "TERM": "dumb"},
     ).stdout
     for expected in (
         "class App",

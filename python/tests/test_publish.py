@@ -35,9 +35,9 @@ async def test_publish_is_confirmed_and_refused_with_retry_after_above_the_water
         refusal = None
         for i in range(200):
             try:
-                assert await app.publish(p.name("shop"), "order.created", b"{}", message_id=f"o-{i}") == (
-                    "confirmed"
-                )
+                assert await app.publish(
+                    p.name("shop"), "order.created", b"{}", message_id=f"o-{i}"
+                ) == ("confirmed")
                 accepted.append(f"o-{i}")
             except flowgate.Backpressure as e:
                 refusal = e
@@ -80,9 +80,9 @@ async def test_publish_raises_backpressure_while_a_broker_alarm_holds() -> None:
     try:
         app = flowgate.App.from_toml(WATCHED)
         async with TestPipeline(app, url=node.amqp_url) as p:
-            assert await app.publish(p.name("shop"), "order.created", b"{}", message_id="before") == (
-                "confirmed"
-            )
+            assert await app.publish(
+                p.name("shop"), "order.created", b"{}", message_id="before"
+            ) == ("confirmed")
             await asyncio.to_thread(node.set_memory_alarm, True)
             with pytest.raises(flowgate.Backpressure) as e:
                 await app.publish(p.name("shop"), "order.created", b"{}", message_id="during")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,7 +20,9 @@ APP = Path(__file__).parent / "apps" / "drain_app.py"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-async def test_a_signal_mid_run_drains_with_nothing_lost(sig: signal.Signals, tmp_path: Path) -> None:
+async def test_a_signal_mid_run_drains_with_nothing_lost(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
     prefix = unique("drain")
     config = chain(("work", "concurrency = 4"), prefix=prefix)
     path = tmp_path / "flowgate.toml"
@@ -33,7 +34,9 @@ async def test_a_signal_mid_run_drains_with_nothing_lost(sig: signal.Signals, tm
         ids = [f"m-{i}" for i in range(300)]
         await p.publish_many(ids, b"x" * 64, exchange=f"{prefix}.ex", routing_key="in")
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(APP), str(path),
+            sys.executable,
+            str(APP),
+            str(path),
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "RUST_LOG": "info"},
         )

@@ -31,7 +31,12 @@ def test_a_message_reads_body_text_json_headers_and_properties() -> None:
     assert m.header("missing", "d") == "d"
     assert (m.message_id, m.content_type, m.correlation_id) == ("o-1", "application/json", "c-9")
     assert m.properties["message_id"] == "o-1"
-    assert (m.attempt, m.stage, m.routing_key, m.redelivered) == (2, "reserve", "order.created", False)
+    assert (m.attempt, m.stage, m.routing_key, m.redelivered) == (
+        2,
+        "reserve",
+        "order.created",
+        False,
+    )
     assert m.headers[flowgate.headers.ATTEMPT] == 2
     with pytest.raises(UnicodeDecodeError):
         message(b"\xff").text()
@@ -42,12 +47,21 @@ def test_outputs_start_from_the_input_and_go_to_the_stage_output() -> None:
     def h(msg: flowgate.Message) -> List[flowgate.Output]:
         return [
             flowgate.Output(msg.body),
-            flowgate.Output("x", exchange="audit", routing_key="k", message_id="o-1.a",
-                            headers={"extra": 1.5}, content_type="text/plain"),
+            flowgate.Output(
+                "x",
+                exchange="audit",
+                routing_key="k",
+                message_id="o-1.a",
+                headers={"extra": 1.5},
+                content_type="text/plain",
+            ),
         ]
 
-    o = run_handler(h, message(b"in", message_id="o-1", headers={"tenant": "acme"}),
-                    output=("shop", "order.reserved"))
+    o = run_handler(
+        h,
+        message(b"in", message_id="o-1", headers={"tenant": "acme"}),
+        output=("shop", "order.reserved"),
+    )
     assert o.kind == "ack"
     first, second = o.outputs
     assert (first.exchange, first.routing_key, first.body) == ("shop", "order.reserved", b"in")
@@ -63,6 +77,7 @@ def test_what_a_handler_raises_or_returns_is_judged_as_the_engine_judges_it() ->
     def raises(e: BaseException) -> Any:
         def h(_: flowgate.Message) -> None:
             raise e
+
         return h
 
     o = run_handler(raises(flowgate.Retry("busy", after=datetime.timedelta(seconds=2))), msg)
@@ -79,8 +94,9 @@ def test_what_a_handler_raises_or_returns_is_judged_as_the_engine_judges_it() ->
     # No destination anywhere: the output cannot be published.
     o = run_handler(lambda m: flowgate.Output(b"x"), msg)
     assert o.kind == "invalid_output" and "no exchange" in (o.reason or "")
-    o = run_handler(lambda m: flowgate.Output(b"x", exchange="e", routing_key="k",
-                                              message_id="i" * 300), msg)
+    o = run_handler(
+        lambda m: flowgate.Output(b"x", exchange="e", routing_key="k", message_id="i" * 300), msg
+    )
     assert o.kind == "invalid_output" and "255" in (o.reason or "")
 
 
@@ -105,8 +121,11 @@ def test_a_batch_gets_one_outcome_per_message() -> None:
     msgs = [message(str(i), message_id=f"m-{i}") for i in range(4)]
 
     def batch(ms: List[flowgate.Message]) -> List[Any]:
-        return [None, flowgate.Output(ms[1].body, exchange="e", routing_key="k"),
-                flowgate.Retry("later")]
+        return [
+            None,
+            flowgate.Output(ms[1].body, exchange="e", routing_key="k"),
+            flowgate.Retry("later"),
+        ]
 
     outs = run_batch(batch, msgs)
     assert [o.kind for o in outs] == ["ack", "ack", "retry", "retry"]
