@@ -46,10 +46,10 @@ class ConfigError(FlowgateError, ValueError):
     the app starts for a stage whose ``handler`` nobody registered.
 
     >>> try:
-    ...     flowgate.App.from_toml("[[stages]]\\nname = 's'\\n")
+    ...     flowgate.App.from_toml("[stages]\\nname = 's'\\n")
     ... except flowgate.ConfigError as e:
-    ...     e.key
-    'stages[0].queue'
+    ...     print(e.key)
+    stages
     """
 
     def __init__(self, message: str, key: str = "<config>", reason: str = "") -> None:

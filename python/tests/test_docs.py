@@ -58,3 +58,25 @@ def test_the_bindings_examples_run(obj: type) -> None:
     for t in tests:
         runner.run(t)
     assert runner.failures == 0
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "flowgate",
+        "flowgate.app",
+        "flowgate.errors",
+        "flowgate.headers",
+        "flowgate.reasons",
+        "flowgate.logs",
+        "flowgate.testing",
+    ],
+)
+def test_the_modules_examples_run(module: str) -> None:
+    import importlib
+
+    mod = importlib.import_module(module)
+    result = doctest.testmod(
+        mod, extraglobs={"flowgate": flowgate}, optionflags=doctest.ELLIPSIS, verbose=False
+    )
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed"
