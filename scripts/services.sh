@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install (if missing) and start (if not answering) the services flowgate's
-# tests and demo need: RabbitMQ on 127.0.0.1:5672 and Redis on 127.0.0.1:6379.
+# tests and demo need: RabbitMQ on 127.0.0.1:5672 and Redis on 127.0.0.1:6379;
+# and install the tools the tests run (promtool, headless Chromium).
 # Idempotent and safe to run when they are already up: it never stops or
 # reconfigures a running service. Needs root for apt-get (as on CI).
 #
@@ -30,6 +31,12 @@ ensure_packages() {
     # and a live /metrics scrape (tests/observability.rs); the server it also
     # installs is not started (policy-rc.d below).
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    # Debian's Chromium and its WebDriver drive the console's browser test
+    # (tests/console_browser.rs, headless); no browser is downloaded. A font
+    # so that its screenshots show text.
+    [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+    [[ -x /usr/bin/chromedriver ]] || missing+=(chromium-driver)
+    pkg_installed fonts-dejavu-core || missing+=(fonts-dejavu-core)
     if ((${#missing[@]} == 0)); then
         return 0
     fi

@@ -1,4 +1,5 @@
-//! Dead-letter queue tools: stats, replay, purge (`flowgate dlq ...`).
+//! Dead-letter queue tools: list, show, stats, replay, purge (`flowgate
+//! dlq ...` and the console's dead-letter pages share them).
 //!
 //! A dead letter explains itself with `x-flowgate-*` headers when flowgate
 //! dead-lettered it. When the *broker* did (a quorum queue's delivery limit,
@@ -6,26 +7,40 @@
 //! message), only `x-death` says why: [`reason_of`] maps its reason to
 //! `delivery-limit`, `rejected`, `expired` or `maxlen`.
 //!
-//! Every tool works on a snapshot: it takes at most the messages the queue
-//! held when it started (`basic.get`, not acked) and gives back the ones it
-//! does not remove by closing its channel (the broker requeues them), so it
-//! never loops on messages it put back itself. Replay republishes with a
-//! publisher confirm and `mandatory`, and acks from the DLQ only after the
-//! confirm: a crash in between duplicates a message (dedup catches it),
-//! never loses one.
+//! Every tool works on a snapshot: it reads at most the messages the queue
+//! held when it started (a [`Scan`]: windows of unacked deliveries) and
+//! gives back the ones it does not remove by closing its channel (the
+//! broker requeues them), so it never loops on messages it put back
+//! itself. Reading without changing the queue needs a classic DLQ (see
+//! [`browse`](self::Scan) and `queues[].dead_letter_kind`). Replay
+//! republishes with a publisher confirm and `mandatory`, and acks from the
+//! DLQ only after the confirm: a crash in between duplicates a message
+//! (dedup catches it), never loses one.
 
 use crate::config::Config;
 use crate::Error;
 use flowgate_actors::envelope::{self, newest_death};
 use flowgate_actors::envelope::{header_int, header_string};
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueuePurgeOptions,
-};
+use lapin::options::{QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde::Serialize;
 use std::collections::BTreeMap;
+
+mod browse;
+pub mod view;
+
+pub use browse::{
+    apply, count, dead_letter_id, ensure_browsable, list, show, Action, ActionReport, Entry,
+    Filter, Page, Scan, Scanned, Shown, PAGE_MAX, SCAN_DEADLINE, SHOW_MAX, WINDOW,
+};
+
+/// Most distinct reasons (and stages) [`stats`] counts apart; the rest are
+/// counted under [`OTHER`] (a handler's own reasons are free text: the
+/// counts must not grow with the queue).
+pub const MAX_DISTINCT: usize = 1000;
+/// The key the counts past [`MAX_DISTINCT`] go under.
+pub const OTHER: &str = "(other)";
 
 /// Counts of the dead letters in a queue (`dlq stats --json` prints it).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -104,6 +119,8 @@ pub fn origin_of(h: &FieldTable) -> Option<(String, String)> {
     Some((d.exchange?, d.routing_key?))
 }
 
+/// The properties of a replayed dead letter: the reason and routing headers
+/// and the broker's dead-letter history stripped, persistent.
 fn replay_properties(p: &BasicProperties) -> BasicProperties {
     let mut kept = FieldTable::default();
     if let Some(h) = p.headers() {
@@ -117,7 +134,8 @@ fn replay_properties(p: &BasicProperties) -> BasicProperties {
     p.clone().with_headers(kept).with_delivery_mode(2)
 }
 
-async fn depth(ch: &Channel, queue: &str) -> Result<u32, Error> {
+/// Messages ready in `queue` (a passive declare).
+pub(crate) async fn depth(ch: &Channel, queue: &str) -> Result<u32, Error> {
     let q = ch
         .queue_declare(
             queue.into(),
@@ -131,26 +149,33 @@ async fn depth(ch: &Channel, queue: &str) -> Result<u32, Error> {
     Ok(q.message_count())
 }
 
-/// Counts a DLQ's messages by reason and stage, leaving them in place.
+/// Counts a DLQ's messages by reason and stage, leaving them in place (a
+/// queue that is not classic may change order, as it always did).
 pub async fn stats(conn: &Connection, queue: &str) -> Result<DlqStats, Error> {
-    let ch = conn.create_channel().await?;
-    let n = depth(&ch, queue).await?;
+    let mut scan = Scan::start(conn, queue).await?;
     let mut out = DlqStats::default();
-    for _ in 0..n {
-        let Some(m) = ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-            .await?
-        else {
-            break;
-        };
-        let h = m.properties.headers().clone().unwrap_or_default();
-        out.total += 1;
-        *out.by_reason.entry(reason_of(&h)).or_default() += 1;
-        *out.by_stage.entry(stage_of(&h)).or_default() += 1;
+    let res = async {
+        while let Some(m) = scan.next().await? {
+            let h = m.properties.headers().clone().unwrap_or_default();
+            out.total += 1;
+            tally(&mut out.by_reason, reason_of(&h));
+            tally(&mut out.by_stage, stage_of(&h));
+        }
+        Ok::<_, Error>(())
     }
-    // Closing the channel returns every message we held, in order.
-    let _ = ch.close(200, "dlq stats done".into()).await;
+    .await;
+    scan.finish().await?;
+    res?;
     Ok(out)
+}
+
+fn tally(map: &mut BTreeMap<String, u64>, key: String) {
+    let key = if map.len() >= MAX_DISTINCT && !map.contains_key(&key) {
+        OTHER.to_owned()
+    } else {
+        key
+    };
+    *map.entry(key).or_default() += 1;
 }
 
 /// Republishes dead letters (those with `reason`, at most `limit`) to
@@ -175,65 +200,34 @@ pub struct ReplayProgress {
     pub total: u64,
 }
 
-/// [`replay`], telling `progress` how far it is.
+/// [`replay`], telling `progress` how far it is ([`apply`] with a reason
+/// filter; logged as done by `api`).
 pub async fn replay_with_progress(
     conn: &Connection,
     queue: &str,
     reason: Option<&str>,
     limit: Option<u64>,
-    mut progress: impl FnMut(ReplayProgress),
+    progress: impl FnMut(ReplayProgress),
 ) -> Result<ReplayReport, Error> {
-    let get = conn.create_channel().await?;
-    let publish = conn.create_channel().await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let n = depth(&get, queue).await?;
-    let mut report = ReplayReport::default();
-    let total = u64::from(n);
-    progress(ReplayProgress { examined: 0, total });
-    for examined in 1..=total {
-        let Some(m) = get
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-            .await?
-        else {
-            break;
-        };
-        let h = m.properties.headers().clone().unwrap_or_default();
-        let wanted = reason.is_none_or(|r| reason_of(&h) == r)
-            && limit.is_none_or(|l| report.replayed + report.failed < l);
-        let origin = origin_of(&h);
-        let (Some((exchange, key)), true) = (origin, wanted) else {
-            report.skipped += 1;
-            progress(ReplayProgress { examined, total });
-            continue;
-        };
-        let confirm = publish
-            .basic_publish(
-                exchange.as_str().into(),
-                key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    immediate: false,
-                },
-                &m.data,
-                replay_properties(&m.properties),
-            )
-            .await?
-            .await?;
-        if matches!(confirm, lapin::Confirmation::Ack(None)) {
-            m.ack(BasicAckOptions::default()).await?;
-            report.replayed += 1;
-        } else {
-            tracing::warn!(queue, exchange = %exchange, routing_key = %key, ?confirm,
-                "replay not confirmed; the dead letter stays");
-            report.failed += 1;
-        }
-        progress(ReplayProgress { examined, total });
-    }
-    let _ = get.close(200, "dlq replay done".into()).await;
-    let _ = publish.close(200, "dlq replay done".into()).await;
-    Ok(report)
+    let filter = Filter {
+        reason: reason.map(str::to_owned),
+        ..Filter::default()
+    };
+    let r = apply(
+        conn,
+        queue,
+        &filter,
+        &Action::Replay,
+        limit,
+        "api",
+        progress,
+    )
+    .await?;
+    Ok(ReplayReport {
+        replayed: r.done,
+        skipped: r.examined - r.done - r.failed,
+        failed: r.failed,
+    })
 }
 
 /// Deletes every message of a DLQ; returns how many.

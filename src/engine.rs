@@ -445,8 +445,18 @@ impl Engine {
             (None, None)
         } else {
             let tokens = config.management.tokens()?;
-            let (h, a) = http::management::start(&config.management.bind, control.clone(), tokens)
-                .map_err(Error::Http)?;
+            let console = config.management.console.then(|| {
+                http::console::Console::new(
+                    control.clone(),
+                    tokens.clone(),
+                    config.clone(),
+                    ingress.clone(),
+                    metrics.clone(),
+                )
+            });
+            let (h, a) =
+                http::management::start(&config.management.bind, control.clone(), tokens, console)
+                    .map_err(Error::Http)?;
             info!(addr = %a, "management API listening");
             (Some(h), Some(a))
         };

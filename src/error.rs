@@ -32,6 +32,11 @@ pub enum Error {
     /// operation.
     #[error("broker: {0}")]
     Amqp(#[from] lapin::Error),
+    /// A DLQ tool refused the request: no such queue, a DLQ that cannot be
+    /// browsed without reordering it (not a classic queue), an invalid
+    /// destination.
+    #[error("{0}")]
+    Dlq(String),
     /// The HTTP server (or the ingress listener) could not bind.
     #[error("http server: {0}")]
     Http(#[source] std::io::Error),

@@ -17,7 +17,7 @@ use flowgate_actors::{QueueLevels, Refusal};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tracing::{debug, warn};
+use tracing::warn;
 
 /// Seconds a client is told to wait after a refusal it can retry soon (a
 /// watermark, backpressure, a broker hiccup).
@@ -287,32 +287,24 @@ impl Ingress {
 
     /// Publishes (persistent, `mandatory`) within `publish_timeout`:
     /// confirmed by the broker, or spooled (while the breaker is open, or
-    /// when no confirm came in time and a spool exists — the broker may
-    /// then have it too: dedup downstream catches the copy); without a
-    /// spool a late confirm is [`IngressError::Timeout`] (503, retry with
-    /// the same message id).
+    /// when no confirm came in time and a spool exists: that copy is held
+    /// until the broker answers the publish, and deleted if it confirms, so
+    /// the message goes out once — see [`PublisherHandle::send_within`]);
+    /// without a spool a late confirm is [`IngressError::Timeout`] (503,
+    /// retry with the same message id).
+    ///
+    /// [`PublisherHandle::send_within`]: flowgate_actors::PublisherHandle::send_within
     pub async fn publish(&self, mut msg: Output) -> Result<Accepted, IngressError> {
         // Its first publish: the stamp end-to-end latency is measured from.
         flowgate_actors::envelope::stamp_first_published(&mut msg.properties);
-        let keep = msg.clone();
-        let sent =
-            tokio::time::timeout(self.publish_timeout, self.publisher.send_detached(msg)).await;
-        let published = match sent {
-            Ok(r) => r?,
-            Err(_) if self.publisher.has_spool() => {
-                debug!(
-                    message_id = ?keep.properties.message_id(),
-                    "no confirm within the ingress publish_timeout; spooling"
-                );
-                self.publisher.spool(keep).await?
-            }
-            Err(_) => {
-                warn!(
-                    message_id = ?keep.properties.message_id(),
-                    "no confirm within the ingress publish_timeout and no spool; answering 503"
-                );
-                return Err(IngressError::Timeout(self.publish_timeout));
-            }
+        let id = msg.properties.message_id().clone();
+        let deadline = tokio::time::Instant::now() + self.publish_timeout;
+        let Some(published) = self.publisher.send_within(msg, deadline).await? else {
+            warn!(
+                message_id = ?id,
+                "no confirm within the ingress publish_timeout and no spool; answering 503"
+            );
+            return Err(IngressError::Timeout(self.publish_timeout));
         };
         Ok(match published {
             Published::Confirmed => Accepted::Confirmed,

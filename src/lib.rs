@@ -97,6 +97,10 @@ pub use flowgate_actors::lapin;
 pub use flowgate_actors::trace;
 /// What went wrong inside the actor runtime (a publish, the broker link).
 pub use flowgate_actors::Error as RuntimeError;
+/// The queue a spooled record that comes back unroutable on replay (and a
+/// returned message whose publisher was told "confirmed") is moved to, with
+/// reason headers: one of the places a message can end.
+pub use flowgate_actors::UNROUTABLE_QUEUE;
 pub use flowgate_actors::{
     handler_fn, Delivery, Handler, HandlerError, MetricDesc, Metrics, Outcome, Output,
 };

@@ -1,7 +1,8 @@
 //! Declares (and, for demos and tests, deletes) the configured topology.
 //!
 //! Every queue with `dead_letter = true` gets a fanout exchange `<queue>.dlx`
-//! and a queue `<queue>.dlq` of the same kind. Quorum queues dead-letter
+//! and a queue `<queue>.dlq` of the same kind (or `dead_letter_kind`; only
+//! a classic DLQ can be browsed, see [`crate::dlq`]), with no delivery limit. Quorum queues dead-letter
 //! with `x-dead-letter-strategy = at-least-once` (which needs
 //! `x-overflow = reject-publish`): classic dead-lettering is not confirmed
 //! and can lose messages.
@@ -71,7 +72,7 @@ fn dlq_arguments(q: &QueueConfig) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         ShortString::from("x-queue-type"),
-        s(if q.kind == QueueKind::Quorum {
+        s(if q.dead_letter_queue_kind() == QueueKind::Quorum {
             "quorum"
         } else {
             "classic"

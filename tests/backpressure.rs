@@ -34,6 +34,7 @@ fn one_queue(url: &str, prefix: &str) -> Config {
             routing_key: "k".into(),
         }],
         dead_letter: false,
+        dead_letter_kind: None,
         delivery_limit: Some(20),
         watermark: None,
     });

@@ -63,6 +63,7 @@ async fn the_ingress_answers_503_above_the_watermark_until_the_queue_falls_to_lo
             routing_key: "other".into(),
         }],
         dead_letter: false,
+        dead_letter_kind: None,
         delivery_limit: None,
         watermark: None,
     });

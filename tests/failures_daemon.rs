@@ -4,83 +4,17 @@
 
 use flowgate_testkit as common;
 
+use common::daemon::Daemon;
 use common::proxy::Proxy;
 use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-struct Daemon {
-    child: Child,
-    http: u16,
-}
-
-impl Daemon {
-    /// Starts `flowgate run` on a config written into `dir`.
-    fn start(dir: &Path, name: &str, toml: &str) -> Daemon {
-        let http = common::node::free_port().unwrap();
-        let file = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &file,
-            format!("[http]\nbind = \"127.0.0.1:{http}\"\n{toml}"),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_flowgate"))
-            .args(["run", "--config"])
-            .arg(&file)
-            .env("RUST_LOG", "info,lapin=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("flowgate runs");
-        Daemon { child, http }
-    }
-
-    /// `kill -9`.
-    fn kill9(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// A metric's value from `/metrics` (0 when absent or unreachable).
-    async fn metric(&self, line_prefix: &str) -> f64 {
-        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.http)).await else {
-            return 0.0;
-        };
-        let req = "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n";
-        if s.write_all(req.as_bytes()).await.is_err() {
-            return 0.0;
-        }
-        let mut body = String::new();
-        let _ = s.read_to_string(&mut body).await;
-        body.lines()
-            .find(|l| l.starts_with(line_prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    }
-
-    async fn ready(&self) -> bool {
-        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.http)).await else {
-            return false;
-        };
-        let _ = s
-            .write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
-            .await;
-        let mut body = String::new();
-        let _ = s.read_to_string(&mut body).await;
-        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `flowgate run` on `toml`, written into `dir`.
+fn daemon(dir: &Path, name: &str, toml: &str) -> Daemon {
+    Daemon::start(env!("CARGO_BIN_EXE_flowgate").as_ref(), dir, name, toml)
 }
 
 fn pipeline_toml(
@@ -186,6 +120,7 @@ fn topology(prefix: &str) -> flowgate::Config {
             routing_key: "in".into(),
         }],
         dead_letter: true,
+        dead_letter_kind: None,
         delivery_limit: Some(20),
         watermark: None,
     });
@@ -202,7 +137,7 @@ async fn kill9_after_the_effect_before_the_ack_gives_no_second_effect() {
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
 
     // Daemon 1 reaches the broker through a proxy, so its ack can be held back.
-    let mut d1 = Daemon::start(
+    let mut d1 = daemon(
         dir.path(),
         "d1",
         &pipeline_toml(&prefix, &proxy.amqp_url(), &record, Some("1s"), "30s", 10),
@@ -235,7 +170,7 @@ async fn kill9_after_the_effect_before_the_ack_gives_no_second_effect() {
     proxy.reset_all();
     drop(proxy);
 
-    let d2 = Daemon::start(
+    let d2 = daemon(
         dir.path(),
         "d2",
         &pipeline_toml(&prefix, AMQP_URL, &record, Some("1s"), "30s", 10),
@@ -271,7 +206,7 @@ async fn kill9_during_handling_is_processed_again_after_the_lease() {
     // well before the lease runs out: the bound below is then the lease's,
     // not the second daemon's start-up time.
     let toml = pipeline_toml(&prefix, AMQP_URL, &record, Some("1500ms"), "8s", 10);
-    let mut d1 = Daemon::start(dir.path(), "d1", &toml);
+    let mut d1 = daemon(dir.path(), "d1", &toml);
     assert!(
         eventually(Duration::from_secs(30), || d1.ready()).await,
         "d1 ready"
@@ -295,7 +230,7 @@ async fn kill9_during_handling_is_processed_again_after_the_lease() {
     assert!(pttl > 0, "d1's claim is a lease with an expiry ({pttl})");
     let lease_ends = asked + Duration::from_millis(pttl as u64);
 
-    let d2 = Daemon::start(dir.path(), "d2", &toml);
+    let d2 = daemon(dir.path(), "d2", &toml);
     // The redelivery reaches d2, which holds it (claim refused, retried with
     // backoff) while d1's lease lasts.
     assert!(
@@ -350,7 +285,7 @@ async fn three_daemons_exactly_one_effect(unique_ids: usize) -> Duration {
     let client = Client::connect(AMQP_URL).await;
     let toml = pipeline_toml(&prefix, AMQP_URL, &record, None, "30s", 50);
     let daemons: Vec<Daemon> = (0..3)
-        .map(|i| Daemon::start(dir.path(), &format!("d{i}"), &toml))
+        .map(|i| daemon(dir.path(), &format!("d{i}"), &toml))
         .collect();
     for d in &daemons {
         assert!(

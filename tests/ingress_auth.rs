@@ -29,6 +29,7 @@ fn config(prefix: &str, dir: &std::path::Path, auth: IngressAuth) -> flowgate::C
             routing_key: "other".into(),
         }],
         dead_letter: false,
+        dead_letter_kind: None,
         delivery_limit: None,
         watermark: None,
     });

@@ -61,6 +61,14 @@ pub const UNSIGNED: &str = "x-flowgate-unsigned";
 /// to measure from its own publish.
 pub const FIRST_PUBLISHED: &str = "x-flowgate-first-published";
 
+/// When the engine dead-lettered the message, in milliseconds since the
+/// unix epoch (its last death): set on every dead letter, stripped on replay.
+pub const DEAD_LETTERED_AT: &str = "x-flowgate-dead-lettered-at";
+/// When the engine first dead-lettered the message, in milliseconds since
+/// the unix epoch: set with the first death and kept through replays, so a
+/// dead letter that keeps coming back shows how long it has been failing.
+pub const FIRST_DEAD_LETTERED_AT: &str = "x-flowgate-first-dead-lettered-at";
+
 /// The broker's dead-letter history.
 pub const X_DEATH: &str = "x-death";
 /// The broker's first-death summary headers.
@@ -90,8 +98,9 @@ pub const DEAD_LETTER_HEADERS: [&str; 7] = [
 /// Headers a message replayed from a dead-letter queue must not carry: the
 /// dead-letter explanation, the routing headers (the ladder starts again)
 /// and the broker's dead-letter history.
-pub const REPLAY_STRIPPED: [&str; 13] = [
+pub const REPLAY_STRIPPED: [&str; 14] = [
     REASON,
+    DEAD_LETTERED_AT,
     STAGE,
     ATTEMPTS,
     ERROR,
@@ -469,6 +478,20 @@ pub fn since_first_published(props: &BasicProperties) -> Option<std::time::Durat
 pub fn stamp_first_published(props: &mut BasicProperties) {
     if first_published(props).is_none() {
         set_header(props, FIRST_PUBLISHED, AMQPValue::LongLongInt(now_millis()));
+    }
+}
+
+/// Stamps a dead letter's death times: [`DEAD_LETTERED_AT`] now, and
+/// [`FIRST_DEAD_LETTERED_AT`] now unless it carries an integer one already
+/// (a message replayed and dead-lettered again keeps its first).
+pub fn stamp_dead_lettered(props: &mut BasicProperties) {
+    let now = now_millis();
+    set_header(props, DEAD_LETTERED_AT, AMQPValue::LongLongInt(now));
+    if header(props, FIRST_DEAD_LETTERED_AT)
+        .and_then(header_int)
+        .is_none()
+    {
+        set_header(props, FIRST_DEAD_LETTERED_AT, AMQPValue::LongLongInt(now));
     }
 }
 

@@ -51,8 +51,73 @@ enum Cmd {
     Man,
 }
 
+/// Which dead letters (every condition given must hold).
+#[derive(clap::Args, Clone, Debug, Default)]
+struct FilterArgs {
+    /// Only dead letters with this reason (e.g. `unroutable`, `handler-error`).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only dead letters from this stage.
+    #[arg(long)]
+    stage: Option<String>,
+    /// Only dead letters whose message id or body contains this text (ASCII case ignored).
+    #[arg(long)]
+    search: Option<String>,
+    /// Only these dead letters: an id from `dlq list`, or a message id (repeat for several).
+    #[arg(long = "id")]
+    ids: Vec<String>,
+}
+
+impl FilterArgs {
+    fn filter(&self) -> flowgate::dlq::Filter {
+        flowgate::dlq::Filter {
+            reason: self.reason.clone(),
+            stage: self.stage.clone(),
+            search: self.search.clone(),
+            ids: self.ids.clone(),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum DlqCmd {
+    /// List dead letters (id, message id, reason, stage, attempts, death
+    /// times, a body preview); they stay in the queue, in order (a classic
+    /// DLQ is required).
+    List {
+        /// Configuration file (TOML): the broker to use.
+        #[arg(long, short, env = CONFIG_ENV)]
+        config: PathBuf,
+        /// Print the page as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// A configured queue (its `<queue>.dlq` is used) or a DLQ's name.
+        #[arg(long, short)]
+        queue: String,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Skip this many matches first (the page's start).
+        #[arg(long, default_value_t = 0)]
+        skip: usize,
+        /// At most this many (up to 200).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show dead letters in full (properties, headers, body) by id or
+    /// message id; they stay in the queue.
+    Show {
+        /// Configuration file (TOML): the broker to use.
+        #[arg(long, short, env = CONFIG_ENV)]
+        config: PathBuf,
+        /// Print them as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// A configured queue (its `<queue>.dlq` is used) or a DLQ's name.
+        #[arg(long, short)]
+        queue: String,
+        /// An id from `dlq list`, or a message id.
+        id: String,
+    },
     /// Count dead letters by reason and stage (they stay in the queue).
     Stats {
         /// Configuration file (TOML): the broker to use.
@@ -65,8 +130,9 @@ enum DlqCmd {
         #[arg(long, short)]
         queue: String,
     },
-    /// Republish dead letters to their original exchange and routing key
-    /// (confirmed; removed from the DLQ only after; attempt counter reset).
+    /// Republish dead letters to their original exchange and routing key, or
+    /// to `--to-exchange`/`--to-routing-key` (confirmed; removed from the DLQ
+    /// only after; attempt counter reset).
     Replay {
         /// Configuration file (TOML): the broker to use.
         #[arg(long, short, env = CONFIG_ENV)]
@@ -77,14 +143,19 @@ enum DlqCmd {
         /// A configured queue (its `<queue>.dlq` is used) or a DLQ's name.
         #[arg(long, short)]
         queue: String,
-        /// Only dead letters with this reason (e.g. `handler-error`).
-        #[arg(long)]
-        reason: Option<String>,
+        #[command(flatten)]
+        filter: FilterArgs,
         /// At most this many.
         #[arg(long)]
         limit: Option<u64>,
+        /// Replay to this exchange instead of the original one (with `--to-routing-key`).
+        #[arg(long, requires = "to_routing_key")]
+        to_exchange: Option<String>,
+        /// Replay with this routing key instead of the original one (with `--to-exchange`).
+        #[arg(long, requires = "to_exchange")]
+        to_routing_key: Option<String>,
     },
-    /// Delete every dead letter of a queue.
+    /// Delete dead letters: every one, or those the filters pick.
     Purge {
         /// Configuration file (TOML): the broker to use.
         #[arg(long, short, env = CONFIG_ENV)]
@@ -95,6 +166,8 @@ enum DlqCmd {
         /// A configured queue (its `<queue>.dlq` is used) or a DLQ's name.
         #[arg(long, short)]
         queue: String,
+        #[command(flatten)]
+        filter: FilterArgs,
         /// Required: confirms that the messages are to be deleted.
         #[arg(long)]
         yes: bool,
@@ -204,9 +277,31 @@ fn replay_bar() -> indicatif::ProgressBar {
     bar
 }
 
+/// Who a DLQ action from the command line is logged as: `cli:<user>`.
+fn cli_user() -> String {
+    format!(
+        "cli:{}",
+        std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_else(|_| "unknown".into())
+    )
+}
+
 fn dlq(cmd: DlqCmd) -> ExitCode {
     let (config, queue, json) = match &cmd {
-        DlqCmd::Stats {
+        DlqCmd::List {
+            config,
+            queue,
+            json,
+            ..
+        }
+        | DlqCmd::Show {
+            config,
+            queue,
+            json,
+            ..
+        }
+        | DlqCmd::Stats {
             config,
             queue,
             json,
@@ -225,7 +320,7 @@ fn dlq(cmd: DlqCmd) -> ExitCode {
         } => (config.clone(), queue.clone(), *json),
     };
     if let DlqCmd::Purge { yes: false, .. } = cmd {
-        eprintln!("flowgate: purge deletes every dead letter of {queue}; add --yes to confirm");
+        eprintln!("flowgate: purge deletes dead letters of {queue}; add --yes to confirm");
         return Exit::Usage.into();
     }
     let cfg = match load(&config) {
@@ -252,6 +347,34 @@ fn dlq(cmd: DlqCmd) -> ExitCode {
     let res = rt.block_on(async {
         let conn = flowgate::dlq::connect(&cfg).await?;
         let out = match cmd {
+            DlqCmd::List {
+                filter,
+                skip,
+                limit,
+                ..
+            } => {
+                let page =
+                    flowgate::dlq::list(&conn, &queue, &filter.filter(), skip, limit).await?;
+                if json {
+                    serde_json::to_string(&page).unwrap_or_default() + "\n"
+                } else {
+                    flowgate::dlq::view::page_text(&page)
+                }
+            }
+            DlqCmd::Show { id, .. } => {
+                let shown = flowgate::dlq::show(&conn, &queue, &id).await?;
+                if shown.is_empty() {
+                    return Err(flowgate::Error::Dlq(format!(
+                        "{queue}: no dead letter with id or message id `{}`",
+                        flowgate::dlq::view::visible(&id, 255)
+                    )));
+                }
+                if json {
+                    serde_json::json!({ "queue": queue, "messages": shown }).to_string() + "\n"
+                } else {
+                    shown.iter().map(flowgate::dlq::view::shown_text).collect()
+                }
+            }
             DlqCmd::Stats { .. } => {
                 let s = flowgate::dlq::stats(&conn, &queue).await?;
                 if json {
@@ -275,13 +398,28 @@ fn dlq(cmd: DlqCmd) -> ExitCode {
                     text
                 }
             }
-            DlqCmd::Replay { reason, limit, .. } => {
+            DlqCmd::Replay {
+                filter,
+                limit,
+                to_exchange,
+                to_routing_key,
+                ..
+            } => {
+                let action = match (to_exchange, to_routing_key) {
+                    (Some(exchange), Some(routing_key)) => flowgate::dlq::Action::ReplayTo {
+                        exchange,
+                        routing_key,
+                    },
+                    _ => flowgate::dlq::Action::Replay,
+                };
                 let bar = replay_bar();
-                let r = flowgate::dlq::replay_with_progress(
+                let r = flowgate::dlq::apply(
                     &conn,
                     &queue,
-                    reason.as_deref(),
+                    &filter.filter(),
+                    &action,
                     limit,
+                    &cli_user(),
                     |p| {
                         bar.set_length(p.total);
                         bar.set_position(p.examined);
@@ -290,24 +428,46 @@ fn dlq(cmd: DlqCmd) -> ExitCode {
                 .await;
                 bar.finish_and_clear();
                 let r = r?;
+                let skipped = r.examined - r.done - r.failed;
                 if json {
                     serde_json::json!({
                         "queue": queue,
-                        "replayed": r.replayed,
-                        "skipped": r.skipped,
+                        "replayed": r.done,
+                        "skipped": skipped,
                         "failed": r.failed,
+                        "no_origin": r.no_origin,
+                        "complete": r.complete,
                     })
                     .to_string()
                         + "\n"
                 } else {
                     format!(
-                        "{queue}: replayed {}, skipped {}, failed {}\n",
-                        r.replayed, r.skipped, r.failed
+                        "{queue}: replayed {}, skipped {skipped}, failed {}{}\n",
+                        r.done,
+                        r.failed,
+                        if r.complete { "" } else { " (stopped early: run it again for the rest)" }
                     )
                 }
             }
-            DlqCmd::Purge { .. } => {
-                let n = flowgate::dlq::purge(&conn, &queue).await?;
+            DlqCmd::Purge { filter, .. } => {
+                let filter = filter.filter();
+                let n = if filter.is_empty() {
+                    let n = u64::from(flowgate::dlq::purge(&conn, &queue).await?);
+                    tracing::info!(by = %cli_user(), queue = %queue, purged = n, "dead letters purged");
+                    n
+                } else {
+                    flowgate::dlq::apply(
+                        &conn,
+                        &queue,
+                        &filter,
+                        &flowgate::dlq::Action::Delete,
+                        None,
+                        &cli_user(),
+                        |_| {},
+                    )
+                    .await?
+                    .done
+                };
                 if json {
                     serde_json::json!({ "queue": queue, "purged": n }).to_string() + "\n"
                 } else {

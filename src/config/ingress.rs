@@ -120,9 +120,17 @@ impl Default for IngressConfig {
     }
 }
 
-/// Accepted bearer tokens. Never printed: `Debug` shows only how many.
+/// Accepted bearer tokens, each with a name for the logs (who did what).
+/// Never printed: `Debug` shows only how many.
+///
+/// A token is named by a `# name: <name>` comment on the line before it in
+/// a token file; any other token is named `token-` and the first 8 hex
+/// digits of its SHA-256 (stable across restarts and rotation of the
+/// others, and no help to anyone guessing it). Comments were always
+/// skipped, so a file written for an earlier version accepts exactly the
+/// same tokens.
 #[derive(Clone, Default)]
-pub struct Tokens(Vec<Vec<u8>>);
+pub struct Tokens(Vec<(String, Vec<u8>)>);
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -133,20 +141,34 @@ impl std::fmt::Debug for Tokens {
 /// Shortest token accepted, in bytes.
 pub const MIN_TOKEN_BYTES: usize = 16;
 
+/// Longest token name kept (a longer `# name:` is cut).
+const MAX_NAME_CHARS: usize = 64;
+
+/// The comment that names the token on the next line.
+const NAME_DIRECTIVE: &str = "name:";
+
 impl Tokens {
     /// Whether `presented` is one of the tokens, compared in constant time
     /// per token (no early exit on the first differing byte).
     pub fn accepts(&self, presented: &[u8]) -> bool {
-        let mut ok = false;
-        for t in &self.0 {
+        self.identify(presented).is_some()
+    }
+
+    /// The name of the token `presented` is, if it is one; every token is
+    /// compared in constant time (no early exit on a match either).
+    pub fn identify(&self, presented: &[u8]) -> Option<&str> {
+        let mut found = None;
+        for (name, t) in &self.0 {
             let same_len = t.len() == presented.len();
             let diff = t
                 .iter()
                 .zip(presented)
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            ok |= same_len && diff == 0;
+            if same_len && diff == 0 && found.is_none() {
+                found = Some(name.as_str());
+            }
         }
-        ok
+        found
     }
 
     /// How many tokens are accepted.
@@ -157,6 +179,11 @@ impl Tokens {
     /// True when none is.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// The tokens' names, in the order read.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(n, _)| n.as_str())
     }
 
     /// Reads the tokens of section `section` from its `token_file` (one per
@@ -188,17 +215,28 @@ impl Tokens {
     }
 
     fn push_all(&mut self, key: &str, text: &str, by_line: bool) -> Result<(), ConfigError> {
-        let items: Vec<&str> = if by_line {
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .collect()
+        let mut items: Vec<(Option<String>, &str)> = Vec::new();
+        if by_line {
+            let mut name = None;
+            for l in text.lines().map(str::trim) {
+                if let Some(comment) = l.strip_prefix('#') {
+                    name = comment
+                        .trim()
+                        .strip_prefix(NAME_DIRECTIVE)
+                        .map(|n| n.trim().chars().take(MAX_NAME_CHARS).collect::<String>())
+                        .filter(|n| !n.is_empty());
+                } else if !l.is_empty() {
+                    items.push((name.take(), l));
+                }
+            }
         } else {
-            text.split(|c: char| c == ',' || c.is_whitespace())
+            items = text
+                .split(|c: char| c == ',' || c.is_whitespace())
                 .filter(|t| !t.is_empty())
-                .collect()
-        };
-        for (n, t) in items.into_iter().enumerate() {
+                .map(|t| (None, t))
+                .collect();
+        }
+        for (n, (name, t)) in items.into_iter().enumerate() {
             if t.len() < MIN_TOKEN_BYTES {
                 // Name the position, never the token.
                 return Err(ConfigError::new(
@@ -206,10 +244,19 @@ impl Tokens {
                     format!("token {} is shorter than {MIN_TOKEN_BYTES} bytes", n + 1),
                 ));
             }
-            self.0.push(t.as_bytes().to_vec());
+            let name = name.unwrap_or_else(|| fingerprint_name(t.as_bytes()));
+            self.0.push((name, t.as_bytes().to_vec()));
         }
         Ok(())
     }
+}
+
+/// `token-` and the first 8 hex digits of the token's SHA-256.
+fn fingerprint_name(token: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(token);
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("token-{hex}")
 }
 
 impl IngressConfig {
@@ -266,6 +313,28 @@ mod tests {
         assert!(!t.accepts(b"new-token-012345678"));
         assert!(!t.accepts(b""));
         assert!(!format!("{t:?}").contains("token-0"), "{t:?}");
+    }
+
+    #[test]
+    fn a_name_comment_names_the_next_token_and_others_get_a_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tokens");
+        std::fs::write(
+            &f,
+            "# name: alice\nalice-token-0123456789\n# rotated in March\nanon-token-0123456789\n",
+        )
+        .unwrap();
+        let cfg = IngressConfig {
+            token_file: Some(f),
+            ..IngressConfig::default()
+        };
+        let t = cfg.tokens().unwrap();
+        assert_eq!(t.identify(b"alice-token-0123456789"), Some("alice"));
+        let anon = t.identify(b"anon-token-0123456789").unwrap();
+        assert!(anon.starts_with("token-") && anon.len() == 14, "{anon}");
+        assert_eq!(anon, fingerprint_name(b"anon-token-0123456789"));
+        assert_eq!(t.identify(b"anon-token-012345678"), None);
+        assert_eq!(t.names().count(), 2);
     }
 
     #[test]

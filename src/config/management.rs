@@ -7,7 +7,7 @@ use super::*;
 /// so that reaching the scrape or publish port does not let anyone steer the
 /// engine. Every route but `/healthz` and `/readyz` needs
 /// `Authorization: Bearer <token>`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManagementConfig {
     /// Address of the management API, e.g. `127.0.0.1:9466`. Default empty:
@@ -16,8 +16,10 @@ pub struct ManagementConfig {
     #[serde(default)]
     pub bind: String,
     /// A file holding the accepted bearer tokens, one per line (blank lines
-    /// and `#` comments skipped; each at least 16 bytes). Required with
-    /// `bind`, unless `token_env` is set. Default none.
+    /// and `#` comments skipped; each at least 16 bytes). A comment `# name:
+    /// alice` right above a token names it (the name logged with what it
+    /// did); an unnamed token is named `token-` and 8 hex digits of its
+    /// SHA-256. Required with `bind`, unless `token_env` is set. Default none.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
     /// The name of an environment variable holding the accepted tokens,
@@ -25,6 +27,26 @@ pub struct ManagementConfig {
     /// `token_file`'s. Default none.
     #[serde(default)]
     pub token_env: Option<String>,
+    /// Serve the operator's console (`/ui`: the pipeline live, dead letters
+    /// to read, replay and delete) beside the API on `bind`, signed in with
+    /// the same tokens. Default `true` (nothing is served without `bind`).
+    #[serde(default = "yes")]
+    pub console: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for ManagementConfig {
+    fn default() -> Self {
+        Self {
+            bind: String::new(),
+            token_file: None,
+            token_env: None,
+            console: true,
+        }
+    }
 }
 
 impl ManagementConfig {

@@ -45,6 +45,16 @@ pub struct QueueConfig {
     /// into them. Default `true`.
     #[serde(default = "yes")]
     pub dead_letter: bool,
+    /// The kind of `<queue>.dlq`: `classic | quorum`. Default: the queue's
+    /// own `kind` (what earlier versions declared). Only a classic DLQ can be
+    /// browsed (console, `flowgate dlq list/show`) without changing it: a
+    /// classic queue puts a message it gets back where it was, a quorum queue
+    /// does not (RabbitMQ 3.10 measured: messages given back come back out
+    /// of order, and each return raises `x-delivery-count`, which a delivery
+    /// limit turns into a loss). An existing DLQ keeps its kind: the broker
+    /// refuses to redeclare it as another.
+    #[serde(default)]
+    pub dead_letter_kind: Option<QueueKind>,
     /// Quorum queues: deliveries after which the broker dead-letters a
     /// message that keeps coming back (`x-delivery-limit`), e.g. one whose
     /// consumer keeps crashing or losing its connection. Kept small: each
@@ -88,5 +98,9 @@ impl QueueConfig {
     /// `<queue>.dlq` when dead-lettering is on.
     pub fn dead_letter_queue(&self) -> Option<String> {
         self.dead_letter.then(|| format!("{}.dlq", self.name))
+    }
+    /// The kind of `<queue>.dlq`: `dead_letter_kind`, else the queue's own.
+    pub fn dead_letter_queue_kind(&self) -> QueueKind {
+        self.dead_letter_kind.unwrap_or(self.kind)
     }
 }

@@ -91,14 +91,20 @@ impl FromRequest for Operator {
     }
 }
 
-/// Binds and spawns the management server on the current actix system.
+/// Binds and spawns the management server on the current actix system,
+/// with the operator's console under `/ui` when `console` is given.
 pub(crate) fn start(
     bind: &str,
     control: Control,
     tokens: Tokens,
+    console: Option<super::console::Console>,
 ) -> std::io::Result<(actix_web::dev::ServerHandle, SocketAddr)> {
     let state = web::Data::new(State { control, tokens });
+    let console = console.map(web::Data::new);
     spawn_server(bind, move |cfg| {
+        if let Some(c) = &console {
+            super::console::routes(cfg, c.clone());
+        }
         cfg.app_data(state.clone())
             .app_data(
                 web::JsonConfig::default()

@@ -4,6 +4,7 @@
 //! [`management`]), so that reaching the scrape port lets nobody publish or
 //! steer the engine.
 
+pub(crate) mod console;
 pub(crate) mod ingress;
 pub(crate) mod management;
 

@@ -53,6 +53,7 @@ pub fn chain_config(prefix: &str, handlers: &[&str], prefetch: u32, kind: QueueK
                 routing_key: key,
             }],
             dead_letter: true,
+            dead_letter_kind: None,
             delivery_limit: Some(20),
             watermark: None,
         });

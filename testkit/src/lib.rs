@@ -136,12 +136,16 @@
 #![warn(missing_docs)]
 
 mod accounting;
+pub mod daemon;
 pub mod driver;
+pub mod history;
 pub mod node;
 pub mod pipeline;
 pub mod pki;
 pub mod proxy;
+pub mod redis;
 pub mod secrets;
+pub mod soak;
 pub mod synthetic;
 
 pub use accounting::Accounting;

@@ -6,7 +6,14 @@
 //! * [`Proxy::set_blackhole`] — stop moving bytes in both directions while the
 //!   sockets stay open (like a silently dropping network; heartbeats time out);
 //! * [`Proxy::set_latency`] — delay every forwarded chunk;
-//! * [`Proxy::set_refuse`] — reset new connections right after accept.
+//! * [`Proxy::set_refuse`] — reset new connections right after accept;
+//! * [`Proxy::hold_confirms`] / [`Proxy::release_confirms`] /
+//!   [`Proxy::pass_confirms`] — hold the broker's publisher confirms
+//!   (`basic.ack` / `basic.nack` sent by the broker, which only exist in
+//!   confirm mode) while every other frame passes, then let them through one
+//!   delivery tag at a time: the broker has the messages, the client has not
+//!   heard so. A `multiple` confirm is split into one confirm per tag it
+//!   covers, so a test can confirm the outputs of one input one by one.
 //!
 //! Buffers are bounded (one 16 KiB buffer per direction); while blackholed the
 //! proxy simply stops reading, so back-pressure ends up in the kernel buffers.
@@ -46,7 +53,63 @@ struct Shared {
     conns: Mutex<HashMap<u64, watch::Sender<bool>>>,
     next_id: AtomicU64,
     accepted: AtomicU64,
+    /// Publisher confirms held back (see [`Proxy::hold_confirms`]).
+    gate: Mutex<Gate>,
+    /// Bumped when confirms are released: each connection writes its own.
+    released: watch::Sender<u64>,
+    /// Bumped when a confirm is held (for [`Proxy::wait_held_confirms`]).
+    held_changed: watch::Sender<u64>,
 }
+
+/// One confirm for one delivery tag, as the broker sent it (split from a
+/// `multiple` one if need be).
+#[derive(Clone, Copy, Debug)]
+struct Confirm {
+    channel: u16,
+    tag: u64,
+    nack: bool,
+}
+
+impl Confirm {
+    /// The `basic.ack` / `basic.nack` method frame for this one tag.
+    fn frame(&self) -> Vec<u8> {
+        let mut f = Vec::with_capacity(21);
+        f.push(FRAME_METHOD);
+        f.extend_from_slice(&self.channel.to_be_bytes());
+        f.extend_from_slice(&13u32.to_be_bytes());
+        f.extend_from_slice(&BASIC_CLASS.to_be_bytes());
+        let method = if self.nack { BASIC_NACK } else { BASIC_ACK };
+        f.extend_from_slice(&method.to_be_bytes());
+        f.extend_from_slice(&self.tag.to_be_bytes());
+        // Not multiple; a nack is not requeued (the broker's own nacks never are).
+        f.push(0);
+        f.push(FRAME_END);
+        f
+    }
+}
+
+#[derive(Default)]
+struct Gate {
+    /// Confirms are being held.
+    holding: bool,
+    /// Confirms that may still pass while holding.
+    allowance: usize,
+    /// Held confirms, in the order the broker sent them.
+    held: std::collections::VecDeque<(u64, Confirm)>,
+    /// Released confirms not yet written, per connection.
+    out: HashMap<u64, Vec<Confirm>>,
+}
+
+const FRAME_METHOD: u8 = 1;
+const FRAME_END: u8 = 0xCE;
+const BASIC_CLASS: u16 = 60;
+const BASIC_ACK: u16 = 80;
+const BASIC_NACK: u16 = 120;
+const CONFIRM_CLASS: u16 = 85;
+const CONFIRM_SELECT_OK: u16 = 11;
+/// The largest frame the proxy buffers whole (RabbitMQ's `frame_max` is at
+/// most 128 KiB by default); a longer one turns the connection to raw copying.
+const MAX_FRAME: usize = 4 * 1024 * 1024;
 
 impl Proxy {
     /// Start a proxy on 127.0.0.1:0 forwarding to `upstream`. Must be called
@@ -69,6 +132,9 @@ impl Proxy {
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
+            gate: Mutex::new(Gate::default()),
+            released: watch::channel(0).0,
+            held_changed: watch::channel(0).0,
         });
         let accept_task = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Proxy {
@@ -125,6 +191,66 @@ impl Proxy {
         self.shared.refuse.store(on, Ordering::SeqCst);
     }
 
+    /// From now on the broker's publisher confirms are held back (every
+    /// other frame passes): the broker has routed and stored the messages,
+    /// the client waits for their confirms.
+    pub fn hold_confirms(&self) {
+        let mut g = self.shared.gate.lock().unwrap();
+        g.holding = true;
+        g.allowance = 0;
+    }
+
+    /// Lets the next `n` confirms through (one delivery tag each), held
+    /// ones first in the order the broker sent them; confirms still to come
+    /// use up what is left. Holding goes on for the rest.
+    pub fn release_confirms(&self, n: usize) {
+        let mut g = self.shared.gate.lock().unwrap();
+        let mut left = n;
+        while left > 0 {
+            let Some((conn, c)) = g.held.pop_front() else {
+                break;
+            };
+            g.out.entry(conn).or_default().push(c);
+            left -= 1;
+        }
+        g.allowance += left;
+        drop(g);
+        self.shared.released.send_modify(|v| *v += 1);
+    }
+
+    /// Releases every held confirm and stops holding.
+    pub fn pass_confirms(&self) {
+        let mut g = self.shared.gate.lock().unwrap();
+        g.holding = false;
+        g.allowance = 0;
+        while let Some((conn, c)) = g.held.pop_front() {
+            g.out.entry(conn).or_default().push(c);
+        }
+        drop(g);
+        self.shared.released.send_modify(|v| *v += 1);
+    }
+
+    /// Confirms held right now (one per delivery tag).
+    pub fn held_confirms(&self) -> usize {
+        self.shared.gate.lock().unwrap().held.len()
+    }
+
+    /// Waits until at least `n` confirms are held; `false` after `timeout`.
+    pub async fn wait_held_confirms(&self, n: usize, timeout: Duration) -> bool {
+        let mut rx = self.shared.held_changed.subscribe();
+        let wait = async {
+            loop {
+                if self.held_confirms() >= n {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok() && self.held_confirms() >= n
+    }
+
     /// Number of currently proxied connections.
     pub fn connection_count(&self) -> usize {
         self.shared.conns.lock().unwrap().len()
@@ -164,13 +290,19 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         shared.conns.lock().unwrap().insert(id, kill_tx);
         let shared2 = shared.clone();
         tokio::spawn(async move {
-            handle_conn(client, kill_rx, &shared2).await;
+            handle_conn(id, client, kill_rx, &shared2).await;
             shared2.conns.lock().unwrap().remove(&id);
+            shared2.gate.lock().unwrap().out.remove(&id);
         });
     }
 }
 
-async fn handle_conn(mut client: TcpStream, mut kill: watch::Receiver<bool>, shared: &Shared) {
+async fn handle_conn(
+    id: u64,
+    mut client: TcpStream,
+    mut kill: watch::Receiver<bool>,
+    shared: &Shared,
+) {
     let _ = client.set_nodelay(true);
     let connect = TcpStream::connect(shared.upstream);
     let mut upstream = tokio::select! {
@@ -192,7 +324,7 @@ async fn handle_conn(mut client: TcpStream, mut kill: watch::Receiver<bool>, sha
         let (mut cr, mut cw) = client.split();
         let (mut ur, mut uw) = upstream.split();
         let c2u = pipe(&mut cr, &mut uw, shared);
-        let u2c = pipe(&mut ur, &mut cw, shared);
+        let u2c = pipe_frames(id, &mut ur, &mut cw, shared);
         tokio::select! {
             _ = async { tokio::join!(c2u, u2c) } => false,
             _ = kill.wait_for(|k| *k) => true,
@@ -236,6 +368,147 @@ where
             return;
         }
         if w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Broker → client: like [`pipe`], but frame by frame, so that publisher
+/// confirms can be held (see [`Proxy::hold_confirms`]). Anything that does
+/// not parse as AMQP frames is copied raw from then on.
+async fn pipe_frames<R, W>(id: u64, r: &mut R, w: &mut W, shared: &Shared)
+where
+    R: AsyncReadExt + Unpin,
+    W: AsyncWriteExt + Unpin,
+{
+    let mut blackhole = shared.blackhole.subscribe();
+    let latency = shared.latency.subscribe();
+    let mut released = shared.released.subscribe();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; BUF_SIZE];
+    // Per channel: every tag up to `.0` is confirmed, and so are those in `.1`.
+    let mut confirmed: HashMap<u16, (u64, std::collections::BTreeSet<u64>)> = HashMap::new();
+    let mut raw = false;
+    loop {
+        if blackhole.wait_for(|b| !*b).await.is_err() {
+            return;
+        }
+        let n = tokio::select! {
+            read = r.read(&mut chunk) => match read {
+                Ok(0) | Err(_) => {
+                    let _ = w.shutdown().await;
+                    return;
+                }
+                Ok(n) => n,
+            },
+            changed = released.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let mine = shared.gate.lock().unwrap().out.remove(&id).unwrap_or_default();
+                for c in mine {
+                    if w.write_all(&c.frame()).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+        };
+        let delay = *latency.borrow();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if blackhole.wait_for(|b| !*b).await.is_err() {
+            return;
+        }
+        if raw {
+            if w.write_all(&chunk[..n]).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut out: Vec<u8> = Vec::new();
+        let mut at = 0;
+        while buf.len() - at >= 7 {
+            let size =
+                u32::from_be_bytes([buf[at + 3], buf[at + 4], buf[at + 5], buf[at + 6]]) as usize;
+            if size > MAX_FRAME {
+                raw = true;
+                break;
+            }
+            let end = at + 7 + size;
+            if buf.len() < end + 1 {
+                break;
+            }
+            if buf[end] != FRAME_END {
+                raw = true;
+                break;
+            }
+            let frame = &buf[at..=end];
+            let payload = &buf[at + 7..end];
+            let channel = u16::from_be_bytes([buf[at + 1], buf[at + 2]]);
+            let method = (buf[at] == FRAME_METHOD && payload.len() >= 4).then(|| {
+                (
+                    u16::from_be_bytes([payload[0], payload[1]]),
+                    u16::from_be_bytes([payload[2], payload[3]]),
+                )
+            });
+            match method {
+                Some((BASIC_CLASS, m @ (BASIC_ACK | BASIC_NACK))) if payload.len() >= 13 => {
+                    let tag = u64::from_be_bytes(payload[4..12].try_into().unwrap());
+                    let multiple = payload[12] & 1 == 1;
+                    let nack = m == BASIC_NACK;
+                    let (upto, singles) = confirmed.entry(channel).or_default();
+                    let tags: Vec<u64> = if multiple {
+                        (*upto + 1..=tag).filter(|t| !singles.contains(t)).collect()
+                    } else {
+                        vec![tag]
+                    };
+                    if multiple {
+                        *upto = (*upto).max(tag);
+                    } else {
+                        singles.insert(tag);
+                    }
+                    while singles.remove(&(*upto + 1)) {
+                        *upto += 1;
+                    }
+                    singles.retain(|t| *t > *upto);
+                    let mut g = shared.gate.lock().unwrap();
+                    let mut held_any = false;
+                    for tag in tags {
+                        let c = Confirm { channel, tag, nack };
+                        if !g.holding {
+                            out.extend_from_slice(&c.frame());
+                        } else if g.allowance > 0 {
+                            g.allowance -= 1;
+                            out.extend_from_slice(&c.frame());
+                        } else {
+                            g.held.push_back((id, c));
+                            held_any = true;
+                        }
+                    }
+                    drop(g);
+                    if held_any {
+                        shared.held_changed.send_modify(|v| *v += 1);
+                    }
+                }
+                Some((CONFIRM_CLASS, CONFIRM_SELECT_OK)) => {
+                    // Confirm mode (re)starts on this channel: tags from 1.
+                    confirmed.remove(&channel);
+                    out.extend_from_slice(frame);
+                }
+                _ => out.extend_from_slice(frame),
+            }
+            at = end + 1;
+        }
+        if raw {
+            out.extend_from_slice(&buf[at..]);
+            buf.clear();
+        } else {
+            buf.drain(..at);
+        }
+        if !out.is_empty() && w.write_all(&out).await.is_err() {
             return;
         }
     }

@@ -315,6 +315,16 @@ mod tests {
         crate::dedup::conformance::run(&Memory(Arc::new(MemoryStore::new(10_000)))).await;
     }
 
+    #[test]
+    fn memory_store_has_one_winner_among_parallel_claims() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = MemoryStore::new(10_000);
+        crate::dedup::conformance::parallel_claims_have_one_winner(&store, rt.handle(), "p", 3000);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn memory_capacity_bound_under_10x_inserts() {
         let cap = 100;

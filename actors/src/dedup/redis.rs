@@ -426,6 +426,20 @@ mod tests {
         cleanup(&s).await;
     }
 
+    #[test]
+    fn redis_store_has_one_winner_among_parallel_claims() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let Some(s) = rt.block_on(redis_store(&test_prefix())) else {
+            return;
+        };
+        crate::dedup::conformance::parallel_claims_have_one_winner(&s, rt.handle(), "p", 300);
+        rt.block_on(cleanup(&s));
+    }
+
     /// Redis specifics: keys are prefixed, a done key has the TTL asked for.
     #[tokio::test]
     async fn redis_keys_are_prefixed_and_carry_their_ttl() {

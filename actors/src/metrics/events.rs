@@ -661,6 +661,17 @@ impl Event for SpoolReplayed {
     }
 }
 
+/// A spooled copy was deleted unreplayed: the publish it stood in for was
+/// confirmed after all (see the publisher's module docs).
+pub(crate) struct SpoolSuperseded;
+
+impl Event for SpoolSuperseded {
+    fn emit(self, m: &Metrics) {
+        m.0.spool_superseded.inc();
+        debug!("a spooled copy was superseded by its original publish's late confirm");
+    }
+}
+
 /// A spooled record did not decode and was moved to the quarantine table.
 pub(crate) struct SpoolQuarantined<'a> {
     /// Its sequence number.

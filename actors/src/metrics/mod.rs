@@ -224,6 +224,10 @@ metrics! {
     /// Spooled records replayed to the broker and confirmed.
     spool_replayed: IntCounter = SPOOL_REPLAYED("flowgate_spool_replayed_total", [],
         "spooled records replayed and confirmed");
+    /// Spooled copies deleted unreplayed because their original publish was
+    /// confirmed late.
+    spool_superseded: IntCounter = SPOOL_SUPERSEDED("flowgate_spool_superseded_total", [],
+        "copies spooled at a caller's deadline (the ingress) and deleted unreplayed because the publish they stood in for was confirmed late");
     /// Spooled records removed without delivery, by reason.
     spool_dropped: IntCounterVec = SPOOL_DROPPED("flowgate_spool_dropped_total", ["reason"],
         "spooled or returned records removed undelivered (unroutable, and the unroutable queue refused them)");

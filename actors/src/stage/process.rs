@@ -730,10 +730,13 @@ pub(crate) fn dead_letter_properties(
     dead: &DeadLetter,
 ) -> lapin::BasicProperties {
     use envelope::text;
+    // Persistent whatever the input was: a dead letter waits for an operator,
+    // and a classic DLQ keeps transient messages in memory only.
     let mut props = envelope::without(
         d.properties.clone(),
         &[envelope::ATTEMPT, envelope::LAST_ERROR],
-    );
+    )
+    .with_delivery_mode(2);
     let error = envelope::truncate(dead.error.clone(), MAX_ERROR_HEADER_BYTES);
     // The names are the engine's constants, all far below 255 bytes.
     set_header(&mut props, envelope::REASON, text(dead.header_value()));
@@ -751,6 +754,7 @@ pub(crate) fn dead_letter_properties(
         text(&d.routing_key),
     );
     set_header(&mut props, envelope::QUEUE, text(&d.queue));
+    envelope::stamp_dead_lettered(&mut props);
     if dead.reason == Reason::BadSignature {
         // Keep the signature it arrived with (none or a wrong one): signing
         // the copy would let a replay from the DLQ launder it.

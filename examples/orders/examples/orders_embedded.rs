@@ -35,6 +35,7 @@ fn main() -> anyhow::Result<()> {
                 routing_key: "order.shipped".into(),
             }],
             dead_letter: false,
+            dead_letter_kind: None,
             delivery_limit: Some(20),
             watermark: None,
         });

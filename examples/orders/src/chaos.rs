@@ -1,8 +1,9 @@
 //! Chaos: the work services as separate worker processes (`flowgate-orders
 //! worker --config F --stage NAME`), killed with SIGKILL and restarted at random
 //! while orders flow; then the count of lost orders and duplicate effects:
-//! charges from the payment provider's own books, reservations from the
-//! stock left against what the orders that passed reserve asked for.
+//! charges and calls from the payment provider's own books, reservations
+//! from the stock left against what the orders that passed reserve asked
+//! for.
 //!
 //! The workers share their records through Redis (`[orders] redis_url`,
 //! a key prefix per run), so a redelivery after a kill finds the
@@ -43,6 +44,8 @@ pub struct ChaosReport {
     pub load: LoadReport,
     /// SIGKILLs sent.
     pub kills: usize,
+    /// SIGKILLs sent, per stage.
+    pub kills_by_stage: std::collections::BTreeMap<String, usize>,
     /// The shared records' counts.
     pub effects: Option<EffectReport>,
     /// The payment provider's books (calls and charges per order).
@@ -64,20 +67,29 @@ impl ChaosReport {
             .as_ref()
             .map(|m| m.values().filter(|(have, want)| have != want).count() as u64)
     }
+    /// Provider calls answered beyond the first per order: copies the pay
+    /// stage's charge claim could not stop (None: books unreadable).
+    pub fn duplicate_provider_calls(&self) -> Option<u64> {
+        self.provider.as_ref().map(|p| p.duplicate_calls())
+    }
     /// Orders the provider charged more than once (None: books unreadable).
     pub fn double_charges(&self) -> Option<u64> {
         self.provider.as_ref().map(|p| p.double_charges())
+    }
+    /// SIGKILLs sent to the workers of `stage`.
+    pub fn kills_of(&self, stage: &str) -> usize {
+        self.kills_by_stage.get(stage).copied().unwrap_or(0)
     }
     /// The summary table with the chaos lines.
     pub fn summary(&self) -> String {
         let n = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "?".into());
         format!(
-            "{}  workers killed (SIGKILL)  {:>10}\n  lost orders               {:>10}\n  SKUs with wrong stock     {:>10}\n  double charges            {:>10}\n",
+            "{}  workers killed (SIGKILL)  {:>10}\n  lost orders               {:>10}\n  SKUs with wrong stock     {:>10}\n  duplicate provider calls  {:>10}\n",
             self.load.summary(),
             self.kills,
             self.lost(),
             n(self.stock_mismatches()),
-            n(self.double_charges()),
+            n(self.duplicate_provider_calls()),
         )
     }
 }
@@ -163,19 +175,26 @@ pub async fn run(plan: ChaosPlan) -> Result<ChaosReport, String> {
     let cfg_path = worker_cfg_path.clone();
     let (lo, hi) = plan.kill_every;
     let chaos = tokio::spawn(async move {
-        let mut kills = 0usize;
+        let mut kills = std::collections::BTreeMap::<String, usize>::new();
+        let mut victims: Vec<usize> = Vec::new();
         loop {
             let pause = lo + (hi.saturating_sub(lo)).mul_f64(fastrand::f64());
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = stop_rx.changed() => break,
             }
-            let i = fastrand::usize(0..workers.len());
+            // Every worker once per round, in a new random order each
+            // round: each stage is hit, at random moments.
+            if victims.is_empty() {
+                victims = (0..workers.len()).collect();
+                fastrand::shuffle(&mut victims);
+            }
+            let Some(i) = victims.pop() else { break };
             let w = &mut workers[i];
             if let Some(mut c) = w.child.take() {
                 let _ = c.start_kill();
                 let _ = c.wait().await;
-                kills += 1;
+                *kills.entry(w.stage.clone()).or_default() += 1;
                 info!(stage = %w.stage, "worker killed");
             }
             tokio::time::sleep(Duration::from_millis(fastrand::u64(50..400))).await;
@@ -192,7 +211,7 @@ pub async fn run(plan: ChaosPlan) -> Result<ChaosReport, String> {
     let report = load::run(&load_plan).await;
 
     let _ = stop_tx.send(true);
-    let (kills, mut workers) = chaos.await.map_err(|e| format!("chaos task: {e}"))?;
+    let (kills_by_stage, mut workers) = chaos.await.map_err(|e| format!("chaos task: {e}"))?;
     for w in &workers {
         if let Some(c) = &w.child {
             terminate(c);
@@ -241,7 +260,8 @@ pub async fn run(plan: ChaosPlan) -> Result<ChaosReport, String> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(ChaosReport {
         load: report,
-        kills,
+        kills: kills_by_stage.values().sum(),
+        kills_by_stage,
         effects,
         provider,
         stock,

@@ -301,8 +301,9 @@ async fn run_chaos(
                 && r.load.accepted > 0;
             if clean {
                 println!(
-                    "{} kills: 0 lost orders, stock as reserved, 0 double charges; topology removed.",
-                    r.kills
+                    "{} kills: 0 lost orders, stock as reserved, {} duplicate provider calls (answered by the provider's idempotency key, no money moved); topology removed.",
+                    r.kills,
+                    r.duplicate_provider_calls().unwrap_or(0)
                 );
                 ExitCode::SUCCESS
             } else {

@@ -220,7 +220,7 @@ async fn stats(s: web::Data<GatewayState>) -> HttpResponse {
         "failed": svc.stats.failed(),
         "errors": svc.stats.errors(),
         "throttle_hits": effects.as_ref().map(|e| e.throttle_hits).unwrap_or(svc.stats.throttled()),
-        "double_charges": books.as_ref().map(|b| b.double_charges()),
+        "duplicate_provider_calls": books.as_ref().map(|b| b.duplicate_calls()),
         "latency_ms": { "p50": svc.stats.latency_ms(0.5), "p99": svc.stats.latency_ms(0.99) },
         "peak_depth": s.ingress.queue_peaks(),
         "depth": s.ingress.queue_depths(),

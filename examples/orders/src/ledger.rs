@@ -61,6 +61,10 @@ pub struct EffectReport {
     pub shipped: u64,
     /// Charges that had to wait for the provider's rate limit.
     pub throttle_hits: u64,
+    /// Charge claims taken over from a holder whose lease ran out (it died
+    /// or stalled mid-call): the only way a copy of an order calls the
+    /// provider after another copy's call was answered.
+    pub claim_takeovers: u64,
     /// Units left per SKU that was touched.
     pub stock: BTreeMap<String, u64>,
 }
@@ -148,6 +152,7 @@ struct MemState {
     /// insertion order per kind, for the capacity bound
     order: [VecDeque<String>; 3],
     throttle_hits: u64,
+    claim_takeovers: u64,
 }
 
 /// In-process records, bounded to `capacity` orders per kind.
@@ -256,8 +261,11 @@ impl Ledger for MemoryLedger {
         }
         let now = Instant::now();
         if let Some((holder, until)) = st.claims.get(order_id) {
-            if holder != token && *until > now {
-                return Ok(ChargeClaim::Busy);
+            if holder != token {
+                if *until > now {
+                    return Ok(ChargeClaim::Busy);
+                }
+                st.claim_takeovers += 1;
             }
         }
         if st.claims.len() >= self.capacity {
@@ -315,6 +323,7 @@ impl Ledger for MemoryLedger {
             charged: st.charged.len() as u64,
             shipped: st.shipped.len() as u64,
             throttle_hits: st.throttle_hits,
+            claim_takeovers: st.claim_takeovers,
             stock: st.stock.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         })
     }
@@ -361,7 +370,7 @@ return ARGV[2]
 // A claim is "<lease end, ms of the server's clock>:<holder>" in the claims
 // hash; the server's clock, so workers' clocks never disagree.
 const CLAIM_LUA: &str = r#"
--- KEYS: charges, claims. ARGV: order id, holder, lease ms, ttl
+-- KEYS: charges, claims, takeovers. ARGV: order id, holder, lease ms, ttl
 local c = redis.call('HGET', KEYS[1], ARGV[1])
 if c then return {1, c} end
 local t = redis.call('TIME')
@@ -370,7 +379,11 @@ local cur = redis.call('HGET', KEYS[2], ARGV[1])
 if cur then
   local sep = string.find(cur, ':', 1, true)
   local till = tonumber(string.sub(cur, 1, sep - 1))
-  if string.sub(cur, sep + 1) ~= ARGV[2] and till > now then return {2, ''} end
+  if string.sub(cur, sep + 1) ~= ARGV[2] then
+    if till > now then return {2, ''} end
+    redis.call('INCR', KEYS[3])
+    redis.call('EXPIRE', KEYS[3], ARGV[4])
+  end
 end
 redis.call('HSET', KEYS[2], ARGV[1], (now + tonumber(ARGV[3])) .. ':' .. ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
@@ -399,7 +412,15 @@ pub struct RedisLedger {
     release: redis::Script,
 }
 
-const KEYS: [&str; 6] = ["res", "stock", "chg", "chg-claim", "ship", "throttle"];
+const KEYS: [&str; 7] = [
+    "res",
+    "stock",
+    "chg",
+    "chg-claim",
+    "ship",
+    "throttle",
+    "chg-takeover",
+];
 
 fn rerr(e: redis::RedisError) -> LedgerError {
     LedgerError(e.to_string())
@@ -523,6 +544,7 @@ impl Ledger for RedisLedger {
         let mut inv = self.claim.prepare_invoke();
         inv.key(self.key("chg"))
             .key(self.key("chg-claim"))
+            .key(self.key("chg-takeover"))
             .arg(order_id)
             .arg(token)
             .arg(lease.as_millis().max(1) as u64)
@@ -583,6 +605,11 @@ impl Ledger for RedisLedger {
             .query_async(&mut con)
             .await
             .map_err(rerr)?;
+        let claim_takeovers: Option<u64> = redis::cmd("GET")
+            .arg(self.key("chg-takeover"))
+            .query_async(&mut con)
+            .await
+            .map_err(rerr)?;
         let stock: BTreeMap<String, i64> = redis::cmd("HGETALL")
             .arg(self.key("stock"))
             .query_async(&mut con)
@@ -593,6 +620,7 @@ impl Ledger for RedisLedger {
             charged,
             shipped,
             throttle_hits: throttle_hits.unwrap_or(0),
+            claim_takeovers: claim_takeovers.unwrap_or(0),
             stock: stock
                 .into_iter()
                 .map(|(k, v)| (k, v.max(0) as u64))
@@ -710,6 +738,7 @@ mod tests {
         assert_eq!(r.charged, 1);
         assert_eq!(r.shipped, 1);
         assert_eq!(r.throttle_hits, 1);
+        assert_eq!(r.claim_takeovers, 1, "t3 took t2's lapsed claim over");
         assert_eq!(r.stock.get("a"), Some(&5), "o2 took nothing");
         assert_eq!(r.stock.get("rare"), Some(&0));
         assert_eq!(l.stock_of("a").await.unwrap(), 5);

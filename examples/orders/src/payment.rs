@@ -3,8 +3,12 @@
 //!
 //! Like a real provider it honours an idempotency key: a second charge with
 //! a key it has seen returns the first charge and moves no money. Its books
-//! count, per order, the calls that reached it and the charges it made;
-//! that count is what the tests and the chaos run read as double charges.
+//! count, per order, the calls that reached it, those it failed (its
+//! simulated transient errors), and the charges it made. Charges cannot
+//! exceed one per order whatever its callers do (the key sees to that);
+//! answered calls beyond the first are what the callers' claims failed to
+//! prevent — the figure the tests bound and the chaos run reports as
+//! duplicate provider calls.
 //! They live outside the worker that calls it (in Redis when
 //! `[orders] redis_url` is set, the provider being another service), so a
 //! SIGKILLed worker cannot take them along.
@@ -39,6 +43,8 @@ pub struct CallReport {
 pub struct ProviderReport {
     /// Calls that reached the provider (failed ones and replays included).
     pub calls: BTreeMap<String, u64>,
+    /// Calls the provider failed (its simulated transient errors).
+    pub failures: BTreeMap<String, u64>,
     /// Charges made (money moved); a replayed idempotency key adds none.
     pub charges: BTreeMap<String, u64>,
 }
@@ -52,7 +58,26 @@ impl ProviderReport {
     pub fn charges_of(&self, order_id: &str) -> u64 {
         self.charges.get(order_id).copied().unwrap_or(0)
     }
-    /// Orders charged more than once.
+    /// Calls for this order the provider failed.
+    pub fn failures_of(&self, order_id: &str) -> u64 {
+        self.failures.get(order_id).copied().unwrap_or(0)
+    }
+    /// Calls for this order that the provider answered with a charge (a
+    /// new one, or the first one replayed for its idempotency key).
+    pub fn answered_of(&self, order_id: &str) -> u64 {
+        self.calls_of(order_id)
+            .saturating_sub(self.failures_of(order_id))
+    }
+    /// Answered calls beyond the first, over all orders: each is a copy of
+    /// an order that called the provider again after a charge was made.
+    pub fn duplicate_calls(&self) -> u64 {
+        self.calls
+            .keys()
+            .map(|id| self.answered_of(id).saturating_sub(1))
+            .sum()
+    }
+    /// Orders charged more than once (the provider's idempotency key keeps
+    /// this at 0; a test that reads it checks the provider, not the caller).
     pub fn double_charges(&self) -> u64 {
         self.charges.values().filter(|n| **n > 1).count() as u64
     }
@@ -63,6 +88,7 @@ struct MemBook {
     /// idempotency key → charge id
     by_key: HashMap<String, String>,
     calls: HashMap<String, u64>,
+    failures: HashMap<String, u64>,
     charges: HashMap<String, u64>,
     /// first-seen order of orders and keys, for the capacity bound
     orders: VecDeque<String>,
@@ -83,7 +109,12 @@ enum Book {
 }
 
 /// Keys of the provider's books under `[orders] key_prefix`.
-const BOOK_KEYS: [&str; 3] = ["provider-keys", "provider-calls", "provider-charges"];
+const BOOK_KEYS: [&str; 4] = [
+    "provider-keys",
+    "provider-calls",
+    "provider-charges",
+    "provider-failures",
+];
 
 const CHARGE_LUA: &str = r#"
 -- KEYS: by key, calls, charges. ARGV: idempotency key, order id, new charge id, ttl
@@ -203,12 +234,14 @@ impl PaymentProvider {
                     while b.orders.len() > *capacity {
                         if let Some(old) = b.orders.pop_front() {
                             b.calls.remove(&old);
+                            b.failures.remove(&old);
                             b.charges.remove(&old);
                         }
                     }
                 }
                 bump(&mut b.calls, order_id);
                 if fail {
+                    bump(&mut b.failures, order_id);
                     return Err(PaymentError::Unavailable);
                 }
                 if let Some(c) = b.by_key.get(key) {
@@ -232,16 +265,23 @@ impl PaymentProvider {
             } => {
                 let mut con = con.clone();
                 if fail {
-                    let _: Result<i64, _> = redis::cmd("HINCRBY")
-                        .arg(format!("{prefix}{}", BOOK_KEYS[1]))
-                        .arg(order_id)
-                        .arg(1)
+                    let _: Result<(), _> = redis::pipe()
+                        .atomic()
+                        .hincr(format!("{prefix}{}", BOOK_KEYS[1]), order_id, 1)
+                        .ignore()
+                        .hincr(format!("{prefix}{}", BOOK_KEYS[3]), order_id, 1)
+                        .ignore()
+                        .expire(
+                            format!("{prefix}{}", BOOK_KEYS[3]),
+                            i64::try_from(*ttl_secs).unwrap_or(i64::MAX),
+                        )
+                        .ignore()
                         .query_async(&mut con)
                         .await;
                     return Err(PaymentError::Unavailable);
                 }
                 let mut inv = charge.prepare_invoke();
-                for k in BOOK_KEYS {
+                for k in &BOOK_KEYS[..3] {
                     inv.key(format!("{prefix}{k}"));
                 }
                 inv.arg(key).arg(order_id).arg(new_id).arg(*ttl_secs);
@@ -262,6 +302,7 @@ impl PaymentProvider {
                     |m: &HashMap<String, u64>| m.iter().map(|(k, v)| (k.clone(), *v)).collect();
                 Ok(ProviderReport {
                     calls: sorted(&b.calls),
+                    failures: sorted(&b.failures),
                     charges: sorted(&b.charges),
                 })
             }
@@ -276,7 +317,12 @@ impl PaymentProvider {
                 };
                 let calls = get(BOOK_KEYS[1]).await?;
                 let charges = get(BOOK_KEYS[2]).await?;
-                Ok(ProviderReport { calls, charges })
+                let failures = get(BOOK_KEYS[3]).await?;
+                Ok(ProviderReport {
+                    calls,
+                    failures,
+                    charges,
+                })
             }
         }
     }
@@ -321,6 +367,8 @@ mod tests {
         }
         let r = always.report().await.unwrap();
         assert_eq!((r.calls.len(), r.charges.len()), (50, 0));
+        assert_eq!((r.failures_of("o7"), r.answered_of("o7")), (1, 0));
+        assert_eq!(r.duplicate_calls(), 0, "a failed call is not a duplicate");
     }
 
     #[tokio::test]
@@ -339,6 +387,7 @@ mod tests {
         let r = p.report().await.unwrap();
         assert_eq!((r.calls_of("o1"), r.charges_of("o1")), (2, 1));
         assert_eq!(r.double_charges(), 0);
+        assert_eq!(r.duplicate_calls(), 1, "the replay is a duplicate call");
         // The books count per order, not per key: a second key for the
         // same order is a second charge, and shows.
         assert_ne!(p.charge("o1", "other-key").await.1.unwrap(), c1);

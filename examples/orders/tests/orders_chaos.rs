@@ -2,6 +2,15 @@
 //! separate `flowgate-orders worker` processes that are SIGKILLed and restarted
 //! repeatedly while orders flow. No accepted order may be lost, and no
 //! order may be reserved or charged twice.
+//!
+//! Charges are counted by the provider, whose idempotency key caps them at
+//! one per order whatever the pay stage does; what the pay stage's charge
+//! claim (with flowgate's at-least-once delivery) decides is how often the
+//! provider is *called* for an order once it has charged it. A kill of the
+//! pay worker between the provider's answer and the recorded charge can
+//! cost one such call; without the claim, every redelivered or retried copy
+//! of a paid order calls again. So every duplicate call is matched by a
+//! claim taken over from a pay worker that died (or stalled) mid-call.
 
 use flowgate_orders::load::{AcceptedOrder, End, LoadPlan};
 use flowgate_orders::{chaos, FlowConfig};
@@ -124,6 +133,24 @@ async fn killed_workers_lose_no_order_and_never_reserve_or_charge_twice() {
             o.end
         );
     }
+    // Provider calls answered after a charge was made: each needs a copy
+    // of the order that claimed the charge again, which the claim allows
+    // only once the holder's lease ran out (it died or stalled mid-call),
+    // and only pay workers die here.
+    let pay_kills = report.kills_of("pay");
+    let duplicates = books.duplicate_calls();
+    println!(
+        "pay worker killed {pay_kills} times; claims taken over {}; duplicate provider calls {duplicates} (calls {}, failed {})",
+        effects.claim_takeovers,
+        books.calls.values().sum::<u64>(),
+        books.failures.values().sum::<u64>()
+    );
+    assert!(
+        duplicates <= effects.claim_takeovers,
+        "{duplicates} duplicate provider calls, {} claims taken over: copies of paid orders called the provider without the claim",
+        effects.claim_takeovers
+    );
+    assert!(pay_kills > 0, "the pay worker was among the killed");
     assert_eq!(
         books.charges.len(),
         report.load.shipped,
