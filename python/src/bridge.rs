@@ -245,8 +245,10 @@ enum Started<'py> {
     Value(Bound<'py, PyAny>),
 }
 
-/// A coroutine becomes a task on the loop; another awaitable is wrapped
-/// by `asyncio.ensure_future`; anything else is the result already.
+/// A coroutine runs its first step at once: one that finishes there (most
+/// do) is done without a task; one that suspends goes on as a task from
+/// where it stopped (`flowgate._drive.resume`). Another awaitable is
+/// wrapped by `asyncio.ensure_future`; anything else is the result already.
 fn schedule<'py>(
     py: Python<'py>,
     attached: &Attached,
@@ -254,12 +256,25 @@ fn schedule<'py>(
 ) -> PyResult<Started<'py>> {
     static IS_CORO: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     static ENSURE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    static RESUME: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     if IS_CORO
         .import(py, "asyncio", "iscoroutine")?
         .call1((&aw,))?
         .is_truthy()?
     {
-        return Ok(Started::Task(attached.create_task.bind(py).call1((aw,))?));
+        let yielded = match aw.call_method1("send", (py.None(),)) {
+            Ok(y) => y,
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyStopIteration>(py) => {
+                return Ok(Started::Value(e.value(py).getattr("value")?));
+            }
+            Err(e) => return Err(e),
+        };
+        let resumed = RESUME
+            .import(py, "flowgate._drive", "resume")?
+            .call1((aw, yielded))?;
+        return Ok(Started::Task(
+            attached.create_task.bind(py).call1((resumed,))?,
+        ));
     }
     if aw.hasattr("__await__")? {
         return Ok(Started::Task(
