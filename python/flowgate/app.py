@@ -101,6 +101,7 @@ class App:
         self._config = config
         self._section = section
         self._running_config: Optional[_flowgate.Config] = None
+        self._started = False
         self._handlers: Dict[str, _Registered] = {}
         self._runtime: Optional[_flowgate.Runtime] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -246,6 +247,7 @@ class App:
         try:
             runtime.start(started, escalated)
             await started
+            self._started = True
             if ready_timeout is not None:
                 ready = loop.create_future()
                 runtime.wait_ready(ready, ready_timeout)
@@ -285,6 +287,7 @@ class App:
             loop.remove_reader(drain.fd)
             self._runtime = self._loop = self._drain = None
             self._running_config = None
+            self._started = False
             if self._stopping is not None:
                 self._stopping.set()
         return report or {"clean": True, "stages": []}
@@ -485,5 +488,5 @@ class App:
 
     @property
     def running(self) -> bool:
-        """True between :meth:`start` and :meth:`stop`."""
-        return self._runtime is not None
+        """True from when :meth:`start` has started the engine until :meth:`stop`."""
+        return self._started

@@ -11,10 +11,11 @@ import time
 from typing import Set, Tuple
 
 import pytest
-from support import metric, until
+from support import chain, metric, until
 
 import flowgate
-from flowgate.testing import TestPipeline
+from flowgate import _flowgate
+from flowgate.testing import TestPipeline, unique
 
 TWO_QUEUES = """
 [http]
@@ -176,3 +177,24 @@ async def test_log_records_of_handlers_carry_message_id_and_stage(
         ("async handler", "fast", "f-2"),
         ("outside", None, None),
     }
+
+
+async def test_serve_runs_until_asked_to_stop() -> None:
+    prefix = unique("serve")
+    app = flowgate.App.from_toml(chain(("h", ""), prefix=prefix))
+    app.handler("h")(lambda m: flowgate.Output(m.body))
+    cleanup = _flowgate.Cleanup(app.config)
+    try:
+        serving = asyncio.create_task(app.serve())
+        await until("serving", lambda: _running(app))
+        assert await app.publish(f"{prefix}.ex", "in", b"x", message_id="m-1") == "confirmed"
+        await until("handled", lambda: _acked(app, "s1", 1))
+        app.request_stop()
+        await asyncio.wait_for(serving, 30)
+        assert not app.running
+    finally:
+        await asyncio.to_thread(cleanup.close)
+
+
+async def _running(app: flowgate.App) -> bool:
+    return app.running

@@ -2,6 +2,7 @@
 CONFIG``. Its handler takes 20 ms per message, so a signal lands mid-run."""
 
 import asyncio
+import logging
 import sys
 
 import flowgate
@@ -11,6 +12,7 @@ app = flowgate.App(sys.argv[1])
 
 @app.handler("work")
 async def work(msg: flowgate.Message) -> flowgate.Output:
+    logging.getLogger("shop").info("working")
     await asyncio.sleep(0.02)
     return flowgate.Output(msg.body)
 
