@@ -1,7 +1,7 @@
 //! The engine: builds the actor tree from a [`Config`] and runs it.
 
 use crate::config::StageConfig;
-use crate::config::{BatchConfig, Config, ConfigError, DedupMode};
+use crate::config::{Config, ConfigError, DedupMode, StageParts};
 use crate::control::Control;
 use crate::depth::IngressGate;
 use crate::error::Error;
@@ -11,14 +11,13 @@ use crate::ingress::Ingress;
 use actix::prelude::*;
 use flowgate_actors::Escalation;
 use flowgate_actors::RedisStoreConfig;
-use flowgate_actors::{AckPolicy, Drain, DrainReport, StageActor, StageProbe, StageSpec};
 use flowgate_actors::{Close, ConnectionActor, ConnectionConfig, GetStatus, OpenChannel, Purpose};
 use flowgate_actors::{
     DedupActor, DedupHandle, DedupSettings, DedupStore, MemoryStore, RedisStore,
 };
 use flowgate_actors::{DepthMonitorActor, DepthMonitorConfig, WatchedStage};
+use flowgate_actors::{Drain, DrainReport, StageActor, StageProbe};
 use flowgate_actors::{Handler, Metrics, Output};
-use flowgate_actors::{Keys, Verifier, VerifyMode};
 use flowgate_actors::{Published, PublisherActor, PublisherConfig, PublisherHandle, SpoolConfig};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -350,35 +349,16 @@ impl Engine {
             let dlx = config
                 .queue(&s.queue)
                 .and_then(|q| q.dead_letter_exchange());
-            let spec = StageSpec {
-                name: s.name.clone(),
-                queue: s.queue.clone(),
-                // validated to 1..=65535
-                prefetch: u16::try_from(s.prefetch).unwrap_or(u16::MAX),
-                concurrency: s.concurrency.initial() as usize,
+            let spec = s.spec(StageParts {
                 handler,
                 dead_letter_exchange: dlx,
                 policy: policy.clone(),
-                retry: s.retry.as_ref().map(|r| r.policy()),
-                dedup: match s.dedup {
-                    DedupMode::Off => None,
-                    DedupMode::Memory => dedup.memory.clone(),
-                    DedupMode::Redis => dedup.redis.clone(),
-                },
-                payload: s.payload,
-                max_message_bytes: Some(
-                    usize::try_from(config.limits.max_message_bytes).unwrap_or(usize::MAX),
-                ),
-                signature: signature_check(s.verify_mode(keys.is_some()), keys.as_ref()),
-                // validated to 1..=prefetch
-                batch: s.batch.as_ref().map(BatchConfig::policy),
-                ack: s.ack_batch.enabled.then(|| {
-                    AckPolicy::for_prefetch(
-                        u16::try_from(s.prefetch).unwrap_or(u16::MAX),
-                        s.ack_batch.flush,
-                    )
-                }),
-            };
+                memory_dedup: dedup.memory.as_ref(),
+                redis_dedup: dedup.redis.as_ref(),
+                keys: keys.as_ref(),
+                max_message_bytes: config.limits.max_message_bytes,
+            });
+            let prefetch = spec.prefetch;
             let (addr, probe) = StageActor::start_supervised(
                 spec,
                 conn.clone(),
@@ -393,12 +373,7 @@ impl Engine {
                 outputs: crate::depth::output_queues(&config, s),
                 scale: crate::depth::scale_range(s),
             });
-            controlled.push((
-                s.queue.clone(),
-                u16::try_from(s.prefetch).unwrap_or(u16::MAX),
-                addr.clone(),
-                probe.clone(),
-            ));
+            controlled.push((s.queue.clone(), prefetch, addr.clone(), probe.clone()));
             stages.push((s.name.clone(), addr));
             probes.push(probe);
         }
@@ -502,17 +477,6 @@ impl Drop for CloseOnFailure {
             conn.do_send(Close);
         }
     }
-}
-
-/// A stage's signature check from its `verify` mode and the keys.
-fn signature_check(mode: VerifyMode, keys: Option<&Keys>) -> Option<Verifier> {
-    if mode == VerifyMode::Off {
-        return None;
-    }
-    keys.map(|k| Verifier {
-        keys: k.clone(),
-        mode,
-    })
 }
 
 /// The dedup backends the stages use, one DedupActor each.

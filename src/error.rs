@@ -5,7 +5,7 @@ use std::time::Duration;
 
 /// What went wrong in the engine: starting it ([`Engine::start`](crate::Engine::start))
 /// or a [`dlq`](crate::dlq) tool. The underlying error is kept as the
-/// source. A publish through the ingress has its own [`IngressError`](crate::IngressError)
+/// source. A publish through the ingress has its own [`IngressError`](crate::ingress::IngressError)
 /// (each maps to one HTTP answer, with `retry_after()`).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

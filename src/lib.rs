@@ -1,6 +1,7 @@
 //! flowgate: a RabbitMQ pipeline engine that slows down gracefully.
 //!
-//! A tour of the crate:
+//! A tour of the crate. The public modules are the engine's deliberate API;
+//! the rest is how it works inside:
 //!
 //! * [`config`] — the TOML configuration, environment overrides, validation;
 //!   a host's own section read from the same file
@@ -9,9 +10,22 @@
 //!   and the stages' [`Handler`]s (registered, or built by name by a handler
 //!   factory); [`EngineHandle`] runs it and stops it
 //!   ([`EngineHandle::run_until_signal`]).
-//! * `ingress` — [`Ingress`]: admission by queue watermarks, publish, one
-//!   [`IngressError`] with `retry_after()`, shared by `POST /publish` and a
-//!   host's own HTTP handlers.
+//! * [`ingress`] — [`Ingress`]: admission by queue watermarks, publish, one
+//!   [`IngressError`](ingress::IngressError) with `retry_after()`, shared by
+//!   `POST /publish` and a host's own HTTP handlers.
+//! * [`control`] — [`Control`](control::Control): what an operator sees of
+//!   a running engine and may change live; the management API, `/readyz`
+//!   and an embedding host use it alike.
+//! * [`topology`] — declares and deletes exchanges, queues, bindings,
+//!   dead-letter plumbing (a host declaring its pipeline, tests and demos).
+//! * [`dlq`] — dead-letter queue tools: list, show, stats, replay, purge
+//!   (the `flowgate dlq` commands and the console share them).
+//! * [`telemetry`] — OpenTelemetry trace export over OTLP/HTTP
+//!   ([`Telemetry`]); [`log`] — the process's subscriber: text or JSON
+//!   lines carrying the trace and span ids ([`log::init`]), for the daemon
+//!   and for hosts that want the daemon's log.
+//! * [`exit`] — the `flowgate` command's exit statuses, one table (a host
+//!   can exit the way the daemon does: [`Stopped::exit_code`]).
 //! * `depth` — which queues the depth monitor samples and which queues
 //!   each stage's output lands in (for watermarks), from the config.
 //! * `handlers` — the built-in handler factories (`forward`, `sink`, `record`,
@@ -20,21 +34,18 @@
 //!   input's properties and the stage's `output`.
 //! * `http` — `/metrics`, `/healthz`, `/readyz` on `[http] bind`, and
 //!   `POST /publish` on its own listener (`[ingress] bind`: tokens, routes,
-//!   bounds).
-//! * [`topology`] — declares and deletes exchanges, queues, bindings,
-//!   dead-letter plumbing.
-//! * [`dlq`] — dead-letter queue tools: stats, replay, purge.
-//! * [`exit`] — the `flowgate` command's exit statuses, one table.
-//! * [`telemetry`] — OpenTelemetry trace export over OTLP/HTTP
-//!   ([`Telemetry`]); [`log`] — the process's subscriber: text or JSON
-//!   lines carrying the trace and span ids ([`log::init`]).
+//!   bounds); the management API and its console.
 //! * [`Error`] — the crate's one error (starting the engine, the DLQ tools),
 //!   keeping the underlying error (lapin, I/O, the runtime's) as its source;
 //!   [`ConfigError`] names the key at fault.
 //! * [`envelope`], [`trace`], [`lapin`] — the message envelope (header
 //!   names, dead-letter reasons, header readers), trace context helpers and
 //!   the AMQP client, for handlers; [`RuntimeError`] — the runtime's error;
-//!   [`Metrics`] — the engine's collectors, read by [`MetricDesc`].
+//!   [`Metrics`] — the engine's collectors, read by [`MetricDesc`];
+//!   [`Spool`] — reading a spool file a stopped engine left.
+//!
+//! The `flowgate` binary (`src/bin/flowgate/`) is thin: it parses arguments
+//! and calls these; its management API client (`flowgate ctl`) is its own.
 //!
 //! The actor runtime itself is the `flowgate-actors` crate; the engine
 //! assembles it, and hosts need none of its internals.
@@ -69,10 +80,9 @@
 
 pub mod config;
 pub mod control;
-pub mod ctl;
 mod depth;
 pub mod dlq;
-pub mod engine;
+mod engine;
 mod error;
 pub mod exit;
 mod handlers;
@@ -83,7 +93,9 @@ pub mod telemetry;
 pub mod topology;
 
 pub use config::{Config, ConfigError, StageConfig};
-pub use engine::{Engine, EngineBuilder, EngineHandle};
+pub use engine::{
+    Engine, EngineBuilder, EngineHandle, PublishOutcome, ShutdownReport, StopReason, Stopped,
+};
 pub use error::Error;
 /// The message envelope: every `x-flowgate-*` header name, the dead-letter
 /// [`Reason`](envelope::Reason)s, `x-death` reading, header readers
@@ -104,6 +116,13 @@ pub use flowgate_actors::UNROUTABLE_QUEUE;
 pub use flowgate_actors::{
     handler_fn, Delivery, Handler, HandlerError, MetricDesc, Metrics, Outcome, Output,
 };
+/// What a stage reports of itself ([`EngineHandle::stages`]) and what an
+/// actor that spent its restart budget says ([`EngineHandle::escalated`]).
+pub use flowgate_actors::{Escalation, StageProbe};
+/// The durable spool's file, for reading what a stopped engine left in it
+/// (operators' tools, tests): records in order, each with its sequence
+/// number. A running engine holds the file's lock.
+pub use flowgate_actors::{Spool, SpoolError, SpoolRecord};
 pub use handlers::OutputDraft;
 pub use ingress::Ingress;
 pub use telemetry::Telemetry;

@@ -254,3 +254,75 @@ async fn with_batching_off_every_delivery_has_its_own_frame() {
     assert_eq!(frames(&m), 100);
     h.shutdown().await;
 }
+
+/// An ack the channel never takes does not wedge the stage: the client is
+/// told its consume connection is blocked (the test proxy sends
+/// `connection.blocked`; lapin then writes nothing on it, acks included),
+/// so every ack waits. Each gives up after the settle bound (counted as an
+/// ack failure: the broker will redeliver) instead of holding the ack
+/// batcher — and, behind it, every later ack and every credit of the
+/// stage — for as long as the channel stays silent. Once the connection
+/// writes again, new deliveries are handled and acked, and the input
+/// drains.
+#[actix_rt::test]
+async fn an_ack_the_channel_never_takes_gives_up_and_frees_its_credit() {
+    use flowgate_testkit::proxy::Proxy;
+    let prefix = unique("acks-stuck");
+    let mut cfg = chain_config(&prefix, &["forward"], 5);
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    cfg.amqp.url = proxy.amqp_url();
+    let h = Engine::builder()
+        .config(cfg.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(h.wait_ready(Duration::from_secs(20)).await);
+    let m = h.metrics().clone();
+    let failures = || m.counter(Metrics::ACK_FAILURES, &["s1"]);
+    let in_flight = || m.gauge(Metrics::IN_FLIGHT, &["s1"]);
+    assert_eq!(proxy.send_blocked("-consume"), 1, "one consume connection");
+    let client = Client::connect(AMQP_URL).await;
+    let ex = format!("{prefix}.ex");
+    let sink = format!("{prefix}.sink");
+    let ids: Vec<String> = (0..3).map(|i| format!("s{i}")).collect();
+    client.publish_many(&ex, "in", &ids, b"x").await;
+    // The outputs go out (the publish connection is not blocked); the acks
+    // cannot. The settle bound is 5 s.
+    assert_eq!(
+        client
+            .collect_distinct(&sink, ids.len(), Duration::from_secs(20))
+            .await
+            .len(),
+        ids.len(),
+        "the outputs were published"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            failures() >= 1 && in_flight() == 0
+        })
+        .await,
+        "the acks that cannot be written are given up within the settle bound and \
+         their credits come back: {} ack failures, {} in flight",
+        failures(),
+        in_flight()
+    );
+    assert_eq!(acked(&m), 0, "nothing was counted acked");
+    // The connection writes again: later deliveries are handled and acked.
+    assert_eq!(proxy.send_unblocked("-consume"), 1);
+    let more: Vec<String> = (0..2).map(|i| format!("t{i}")).collect();
+    client.publish_many(&ex, "in", &more, b"x").await;
+    let input = format!("{prefix}.s1");
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            acked(&m) >= 2 && broker_view(&input).await == (0, 0, 1)
+        })
+        .await,
+        "acked {} after the unblock; the input: {:?}",
+        acked(&m),
+        broker_view(&input).await
+    );
+    h.shutdown().await;
+}

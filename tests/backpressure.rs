@@ -8,8 +8,8 @@ use flowgate_testkit as common;
 use common::node::BrokerNode;
 use common::*;
 use flowgate::config::{Binding, Config, ExchangeConfig, ExchangeType, QueueConfig, QueueKind};
-use flowgate::engine::PublishOutcome;
 use flowgate::Output;
+use flowgate::PublishOutcome;
 use flowgate::{Engine, EngineHandle};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -635,4 +635,49 @@ max_bytes = 4096
         refused.len()
     );
     assert!(c.get("primer").copied().unwrap_or(0) <= 1);
+}
+
+/// A block ends with its connection: the publishing connection is told it
+/// is blocked (as a broker under an alarm does), then lost and recovered by
+/// lapin — which does not always report the loss. The new connection is not
+/// blocked, so publishing goes on at once instead of waiting out
+/// `blocked_timeout` and then spooling (or answering backpressure) for as
+/// long as the engine believes the old block.
+#[actix_rt::test]
+async fn a_block_ends_with_its_connection() {
+    let prefix = unique("bp-block-lost");
+    let mut cfg = chain_config(&prefix, &["forward"], 5);
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    let proxy = common::proxy::Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    cfg.amqp.url = proxy.amqp_url();
+    // Far longer than the test: only the end of the block can let it pass.
+    cfg.publisher.breaker.blocked_timeout = Duration::from_secs(300);
+    let h = Engine::builder()
+        .config(cfg.clone())
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(h.wait_ready(Duration::from_secs(20)).await);
+    assert_eq!(proxy.send_blocked("-publish"), 1, "one publish connection");
+    let client = Client::connect(AMQP_URL).await;
+    let ex = format!("{prefix}.ex");
+    let sink = format!("{prefix}.sink");
+    let ids: Vec<String> = (0..3).map(|i| format!("b{i}")).collect();
+    client.publish_many(&ex, "in", &ids, b"x").await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            h.control().publisher().broker_blocked
+        })
+        .await,
+        "the engine holds its publishes while blocked"
+    );
+    proxy.reset_all();
+    let got = client
+        .collect_distinct(&sink, ids.len(), Duration::from_secs(60))
+        .await;
+    Accounting::of(&ids, &got).assert_exactly_once();
+    assert!(!h.control().publisher().broker_blocked, "no longer blocked");
+    h.shutdown().await;
 }

@@ -139,3 +139,63 @@ async fn declared_dead_letter_outcome_carries_its_reason() {
     )
     .await;
 }
+
+/// `handler_timeout`: a handler call that never ends is cancelled after
+/// the stage's bound and its delivery dead-lettered (no retry ladder) as a
+/// handler error saying so; its worker and credit come back, and the
+/// messages around it go through.
+#[actix_rt::test]
+async fn a_handler_past_its_timeout_is_cancelled_and_dead_lettered() {
+    let prefix = unique("dl-timeout");
+    let mut cfg = chain_config(&prefix, &["hangs"], 10);
+    cfg.stages[0].handler_timeout = Some(Duration::from_millis(300));
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    let hangs = handler_fn(|d: Delivery| async move {
+        if d.message_id() == Some("stuck") {
+            // Never returns: only the timeout ends this call.
+            std::future::pending::<()>().await;
+        }
+        Ok::<_, HandlerError>(Outcome::ack_with(vec![d.forward(&d.exchange, "hop1")]))
+    });
+    let h = Engine::builder()
+        .config(cfg.clone())
+        .handler("hangs", hangs)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(h.wait_ready(Duration::from_secs(20)).await);
+    let client = Client::connect(AMQP_URL).await;
+    let ex = format!("{prefix}.ex");
+    client.publish(&ex, "in", "before", b"{}").await;
+    client.publish(&ex, "in", "stuck", b"{}").await;
+    client.publish(&ex, "in", "after", b"{}").await;
+    let dead = client
+        .collect(&format!("{prefix}.s1.dlq"), 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(dead.len(), 1, "the stuck one is dead-lettered");
+    let (id, headers) = &dead[0];
+    assert_eq!(id, "stuck");
+    assert_eq!(
+        header(headers, flowgate::envelope::REASON).as_deref(),
+        Some(Reason::HandlerError.as_str())
+    );
+    let error = header(headers, flowgate::envelope::ERROR).unwrap_or_default();
+    assert!(
+        error.contains("timeout") && error.contains("300ms"),
+        "{error}"
+    );
+    let got = client
+        .collect_distinct(&format!("{prefix}.sink"), 2, Duration::from_secs(20))
+        .await;
+    Accounting::of(["before", "after"], &got).assert_exactly_once();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            h.metrics().gauge(flowgate::Metrics::IN_FLIGHT, &["s1"]) == 0
+        })
+        .await,
+        "its credit came back"
+    );
+    h.shutdown().await;
+}

@@ -7,7 +7,7 @@ use common::*;
 use flowgate::lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldTable};
 use flowgate::lapin::BasicProperties;
 use flowgate::Engine;
-use flowgate_actors::{Spool, SpoolRecord};
+use flowgate::{Spool, SpoolRecord};
 use std::time::Duration;
 
 /// A header of every field-table type the records carry.

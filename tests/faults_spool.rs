@@ -5,7 +5,7 @@ use flowgate_testkit as common;
 use common::*;
 use flowgate::lapin::BasicProperties;
 use flowgate::Engine;
-use flowgate_actors::{Spool, SpoolRecord};
+use flowgate::{Spool, SpoolRecord};
 use std::time::{Duration, Instant};
 
 #[actix_rt::test]

@@ -12,10 +12,10 @@ use flowgate_testkit as common;
 
 use common::*;
 use flowgate::config::{Config, VerifyMode};
-use flowgate::engine::PublishOutcome;
 use flowgate::handler_fn;
 use flowgate::lapin::options::{BasicAckOptions, BasicGetOptions};
 use flowgate::lapin::BasicProperties;
+use flowgate::PublishOutcome;
 use flowgate::{Engine, EngineHandle};
 use flowgate::{Outcome, Output};
 use hmac::{Hmac, Mac};

@@ -473,6 +473,17 @@ impl Actor for ConnectionActor {
     }
 }
 
+impl ConnectionActor {
+    /// The publishing connection is no longer blocked (it was lost or
+    /// replaced): tells the subscribers, if it was.
+    fn clear_block(&mut self) {
+        if std::mem::take(&mut self.blocked) {
+            events::Unblocked { reset: true }.emit(&self.metrics);
+            self.notify(LinkEvent::Unblocked);
+        }
+    }
+}
+
 impl Supervised for ConnectionActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
         if self.closing {
@@ -543,9 +554,18 @@ impl StreamHandler<ConnEvent> for ConnectionActor {
                 }
                 .emit(&self.metrics);
                 self.update_gauge();
+                // A block ends with its connection, and lapin recovers one
+                // without always reporting the loss: the new connection is
+                // not blocked (the broker says so again if it blocks it).
+                if ev.purpose == Purpose::Publish {
+                    self.clear_block();
+                }
                 self.notify(LinkEvent::LinkUp(ev.purpose));
             }
             Event::Error(e) => {
+                if ev.purpose == Purpose::Publish {
+                    self.clear_block();
+                }
                 self.failed.insert(ev.purpose);
                 self.lost_since
                     .entry(ev.purpose)

@@ -126,6 +126,14 @@ pub struct StageConfig {
     /// `ack_batch = { enabled = false }`: one `basic.ack` per delivery.
     #[serde(default)]
     pub ack_batch: AckBatchConfig,
+    /// The longest one handler call may take, e.g. `"30s"`: past it the
+    /// call is cancelled and the delivery fails like a handler error (the
+    /// retry ladder, else a dead letter `handler-error`), its credit back —
+    /// instead of holding a worker and a credit for good, and well before
+    /// the broker's `consumer_timeout` (30 min on RabbitMQ 3.10) closes the
+    /// channel under every delivery on it. Default none: no bound.
+    #[serde(default, with = "humantime_serde")]
+    pub handler_timeout: Option<Duration>,
 }
 
 /// A stage's `ack_batch` table.
@@ -312,6 +320,7 @@ impl Default for StageConfig {
             http: None,
             batch: None,
             ack_batch: AckBatchConfig::default(),
+            handler_timeout: None,
         }
     }
 }
@@ -346,6 +355,323 @@ impl StageConfig {
             None => VerifyMode::Off,
         }
     }
+}
+
+/// What a stage's own checks need from the rest of the config.
+pub(crate) struct StageContext<'a> {
+    /// The declared exchanges.
+    pub exchanges: &'a std::collections::HashSet<&'a str>,
+    /// The declared queues.
+    pub queues: &'a std::collections::HashSet<&'a str>,
+    /// The handler names available; `None`: not known yet (a host may
+    /// register them later).
+    pub handlers: Option<&'a [String]>,
+    /// `[redis] url` is set.
+    pub redis_url_set: bool,
+}
+
+impl StageConfig {
+    /// Checks this stage's keys (`stages[i].…`; every mistake names its
+    /// key) against the rest of the config.
+    pub(crate) fn validate(&self, i: usize, ctx: &StageContext<'_>) -> Result<(), ConfigError> {
+        let s = self;
+        let key = |k: &str| format!("stages[{i}].{k}");
+        if s.name.is_empty() {
+            return Err(ConfigError::new(key("name"), "must be non-empty"));
+        }
+        if !ctx.queues.contains(s.queue.as_str()) {
+            return Err(ConfigError::new(
+                key("queue"),
+                format!("queue `{}` is not declared under [[queues]]", s.queue),
+            ));
+        }
+        if let Some(handlers) = ctx.handlers {
+            if !handlers.iter().any(|h| h == &s.handler) {
+                return Err(ConfigError::new(
+                    key("handler"),
+                    format!(
+                        "unknown handler `{}` (known: {})",
+                        s.handler,
+                        handlers.join(", ")
+                    ),
+                ));
+            }
+        }
+        if s.prefetch == 0 || s.prefetch > u32::from(u16::MAX) {
+            return Err(ConfigError::new(
+                key("prefetch"),
+                "must be between 1 and 65535",
+            ));
+        }
+        match s.concurrency {
+            Concurrency::Fixed(0) => {
+                return Err(ConfigError::new(key("concurrency"), "must be at least 1"))
+            }
+            Concurrency::Range { min, max } if min == 0 || max < min => {
+                return Err(ConfigError::new(
+                    key("concurrency"),
+                    "needs 1 <= min <= max",
+                ))
+            }
+            _ => {}
+        }
+        if s.handler == "forward" && s.output.is_none() {
+            return Err(ConfigError::new(
+                key("output"),
+                "the `forward` handler needs an output",
+            ));
+        }
+        if let Some(o) = &s.output {
+            if !o.exchange.is_empty()
+                && !ctx.exchanges.contains(o.exchange.as_str())
+                && !o.exchange.starts_with("amq.")
+            {
+                return Err(ConfigError::new(
+                    key("output.exchange"),
+                    format!(
+                        "exchange `{}` is not declared under [[exchanges]]",
+                        o.exchange
+                    ),
+                ));
+            }
+        }
+        if s.rate == Some(0) {
+            return Err(ConfigError::new(
+                key("rate"),
+                "must be at least 1 (omit it for unlimited)",
+            ));
+        }
+        if let Some(t) = s.handler_timeout {
+            if t < Duration::from_millis(1) {
+                return Err(ConfigError::new(
+                    key("handler_timeout"),
+                    "must be at least 1ms (omit it for no bound)",
+                ));
+            }
+        }
+        validate_failures(s, ctx, &key)?;
+        validate_http(s, &key)?;
+        validate_batch(s, &key)?;
+        let flush = s.ack_batch.flush;
+        if flush < Duration::from_millis(1) || flush > Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                key("ack_batch.flush"),
+                "must be between 1ms and 1s",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The runtime's spec of this stage, with the parts the engine built for
+    /// it: the one place a stage option becomes runtime behaviour.
+    pub(crate) fn spec(&self, parts: StageParts<'_>) -> flowgate_actors::StageSpec {
+        // validated to 1..=65535
+        let prefetch = u16::try_from(self.prefetch).unwrap_or(u16::MAX);
+        flowgate_actors::StageSpec {
+            name: self.name.clone(),
+            queue: self.queue.clone(),
+            prefetch,
+            concurrency: self.concurrency.initial() as usize,
+            handler: parts.handler,
+            dead_letter_exchange: parts.dead_letter_exchange,
+            policy: parts.policy,
+            retry: self.retry.as_ref().map(RetryConfig::policy),
+            dedup: match self.dedup {
+                DedupMode::Off => None,
+                DedupMode::Memory => parts.memory_dedup.cloned(),
+                DedupMode::Redis => parts.redis_dedup.cloned(),
+            },
+            payload: self.payload,
+            max_message_bytes: Some(usize::try_from(parts.max_message_bytes).unwrap_or(usize::MAX)),
+            signature: match (self.verify_mode(parts.keys.is_some()), parts.keys) {
+                (VerifyMode::Off, _) | (_, None) => None,
+                (mode, Some(keys)) => Some(flowgate_actors::Verifier {
+                    keys: keys.clone(),
+                    mode,
+                }),
+            },
+            // validated to 1..=prefetch
+            batch: self.batch.as_ref().map(BatchConfig::policy),
+            ack: self
+                .ack_batch
+                .enabled
+                .then(|| flowgate_actors::AckPolicy::for_prefetch(prefetch, self.ack_batch.flush)),
+            handler_timeout: self.handler_timeout,
+        }
+    }
+}
+
+/// What the engine built that a stage's runtime spec refers to.
+pub(crate) struct StageParts<'a> {
+    /// The stage's handler (registered, built by a factory, or built in).
+    pub handler: std::sync::Arc<dyn flowgate_actors::Handler>,
+    /// `<queue>.dlx` when the queue dead-letters.
+    pub dead_letter_exchange: Option<String>,
+    /// The supervisor's restart policy.
+    pub policy: flowgate_actors::RestartPolicy,
+    /// The memory dedup backend, if a stage uses it.
+    pub memory_dedup: Option<&'a flowgate_actors::DedupHandle>,
+    /// The Redis dedup backend, if a stage uses it.
+    pub redis_dedup: Option<&'a flowgate_actors::DedupHandle>,
+    /// The signing keys, if configured.
+    pub keys: Option<&'a flowgate_actors::Keys>,
+    /// `[limits] max_message_bytes`.
+    pub max_message_bytes: u64,
+}
+
+/// The failure-semantics keys of one stage: `retry`, `dedup`, `record_file`.
+fn validate_failures(
+    s: &StageConfig,
+    ctx: &StageContext<'_>,
+    key: &dyn Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    if let Some(r) = &s.retry {
+        if r.max_attempts == 0 || r.max_attempts > 1000 {
+            return Err(ConfigError::new(
+                key("retry.max_attempts"),
+                "must be between 1 and 1000",
+            ));
+        }
+        if r.backoff.is_empty() || r.backoff.len() > 16 {
+            return Err(ConfigError::new(
+                key("retry.backoff"),
+                "needs 1 to 16 delays, e.g. [\"1s\", \"10s\", \"1m\"]",
+            ));
+        }
+        for (j, d) in r.backoff.iter().enumerate() {
+            let d: Duration = **d;
+            if d < Duration::from_millis(1) || d > Duration::from_secs(24 * 60 * 60) {
+                return Err(ConfigError::new(
+                    key(&format!("retry.backoff[{j}]")),
+                    "must be between 1ms and 24h",
+                ));
+            }
+        }
+        // <queue>.retry.<n> must stay within the 255-byte queue name limit.
+        if s.queue.len() > 240 {
+            return Err(ConfigError::new(
+                key("queue"),
+                "is too long to name its retry tiers (max 240 bytes with a retry ladder)",
+            ));
+        }
+    }
+    if s.handler == "record" && s.record_file.is_none() {
+        return Err(ConfigError::new(
+            key("record_file"),
+            "the `record` handler needs a record_file",
+        ));
+    }
+    if s.dedup == DedupMode::Redis && !ctx.redis_url_set {
+        return Err(ConfigError::new(
+            "redis.url",
+            "must be set for dedup = \"redis\"",
+        ));
+    }
+    Ok(())
+}
+
+/// A stage's `batch` table: a batch fits in the stage's credits.
+fn validate_batch(s: &StageConfig, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    let Some(b) = &s.batch else {
+        return Ok(());
+    };
+    if b.size == 0 || b.size > s.prefetch {
+        return Err(ConfigError::new(
+            key("batch.size"),
+            format!(
+                "must be between 1 and the stage's prefetch ({}): a batch cannot hold more deliveries than the stage has credits",
+                s.prefetch
+            ),
+        ));
+    }
+    if b.timeout < Duration::from_millis(1) || b.timeout > Duration::from_secs(60) {
+        return Err(ConfigError::new(
+            key("batch.timeout"),
+            "must be between 1ms and 1m",
+        ));
+    }
+    Ok(())
+}
+
+/// A stage's `http` table (and that the `http` handler has one).
+fn validate_http(s: &StageConfig, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    let Some(h) = &s.http else {
+        if s.handler == "http" {
+            return Err(ConfigError::new(
+                key("http"),
+                "the `http` handler needs an http table, e.g. { url = \"http://127.0.0.1:8000/\" }",
+            ));
+        }
+        return Ok(());
+    };
+    match url::Url::parse(&h.url) {
+        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.has_host() => {}
+        Ok(_) => {
+            return Err(ConfigError::new(
+                key("http.url"),
+                "must be an http:// or https:// URL with a host",
+            ))
+        }
+        // Never echo the URL: it may hold credentials.
+        Err(e) => {
+            return Err(ConfigError::new(
+                key("http.url"),
+                format!("malformed URL ({e})"),
+            ))
+        }
+    }
+    if h.timeout < Duration::from_millis(1) {
+        return Err(ConfigError::new(
+            key("http.timeout"),
+            "must be at least 1ms",
+        ));
+    }
+    if h.max_concurrency == 0 || h.max_concurrency > 4096 {
+        return Err(ConfigError::new(
+            key("http.max_concurrency"),
+            "must be between 1 and 4096",
+        ));
+    }
+    if h.retry_after_max < Duration::from_millis(1) {
+        return Err(ConfigError::new(
+            key("http.retry_after_max"),
+            "must be at least 1ms",
+        ));
+    }
+    if h.slow_down_limit < h.retry_after_max {
+        return Err(ConfigError::new(
+            key("http.slow_down_limit"),
+            "must be at least http.retry_after_max",
+        ));
+    }
+    if h.max_response_bytes == 0 {
+        return Err(ConfigError::new(
+            key("http.max_response_bytes"),
+            "must be at least 1",
+        ));
+    }
+    for (name, value) in &h.headers {
+        let k = || key(&format!("http.headers.{name}"));
+        let lower = name.to_ascii_lowercase();
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(ConfigError::new(k(), "is not a valid HTTP header name"));
+        }
+        if HTTP_RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with(HTTP_MAPPED_PREFIX)
+        {
+            return Err(ConfigError::new(
+                k(),
+                "is written by the engine (content-*, host, x-amqp-*); pick another name",
+            ));
+        }
+        // Never echo the value: it may be a credential.
+        if reqwest::header::HeaderValue::from_str(value).is_err() {
+            return Err(ConfigError::new(
+                k(),
+                "is not a valid HTTP header value (visible ASCII only)",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A stage's retry ladder.

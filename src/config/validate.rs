@@ -1,9 +1,6 @@
 //! Start-up validation: every mistake names its key.
 
-use super::{
-    Concurrency, Config, ConfigError, DedupMode, IngressAuth, StageConfig, VerifyMode,
-    HTTP_MAPPED_PREFIX, HTTP_RESERVED_HEADERS,
-};
+use super::{Config, ConfigError, DedupMode, IngressAuth, StageContext, VerifyMode};
 use lapin::types::MAX_SHORT_STRING_LENGTH as MAX_SHORT_STRING;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -113,89 +110,20 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
         }
     }
     let mut stages = HashSet::new();
+    let ctx = StageContext {
+        exchanges: &exchanges,
+        queues: &queues,
+        handlers,
+        redis_url_set: !cfg.redis.url.is_empty(),
+    };
     for (i, s) in cfg.stages.iter().enumerate() {
-        let key = |k: &str| format!("stages[{i}].{k}");
-        if s.name.is_empty() {
-            return Err(ConfigError::new(key("name"), "must be non-empty"));
-        }
-        if !stages.insert(s.name.as_str()) {
+        if !s.name.is_empty() && !stages.insert(s.name.as_str()) {
             return Err(ConfigError::new(
-                key("name"),
+                format!("stages[{i}].name"),
                 format!("duplicate stage `{}`", s.name),
             ));
         }
-        if !queues.contains(s.queue.as_str()) {
-            return Err(ConfigError::new(
-                key("queue"),
-                format!("queue `{}` is not declared under [[queues]]", s.queue),
-            ));
-        }
-        if let Some(handlers) = handlers {
-            if !handlers.iter().any(|h| h == &s.handler) {
-                return Err(ConfigError::new(
-                    key("handler"),
-                    format!(
-                        "unknown handler `{}` (known: {})",
-                        s.handler,
-                        handlers.join(", ")
-                    ),
-                ));
-            }
-        }
-        if s.prefetch == 0 || s.prefetch > u32::from(u16::MAX) {
-            return Err(ConfigError::new(
-                key("prefetch"),
-                "must be between 1 and 65535",
-            ));
-        }
-        match s.concurrency {
-            Concurrency::Fixed(0) => {
-                return Err(ConfigError::new(key("concurrency"), "must be at least 1"))
-            }
-            Concurrency::Range { min, max } if min == 0 || max < min => {
-                return Err(ConfigError::new(
-                    key("concurrency"),
-                    "needs 1 <= min <= max",
-                ))
-            }
-            _ => {}
-        }
-        if s.handler == "forward" && s.output.is_none() {
-            return Err(ConfigError::new(
-                key("output"),
-                "the `forward` handler needs an output",
-            ));
-        }
-        if let Some(o) = &s.output {
-            if !o.exchange.is_empty()
-                && !exchanges.contains(o.exchange.as_str())
-                && !o.exchange.starts_with("amq.")
-            {
-                return Err(ConfigError::new(
-                    key("output.exchange"),
-                    format!(
-                        "exchange `{}` is not declared under [[exchanges]]",
-                        o.exchange
-                    ),
-                ));
-            }
-        }
-        if s.rate == Some(0) {
-            return Err(ConfigError::new(
-                key("rate"),
-                "must be at least 1 (omit it for unlimited)",
-            ));
-        }
-        validate_failures(cfg, s, &key)?;
-        validate_http(s, &key)?;
-        validate_batch(s, &key)?;
-        let flush = s.ack_batch.flush;
-        if flush < Duration::from_millis(1) || flush > Duration::from_secs(1) {
-            return Err(ConfigError::new(
-                key("ack_batch.flush"),
-                "must be between 1ms and 1s",
-            ));
-        }
+        s.validate(i, &ctx)?;
     }
     validate_dedup(cfg)?;
     validate_security(cfg)?;
@@ -373,161 +301,6 @@ fn validate_security(cfg: &Config) -> Result<(), ConfigError> {
             return Err(ConfigError::new(
                 format!("stages[{i}].verify"),
                 "verifying signatures needs a key: set security.hmac_key_file or security.hmac_key_env",
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The failure-semantics keys of one stage: `retry`, `dedup`, `record_file`.
-fn validate_failures(
-    cfg: &Config,
-    s: &StageConfig,
-    key: &dyn Fn(&str) -> String,
-) -> Result<(), ConfigError> {
-    if let Some(r) = &s.retry {
-        if r.max_attempts == 0 || r.max_attempts > 1000 {
-            return Err(ConfigError::new(
-                key("retry.max_attempts"),
-                "must be between 1 and 1000",
-            ));
-        }
-        if r.backoff.is_empty() || r.backoff.len() > 16 {
-            return Err(ConfigError::new(
-                key("retry.backoff"),
-                "needs 1 to 16 delays, e.g. [\"1s\", \"10s\", \"1m\"]",
-            ));
-        }
-        for (j, d) in r.backoff.iter().enumerate() {
-            let d: Duration = **d;
-            if d < Duration::from_millis(1) || d > Duration::from_secs(24 * 60 * 60) {
-                return Err(ConfigError::new(
-                    key(&format!("retry.backoff[{j}]")),
-                    "must be between 1ms and 24h",
-                ));
-            }
-        }
-        // <queue>.retry.<n> must stay within the 255-byte queue name limit.
-        if s.queue.len() > 240 {
-            return Err(ConfigError::new(
-                key("queue"),
-                "is too long to name its retry tiers (max 240 bytes with a retry ladder)",
-            ));
-        }
-    }
-    if s.handler == "record" && s.record_file.is_none() {
-        return Err(ConfigError::new(
-            key("record_file"),
-            "the `record` handler needs a record_file",
-        ));
-    }
-    if s.dedup == DedupMode::Redis && cfg.redis.url.is_empty() {
-        return Err(ConfigError::new(
-            "redis.url",
-            "must be set for dedup = \"redis\"",
-        ));
-    }
-    Ok(())
-}
-
-/// A stage's `batch` table: a batch fits in the stage's credits.
-fn validate_batch(s: &StageConfig, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
-    let Some(b) = &s.batch else {
-        return Ok(());
-    };
-    if b.size == 0 || b.size > s.prefetch {
-        return Err(ConfigError::new(
-            key("batch.size"),
-            format!(
-                "must be between 1 and the stage's prefetch ({}): a batch cannot hold more deliveries than the stage has credits",
-                s.prefetch
-            ),
-        ));
-    }
-    if b.timeout < Duration::from_millis(1) || b.timeout > Duration::from_secs(60) {
-        return Err(ConfigError::new(
-            key("batch.timeout"),
-            "must be between 1ms and 1m",
-        ));
-    }
-    Ok(())
-}
-
-/// A stage's `http` table (and that the `http` handler has one).
-fn validate_http(s: &StageConfig, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
-    let Some(h) = &s.http else {
-        if s.handler == "http" {
-            return Err(ConfigError::new(
-                key("http"),
-                "the `http` handler needs an http table, e.g. { url = \"http://127.0.0.1:8000/\" }",
-            ));
-        }
-        return Ok(());
-    };
-    match url::Url::parse(&h.url) {
-        Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.has_host() => {}
-        Ok(_) => {
-            return Err(ConfigError::new(
-                key("http.url"),
-                "must be an http:// or https:// URL with a host",
-            ))
-        }
-        // Never echo the URL: it may hold credentials.
-        Err(e) => {
-            return Err(ConfigError::new(
-                key("http.url"),
-                format!("malformed URL ({e})"),
-            ))
-        }
-    }
-    if h.timeout < Duration::from_millis(1) {
-        return Err(ConfigError::new(
-            key("http.timeout"),
-            "must be at least 1ms",
-        ));
-    }
-    if h.max_concurrency == 0 || h.max_concurrency > 4096 {
-        return Err(ConfigError::new(
-            key("http.max_concurrency"),
-            "must be between 1 and 4096",
-        ));
-    }
-    if h.retry_after_max < Duration::from_millis(1) {
-        return Err(ConfigError::new(
-            key("http.retry_after_max"),
-            "must be at least 1ms",
-        ));
-    }
-    if h.slow_down_limit < h.retry_after_max {
-        return Err(ConfigError::new(
-            key("http.slow_down_limit"),
-            "must be at least http.retry_after_max",
-        ));
-    }
-    if h.max_response_bytes == 0 {
-        return Err(ConfigError::new(
-            key("http.max_response_bytes"),
-            "must be at least 1",
-        ));
-    }
-    for (name, value) in &h.headers {
-        let k = || key(&format!("http.headers.{name}"));
-        let lower = name.to_ascii_lowercase();
-        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            return Err(ConfigError::new(k(), "is not a valid HTTP header name"));
-        }
-        if HTTP_RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with(HTTP_MAPPED_PREFIX)
-        {
-            return Err(ConfigError::new(
-                k(),
-                "is written by the engine (content-*, host, x-amqp-*); pick another name",
-            ));
-        }
-        // Never echo the value: it may be a credential.
-        if reqwest::header::HeaderValue::from_str(value).is_err() {
-            return Err(ConfigError::new(
-                k(),
-                "is not a valid HTTP header value (visible ASCII only)",
             ));
         }
     }

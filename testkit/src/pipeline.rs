@@ -32,7 +32,7 @@
 
 use crate::{pipeline_idle, Accounting, Cleanup, Client};
 use flowgate::config::Config;
-use flowgate::engine::ShutdownReport;
+use flowgate::ShutdownReport;
 use flowgate::{Engine, EngineBuilder, EngineHandle, Handler};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -13,7 +13,10 @@
 //!   confirm mode) while every other frame passes, then let them through one
 //!   delivery tag at a time: the broker has the messages, the client has not
 //!   heard so. A `multiple` confirm is split into one confirm per tag it
-//!   covers, so a test can confirm the outputs of one input one by one.
+//!   covers, so a test can confirm the outputs of one input one by one;
+//! * [`Proxy::send_blocked`] / [`Proxy::send_unblocked`] — tell the clients
+//!   of connections picked by name that the broker blocks them (they stop
+//!   writing, acks too), while the broker blocks nothing.
 //!
 //! Buffers are bounded (one 16 KiB buffer per direction); while blackholed the
 //! proxy simply stops reading, so back-pressure ends up in the kernel buffers.
@@ -96,8 +99,12 @@ struct Gate {
     allowance: usize,
     /// Held confirms, in the order the broker sent them.
     held: std::collections::VecDeque<(u64, Confirm)>,
-    /// Released confirms not yet written, per connection.
-    out: HashMap<u64, Vec<Confirm>>,
+    /// Frames to write to the client, per connection: released confirms,
+    /// injected notifications.
+    out: HashMap<u64, Vec<Vec<u8>>>,
+    /// The first bytes each client sent (its `connection.start-ok` with
+    /// the connection name), to pick connections by name.
+    hello: HashMap<u64, Vec<u8>>,
 }
 
 const FRAME_METHOD: u8 = 1;
@@ -106,6 +113,11 @@ const BASIC_CLASS: u16 = 60;
 const BASIC_ACK: u16 = 80;
 const BASIC_NACK: u16 = 120;
 const CONFIRM_CLASS: u16 = 85;
+const CONNECTION_CLASS: u16 = 10;
+const CONNECTION_BLOCKED: u16 = 60;
+const CONNECTION_UNBLOCKED: u16 = 61;
+/// How much of what a client sends first is kept to find its name.
+const HELLO_BYTES: usize = 4096;
 const CONFIRM_SELECT_OK: u16 = 11;
 /// The largest frame the proxy buffers whole (RabbitMQ's `frame_max` is at
 /// most 128 KiB by default); a longer one turns the connection to raw copying.
@@ -210,7 +222,7 @@ impl Proxy {
             let Some((conn, c)) = g.held.pop_front() else {
                 break;
             };
-            g.out.entry(conn).or_default().push(c);
+            g.out.entry(conn).or_default().push(c.frame());
             left -= 1;
         }
         g.allowance += left;
@@ -224,7 +236,7 @@ impl Proxy {
         g.holding = false;
         g.allowance = 0;
         while let Some((conn, c)) = g.held.pop_front() {
-            g.out.entry(conn).or_default().push(c);
+            g.out.entry(conn).or_default().push(c.frame());
         }
         drop(g);
         self.shared.released.send_modify(|v| *v += 1);
@@ -249,6 +261,54 @@ impl Proxy {
             }
         };
         tokio::time::timeout(timeout, wait).await.is_ok() && self.held_confirms() >= n
+    }
+
+    /// Sends `connection.blocked` (as a broker under a resource alarm does)
+    /// to every connection whose client named itself with `name_part` in
+    /// its `connection.start-ok` (e.g. flowgate's `-consume` connection);
+    /// how many got it. The client stops writing on them, acks included,
+    /// while the broker itself blocks nothing.
+    pub fn send_blocked(&self, name_part: &str) -> usize {
+        let mut f = vec![FRAME_METHOD, 0, 0];
+        let reason = b"flowgate test proxy";
+        f.extend_from_slice(&(5 + reason.len() as u32).to_be_bytes());
+        f.extend_from_slice(&CONNECTION_CLASS.to_be_bytes());
+        f.extend_from_slice(&CONNECTION_BLOCKED.to_be_bytes());
+        f.push(reason.len() as u8);
+        f.extend_from_slice(reason);
+        f.push(FRAME_END);
+        self.inject(name_part, &f)
+    }
+
+    /// Sends `connection.unblocked` to the connections named like
+    /// [`send_blocked`](Self::send_blocked)'s.
+    pub fn send_unblocked(&self, name_part: &str) -> usize {
+        let mut f = vec![FRAME_METHOD, 0, 0];
+        f.extend_from_slice(&4u32.to_be_bytes());
+        f.extend_from_slice(&CONNECTION_CLASS.to_be_bytes());
+        f.extend_from_slice(&CONNECTION_UNBLOCKED.to_be_bytes());
+        f.push(FRAME_END);
+        self.inject(name_part, &f)
+    }
+
+    fn inject(&self, name_part: &str, frame: &[u8]) -> usize {
+        let mut g = self.shared.gate.lock().unwrap();
+        let conns: Vec<u64> = g
+            .hello
+            .iter()
+            .filter(|(_, hello)| {
+                hello
+                    .windows(name_part.len())
+                    .any(|w| w == name_part.as_bytes())
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &conns {
+            g.out.entry(*id).or_default().push(frame.to_vec());
+        }
+        drop(g);
+        self.shared.released.send_modify(|v| *v += 1);
+        conns.len()
     }
 
     /// Number of currently proxied connections.
@@ -292,7 +352,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         tokio::spawn(async move {
             handle_conn(id, client, kill_rx, &shared2).await;
             shared2.conns.lock().unwrap().remove(&id);
-            shared2.gate.lock().unwrap().out.remove(&id);
+            let mut g = shared2.gate.lock().unwrap();
+            g.out.remove(&id);
+            g.hello.remove(&id);
         });
     }
 }
@@ -323,7 +385,7 @@ async fn handle_conn(
     let reset = {
         let (mut cr, mut cw) = client.split();
         let (mut ur, mut uw) = upstream.split();
-        let c2u = pipe(&mut cr, &mut uw, shared);
+        let c2u = pipe(Some(id), &mut cr, &mut uw, shared);
         let u2c = pipe_frames(id, &mut ur, &mut cw, shared);
         tokio::select! {
             _ = async { tokio::join!(c2u, u2c) } => false,
@@ -339,7 +401,7 @@ async fn handle_conn(
 
 /// Copy one direction with a single bounded buffer, honouring blackhole and
 /// latency. On EOF the write side is shut down (half-close propagates FIN).
-async fn pipe<R, W>(r: &mut R, w: &mut W, shared: &Shared)
+async fn pipe<R, W>(hello_of: Option<u64>, r: &mut R, w: &mut W, shared: &Shared)
 where
     R: AsyncReadExt + Unpin,
     W: AsyncWriteExt + Unpin,
@@ -359,6 +421,12 @@ where
             }
             Ok(n) => n,
         };
+        if let Some(id) = hello_of {
+            let mut g = shared.gate.lock().unwrap();
+            let hello = g.hello.entry(id).or_default();
+            let room = HELLO_BYTES.saturating_sub(hello.len());
+            hello.extend_from_slice(&buf[..n.min(room)]);
+        }
         let delay = *latency.borrow();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -406,8 +474,8 @@ where
                     return;
                 }
                 let mine = shared.gate.lock().unwrap().out.remove(&id).unwrap_or_default();
-                for c in mine {
-                    if w.write_all(&c.frame()).await.is_err() {
+                for frame in mine {
+                    if w.write_all(&frame).await.is_err() {
                         return;
                     }
                 }

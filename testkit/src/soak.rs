@@ -481,11 +481,17 @@ async fn nemesis(rig: &Arc<Rig>, plan: &SoakPlan) -> Vec<FaultRecord> {
         let mut faults = vec![pick(&mut rng)];
         if rng.u8(..4) == 0 {
             let second = pick(&mut rng);
-            let clash = second.is_broker() && faults[0].is_broker()
+            // Two broker faults only with an alarm, raised first (a lost
+            // connection or a broker restart in the middle of an alarm).
+            let with_alarm = faults[0] == Fault::MemoryAlarm || second == Fault::MemoryAlarm;
+            let clash = second.is_broker() && faults[0].is_broker() && !with_alarm
                 || second.daemon().is_some() && second.daemon() == faults[0].daemon()
                 || second == faults[0];
             if !clash {
                 faults.push(second);
+                if faults[1] == Fault::MemoryAlarm {
+                    faults.swap(0, 1);
+                }
             }
         }
         let hold = Duration::from_millis(rng.u64(1000..6000));

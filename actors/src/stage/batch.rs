@@ -73,6 +73,7 @@ impl Batcher {
         policy: BatchPolicy,
         prefetch: usize,
         handler: Arc<dyn Handler>,
+        handler_timeout: Option<Duration>,
         workers: Arc<Semaphore>,
         metrics: Metrics,
         stage: String,
@@ -82,6 +83,7 @@ impl Batcher {
         let (tx, rx) = mpsc::channel(size);
         let ctx = Arc::new(BatchContext {
             handler,
+            handler_timeout,
             metrics,
             stage,
         });
@@ -107,6 +109,8 @@ impl Batcher {
 /// What a batch task needs from its stage.
 struct BatchContext {
     handler: Arc<dyn Handler>,
+    /// Bound on one `handle_batch` call.
+    handler_timeout: Option<Duration>,
     metrics: Metrics,
     stage: String,
 }
@@ -162,9 +166,16 @@ async fn handle_batch(ctx: &BatchContext, batch: Vec<Waiting>) {
         batch.into_iter().map(|w| (w.delivery, w.reply)).unzip();
     let sent = deliveries.len();
     let started = Instant::now();
-    let res = AssertUnwindSafe(ctx.handler.handle_batch(deliveries))
-        .catch_unwind()
-        .await;
+    let call = AssertUnwindSafe(ctx.handler.handle_batch(deliveries)).catch_unwind();
+    let res = match super::process::bounded(ctx.handler_timeout, call).await {
+        Ok(res) => res,
+        Err(timed_out) => {
+            for reply in replies {
+                let _ = reply.send(Ok(Err(timed_out.to_string().into())));
+            }
+            return;
+        }
+    };
     events::Handled {
         stage: &ctx.stage,
         elapsed: started.elapsed(),

@@ -86,6 +86,10 @@ pub struct StageSpec {
     /// Batched acknowledgement (see [`AckPolicy`]); `None`: one `basic.ack` per
     /// delivery.
     pub ack: Option<AckPolicy>,
+    /// The longest one handler call (or batch call) may take: past it the
+    /// call is cancelled and each of its deliveries fails like a handler
+    /// error; `None`: no bound.
+    pub handler_timeout: Option<Duration>,
 }
 
 /// Shared between the actor, its intake task and its message tasks.
@@ -367,6 +371,7 @@ impl StageActor {
                 policy,
                 credits.total(),
                 spec.handler.clone(),
+                spec.handler_timeout,
                 workers.clone(),
                 metrics.clone(),
                 spec.name.clone(),

@@ -313,15 +313,43 @@ async fn run_handler(shared: &Shared, d: &Delivery) -> Handled {
     // A closed semaphore only happens at teardown; run anyway then.
     let _worker = shared.workers.clone().acquire_owned().await.ok();
     let started = Instant::now();
-    let res = AssertUnwindSafe(shared.spec.handler.handle(d))
-        .catch_unwind()
-        .await;
+    let call = AssertUnwindSafe(shared.spec.handler.handle(d)).catch_unwind();
+    let res = bounded(shared.spec.handler_timeout, call).await;
     events::Handled {
         stage: &shared.spec.name,
         elapsed: started.elapsed(),
     }
     .emit(&shared.metrics);
-    res.map_err(|p| panic_message(p.as_ref()))
+    match res {
+        Ok(res) => res.map_err(|p| panic_message(p.as_ref())),
+        Err(timed_out) => Ok(Err(timed_out.to_string().into())),
+    }
+}
+
+/// A handler call that took longer than the stage's `handler_timeout`.
+#[derive(Debug)]
+pub(crate) struct TimedOut(Duration);
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the handler took longer than its timeout ({:?}); cancelled",
+            self.0
+        )
+    }
+}
+
+/// Runs a handler call within `timeout` (none: unbounded); past it the
+/// call is dropped (cancelled).
+pub(crate) async fn bounded<F: std::future::Future>(
+    timeout: Option<Duration>,
+    call: F,
+) -> Result<F::Output, TimedOut> {
+    match timeout {
+        None => Ok(call.await),
+        Some(t) => tokio::time::timeout(t, call).await.map_err(|_| TimedOut(t)),
+    }
 }
 
 pub(super) use crate::error::panic_message;
@@ -789,6 +817,7 @@ mod tests {
             signature: None,
             batch: None,
             ack: None,
+            handler_timeout: None,
         }
     }
 

@@ -316,7 +316,7 @@ impl OrdersApp {
         self.gateway
     }
     /// Stops the gateway (no new orders), then drains the engine.
-    pub async fn shutdown(&self) -> flowgate::engine::ShutdownReport {
+    pub async fn shutdown(&self) -> flowgate::ShutdownReport {
         self.engine.shutdown().await
     }
 }

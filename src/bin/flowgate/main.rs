@@ -1,7 +1,9 @@
 //! The `flowgate` command: parses arguments and calls the library.
 
+mod ctl;
+
 use clap::{CommandFactory, Parser, Subcommand};
-use flowgate::ctl::CONFIG_ENV;
+use ctl::CONFIG_ENV;
 use flowgate::exit::Exit;
 use flowgate::{Config, Engine};
 use std::io::{IsTerminal, Write};
@@ -40,7 +42,7 @@ enum Cmd {
         cmd: DlqCmd,
     },
     /// Steer a running engine through its management API ([management] bind).
-    Ctl(flowgate::ctl::CtlArgs),
+    Ctl(ctl::CtlArgs),
     /// Print a shell completion script to stdout
     /// (e.g. `flowgate completions bash > /etc/bash_completion.d/flowgate`).
     Completions {
@@ -229,7 +231,7 @@ fn main() -> ExitCode {
             code
         }
         Cmd::Dlq { cmd } => dlq(cmd),
-        Cmd::Ctl(args) => flowgate::ctl::main(args),
+        Cmd::Ctl(args) => ctl::main(args),
         Cmd::Completions { shell } => {
             // Into a buffer: `generate` panics when its writer fails (a
             // closed pipe); writing it ourselves turns that into a status.

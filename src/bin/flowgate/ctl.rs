@@ -11,9 +11,9 @@
 //! refused the request, could not be reached, or (for `status`) is not
 //! ready; 2 a usage or configuration error.
 
-use crate::config::{Config, ManagementConfig};
-use crate::exit::Exit;
 use clap::{Args, Subcommand};
+use flowgate::config::{Config, ManagementConfig};
+use flowgate::exit::Exit;
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::path::PathBuf;
