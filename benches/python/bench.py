@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def one_run(variant: str) -> dict[str, float]:
     prefix = unique("pybench")
     config = declare(prefix)
     cleanup = _flowgate.Cleanup(config)
-    log = open(HERE / f".{variant}.log", "w")  # noqa: SIM115 - closed below
+    log = open(Path(tempfile.gettempdir()) / f"flowgate-pybench-{variant}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "stages.py"), variant, prefix, URL],
         stdout=subprocess.PIPE,
