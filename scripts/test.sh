@@ -37,4 +37,7 @@ cargo test --workspace --lib --bins --tests --examples
 section "cargo test (doc tests)"
 cargo test --workspace --doc
 
+section "python: flowgate for Python (pip install ./python in a fresh virtualenv; ruff, mypy, pytest, the python-orders demo)"
+bash scripts/python.sh
+
 section "all checks passed"

@@ -151,6 +151,12 @@ impl IngressError {
         }
     }
 
+    /// [`retry_after`](Self::retry_after) in whole seconds, at least 1: the
+    /// `Retry-After` header's value, for every front end that answers with it.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after().map(|after| after.as_secs().max(1))
+    }
+
     /// The queue that refused, for a watermark refusal.
     pub fn queue(&self) -> Option<&str> {
         match self {
@@ -200,8 +206,8 @@ impl IngressError {
         if let IngressError::Unauthorized = self {
             resp.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
         }
-        if let Some(after) = self.retry_after() {
-            resp.insert_header((header::RETRY_AFTER, after.as_secs().max(1).to_string()));
+        if let Some(secs) = self.retry_after_secs() {
+            resp.insert_header((header::RETRY_AFTER, secs.to_string()));
         }
         resp.json(body)
     }

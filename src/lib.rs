@@ -29,7 +29,9 @@
 //! * `depth` — which queues the depth monitor samples and which queues
 //!   each stage's output lands in (for watermarks), from the config.
 //! * `handlers` — the built-in handler factories (`forward`, `sink`, `record`,
-//!   `http`).
+//!   `http`), and [`OutputDraft`]: an output as a handler outside Rust
+//!   describes it (an `http` answer, a Python handler), completed from the
+//!   input's properties and the stage's `output`.
 //! * `http` — `/metrics`, `/healthz`, `/readyz` on `[http] bind`, and
 //!   `POST /publish` on its own listener (`[ingress] bind`: tokens, routes,
 //!   bounds); the management API and its console.
@@ -121,6 +123,7 @@ pub use flowgate_actors::{Escalation, StageProbe};
 /// (operators' tools, tests): records in order, each with its sequence
 /// number. A running engine holds the file's lock.
 pub use flowgate_actors::{Spool, SpoolError, SpoolRecord};
+pub use handlers::OutputDraft;
 pub use ingress::Ingress;
 pub use telemetry::Telemetry;
 

@@ -54,6 +54,17 @@ impl Delivery {
         header_int(self.header(name)?)
     }
 
+    /// Which handling attempt this is: 1, or the retry ladder's count
+    /// ([`ATTEMPT`](crate::envelope::ATTEMPT)) on a copy back from the
+    /// stage's own retry tier (the engine strips the header from every
+    /// other delivery before the handler sees it).
+    pub fn attempt(&self) -> u32 {
+        self.header_i64(crate::envelope::ATTEMPT)
+            .and_then(|i| u32::try_from(i).ok())
+            .filter(|i| *i >= 1)
+            .unwrap_or(1)
+    }
+
     /// Republishes this delivery's body and properties unchanged.
     pub fn forward(&self, exchange: &str, routing_key: &str) -> Output {
         Output {
@@ -167,6 +178,17 @@ pub enum Outcome {
         /// Why; becomes `x-flowgate-error` on the dead letter if retries run out.
         reason: String,
     },
+    /// A transient failure that must not be retried before `after`: like
+    /// [`Outcome::Retry`], through the first tier of the stage's ladder
+    /// whose delay is at least `after` (the longest tier when none is),
+    /// counting as an attempt all the same. A caller told "come back in
+    /// 30 s" (a `Retry-After`, a lock's lease) says so here.
+    RetryAfter {
+        /// Why; becomes `x-flowgate-error` on the dead letter if retries run out.
+        reason: String,
+        /// The shortest wait acceptable before the next attempt.
+        after: std::time::Duration,
+    },
     /// A permanent failure: dead-letter with this reason.
     DeadLetter {
         /// Becomes the `x-flowgate-reason` header; the metric label is
@@ -199,6 +221,14 @@ impl Outcome {
     pub fn retry(reason: impl Into<String>) -> Self {
         Outcome::Retry {
             reason: reason.into(),
+        }
+    }
+
+    /// Retry later, not before `after` (see [`Outcome::RetryAfter`]).
+    pub fn retry_after(reason: impl Into<String>, after: std::time::Duration) -> Self {
+        Outcome::RetryAfter {
+            reason: reason.into(),
+            after,
         }
     }
 

@@ -68,6 +68,24 @@ impl RetryPolicy {
         let n = self.tiers().iter().position(|d| *d == delay)? + 1;
         Some(Self::tier_queue(queue, n))
     }
+
+    /// Like [`next_tier`](Self::next_tier), for a retry that must wait at
+    /// least `after`: the first tier whose delay is `>= after`, or the
+    /// longest tier when none is (the broker has no other delays to offer).
+    pub fn next_tier_after(&self, queue: &str, attempt: u32, after: Duration) -> Option<String> {
+        if attempt >= self.max_attempts || self.backoff.is_empty() {
+            return None;
+        }
+        let tiers = self.tiers();
+        let n = match tiers.iter().position(|d| *d >= after) {
+            Some(i) => i + 1,
+            None => {
+                let longest = tiers.iter().max()?;
+                tiers.iter().position(|d| d == longest)? + 1
+            }
+        };
+        Some(Self::tier_queue(queue, n))
+    }
 }
 
 #[cfg(test)]
@@ -98,6 +116,37 @@ mod tests {
         assert_eq!(r.tiers().len(), 2);
         assert_eq!(r.next_tier("q", 2).as_deref(), Some("q.retry.1"));
         assert_eq!(r.next_tier("q", 3).as_deref(), Some("q.retry.2"));
+    }
+
+    #[test]
+    fn a_minimum_delay_picks_the_first_tier_long_enough() {
+        let r = p(5, &[100, 2000, 500]);
+        let s = Duration::from_millis;
+        assert_eq!(
+            r.next_tier_after("q", 1, s(0)).as_deref(),
+            Some("q.retry.1")
+        );
+        assert_eq!(
+            r.next_tier_after("q", 1, s(100)).as_deref(),
+            Some("q.retry.1")
+        );
+        // First in ladder order, not the shortest that fits.
+        assert_eq!(
+            r.next_tier_after("q", 1, s(400)).as_deref(),
+            Some("q.retry.2")
+        );
+        assert_eq!(
+            r.next_tier_after("q", 3, s(1500)).as_deref(),
+            Some("q.retry.2")
+        );
+        // Nothing is long enough: the longest there is.
+        assert_eq!(
+            r.next_tier_after("q", 1, s(60_000)).as_deref(),
+            Some("q.retry.2")
+        );
+        // Attempts still run out.
+        assert_eq!(r.next_tier_after("q", 5, s(0)), None);
+        assert_eq!(p(1, &[100]).next_tier_after("q", 1, s(0)), None);
     }
 
     #[test]

@@ -26,6 +26,7 @@ mod spool;
 mod stages;
 mod supervisor;
 mod telemetry;
+mod unique;
 mod validate;
 
 use serde::de::DeserializeOwned;

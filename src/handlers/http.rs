@@ -76,6 +76,7 @@
 //! `invalid-output`; an answer that is not this document dead-letters the
 //! batch as `invalid-output`.
 
+use super::OutputDraft;
 use crate::config::{
     HttpStageConfig, StageConfig, Target, HTTP_MAPPED_PREFIX, HTTP_RESERVED_HEADERS,
 };
@@ -752,15 +753,6 @@ fn parse_outputs(
 }
 
 fn output(d: &Delivery, o: OutputDoc, default_target: Option<&Target>) -> Result<Output, String> {
-    let exchange = o
-        .exchange
-        .or_else(|| default_target.map(|t| t.exchange.clone()))
-        .ok_or("no exchange, and the stage has no output")?;
-    let routing_key = o
-        .routing_key
-        .or_else(|| default_target.map(|t| t.routing_key.clone()))
-        .ok_or("no routing_key, and the stage has no output")?;
-    let mut props = d.properties.clone();
     let (body, json_type) = match o.body {
         serde_json::Value::String(s) => (Bytes::from(s), false),
         serde_json::Value::Null => return Err("no body".into()),
@@ -770,18 +762,7 @@ fn output(d: &Delivery, o: OutputDoc, default_target: Option<&Target>) -> Result
             true,
         ),
     };
-    let content_type = o
-        .content_type
-        .or_else(|| json_type.then(|| "application/json".to_owned()));
-    if let Some(ct) = content_type {
-        props = props.with_content_type(
-            envelope::short_string("content type", &ct).map_err(|e| e.to_string())?,
-        );
-    }
-    if let Some(id) = o.message_id {
-        props = props
-            .with_message_id(envelope::short_string("message id", &id).map_err(|e| e.to_string())?);
-    }
+    let mut headers = Vec::with_capacity(o.headers.len());
     for (k, v) in o.headers {
         let value = match v {
             serde_json::Value::String(s) => AMQPValue::LongString(LongString::from(s)),
@@ -796,14 +777,19 @@ fn output(d: &Delivery, o: OutputDoc, default_target: Option<&Target>) -> Result
                 ))
             }
         };
-        flowgate_actors::try_set_header(&mut props, &k, value).map_err(|e| e.to_string())?;
+        headers.push((k, value));
     }
-    Ok(Output {
-        exchange,
-        routing_key,
+    OutputDraft {
+        exchange: o.exchange,
+        routing_key: o.routing_key,
         body,
-        properties: props,
-    })
+        message_id: o.message_id,
+        content_type: o
+            .content_type
+            .or_else(|| json_type.then(|| "application/json".to_owned())),
+        headers,
+    }
+    .build(d, default_target)
 }
 
 #[cfg(test)]

@@ -13,10 +13,12 @@
 //!   (any language); the answer's status decides ack (with outputs from a
 //!   JSON answer), slow down, dead-letter or retry (see [`http`]).
 
+mod draft;
 mod forward;
 pub(crate) mod http;
 mod record;
 
+pub use draft::OutputDraft;
 pub(crate) use forward::Forward;
 pub(crate) use http::Http;
 pub(crate) use record::Record;

@@ -157,7 +157,7 @@ use futures::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 /// The shared broker every machine runs.
@@ -175,41 +175,10 @@ pub fn unique(prefix: &str) -> String {
 /// (bindings, stage queues, outputs and ingress routes follow; the default
 /// exchange and `amq.*` keep their names), its connection named `prefix`
 /// and its Redis dedup keys under their own prefix: a host's own config,
-/// made safe to run beside other tests on the shared broker.
+/// made safe to run beside other tests on the shared broker
+/// ([`Config::uniquely_named`]).
 pub fn uniquely_named(cfg: &Config, prefix: &str) -> Config {
-    let queues: HashSet<&str> = cfg.queues.iter().map(|q| q.name.as_str()).collect();
-    let exchange = |name: &str| match name.is_empty() || name.starts_with("amq.") {
-        true => name.to_owned(),
-        false => format!("{prefix}.{name}"),
-    };
-    // Through the default exchange a routing key is a queue's name.
-    let key = |exchange: &str, key: &str| match exchange.is_empty() && queues.contains(key) {
-        true => format!("{prefix}.{key}"),
-        false => key.to_owned(),
-    };
-    let mut c = cfg.clone();
-    for e in &mut c.exchanges {
-        e.name = exchange(&e.name);
-    }
-    for q in &mut c.queues {
-        q.name = format!("{prefix}.{}", q.name);
-        for b in &mut q.bindings {
-            b.exchange = exchange(&b.exchange);
-        }
-    }
-    for s in &mut c.stages {
-        s.queue = format!("{prefix}.{}", s.queue);
-        if let Some(o) = &mut s.output {
-            o.routing_key = key(&o.exchange, &o.routing_key);
-            o.exchange = exchange(&o.exchange);
-        }
-    }
-    for r in &mut c.ingress.routes {
-        r.exchange = exchange(&r.exchange);
-    }
-    c.amqp.connection_name = prefix.to_owned();
-    c.dedup.prefix = format!("{}{prefix}:", cfg.dedup.prefix);
-    c
+    cfg.uniquely_named(prefix)
 }
 
 /// A raw client (not flowgate) used by tests to publish and observe.

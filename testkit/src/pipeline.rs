@@ -153,40 +153,63 @@ impl TestPipeline {
     /// When the pipeline is not idle within `timeout` (a stage still
     /// working: the count could not be final), saying what was seen.
     pub async fn account(&self, queue: &str, expected: &[String], timeout: Duration) -> Accounting {
-        let wanted: HashSet<&str> = expected.iter().map(String::as_str).collect();
-        let (mut seen, mut checked) = (HashSet::new(), 0);
-        let got = self
-            .client
-            .collect_while(queue, timeout, |got| {
-                // Only what arrived since the last call is new.
-                for (id, _) in &got[checked..] {
-                    if wanted.contains(id.as_str()) {
-                        seen.insert(id.clone());
-                    }
-                }
-                checked = got.len();
-                seen.len() < wanted.len()
-            })
-            .await;
-        let mut arrived = crate::counts(got.into_iter().map(|(id, _)| id));
-        if let Err(state) = self.idle(timeout).await {
-            let so_far = Accounting::of(expected, &arrived);
-            panic!(
-                "account({queue}): the pipeline is not idle within {timeout:?} \
-                 ({state}); so far: {so_far}"
-            );
-        }
-        merge(
-            &mut arrived,
-            self.client.collect_all(queue, 0, timeout).await,
-        );
-        Accounting::of(expected, &arrived)
+        account(
+            &self.client,
+            self.handle.metrics(),
+            &self.cfg,
+            queue,
+            expected,
+            timeout,
+        )
+        .await
     }
 
     /// Shuts the engine down gracefully, then deletes the topology.
     pub async fn stop(self) -> ShutdownReport {
         self.handle.shutdown().await
     }
+}
+
+/// [`TestPipeline::account`] for an engine started some other way (a host
+/// running its own engine, the Python binding's test pipeline): `metrics`
+/// are the engine's, `cfg` the configuration it runs, `client` a raw
+/// client on its broker.
+///
+/// # Panics
+///
+/// When the pipeline is not idle within `timeout`, saying what was seen.
+pub async fn account(
+    client: &Client,
+    metrics: &flowgate::Metrics,
+    cfg: &Config,
+    queue: &str,
+    expected: &[String],
+    timeout: Duration,
+) -> Accounting {
+    let wanted: HashSet<&str> = expected.iter().map(String::as_str).collect();
+    let (mut seen, mut checked) = (HashSet::new(), 0);
+    let got = client
+        .collect_while(queue, timeout, |got| {
+            // Only what arrived since the last call is new.
+            for (id, _) in &got[checked..] {
+                if wanted.contains(id.as_str()) {
+                    seen.insert(id.clone());
+                }
+            }
+            checked = got.len();
+            seen.len() < wanted.len()
+        })
+        .await;
+    let mut arrived = crate::counts(got.into_iter().map(|(id, _)| id));
+    if let Err(state) = pipeline_idle(client, metrics, cfg, timeout).await {
+        let so_far = Accounting::of(expected, &arrived);
+        panic!(
+            "account({queue}): the pipeline is not idle within {timeout:?} \
+             ({state}); so far: {so_far}"
+        );
+    }
+    merge(&mut arrived, client.collect_all(queue, 0, timeout).await);
+    Accounting::of(expected, &arrived)
 }
 
 /// Adds the counts of `more` to `into`.

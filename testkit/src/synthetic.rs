@@ -179,7 +179,7 @@ pub trait OutcomeExt {
     /// The reason of a [`Outcome::DeadLetter`] (the dead letter's
     /// [`envelope::REASON`] header).
     fn dead_letter_reason(&self) -> Option<&str>;
-    /// The reason of a [`Outcome::Retry`].
+    /// The reason of a [`Outcome::Retry`] or [`Outcome::RetryAfter`].
     fn retry_reason(&self) -> Option<&str>;
     /// The reason of a [`Outcome::InvalidOutput`].
     fn invalid_output_reason(&self) -> Option<&str>;
@@ -206,7 +206,7 @@ impl OutcomeExt for Outcome {
 
     fn retry_reason(&self) -> Option<&str> {
         match self {
-            Outcome::Retry { reason } => Some(reason),
+            Outcome::Retry { reason } | Outcome::RetryAfter { reason, .. } => Some(reason),
             _ => None,
         }
     }

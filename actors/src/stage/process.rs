@@ -71,6 +71,16 @@ impl DeadLetter {
         }
     }
 
+    /// A handler's own reason: the reason header carries it (bounded), the
+    /// metric label is `handler`.
+    fn by_handler(reason: String) -> Self {
+        Self {
+            reason: Reason::Handler,
+            detail: Some(envelope::truncate(reason.clone(), MAX_ERROR_HEADER_BYTES)),
+            error: reason,
+        }
+    }
+
     /// The value of the reason header.
     fn header_value(&self) -> &str {
         self.detail.as_deref().unwrap_or(self.reason.as_str())
@@ -351,27 +361,22 @@ pub(crate) fn judge(spec: &StageSpec, d: &Delivery, attempt: u32, handled: Handl
             Ok(outputs) => Verdict::Publish(outputs),
             Err(dead) => Verdict::DeadLetter(dead),
         },
-        Ok(Ok(Outcome::DeadLetter { reason })) => Verdict::DeadLetter(DeadLetter {
-            reason: Reason::Handler,
-            detail: Some(envelope::truncate(reason.clone(), MAX_ERROR_HEADER_BYTES)),
-            error: reason,
-        }),
+        Ok(Ok(Outcome::DeadLetter { reason })) => {
+            Verdict::DeadLetter(DeadLetter::by_handler(reason))
+        }
         Ok(Ok(Outcome::InvalidOutput { reason })) => {
             Verdict::DeadLetter(DeadLetter::new(Reason::InvalidOutput, reason))
         }
-        Ok(Ok(Outcome::Retry { reason })) => retry_or_dead(
-            spec,
-            attempt,
-            DeadLetter {
-                reason: Reason::Handler,
-                detail: Some(envelope::truncate(reason.clone(), MAX_ERROR_HEADER_BYTES)),
-                error: reason,
-            },
-        ),
+        Ok(Ok(Outcome::Retry { reason })) => {
+            retry_or_dead(spec, attempt, None, DeadLetter::by_handler(reason))
+        }
+        Ok(Ok(Outcome::RetryAfter { reason, after })) => {
+            retry_or_dead(spec, attempt, Some(after), DeadLetter::by_handler(reason))
+        }
         Ok(Err(e)) => {
             let dead = DeadLetter::new(Reason::HandlerError, e.to_string());
             if spec.retry.is_some() {
-                retry_or_dead(spec, attempt, dead)
+                retry_or_dead(spec, attempt, None, dead)
             } else {
                 Verdict::DeadLetter(dead)
             }
@@ -380,9 +385,15 @@ pub(crate) fn judge(spec: &StageSpec, d: &Delivery, attempt: u32, handled: Handl
     }
 }
 
-/// A transient failure: the next tier of the ladder, `max-attempts` when
-/// it is used up, or `dead` at once without a ladder.
-fn retry_or_dead(spec: &StageSpec, attempt: u32, dead: DeadLetter) -> Verdict {
+/// A transient failure: the next tier of the ladder (the first one of at
+/// least `after`, when given), `max-attempts` when it is used up, or `dead`
+/// at once without a ladder.
+fn retry_or_dead(
+    spec: &StageSpec,
+    attempt: u32,
+    after: Option<Duration>,
+    dead: DeadLetter,
+) -> Verdict {
     let Some(policy) = &spec.retry else {
         return Verdict::DeadLetter(dead);
     };
@@ -391,7 +402,11 @@ fn retry_or_dead(spec: &StageSpec, attempt: u32, dead: DeadLetter) -> Verdict {
         Some(_) => dead.error.clone(),
         None => format!("{}: {}", dead.reason, dead.error),
     };
-    match policy.next_tier(&spec.queue, attempt) {
+    let tier = match after {
+        Some(after) => policy.next_tier_after(&spec.queue, attempt, after),
+        None => policy.next_tier(&spec.queue, attempt),
+    };
+    match tier {
         Some(tier) => Verdict::Retry { tier, error },
         None => Verdict::DeadLetter(DeadLetter::new(Reason::MaxAttempts, error)),
     }
@@ -908,6 +923,12 @@ mod tests {
             (own.attempt, own.delivery.exchange.as_str()),
             (7, "nowhere")
         );
+        assert_eq!(
+            own.delivery.attempt(),
+            7,
+            "the handler reads the same count"
+        );
+        assert_eq!(o.delivery.attempt(), 1, "a forged count is not read");
         assert_eq!(own.delivery.routing_key, "q", "never a 300-byte key");
         assert_eq!(own.signed_keys(), ["q", "q.retry.1"]);
     }
@@ -1030,6 +1051,13 @@ mod tests {
         assert!(
             matches!(judge(&s, d, 2, Ok(Ok(Outcome::retry("later")))), Verdict::Retry { ref tier, .. } if tier == "q.retry.2")
         );
+        let later = |ms| Ok(Ok(Outcome::retry_after("busy", Duration::from_millis(ms))));
+        assert!(
+            matches!(judge(&s, d, 1, later(150)), Verdict::Retry { ref tier, .. } if tier == "q.retry.2"),
+            "the first tier of at least 150 ms"
+        );
+        let v = judge(&s, d, 3, later(150));
+        assert_eq!(reason(&v), Some(Reason::MaxAttempts), "still an attempt");
         let v = judge(&s, d, 3, err());
         let Verdict::DeadLetter(dead) = v else {
             panic!()
