@@ -58,27 +58,13 @@ impl FlowConfig {
     }
 
     /// A copy with every exchange and queue name prefixed by `prefix.` (so
-    /// demos and tests never collide with each other).
+    /// demos and tests never collide with each other): the engine's
+    /// [`Config::uniquely_named`](flowgate::Config::uniquely_named), and the
+    /// `[orders]` exchange the same way.
     pub fn uniquely_named(&self, prefix: &str) -> Self {
-        let p = |n: &str| format!("{prefix}.{n}");
         let mut c = self.clone();
-        for e in &mut c.engine.exchanges {
-            e.name = p(&e.name);
-        }
-        for q in &mut c.engine.queues {
-            q.name = p(&q.name);
-            for b in &mut q.bindings {
-                b.exchange = p(&b.exchange);
-            }
-        }
-        for s in &mut c.engine.stages {
-            s.queue = p(&s.queue);
-            if let Some(o) = &mut s.output {
-                o.exchange = p(&o.exchange);
-            }
-        }
-        c.orders.exchange = p(&c.orders.exchange);
-        c.engine.amqp.connection_name = prefix.to_owned();
+        c.engine = self.engine.uniquely_named(prefix);
+        c.orders.exchange = format!("{prefix}.{}", c.orders.exchange);
         c
     }
 }
