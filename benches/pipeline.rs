@@ -9,9 +9,13 @@
 //! messages, publisher confirms, prefetch 50, each hop acks its input only
 //! after its output is confirmed (in both pipelines).
 //!
-//! Cases, per queue kind: plain lapin (per delivery: publish, await confirm,
-//! ack), flowgate at its default config (batched acks), flowgate with
-//! single acks (`ack_batch = { enabled = false }`).
+//! Cases, per queue kind: the lean lapin pipeline (the reference: per hop
+//! one connection with a consume and a confirm channel, a task per delivery
+//! that publishes to the next queue through the default exchange, awaits
+//! the confirm and acks), plain lapin (a consume and a publish connection
+//! per hop, `mandatory`, properties cloned — as flowgate does it), flowgate
+//! at its default config (batched acks), flowgate with single acks
+//! (`ack_batch = { enabled = false }`). Ratios are against the lean one.
 //! Then: a fixed 500 msg/s through 3 hops (classic, default config) for its
 //! latency, and the HTTP ingress (`POST /publish`) at saturation (64
 //! concurrent requests) and at a fixed 2,000 req/s. Last, a backlog: the
@@ -23,7 +27,8 @@
 //! `FLOWGATE_BENCH_REPS` (default 3; the median run by throughput is shown),
 //! `FLOWGATE_BENCH_COMPARE_BIN` (another `flowgate` binary, e.g. an earlier
 //! build: run as one more case with the default config),
-//! `FLOWGATE_BENCH_BACKLOG` (0 skips the backlog case).
+//! `FLOWGATE_BENCH_BACKLOG` (0 skips the backlog case),
+//! `FLOWGATE_BENCH_ONLY=pipeline` (only the per-kind pipeline tables).
 //!
 //! Run: `cargo bench --bench pipeline` (needs RabbitMQ on 127.0.0.1:5672).
 
@@ -124,11 +129,79 @@ async fn raw_lapin_stages(prefix: &str) -> Vec<Connection> {
     conns
 }
 
-/// The child: runs the baseline's stages on `prefix` until killed.
-fn lapin_child(prefix: String) {
+/// The leanest hand-written pipeline: per hop one connection with a
+/// consume channel (prefetch 50) and a confirm-mode channel; a task per
+/// delivery publishes it to the next queue through the default exchange
+/// (its properties moved, not cloned; no `mandatory`), awaits the confirm
+/// and acks.
+async fn lean_lapin_stages(prefix: &str) -> Vec<Connection> {
+    let mut conns = Vec::new();
+    for i in 0..HOPS {
+        let conn = Connection::connect(URL, ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let cch = conn.create_channel().await.expect("channel");
+        cch.basic_qos(PREFETCH, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let pch = conn.create_channel().await.expect("channel");
+        pch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        let mut consumer = cch
+            .basic_consume(
+                format!("{prefix}.s{}", i + 1).as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let next = if i + 1 == HOPS {
+            format!("{prefix}.sink")
+        } else {
+            format!("{prefix}.s{}", i + 2)
+        };
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = consumer.next().await {
+                let (pch, next) = (pch.clone(), next.clone());
+                tokio::spawn(async move {
+                    let lapin::message::Delivery {
+                        data,
+                        properties,
+                        acker,
+                        ..
+                    } = d;
+                    let confirm = pch
+                        .basic_publish(
+                            "".into(),
+                            next.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &data,
+                            properties,
+                        )
+                        .await
+                        .expect("publish");
+                    if confirm.await.is_ok() {
+                        let _ = acker.ack(BasicAckOptions::default()).await;
+                    }
+                });
+            }
+        });
+        conns.push(conn);
+    }
+    conns
+}
+
+/// The child: runs a baseline's stages on `prefix` until killed.
+fn lapin_child(prefix: String, lean: bool) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
-        let _conns = raw_lapin_stages(&prefix).await;
+        let _conns = if lean {
+            lean_lapin_stages(&prefix).await
+        } else {
+            raw_lapin_stages(&prefix).await
+        };
         println!("ready");
         std::future::pending::<()>().await;
     });
@@ -203,6 +276,7 @@ fn status_field(status: &str, name: &str) -> u64 {
 
 enum Stages {
     Lapin,
+    LeanLapin,
     Flowgate { bin: PathBuf, single_acks: bool },
 }
 
@@ -249,9 +323,13 @@ async fn wait_ready(http: &str) {
 
 async fn start(stages: &Stages, prefix: &str, cfg: &Config) -> Running {
     match stages {
-        Stages::Lapin => {
+        Stages::Lapin | Stages::LeanLapin => {
+            let role = match stages {
+                Stages::LeanLapin => "lean",
+                _ => "lapin",
+            };
             let mut child = Command::new(std::env::current_exe().expect("own path"))
-                .env(ROLE, "lapin")
+                .env(ROLE, role)
                 .env("FLOWGATE_BENCH_PREFIX", prefix)
                 .stdout(Stdio::piped())
                 .spawn()
@@ -629,8 +707,11 @@ async fn backlog_case(bin: &Path, n: usize) {
 }
 
 fn main() {
-    if std::env::var(ROLE).as_deref() == Ok("lapin") {
-        lapin_child(std::env::var("FLOWGATE_BENCH_PREFIX").expect("prefix"));
+    if let Ok(role @ ("lapin" | "lean")) = std::env::var(ROLE).as_deref() {
+        lapin_child(
+            std::env::var("FLOWGATE_BENCH_PREFIX").expect("prefix"),
+            role == "lean",
+        );
         return;
     }
     // `cargo bench` passes `--bench`; nothing else to parse.
@@ -644,7 +725,9 @@ fn main() {
             "3 hops, {n} persistent {BODY}-byte messages, confirms, prefetch {PREFETCH}; \
              stage process: CPU, context switches and peak RSS; median of {reps} runs"
         );
+        let only_pipeline = std::env::var("FLOWGATE_BENCH_ONLY").as_deref() == Ok("pipeline");
         for kind in [QueueKind::Classic, QueueKind::Quorum] {
+            let lean = median(&Stages::LeanLapin, kind, n, reps).await;
             let base = median(&Stages::Lapin, kind, n, reps).await;
             let default = median(
                 &Stages::Flowgate {
@@ -684,12 +767,16 @@ fn main() {
             println!("\n{} durable queues\n", kind_name(kind));
             println!("| stages | msg/s (runs' range) | ratio | p50 ms | p99 ms | CPU µs/msg | CPU ratio | ctx switches/msg | peak RSS MiB | broker CPU % of a core | lost |");
             println!("|---|---|---|---|---|---|---|---|---|---|---|");
-            print_row("plain lapin", &base, &base);
-            print_row("flowgate, default", &default, &base);
-            print_row("flowgate, single acks", &single, &base);
+            print_row("lean lapin (the reference)", &lean, &lean);
+            print_row("plain lapin", &base, &lean);
+            print_row("flowgate, default", &default, &lean);
+            print_row("flowgate, single acks", &single, &lean);
             if let Some(o) = &other {
-                print_row("flowgate, comparison build (its defaults)", o, &base);
+                print_row("flowgate, comparison build (its defaults)", o, &lean);
             }
+        }
+        if only_pipeline {
+            return;
         }
         let fixed_n = (FIXED_RATE as usize) * 20;
         let fixed = run_once(
