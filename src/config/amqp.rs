@@ -95,27 +95,9 @@ impl AmqpTlsConfig {
 
     /// Reads the files into the runtime's settings. Every error names its key.
     pub fn settings(&self) -> Result<TlsSettings, ConfigError> {
-        let read = |key: &str, p: &Path| {
-            std::fs::read(p).map_err(|e| {
-                ConfigError::new(
-                    format!("amqp.tls.{key}"),
-                    format!("cannot read {}: {e}", p.display()),
-                )
-            })
-        };
-        let pem = |key: &str, p: &Path, what: &str| -> Result<Vec<u8>, ConfigError> {
-            let bytes = read(key, p)?;
-            if !String::from_utf8_lossy(&bytes).contains(what) {
-                return Err(ConfigError::new(
-                    format!("amqp.tls.{key}"),
-                    format!("{} holds no PEM `{what}`", p.display()),
-                ));
-            }
-            Ok(bytes)
-        };
         let ca_pem = match &self.ca_file {
             Some(p) => {
-                let bytes = pem("ca_file", p, "BEGIN CERTIFICATE")?;
+                let bytes = files::read_pem("amqp.tls.ca_file", p, "BEGIN CERTIFICATE")?;
                 Some(String::from_utf8(bytes).map_err(|_| {
                     ConfigError::new("amqp.tls.ca_file", "is not a text (PEM) file")
                 })?)
@@ -123,37 +105,27 @@ impl AmqpTlsConfig {
             None => None,
         };
         let identity = match (
-            &self.client_cert_file,
-            &self.client_key_file,
+            files::client_pem_pair(
+                "amqp.tls",
+                self.client_cert_file.as_deref(),
+                self.client_key_file.as_deref(),
+            )?,
             &self.pkcs12_file,
         ) {
-            (None, None, None) => None,
-            (Some(c), Some(k), None) => Some(ClientIdentity::Pem {
-                cert_chain: pem("client_cert_file", c, "BEGIN CERTIFICATE")?,
-                key: pem("client_key_file", k, "PRIVATE KEY")?,
-            }),
-            (None, None, Some(b)) => Some(ClientIdentity::Pkcs12 {
-                der: read("pkcs12_file", b)?,
+            (None, None) => None,
+            (Some((cert_chain, key)), None) => Some(ClientIdentity::Pem { cert_chain, key }),
+            (None, Some(b)) => Some(ClientIdentity::Pkcs12 {
+                der: files::read("amqp.tls.pkcs12_file", b)?,
                 password: match &self.pkcs12_password_file {
-                    Some(p) => String::from_utf8_lossy(&read("pkcs12_password_file", p)?)
-                        .trim()
-                        .to_owned(),
+                    Some(p) => {
+                        String::from_utf8_lossy(&files::read("amqp.tls.pkcs12_password_file", p)?)
+                            .trim()
+                            .to_owned()
+                    }
                     None => String::new(),
                 },
             }),
-            (Some(_), None, None) => {
-                return Err(ConfigError::new(
-                    "amqp.tls.client_key_file",
-                    "is needed with client_cert_file",
-                ))
-            }
-            (None, Some(_), None) => {
-                return Err(ConfigError::new(
-                    "amqp.tls.client_cert_file",
-                    "is needed with client_key_file",
-                ))
-            }
-            _ => {
+            (Some(_), Some(_)) => {
                 return Err(ConfigError::new(
                     "amqp.tls.pkcs12_file",
                     "give either pkcs12_file or client_cert_file + client_key_file, not both",

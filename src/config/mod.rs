@@ -12,6 +12,7 @@ mod dedup;
 mod depth;
 mod env;
 mod exchanges;
+mod files;
 mod http;
 mod ingress;
 mod limits;

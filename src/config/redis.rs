@@ -33,14 +33,6 @@ impl RedisConfig {
     /// The TLS files read into the store's settings (`ca_pem`,
     /// `client_pem`). Every error names its key.
     pub fn tls(&self) -> Result<RedisTlsFiles, ConfigError> {
-        let read = |key: &str, p: &Path| {
-            std::fs::read(p).map_err(|e| {
-                ConfigError::new(
-                    format!("redis.{key}"),
-                    format!("cannot read {}: {e}", p.display()),
-                )
-            })
-        };
         let tls_files = self.ca_file.is_some()
             || self.client_cert_file.is_some()
             || self.client_key_file.is_some();
@@ -53,24 +45,13 @@ impl RedisConfig {
         let ca = self
             .ca_file
             .as_deref()
-            .map(|p| read("ca_file", p))
+            .map(|p| files::read_pem("redis.ca_file", p, "BEGIN CERTIFICATE"))
             .transpose()?;
-        let client = match (&self.client_cert_file, &self.client_key_file) {
-            (None, None) => None,
-            (Some(c), Some(k)) => Some((read("client_cert_file", c)?, read("client_key_file", k)?)),
-            (Some(_), None) => {
-                return Err(ConfigError::new(
-                    "redis.client_key_file",
-                    "is needed with client_cert_file",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(ConfigError::new(
-                    "redis.client_cert_file",
-                    "is needed with client_key_file",
-                ))
-            }
-        };
+        let client = files::client_pem_pair(
+            "redis",
+            self.client_cert_file.as_deref(),
+            self.client_key_file.as_deref(),
+        )?;
         Ok((ca, client))
     }
 }

@@ -477,9 +477,11 @@ impl BrokerNode {
             }
             sleep(Duration::from_millis(100));
         }
+        // The port opens before the node has finished booting; on a loaded
+        // machine the rest (and the CLI's own start) takes a while.
         let left = deadline
             .saturating_duration_since(Instant::now())
-            .max(Duration::from_secs(5));
+            .max(Duration::from_secs(30));
         let secs = left.as_secs().to_string();
         let out = run_with_timeout(
             self.ctl_command(&["await_startup", "--timeout", &secs]),
