@@ -24,13 +24,16 @@ pub(crate) fn read_pem(key: &str, path: &Path, what: &str) -> Result<Vec<u8>, Co
     Ok(bytes)
 }
 
+/// A client certificate (chain) and its private key, PEM bytes.
+pub(crate) type PemPair = (Vec<u8>, Vec<u8>);
+
 /// A client certificate (chain) and its private key, PEM: both or
 /// neither. `section` is the keys' prefix (`amqp.tls`, `redis`).
 pub(crate) fn client_pem_pair(
     section: &str,
     cert: Option<&Path>,
     key: Option<&Path>,
-) -> Result<Option<(Vec<u8>, Vec<u8>)>, ConfigError> {
+) -> Result<Option<PemPair>, ConfigError> {
     let name = |k: &str| format!("{section}.{k}");
     match (cert, key) {
         (None, None) => Ok(None),

@@ -143,6 +143,7 @@ pub mod node;
 pub mod pipeline;
 pub mod pki;
 pub mod proxy;
+pub mod raw;
 pub mod redis;
 pub mod secrets;
 pub mod soak;
