@@ -33,8 +33,8 @@ pub mod view;
 
 pub use browse::{
     apply, apply_observed, count, dead_letter_id, ensure_browsable, list, show, Action,
-    ActionReport, Entry, Filter, Page, Scan, Scanned, Seen, Shown, PAGE_MAX, SCAN_DEADLINE,
-    SHOW_MAX, WINDOW,
+    ActionReport, Entry, Filter, Page, Scan, Scanned, Seen, Shown, ANSWER_WITHIN, PAGE_MAX,
+    SCAN_DEADLINE, SHOW_MAX, WINDOW,
 };
 pub use index::{
     Indexes, Served, INDEXES_KEPT, INDEX_BODY_BYTES, INDEX_BYTES, INDEX_ENTRIES, INDEX_MAX_AGE,

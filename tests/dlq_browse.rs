@@ -536,3 +536,64 @@ async fn a_queue_changed_behind_the_index_is_noticed_and_never_steers_an_action(
         .await
         .unwrap();
 }
+
+/// A replay the broker will not confirm (a memory alarm: it stops reading a
+/// connection that publishes) ends with an error naming the cause within
+/// the action's bound instead of hanging the CLI or the console, and every
+/// dead letter stays: once the alarm clears the DLQ holds them all again
+/// (the one copy that was on the wire may reach its destination: at least
+/// once).
+#[actix_rt::test]
+async fn a_replay_the_broker_will_not_confirm_ends_with_an_error_and_keeps_the_dead_letters() {
+    let node = node::BrokerNode::start_async().await.expect("private node");
+    let c = Client::connect(&node.amqp_url()).await;
+    let q = unique("dlq-blocked");
+    let target = format!("{q}.target");
+    fill(&c, &q, "classic", 3).await;
+    c.ch.queue_declare(
+        target.as_str().into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let conn = Connection::connect(&node.amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    node.blocking(|n| n.set_memory_alarm(true))
+        .await
+        .expect("alarm on");
+    let action = Action::ReplayTo {
+        exchange: String::new(),
+        routing_key: target.clone(),
+    };
+    let bound = dlq::ANSWER_WITHIN * 3;
+    let ended = tokio::time::timeout(
+        bound,
+        dlq::apply(&conn, &q, &Filter::default(), &action, None, "test", |_| {}),
+    )
+    .await;
+    let err = match ended {
+        Err(_) => panic!("the replay still waits after {bound:?}"),
+        Ok(Ok(r)) => panic!("a replay under a memory alarm reported success: {r:?}"),
+        Ok(Err(e)) => e.to_string(),
+    };
+    assert!(
+        err.contains("did not answer"),
+        "the error names the cause: {err}"
+    );
+    node.blocking(|n| n.set_memory_alarm(false))
+        .await
+        .expect("alarm off");
+    let back = eventually(Duration::from_secs(30), || async { c.depth(&q).await == 3 }).await;
+    assert!(
+        back,
+        "every dead letter is back in the DLQ: {}",
+        c.depth(&q).await
+    );
+    let copies = c.depth(&target).await;
+    assert!(
+        copies <= 1,
+        "at most the copy on the wire was published: {copies}"
+    );
+}

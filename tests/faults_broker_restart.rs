@@ -233,25 +233,9 @@ async fn stop_app_and_node_restarts_are_recovered_within_backoff_max_without_los
     // Exactly one consumer per stage queue: none left on a replaced connection.
     let client = Client::connect(&node.amqp_url()).await;
     let m = handle.metrics();
-    let idle = pipeline_idle(&client, m, &cfg, Duration::from_secs(180)).await;
-    assert!(
-        idle.is_ok(),
-        "the run did not finish with one consumer per stage queue: {idle:?}\n{}",
-        m.render()
-    );
-    // Everything the sink holds, duplicates included.
     let n = ids.len();
-    let seen = client.collect_all(&sink, n, Duration::from_secs(120)).await;
-    let in_sink: usize = seen.values().sum();
-    let missing: Vec<&String> = ids.iter().filter(|i| !seen.contains_key(*i)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {n} ids never arrived (first: {:?})",
-        missing.len(),
-        missing.iter().take(5).collect::<Vec<_>>()
-    );
+    let duplicates = finish_run(&client, m, &cfg, &sink, &ids, Duration::from_secs(180)).await;
     let faults = STOP_APPS + NODE_RESTARTS;
-    let duplicates = in_sink - seen.len();
     // Per fault, each delivery in flight may be redelivered and its
     // output's confirm may be lost and the output published again.
     let windows = cfg.stages.len() * PREFETCH as usize;

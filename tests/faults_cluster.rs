@@ -188,23 +188,7 @@ async fn stopping_the_connected_node_of_a_cluster_loses_nothing() {
     );
     // The run finishes on the other two nodes.
     let m = handle.metrics();
-    let idle = pipeline_idle(&client, m, &cfg, Duration::from_secs(240)).await;
-    assert!(
-        idle.is_ok(),
-        "the run did not finish with one consumer per stage queue: {idle:?}\n{}",
-        m.render()
-    );
-    // Everything the sink holds, duplicates included.
-    let seen = client.collect_all(&sink, N, Duration::from_secs(120)).await;
-    let in_sink: usize = seen.values().sum();
-    let missing: Vec<&String> = ids.iter().filter(|i| !seen.contains_key(*i)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {N} ids never arrived (first: {:?})",
-        missing.len(),
-        missing.iter().take(5).collect::<Vec<_>>()
-    );
-    let duplicates = in_sink - seen.len();
+    let duplicates = finish_run(&client, m, &cfg, &sink, &ids, Duration::from_secs(240)).await;
     let windows = cfg.stages.len() * PREFETCH as usize;
     eprintln!(
         "cluster failover: stopped node {victim} at {at_stop} of {N}, ready again \

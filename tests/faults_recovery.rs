@@ -54,23 +54,7 @@ async fn a_forced_close_of_both_connections_costs_no_restart_and_no_message() {
     // The run finishes while the engine keeps running.
     // Exactly one consumer per stage queue: no zombie left by a second channel.
     let m = handle.metrics();
-    let idle = pipeline_idle(&client, m, &cfg, Duration::from_secs(180)).await;
-    assert!(
-        idle.is_ok(),
-        "the run did not finish with one consumer per stage queue: {idle:?}\n{}",
-        m.render()
-    );
-    // Everything the sink holds, duplicates included.
-    let seen = client.collect_all(&sink, N, Duration::from_secs(120)).await;
-    let in_sink: usize = seen.values().sum();
-    let missing: Vec<&String> = ids.iter().filter(|i| !seen.contains_key(*i)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {N} ids never arrived (first: {:?})",
-        missing.len(),
-        missing.iter().take(5).collect::<Vec<_>>()
-    );
-    let duplicates = in_sink - seen.len();
+    let duplicates = finish_run(&client, m, &cfg, &sink, &ids, Duration::from_secs(180)).await;
     // Each delivery in flight at the close may be redelivered, and its
     // output's confirm may be lost and the output published again.
     let windows = cfg.stages.len() * PREFETCH as usize;

@@ -57,6 +57,13 @@ pub const WINDOW: u16 = 256;
 /// The longest a scan holds messages: one that has not reached the end of
 /// its snapshot by then stops and says how far it got.
 pub const SCAN_DEADLINE: Duration = Duration::from_secs(5);
+/// How long an action waits for the broker's answer to one step (a
+/// replay's confirm; giving the scan's messages back): a broker that
+/// blocks publishers (a memory or disk alarm) stops reading the
+/// connection, and the action ends with an error instead of hanging.
+/// The dead letter it was replaying stays in the DLQ; its copy may still
+/// be published once the alarm clears (at least once).
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 /// How long a window waits for a delivery the queue's depth promised: the
 /// queue shrank meanwhile (another reader, a purge) when none comes.
 const IDLE: Duration = Duration::from_millis(500);
@@ -444,9 +451,13 @@ impl Scan {
     /// Starts a scan of `queue` (its depth now is the snapshot).
     pub async fn start(conn: &Connection, queue: &str) -> Result<Scan, Error> {
         let queue = short_string("queue", queue).map_err(|e| Error::Dlq(e.to_string()))?;
-        let ch = conn.create_channel().await?;
-        let (depth, consumers) = super::queue_stat(&ch, queue.as_str()).await?;
-        ch.basic_qos(WINDOW, BasicQosOptions::default()).await?;
+        let (ch, depth, consumers) = answered("opening a read of the queue", async {
+            let ch = conn.create_channel().await?;
+            let (depth, consumers) = super::queue_stat(&ch, queue.as_str()).await?;
+            ch.basic_qos(WINDOW, BasicQosOptions::default()).await?;
+            Ok((ch, depth, consumers))
+        })
+        .await?;
         Ok(Scan {
             ch,
             queue,
@@ -513,18 +524,17 @@ impl Scan {
             return Ok(None);
         }
         if self.left == 0 {
-            self.end_window().await?;
+            answered("the next window of the read", self.end_window()).await?;
             let tag = format!("flowgate-browse-{}", self.windows);
             self.windows += 1;
-            let consumer = self
-                .ch
-                .basic_consume(
-                    self.queue.clone(),
-                    tag.as_str().into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+            let consume = self.ch.basic_consume(
+                self.queue.clone(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            );
+            let consumer =
+                answered("the next window of the read", async { Ok(consume.await?) }).await?;
             self.consumer = Some((tag, consumer));
             self.left = u32::from(WINDOW).min(self.depth - self.taken);
         }
@@ -560,11 +570,18 @@ impl Scan {
     /// broker has them (a round trip: a channel close can overtake acks),
     /// then closes the channel, which gives back every message still held
     /// (a classic queue puts each where it was).
+    /// Bounded by [`ANSWER_WITHIN`]; a scan that cannot finish (the broker
+    /// stopped reading) is dropped, which closes its channel on a task of
+    /// its own.
     pub async fn finish(mut self) -> Result<(), Error> {
+        answered("giving the scanned dead letters back", async {
+            self.end_window().await?;
+            super::depth(&self.ch, self.queue.as_str()).await?;
+            self.ch.close(200, "dlq read done".into()).await?;
+            Ok(())
+        })
+        .await?;
         self.finished = true;
-        self.end_window().await?;
-        super::depth(&self.ch, self.queue.as_str()).await?;
-        self.ch.close(200, "dlq read done".into()).await?;
         Ok(())
     }
 }
@@ -801,11 +818,14 @@ pub async fn apply_observed(
     };
     let publish = match action {
         Action::Delete => None,
-        _ => {
-            let ch = conn.create_channel().await?;
-            ch.confirm_select(ConfirmSelectOptions::default()).await?;
-            Some(ch)
-        }
+        _ => Some(
+            answered("opening a confirmed channel", async {
+                let ch = conn.create_channel().await?;
+                ch.confirm_select(ConfirmSelectOptions::default()).await?;
+                Ok(ch)
+            })
+            .await?,
+        ),
     };
     let mut scan = Scan::start(conn, queue).await?;
     let total = u64::from(scan.depth());
@@ -863,7 +883,19 @@ pub async fn apply_observed(
     report.complete = scan.complete();
     let finished = scan.finish().await;
     if let Some(ch) = publish {
-        let _ = ch.close(200, "dlq action done".into()).await;
+        let close = async move {
+            let _ = ch.close(200, "dlq action done".into()).await;
+        };
+        if res.is_ok() && finished.is_ok() {
+            let _ = answered("closing the replay channel", async {
+                close.await;
+                Ok(())
+            })
+            .await;
+        } else {
+            // The broker may not be answering: close on a task of its own.
+            tokio::spawn(close);
+        }
     }
     res?;
     finished?;
@@ -887,14 +919,29 @@ pub async fn apply_observed(
 
 /// Publishes `d` (reason headers stripped, persistent, `mandatory`) and
 /// waits for its confirm; true when the broker took and routed it.
+/// `step` bounded by [`ANSWER_WITHIN`]: past it, an error naming `what`.
+async fn answered<T>(
+    what: &str,
+    step: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(ANSWER_WITHIN, step)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Dlq(format!(
+                "the broker did not answer {what} within {ANSWER_WITHIN:?} \
+                 (is it blocking publishers: a memory or disk alarm?); the dead letters stay"
+            )))
+        })
+}
+
 async fn republish(
     ch: &Channel,
     d: &Delivery,
     exchange: ShortString,
     routing_key: ShortString,
 ) -> Result<bool, Error> {
-    let confirm = ch
-        .basic_publish(
+    let answer = async {
+        ch.basic_publish(
             exchange,
             routing_key,
             BasicPublishOptions {
@@ -905,7 +952,12 @@ async fn republish(
             replay_properties(&d.properties),
         )
         .await?
-        .await?;
+        .await
+    };
+    let confirm = answered("a replayed dead letter's confirm", async {
+        Ok(answer.await?)
+    })
+    .await?;
     Ok(matches!(confirm, lapin::Confirmation::Ack(None)))
 }
 

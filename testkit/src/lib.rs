@@ -704,6 +704,38 @@ pub fn headers(pairs: &[(&str, AMQPValue)]) -> FieldTable {
     t
 }
 
+/// The end of a fault run, as every fault test reads it: the pipeline
+/// goes idle with one consumer per stage queue ([`pipeline_idle`]) and
+/// every one of `ids` is in `sink` (panics naming what is missing, for
+/// the test). Returns how many duplicates the sink holds.
+pub async fn finish_run(
+    client: &Client,
+    metrics: &flowgate::Metrics,
+    cfg: &Config,
+    sink: &str,
+    ids: &[String],
+    idle_within: Duration,
+) -> usize {
+    let idle = pipeline_idle(client, metrics, cfg, idle_within).await;
+    assert!(
+        idle.is_ok(),
+        "the run did not finish with one consumer per stage queue: {idle:?}\n{}",
+        metrics.render()
+    );
+    // Everything the sink holds, duplicates included.
+    let n = ids.len();
+    let seen = client.collect_all(sink, n, Duration::from_secs(120)).await;
+    let in_sink: usize = seen.values().sum();
+    let missing: Vec<&String> = ids.iter().filter(|i| !seen.contains_key(*i)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {n} ids never arrived (first: {:?})",
+        missing.len(),
+        missing.iter().take(5).collect::<Vec<_>>()
+    );
+    in_sink - seen.len()
+}
+
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
 where
@@ -725,62 +757,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn uniquely_named_renames_every_name_and_every_reference() {
-        let host = Config::from_toml(
-            r#"
-            [[exchanges]]
-            name = "shop"
-            [[queues]]
-            name = "orders"
-            bindings = [{ exchange = "shop", routing_key = "order.created" },
-                        { exchange = "amq.topic", routing_key = "legacy" }]
-            [[queues]]
-            name = "audit"
-            [[stages]]
-            name = "enrich"
-            queue = "orders"
-            handler = "forward"
-            output = { exchange = "", routing_key = "audit" }
-            [[stages]]
-            name = "audit"
-            queue = "audit"
-            handler = "forward"
-            output = { exchange = "shop", routing_key = "order.audited" }
-            [ingress]
-            routes = [{ exchange = "shop" }]
-            "#,
-        )
-        .expect("the host config parses");
-        let c = uniquely_named(&host, "t-x");
-        assert_eq!(c.exchanges[0].name, "t-x.shop");
-        let names: Vec<_> = c.queues.iter().map(|q| q.name.as_str()).collect();
-        assert_eq!(names, ["t-x.orders", "t-x.audit"]);
-        let b = &c.queues[0].bindings;
-        assert_eq!(
-            (b[0].exchange.as_str(), b[1].exchange.as_str()),
-            ("t-x.shop", "amq.topic")
-        );
-        assert_eq!(c.stages[0].queue, "t-x.orders");
-        let o = c.stages[0].output.as_ref().unwrap();
-        assert_eq!(
-            (o.exchange.as_str(), o.routing_key.as_str()),
-            ("", "t-x.audit")
-        );
-        let o = c.stages[1].output.as_ref().unwrap();
-        assert_eq!(
-            (o.exchange.as_str(), o.routing_key.as_str()),
-            ("t-x.shop", "order.audited")
-        );
-        assert_eq!(c.ingress.routes[0].exchange, "t-x.shop");
-        assert_eq!(c.amqp.connection_name, "t-x");
-        assert_ne!(c.dedup.prefix, host.dedup.prefix);
-        assert_eq!(
-            c.stages[0].name, "enrich",
-            "stage names (metric labels) stay"
-        );
-    }
 
     /// A fresh server-named, exclusive queue on `client` holding `n` messages.
     async fn queue_with(client: &Client, n: usize) -> String {
