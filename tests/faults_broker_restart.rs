@@ -157,9 +157,7 @@ async fn stop_app_and_node_restarts_are_recovered_within_backoff_max_without_los
                 .await
                 .expect("start the node");
         } else {
-            node.blocking(|n| n.ctl_ok(&["start_app"]))
-                .await
-                .expect("start_app");
+            node.blocking(|n| n.start_app()).await.expect("start_app");
         }
         let back = back.await.expect("accepting");
         let ready = tokio::time::timeout(Duration::from_secs(90), ready)

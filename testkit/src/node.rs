@@ -643,10 +643,18 @@ impl BrokerNode {
         Ok(())
     }
 
-    /// `rabbitmqctl start_app`, then wait until AMQP is accepted again.
+    /// `rabbitmqctl start_app`, then wait until AMQP is accepted again. A
+    /// loaded machine can take longer than one `rabbitmqctl` bound to boot
+    /// the app: up to three attempts (starting a started app does nothing).
     pub fn start_app(&self) -> Result<()> {
-        self.ctl_ok(&["start_app"])?;
-        self.wait_ready(NODE_START_TIMEOUT)
+        let mut tried = Vec::new();
+        for _ in 0..3 {
+            match self.ctl_ok(&["start_app"]) {
+                Ok(_) => return self.wait_ready(NODE_START_TIMEOUT),
+                Err(e) => tried.push(e.to_string()),
+            }
+        }
+        bail!("start_app failed three times: {tried:?}")
     }
 
     /// Stops the whole node (`rabbitmqctl stop`: the Erlang VM exits, the
