@@ -61,6 +61,7 @@ impl Credits {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
 
     #[tokio::test]
     async fn credits_bound_in_flight_work() {
@@ -72,5 +73,23 @@ mod tests {
         drop(a);
         assert_eq!(c.in_use(), 1);
         assert!(c.try_acquire().is_some());
+        assert_eq!(c.total(), 2);
+    }
+
+    #[tokio::test]
+    async fn drained_waits_for_every_credit_to_come_back() {
+        let c = Credits::new(3);
+        let a = c.acquire().await.unwrap();
+        let b = c.try_acquire().unwrap();
+        let drained = c.drained();
+        tokio::pin!(drained);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(drained.as_mut().poll(&mut cx).is_pending(), "2 still out");
+        drop(a);
+        assert!(drained.as_mut().poll(&mut cx).is_pending(), "1 still out");
+        drop(b);
+        assert!(drained.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(c.in_use(), 0, "and gives them back");
     }
 }

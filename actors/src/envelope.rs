@@ -614,6 +614,67 @@ mod tests {
         assert_eq!(e.len, 256);
         assert!(e.to_string().contains("routing key"));
         assert!(check_short("exchange", &"é".repeat(128)).is_err());
+        assert_eq!(
+            check_short("exchange", &"a".repeat(255)),
+            Ok(()),
+            "255 is allowed"
+        );
+    }
+
+    #[test]
+    fn header_values_are_read_from_every_integer_and_string_type() {
+        let ints = [
+            AMQPValue::ShortShortInt(-3),
+            AMQPValue::ShortShortUInt(3),
+            AMQPValue::ShortInt(-300),
+            AMQPValue::ShortUInt(300),
+            AMQPValue::LongInt(-70_000),
+            AMQPValue::LongUInt(70_000),
+            AMQPValue::LongLongInt(-5_000_000_000),
+            AMQPValue::Timestamp(5_000_000_000),
+        ];
+        let got: Vec<Option<i64>> = ints.iter().map(header_int).collect();
+        assert_eq!(
+            got,
+            [
+                -3,
+                3,
+                -300,
+                300,
+                -70_000,
+                70_000,
+                -5_000_000_000,
+                5_000_000_000
+            ]
+            .map(Some)
+        );
+        assert_eq!(header_int(&text("7")), None);
+        assert_eq!(
+            header_string(&AMQPValue::ShortString("short".into())).as_deref(),
+            Some("short")
+        );
+        assert_eq!(header_string(&text("long")).as_deref(), Some("long"));
+        assert_eq!(header_string(&AMQPValue::LongLongInt(1)), None);
+    }
+
+    #[test]
+    fn dead_letter_times_are_now_and_the_first_one_is_kept() {
+        let wall = now_millis();
+        assert!(
+            wall > 1_600_000_000_000,
+            "milliseconds since the epoch: {wall}"
+        );
+        let mut p = BasicProperties::default();
+        stamp_dead_lettered(&mut p);
+        let at = |p: &BasicProperties, n| header(p, n).and_then(header_int);
+        let first = at(&p, DEAD_LETTERED_AT).unwrap();
+        assert!((wall..wall + 60_000).contains(&first), "{first} vs {wall}");
+        assert_eq!(at(&p, FIRST_DEAD_LETTERED_AT), Some(first));
+        // Dead-lettered again later: the first death is kept.
+        set_header(&mut p, FIRST_DEAD_LETTERED_AT, AMQPValue::LongLongInt(5));
+        stamp_dead_lettered(&mut p);
+        assert_eq!(at(&p, FIRST_DEAD_LETTERED_AT), Some(5));
+        assert!(at(&p, DEAD_LETTERED_AT).unwrap() >= first);
     }
 
     #[test]
@@ -632,6 +693,8 @@ mod tests {
         assert!(t.len() <= 5 + '…'.len_utf8());
         assert!(t.starts_with("éé"));
         assert_eq!(truncate("short".into(), 10), "short");
+        assert_eq!(truncate("exact".into(), 5), "exact", "at the limit: kept");
+        assert_eq!(truncate("exact!".into(), 5), "exact…");
     }
 
     fn name() -> impl Strategy<Value = String> {
@@ -679,6 +742,7 @@ mod tests {
         assert_eq!(since_first_published(&p), None);
         stamp_first_published(&mut p);
         let first = first_published(&p).unwrap();
+        assert!(first > 1_600_000_000_000, "a wall-clock stamp: {first}");
         assert!(since_first_published(&p).unwrap() < std::time::Duration::from_secs(5));
         // A second stamp keeps the first.
         let mut later = p.clone();

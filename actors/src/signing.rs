@@ -394,6 +394,15 @@ mod tests {
             AMQPValue::LongString(sig.into()),
         );
         assert_eq!(k.verify(&["rk"], &upper, b"body"), Ok(KeyUsed::Current));
+        // A short-string header (another client's choice) is read too.
+        let sig = k.current.sign("rk", &props(), b"body");
+        let mut short = props();
+        crate::message::set_header(
+            &mut short,
+            SIGNATURE_HEADER,
+            AMQPValue::ShortString(sig.as_str().into()),
+        );
+        assert_eq!(k.verify(&["rk"], &short, b"body"), Ok(KeyUsed::Current));
     }
 
     #[test]
@@ -429,6 +438,8 @@ mod tests {
         let h = out.headers().clone().unwrap_or_default();
         assert!(!h.inner().contains_key(UNSIGNED_HEADER));
         assert!(!h.inner().contains_key(SIGNATURE_HEADER));
+        assert_eq!(out.message_id(), props().message_id(), "the rest is kept");
+        assert_eq!(out.content_type(), props().content_type());
     }
 
     #[test]

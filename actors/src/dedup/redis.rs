@@ -448,6 +448,7 @@ mod tests {
             return;
         };
         s.ping().await.unwrap();
+        assert_eq!(s.prefix(), prefix);
         let t = acquired(s.claim("m1", LEASE).await.unwrap());
         assert_eq!(s.claim("m1", LEASE).await.unwrap(), Claim::InProgress);
         assert_eq!(s.commit(&t, RTTL).await.unwrap(), CommitOutcome::Committed);
@@ -662,6 +663,57 @@ mod tests {
         assert!(err.is_transient(), "{err:?}");
         assert!(started.elapsed() < timeout + Duration::from_millis(500));
         accept.abort();
+    }
+
+    #[tokio::test]
+    async fn debug_shows_the_settings_but_never_a_key() {
+        let config = RedisStoreConfig {
+            op_timeout: Duration::from_millis(1234),
+            lazy: true,
+            ca_pem: Some(b"CA-BYTES".to_vec()),
+            client_pem: Some((b"CERT-BYTES".to_vec(), b"SECRET-KEY".to_vec())),
+        };
+        let text = format!("{config:?}");
+        assert!(
+            text.contains("1.234s") && text.contains("lazy: true"),
+            "{text}"
+        );
+        for secret in ["CA-BYTES", "CERT-BYTES", "SECRET-KEY"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+        let plain = RedisStoreConfig {
+            lazy: true,
+            ..Default::default()
+        };
+        let store = RedisStore::connect_with("redis://127.0.0.1:1/", "p:", plain)
+            .await
+            .unwrap();
+        let text = format!("{store:?}");
+        assert!(
+            text.contains("\"p:\"") && text.contains("op_timeout"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_alone_selects_the_tls_client() {
+        // A key that is not PEM fails where the TLS client is built, before
+        // any connection (a CA alone is parsed later, when connecting).
+        let lazy = |client_pem| RedisStoreConfig {
+            lazy: true,
+            client_pem,
+            ..Default::default()
+        };
+        let garbage = || b"not a pem".to_vec();
+        let url = "rediss://127.0.0.1:1/";
+        let res = RedisStore::connect_with(url, "p:", lazy(Some((garbage(), garbage())))).await;
+        assert!(
+            matches!(res, Err(DedupError::Backend(_))),
+            "garbage PEM accepted: {res:?}"
+        );
+        assert!(RedisStore::connect_with(url, "p:", lazy(None))
+            .await
+            .is_ok());
     }
 
     #[tokio::test]

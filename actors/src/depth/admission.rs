@@ -75,7 +75,7 @@ impl QueueLevels {
             .iter()
             .map(|q| {
                 // The ingress takes one share besides the feeding stages.
-                let shares = feeders(stages, &q.name) + 1;
+                let shares = feeders(stages.iter().map(|s| s.outputs.as_slice()), &q.name) + 1;
                 let headroom = q.watermark.map_or(u64::MAX, |w| share(w, 0, shares));
                 (
                     q.name.clone(),

@@ -204,7 +204,11 @@ impl DepthMonitorActor {
                         let w = self.cfg.queues.iter().find(|w| &w.name == q)?.watermark?;
                         // Unread depth: no budget until the next good sample.
                         let depth = depths.get(q.as_str()).copied().unwrap_or(w.high);
-                        Some(share(w, depth, feeders(&self.cfg.stages, q)))
+                        Some(share(
+                            w,
+                            depth,
+                            feeders(self.cfg.stages.iter().map(|s| s.outputs.as_slice()), q),
+                        ))
                     })
                     .min();
                 if budget.is_some() {

@@ -28,12 +28,10 @@ pub(crate) fn share(w: Watermark, depth: u64, sharers: u64) -> u64 {
     w.high.saturating_sub(depth) / sharers.max(1)
 }
 
-/// How many of `stages` feed `queue` (publish to it).
-pub(crate) fn feeders(stages: &[super::WatchedStage], queue: &str) -> u64 {
-    stages
-        .iter()
-        .filter(|s| s.outputs.iter().any(|q| q == queue))
-        .count() as u64
+/// How many stages feed `queue` (publish to it), given each stage's
+/// output queues.
+pub(crate) fn feeders<'a>(outputs: impl Iterator<Item = &'a [String]>, queue: &str) -> u64 {
+    outputs.filter(|o| o.iter().any(|q| q == queue)).count() as u64
 }
 
 #[cfg(test)]
@@ -65,5 +63,20 @@ mod tests {
         assert_eq!(share(W, 40, 2), 30);
         assert_eq!(share(W, 150, 3), 0);
         assert_eq!(share(W, 0, 0), 100, "no sharer counts as one");
+    }
+
+    #[test]
+    fn feeders_are_the_stages_publishing_to_the_queue() {
+        let outs = |qs: &[&str]| qs.iter().map(|q| (*q).to_owned()).collect::<Vec<_>>();
+        let stages = [
+            outs(&["a", "b"]),
+            outs(&["b"]),
+            outs(&[]),
+            outs(&["c", "b"]),
+        ];
+        let count = |q| feeders(stages.iter().map(Vec::as_slice), q);
+        assert_eq!(count("b"), 3);
+        assert_eq!(count("a"), 1);
+        assert_eq!(count("z"), 0);
     }
 }

@@ -249,6 +249,11 @@ mod tests {
             Backpressure.to_string(),
             "publish rate limit: too many waiters"
         );
+        let text = format!("{:?}", TokenBucket::new(50, 7, 3));
+        assert!(
+            text.contains("rate: (50, 7)") && text.contains("max_waiters: 3"),
+            "{text}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

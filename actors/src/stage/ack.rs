@@ -326,3 +326,159 @@ impl AckBatcher {
         .emit(&self.metrics);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::message::Delivery;
+
+    const STAGE: &str = "s";
+
+    /// A delivery's acker (no channel behind it: lapin lets it ack once)
+    /// and a clone of it that tells whether it was used.
+    fn acker(tag: u64) -> (Acker, Acker) {
+        let a = Delivery::mock(tag, "".into(), "".into(), false, Vec::new()).acker;
+        (a.clone(), a)
+    }
+
+    fn batcher(max_batch: usize) -> (Arc<AckBatcher>, Metrics) {
+        let m = Metrics::new();
+        let policy = AckPolicy {
+            max_batch,
+            flush_interval: Duration::from_secs(1),
+        };
+        (AckBatcher::start(policy, STAGE.into(), m.clone()), m)
+    }
+
+    /// (deliveries acked, `basic.ack` frames sent)
+    fn acked(m: &Metrics) -> (u64, u64) {
+        (
+            m.counter(Metrics::ACKED, &[STAGE]),
+            m.counter(Metrics::ACK_FRAMES, &[STAGE]),
+        )
+    }
+
+    #[test]
+    fn batches_are_a_quarter_of_the_prefetch() {
+        let d = Duration::from_millis(5);
+        assert_eq!(AckPolicy::for_prefetch(40, d).max_batch, 10);
+        assert_eq!(AckPolicy::for_prefetch(7, d).max_batch, 1);
+        assert_eq!(AckPolicy::for_prefetch(3, d).max_batch, 1, "at least 1");
+        assert_eq!(AckPolicy::for_prefetch(40, d).flush_interval, d);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_prefix_goes_at_once_as_one_frame_on_its_highest_tag() {
+        let (b, m) = batcher(3);
+        let t: Vec<Ticket> = (1..=4).map(|tag| b.register(tag)).collect();
+        let (a, used): (Vec<Acker>, Vec<Acker>) = (1..=4).map(acker).unzip();
+        b.ready(t[0], a[0].clone()).await;
+        b.ready(t[1], a[1].clone()).await;
+        assert_eq!(acked(&m), (0, 0), "2 ready of 4: neither full nor all");
+        b.ready(t[2], a[2].clone()).await;
+        assert_eq!(acked(&m), (3, 1), "the prefix of 3 in one frame");
+        assert!(!used[2].usable(), "sent on the highest tag");
+        assert!(used[0].usable() && used[1].usable(), "covered, not sent");
+        // Everything registered is ready (nothing else is handled): at once.
+        b.ready(t[3], a[3].clone()).await;
+        assert_eq!(acked(&m), (4, 2));
+        assert!(!used[3].usable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ready_delivery_behind_a_pending_one_goes_alone_after_the_interval() {
+        let (b, m) = batcher(10);
+        // A lone delivery goes at once (and schedules nothing).
+        let (a0, used0) = acker(1);
+        b.ready(b.register(1), a0).await;
+        assert!(!used0.usable());
+        assert_eq!(acked(&m), (1, 1));
+        let pending = b.register(2);
+        let t3 = b.register(3);
+        let (a3, used3) = acker(3);
+        b.ready(t3, a3).await;
+        tokio::time::sleep(Duration::from_millis(999)).await;
+        assert!(used3.usable(), "held for the interval");
+        assert_eq!(acked(&m), (1, 1));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(!used3.usable(), "then sent on its own");
+        assert_eq!(acked(&m), (2, 2));
+        // The pending one is rejected (its frame sent elsewhere) and leaves.
+        b.settled(pending).await;
+        let (a4, used4) = acker(4);
+        b.ready(b.register(4), a4).await;
+        assert!(!used4.usable(), "nothing holds it any more");
+        assert_eq!(acked(&m), (3, 3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_recovered_channel_starts_a_new_register() {
+        let (b, m) = batcher(10);
+        let old1 = b.register(1);
+        let old2 = b.register(2);
+        // lapin recovered the channel: its tags start at 1 again.
+        let new1 = b.register(1);
+        let new2 = b.register(2);
+        // A late ready of the old incarnation goes out alone at once
+        // (lapin refuses it on a real channel); it joins nothing.
+        let (a, used) = acker(2);
+        b.ready(old2, a).await;
+        assert!(!used.usable());
+        assert_eq!(acked(&m), (1, 1));
+        // Settling an old ticket leaves the new entry of that tag alone.
+        b.settled(old1).await;
+        let (a2, used2) = acker(2);
+        b.ready(new2, a2).await;
+        assert!(used2.usable(), "new tag 1 is still handled: held");
+        let (a1, used1) = acker(1);
+        b.ready(new1, a1).await;
+        assert_eq!(acked(&m), (3, 2), "both new ones in one frame");
+        assert!(!used2.usable() && used1.usable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_draining_a_ready_prefix_goes_at_once() {
+        let (b, m) = batcher(10);
+        let t1 = b.register(1);
+        let _pending = b.register(2);
+        let t3 = b.register(3);
+        let (a3, used3) = acker(3);
+        b.ready(t3, a3).await;
+        assert!(used3.usable());
+        // The drain took every credit back: whatever is ready goes now.
+        b.drain().await;
+        assert!(!used3.usable());
+        assert_eq!(acked(&m), (1, 1));
+        let (a1, used1) = acker(1);
+        b.ready(t1, a1).await;
+        assert!(!used1.usable(), "a prefix of 1 of 2 goes at once");
+        assert_eq!(acked(&m), (2, 2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ack_the_channel_refuses_is_counted_as_failed_not_acked() {
+        let (b, m) = batcher(10);
+        let (a, used) = acker(1);
+        // Its channel closed since the delivery: lapin answers `false`.
+        assert!(used.ack(BasicAckOptions::default()).await.unwrap());
+        b.ready(b.register(1), a).await;
+        assert_eq!(acked(&m), (0, 0));
+        assert_eq!(m.counter(Metrics::ACK_FAILURES, &[STAGE]), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_flusher_ends_with_the_batcher() {
+        let (b, _m) = batcher(10);
+        let wake = b.wake.clone();
+        tokio::task::yield_now().await;
+        assert_eq!(Arc::strong_count(&wake), 3, "the batcher, its flusher, us");
+        drop(b);
+        for _ in 0..100 {
+            if Arc::strong_count(&wake) == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(Arc::strong_count(&wake), 1, "the flusher task ended");
+    }
+}
