@@ -43,6 +43,19 @@ impl Event for Consumed<'_> {
     }
 }
 
+/// On an ordered stage, a delivery queued behind an earlier one of its key
+/// (holding its credit) instead of starting at once.
+pub(crate) struct LaneWaited<'a> {
+    /// The stage.
+    pub stage: &'a str,
+}
+
+impl Event for LaneWaited<'_> {
+    fn emit(self, m: &Metrics) {
+        m.0.lane_waits.with_label_values(&[self.stage]).inc();
+    }
+}
+
 /// One `basic.ack` frame went out (after the outputs of every delivery it
 /// covers were confirmed): one delivery, or a batch (`multiple`).
 pub(crate) struct Acked<'a> {
@@ -1097,6 +1110,7 @@ impl Event for StageKnown<'_> {
             &i.dedup_hits,
             &i.dedup_errors,
             &i.dedup_lease_lost,
+            &i.lane_waits,
         ] {
             c.with_label_values(&[s]);
         }

@@ -14,10 +14,12 @@
 
 mod ack;
 mod batch;
+mod lanes;
 mod process;
 
 pub use ack::AckPolicy;
 pub use batch::BatchPolicy;
+pub use lanes::{KeyFn, MissingKey, OrderKey, OrderPolicy};
 
 use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscribe};
 use crate::credit::{Credit, Credits};
@@ -90,6 +92,10 @@ pub struct StageSpec {
     /// call is cancelled and each of its deliveries fails like a handler
     /// error; `None`: no bound.
     pub handler_timeout: Option<Duration>,
+    /// Per-key ordering (see [`OrderPolicy`]): deliveries with the same key
+    /// are handled one at a time in delivery order, and a failed attempt
+    /// retries in place; `None`: any order, retries through the tiers.
+    pub order: Option<OrderPolicy>,
 }
 
 /// Shared between the actor, its intake task and its message tasks.
@@ -121,6 +127,11 @@ pub(crate) struct Shared {
     pub batcher: Option<batch::Batcher>,
     /// The ack register, when the stage batches acks.
     pub acks: Option<Arc<ack::AckBatcher>>,
+    /// The ordered lanes, when the stage keeps order by a key.
+    pub lanes: Option<lanes::Lanes>,
+    /// Turns true once draining starts: a retry waiting in place gives its
+    /// delivery back instead of waiting on.
+    pub drains: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -337,15 +348,13 @@ impl StageActor {
         let worker_target = Arc::new(AtomicUsize::new(spec.concurrency.max(1)));
         let pinned = Arc::new(AtomicUsize::new(0));
         let paused = watch::channel(BTreeSet::new()).0;
-        let tiers: Vec<String> = spec
-            .retry
-            .as_ref()
-            .map(|r| {
-                (1..=r.tiers().len())
-                    .map(|n| crate::retry::RetryPolicy::tier_queue(&spec.queue, n))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let tiers: Vec<String> = match (&spec.retry, &spec.order) {
+            (None, _) => Vec::new(),
+            (Some(_), Some(_)) => vec![lanes::IN_PLACE.to_owned()],
+            (Some(r), None) => (1..=r.tiers().len())
+                .map(|n| crate::retry::RetryPolicy::tier_queue(&spec.queue, n))
+                .collect(),
+        };
         events::StageKnown {
             stage: &spec.name,
             tiers: &tiers,
@@ -381,9 +390,12 @@ impl StageActor {
         let acks = spec
             .ack
             .map(|p| ack::AckBatcher::start(p, spec.name.clone(), metrics.clone()));
+        let lanes = spec.order.clone().map(lanes::Lanes::new);
         let shared = Arc::new(Shared {
             batcher,
             acks,
+            lanes,
+            drains: watch::channel(false).0,
             workers,
             paused,
             worker_target,
@@ -549,7 +561,13 @@ async fn intake(
                     .acks
                     .as_ref()
                     .map(|a| a.register(delivery.delivery_tag));
-                tokio::spawn(process::process(shared.clone(), delivery, credit, ticket));
+                if shared.lanes.is_some() {
+                    // The key is read here, in delivery order.
+                    let taken = process::take(&shared, delivery, credit, ticket);
+                    lanes::Lanes::dispatch(&shared, taken);
+                } else {
+                    tokio::spawn(process::process(shared.clone(), delivery, credit, ticket));
+                }
             }
             Pulled::Item(Err(e), credit) => {
                 drop(credit);
@@ -700,6 +718,7 @@ impl actix::Handler<Drain> for StageActor {
     fn handle(&mut self, msg: Drain, _ctx: &mut Context<Self>) -> Self::Result {
         self.draining = true;
         self.shared.draining.store(true, Ordering::Release);
+        self.shared.drains.send_replace(true);
         let _ = self.stop.send(true);
         let ch = self.channel.take();
         let tag = std::mem::take(&mut self.consumer_tag);

@@ -1,0 +1,392 @@
+//! Ordered lanes (`stages[].order_by`): the events of one key are handled in
+//! the order they were published, different keys in parallel; a failed
+//! attempt retries in place, holding its key.
+
+use flowgate_testkit as common;
+
+use common::*;
+use flowgate::config::Concurrency;
+use flowgate::config::RetryConfig;
+use flowgate::envelope::Reason;
+use flowgate::lapin::options::BasicPublishOptions;
+use flowgate::lapin::BasicProperties;
+use flowgate::{handler_fn, Config, Delivery, Engine, HandlerError, Outcome};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The header the events carry their key in.
+const KEY: &str = "entity";
+
+/// A random number below `n` (a fresh hasher key each call).
+fn random(n: u64) -> u64 {
+    std::collections::hash_map::RandomState::new().hash_one(0u8) % n
+}
+
+/// What the handler saw, per key: the sequence numbers in handling order.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<HashMap<String, Vec<u32>>>>);
+
+impl Seen {
+    fn record(&self, key: &str, seq: u32) {
+        self.0
+            .lock()
+            .unwrap()
+            .entry(key.to_owned())
+            .or_default()
+            .push(seq);
+    }
+
+    fn total(&self) -> usize {
+        self.0.lock().unwrap().values().map(Vec::len).sum()
+    }
+
+    /// Keys whose handled sequence is not exactly `0..events`, with it.
+    fn out_of_order(&self, events: u32) -> Vec<(String, Vec<u32>)> {
+        let want: Vec<u32> = (0..events).collect();
+        let mut bad: Vec<_> = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, got)| **got != want)
+            .map(|(k, got)| (k.clone(), got.clone()))
+            .collect();
+        bad.sort();
+        bad
+    }
+}
+
+/// `key:seq` from the body.
+fn parse(d: &Delivery) -> (String, u32) {
+    let body = String::from_utf8_lossy(&d.body);
+    let (k, n) = body.split_once(':').unwrap_or(("", "0"));
+    (k.to_owned(), n.parse().unwrap_or(0))
+}
+
+/// Publishes `events` events for each of `keys` keys, interleaved (event 0
+/// of every key, then event 1, ...), with the key in the `entity` header and
+/// `key:seq` as the body, confirmed.
+async fn publish_keyed(client: &Client, exchange: &str, keys: u32, events: u32) {
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for seq in 0..events {
+        for k in 0..keys {
+            let key = format!("k{k}");
+            let props = BasicProperties::default()
+                .with_message_id(format!("{key}-{seq}").into())
+                .with_headers(headers(&[(KEY, s(&key))]))
+                .with_delivery_mode(2);
+            let c = client
+                .ch
+                .basic_publish(
+                    exchange.into(),
+                    "in".into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        immediate: false,
+                    },
+                    format!("{key}:{seq}").as_bytes(),
+                    props,
+                )
+                .await
+                .expect("publish");
+            pending.push(c);
+            if pending.len() >= 500 {
+                let c = pending.next().await.expect("pending").expect("confirm");
+                assert!(c.is_ack(), "{c:?}");
+            }
+        }
+    }
+    while let Some(c) = pending.next().await {
+        assert!(c.expect("confirm").is_ack());
+    }
+}
+
+/// One stage `s1` on its queue with the test's handler: random 0–5 ms of
+/// work and 5% transient failures (retried through the ladder); the
+/// handler records each success.
+fn ordered_config(prefix: &str, concurrency: u32, order: bool) -> Config {
+    let mut cfg = chain_config(prefix, &["ordered"], 256);
+    let s = &mut cfg.stages[0];
+    s.concurrency = Concurrency::Fixed(concurrency);
+    s.retry = Some(RetryConfig {
+        max_attempts: 20,
+        backoff: vec![
+            Duration::from_millis(1).into(),
+            Duration::from_millis(5).into(),
+        ],
+    });
+    if order {
+        s.order_by = Some(format!("header:{KEY}"));
+    }
+    cfg
+}
+
+fn flaky_recorder(seen: Seen) -> impl flowgate::Handler {
+    handler_fn(move |d: Delivery| {
+        let seen = seen.clone();
+        async move {
+            tokio::time::sleep(Duration::from_micros(random(5000))).await;
+            if random(100) < 5 {
+                return Err(HandlerError::from("transient"));
+            }
+            let (key, seq) = parse(&d);
+            seen.record(&key, seq);
+            Ok(Outcome::ack())
+        }
+    })
+}
+
+/// Publishes `keys × events`, then starts the stage and waits until every
+/// event was handled once (or 180 s). Returns what was seen and the
+/// handling rate.
+async fn run(tag: &str, keys: u32, events: u32, concurrency: u32, order: bool) -> (Seen, f64) {
+    let prefix = unique(tag);
+    let cfg = ordered_config(&prefix, concurrency, order);
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    let client = Client::connect(AMQP_URL).await;
+    // Declare the topology first, so the events wait in the queue.
+    let seen = Seen::default();
+    let build = || {
+        Engine::builder()
+            .config(cfg.clone())
+            .handler("ordered", flaky_recorder(seen.clone()))
+            .build()
+            .unwrap()
+    };
+    build().start().await.unwrap().shutdown().await;
+    publish_keyed(&client, &format!("{prefix}.ex"), keys, events).await;
+    let total = (keys * events) as usize;
+    let started = Instant::now();
+    let h = build().start().await.unwrap();
+    let done = eventually(Duration::from_secs(180), || async { seen.total() >= total }).await;
+    let rate = seen.total() as f64 / started.elapsed().as_secs_f64();
+    // Nothing more comes (a duplicate would show as a repeat).
+    assert!(
+        h.wait_ready(Duration::from_secs(5)).await,
+        "the stage is still up"
+    );
+    if let Err(e) = pipeline_idle(&client, h.metrics(), &cfg, Duration::from_secs(30)).await {
+        panic!("not idle: {e}");
+    }
+    h.shutdown().await;
+    assert!(done, "handled {} of {total}", seen.total());
+    (seen, rate)
+}
+
+/// Acceptance 1 of #26: 100 keys × 200 events, concurrency 16, random 0–5 ms
+/// of work and 5% transient failures: every key's events are handled in
+/// publish order, each once; the throughput against the same stage at
+/// concurrency 1 is printed (a figure, not an assertion).
+#[actix_rt::test]
+async fn every_key_is_handled_in_publish_order_at_concurrency_16() {
+    let (seen, rate) = run("order-at-scale", 100, 200, 16, true).await;
+    let bad = seen.out_of_order(200);
+    assert!(
+        bad.is_empty(),
+        "{} keys out of order, e.g. {:?}",
+        bad.len(),
+        bad.first()
+    );
+    let (seen1, rate1) = run("order-at-one", 20, 50, 1, true).await;
+    assert!(seen1.out_of_order(50).is_empty());
+    println!(
+        "ordered stage: {rate:.0} msg/s at concurrency 16 vs {rate1:.0} msg/s at concurrency 1: {:.1}x",
+        rate / rate1
+    );
+}
+
+/// The test above can fail: the same run without `order_by` (retries go
+/// through the broker's tiers, handlers run in any order) inverts keys.
+#[actix_rt::test]
+async fn without_lanes_the_same_run_inverts_keys() {
+    let (seen, _) = run("order-off", 50, 40, 16, false).await;
+    assert!(
+        !seen.out_of_order(40).is_empty(),
+        "no inversion without order_by: the ordering test could not fail"
+    );
+}
+
+/// Starts one ordered stage `s1` with `handler` (and the key function
+/// `tenant`, which reads the `entity` header).
+async fn start_ordered(cfg: &Config, handler: impl flowgate::Handler) -> flowgate::EngineHandle {
+    let h = Engine::builder()
+        .config(cfg.clone())
+        .handler("ordered", handler)
+        .order_key("tenant", |d: &Delivery| {
+            d.header(KEY).and_then(flowgate::envelope::header_string)
+        })
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(h.wait_ready(Duration::from_secs(20)).await);
+    h
+}
+
+/// Publishes `key:seq` with the key in the `entity` header (none: no header).
+async fn publish_one(client: &Client, exchange: &str, key: Option<&str>, seq: u32) {
+    let name = key.unwrap_or("none");
+    let mut props = BasicProperties::default().with_message_id(format!("{name}-{seq}").into());
+    if let Some(k) = key {
+        props = props.with_headers(headers(&[(KEY, s(k))]));
+    }
+    client
+        .publish_props(exchange, "in", format!("{name}:{seq}").as_bytes(), props)
+        .await;
+}
+
+/// Item 2 of #26: on an ordered stage a failing event is retried in place
+/// (attempts 1, 2, 3 back to back, the handler seeing each number) before
+/// any later event of its key, then dead-lettered with `max-attempts` and
+/// its key; the key's later events go on; no copy goes to a retry tier.
+#[actix_rt::test]
+async fn a_failing_event_retries_in_place_then_dead_letters_and_its_key_goes_on() {
+    let prefix = unique("order-retry");
+    let mut cfg = ordered_config(&prefix, 4, true);
+    cfg.stages[0].retry = Some(RetryConfig {
+        max_attempts: 3,
+        backoff: vec![Duration::from_millis(50).into()],
+    });
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    let log: Arc<Mutex<Vec<(String, u32, u32)>>> = Arc::default();
+    let seen = log.clone();
+    let h = start_ordered(
+        &cfg,
+        handler_fn(move |d: Delivery| {
+            let seen = seen.clone();
+            async move {
+                let (key, seq) = parse(&d);
+                seen.lock().unwrap().push((key.clone(), seq, d.attempt()));
+                if key == "k0" && seq == 2 {
+                    return Err(HandlerError::from("always fails"));
+                }
+                Ok(Outcome::ack())
+            }
+        }),
+    )
+    .await;
+    let client = Client::connect(AMQP_URL).await;
+    let ex = format!("{prefix}.ex");
+    for seq in 0..5 {
+        publish_one(&client, &ex, Some("k0"), seq).await;
+        publish_one(&client, &ex, Some("k1"), seq).await;
+    }
+    let dead = client
+        .collect(&format!("{prefix}.s1.dlq"), 1, Duration::from_secs(30))
+        .await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            log.lock().unwrap().len() >= 12
+        })
+        .await
+    );
+    if let Err(e) = pipeline_idle(&client, h.metrics(), &cfg, Duration::from_secs(20)).await {
+        panic!("not idle: {e}");
+    }
+    let per_key = |k: &str| -> Vec<(u32, u32)> {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|(key, ..)| key == k)
+            .map(|(_, seq, attempt)| (*seq, *attempt))
+            .collect()
+    };
+    assert_eq!(
+        per_key("k0"),
+        [(0, 1), (1, 1), (2, 1), (2, 2), (2, 3), (3, 1), (4, 1)],
+        "retried in place before the key's later events"
+    );
+    assert_eq!(per_key("k1"), [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]);
+    assert_eq!(dead.len(), 1);
+    let (id, hd) = &dead[0];
+    assert_eq!(id, "k0-2");
+    assert_eq!(
+        header(hd, flowgate::envelope::REASON).as_deref(),
+        Some(Reason::MaxAttempts.as_str())
+    );
+    assert_eq!(
+        header(hd, flowgate::envelope::ORDER_KEY).as_deref(),
+        Some("k0")
+    );
+    let m = h.metrics();
+    assert_eq!(
+        m.counter(flowgate::Metrics::RETRIED, &["s1", "in-place"]),
+        2
+    );
+    let tier = format!("{prefix}.s1.retry.1");
+    assert_eq!(client.depth(&tier).await, 0, "nothing went to a tier");
+    h.shutdown().await;
+}
+
+/// `missing_key`: `reject` dead-letters a keyless delivery (`missing-key`)
+/// and handles the others; `shared` handles every keyless delivery in one
+/// lane, in order (here with a host key function, `order_by = "tenant"`).
+#[actix_rt::test]
+async fn keyless_deliveries_are_dead_lettered_or_share_one_lane() {
+    for missing in ["reject", "shared"] {
+        let prefix = unique(&format!("order-missing-{missing}"));
+        let mut cfg = ordered_config(&prefix, 8, true);
+        cfg.stages[0].order_by = Some("tenant".into());
+        cfg.stages[0].missing_key = Some(if missing == "reject" {
+            flowgate::config::MissingKey::Reject
+        } else {
+            flowgate::config::MissingKey::Shared
+        });
+        let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+        let seen = Seen::default();
+        let recorder = seen.clone();
+        let h = start_ordered(
+            &cfg,
+            handler_fn(move |d: Delivery| {
+                let seen = recorder.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_micros(random(5000))).await;
+                    let (key, seq) = parse(&d);
+                    seen.record(&key, seq);
+                    Ok::<_, HandlerError>(Outcome::ack())
+                }
+            }),
+        )
+        .await;
+        let client = Client::connect(AMQP_URL).await;
+        let ex = format!("{prefix}.ex");
+        for seq in 0..30 {
+            publish_one(&client, &ex, None, seq).await;
+            publish_one(&client, &ex, Some("k0"), seq).await;
+        }
+        let dlq = format!("{prefix}.s1.dlq");
+        if missing == "reject" {
+            let dead = client.collect(&dlq, 30, Duration::from_secs(30)).await;
+            assert_eq!(dead.len(), 30);
+            for (id, hd) in &dead {
+                assert!(id.starts_with("none-"), "{id}");
+                assert_eq!(
+                    header(hd, flowgate::envelope::REASON).as_deref(),
+                    Some(Reason::MissingKey.as_str())
+                );
+            }
+            assert!(eventually(Duration::from_secs(20), || async { seen.total() >= 30 }).await);
+        } else {
+            assert!(eventually(Duration::from_secs(20), || async { seen.total() >= 60 }).await);
+        }
+        if let Err(e) = pipeline_idle(&client, h.metrics(), &cfg, Duration::from_secs(20)).await {
+            panic!("not idle: {e}");
+        }
+        assert!(seen.out_of_order(30).is_empty(), "{missing}");
+        let keys: Vec<String> = seen.0.lock().unwrap().keys().cloned().collect();
+        let want: &[&str] = if missing == "reject" {
+            &["k0"]
+        } else {
+            &["k0", "none"]
+        };
+        let mut keys = keys;
+        keys.sort();
+        assert_eq!(keys, want, "{missing}");
+        assert_eq!(client.depth(&dlq).await, 0);
+        h.shutdown().await;
+    }
+}
