@@ -390,3 +390,55 @@ async fn keyless_deliveries_are_dead_lettered_or_share_one_lane() {
         h.shutdown().await;
     }
 }
+
+/// Credit stays the prefetch: with one key and a handler that waits, the
+/// stage holds exactly `prefetch` deliveries (one handled, the others queued
+/// behind it, each holding its credit) and the rest stay in the broker;
+/// released, all are handled in order.
+#[actix_rt::test]
+async fn deliveries_waiting_behind_their_key_hold_their_credit_and_no_more() {
+    let prefix = unique("order-credit");
+    let mut cfg = ordered_config(&prefix, 8, true);
+    cfg.stages[0].prefetch = 10;
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let seen = Seen::default();
+    let (g, recorder) = (gate.clone(), seen.clone());
+    let h = start_ordered(
+        &cfg,
+        handler_fn(move |d: Delivery| {
+            let (gate, seen) = (g.clone(), recorder.clone());
+            async move {
+                let _pass = gate.acquire().await;
+                let (key, seq) = parse(&d);
+                seen.record(&key, seq);
+                Ok::<_, HandlerError>(Outcome::ack())
+            }
+        }),
+    )
+    .await;
+    let client = Client::connect(AMQP_URL).await;
+    publish_keyed(&client, &format!("{prefix}.ex"), 1, 50).await;
+    let m = h.metrics();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            m.gauge(flowgate::Metrics::IN_FLIGHT, &["s1"]) == 10
+                && m.counter(flowgate::Metrics::LANE_WAITS, &["s1"]) == 9
+        })
+        .await,
+        "in flight {}, lane waits {}",
+        m.gauge(flowgate::Metrics::IN_FLIGHT, &["s1"]),
+        m.counter(flowgate::Metrics::LANE_WAITS, &["s1"])
+    );
+    let (ready, _) = client.queue_stat(&format!("{prefix}.s1")).await;
+    assert_eq!(ready, 40, "the rest waits in the broker");
+    assert_eq!(
+        m.gauge(flowgate::Metrics::IN_FLIGHT, &["s1"]),
+        10,
+        "never more than the prefetch"
+    );
+    gate.add_permits(1000);
+    assert!(eventually(Duration::from_secs(30), || async { seen.total() >= 50 }).await);
+    assert!(seen.out_of_order(50).is_empty());
+    h.shutdown().await;
+}
