@@ -410,6 +410,9 @@ impl Engine {
                 keys: keys.as_ref(),
                 max_message_bytes: config.limits.max_message_bytes,
                 order_key,
+                single_active_consumer: config
+                    .queue(&s.queue)
+                    .is_some_and(|q| q.single_active_consumer),
             });
             let prefetch = spec.prefetch;
             let (addr, probe) = StageActor::start_supervised(

@@ -442,3 +442,184 @@ async fn deliveries_waiting_behind_their_key_hold_their_credit_and_no_more() {
     assert!(seen.out_of_order(50).is_empty());
     h.shutdown().await;
 }
+
+/// The broker's view of `queue`'s consumers: (consumer tag, active) each.
+async fn broker_consumers(queue: &str) -> Vec<(String, bool)> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args([
+            "list_consumers",
+            "-q",
+            "--no-table-headers",
+            "queue_name",
+            "consumer_tag",
+            "active",
+        ])
+        .output()
+        .await
+        .expect("rabbitmqctl list_consumers");
+    assert!(out.status.success(), "rabbitmqctl list_consumers failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            (f.next()? == queue)
+                .then(|| (f.next().unwrap_or("").to_owned(), f.next() == Some("true")))
+        })
+        .collect()
+}
+
+/// What `/readyz` says of stage `s1`'s consumer (`active`, `standby`).
+async fn consumer_role(d: &common::daemon::Daemon) -> Option<String> {
+    let answer = d.http_get("/readyz").await?;
+    if !answer.starts_with("HTTP/1.1 200") && !answer.starts_with("HTTP/1.0 200") {
+        return Some("not ready".into());
+    }
+    let body = answer.split("\r\n\r\n").nth(1)?;
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    v["stages"][0]["consumer"].as_str().map(str::to_owned)
+}
+
+/// `key-seq` ids recorded by the `record` handler, per key, in file order.
+fn recorded(path: &std::path::Path) -> HashMap<String, Vec<u32>> {
+    let mut out: HashMap<String, Vec<u32>> = HashMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        if let Some((k, n)) = line.rsplit_once('-') {
+            out.entry(k.to_owned())
+                .or_default()
+                .push(n.parse().unwrap_or(u32::MAX));
+        }
+    }
+    out
+}
+
+/// Acceptance 3 of #26: two daemons on one `single_active_consumer` queue;
+/// the broker shows one active consumer and `/readyz` shows which (both
+/// ready); `kill -9` of the active one mid-run → the other takes over, and
+/// every key's events are handled in publish order across the takeover (the
+/// survivor may repeat a suffix the dead one had not acked; nothing lost).
+#[actix_rt::test]
+async fn a_standby_daemon_takes_over_a_single_active_consumer_queue_in_order() {
+    const KEYS: u32 = 20;
+    const EVENTS: u32 = 100;
+    let prefix = unique("order-sac");
+    let dir = tempfile::tempdir().unwrap();
+    let toml = |record: &std::path::Path| {
+        format!(
+            r#"
+[amqp]
+url = "{AMQP_URL}"
+connection_name = "{prefix}"
+[shutdown]
+grace = "5s"
+[[exchanges]]
+name = "{prefix}.ex"
+[[queues]]
+name = "{prefix}.s1"
+bindings = [{{ exchange = "{prefix}.ex", routing_key = "in" }}]
+single_active_consumer = true
+[[stages]]
+name = "s1"
+queue = "{prefix}.s1"
+handler = "record"
+record_file = "{}"
+delay = "20ms"
+prefetch = 40
+concurrency = 8
+order_by = "header:{KEY}"
+"#,
+            record.display()
+        )
+    };
+    let cfg = Config::from_toml(&toml(&dir.path().join("x"))).unwrap();
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    let exe: &std::path::Path = env!("CARGO_BIN_EXE_flowgate").as_ref();
+    let records = [dir.path().join("a.rec"), dir.path().join("b.rec")];
+    let mut daemons = vec![
+        common::daemon::Daemon::start(exe, dir.path(), "a", &toml(&records[0])),
+        common::daemon::Daemon::start(exe, dir.path(), "b", &toml(&records[1])),
+    ];
+    for d in &daemons {
+        assert!(
+            eventually(Duration::from_secs(30), || d.ready()).await,
+            "{}",
+            d.log()
+        );
+    }
+    let queue = format!("{prefix}.s1");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            broker_consumers(&queue).await.len() == 2
+        })
+        .await
+    );
+    let client = Client::connect(AMQP_URL).await;
+    publish_keyed(&client, &format!("{prefix}.ex"), KEYS, EVENTS).await;
+    let count = |i: usize| recorded(&records[i]).values().map(Vec::len).sum::<usize>();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            count(0) + count(1) >= 200
+        })
+        .await,
+        "nothing handled"
+    );
+    // One consumer is active at the broker; the daemons agree on which.
+    let consumers = broker_consumers(&queue).await;
+    assert_eq!(
+        consumers.iter().filter(|(_, active)| *active).count(),
+        1,
+        "{consumers:?}"
+    );
+    let active = if count(0) > 0 { 0 } else { 1 };
+    assert_eq!(count(1 - active), 0, "the standby handled nothing");
+    assert_eq!(
+        consumer_role(&daemons[active]).await.as_deref(),
+        Some("active")
+    );
+    assert_eq!(
+        consumer_role(&daemons[1 - active]).await.as_deref(),
+        Some("standby"),
+        "a standby is ready and says so"
+    );
+    // Mid-run: kill -9 the active one.
+    assert!(count(active) < (KEYS * EVENTS) as usize, "killed mid-run");
+    daemons[active].kill9();
+    let survivor = &daemons[1 - active];
+    assert!(
+        eventually(Duration::from_secs(120), || async {
+            let (a, b) = (recorded(&records[0]), recorded(&records[1]));
+            (0..KEYS).all(|k| {
+                let k = format!("k{k}");
+                let last =
+                    |m: &HashMap<String, Vec<u32>>| m.get(&k).and_then(|v| v.last().copied());
+                last(&a) == Some(EVENTS - 1) || last(&b) == Some(EVENTS - 1)
+            })
+        })
+        .await,
+        "the survivor did not finish: {}",
+        survivor.log()
+    );
+    assert_eq!(consumer_role(survivor).await.as_deref(), Some("active"));
+    let consumers = broker_consumers(&queue).await;
+    assert_eq!(consumers.len(), 1, "{consumers:?}");
+    assert!(consumers[0].1, "the survivor's consumer is active");
+    // Per key: the dead one's events 0..n, then the survivor's from some
+    // s <= n (a repeated suffix) to the end, each run consecutive.
+    let (first, second) = (recorded(&records[active]), recorded(&records[1 - active]));
+    for k in 0..KEYS {
+        let k = format!("k{k}");
+        let a = first.get(&k).cloned().unwrap_or_default();
+        let b = second.get(&k).cloned().unwrap_or_default();
+        let consecutive = |v: &[u32]| v.windows(2).all(|w| w[1] == w[0] + 1);
+        assert!(a.is_empty() || a[0] == 0, "{k}: {a:?}");
+        assert!(consecutive(&a), "{k} before the kill: {a:?}");
+        assert!(consecutive(&b), "{k} after the kill: {b:?}");
+        let resumed = b.first().copied().unwrap_or(a.len() as u32);
+        assert!(
+            resumed <= a.len() as u32,
+            "{k}: the survivor skipped from {} to {resumed}",
+            a.len()
+        );
+        let last = b.last().or(a.last()).copied();
+        assert_eq!(last, Some(EVENTS - 1), "{k}: not all handled");
+    }
+}

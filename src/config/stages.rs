@@ -581,6 +581,7 @@ impl StageConfig {
                 .then(|| flowgate_actors::AckPolicy::for_prefetch(prefetch, self.ack_batch.flush)),
             handler_timeout: self.handler_timeout,
             order: self.order_policy(parts.order_key),
+            single_active: parts.single_active_consumer,
         }
     }
 
@@ -639,6 +640,8 @@ pub(crate) struct StageParts<'a> {
     pub max_message_bytes: u64,
     /// The host's key function, when `order_by` names one.
     pub order_key: Option<flowgate_actors::KeyFn>,
+    /// The stage's queue has `single_active_consumer`.
+    pub single_active_consumer: bool,
 }
 
 /// The failure-semantics keys of one stage: `retry`, `dedup`, `record_file`.

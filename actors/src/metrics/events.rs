@@ -56,6 +56,25 @@ impl Event for LaneWaited<'_> {
     }
 }
 
+/// On a single-active-consumer queue, a stage's consumer became the active
+/// one (a delivery arrived) or a standby (it subscribed again).
+pub(crate) struct ConsumerRoleChanged<'a> {
+    /// The stage.
+    pub stage: &'a str,
+    /// Active (`true`) or standby.
+    pub active: bool,
+}
+
+impl Event for ConsumerRoleChanged<'_> {
+    fn emit(self, m: &Metrics) {
+        m.0.consumer_active
+            .with_label_values(&[self.stage])
+            .set(i64::from(self.active));
+        let role = if self.active { "active" } else { "standby" };
+        info!(stage = self.stage, role, "single active consumer");
+    }
+}
+
 /// One `basic.ack` frame went out (after the outputs of every delivery it
 /// covers were confirmed): one delivery, or a batch (`multiple`).
 pub(crate) struct Acked<'a> {

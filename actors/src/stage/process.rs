@@ -957,6 +957,7 @@ mod tests {
             ack: None,
             handler_timeout: None,
             order: None,
+            single_active: false,
         }
     }
 
