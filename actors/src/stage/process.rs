@@ -19,6 +19,10 @@
 //!    checked: an exchange or routing key the broker cannot take dead-letters
 //!    the input as `invalid-output`), a retry copy for a tier, or a dead
 //!    letter (`handler-error`, `panic`, `max-attempts`, or the handler's own).
+//!    On an ordered stage ([`super::lanes`]) a retry happens in place
+//!    instead ([`handle`]): steps 4 and 5 again after the ladder's delay,
+//!    holding the key's lane; a keyless delivery the stage rejects is
+//!    dead-lettered as `missing-key` after step 2.
 //! 6. [`carry_out`]: outputs or the retry copy are published and confirmed
 //!    (a returned output dead-letters as `unroutable`, a publish that panics
 //!    or is refused as invalid as `invalid-output`); then the claim is
