@@ -338,9 +338,8 @@ async fn keyless_deliveries_are_dead_lettered_or_share_one_lane() {
         });
         let _cleanup = Cleanup::new(AMQP_URL, &cfg);
         let seen = Seen::default();
-        let recorder = seen.clone();
-        let h = start_ordered(
-            &cfg,
+        let make = || {
+            let recorder = seen.clone();
             handler_fn(move |d: Delivery| {
                 let seen = recorder.clone();
                 async move {
@@ -349,15 +348,17 @@ async fn keyless_deliveries_are_dead_lettered_or_share_one_lane() {
                     seen.record(&key, seq);
                     Ok::<_, HandlerError>(Outcome::ack())
                 }
-            }),
-        )
-        .await;
+            })
+        };
+        // The topology first; the events wait in the queue for the stage.
+        start_ordered(&cfg, make()).await.shutdown().await;
         let client = Client::connect(AMQP_URL).await;
         let ex = format!("{prefix}.ex");
         for seq in 0..30 {
             publish_one(&client, &ex, None, seq).await;
             publish_one(&client, &ex, Some("k0"), seq).await;
         }
+        let h = start_ordered(&cfg, make()).await;
         let dlq = format!("{prefix}.s1.dlq");
         if missing == "reject" {
             let dead = client.collect(&dlq, 30, Duration::from_secs(30)).await;
@@ -622,4 +623,161 @@ order_by = "header:{KEY}"
         let last = b.last().or(a.last()).copied();
         assert_eq!(last, Some(EVENTS - 1), "{k}: not all handled");
     }
+}
+
+/// Per key, the handled sequence is the published one `0..events` with at
+/// most repeats of a suffix: each handling continues the run before it
+/// (`s + 1`) or starts a repeat at or before it (a redelivery), nothing is
+/// handled before every earlier event of its key was, and all were.
+fn assert_in_order_with_repeats(seen: &HashMap<String, Vec<u32>>, keys: u32, events: u32) {
+    for k in 0..keys {
+        let k = format!("k{k}");
+        let h = seen.get(&k).cloned().unwrap_or_default();
+        assert_eq!(h.first(), Some(&0), "{k}: {h:?}");
+        for w in h.windows(2) {
+            assert!(
+                w[1] == w[0] + 1 || w[1] <= w[0],
+                "{k}: {} handled right after {} (an inversion): {h:?}",
+                w[1],
+                w[0]
+            );
+        }
+        assert_eq!(h.iter().max(), Some(&(events - 1)), "{k}: {h:?}");
+    }
+}
+
+/// Acceptance 2 of #26 (a connection close): the broker closes the engine's
+/// connections mid-run (a private node); lapin recovers; per key the handled
+/// sequence is the published one with at most a repeated suffix, nothing
+/// lost.
+#[actix_rt::test]
+async fn order_holds_across_a_forced_connection_close() {
+    // Fewer keys than workers: without lanes a key's events would overlap.
+    const KEYS: u32 = 4;
+    const EVENTS: u32 = 1000;
+    let node = common::node::BrokerNode::start_async()
+        .await
+        .expect("private broker node");
+    let prefix = unique("order-close");
+    let mut cfg = ordered_config(&prefix, 8, true);
+    cfg.amqp.url = node.amqp_url();
+    let _cleanup = Cleanup::new(&node.amqp_url(), &cfg);
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let h = start_ordered(
+        &cfg,
+        handler_fn(move |d: Delivery| {
+            let seen = recorder.clone();
+            async move {
+                tokio::time::sleep(Duration::from_micros(10_000 + random(5000))).await;
+                let (key, seq) = parse(&d);
+                seen.record(&key, seq);
+                Ok::<_, HandlerError>(Outcome::ack())
+            }
+        }),
+    )
+    .await;
+    let client = Client::connect(&node.amqp_url()).await;
+    publish_keyed(&client, &format!("{prefix}.ex"), KEYS, EVENTS).await;
+    let total = (KEYS * EVENTS) as usize;
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            seen.total() > total / 5
+        })
+        .await
+    );
+    let name = prefix.clone();
+    let closed = node
+        .blocking(move |n| n.close_connection_named(&name))
+        .await
+        .expect("close_connection");
+    assert!(closed >= 1, "closed the engine's connections");
+    assert!(seen.total() < total, "closed mid-run");
+    let done = || async {
+        let all = seen.0.lock().unwrap().clone();
+        (0..KEYS).all(|k| {
+            all.get(&format!("k{k}"))
+                .and_then(|v| v.iter().max().copied())
+                == Some(EVENTS - 1)
+        })
+    };
+    assert!(eventually(Duration::from_secs(120), done).await);
+    if let Err(e) = pipeline_idle(&client, h.metrics(), &cfg, Duration::from_secs(60)).await {
+        panic!("not idle: {e}");
+    }
+    let all = seen.0.lock().unwrap().clone();
+    assert_in_order_with_repeats(&all, KEYS, EVENTS);
+    eprintln!(
+        "connection close: {} handlings for {total} events",
+        seen.total()
+    );
+    h.shutdown().await;
+}
+
+/// Acceptance 2 of #26 (kill -9): the daemon is killed mid-run and started
+/// again; per key the recorded sequence is the published one with at most a
+/// repeated suffix, nothing lost.
+#[actix_rt::test]
+async fn order_holds_across_a_kill_9_of_the_daemon() {
+    const KEYS: u32 = 20;
+    const EVENTS: u32 = 100;
+    let prefix = unique("order-kill");
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("rec");
+    let toml = format!(
+        r#"
+[amqp]
+url = "{AMQP_URL}"
+connection_name = "{prefix}"
+[shutdown]
+grace = "5s"
+[[exchanges]]
+name = "{prefix}.ex"
+[[queues]]
+name = "{prefix}.s1"
+bindings = [{{ exchange = "{prefix}.ex", routing_key = "in" }}]
+[[stages]]
+name = "s1"
+queue = "{prefix}.s1"
+handler = "record"
+record_file = "{}"
+delay = "10ms"
+prefetch = 40
+concurrency = 8
+order_by = "header:{KEY}"
+"#,
+        record.display()
+    );
+    let cfg = Config::from_toml(&toml).unwrap();
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    let exe: &std::path::Path = env!("CARGO_BIN_EXE_flowgate").as_ref();
+    let mut d = common::daemon::Daemon::start(exe, dir.path(), "d", &toml);
+    assert!(
+        eventually(Duration::from_secs(30), || d.ready()).await,
+        "{}",
+        d.log()
+    );
+    let client = Client::connect(AMQP_URL).await;
+    publish_keyed(&client, &format!("{prefix}.ex"), KEYS, EVENTS).await;
+    let total = (KEYS * EVENTS) as usize;
+    let count = || recorded(&record).values().map(Vec::len).sum::<usize>();
+    assert!(eventually(Duration::from_secs(60), || async { count() > total / 3 }).await);
+    d.kill9();
+    assert!(count() < total, "killed mid-run");
+    d.restart();
+    let done = || async {
+        let all = recorded(&record);
+        (0..KEYS).all(|k| {
+            all.get(&format!("k{k}"))
+                .and_then(|v| v.iter().max().copied())
+                == Some(EVENTS - 1)
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(120), done).await,
+        "{}",
+        d.log()
+    );
+    assert_in_order_with_repeats(&recorded(&record), KEYS, EVENTS);
+    eprintln!("kill -9: {} handlings for {total} events", count());
 }
