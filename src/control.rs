@@ -74,7 +74,14 @@ pub struct StageStatus {
     /// Why intake is paused (`watermark`, `budget`, `operator`); empty while
     /// running.
     pub paused: Vec<&'static str>,
+    /// On a `single_active_consumer` queue: `active` once deliveries arrive
+    /// on this instance's consumer, `standby` until then (a standby is
+    /// ready); `null` on any other queue.
+    pub consumer: Option<ConsumerRole>,
 }
+
+/// Where a stage's consumer stands on a single-active-consumer queue.
+pub use flowgate_actors::ConsumerRole;
 
 /// What the operator sees of the publisher.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -180,6 +187,7 @@ impl Control {
             busy_workers: p.busy_workers(),
             pinned_workers: p.pinned_workers(),
             paused,
+            consumer: p.consumer_role(),
         }
     }
 

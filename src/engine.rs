@@ -1,7 +1,7 @@
 //! The engine: builds the actor tree from a [`Config`] and runs it.
 
 use crate::config::StageConfig;
-use crate::config::{Config, ConfigError, DedupMode, StageParts};
+use crate::config::{Config, ConfigError, DedupMode, OrderBy, StageParts};
 use crate::control::Control;
 use crate::depth::IngressGate;
 use crate::error::Error;
@@ -15,9 +15,9 @@ use flowgate_actors::{Close, Closer, ConnectionActor, ConnectionConfig, OpenChan
 use flowgate_actors::{
     DedupActor, DedupHandle, DedupSettings, DedupStore, MemoryStore, RedisStore,
 };
+use flowgate_actors::{Delivery, Handler, KeyFn, Metrics, Output};
 use flowgate_actors::{DepthMonitorActor, DepthMonitorConfig, WatchedStage};
 use flowgate_actors::{Drain, DrainReport, StageActor, StageProbe};
-use flowgate_actors::{Handler, Metrics, Output};
 use flowgate_actors::{Published, PublisherActor, PublisherConfig, PublisherHandle, SpoolConfig};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -79,6 +79,8 @@ pub struct EngineBuilder {
     handlers: HashMap<String, Arc<dyn Handler>>,
     /// By handler name; the built-ins are registered here like a host's.
     factories: HashMap<String, HandlerFactory>,
+    /// Ordering key functions, by the name a stage's `order_by` gives.
+    order_keys: HashMap<String, KeyFn>,
 }
 
 impl Default for EngineBuilder {
@@ -87,6 +89,7 @@ impl Default for EngineBuilder {
             config: None,
             handlers: HashMap::new(),
             factories: handlers::builtins(),
+            order_keys: HashMap::new(),
         }
     }
 }
@@ -144,6 +147,32 @@ impl EngineBuilder {
         self
     }
 
+    /// Registers an ordering key function: a stage whose `order_by` is
+    /// `name` handles the deliveries for which `key` gives the same key one
+    /// at a time, in delivery order (different keys in parallel); `None`
+    /// means the delivery has no key (the stage's `missing_key` decides).
+    /// It runs on the stage's intake, once per delivery, before the
+    /// handler: keep it cheap. A panic in it counts as no key.
+    ///
+    /// ```
+    /// use flowgate::{Delivery, Engine};
+    ///
+    /// // order_by = "tenant": the `tenant` header, lower-cased.
+    /// let builder = Engine::builder().order_key("tenant", |d: &Delivery| {
+    ///     d.header("tenant")
+    ///         .and_then(flowgate::envelope::header_string)
+    ///         .map(|t| t.to_lowercase())
+    /// });
+    /// # drop(builder);
+    /// ```
+    pub fn order_key<F>(mut self, name: &str, key: F) -> Self
+    where
+        F: Fn(&Delivery) -> Option<String> + Send + Sync + 'static,
+    {
+        self.order_keys.insert(name.to_owned(), Arc::new(key));
+        self
+    }
+
     /// Validates the configuration and resolves every stage's handler.
     pub fn build(self) -> Result<Engine, ConfigError> {
         let config = self
@@ -161,6 +190,7 @@ impl EngineBuilder {
         names.dedup();
         crate::config::validate(&config, Some(&names))?;
         let mut resolved = Vec::new();
+        let mut order_keys = Vec::new();
         for (i, s) in config.stages.iter().enumerate() {
             let registered = self
                 .handlers
@@ -184,10 +214,22 @@ impl EngineBuilder {
                 }
             };
             resolved.push(h);
+            let by = s.order_by.as_deref().map(OrderBy::parse);
+            let key_fn = match by.as_ref().and_then(|b| b.as_ref().ok()?.function()) {
+                None => None,
+                Some(name) => Some(self.order_keys.get(name).cloned().ok_or_else(|| {
+                    ConfigError::new(
+                        format!("stages[{i}].order_by"),
+                        format!("no key function `{name}` registered (EngineBuilder::order_key)"),
+                    )
+                })?),
+            };
+            order_keys.push(key_fn);
         }
         Ok(Engine {
             config,
             handlers: resolved,
+            order_keys,
         })
     }
 }
@@ -196,6 +238,8 @@ impl EngineBuilder {
 pub struct Engine {
     config: Config,
     handlers: Vec<Arc<dyn Handler>>,
+    /// Each stage's ordering key function, when its `order_by` names one.
+    order_keys: Vec<Option<KeyFn>>,
 }
 
 struct Running {
@@ -281,7 +325,11 @@ impl Engine {
     /// Connects, declares the topology, starts the actors and the HTTP
     /// server. Must be called inside an actix `System` (see [`crate::run_system`]).
     pub async fn start(self) -> Result<EngineHandle, Error> {
-        let Engine { config, handlers } = self;
+        let Engine {
+            config,
+            handlers,
+            order_keys,
+        } = self;
         let metrics = Metrics::new();
         let (esc_tx, esc_rx) = mpsc::channel(16);
         let policy = config.supervisor.policy();
@@ -349,7 +397,7 @@ impl Engine {
         let mut probes = Vec::new();
         let mut controlled = Vec::new();
         let mut watched = Vec::new();
-        for (s, handler) in config.stages.iter().zip(handlers) {
+        for ((s, handler), order_key) in config.stages.iter().zip(handlers).zip(order_keys) {
             let dlx = config
                 .queue(&s.queue)
                 .and_then(|q| q.dead_letter_exchange());
@@ -361,6 +409,10 @@ impl Engine {
                 redis_dedup: dedup.redis.as_ref(),
                 keys: keys.as_ref(),
                 max_message_bytes: config.limits.max_message_bytes,
+                order_key,
+                single_active_consumer: config
+                    .queue(&s.queue)
+                    .is_some_and(|q| q.single_active_consumer),
             });
             let prefetch = spec.prefetch;
             let (addr, probe) = StageActor::start_supervised(

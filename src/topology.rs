@@ -43,6 +43,9 @@ fn s(v: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(v.to_owned()))
 }
 
+/// The queue argument of `queues[].single_active_consumer`.
+pub const SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
+
 /// The `x-*` arguments of a queue.
 pub fn queue_arguments(q: &QueueConfig) -> FieldTable {
     let mut args = FieldTable::default();
@@ -60,6 +63,12 @@ pub fn queue_arguments(q: &QueueConfig) -> FieldTable {
             );
             args.insert(ShortString::from("x-overflow"), s("reject-publish"));
         }
+    }
+    if q.single_active_consumer {
+        args.insert(
+            ShortString::from(SINGLE_ACTIVE_CONSUMER),
+            AMQPValue::Boolean(true),
+        );
     }
     if quorum {
         if let Some(limit) = q.delivery_limit {

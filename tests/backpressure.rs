@@ -37,6 +37,7 @@ fn one_queue(url: &str, prefix: &str) -> Config {
         dead_letter_kind: None,
         delivery_limit: Some(20),
         watermark: None,
+        single_active_consumer: false,
     });
     cfg
 }

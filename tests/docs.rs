@@ -97,3 +97,34 @@ fn every_config_key_is_in_the_readme_reference() {
         "config keys missing from README: {missing:?}"
     );
 }
+
+/// The README's "Ordering" section names every form `order_by` takes, both
+/// `missing_key` choices, the reason and header a keyless or failed
+/// delivery's dead letter carries, and the metrics of ordering.
+#[test]
+fn the_ordering_section_names_what_it_documents() {
+    let start = README.find("### Ordering\n").expect("an Ordering section");
+    let end = start + 13 + README[start + 13..].find("\n## ").expect("its end");
+    let section = &README[start..end];
+    for needle in [
+        "`message_id`",
+        "`routing_key`",
+        "`correlation_id`",
+        "`header:<name>`",
+        "EngineBuilder::order_key",
+        "`missing_key = \"reject\"`",
+        "`\"shared\"`",
+        flowgate::envelope::Reason::MissingKey.as_str(),
+        flowgate::envelope::ORDER_KEY,
+        "consumer_timeout",
+        "single_active_consumer",
+        flowgate::Metrics::LANE_WAITS.name,
+        flowgate::Metrics::CONSUMER_ACTIVE.name,
+        "tier=\"in-place\"",
+    ] {
+        assert!(
+            section.contains(needle),
+            "the README's Ordering section does not mention {needle}"
+        );
+    }
+}

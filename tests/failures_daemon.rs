@@ -123,6 +123,7 @@ fn topology(prefix: &str) -> flowgate::Config {
         dead_letter_kind: None,
         delivery_limit: Some(20),
         watermark: None,
+        single_active_consumer: false,
     });
     cfg
 }

@@ -32,6 +32,7 @@ fn config(prefix: &str, dir: &std::path::Path, auth: IngressAuth) -> flowgate::C
         dead_letter_kind: None,
         delivery_limit: None,
         watermark: None,
+        single_active_consumer: false,
     });
     let key = dir.join("hmac.key");
     std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();

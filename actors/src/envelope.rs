@@ -47,6 +47,10 @@ pub const ATTEMPTS: &str = "x-flowgate-attempts";
 pub const ERROR: &str = "x-flowgate-error";
 /// The queue a dead letter was consumed from.
 pub const QUEUE: &str = "x-flowgate-queue";
+/// On a dead letter of a stage that keeps order by a key (`order_by`): the
+/// key whose lane the message held (truncated to [`MAX_ERROR_BYTES`]). The
+/// key's later messages went on without it.
+pub const ORDER_KEY: &str = "x-flowgate-order-key";
 /// The hex HMAC-SHA256 signature (see [`Keys`](crate::Keys)).
 pub const SIGNATURE: &str = "x-flowgate-signature";
 /// Engine-internal marker: publish without (re)signing; removed before the
@@ -108,8 +112,9 @@ pub const DEAD_LETTER_HEADERS: [&str; 7] = [
 /// Headers a message replayed from a dead-letter queue must not carry: the
 /// dead-letter explanation, the routing headers (the ladder starts again)
 /// and the broker's dead-letter history.
-pub const REPLAY_STRIPPED: [&str; 14] = [
+pub const REPLAY_STRIPPED: [&str; 15] = [
     REASON,
+    ORDER_KEY,
     DEAD_LETTERED_AT,
     STAGE,
     ATTEMPTS,
@@ -168,11 +173,14 @@ pub enum Reason {
     /// fix (a wrong-type key, a refused command): the message cannot be
     /// deduplicated, so it is not handled.
     DedupError,
+    /// The stage keeps order by a key (`order_by`) and the delivery has
+    /// none, with `missing_key = "reject"`.
+    MissingKey,
 }
 
 impl Reason {
     /// Every reason, for docs and exhaustive tests.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::HandlerError,
         Reason::Panic,
         Reason::MaxAttempts,
@@ -185,6 +193,7 @@ impl Reason {
         Reason::InvalidOutput,
         Reason::Handler,
         Reason::DedupError,
+        Reason::MissingKey,
     ];
 
     /// The wire value and metric label.
@@ -202,6 +211,7 @@ impl Reason {
             Reason::InvalidOutput => "invalid-output",
             Reason::Handler => "handler",
             Reason::DedupError => "dedup-error",
+            Reason::MissingKey => "missing-key",
         }
     }
 

@@ -92,8 +92,8 @@ pub use retry::RetryPolicy;
 pub use signing::{Keys, SigningKey, Verifier, VerifyMode};
 
 pub use stage::{
-    AckPolicy, BatchPolicy, Drain, DrainReport, Pause, PinWorkers, Resume, StageActor, StageProbe,
-    StageSpec,
+    AckPolicy, BatchPolicy, ConsumerRole, Drain, DrainReport, KeyFn, MissingKey, OrderKey,
+    OrderPolicy, Pause, PinWorkers, Resume, StageActor, StageProbe, StageSpec,
 };
 pub use supervision::{Escalation, RestartPolicy};
 pub use tls::{ClientIdentity, TlsSettings};

@@ -58,6 +58,17 @@ impl RetryPolicy {
         self.backoff.get(i).copied().unwrap_or_default()
     }
 
+    /// How long an ordered stage waits before retrying, in place, a message
+    /// whose attempt `attempt` failed: the ladder's delay for it, or the
+    /// wait the handler asked for (at most the ladder's longest step, as a
+    /// tier would give).
+    pub fn delay_in_place(&self, attempt: u32, after: Option<Duration>) -> Duration {
+        match after {
+            Some(after) => after.min(self.backoff.iter().max().copied().unwrap_or_default()),
+            None => self.delay_after(attempt),
+        }
+    }
+
     /// The tier queue a message whose attempt `attempt` failed goes to, or
     /// `None` when the attempts are used up.
     pub fn next_tier(&self, queue: &str, attempt: u32) -> Option<String> {
@@ -108,6 +119,16 @@ mod tests {
         assert_eq!(r.next_tier("q", 4).as_deref(), Some("q.retry.3"));
         assert_eq!(r.next_tier("q", 5), None);
         assert_eq!(r.delay_after(9), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn in_place_delays_follow_the_ladder_and_cap_a_handler_s_wait() {
+        let r = p(5, &[100, 1000]);
+        assert_eq!(r.delay_in_place(1, None), Duration::from_millis(100));
+        assert_eq!(r.delay_in_place(4, None), Duration::from_millis(1000));
+        let asked = |ms| r.delay_in_place(1, Some(Duration::from_millis(ms)));
+        assert_eq!(asked(300), Duration::from_millis(300));
+        assert_eq!(asked(9000), Duration::from_millis(1000));
     }
 
     #[test]

@@ -71,6 +71,16 @@ pub struct QueueConfig {
     /// Default none (the depth is still exported when a stage consumes it).
     #[serde(default)]
     pub watermark: Option<Watermark>,
+    /// Declare the queue with single active consumer
+    /// (`x-single-active-consumer`): every instance consuming it subscribes,
+    /// the broker delivers to one of them and hands over to another when it
+    /// goes away, so the queue is handled in order across instances. A
+    /// stage on it shows `consumer = "active"` or `"standby"` in `/readyz`
+    /// and the management API (a standby is ready; see the README's
+    /// "Ordering" for what the engine can observe). The broker refuses to
+    /// redeclare an existing queue with another value. Default `false`.
+    #[serde(default)]
+    pub single_active_consumer: bool,
 }
 
 /// A queue's high/low watermarks (ready messages), with hysteresis.

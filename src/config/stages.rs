@@ -134,6 +134,86 @@ pub struct StageConfig {
     /// channel under every delivery on it. Default none: no bound.
     #[serde(default, with = "humantime_serde")]
     pub handler_timeout: Option<Duration>,
+    /// Keep order by a key: deliveries with the same key are handled one
+    /// at a time, in delivery order (the next starts once the previous one's
+    /// outputs are confirmed); different keys run in parallel up to
+    /// `concurrency`.
+    /// The key: `message_id`, `routing_key`, `correlation_id`,
+    /// `header:<name>`, or the name of a key function the host registered
+    /// (`EngineBuilder::order_key`). A delivery waiting behind its key
+    /// holds its credit; a failed attempt retries in place, holding its
+    /// key, with the `retry` ladder's delays (see the README's
+    /// "Ordering"). Default none: any order.
+    #[serde(default)]
+    pub order_by: Option<String>,
+    /// With `order_by`, what a delivery without a key gets: `reject` (a
+    /// dead letter with reason `missing-key`) or `shared` (one lane shared
+    /// by every keyless delivery). Default `reject`.
+    #[serde(default)]
+    pub missing_key: Option<MissingKey>,
+}
+
+/// What a delivery without an ordering key gets. The runtime's own type.
+pub use flowgate_actors::MissingKey;
+
+/// The prefix of an `order_by` that names a header.
+const ORDER_BY_HEADER: &str = "header:";
+
+/// What a stage's `order_by` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum OrderBy {
+    /// A key the engine reads itself.
+    Builtin(BuiltinKey),
+    /// A key function the host registers under this name.
+    Named(String),
+}
+
+/// The keys the engine reads itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum BuiltinKey {
+    MessageId,
+    RoutingKey,
+    CorrelationId,
+    Header(String),
+}
+
+impl OrderBy {
+    /// Reads an `order_by` value; the error says what is accepted.
+    pub(crate) fn parse(s: &str) -> Result<OrderBy, String> {
+        let named = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 64
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        };
+        Ok(match s {
+            "message_id" => OrderBy::Builtin(BuiltinKey::MessageId),
+            "routing_key" => OrderBy::Builtin(BuiltinKey::RoutingKey),
+            "correlation_id" => OrderBy::Builtin(BuiltinKey::CorrelationId),
+            h if h.starts_with(ORDER_BY_HEADER) => {
+                let name = &h[ORDER_BY_HEADER.len()..];
+                if name.is_empty() || name.len() > 255 {
+                    return Err("`header:` needs a header name of 1 to 255 bytes".into());
+                }
+                OrderBy::Builtin(BuiltinKey::Header(name.to_owned()))
+            }
+            n if named(n) => OrderBy::Named(n.to_owned()),
+            _ => {
+                return Err(
+                    "must be `message_id`, `routing_key`, `correlation_id`, `header:<name>` or the name of a registered key function (letters, digits, `_`, `-`, `.`)"
+                        .into(),
+                )
+            }
+        })
+    }
+
+    /// The registered key function's name, if it names one.
+    pub(crate) fn function(&self) -> Option<&str> {
+        match self {
+            OrderBy::Named(n) => Some(n),
+            OrderBy::Builtin(_) => None,
+        }
+    }
 }
 
 /// A stage's `ack_batch` table.
@@ -321,6 +401,8 @@ impl Default for StageConfig {
             batch: None,
             ack_batch: AckBatchConfig::default(),
             handler_timeout: None,
+            order_by: None,
+            missing_key: None,
         }
     }
 }
@@ -450,6 +532,7 @@ impl StageConfig {
             }
         }
         validate_failures(s, ctx, &key)?;
+        validate_order(s, &key)?;
         validate_http(s, &key)?;
         validate_batch(s, &key)?;
         let flush = s.ack_batch.flush;
@@ -497,8 +580,46 @@ impl StageConfig {
                 .enabled
                 .then(|| flowgate_actors::AckPolicy::for_prefetch(prefetch, self.ack_batch.flush)),
             handler_timeout: self.handler_timeout,
+            order: self.order_policy(parts.order_key),
+            single_active: parts.single_active_consumer,
         }
     }
+
+    /// The runtime's ordering of this stage; `key_fn` is the host's key
+    /// function when `order_by` names one (the builder resolved it).
+    fn order_policy(
+        &self,
+        key_fn: Option<flowgate_actors::KeyFn>,
+    ) -> Option<flowgate_actors::OrderPolicy> {
+        use flowgate_actors::OrderKey;
+        // validated: a known form, and a named function resolved by the builder
+        let key = match OrderBy::parse(self.order_by.as_deref()?).ok()? {
+            OrderBy::Builtin(BuiltinKey::MessageId) => OrderKey::MessageId,
+            OrderBy::Builtin(BuiltinKey::RoutingKey) => OrderKey::RoutingKey,
+            OrderBy::Builtin(BuiltinKey::CorrelationId) => OrderKey::CorrelationId,
+            OrderBy::Builtin(BuiltinKey::Header(h)) => OrderKey::Header(h),
+            OrderBy::Named(_) => OrderKey::Custom(key_fn?),
+        };
+        Some(flowgate_actors::OrderPolicy {
+            key,
+            missing: self.missing_key.unwrap_or_default(),
+        })
+    }
+}
+
+/// A stage's `order_by` and `missing_key`.
+fn validate_order(s: &StageConfig, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    let Some(by) = &s.order_by else {
+        if s.missing_key.is_some() {
+            return Err(ConfigError::new(
+                key("missing_key"),
+                "only applies to a stage with `order_by`",
+            ));
+        }
+        return Ok(());
+    };
+    OrderBy::parse(by).map_err(|e| ConfigError::new(key("order_by"), e))?;
+    Ok(())
 }
 
 /// What the engine built that a stage's runtime spec refers to.
@@ -517,6 +638,10 @@ pub(crate) struct StageParts<'a> {
     pub keys: Option<&'a flowgate_actors::Keys>,
     /// `[limits] max_message_bytes`.
     pub max_message_bytes: u64,
+    /// The host's key function, when `order_by` names one.
+    pub order_key: Option<flowgate_actors::KeyFn>,
+    /// The stage's queue has `single_active_consumer`.
+    pub single_active_consumer: bool,
 }
 
 /// The failure-semantics keys of one stage: `retry`, `dedup`, `record_file`.
@@ -728,4 +853,62 @@ fn default_handler() -> String {
 }
 fn default_prefetch() -> u32 {
     50
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(extra: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(&format!(
+            r#"
+            [[queues]]
+            name = "q"
+            [[stages]]
+            name = "s"
+            queue = "q"
+            handler = "sink"
+            {extra}
+            "#
+        ))
+    }
+
+    #[test]
+    fn order_by_names_a_key_the_engine_reads_or_a_key_function() {
+        let ok = |v: &str| OrderBy::parse(v).unwrap();
+        assert_eq!(ok("message_id"), OrderBy::Builtin(BuiltinKey::MessageId));
+        assert_eq!(ok("routing_key"), OrderBy::Builtin(BuiltinKey::RoutingKey));
+        assert_eq!(
+            ok("correlation_id"),
+            OrderBy::Builtin(BuiltinKey::CorrelationId)
+        );
+        assert_eq!(
+            ok("header:account"),
+            OrderBy::Builtin(BuiltinKey::Header("account".into()))
+        );
+        assert_eq!(ok("tenant").function(), Some("tenant"));
+        for bad in ["", "header:", "a b", "x:y", &"k".repeat(65)] {
+            assert!(OrderBy::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn order_keys_are_checked_where_they_are_declared() {
+        let cfg = stage(r#"order_by = "header:account""#).unwrap();
+        let s = &cfg.stages[0];
+        let policy = s.order_policy(None).unwrap();
+        assert!(matches!(policy.key, flowgate_actors::OrderKey::Header(ref h) if h == "account"));
+        assert_eq!(policy.missing, MissingKey::Reject, "the default");
+        let cfg = stage("order_by = \"routing_key\"\nmissing_key = \"shared\"").unwrap();
+        assert_eq!(
+            cfg.stages[0].order_policy(None).unwrap().missing,
+            MissingKey::Shared
+        );
+        let e = stage(r#"order_by = "no such thing""#).unwrap_err();
+        assert!(e.to_string().contains("stages[0].order_by"), "{e}");
+        let e = stage(r#"missing_key = "shared""#).unwrap_err();
+        assert!(e.to_string().contains("stages[0].missing_key"), "{e}");
+        assert!(stage(r#"missing_key = "drop""#).is_err());
+        assert!(stage("").unwrap().stages[0].order_policy(None).is_none());
+    }
 }

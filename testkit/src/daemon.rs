@@ -191,6 +191,12 @@ impl Daemon {
             .unwrap_or(0.0)
     }
 
+    /// The whole HTTP answer (status line, headers, body) to `GET path` on
+    /// `[http] bind`; `None` when unreachable.
+    pub async fn http_get(&self, path: &str) -> Option<String> {
+        self.get(path).await
+    }
+
     /// `/readyz` answers 200.
     pub async fn ready(&self) -> bool {
         self.get("/readyz").await.is_some_and(|body| {

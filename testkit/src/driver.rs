@@ -56,6 +56,7 @@ pub fn chain_config(prefix: &str, handlers: &[&str], prefetch: u32, kind: QueueK
             dead_letter_kind: None,
             delivery_limit: Some(20),
             watermark: None,
+            single_active_consumer: false,
         });
     }
     for (i, h) in handlers.iter().enumerate() {

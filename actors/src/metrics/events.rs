@@ -43,6 +43,38 @@ impl Event for Consumed<'_> {
     }
 }
 
+/// On an ordered stage, a delivery queued behind an earlier one of its key
+/// (holding its credit) instead of starting at once.
+pub(crate) struct LaneWaited<'a> {
+    /// The stage.
+    pub stage: &'a str,
+}
+
+impl Event for LaneWaited<'_> {
+    fn emit(self, m: &Metrics) {
+        m.0.lane_waits.with_label_values(&[self.stage]).inc();
+    }
+}
+
+/// On a single-active-consumer queue, a stage's consumer became the active
+/// one (a delivery arrived) or a standby (it subscribed again).
+pub(crate) struct ConsumerRoleChanged<'a> {
+    /// The stage.
+    pub stage: &'a str,
+    /// Active (`true`) or standby.
+    pub active: bool,
+}
+
+impl Event for ConsumerRoleChanged<'_> {
+    fn emit(self, m: &Metrics) {
+        m.0.consumer_active
+            .with_label_values(&[self.stage])
+            .set(i64::from(self.active));
+        let role = if self.active { "active" } else { "standby" };
+        info!(stage = self.stage, role, "single active consumer");
+    }
+}
+
 /// One `basic.ack` frame went out (after the outputs of every delivery it
 /// covers were confirmed): one delivery, or a batch (`multiple`).
 pub(crate) struct Acked<'a> {
@@ -1097,6 +1129,7 @@ impl Event for StageKnown<'_> {
             &i.dedup_hits,
             &i.dedup_errors,
             &i.dedup_lease_lost,
+            &i.lane_waits,
         ] {
             c.with_label_values(&[s]);
         }

@@ -193,7 +193,13 @@ metrics! {
         "acks the channel refused (the broker redelivers; dedup catches it)");
     /// Deliveries sent to a retry tier, by stage and tier queue.
     retried: IntCounterVec = RETRIED("flowgate_retries_total", ["stage", "tier"],
-        "deliveries sent to a retry tier");
+        "deliveries sent to a retry tier (`in-place`: retried in its key's lane on a stage with `order_by`)");
+    /// 1 while a stage's consumer is the active one of its queue.
+    consumer_active: IntGaugeVec = CONSUMER_ACTIVE("flowgate_consumer_active", ["stage"],
+        "stages on a `single_active_consumer` queue: 1 once deliveries arrive on this instance's consumer (the active one), 0 while it is a standby (subscribed, nothing delivered since)");
+    /// Deliveries that queued behind an earlier one of their key.
+    lane_waits: IntCounterVec = LANE_WAITS("flowgate_lane_waits_total", ["stage"],
+        "deliveries of a stage with `order_by` that waited behind an earlier delivery of their key (holding their credit)");
     /// Publish attempts by result.
     publish: IntCounterVec = PUBLISH("flowgate_publish_total", ["result"],
         "publishes by result");

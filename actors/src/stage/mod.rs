@@ -14,10 +14,12 @@
 
 mod ack;
 mod batch;
+mod lanes;
 mod process;
 
 pub use ack::AckPolicy;
 pub use batch::BatchPolicy;
+pub use lanes::{KeyFn, MissingKey, OrderKey, OrderPolicy};
 
 use crate::connection::{ConnectionActor, LinkEvent, OpenChannel, Purpose, Subscribe};
 use crate::credit::{Credit, Credits};
@@ -90,6 +92,35 @@ pub struct StageSpec {
     /// call is cancelled and each of its deliveries fails like a handler
     /// error; `None`: no bound.
     pub handler_timeout: Option<Duration>,
+    /// Per-key ordering (see [`OrderPolicy`]): deliveries with the same key
+    /// are handled one at a time in delivery order, and a failed attempt
+    /// retries in place; `None`: any order, retries through the tiers.
+    pub order: Option<OrderPolicy>,
+    /// The queue has a single active consumer (`x-single-active-consumer`):
+    /// the stage reports whether its consumer is the active one (see
+    /// [`StageProbe::consumer_role`]).
+    pub single_active: bool,
+}
+
+/// Where a stage's consumer stands on a single-active-consumer queue.
+///
+/// AMQP 0-9-1 does not tell a consumer that it became the active one
+/// (RabbitMQ 3.10 sends nothing; only its stream protocol has a consumer
+/// update). What a stage can observe is deliveries: it reports `Active` once
+/// a delivery has arrived on its current consumer, and `Standby` from
+/// subscribing (or re-subscribing after a recovery, which puts the consumer
+/// at the back of the broker's line) until then — so an instance the broker
+/// made active on an empty queue says `Standby` until the first message.
+/// The broker's own view: `rabbitmqctl list_consumers queue_name
+/// consumer_tag active activity_status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsumerRole {
+    /// Deliveries have arrived on the stage's current consumer.
+    Active,
+    /// Subscribed; no delivery yet (another instance's consumer is active,
+    /// or the queue has been empty since this one subscribed).
+    Standby,
 }
 
 /// Shared between the actor, its intake task and its message tasks.
@@ -121,6 +152,13 @@ pub(crate) struct Shared {
     pub batcher: Option<batch::Batcher>,
     /// The ack register, when the stage batches acks.
     pub acks: Option<Arc<ack::AckBatcher>>,
+    /// The ordered lanes, when the stage keeps order by a key.
+    pub lanes: Option<lanes::Lanes>,
+    /// Turns true once draining starts: a retry waiting in place gives its
+    /// delivery back instead of waiting on.
+    pub drains: watch::Sender<bool>,
+    /// A delivery arrived on the current consumer (see [`ConsumerRole`]).
+    pub active: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -158,6 +196,18 @@ impl Shared {
 }
 
 impl Shared {
+    /// On a single-active-consumer queue: the stage's consumer is (`true`)
+    /// or is no longer known to be (`false`) the active one.
+    pub(crate) fn set_active(&self, active: bool) {
+        if self.spec.single_active && self.active.swap(active, Ordering::AcqRel) != active {
+            events::ConsumerRoleChanged {
+                stage: &self.spec.name,
+                active,
+            }
+            .emit(&self.metrics);
+        }
+    }
+
     /// A delivery entered (`+1`) or left (`-1`) the stage.
     pub(crate) fn track_in_flight(&self, entered: bool) {
         let n = if entered {
@@ -261,9 +311,24 @@ pub struct StageProbe {
     worker_target: Arc<AtomicUsize>,
     pinned: Arc<AtomicUsize>,
     paused: watch::Receiver<BTreeSet<PauseCause>>,
+    single_active: bool,
+    active: Arc<AtomicBool>,
 }
 
 impl StageProbe {
+    /// On a single-active-consumer queue, whether this stage's consumer is
+    /// the active one or a standby (see [`ConsumerRole`]); `None` on any
+    /// other queue.
+    pub fn consumer_role(&self) -> Option<ConsumerRole> {
+        self.single_active.then(|| {
+            if self.active.load(Ordering::Acquire) {
+                ConsumerRole::Active
+            } else {
+                ConsumerRole::Standby
+            }
+        })
+    }
+
     /// True while the stage's consumer is registered.
     pub fn consuming(&self) -> bool {
         self.consuming.load(Ordering::Acquire)
@@ -337,15 +402,21 @@ impl StageActor {
         let worker_target = Arc::new(AtomicUsize::new(spec.concurrency.max(1)));
         let pinned = Arc::new(AtomicUsize::new(0));
         let paused = watch::channel(BTreeSet::new()).0;
-        let tiers: Vec<String> = spec
-            .retry
-            .as_ref()
-            .map(|r| {
-                (1..=r.tiers().len())
-                    .map(|n| crate::retry::RetryPolicy::tier_queue(&spec.queue, n))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let active = Arc::new(AtomicBool::new(false));
+        if spec.single_active {
+            events::ConsumerRoleChanged {
+                stage: &spec.name,
+                active: false,
+            }
+            .emit(&metrics);
+        }
+        let tiers: Vec<String> = match (&spec.retry, &spec.order) {
+            (None, _) => Vec::new(),
+            (Some(_), Some(_)) => vec![lanes::IN_PLACE.to_owned()],
+            (Some(r), None) => (1..=r.tiers().len())
+                .map(|n| crate::retry::RetryPolicy::tier_queue(&spec.queue, n))
+                .collect(),
+        };
         events::StageKnown {
             stage: &spec.name,
             tiers: &tiers,
@@ -365,6 +436,8 @@ impl StageActor {
             worker_target: worker_target.clone(),
             pinned: pinned.clone(),
             paused: paused.subscribe(),
+            single_active: spec.single_active,
+            active: active.clone(),
         };
         let restarts = Restarts::new(spec.policy.clone());
         let batcher = spec.batch.map(|policy| {
@@ -381,9 +454,13 @@ impl StageActor {
         let acks = spec
             .ack
             .map(|p| ack::AckBatcher::start(p, spec.name.clone(), metrics.clone()));
+        let lanes = spec.order.clone().map(lanes::Lanes::new);
         let shared = Arc::new(Shared {
             batcher,
             acks,
+            lanes,
+            drains: watch::channel(false).0,
+            active,
             workers,
             paused,
             worker_target,
@@ -448,6 +525,7 @@ impl StageActor {
                         act.channel = Some(ch.clone());
                         act.consumer_tag = tag;
                         act.shared.consuming.store(true, Ordering::Release);
+                        act.shared.set_active(false);
                         let (tx, rx) = watch::channel(false);
                         // Replacing the sender also ends an older intake.
                         act.stop = tx;
@@ -543,17 +621,25 @@ async fn intake(
         match next_with_credit(&shared.credits, &mut paused, &mut stop, &mut consumer).await {
             Pulled::Stopped | Pulled::Ended => return Ok(()),
             Pulled::Item(Ok(delivery), credit) => {
+                shared.set_active(true);
                 shared.spend_budget();
                 shared.track_in_flight(true);
                 let ticket = shared
                     .acks
                     .as_ref()
                     .map(|a| a.register(delivery.delivery_tag));
-                tokio::spawn(process::process(shared.clone(), delivery, credit, ticket));
+                if shared.lanes.is_some() {
+                    // The key is read here, in delivery order.
+                    let taken = process::take(&shared, delivery, credit, ticket);
+                    lanes::Lanes::dispatch(&shared, taken);
+                } else {
+                    tokio::spawn(process::process(shared.clone(), delivery, credit, ticket));
+                }
             }
             Pulled::Item(Err(e), credit) => {
                 drop(credit);
                 shared.consuming.store(false, Ordering::Release);
+                shared.set_active(false);
                 warn!(stage = %shared.spec.name, error = %e, "consumer error; waiting for recovery");
                 ch.wait_for_recovery(e).await?;
                 info!(stage = %shared.spec.name, "consumer recovered");
@@ -580,6 +666,8 @@ impl StageActor {
             self.shared.consuming.store(true, Ordering::Release);
         } else if s.reconnecting() {
             self.shared.consuming.store(false, Ordering::Release);
+            // lapin re-registers the consumer: at the back of the line.
+            self.shared.set_active(false);
         } else {
             debug!(stage = %self.shared.spec.name, "channel closed for good; opening a new one");
             self.replace_channel(ctx);
@@ -618,6 +706,7 @@ impl Supervised for StageActor {
         self.channel = None;
         self.starting = false;
         self.shared.consuming.store(false, Ordering::Release);
+        self.shared.set_active(false);
         let name = format!("stage:{}", self.shared.spec.name);
         let stage = self.shared.spec.name.as_str();
         events::Restarted {
@@ -656,6 +745,7 @@ impl actix::Handler<LinkEvent> for StageActor {
             },
             LinkEvent::LinkDown(Purpose::Consume) => {
                 self.shared.consuming.store(false, Ordering::Release);
+                self.shared.set_active(false);
             }
             // The connection under the channel was replaced: the channel
             // will not come back (however lapin reports it). End its intake
@@ -700,6 +790,7 @@ impl actix::Handler<Drain> for StageActor {
     fn handle(&mut self, msg: Drain, _ctx: &mut Context<Self>) -> Self::Result {
         self.draining = true;
         self.shared.draining.store(true, Ordering::Release);
+        self.shared.drains.send_replace(true);
         let _ = self.stop.send(true);
         let ch = self.channel.take();
         let tag = std::mem::take(&mut self.consumer_tag);

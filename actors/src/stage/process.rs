@@ -19,6 +19,10 @@
 //!    checked: an exchange or routing key the broker cannot take dead-letters
 //!    the input as `invalid-output`), a retry copy for a tier, or a dead
 //!    letter (`handler-error`, `panic`, `max-attempts`, or the handler's own).
+//!    On an ordered stage ([`super::lanes`]) a retry happens in place
+//!    instead ([`handle`]): steps 4 and 5 again after the ladder's delay,
+//!    holding the key's lane; a keyless delivery the stage rejects is
+//!    dead-lettered as `missing-key` after step 2.
 //! 6. [`carry_out`]: outputs or the retry copy are published and confirmed
 //!    (a returned output dead-letters as `unroutable`, a publish that panics
 //!    or is refused as invalid as `invalid-output`); then the claim is
@@ -28,6 +32,7 @@
 //!    DLX, requeued while draining).
 
 use super::ack::Ticket;
+use super::lanes::LaneKey;
 use super::SETTLE_TIMEOUT;
 use super::{Shared, StageSpec};
 use crate::credit::Credit;
@@ -100,6 +105,8 @@ pub(crate) enum Verdict {
         tier: String,
         /// The failure, for `x-flowgate-last-error`.
         error: String,
+        /// The wait the handler asked for (`Outcome::RetryAfter`).
+        after: Option<Duration>,
     },
     /// Publish a dead letter, then ack (reject without a DLX).
     DeadLetter(DeadLetter),
@@ -124,7 +131,28 @@ pub(crate) async fn process(
     credit: Credit,
     ticket: Option<Ticket>,
 ) {
-    let _credit = CreditGuard {
+    let taken = take(&shared, raw, credit, ticket);
+    run(shared, taken, Order::Off).await;
+}
+
+/// A delivery the intake took, opened, with what it holds until it is
+/// settled: its credit, its acker and its place in the ack register.
+pub(crate) struct Taken {
+    pub opened: Opened,
+    acker: lapin::Acker,
+    ticket: Option<Ticket>,
+    span: tracing::Span,
+    credit: CreditGuard,
+}
+
+/// Opens a delivery the intake took (step 1) inside its span.
+pub(crate) fn take(
+    shared: &Arc<Shared>,
+    raw: lapin::message::Delivery,
+    credit: Credit,
+    ticket: Option<Ticket>,
+) -> Taken {
+    let credit = CreditGuard {
         credit: Some(credit),
         shared: shared.clone(),
     };
@@ -141,42 +169,148 @@ pub(crate) async fn process(
         &raw.properties,
         raw.data.len(),
     );
-    process_delivery(&shared, raw, ticket)
-        .instrument(span)
-        .await;
+    let opened = span.in_scope(|| {
+        open(
+            &shared.spec,
+            raw.exchange.as_str(),
+            raw.routing_key.as_str(),
+            raw.properties,
+            raw.data.into(),
+            raw.redelivered,
+        )
+    });
+    Taken {
+        opened,
+        acker: raw.acker,
+        ticket,
+        span,
+        credit,
+    }
 }
 
-/// [`process`] inside the delivery's span.
+/// Where a delivery stands in its stage's ordering (see [`super::lanes`]).
+pub(crate) enum Order<'a> {
+    /// The stage does not keep order.
+    Off,
+    /// It holds this key's lane: a failed attempt retries in place.
+    Lane(&'a LaneKey),
+    /// It has no key and the stage rejects such: dead letter `missing-key`.
+    Missing,
+}
+
+/// How a delivery left the stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Acked or rejected.
+    Done,
+    /// Given back to the queue.
+    Requeued,
+}
+
+/// Processes a taken delivery (steps 2 to 7); its credit is released when
+/// this returns.
+pub(crate) async fn run(shared: Arc<Shared>, taken: Taken, order: Order<'_>) -> Settled {
+    let Taken {
+        opened,
+        acker,
+        ticket,
+        span,
+        credit,
+    } = taken;
+    let settled = process_delivery(&shared, opened, acker, ticket, order)
+        .instrument(span)
+        .await;
+    drop(credit);
+    settled
+}
+
+/// Gives a taken delivery back to the queue unhandled (an ordered lane
+/// whose earlier delivery was given back).
+pub(crate) async fn give_back(shared: &Shared, taken: Taken) {
+    settle(shared, taken.acker, Settle::Requeue, taken.ticket).await;
+}
+
+/// [`run`] inside the delivery's span.
 async fn process_delivery(
     shared: &Arc<Shared>,
-    raw: lapin::message::Delivery,
+    mut opened: Opened,
+    acker: lapin::Acker,
     ticket: Option<Ticket>,
-) {
-    let acker = raw.acker;
-    let opened = open(
-        &shared.spec,
-        raw.exchange.as_str(),
-        raw.routing_key.as_str(),
-        raw.properties,
-        raw.data.into(),
-        raw.redelivered,
-    );
-    let d = &opened.delivery;
-
+    order: Order<'_>,
+) -> Settled {
     let mut claim_token = None;
-    let verdict = match screen(&shared.spec, d, &opened.signed_keys(), &shared.metrics) {
+    let screened = screen(
+        &shared.spec,
+        &opened.delivery,
+        &opened.signed_keys(),
+        &shared.metrics,
+    );
+    let verdict = match screened {
         Err(dead) => Verdict::DeadLetter(dead),
+        Ok(_) if matches!(order, Order::Missing) => Verdict::DeadLetter(DeadLetter::new(
+            Reason::MissingKey,
+            "the delivery has no ordering key (order_by) and the stage rejects such (missing_key = \"reject\")",
+        )),
         Ok(key) => match claim(shared, key).await {
             Ok(token) => {
                 claim_token = token;
-                let handled = run_handler(shared, d).await;
-                judge(&shared.spec, d, opened.attempt, handled)
+                handle(shared, &mut opened, &order).await
             }
             Err(v) => v,
         },
     };
-    let verdict = carry_out(shared, &opened, verdict, claim_token).await;
+    let lane = match order {
+        Order::Lane(k) => Some(k.as_str()),
+        _ => None,
+    };
+    let verdict = carry_out(shared, &opened, verdict, claim_token, lane).await;
+    let settled = match verdict {
+        Settle::Requeue => Settled::Requeued,
+        _ => Settled::Done,
+    };
     settle(shared, acker, verdict, ticket).await;
+    settled
+}
+
+/// Steps 4 and 5: runs the handler and judges its result; on an ordered
+/// stage a retry happens here, in place, holding the lane and the credit
+/// (see [`super::lanes`]), until it succeeds, the attempts are used up, or
+/// the stage drains (the delivery is then given back).
+async fn handle(shared: &Shared, o: &mut Opened, order: &Order<'_>) -> Verdict {
+    loop {
+        let handled = run_handler(shared, &o.delivery).await;
+        let verdict = judge(&shared.spec, &o.delivery, o.attempt, handled);
+        let (Order::Lane(_), Verdict::Retry { error, after, .. }, Some(policy)) =
+            (order, &verdict, &shared.spec.retry)
+        else {
+            return verdict;
+        };
+        let delay = policy.delay_in_place(o.attempt, *after);
+        events::Retried {
+            stage: &shared.spec.name,
+            tier: super::lanes::IN_PLACE,
+            attempt: o.attempt,
+        }
+        .emit(&shared.metrics);
+        let mut drains = shared.drains.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = drains.wait_for(|d| *d) => return Verdict::Requeue,
+        }
+        o.attempt += 1;
+        let error = envelope::truncate(error.clone(), MAX_ERROR_HEADER_BYTES);
+        // The names are the engine's constants, all far below 255 bytes.
+        set_header(
+            &mut o.delivery.properties,
+            envelope::ATTEMPT,
+            AMQPValue::LongLongInt(i64::from(o.attempt)),
+        );
+        set_header(
+            &mut o.delivery.properties,
+            envelope::LAST_ERROR,
+            envelope::text(&error),
+        );
+    }
 }
 
 /// A delivery with what [`envelope::intake`] decided about it.
@@ -407,7 +541,7 @@ fn retry_or_dead(
         None => policy.next_tier(&spec.queue, attempt),
     };
     match tier {
-        Some(tier) => Verdict::Retry { tier, error },
+        Some(tier) => Verdict::Retry { tier, error, after },
         None => Verdict::DeadLetter(DeadLetter::new(Reason::MaxAttempts, error)),
     }
 }
@@ -444,6 +578,7 @@ async fn carry_out(
     o: &Opened,
     verdict: Verdict,
     token: Option<ClaimToken>,
+    lane: Option<&str>,
 ) -> Settle {
     let d = &o.delivery;
     let stage = shared.spec.name.as_str();
@@ -452,7 +587,7 @@ async fn carry_out(
             Ok(()) => Verdict::Ack,
             Err(f) => f.verdict("output"),
         },
-        Verdict::Retry { tier, error } => {
+        Verdict::Retry { tier, error, after } => {
             match retry_copy(shared, d, o.attempt, &tier, &error).await {
                 Ok(()) => {
                     events::Retried {
@@ -462,7 +597,7 @@ async fn carry_out(
                     }
                     .emit(&shared.metrics);
                     // Acked, but not done: the claim is released below.
-                    Verdict::Retry { tier, error }
+                    Verdict::Retry { tier, error, after }
                 }
                 Err(f) => f.verdict(&format!("retry tier {tier}")),
             }
@@ -478,7 +613,7 @@ async fn carry_out(
         Verdict::Ack | Verdict::Retry { .. } | Verdict::Publish(_) => Settle::Ack,
         Verdict::Requeue => Settle::Requeue,
         Verdict::DeadLetter(dead) => {
-            let res = dead_letter(shared, d, o.attempt, &dead).await;
+            let res = dead_letter(shared, d, o.attempt, &dead, lane).await;
             if res.is_ok() {
                 events::DeadLettered {
                     stage,
@@ -730,15 +865,22 @@ async fn dead_letter(
     d: &Delivery,
     attempt: u32,
     dead: &DeadLetter,
+    lane: Option<&str>,
 ) -> Result<bool, ()> {
     let Some(dlx) = &shared.spec.dead_letter_exchange else {
         return Ok(false);
     };
+    let mut properties = dead_letter_properties(d, attempt, dead);
+    if let Some(key) = lane {
+        let key = envelope::truncate(key.to_owned(), MAX_ERROR_HEADER_BYTES);
+        // The name is the engine's constant, far below 255 bytes.
+        set_header(&mut properties, envelope::ORDER_KEY, envelope::text(&key));
+    }
     let out = Output {
         exchange: dlx.clone(),
         routing_key: d.routing_key.clone(),
         body: d.body.clone(),
-        properties: dead_letter_properties(d, attempt, dead),
+        properties,
     };
     match publish_retrying(shared, out).await {
         Ok(()) => Ok(true),
@@ -818,6 +960,8 @@ mod tests {
             batch: None,
             ack: None,
             handler_timeout: None,
+            order: None,
+            single_active: false,
         }
     }
 

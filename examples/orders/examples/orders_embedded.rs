@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
             dead_letter_kind: None,
             delivery_limit: Some(20),
             watermark: None,
+            single_active_consumer: false,
         });
         cfg.engine.stages.push(StageConfig {
             prefetch: 10,
