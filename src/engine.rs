@@ -935,6 +935,40 @@ mod builder_tests {
         assert_eq!(engine.handlers.len(), 2);
     }
 
+    struct NoTx;
+
+    #[async_trait::async_trait]
+    impl TxHandler for NoTx {
+        async fn handle(
+            &self,
+            _tx: &mut crate::postgres::PgTransaction,
+            _d: &flowgate_actors::Delivery,
+        ) -> Result<Outcome, flowgate_actors::HandlerError> {
+            Ok(Outcome::ack())
+        }
+    }
+
+    #[test]
+    fn a_transactional_handler_needs_postgres_and_wins_over_a_plain_one() {
+        let e = Engine::builder()
+            .config(config(&["tx"]))
+            .tx_handler("tx", NoTx)
+            .build()
+            .err()
+            .expect("the build fails");
+        assert_eq!(e.key, "stages[0].handler", "{e}");
+        assert!(e.reason.contains("postgres.url"), "{e}");
+        let mut cfg = config(&["tx"]);
+        cfg.postgres.url = "postgres://127.0.0.1/db".into();
+        let engine = Engine::builder()
+            .config(cfg)
+            .handler("tx", handler_fn(|_d| async { Ok(Outcome::ack()) }))
+            .tx_handler("tx", NoTx)
+            .build()
+            .unwrap();
+        assert!(matches!(engine.handlers[0], Resolved::Tx(_)));
+    }
+
     #[test]
     fn a_registered_handler_wins_over_a_factory() {
         let calls = Arc::new(AtomicUsize::new(0));
