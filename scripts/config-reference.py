@@ -21,7 +21,7 @@ ENGINE = [
     ("stages[].http", "HttpStageConfig"), ("stages[].batch", "BatchConfig"),
     ("publisher", "PublisherConfig"), ("publisher.breaker", "BreakerConfig"),
     ("spool", "SpoolConfig"), ("depth", "DepthConfig"),
-    ("dedup", "DedupConfig"), ("redis", "RedisConfig"),
+    ("dedup", "DedupConfig"), ("redis", "RedisConfig"), ("postgres", "PostgresConfig"),
     ("limits", "LimitsConfig"), ("shutdown", "ShutdownConfig"), ("supervisor", "SupervisorConfig"),
     ("security", "SecurityConfig"), ("telemetry", "TelemetryConfig"), ("log", "LogConfig"),
 ]

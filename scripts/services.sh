@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install (if missing) and start (if not answering) the services flowgate's
-# tests and demo need: RabbitMQ on 127.0.0.1:5672 and Redis on 127.0.0.1:6379;
-# and install the tools the tests run (promtool, headless Chromium).
+# tests and demo need: RabbitMQ on 127.0.0.1:5672, Redis on 127.0.0.1:6379 and
+# PostgreSQL on 127.0.0.1:5432 (Debian's `postgresql`; the tests log in as
+# postgres/postgres over TCP and create a private database each); and install the tools the tests run (promtool, headless Chromium).
 # Idempotent and safe to run when they are already up: it never stops or
 # reconfigures a running service. Needs root for apt-get (as on CI).
 #
@@ -10,6 +11,7 @@ set -euo pipefail
 
 RABBIT_WAIT_SECS="${RABBIT_WAIT_SECS:-90}"
 REDIS_WAIT_SECS="${REDIS_WAIT_SECS:-30}"
+PG_WAIT_SECS="${PG_WAIT_SECS:-60}"
 
 log() { printf '[services] %s\n' "$*" >&2; }
 
@@ -25,6 +27,9 @@ ensure_packages() {
     pkg_installed redis-server || missing+=(redis-server)
     # redis-tools provides redis-cli (a dependency of redis-server, but be explicit)
     command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+    # Debian's default PostgreSQL (15 on bookworm): server, client, pg_ctlcluster
+    command -v pg_lsclusters >/dev/null 2>&1 || missing+=(postgresql)
+    command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
     # a C compiler for crates with C parts (ring)
     command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
     # promtool (Debian's prometheus package) checks the shipped alert rules
@@ -118,10 +123,51 @@ ensure_redis() {
     log "redis: ready on 6379"
 }
 
+# The password login the tests use (postgres/postgres over TCP; with `trust`
+# in pg_hba.conf any password is accepted, which is fine too).
+pg_login() { PGPASSWORD=postgres PGCONNECT_TIMEOUT=3 psql -h 127.0.0.1 -p 5432 -U postgres -d postgres -tAc 'select 1' >/dev/null 2>&1; }
+
+# (d) PostgreSQL answering on 5432 with the postgres/postgres login. Debian's
+# package creates the cluster (`<version> main`, listen_addresses=localhost,
+# port 5432); it is started with pg_ctlcluster if it is down, created first if
+# it does not exist. The password is set only if the login fails (a fresh
+# install: peer auth on the socket, scram over TCP); nothing else is changed.
+ensure_postgres() {
+    if ! port_open 5432; then
+        local version
+        version="$(pg_lsclusters -h 2>/dev/null | awk '$2 == "main" { print $1; exit }')"
+        if [[ -z $version ]]; then
+            version="$(ls /usr/lib/postgresql | sort -V | tail -n 1)"
+            log "postgres: creating cluster $version main"
+            pg_createcluster "$version" main --port 5432 >/dev/null
+        fi
+        log "postgres: starting cluster $version main"
+        pg_ctlcluster "$version" main start
+        local deadline=$((SECONDS + PG_WAIT_SECS))
+        until port_open 5432; do
+            if ((SECONDS >= deadline)); then
+                log "postgres: not listening after ${PG_WAIT_SECS}s; log:"
+                tail -n 20 "/var/log/postgresql/postgresql-$version-main.log" >&2 || true
+                return 1
+            fi
+            sleep 0.5
+        done
+    else
+        log "postgres: already answering on 5432"
+    fi
+    if ! pg_login; then
+        log "postgres: setting the postgres role's password for the tests' TCP login"
+        su postgres -c "psql -q -c \"ALTER ROLE postgres PASSWORD 'postgres'\"" >/dev/null
+    fi
+    pg_login || { log "postgres: cannot log in as postgres/postgres on 127.0.0.1:5432"; return 1; }
+    log "postgres: ready on 5432"
+}
+
 ensure_services() {
     ensure_packages
     ensure_rabbitmq
     ensure_redis
+    ensure_postgres
 }
 
 # Run when executed, not when sourced.

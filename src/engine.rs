@@ -8,6 +8,7 @@ use crate::error::Error;
 use crate::handlers::{self, FactoryError, HandlerFactory};
 use crate::http::{self, HttpState};
 use crate::ingress::Ingress;
+use crate::postgres::TxHandler;
 use actix::prelude::*;
 use flowgate_actors::Escalation;
 use flowgate_actors::RedisStoreConfig;
@@ -77,6 +78,8 @@ pub enum PublishOutcome {
 pub struct EngineBuilder {
     config: Option<Config>,
     handlers: HashMap<String, Arc<dyn Handler>>,
+    /// Handlers run in a PostgreSQL transaction (the inbox), by name.
+    tx_handlers: HashMap<String, Arc<dyn TxHandler>>,
     /// By handler name; the built-ins are registered here like a host's.
     factories: HashMap<String, HandlerFactory>,
     /// Ordering key functions, by the name a stage's `order_by` gives.
@@ -88,6 +91,7 @@ impl Default for EngineBuilder {
         Self {
             config: None,
             handlers: HashMap::new(),
+            tx_handlers: HashMap::new(),
             factories: handlers::builtins(),
             order_keys: HashMap::new(),
         }
@@ -112,6 +116,15 @@ impl EngineBuilder {
     /// Registers a shared handler.
     pub fn handler_arc(mut self, name: &str, handler: Arc<dyn Handler>) -> Self {
         self.handlers.insert(name.to_owned(), handler);
+        self
+    }
+
+    /// Registers a handler that works in a PostgreSQL transaction (the
+    /// transactional inbox, see [`TxHandler`]): stages whose `handler` (or
+    /// `name`) equals `name` run it through the inbox of `[postgres]`, which
+    /// must be set. Wins over plain handlers and factories of that name.
+    pub fn tx_handler(mut self, name: &str, handler: impl TxHandler) -> Self {
+        self.tx_handlers.insert(name.to_owned(), Arc::new(handler));
         self
     }
 
@@ -180,9 +193,10 @@ impl EngineBuilder {
             .ok_or_else(|| ConfigError::new("<config>", "no configuration given"))?;
         let mut names: Vec<String> = self.factories.keys().cloned().collect();
         names.extend(self.handlers.keys().cloned());
+        names.extend(self.tx_handlers.keys().cloned());
         // a stage may also be matched by its own name
         for s in &config.stages {
-            if self.handlers.contains_key(&s.name) {
+            if self.handlers.contains_key(&s.name) || self.tx_handlers.contains_key(&s.name) {
                 names.push(s.handler.clone());
             }
         }
@@ -192,6 +206,34 @@ impl EngineBuilder {
         let mut resolved = Vec::new();
         let mut order_keys = Vec::new();
         for (i, s) in config.stages.iter().enumerate() {
+            let by = s.order_by.as_deref().map(OrderBy::parse);
+            let key_fn = match by.as_ref().and_then(|b| b.as_ref().ok()?.function()) {
+                None => None,
+                Some(name) => Some(self.order_keys.get(name).cloned().ok_or_else(|| {
+                    ConfigError::new(
+                        format!("stages[{i}].order_by"),
+                        format!("no key function `{name}` registered (EngineBuilder::order_key)"),
+                    )
+                })?),
+            };
+            order_keys.push(key_fn);
+            let tx = self
+                .tx_handlers
+                .get(&s.handler)
+                .or_else(|| self.tx_handlers.get(&s.name));
+            if let Some(tx) = tx {
+                if !config.postgres.is_set() {
+                    return Err(ConfigError::new(
+                        format!("stages[{i}].handler"),
+                        format!(
+                            "`{}` works in a PostgreSQL transaction: set postgres.url",
+                            s.handler
+                        ),
+                    ));
+                }
+                resolved.push(Resolved::Tx(tx.clone()));
+                continue;
+            }
             let registered = self
                 .handlers
                 .get(&s.handler)
@@ -213,18 +255,7 @@ impl EngineBuilder {
                     ))
                 }
             };
-            resolved.push(h);
-            let by = s.order_by.as_deref().map(OrderBy::parse);
-            let key_fn = match by.as_ref().and_then(|b| b.as_ref().ok()?.function()) {
-                None => None,
-                Some(name) => Some(self.order_keys.get(name).cloned().ok_or_else(|| {
-                    ConfigError::new(
-                        format!("stages[{i}].order_by"),
-                        format!("no key function `{name}` registered (EngineBuilder::order_key)"),
-                    )
-                })?),
-            };
-            order_keys.push(key_fn);
+            resolved.push(Resolved::Plain(h));
         }
         Ok(Engine {
             config,
@@ -237,9 +268,16 @@ impl EngineBuilder {
 /// A validated engine, ready to start.
 pub struct Engine {
     config: Config,
-    handlers: Vec<Arc<dyn Handler>>,
+    handlers: Vec<Resolved>,
     /// Each stage's ordering key function, when its `order_by` names one.
     order_keys: Vec<Option<KeyFn>>,
+}
+
+/// A stage's handler as the builder resolved it.
+enum Resolved {
+    Plain(Arc<dyn Handler>),
+    /// Wrapped in the inbox once the pool exists (at start).
+    Tx(Arc<dyn TxHandler>),
 }
 
 struct Running {
@@ -265,6 +303,9 @@ struct Running {
     /// The host's servers ([`EngineHandle::serve`]), stopped first at shutdown.
     served: std::sync::Mutex<Vec<actix_web::dev::ServerHandle>>,
     escalations: Mutex<mpsc::Receiver<Escalation>>,
+    /// Stops the PostgreSQL tasks (the outbox relay, the inbox sweep).
+    pg_stop: tokio::sync::watch::Sender<bool>,
+    pg_tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// A running engine. Cheap to clone.
@@ -393,6 +434,61 @@ impl Engine {
         .map_err(Error::Spool)?;
 
         let dedup = build_dedup(&config, &metrics).await?;
+        let pool = if config.postgres.is_set() {
+            let pool = crate::postgres::connect(&config.postgres)?;
+            if config.postgres.migrate_on_start {
+                crate::postgres::migrate(&pool)
+                    .await
+                    .map_err(Error::Postgres)?;
+            }
+            Some(pool)
+        } else {
+            None
+        };
+        let has_inbox = handlers.iter().any(|h| matches!(h, Resolved::Tx(_)));
+        let mut plain: Vec<Arc<dyn Handler>> = Vec::with_capacity(handlers.len());
+        for (i, (s, h)) in config.stages.iter().zip(handlers).enumerate() {
+            plain.push(match (h, &pool) {
+                (Resolved::Plain(h), _) => h,
+                (Resolved::Tx(h), Some(pool)) => Arc::new(crate::postgres::Inbox {
+                    pool: pool.clone(),
+                    stage: s.name.clone(),
+                    handler: h,
+                    metrics: metrics.clone(),
+                }),
+                // build() refuses this already.
+                (Resolved::Tx(_), None) => {
+                    return Err(Error::Config(ConfigError::new(
+                        format!("stages[{i}].handler"),
+                        "a transactional handler needs postgres.url",
+                    )))
+                }
+            });
+        }
+        let handlers = plain;
+        let (pg_stop, pg_stopped) = tokio::sync::watch::channel(false);
+        let mut pg_tasks = Vec::new();
+        if let Some(pool) = &pool {
+            if config.postgres.relay {
+                let relay = crate::postgres::relay::Relay {
+                    pool: pool.clone(),
+                    publisher: publisher.clone(),
+                    metrics: metrics.clone(),
+                    batch: config.postgres.relay_batch,
+                    poll: config.postgres.relay_poll,
+                };
+                pg_tasks.push(tokio::spawn(relay.run(pg_stopped.clone())));
+            }
+            if has_inbox {
+                pg_tasks.push(tokio::spawn(crate::postgres::relay::expire_inbox(
+                    pool.clone(),
+                    config.postgres.inbox_retention,
+                    (config.postgres.inbox_retention / 100)
+                        .clamp(Duration::from_secs(1), Duration::from_secs(600)),
+                    pg_stopped,
+                )));
+            }
+        }
         let mut stages = Vec::new();
         let mut probes = Vec::new();
         let mut controlled = Vec::new();
@@ -512,6 +608,8 @@ impl Engine {
             ingress_addr,
             served: std::sync::Mutex::new(Vec::new()),
             escalations: Mutex::new(esc_rx),
+            pg_stop,
+            pg_tasks: std::sync::Mutex::new(pg_tasks),
         })))
     }
 }
@@ -764,6 +862,17 @@ impl EngineHandle {
                 abandoned: 0,
             }));
         }
+        // The relay finishes the batch in hand (its publishes are answered
+        // and its rows deleted); what it has not taken stays in the outbox.
+        let _ = self.0.pg_stop.send(true);
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.0.pg_tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let abort = t.abort_handle();
+            if tokio::time::timeout_at(deadline, t).await.is_err() {
+                abort.abort();
+            }
+        }
         let flushed = tokio::time::timeout_at(deadline, self.0.publisher.flush())
             .await
             .is_ok();
@@ -876,6 +985,40 @@ mod builder_tests {
             .build()
             .unwrap();
         assert_eq!(engine.handlers.len(), 2);
+    }
+
+    struct NoTx;
+
+    #[async_trait::async_trait]
+    impl TxHandler for NoTx {
+        async fn handle(
+            &self,
+            _tx: &mut crate::postgres::PgTransaction,
+            _d: &flowgate_actors::Delivery,
+        ) -> Result<Outcome, flowgate_actors::HandlerError> {
+            Ok(Outcome::ack())
+        }
+    }
+
+    #[test]
+    fn a_transactional_handler_needs_postgres_and_wins_over_a_plain_one() {
+        let e = Engine::builder()
+            .config(config(&["tx"]))
+            .tx_handler("tx", NoTx)
+            .build()
+            .err()
+            .expect("the build fails");
+        assert_eq!(e.key, "stages[0].handler", "{e}");
+        assert!(e.reason.contains("postgres.url"), "{e}");
+        let mut cfg = config(&["tx"]);
+        cfg.postgres.url = "postgres://127.0.0.1/db".into();
+        let engine = Engine::builder()
+            .config(cfg)
+            .handler("tx", handler_fn(|_d| async { Ok(Outcome::ack()) }))
+            .tx_handler("tx", NoTx)
+            .build()
+            .unwrap();
+        assert!(matches!(engine.handlers[0], Resolved::Tx(_)));
     }
 
     #[test]

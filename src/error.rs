@@ -43,6 +43,9 @@ pub enum Error {
     /// The spool file could not be opened.
     #[error("spool: {0}")]
     Spool(#[source] flowgate_actors::Error),
+    /// PostgreSQL (`[postgres]`) refused a migration at start.
+    #[error("postgres: {0}")]
+    Postgres(#[source] sqlx::Error),
     /// The trace exporter could not be set up (`[telemetry]`).
     #[error("telemetry: {0}")]
     Telemetry(#[source] Box<dyn std::error::Error + Send + Sync>),

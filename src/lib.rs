@@ -20,6 +20,9 @@
 //!   dead-letter plumbing (a host declaring its pipeline, tests and demos).
 //! * [`dlq`] — dead-letter queue tools: list, show, stats, replay, purge
 //!   (the `flowgate dlq` commands and the console share them).
+//! * [`postgres`] — exactly-once effects with the host's PostgreSQL: the
+//!   transactional inbox ([`TxHandler`](postgres::TxHandler)), the outbox
+//!   ([`Outbox`](postgres::Outbox)) and its relay, flowgate's migrations.
 //! * [`telemetry`] — OpenTelemetry trace export over OTLP/HTTP
 //!   ([`Telemetry`]); [`log`] — the process's subscriber: text or JSON
 //!   lines carrying the trace and span ids ([`log::init`]), for the daemon
@@ -89,6 +92,7 @@ mod handlers;
 mod http;
 pub mod ingress;
 pub mod log;
+pub mod postgres;
 pub mod telemetry;
 pub mod topology;
 

@@ -66,7 +66,9 @@ pub mod trace;
 pub use message::{handler_fn, Delivery, Handler, HandlerError, Outcome, Output, Payload};
 // Errors and metrics.
 pub use error::{Error, Result};
-pub use metrics::events::{Event, IngressRefused};
+pub use metrics::events::{
+    Event, InboxHit, IngressRefused, OutboxRelayFailed, OutboxRelayed, OutboxSampled,
+};
 pub use metrics::{Kind, MetricDesc, Metrics};
 // What the engine assembles: the actors, their settings and their handles.
 pub use connection::{

@@ -18,6 +18,7 @@ mod ingress;
 mod limits;
 mod log;
 mod management;
+mod postgres;
 mod publisher;
 mod queues;
 mod redis;
@@ -44,6 +45,7 @@ pub use ingress::{IngressAuth, IngressConfig, IngressRoute, Tokens, MIN_TOKEN_BY
 pub use limits::*;
 pub use log::*;
 pub use management::*;
+pub use postgres::*;
 pub use publisher::*;
 pub use queues::*;
 pub use redis::*;
@@ -136,6 +138,9 @@ pub struct Config {
     /// The Redis server of the `redis` dedup backend.
     #[serde(default)]
     pub redis: RedisConfig,
+    /// The host's PostgreSQL: the transactional inbox and the outbox relay.
+    #[serde(default)]
+    pub postgres: PostgresConfig,
     /// The durable publish spool used while the circuit breaker is open.
     #[serde(default)]
     pub spool: SpoolConfig,

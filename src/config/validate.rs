@@ -126,6 +126,7 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
         s.validate(i, &ctx)?;
     }
     validate_dedup(cfg)?;
+    cfg.postgres.validate()?;
     validate_security(cfg)?;
     validate_ingress(cfg, &exchanges)?;
     validate_management(cfg)?;

@@ -142,6 +142,7 @@ pub mod history;
 pub mod node;
 pub mod pipeline;
 pub mod pki;
+pub mod postgres;
 pub mod proxy;
 pub mod raw;
 pub mod redis;

@@ -1031,6 +1031,67 @@ impl Event for IngressRefused<'_> {
     }
 }
 
+/// An inbox stage took a delivery whose message id is committed in its
+/// inbox already: acked without calling the handler.
+pub struct InboxHit<'a> {
+    /// The stage.
+    pub stage: &'a str,
+    /// The message id.
+    pub message_id: &'a str,
+}
+
+impl Event for InboxHit<'_> {
+    fn emit(self, m: &Metrics) {
+        m.0.inbox_hits.with_label_values(&[self.stage]).inc();
+        debug!(
+            stage = self.stage,
+            message_id = self.message_id,
+            "committed in the inbox already; acking without handling"
+        );
+    }
+}
+
+/// The outbox relay sampled the outbox table.
+pub struct OutboxSampled {
+    /// Rows waiting.
+    pub depth: i64,
+    /// Age of the oldest row (zero when empty).
+    pub oldest: std::time::Duration,
+}
+
+impl Event for OutboxSampled {
+    fn emit(self, m: &Metrics) {
+        m.0.outbox_depth.set(self.depth);
+        m.0.outbox_age.set(self.oldest.as_secs_f64());
+    }
+}
+
+/// The relay published an outbox row and deleted it.
+pub struct OutboxRelayed {
+    /// From the row's insert to its confirm.
+    pub lag: std::time::Duration,
+}
+
+impl Event for OutboxRelayed {
+    fn emit(self, m: &Metrics) {
+        m.0.outbox_relayed.inc();
+        m.0.outbox_relay_lag.observe(self.lag.as_secs_f64());
+    }
+}
+
+/// A relay batch failed; its rows stay in the outbox and are tried again.
+pub struct OutboxRelayFailed<'a> {
+    /// What failed.
+    pub error: &'a dyn Display,
+}
+
+impl Event for OutboxRelayFailed<'_> {
+    fn emit(self, m: &Metrics) {
+        m.0.outbox_relay_errors.inc();
+        warn!(error = %self.error, "outbox relay batch failed; its rows are tried again");
+    }
+}
+
 /// The broker confirmed (or refused) a live publish: its round trip.
 pub(crate) struct ConfirmAwaited {
     /// From `basic.publish` to the broker's answer.
@@ -1127,6 +1188,7 @@ impl Event for StageKnown<'_> {
             &i.ack_failures,
             &i.publish_retries,
             &i.dedup_hits,
+            &i.inbox_hits,
             &i.dedup_errors,
             &i.dedup_lease_lost,
             &i.lane_waits,

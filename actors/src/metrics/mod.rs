@@ -276,6 +276,24 @@ metrics! {
     /// Deliveries acked without handling because their key was already done.
     dedup_hits: IntCounterVec = DEDUP_HITS("flowgate_dedup_hits_total", ["stage"],
         "deliveries acked without handling: already processed");
+    /// Redeliveries an inbox stage recognised as committed (no handler call).
+    inbox_hits: IntCounterVec = INBOX_HITS("flowgate_inbox_hits_total", ["stage"],
+        "deliveries of an inbox stage whose message id was committed in the PostgreSQL inbox already: acked without calling the handler (repeats absorbed)");
+    /// Rows in the outbox table.
+    outbox_depth: IntGauge = OUTBOX_DEPTH("flowgate_outbox_depth", [],
+        "rows waiting in the PostgreSQL outbox (sampled by the relay)");
+    /// Age of the oldest outbox row.
+    outbox_age: Gauge = OUTBOX_AGE("flowgate_outbox_oldest_age_seconds", [],
+        "age of the oldest row waiting in the PostgreSQL outbox (sampled by the relay; 0 when empty)");
+    /// Outbox rows published (confirmed or spooled) and deleted.
+    outbox_relayed: IntCounter = OUTBOX_RELAYED("flowgate_outbox_relayed_total", [],
+        "outbox rows this engine published (confirmed, or durable in the spool) and deleted");
+    /// From an outbox row's commit to its confirmed publish.
+    outbox_relay_lag: Histogram = OUTBOX_RELAY_LAG("flowgate_outbox_relay_lag_seconds", [],
+        "from an outbox row's insert to its publish being confirmed (relay lag)");
+    /// Relay batches that failed (database or publish error): retried.
+    outbox_relay_errors: IntCounter = OUTBOX_RELAY_ERRORS("flowgate_outbox_relay_errors_total", [],
+        "relay batches that failed (database error, or a publish refused): their rows stay and are tried again");
     /// Dedup store calls that failed.
     dedup_errors: IntCounterVec = DEDUP_ERRORS("flowgate_dedup_errors_total", ["stage"],
         "dedup store calls that failed (the stage waits, fail-closed)");

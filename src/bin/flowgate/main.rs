@@ -41,6 +41,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DlqCmd,
     },
+    /// Manage flowgate's tables in the [postgres] database (inbox, outbox).
+    Db {
+        #[command(subcommand)]
+        cmd: DbCmd,
+    },
     /// Steer a running engine through its management API ([management] bind).
     Ctl(ctl::CtlArgs),
     /// Print a shell completion script to stdout
@@ -51,6 +56,17 @@ enum Cmd {
     },
     /// Print the man page (roff) to stdout (`flowgate man | man -l -`).
     Man,
+}
+
+#[derive(Subcommand)]
+enum DbCmd {
+    /// Apply flowgate's migrations not applied yet (idempotent; safe to run
+    /// from several places at once).
+    Migrate {
+        /// Configuration file (TOML) with a [postgres] section.
+        #[arg(long, short, env = CONFIG_ENV)]
+        config: PathBuf,
+    },
 }
 
 /// Which dead letters (every condition given must hold).
@@ -231,6 +247,7 @@ fn main() -> ExitCode {
             code
         }
         Cmd::Dlq { cmd } => dlq(cmd),
+        Cmd::Db { cmd } => db(cmd),
         Cmd::Ctl(args) => ctl::main(args),
         Cmd::Completions { shell } => {
             // Into a buffer: `generate` panics when its writer fails (a
@@ -248,6 +265,54 @@ fn main() -> ExitCode {
                     Exit::Failure.into()
                 }
             }
+        }
+    }
+}
+
+fn db(cmd: DbCmd) -> ExitCode {
+    let DbCmd::Migrate { config } = cmd;
+    let cfg = match load(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if !cfg.postgres.is_set() {
+        eprintln!("flowgate: {}: no [postgres] url", config.display());
+        return Exit::Usage.into();
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flowgate: cannot start a runtime: {e}");
+            return Exit::Failure.into();
+        }
+    };
+    // The pool's maintenance task needs the runtime.
+    let _entered = rt.enter();
+    let pool = match flowgate::postgres::connect(&cfg.postgres) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("flowgate: {e}");
+            return Exit::Usage.into();
+        }
+    };
+    match rt.block_on(flowgate::postgres::migrate(&pool)) {
+        Ok(applied) if applied.is_empty() => {
+            println!(
+                "up to date (version {})",
+                flowgate::postgres::latest_migration()
+            );
+            Exit::Ok.into()
+        }
+        Ok(applied) => {
+            println!("applied migrations {applied:?}");
+            Exit::Ok.into()
+        }
+        Err(e) => {
+            eprintln!("flowgate: migrating: {e}");
+            Exit::Failure.into()
         }
     }
 }
