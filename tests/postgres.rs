@@ -498,3 +498,87 @@ async fn breaker_open_the_outbox_grows_in_postgres_and_drains_after() {
     assert!(twice <= 50, "only a batch's rows may go twice: {twice}");
     assert!(p.stop().await.clean);
 }
+
+/// `[postgres] statement_timeout` is every pooled connection's
+/// `statement_timeout`. Mutation tried: the option not passed — `SHOW`
+/// answers the server's default (`0`), and the test fails.
+#[actix_rt::test]
+async fn the_pool_sets_the_statement_timeout() {
+    let db = PrivateDb::create().await;
+    let mut cfg = flowgate::config::PostgresConfig {
+        url: db.url().to_owned(),
+        ..Default::default()
+    };
+    cfg.statement_timeout = Duration::from_millis(1500);
+    let pool = flowgate::postgres::connect(&cfg).unwrap();
+    let shown: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(shown, "1500ms");
+    let slow = sqlx::query("SELECT pg_sleep(5)").execute(&pool).await;
+    assert!(slow.is_err(), "a statement past the timeout is cancelled");
+}
+
+/// Inbox rows older than `inbox_retention` are swept; younger ones stay.
+/// Mutation tried: the sweep's comparison reversed (`>`): the young rows go
+/// and the old stay, and the test fails.
+#[actix_rt::test]
+async fn inbox_rows_expire_after_the_retention() {
+    let db = PrivateDb::create().await;
+    let pool = db.pool().await;
+    flowgate::postgres::migrate(&pool).await.unwrap();
+    effects_table(&pool).await;
+    sqlx::query(
+        "INSERT INTO flowgate_inbox (stage, message_id, processed_at) \
+         SELECT 's1', 'old-' || i, now() - interval '2 hours' FROM generate_series(1, 500) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO flowgate_inbox (stage, message_id) \
+         SELECT 's1', 'new-' || i FROM generate_series(1, 5) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let prefix = unique("pg-expire");
+    let mut cfg = pg_config(&prefix, &db);
+    cfg.postgres.inbox_retention = Duration::from_secs(3600);
+    let out = cfg.stages[0].output.clone().unwrap();
+    let p = TestPipeline::builder(cfg)
+        .engine(move |b| {
+            b.tx_handler(
+                "write",
+                WriteAndForward {
+                    exchange: out.exchange,
+                    routing_key: out.routing_key,
+                },
+            )
+        })
+        .start()
+        .await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            scalar(
+                &pool,
+                "SELECT count(*) FROM flowgate_inbox WHERE message_id LIKE 'old-%'",
+            )
+            .await
+                == 0
+        })
+        .await,
+        "the old rows are swept"
+    );
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM flowgate_inbox WHERE message_id LIKE 'new-%'"
+        )
+        .await,
+        5,
+        "the young rows stay"
+    );
+    assert!(p.stop().await.clean);
+}
