@@ -582,3 +582,67 @@ async fn inbox_rows_expire_after_the_retention() {
     );
     assert!(p.stop().await.clean);
 }
+
+/// A row the broker returns as unroutable is marked dead in the outbox,
+/// with its reason, and not tried again; the rows after it go out.
+/// Mutation tried: every publish error treated as transient — the row is
+/// republished on every batch and never marked, and the test fails.
+#[actix_rt::test]
+async fn an_unroutable_outbox_row_is_marked_dead_not_retried_forever() {
+    let db = PrivateDb::create().await;
+    let prefix = unique("pg-dead");
+    let (p, cfg) = relay_engine(&prefix, &db, Duration::from_millis(100)).await;
+    let pool = db.pool().await;
+    let ex = cfg.stages[0].output.clone().unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    Outbox::enqueue(&mut tx, &ex.exchange, "nowhere", b"{}".to_vec(), Default::default(), "lost")
+        .await
+        .unwrap();
+    Outbox::enqueue(
+        &mut tx,
+        &ex.exchange,
+        &ex.routing_key,
+        b"{}".to_vec(),
+        Default::default(),
+        "fine",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let got = p
+        .client()
+        .collect(&format!("{prefix}.sink"), 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(got[0].0, "fine");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            scalar(
+                &pool,
+                "SELECT count(*) FROM flowgate_outbox WHERE message_id = 'lost' \
+                 AND dead_reason LIKE '%unroutable%'",
+            )
+            .await
+                == 1
+        })
+        .await,
+        "the unroutable row is marked dead with its reason"
+    );
+    let published = p
+        .handle()
+        .metrics()
+        .counter(Metrics::PUBLISH, &["returned"]);
+    assert_eq!(published, 1, "the row was published once and returned");
+    tokio::time::sleep(Duration::from_millis(500)).await; // five polls
+    assert_eq!(
+        p.handle()
+            .metrics()
+            .counter(Metrics::PUBLISH, &["returned"]),
+        published,
+        "not tried again"
+    );
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM flowgate_outbox WHERE dead_reason IS NULL").await,
+        0
+    );
+    assert!(p.stop().await.clean);
+}
