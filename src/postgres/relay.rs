@@ -14,8 +14,9 @@
 //!
 //! `LISTEN flowgate_outbox` (a trigger notifies on every committed insert)
 //! wakes the relay at once; `relay_poll` is the fallback. While the breaker
-//! is open the relay waits instead of spooling: the outbox grows in
-//! PostgreSQL, not in the process.
+//! is open the relay waits instead of spooling, and while it is half-open
+//! it sends one row at a time (the probe): the outbox grows in PostgreSQL,
+//! not in the spool or the process.
 
 use flowgate_actors::envelope::stamp_first_published;
 use flowgate_actors::{
@@ -46,7 +47,9 @@ enum BatchError {
     Database(#[from] sqlx::Error),
     #[error("{failed} of the batch's publishes failed (first: {first})")]
     Publish { failed: usize, first: String },
-    #[error("{dead} rows of the batch can never be published (unroutable or undecodable): marked dead")]
+    #[error(
+        "{dead} rows of the batch can never be published (unroutable or undecodable): marked dead"
+    )]
     Dead { dead: usize },
 }
 
@@ -63,12 +66,18 @@ impl Relay {
                 self.sample().await;
                 sampled = Instant::now();
             }
-            let waiting = self.publisher.breaker_state() == BreakerState::Open;
-            let full = if waiting {
+            // Open: wait (the rows stay in PostgreSQL). Half-open: one row,
+            // the probe that may close it (more would only be spooled).
+            let limit = match self.publisher.breaker_state() {
+                BreakerState::Open => 0,
+                BreakerState::HalfOpen => 1,
+                BreakerState::Closed => self.batch,
+            };
+            let full = if limit == 0 {
                 false
             } else {
-                match self.batch_once().await {
-                    Ok(n) => n >= self.batch as usize,
+                match self.batch_once(limit).await {
+                    Ok(n) => n >= limit as usize,
                     Err(e) => {
                         OutboxRelayFailed { error: &e }.emit(&self.metrics);
                         false
@@ -118,8 +127,8 @@ impl Relay {
         }
     }
 
-    /// Relays one batch; returns how many rows it took.
-    async fn batch_once(&self) -> Result<usize, BatchError> {
+    /// Relays one batch of at most `limit` rows; returns how many it took.
+    async fn batch_once(&self, limit: u32) -> Result<usize, BatchError> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
             "SELECT id, record, \
@@ -127,7 +136,7 @@ impl Relay {
              FROM flowgate_outbox WHERE dead_reason IS NULL \
              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
-        .bind(i64::from(self.batch))
+        .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
