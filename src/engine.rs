@@ -466,29 +466,6 @@ impl Engine {
             });
         }
         let handlers = plain;
-        let (pg_stop, pg_stopped) = tokio::sync::watch::channel(false);
-        let mut pg_tasks = Vec::new();
-        if let Some(pool) = &pool {
-            if config.postgres.relay {
-                let relay = crate::postgres::relay::Relay {
-                    pool: pool.clone(),
-                    publisher: publisher.clone(),
-                    metrics: metrics.clone(),
-                    batch: config.postgres.relay_batch,
-                    poll: config.postgres.relay_poll,
-                };
-                pg_tasks.push(tokio::spawn(relay.run(pg_stopped.clone())));
-            }
-            if has_inbox {
-                pg_tasks.push(tokio::spawn(crate::postgres::relay::expire_inbox(
-                    pool.clone(),
-                    config.postgres.inbox_retention,
-                    (config.postgres.inbox_retention / 100)
-                        .clamp(Duration::from_secs(1), Duration::from_secs(600)),
-                    pg_stopped,
-                )));
-            }
-        }
         let mut stages = Vec::new();
         let mut probes = Vec::new();
         let mut controlled = Vec::new();
@@ -588,6 +565,30 @@ impl Engine {
             (Some(h), Some(a))
         };
 
+        // Last: nothing after this can fail the start and leave them running.
+        let (pg_stop, pg_stopped) = tokio::sync::watch::channel(false);
+        let mut pg_tasks = Vec::new();
+        if let Some(pool) = &pool {
+            if config.postgres.relay {
+                let relay = crate::postgres::relay::Relay {
+                    pool: pool.clone(),
+                    publisher: publisher.clone(),
+                    metrics: metrics.clone(),
+                    batch: config.postgres.relay_batch,
+                    poll: config.postgres.relay_poll,
+                };
+                pg_tasks.push(tokio::spawn(relay.run(pg_stopped.clone())));
+            }
+            if has_inbox {
+                pg_tasks.push(tokio::spawn(crate::postgres::relay::expire_inbox(
+                    pool.clone(),
+                    config.postgres.inbox_retention,
+                    (config.postgres.inbox_retention / 100)
+                        .clamp(Duration::from_secs(1), Duration::from_secs(600)),
+                    pg_stopped,
+                )));
+            }
+        }
         close_on_failure.disarm();
         Ok(EngineHandle(Arc::new(Running {
             config,

@@ -55,7 +55,15 @@ fn config_file(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     p
 }
 
-const SUBCOMMANDS: &[&str] = &["run", "check-config", "dlq", "ctl", "completions", "man"];
+const SUBCOMMANDS: &[&str] = &[
+    "run",
+    "check-config",
+    "dlq",
+    "db",
+    "ctl",
+    "completions",
+    "man",
+];
 
 #[test]
 fn bash_completions_parse_and_offer_every_subcommand() {
@@ -63,7 +71,10 @@ fn bash_completions_parse_and_offer_every_subcommand() {
     assert!(out.status.success(), "{}", stderr(&out));
     let script = stdout(&out);
     assert!(script.contains("complete -F _flowgate"), "{script}");
-    for sub in SUBCOMMANDS.iter().chain(&["stats", "replay", "purge"]) {
+    for sub in SUBCOMMANDS
+        .iter()
+        .chain(&["stats", "replay", "purge", "migrate"])
+    {
         assert!(script.contains(sub), "offers `{sub}`");
     }
     let dir = tempfile::tempdir().unwrap();
@@ -196,6 +207,7 @@ fn an_invalid_config_exits_with_the_usage_status_on_every_command() {
         &["check-config", "--config", bad][..],
         &["run", "--config", bad],
         &["dlq", "stats", "--queue", "q", "--config", bad],
+        &["db", "migrate", "--config", bad],
     ] {
         let out = flowgate(args, &[]);
         assert_eq!(
@@ -239,6 +251,7 @@ fn flowgate_config_stands_in_for_config_on_every_command() {
         &["dlq", "stats", "--queue", "q"],
         &["dlq", "replay", "--queue", "q"],
         &["dlq", "purge", "--queue", "q", "--yes"],
+        &["db", "migrate"],
     ] {
         let out = flowgate(args, &[("FLOWGATE_CONFIG", &bad)]);
         assert_eq!(

@@ -384,15 +384,13 @@ async fn db_migrate_is_idempotent() {
 
 /// Breaker open (a memory alarm on a private broker node, the engine with a
 /// spool): the relay stops taking rows, so the outbox grows in PostgreSQL
-/// (at most the batch in flight when the broker blocked goes to the spool;
+/// (at most the batch in flight when the broker blocked, and one probe row
+/// per half-open spell, go to the spool;
 /// nothing accumulates in the process); after the alarm everything drains,
-/// each row at least once and at most a batch's worth twice. Mutations
-/// tried: the relay's breaker check removed — *not* caught: during an alarm
-/// the relay's first batch stays held in the publisher (its publishes wait
-/// at the blocked gate or for a confirm the blocked broker does not send)
-/// until the alarm clears, so the relay never comes back to the check; the
-/// check matters for a breaker opened by nacks or confirm timeouts, which
-/// this test does not provoke.
+/// each row at least once and at most a batch's worth twice. Mutation
+/// tried: the relay's breaker check removed (full batches whatever the
+/// state) — the relay moves the outbox into the spool while the breaker is
+/// open and half-open (114 spooled within 2 s), and the test fails.
 #[actix_rt::test]
 async fn breaker_open_the_outbox_grows_in_postgres_and_drains_after() {
     let node = common::node::BrokerNode::start_async()
@@ -421,6 +419,23 @@ async fn breaker_open_the_outbox_grows_in_postgres_and_drains_after() {
     node.blocking(|n| n.set_memory_alarm(true))
         .await
         .expect("alarm on");
+    // The broker blocks a connection when it next publishes: a primer
+    // publish makes it so before the relay has rows (theirs then wait at
+    // the publisher's blocked gate, and the breaker opens after
+    // `blocked_timeout`, as in tests/backpressure.rs).
+    let primer = {
+        let h = p.handle().clone();
+        let out = flowgate::Output::new(&ex.exchange, &ex.routing_key, b"{}".to_vec())
+            .with_message_id("primer");
+        actix_rt::spawn(async move { h.publish(out).await })
+    };
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            m.gauge(Metrics::BROKER_BLOCKED, &[]) == 1
+        })
+        .await,
+        "the broker blocks publishing"
+    );
     const N: usize = 1000;
     let mut ids = Vec::new();
     for t in 0..20 {
@@ -442,11 +457,15 @@ async fn breaker_open_the_outbox_grows_in_postgres_and_drains_after() {
         tx.commit().await.unwrap();
     }
     assert!(
-        eventually(Duration::from_secs(20), || async {
+        eventually(Duration::from_secs(60), || async {
             m.gauge(Metrics::BREAKER_STATE, &["open"]) == 1
         })
         .await,
-        "the breaker opens"
+        "the breaker opens (broker blocked: {}, relayed: {}, relay errors: {}, outbox: {})",
+        m.gauge(Metrics::BROKER_BLOCKED, &[]),
+        m.counter(Metrics::OUTBOX_RELAYED, &[]),
+        m.counter(Metrics::OUTBOX_RELAY_ERRORS, &[]),
+        scalar(&pool, "SELECT count(*) FROM flowgate_outbox").await
     );
     let errors_at_open = m.counter(Metrics::OUTBOX_RELAY_ERRORS, &[]);
     // Watched for a while: there is no event for "nothing happens".
@@ -455,15 +474,17 @@ async fn breaker_open_the_outbox_grows_in_postgres_and_drains_after() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         outbox_while_open.push(scalar(&pool, "SELECT count(*) FROM flowgate_outbox").await);
         let spooled = m.gauge(Metrics::SPOOL_MESSAGES, &[]);
+        // The batch in flight when the breaker opened, and one probe row
+        // per half-open spell (`reset` is 500 ms).
         assert!(
-            spooled <= 50,
-            "at most the batch in flight is spooled: {spooled}"
+            spooled <= 60,
+            "at most the batch in flight and the probes are spooled: {spooled}"
         );
     }
     let errors_while_open = m.counter(Metrics::OUTBOX_RELAY_ERRORS, &[]) - errors_at_open;
     println!("outbox while the breaker is open: {outbox_while_open:?}; relay errors meanwhile: {errors_while_open}");
     assert!(
-        outbox_while_open.iter().all(|n| *n as usize >= N - 50),
+        outbox_while_open.iter().all(|n| *n as usize >= N - 60),
         "the rows stay in PostgreSQL: {outbox_while_open:?}"
     );
     assert!(
@@ -473,6 +494,7 @@ async fn breaker_open_the_outbox_grows_in_postgres_and_drains_after() {
     node.blocking(|n| n.set_memory_alarm(false))
         .await
         .expect("alarm off");
+    let _ = primer.await;
     let sink = format!("{prefix}.sink");
     let client = Client::connect(&node.amqp_url()).await;
     let mut seen = client
@@ -489,6 +511,7 @@ async fn breaker_open_the_outbox_grows_in_postgres_and_drains_after() {
         *seen.entry(id).or_insert(0) += n;
     }
     let missing: Vec<_> = ids.iter().filter(|i| !seen.contains_key(*i)).collect();
+    seen.remove("primer");
     let twice: usize = seen.values().map(|n| n - 1).sum();
     println!(
         "after the alarm: {} ids, {twice} published twice",
@@ -496,5 +519,164 @@ async fn breaker_open_the_outbox_grows_in_postgres_and_drains_after() {
     );
     assert!(missing.is_empty(), "lost: {missing:?}");
     assert!(twice <= 50, "only a batch's rows may go twice: {twice}");
+    assert!(p.stop().await.clean);
+}
+
+/// `[postgres] statement_timeout` is every pooled connection's
+/// `statement_timeout`. Mutation tried: the option not passed — `SHOW`
+/// answers the server's default (`0`), and the test fails.
+#[actix_rt::test]
+async fn the_pool_sets_the_statement_timeout() {
+    let db = PrivateDb::create().await;
+    let mut cfg = flowgate::config::PostgresConfig {
+        url: db.url().to_owned(),
+        ..Default::default()
+    };
+    cfg.statement_timeout = Duration::from_millis(1500);
+    let pool = flowgate::postgres::connect(&cfg).unwrap();
+    let shown: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(shown, "1500ms");
+    let slow = sqlx::query("SELECT pg_sleep(5)").execute(&pool).await;
+    assert!(slow.is_err(), "a statement past the timeout is cancelled");
+}
+
+/// Inbox rows older than `inbox_retention` are swept; younger ones stay.
+/// Mutation tried: the sweep's comparison reversed (`>`): the young rows go
+/// and the old stay, and the test fails.
+#[actix_rt::test]
+async fn inbox_rows_expire_after_the_retention() {
+    let db = PrivateDb::create().await;
+    let pool = db.pool().await;
+    flowgate::postgres::migrate(&pool).await.unwrap();
+    effects_table(&pool).await;
+    sqlx::query(
+        "INSERT INTO flowgate_inbox (stage, message_id, processed_at) \
+         SELECT 's1', 'old-' || i, now() - interval '2 hours' FROM generate_series(1, 500) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO flowgate_inbox (stage, message_id) \
+         SELECT 's1', 'new-' || i FROM generate_series(1, 5) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let prefix = unique("pg-expire");
+    let mut cfg = pg_config(&prefix, &db);
+    cfg.postgres.inbox_retention = Duration::from_secs(3600);
+    let out = cfg.stages[0].output.clone().unwrap();
+    let p = TestPipeline::builder(cfg)
+        .engine(move |b| {
+            b.tx_handler(
+                "write",
+                WriteAndForward {
+                    exchange: out.exchange,
+                    routing_key: out.routing_key,
+                },
+            )
+        })
+        .start()
+        .await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            scalar(
+                &pool,
+                "SELECT count(*) FROM flowgate_inbox WHERE message_id LIKE 'old-%'",
+            )
+            .await
+                == 0
+        })
+        .await,
+        "the old rows are swept"
+    );
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM flowgate_inbox WHERE message_id LIKE 'new-%'"
+        )
+        .await,
+        5,
+        "the young rows stay"
+    );
+    assert!(p.stop().await.clean);
+}
+
+/// A row the broker returns as unroutable is marked dead in the outbox,
+/// with its reason, and not tried again; the rows after it go out.
+/// Mutation tried: every publish error treated as transient — the row is
+/// republished on every batch and never marked, and the test fails.
+#[actix_rt::test]
+async fn an_unroutable_outbox_row_is_marked_dead_not_retried_forever() {
+    let db = PrivateDb::create().await;
+    let prefix = unique("pg-dead");
+    let (p, cfg) = relay_engine(&prefix, &db, Duration::from_millis(100)).await;
+    let pool = db.pool().await;
+    let ex = cfg.stages[0].output.clone().unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    Outbox::enqueue(
+        &mut tx,
+        &ex.exchange,
+        "nowhere",
+        b"{}".to_vec(),
+        Default::default(),
+        "lost",
+    )
+    .await
+    .unwrap();
+    Outbox::enqueue(
+        &mut tx,
+        &ex.exchange,
+        &ex.routing_key,
+        b"{}".to_vec(),
+        Default::default(),
+        "fine",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let got = p
+        .client()
+        .collect(&format!("{prefix}.sink"), 1, Duration::from_secs(20))
+        .await;
+    assert_eq!(got[0].0, "fine");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            scalar(
+                &pool,
+                "SELECT count(*) FROM flowgate_outbox WHERE message_id = 'lost' \
+                 AND dead_reason LIKE '%unroutable%'",
+            )
+            .await
+                == 1
+        })
+        .await,
+        "the unroutable row is marked dead with its reason"
+    );
+    let published = p
+        .handle()
+        .metrics()
+        .counter(Metrics::PUBLISH, &["returned"]);
+    assert_eq!(published, 1, "the row was published once and returned");
+    tokio::time::sleep(Duration::from_millis(500)).await; // five polls
+    assert_eq!(
+        p.handle()
+            .metrics()
+            .counter(Metrics::PUBLISH, &["returned"]),
+        published,
+        "not tried again"
+    );
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM flowgate_outbox WHERE dead_reason IS NULL"
+        )
+        .await,
+        0
+    );
     assert!(p.stop().await.clean);
 }

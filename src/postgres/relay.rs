@@ -14,8 +14,9 @@
 //!
 //! `LISTEN flowgate_outbox` (a trigger notifies on every committed insert)
 //! wakes the relay at once; `relay_poll` is the fallback. While the breaker
-//! is open the relay waits instead of spooling: the outbox grows in
-//! PostgreSQL, not in the process.
+//! is open the relay waits instead of spooling, and while it is half-open
+//! it sends one row at a time (the probe): the outbox grows in PostgreSQL,
+//! not in the spool or the process.
 
 use flowgate_actors::envelope::stamp_first_published;
 use flowgate_actors::{
@@ -46,6 +47,10 @@ enum BatchError {
     Database(#[from] sqlx::Error),
     #[error("{failed} of the batch's publishes failed (first: {first})")]
     Publish { failed: usize, first: String },
+    #[error(
+        "{dead} rows of the batch can never be published (unroutable or undecodable): marked dead"
+    )]
+    Dead { dead: usize },
 }
 
 impl Relay {
@@ -61,12 +66,18 @@ impl Relay {
                 self.sample().await;
                 sampled = Instant::now();
             }
-            let waiting = self.publisher.breaker_state() == BreakerState::Open;
-            let full = if waiting {
+            // Open: wait (the rows stay in PostgreSQL). Half-open: one row,
+            // the probe that may close it (more would only be spooled).
+            let limit = match self.publisher.breaker_state() {
+                BreakerState::Open => 0,
+                BreakerState::HalfOpen => 1,
+                BreakerState::Closed => self.batch,
+            };
+            let full = if limit == 0 {
                 false
             } else {
-                match self.batch_once().await {
-                    Ok(n) => n >= self.batch as usize,
+                match self.batch_once(limit).await {
+                    Ok(n) => n >= limit as usize,
                     Err(e) => {
                         OutboxRelayFailed { error: &e }.emit(&self.metrics);
                         false
@@ -101,7 +112,7 @@ impl Relay {
         let row = sqlx::query(
             "SELECT count(*) AS depth, \
              coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8 AS age \
-             FROM flowgate_outbox",
+             FROM flowgate_outbox WHERE dead_reason IS NULL",
         )
         .fetch_one(&self.pool)
         .await;
@@ -116,15 +127,16 @@ impl Relay {
         }
     }
 
-    /// Relays one batch; returns how many rows it took.
-    async fn batch_once(&self) -> Result<usize, BatchError> {
+    /// Relays one batch of at most `limit` rows; returns how many it took.
+    async fn batch_once(&self, limit: u32) -> Result<usize, BatchError> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(
             "SELECT id, record, \
              extract(epoch FROM clock_timestamp() - created_at)::float8 AS age \
-             FROM flowgate_outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+             FROM flowgate_outbox WHERE dead_reason IS NULL \
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
-        .bind(i64::from(self.batch))
+        .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
@@ -146,9 +158,17 @@ impl Relay {
                         body: r.body.into(),
                         properties,
                     };
-                    self.publisher.send(out).await.map_err(|e| e.to_string())
+                    self.publisher.send(out).await.map_err(|e| {
+                        // The message's own fault: it would fail forever.
+                        let permanent = matches!(
+                            e,
+                            flowgate_actors::Error::Unroutable { .. }
+                                | flowgate_actors::Error::Invalid(_)
+                        );
+                        (permanent, e.to_string())
+                    })
                 }
-                Err(e) => Err(format!("outbox row {id} cannot be decoded: {e}")),
+                Err(e) => Err((true, format!("cannot be decoded: {e}"))),
             };
             Ok::<_, sqlx::Error>((id, age, result))
         });
@@ -158,6 +178,7 @@ impl Relay {
         let mut lags = Vec::with_capacity(results.len());
         let mut failed = 0;
         let mut first = None;
+        let (mut dead, mut reasons) = (Vec::new(), Vec::new());
         for r in results {
             let (id, age, result) = r?;
             match result {
@@ -165,7 +186,12 @@ impl Relay {
                     done.push(id);
                     lags.push(Duration::try_from_secs_f64(age.max(0.0)).unwrap_or_default());
                 }
-                Err(e) => {
+                Err((true, reason)) => {
+                    tracing::warn!(row = id, %reason, "outbox row can never be published; marked dead");
+                    dead.push(id);
+                    reasons.push(reason);
+                }
+                Err((false, e)) => {
                     failed += 1;
                     first.get_or_insert(e);
                 }
@@ -175,6 +201,16 @@ impl Relay {
             .bind(&done)
             .execute(&mut *tx)
             .await?;
+        if !dead.is_empty() {
+            sqlx::query(
+                "UPDATE flowgate_outbox o SET dead_reason = d.reason, dead_at = now() \
+                 FROM unnest($1::bigint[], $2::text[]) AS d(id, reason) WHERE o.id = d.id",
+            )
+            .bind(&dead)
+            .bind(&reasons)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         let publishing = taken.elapsed();
         for lag in lags {
@@ -184,7 +220,8 @@ impl Relay {
             .emit(&self.metrics);
         }
         match first {
-            None => Ok(rows.len()),
+            None if dead.is_empty() => Ok(rows.len()),
+            None => Err(BatchError::Dead { dead: dead.len() }),
             Some(first) => Err(BatchError::Publish { failed, first }),
         }
     }

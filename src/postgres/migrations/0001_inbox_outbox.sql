@@ -21,8 +21,15 @@ CREATE TABLE flowgate_outbox (
     exchange    text        NOT NULL,
     routing_key text        NOT NULL,
     record      bytea       NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    -- Set by a relay for a row that can never be published (the broker
+    -- returned it as unroutable, or it cannot be decoded): kept for people,
+    -- skipped by the relays.
+    dead_reason text,
+    dead_at     timestamptz
 );
+-- The relays' scan: live rows in id order.
+CREATE INDEX flowgate_outbox_live ON flowgate_outbox (id) WHERE dead_reason IS NULL;
 
 -- Wakes the relays (LISTEN flowgate_outbox) when an insert commits.
 CREATE FUNCTION flowgate_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
