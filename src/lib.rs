@@ -113,6 +113,9 @@ pub use flowgate_actors::lapin;
 pub use flowgate_actors::trace;
 /// What went wrong inside the actor runtime (a publish, the broker link).
 pub use flowgate_actors::Error as RuntimeError;
+/// How long a shutdown waits for the broker to answer the close of the
+/// engine's connections (a broker blocking publishers never answers it).
+pub use flowgate_actors::CLOSE_WITHIN;
 /// The queue a spooled record that comes back unroutable on replay (and a
 /// returned message whose publisher was told "confirmed") is moved to, with
 /// reason headers: one of the places a message can end.

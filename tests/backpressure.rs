@@ -682,3 +682,46 @@ async fn a_block_ends_with_its_connection() {
     assert!(!h.control().publisher().broker_blocked, "no longer blocked");
     h.shutdown().await;
 }
+
+/// A shutdown while a memory alarm blocks the publish connection ends
+/// within its grace and a bounded close: the broker stops reading a
+/// blocked connection, so it never answers the connection's close; the
+/// engine must not wait for that answer.
+#[actix_rt::test]
+async fn a_shutdown_under_a_memory_alarm_ends_within_its_grace() {
+    let node = BrokerNode::start_async()
+        .await
+        .expect("private broker node");
+    let prefix = unique("alarm-stop");
+    let mut cfg = one_queue(&node.amqp_url(), &prefix);
+    cfg.shutdown.grace = Duration::from_secs(2);
+    let h = start(&cfg).await;
+    let m = h.metrics().clone();
+    node.blocking(|n| n.set_memory_alarm(true))
+        .await
+        .expect("alarm on");
+    // The broker blocks the publish connection when it next publishes.
+    let primer = {
+        let h = h.clone();
+        let out = msg(&prefix, "k", "primer");
+        actix_rt::spawn(async move { h.publish(out).await })
+    };
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            m.gauge(flowgate::Metrics::BROKER_BLOCKED, &[]) == 1
+        })
+        .await,
+        "broker blocks publishing"
+    );
+    let bound = cfg.shutdown.grace + flowgate::CLOSE_WITHIN + Duration::from_secs(5);
+    let stopped = tokio::time::timeout(bound, h.shutdown()).await;
+    node.blocking(|n| n.set_memory_alarm(false))
+        .await
+        .expect("alarm off");
+    assert!(
+        stopped.is_ok(),
+        "the shutdown still waits after {bound:?} (grace {:?})",
+        cfg.shutdown.grace
+    );
+    primer.abort();
+}

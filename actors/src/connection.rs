@@ -229,6 +229,13 @@ fn unreachable(e: &Error) -> bool {
 /// sensible `backoff_max`, so the deadline is kept to within this.
 const WATCHDOG_TICK: Duration = Duration::from_millis(250);
 
+/// How long a shutdown waits for the broker to answer the close of the
+/// engine's connections. A broker that blocks publishers (a memory or disk
+/// alarm) stops reading a blocked connection and never answers its close;
+/// past this bound the engine lets go of it (the socket closes with the
+/// process or when the last handle drops).
+pub const CLOSE_WITHIN: Duration = Duration::from_secs(3);
+
 impl ConnectionActor {
     /// A new actor; start it under `actix::Supervisor`.
     pub fn new(
@@ -697,8 +704,18 @@ impl Handler<Close> for ConnectionActor {
             .collect();
         Box::pin(
             async move {
-                for c in conns {
-                    let _ = c.close(200, "flowgate shutdown".into()).await;
+                let closes = conns
+                    .iter()
+                    .map(|c| c.close(200, "flowgate shutdown".into()));
+                // Unanswered past the bound (a blocked connection): let go.
+                if tokio::time::timeout(CLOSE_WITHIN, futures::future::join_all(closes))
+                    .await
+                    .is_err()
+                {
+                    warn!(
+                        within = ?CLOSE_WITHIN,
+                        "the broker did not answer the close of the connections (is it blocking publishers?); letting go"
+                    );
                 }
             }
             .into_actor(self)

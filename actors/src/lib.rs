@@ -73,6 +73,7 @@ pub use metrics::{Kind, MetricDesc, Metrics};
 // What the engine assembles: the actors, their settings and their handles.
 pub use connection::{
     redact_url, Close, Closer, ConnectionActor, ConnectionConfig, GetStatus, OpenChannel, Purpose,
+    CLOSE_WITHIN,
 };
 pub use dedup::{Claim, ClaimToken, Claimed, CommitOutcome, DedupError};
 pub use dedup::{
