@@ -662,11 +662,6 @@ async fn a_block_ends_with_its_connection() {
         .unwrap();
     assert!(h.wait_ready(Duration::from_secs(20)).await);
     assert_eq!(proxy.send_blocked("-publish"), 1, "one publish connection");
-    let client = Client::connect(AMQP_URL).await;
-    let ex = format!("{prefix}.ex");
-    let sink = format!("{prefix}.sink");
-    let ids: Vec<String> = (0..3).map(|i| format!("b{i}")).collect();
-    client.publish_many(&ex, "in", &ids, b"x").await;
     assert!(
         eventually(Duration::from_secs(10), || async {
             h.control().publisher().broker_blocked
@@ -674,11 +669,22 @@ async fn a_block_ends_with_its_connection() {
         .await,
         "the engine holds its publishes while blocked"
     );
+    let client = Client::connect(AMQP_URL).await;
+    let ex = format!("{prefix}.ex");
+    let sink = format!("{prefix}.sink");
+    let ids: Vec<String> = (0..3).map(|i| format!("b{i}")).collect();
+    client.publish_many(&ex, "in", &ids, b"x").await;
     proxy.reset_all();
     let got = client
         .collect_distinct(&sink, ids.len(), Duration::from_secs(60))
         .await;
-    Accounting::of(&ids, &got).assert_exactly_once();
+    // Every one arrives; the reset cuts the consume connection too, so an
+    // input whose ack it lost is redelivered (at least once).
+    let acc = Accounting::of(&ids, &got);
+    assert!(
+        acc.missing.is_empty() && acc.unexpected.is_empty(),
+        "publishing did not resume after the blocked connection was replaced: {acc}"
+    );
     assert!(!h.control().publisher().broker_blocked, "no longer blocked");
     h.shutdown().await;
 }
