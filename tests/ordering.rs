@@ -707,10 +707,11 @@ async fn order_holds_across_a_forced_connection_close() {
     }
     let all = seen.0.lock().unwrap().clone();
     assert_in_order_with_repeats(&all, KEYS, EVENTS);
-    eprintln!(
-        "connection close: {} handlings for {total} events",
-        seen.total()
-    );
+    // A figure, not an assertion: what was handled and not acked at the
+    // close, and what the lanes handled of the lost channel's deliveries
+    // before the first redelivered one showed the loss.
+    let repeats = seen.total() - total;
+    eprintln!("connection close: {repeats} repeats of {total} events");
     h.shutdown().await;
 }
 
