@@ -47,15 +47,13 @@
 //! waiting in place stops the same way.
 
 use super::process::{self, Order, Taken};
+pub(crate) use super::process::{LaneKey, IN_PLACE};
 use super::Shared;
 use crate::message::Delivery;
 use crate::metrics::events::{self, Event};
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
-
-/// The `tier` label of `flowgate_retries_total` for a retry in place.
-pub(crate) const IN_PLACE: &str = "in-place";
 
 /// A key function an embedding host registers: the delivery's ordering key,
 /// or `None` when it has none (see [`MissingKey`]).
@@ -132,23 +130,6 @@ pub struct OrderPolicy {
     pub key: OrderKey,
     /// What a delivery without one gets.
     pub missing: MissingKey,
-}
-
-/// A lane's name: a key, or the lane of keyless deliveries.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum LaneKey {
-    Key(String),
-    Shared,
-}
-
-impl LaneKey {
-    /// As the dead letter's [`ORDER_KEY`](crate::envelope::ORDER_KEY) says it.
-    pub(crate) fn as_str(&self) -> &str {
-        match self {
-            LaneKey::Key(k) => k,
-            LaneKey::Shared => "",
-        }
-    }
 }
 
 /// The lanes of one stage. Bounded: every queued delivery holds a credit.

@@ -32,7 +32,6 @@
 //!    DLX, requeued while draining).
 
 use super::ack::Ticket;
-use super::lanes::LaneKey;
 use super::SETTLE_TIMEOUT;
 use super::{Shared, StageSpec};
 use crate::credit::Credit;
@@ -191,6 +190,26 @@ pub(crate) fn take(
     }
 }
 
+/// The `tier` label of `flowgate_retries_total` for a retry in place.
+pub(crate) const IN_PLACE: &str = "in-place";
+
+/// A lane's name: a key, or the lane of keyless deliveries.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum LaneKey {
+    Key(String),
+    Shared,
+}
+
+impl LaneKey {
+    /// As the dead letter's [`ORDER_KEY`](crate::envelope::ORDER_KEY) says it.
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            LaneKey::Key(k) => k,
+            LaneKey::Shared => "",
+        }
+    }
+}
+
 /// Where a delivery stands in its stage's ordering (see [`super::lanes`]).
 pub(crate) enum Order<'a> {
     /// The stage does not keep order.
@@ -307,7 +326,7 @@ async fn handle(shared: &Shared, o: &mut Opened, order: &Order<'_>) -> Verdict {
         let delay = policy.delay_in_place(o.attempt, *after);
         events::Retried {
             stage: &shared.spec.name,
-            tier: super::lanes::IN_PLACE,
+            tier: IN_PLACE,
             attempt: o.attempt,
         }
         .emit(&shared.metrics);
