@@ -189,6 +189,10 @@ impl EngineBuilder {
         names.sort();
         names.dedup();
         crate::config::validate(&config, Some(&names))?;
+        config
+            .stages
+            .iter()
+            .for_each(StageConfig::warn_of_long_retries);
         let mut resolved = Vec::new();
         let mut order_keys = Vec::new();
         for (i, s) in config.stages.iter().enumerate() {
@@ -214,16 +218,6 @@ impl EngineBuilder {
                 }
             };
             resolved.push(h);
-            if let Some(span) = s
-                .in_place_retry_span()
-                .filter(|span| *span >= crate::config::BROKER_CONSUMER_TIMEOUT)
-            {
-                tracing::warn!(
-                    stage = %s.name,
-                    ?span,
-                    "an ordered stage retries in place, holding the delivery unacked for up to this long: past the broker's consumer_timeout (30 min by default) the broker closes the channel and redelivers (see the README's Ordering)"
-                );
-            }
             let by = s.order_by.as_deref().map(OrderBy::parse);
             let key_fn = match by.as_ref().and_then(|b| b.as_ref().ok()?.function()) {
                 None => None,

@@ -607,6 +607,21 @@ impl StageConfig {
         Some(waits + calls)
     }
 
+    /// Logs a warning when [`in_place_retry_span`](Self::in_place_retry_span)
+    /// reaches the broker's default `consumer_timeout`.
+    pub(crate) fn warn_of_long_retries(&self) {
+        if let Some(span) = self
+            .in_place_retry_span()
+            .filter(|span| *span >= BROKER_CONSUMER_TIMEOUT)
+        {
+            tracing::warn!(
+                stage = %self.name,
+                ?span,
+                "an ordered stage retries in place, holding the delivery unacked for up to this long: past the broker's consumer_timeout (30 min by default) the broker closes the channel and redelivers (see the README's Ordering)"
+            );
+        }
+    }
+
     /// The runtime's ordering of this stage; `key_fn` is the host's key
     /// function when `order_by` names one (the builder resolved it).
     fn order_policy(
