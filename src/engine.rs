@@ -203,6 +203,10 @@ impl EngineBuilder {
         names.sort();
         names.dedup();
         crate::config::validate(&config, Some(&names))?;
+        config
+            .stages
+            .iter()
+            .for_each(StageConfig::warn_of_long_retries);
         let mut resolved = Vec::new();
         let mut order_keys = Vec::new();
         for (i, s) in config.stages.iter().enumerate() {

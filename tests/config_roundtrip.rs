@@ -17,6 +17,8 @@ struct StageGen {
     retry: Option<(u32, Vec<u64>)>,
     dedup: &'static str,
     verify: Option<&'static str>,
+    /// `order_by` and `missing_key`.
+    order: Option<(&'static str, Option<&'static str>)>,
 }
 
 /// One queue's knobs.
@@ -26,6 +28,7 @@ struct QueueGen {
     dead_letter: bool,
     delivery_limit: Option<u32>,
     watermark: Option<(u64, u64)>,
+    single_active_consumer: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -49,9 +52,18 @@ fn stage() -> impl Strategy<Value = StageGen> {
         proptest::option::of((1u32..=10, proptest::collection::vec(1u64..=600_000, 1..=4))),
         prop_oneof![Just("off"), Just("memory"), Just("redis")],
         proptest::option::of(Just("off")),
+        proptest::option::of((
+            prop_oneof![
+                Just("message_id"),
+                Just("routing_key"),
+                Just("correlation_id"),
+                Just("header:account")
+            ],
+            proptest::option::of(prop_oneof![Just("reject"), Just("shared")]),
+        )),
     )
         .prop_map(
-            |(prefetch, (min, extra), delay_ms, rate, retry, dedup, verify)| StageGen {
+            |(prefetch, (min, extra), delay_ms, rate, retry, dedup, verify, order)| StageGen {
                 prefetch,
                 concurrency: (min, extra.map(|e| min + e)),
                 delay_ms,
@@ -59,6 +71,7 @@ fn stage() -> impl Strategy<Value = StageGen> {
                 retry,
                 dedup,
                 verify,
+                order,
             },
         )
 }
@@ -69,11 +82,13 @@ fn queue() -> impl Strategy<Value = QueueGen> {
         any::<bool>(),
         proptest::option::of(1u32..=1000),
         proptest::option::of((1u64..=100_000, 1u64..=100_000)),
+        any::<bool>(),
     )
-        .prop_map(|(classic, dead_letter, delivery_limit, wm)| QueueGen {
+        .prop_map(|(classic, dead_letter, delivery_limit, wm, sac)| QueueGen {
             classic,
             dead_letter,
             delivery_limit,
+            single_active_consumer: sac,
             watermark: wm.map(|(a, b)| (a.max(b) + 1, a.min(b))),
         })
 }
@@ -134,6 +149,9 @@ fn toml_of(g: &Gen) -> String {
         if let Some((high, low)) = q.watermark {
             t += &format!("watermark = {{ high = {high}, low = {low} }}\n");
         }
+        if q.single_active_consumer {
+            t += "single_active_consumer = true\n";
+        }
     }
     t += &format!(
         "[[queues]]\nname = \"sink\"\nbindings = [{{ exchange = \"ex\", routing_key = \"k{n}\" }}]\n"
@@ -158,6 +176,12 @@ fn toml_of(g: &Gen) -> String {
         }
         if let Some(v) = s.verify {
             t += &format!("verify = \"{v}\"\n");
+        }
+        if let Some((by, missing)) = s.order {
+            t += &format!("order_by = \"{by}\"\n");
+            if let Some(m) = missing {
+                t += &format!("missing_key = \"{m}\"\n");
+            }
         }
         if let Some((max_attempts, backoff)) = &s.retry {
             let list: Vec<String> = backoff.iter().map(|ms| format!("\"{ms}ms\"")).collect();
@@ -219,7 +243,13 @@ fn matches(g: &Gen, cfg: &Config) -> Result<(), TestCaseError> {
             )),
             s.retry.clone()
         );
+        prop_assert_eq!(st.order_by.as_deref(), s.order.map(|(by, _)| by));
+        prop_assert_eq!(
+            st.missing_key.map(|m| serde_json::to_value(m).unwrap()),
+            s.order.and_then(|(_, m)| m).map(serde_json::Value::from)
+        );
         let qc = &cfg.queues[i];
+        prop_assert_eq!(qc.single_active_consumer, q.single_active_consumer);
         prop_assert_eq!(qc.kind == QueueKind::Classic, q.classic);
         prop_assert_eq!(qc.dead_letter, q.dead_letter);
         prop_assert_eq!(qc.watermark.map(|w| (w.high, w.low)), q.watermark);

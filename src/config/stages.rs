@@ -153,6 +153,11 @@ pub struct StageConfig {
     pub missing_key: Option<MissingKey>,
 }
 
+/// RabbitMQ's default `consumer_timeout` (3.10): a delivery unacked for
+/// longer gets its channel closed. An ordered stage whose in-place retries
+/// can take longer is warned about at build.
+pub(crate) const BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 /// What a delivery without an ordering key gets. The runtime's own type.
 pub use flowgate_actors::MissingKey;
 
@@ -585,6 +590,38 @@ impl StageConfig {
         }
     }
 
+    /// On an ordered stage with a retry ladder, the longest a delivery can
+    /// stay unacked while it retries in place: every delay of the ladder,
+    /// plus `max_attempts` handler calls of `handler_timeout` (when set).
+    pub(crate) fn in_place_retry_span(&self) -> Option<Duration> {
+        let (Some(_), Some(retry)) = (&self.order_by, &self.retry) else {
+            return None;
+        };
+        let policy = retry.policy();
+        let waits: Duration = (1..policy.max_attempts)
+            .map(|a| policy.delay_after(a))
+            .sum();
+        let calls = self
+            .handler_timeout
+            .map_or(Duration::ZERO, |t| t * policy.max_attempts);
+        Some(waits + calls)
+    }
+
+    /// Logs a warning when [`in_place_retry_span`](Self::in_place_retry_span)
+    /// reaches the broker's default `consumer_timeout`.
+    pub(crate) fn warn_of_long_retries(&self) {
+        if let Some(span) = self
+            .in_place_retry_span()
+            .filter(|span| *span >= BROKER_CONSUMER_TIMEOUT)
+        {
+            tracing::warn!(
+                stage = %self.name,
+                ?span,
+                "an ordered stage retries in place, holding the delivery unacked for up to this long: past the broker's consumer_timeout (30 min by default) the broker closes the channel and redelivers (see the README's Ordering)"
+            );
+        }
+    }
+
     /// The runtime's ordering of this stage; `key_fn` is the host's key
     /// function when `order_by` names one (the builder resolved it).
     fn order_policy(
@@ -890,6 +927,22 @@ mod tests {
         for bad in ["", "header:", "a b", "x:y", &"k".repeat(65)] {
             assert!(OrderBy::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_in_place_retry_span_adds_the_ladder_and_the_handler_bounds() {
+        let cfg = stage(
+            "order_by = \"message_id\"\nhandler_timeout = \"10s\"\nretry = { max_attempts = 4, backoff = [\"1m\", \"10m\"] }",
+        )
+        .unwrap();
+        // 1m + 10m + 10m of waits, 4 calls of at most 10s.
+        assert_eq!(
+            cfg.stages[0].in_place_retry_span(),
+            Some(Duration::from_secs(21 * 60 + 40))
+        );
+        assert!(cfg.stages[0].in_place_retry_span() < Some(BROKER_CONSUMER_TIMEOUT));
+        let unordered = stage("retry = { max_attempts = 4, backoff = [\"1m\"] }").unwrap();
+        assert_eq!(unordered.stages[0].in_place_retry_span(), None);
     }
 
     #[test]

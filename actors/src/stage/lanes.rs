@@ -39,6 +39,12 @@
 //! A delivery given back to the queue (requeued: the stage is draining)
 //! takes the rest of its lane with it: each later delivery of the key is
 //! requeued unhandled, in order, so none of them overtakes it.
+//!
+//! When the channel goes (a connection loss, a replaced channel, the end of
+//! a drain), deliveries a lane has not started are dropped unhandled: they
+//! cannot be acked any more, and the broker redelivers them in order, so
+//! handling them would only repeat work ahead of their copies. A retry
+//! waiting in place stops the same way.
 
 use super::process::{self, Order, Taken};
 pub(crate) use super::process::{LaneKey, IN_PLACE};
@@ -227,7 +233,11 @@ async fn run_lane(shared: Arc<Shared>, key: LaneKey, first: Taken) {
     let mut giving_back = false;
     let mut next = Some(first);
     while let Some(taken) = next {
-        if giving_back {
+        if process::stale(&shared, &taken) {
+            // Its channel is gone: not handled here, the broker redelivers
+            // it (behind nothing of its key: the lane keeps its place).
+            process::forget(&shared, taken).await;
+        } else if giving_back {
             process::give_back(&shared, taken).await;
         } else {
             let settled = process::run(shared.clone(), taken, Order::Lane(&key)).await;

@@ -159,6 +159,19 @@ pub(crate) struct Shared {
     pub drains: watch::Sender<bool>,
     /// A delivery arrived on the current consumer (see [`ConsumerRole`]).
     pub active: Arc<AtomicBool>,
+    /// Bumped whenever the deliveries taken so far can no longer be acked
+    /// (their channel failed, was replaced, or closed at the end of a
+    /// drain): an ordered lane drops such deliveries it has not started —
+    /// the broker redelivers them, in order — instead of handling them for
+    /// nothing ahead of their redelivered copies.
+    pub epoch: AtomicU64,
+}
+
+impl Shared {
+    /// The deliveries taken so far can no longer be acked.
+    pub(crate) fn channel_lost(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 impl Shared {
@@ -461,6 +474,7 @@ impl StageActor {
             lanes,
             drains: watch::channel(false).0,
             active,
+            epoch: AtomicU64::new(0),
             workers,
             paused,
             worker_target,
@@ -617,10 +631,17 @@ async fn intake(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut paused = shared.paused.subscribe();
+    let mut last_tag = 0;
     loop {
         match next_with_credit(&shared.credits, &mut paused, &mut stop, &mut consumer).await {
             Pulled::Stopped | Pulled::Ended => return Ok(()),
             Pulled::Item(Ok(delivery), credit) => {
+                if delivery.delivery_tag <= last_tag {
+                    // lapin recovered the channel: its tags start again, and
+                    // every delivery taken before can no longer be acked.
+                    shared.channel_lost();
+                }
+                last_tag = delivery.delivery_tag;
                 shared.set_active(true);
                 shared.spend_budget();
                 shared.track_in_flight(true);
@@ -638,6 +659,7 @@ async fn intake(
             }
             Pulled::Item(Err(e), credit) => {
                 drop(credit);
+                shared.channel_lost();
                 shared.consuming.store(false, Ordering::Release);
                 shared.set_active(false);
                 warn!(stage = %shared.spec.name, error = %e, "consumer error; waiting for recovery");
@@ -676,6 +698,7 @@ impl StageActor {
 
     /// Ends the current intake (its end is stale) and consumes on a new channel.
     fn replace_channel(&mut self, ctx: &mut Context<Self>) {
+        self.shared.channel_lost();
         let _ = self.stop.send(true);
         self.intake_generation += 1;
         self.channel = None;
@@ -701,6 +724,7 @@ impl Actor for StageActor {
 
 impl Supervised for StageActor {
     fn restarting(&mut self, _ctx: &mut Context<Self>) {
+        self.shared.channel_lost();
         let _ = self.stop.send(true);
         self.intake_generation += 1;
         self.channel = None;
@@ -751,6 +775,7 @@ impl actix::Handler<LinkEvent> for StageActor {
             // will not come back (however lapin reports it). End its intake
             // (a stale end) and consume anew on the next LinkUp.
             LinkEvent::Replaced(Purpose::Consume) if self.channel.is_some() => {
+                self.shared.channel_lost();
                 let _ = self.stop.send(true);
                 self.intake_generation += 1;
                 self.channel = None;
@@ -818,6 +843,7 @@ impl actix::Handler<Drain> for StageActor {
                         .await;
                     // Deliveries the broker sent but we never pulled go back to the queue.
                     let _ = ch.close(200, "flowgate stage drained".into()).await;
+                    shared.channel_lost();
                 }
                 shared.consuming.store(false, Ordering::Release);
                 DrainReport {

@@ -138,6 +138,8 @@ pub(crate) async fn process(
 /// settled: its credit, its acker and its place in the ack register.
 pub(crate) struct Taken {
     pub opened: Opened,
+    /// [`Shared::epoch`] when it was taken.
+    pub epoch: u64,
     acker: lapin::Acker,
     ticket: Option<Ticket>,
     span: tracing::Span,
@@ -180,6 +182,7 @@ pub(crate) fn take(
     });
     Taken {
         opened,
+        epoch: shared.epoch.load(Ordering::Acquire),
         acker: raw.acker,
         ticket,
         span,
@@ -231,6 +234,7 @@ pub(crate) enum Settled {
 pub(crate) async fn run(shared: Arc<Shared>, taken: Taken, order: Order<'_>) -> Settled {
     let Taken {
         opened,
+        epoch: _,
         acker,
         ticket,
         span,
@@ -241,6 +245,21 @@ pub(crate) async fn run(shared: Arc<Shared>, taken: Taken, order: Order<'_>) -> 
         .await;
     drop(credit);
     settled
+}
+
+/// True when `taken` came on a channel that is gone (see [`Shared::epoch`]):
+/// it cannot be acked, and the broker redelivers it.
+pub(crate) fn stale(shared: &Shared, taken: &Taken) -> bool {
+    taken.epoch != shared.epoch.load(Ordering::Acquire)
+}
+
+/// Forgets a stale delivery (see [`stale`]) without a frame: its ack
+/// register entry goes, its credit comes back.
+pub(crate) async fn forget(shared: &Shared, taken: Taken) {
+    if let (Some(acks), Some(ticket)) = (&shared.acks, taken.ticket) {
+        acks.settled(ticket).await;
+    }
+    tracing::debug!(stage = %shared.spec.name, "a delivery of a lost channel dropped unhandled (the broker redelivers it)");
 }
 
 /// Gives a taken delivery back to the queue unhandled (an ordered lane
@@ -312,9 +331,14 @@ async fn handle(shared: &Shared, o: &mut Opened, order: &Order<'_>) -> Verdict {
         }
         .emit(&shared.metrics);
         let mut drains = shared.drains.subscribe();
+        let epoch = shared.epoch.load(Ordering::Acquire);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = drains.wait_for(|d| *d) => return Verdict::Requeue,
+        }
+        if shared.epoch.load(Ordering::Acquire) != epoch {
+            // Its channel is gone: the broker redelivers it, in order.
+            return Verdict::Requeue;
         }
         o.attempt += 1;
         let error = envelope::truncate(error.clone(), MAX_ERROR_HEADER_BYTES);

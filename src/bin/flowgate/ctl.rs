@@ -331,7 +331,11 @@ fn stage_table(stages: &[Value]) -> String {
             };
             [
                 s["name"].as_str().unwrap_or("?").to_owned(),
-                s["state"].as_str().unwrap_or("?").to_owned(),
+                match s["consumer"].as_str() {
+                    // a single-active-consumer queue: active or standby
+                    Some(role) => format!("{} ({role})", s["state"].as_str().unwrap_or("?")),
+                    None => s["state"].as_str().unwrap_or("?").to_owned(),
+                },
                 format!("{}/{}", s["in_flight"], s["prefetch"]),
                 format!("{} ({} busy){pinned}", s["workers"], s["busy_workers"]),
                 causes.join(","),

@@ -86,6 +86,14 @@ pub(super) fn login(login_csrf: &str, error: Option<&str>) -> Markup {
     )
 }
 
+/// A stage's consumer on a single-active-consumer queue, as the console says it.
+fn role_text(role: crate::control::ConsumerRole) -> &'static str {
+    match role {
+        crate::control::ConsumerRole::Active => "active",
+        crate::control::ConsumerRole::Standby => "standby",
+    }
+}
+
 fn state_badge(s: &StageStatus) -> Markup {
     let state = match s.state {
         crate::control::StageState::Running => "running",
@@ -130,7 +138,10 @@ pub(super) fn live(graph: &Graph, stages: &[StageView], publisher: &PublisherSta
                         @let s = &v.status;
                         tr data-stage=(s.name) {
                             td { strong { (s.name) } }
-                            td.state { (state_badge(s)) }
+                            td.state {
+                                (state_badge(s))
+                                @if let Some(role) = s.consumer { " " small.role { (role_text(role)) } }
+                            }
                             td.num.rate { (rate_text(v.rate)) }
                             td.num { (s.in_flight) " / " (s.prefetch) }
                             td.num { (s.workers) " (" (s.busy_workers) " busy)" @if s.pinned_workers.is_some() { " pinned" } }
