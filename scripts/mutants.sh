@@ -22,10 +22,10 @@ cd "$(dirname "$0")/.."
 # group | files (space-separated, under actors/src/) | lib-test arguments
 GROUPS_TABLE=(
   "ack|stage/ack.rs|stage::"
-  "process|stage/process.rs|stage:: --skip dedup::redis --skip memory_store_has_one_winner"
+  "process|stage/process.rs|stage::"
   "credit|credit.rs|credit stage::"
   "retry|retry.rs|retry stage::"
-  "envelope|envelope.rs|--skip dedup::redis --skip memory_store_has_one_winner"
+  "envelope|envelope.rs|envelope stage:: signing retry trace message metrics publisher::confirm publisher::dispatch depth::sampler"
   "signing|signing.rs|signing stage:: publisher::"
   "breaker|publisher/breaker.rs|publisher::"
   "bucket|publisher/bucket.rs|publisher::"
