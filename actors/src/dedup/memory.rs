@@ -369,6 +369,25 @@ mod tests {
         );
     }
 
+    /// As a Redis key set with `PX`: gone at its deadline, not after it.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_and_a_done_key_end_exactly_at_their_deadline() {
+        let s = MemoryStore::new(10);
+        let (lease, ttl) = (Duration::from_secs(2), Duration::from_secs(5));
+        let ms = Duration::from_millis(1);
+        let t = acquired(s.claim("a", lease).await.unwrap());
+        tokio::time::advance(lease - ms).await;
+        assert_eq!(s.claim("a", lease).await.unwrap(), Claim::InProgress);
+        tokio::time::advance(ms).await;
+        assert_eq!(s.commit(&t, ttl).await.unwrap(), CommitOutcome::LeaseLost);
+        let t = acquired(s.claim("a", lease).await.unwrap());
+        assert_eq!(s.commit(&t, ttl).await.unwrap(), CommitOutcome::Committed);
+        tokio::time::advance(ttl - ms).await;
+        assert_eq!(s.claim("a", lease).await.unwrap(), Claim::AlreadyDone);
+        tokio::time::advance(ms).await;
+        acquired(s.claim("a", lease).await.unwrap());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn memory_expired_entries_go_first_and_are_not_counted() {
         let s = MemoryStore::new(2);
