@@ -369,6 +369,21 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_released_and_reclaimed_key_counts_from_its_latest_claim() {
+        let s = MemoryStore::new(2);
+        let a = acquired(s.claim("a", LEASE).await.unwrap());
+        s.release(&a).await.unwrap();
+        acquired(s.claim("b", LEASE).await.unwrap());
+        acquired(s.claim("a", LEASE).await.unwrap());
+        // Full of live leases: the oldest goes, and that is b, not the
+        // record a left behind when it was released.
+        acquired(s.claim("d", LEASE).await.unwrap());
+        assert_eq!(s.claim("a", LEASE).await.unwrap(), Claim::InProgress);
+        assert_eq!(s.evictions(), 1);
+        acquired(s.claim("b", LEASE).await.unwrap());
+    }
+
     /// As a Redis key set with `PX`: gone at its deadline, not after it.
     #[tokio::test(start_paused = true)]
     async fn a_lease_and_a_done_key_end_exactly_at_their_deadline() {
