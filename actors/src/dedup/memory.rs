@@ -329,6 +329,9 @@ mod tests {
     async fn memory_capacity_bound_under_10x_inserts() {
         let cap = 100;
         let s = MemoryStore::new(cap);
+        assert_eq!(s.capacity(), cap);
+        assert_eq!(MemoryStore::new(0).capacity(), 1, "at least one key");
+        assert!(s.is_empty());
         for i in 0..10 * cap {
             let t = acquired(s.claim(&format!("k{i}"), LEASE).await.unwrap());
             s.commit(&t, TTL).await.unwrap();
@@ -336,6 +339,7 @@ mod tests {
             assert!(s.order_len() <= cap + s.slack);
         }
         assert_eq!(s.len(), cap);
+        assert!(!s.is_empty());
         assert_eq!(s.evictions(), 9 * cap as u64);
         // The newest keys survive, the oldest were evicted.
         assert_eq!(
