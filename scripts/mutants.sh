@@ -22,16 +22,16 @@ cd "$(dirname "$0")/.."
 # group | files (space-separated, under actors/src/) | lib-test arguments
 GROUPS_TABLE=(
   "ack|stage/ack.rs|stage::"
-  "process|stage/process.rs|stage:: --skip dedup::redis --skip memory_store_has_one_winner"
+  "process|stage/process.rs|stage::"
   "credit|credit.rs|credit stage::"
   "retry|retry.rs|retry stage::"
-  "envelope|envelope.rs|--skip dedup::redis --skip memory_store_has_one_winner"
+  "envelope|envelope.rs|envelope stage::process signing retry message"
   "signing|signing.rs|signing stage:: publisher::"
   "breaker|publisher/breaker.rs|publisher::"
-  "bucket|publisher/bucket.rs|publisher::"
+  "bucket|publisher/bucket.rs|publisher::bucket"
   "watermark|depth/watermark.rs|depth::"
   "redis|dedup/redis.rs|dedup::redis"
-  "memory|dedup/memory.rs|dedup::memory"
+  "memory|dedup/memory.rs|dedup::memory --skip memory_store_has_one_winner"
 )
 
 wanted=()

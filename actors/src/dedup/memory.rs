@@ -329,6 +329,9 @@ mod tests {
     async fn memory_capacity_bound_under_10x_inserts() {
         let cap = 100;
         let s = MemoryStore::new(cap);
+        assert_eq!(s.capacity(), cap);
+        assert_eq!(MemoryStore::new(0).capacity(), 1, "at least one key");
+        assert!(s.is_empty());
         for i in 0..10 * cap {
             let t = acquired(s.claim(&format!("k{i}"), LEASE).await.unwrap());
             s.commit(&t, TTL).await.unwrap();
@@ -336,6 +339,7 @@ mod tests {
             assert!(s.order_len() <= cap + s.slack);
         }
         assert_eq!(s.len(), cap);
+        assert!(!s.is_empty());
         assert_eq!(s.evictions(), 9 * cap as u64);
         // The newest keys survive, the oldest were evicted.
         assert_eq!(
@@ -367,6 +371,40 @@ mod tests {
             s.commit(&lease, TTL).await.unwrap(),
             CommitOutcome::Committed
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_released_and_reclaimed_key_counts_from_its_latest_claim() {
+        let s = MemoryStore::new(2);
+        let a = acquired(s.claim("a", LEASE).await.unwrap());
+        s.release(&a).await.unwrap();
+        acquired(s.claim("b", LEASE).await.unwrap());
+        acquired(s.claim("a", LEASE).await.unwrap());
+        // Full of live leases: the oldest goes, and that is b, not the
+        // record a left behind when it was released.
+        acquired(s.claim("d", LEASE).await.unwrap());
+        assert_eq!(s.claim("a", LEASE).await.unwrap(), Claim::InProgress);
+        assert_eq!(s.evictions(), 1);
+        acquired(s.claim("b", LEASE).await.unwrap());
+    }
+
+    /// As a Redis key set with `PX`: gone at its deadline, not after it.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_and_a_done_key_end_exactly_at_their_deadline() {
+        let s = MemoryStore::new(10);
+        let (lease, ttl) = (Duration::from_secs(2), Duration::from_secs(5));
+        let ms = Duration::from_millis(1);
+        let t = acquired(s.claim("a", lease).await.unwrap());
+        tokio::time::advance(lease - ms).await;
+        assert_eq!(s.claim("a", lease).await.unwrap(), Claim::InProgress);
+        tokio::time::advance(ms).await;
+        assert_eq!(s.commit(&t, ttl).await.unwrap(), CommitOutcome::LeaseLost);
+        let t = acquired(s.claim("a", lease).await.unwrap());
+        assert_eq!(s.commit(&t, ttl).await.unwrap(), CommitOutcome::Committed);
+        tokio::time::advance(ttl - ms).await;
+        assert_eq!(s.claim("a", lease).await.unwrap(), Claim::AlreadyDone);
+        tokio::time::advance(ms).await;
+        acquired(s.claim("a", lease).await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]

@@ -716,6 +716,25 @@ mod tests {
             .is_ok());
     }
 
+    #[test]
+    fn every_io_error_is_transient_and_a_refused_command_is_not() {
+        use redis::{ErrorKind, RedisError, ServerErrorKind};
+        let io = |kind| map_redis_error(RedisError::from(std::io::Error::new(kind, "x")));
+        // Any I/O failure, whatever its kind: Redis may be back soon.
+        for kind in [
+            std::io::ErrorKind::PermissionDenied,
+            std::io::ErrorKind::InvalidData,
+            std::io::ErrorKind::ConnectionRefused,
+            std::io::ErrorKind::TimedOut,
+        ] {
+            assert!(io(kind).is_transient(), "{kind:?}");
+        }
+        let server = |kind| map_redis_error(RedisError::from((kind, "x")));
+        assert!(server(ErrorKind::Server(ServerErrorKind::ReadOnly)).is_transient());
+        assert!(!server(ErrorKind::Server(ServerErrorKind::ResponseError)).is_transient());
+        assert!(!server(ErrorKind::UnexpectedReturnType).is_transient());
+    }
+
     #[tokio::test]
     async fn redis_bad_url_is_backend_error() {
         let err = RedisStore::connect("not a url", "x:").await.unwrap_err();

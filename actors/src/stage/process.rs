@@ -1083,6 +1083,32 @@ mod tests {
     }
 
     #[test]
+    fn the_size_limit_is_inclusive_and_warn_counts_but_processes() {
+        let mut s = spec();
+        s.max_message_bytes = Some(2);
+        let at_limit = opened(&s, "ex", "in", props("m"), b"ab");
+        assert_eq!(screened(&s, &at_limit), Ok(None), "2 bytes of 2 pass");
+        s.signature = Some(Verifier {
+            keys: Keys::new(SigningKey::new(b"k".to_vec())),
+            mode: VerifyMode::Warn,
+        });
+        let m = crate::metrics::Metrics::new();
+        let unsigned = opened(&s, "ex", "in", props("m"), b"ab");
+        let got = screen(&s, &unsigned.delivery, &unsigned.signed_keys(), &m);
+        assert_eq!(got, Ok(None), "warn: processed anyway");
+        assert_eq!(
+            m.counter(crate::metrics::Metrics::SIGNATURE_FAILURES, &["s"]),
+            1
+        );
+    }
+
+    #[test]
+    fn a_timed_out_handler_says_how_long_it_had() {
+        let e = TimedOut(Duration::from_millis(1500)).to_string();
+        assert!(e.contains("1.5s") && e.contains("timeout"), "{e}");
+    }
+
+    #[test]
     fn forged_routing_headers_never_reach_the_dead_letter() {
         let s = spec();
         let mut t = FieldTable::default();
@@ -1251,6 +1277,15 @@ mod tests {
         };
         assert_eq!(dead.reason, Reason::MaxAttempts);
         assert_eq!(dead.error, "handler-error: boom");
+        // A handler's own retry reason is the error as it is.
+        let v = judge(&s, d, 3, Ok(Ok(Outcome::retry("busy"))));
+        let Verdict::DeadLetter(dead) = v else {
+            panic!()
+        };
+        assert_eq!(
+            (dead.reason, dead.error.as_str()),
+            (Reason::MaxAttempts, "busy")
+        );
         assert!(
             matches!(judge(&s, d, 1, Ok(Ok(Outcome::ack()))), Verdict::Publish(ref o) if o.is_empty())
         );
