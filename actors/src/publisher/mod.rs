@@ -245,6 +245,19 @@ impl Core {
         lock(&self.blocked_since).is_some_and(|s| s.elapsed() >= self.cfg.blocked_timeout)
     }
 
+    /// Resolves once the broker has blocked us for longer than
+    /// `blocked_timeout` (never, while it does not).
+    async fn block_expired(&self) {
+        let mut gate = self.gate.subscribe();
+        // The tick flips the gate when the timeout passes: each change is
+        // a moment to look again.
+        while !self.blocked_expired() {
+            if gate.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     fn is_blocked(&self) -> bool {
         lock(&self.blocked_since).is_some()
     }
