@@ -10,8 +10,13 @@
 //! 2. the *blocked gate*: while the broker blocks the publishing connection
 //!    (memory/disk alarm) callers wait (again at most `max_waiters` of them)
 //!    until it unblocks or `blocked_timeout` passes — then the breaker is
-//!    forced open and publishes spool;
-//! 3. a credit from the unconfirmed window (`max_unconfirmed`);
+//!    forced open, and kept open by the actor's tick while the block lasts
+//!    (even when no publish comes by), and publishes spool;
+//! 3. a credit from the unconfirmed window (`max_unconfirmed`) — taken
+//!    before the gate; a caller waiting for one while the block is past
+//!    `blocked_timeout` spools without it (the publishes holding the window
+//!    are in flight, and their confirms wait out the block, see
+//!    [`Core::patiently`]);
 //! 4. the actor's [`CircuitBreaker`]: closed/probe → publish and wait for the
 //!    confirm; open → append to the [`Spool`] and answer
 //!    [`Published::Spooled`] once the record is durable (spool full →
