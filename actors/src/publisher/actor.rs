@@ -144,15 +144,24 @@ impl PublisherActor {
     /// Periodic: breaker timing, the blocked timeout, spool replay.
     fn tick(&mut self, ctx: &mut Context<Self>) {
         let core = &self.core;
-        core.with_breaker(|b, now| ((), b.poll(now)));
-        if core.blocked_expired() && *core.gate.borrow() {
-            warn!(
-                timeout = ?core.cfg.blocked_timeout,
-                "broker blocked longer than blocked_timeout; opening the breaker"
-            );
-            core.with_breaker(|b, now| ((), b.force_open(now)));
-            core.gate.send_replace(false);
+        if core.blocked_expired() {
+            if *core.gate.borrow() {
+                warn!(
+                    timeout = ?core.cfg.blocked_timeout,
+                    "broker blocked longer than blocked_timeout; opening the breaker"
+                );
+                core.gate.send_replace(false);
+            }
+            // Open for as long as the block lasts, even with no publish
+            // coming by (all of them in flight): no probe can succeed on
+            // a blocked connection.
+            // Before `poll`: a cooldown over meanwhile is restarted, not
+            // reported as a half-open spell.
+            if core.breaker_state() != BreakerState::Open {
+                core.with_breaker(|b, now| ((), b.force_open(now)));
+            }
         }
+        core.with_breaker(|b, now| ((), b.poll(now)));
         core.update_waiters();
         core.update_spool_gauges();
         if core.channel_dead() {

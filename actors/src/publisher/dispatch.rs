@@ -18,10 +18,7 @@ impl Core {
         envelope::check_short("exchange", &msg.exchange)?;
         envelope::check_short("routing key", &msg.routing_key)?;
         if self.blocked_expired() {
-            // Keep the breaker open for as long as the block lasts: no probe
-            // can succeed on a blocked connection.
-            self.with_breaker(|b, now| ((), b.force_open(now)));
-            return self.spool(msg.clone()).await;
+            return self.spool_blocked(msg).await;
         }
         let admission = self.with_breaker(|b, now| b.allow(now));
         if !admission.is_allowed() {
@@ -46,6 +43,18 @@ impl Core {
                 Err(e)
             }
         }
+    }
+
+    /// The broker has blocked us for longer than `blocked_timeout`: keeps
+    /// the breaker open for as long as the block lasts (no probe can
+    /// succeed on a blocked connection) and spools `msg`. Needs no window
+    /// credit: nothing goes on the wire.
+    pub(super) async fn spool_blocked(&self, msg: &Output) -> Result<Published> {
+        // A message the broker cannot take is its sender's fault.
+        envelope::check_short("exchange", &msg.exchange)?;
+        envelope::check_short("routing key", &msg.routing_key)?;
+        self.with_breaker(|b, now| ((), b.force_open(now)));
+        self.spool(msg.clone()).await
     }
 
     /// Appends to the spool; resolves once the record is durable.

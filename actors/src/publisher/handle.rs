@@ -46,7 +46,9 @@ impl PublisherHandle {
     /// [`send`](Self::send) for a caller that keeps the message (to retry
     /// it): nothing is copied unless it has to be spooled.
     pub async fn send_ref(&self, msg: &Output) -> Result<Published> {
-        let credit = self.admit().await?;
+        let Some(credit) = self.admit().await? else {
+            return self.core.spool_blocked(msg).await;
+        };
         // In place, in the caller's task (see the module docs).
         let res = AssertUnwindSafe(self.core.dispatch(msg))
             .catch_unwind()
@@ -77,7 +79,9 @@ impl PublisherHandle {
         deadline: tokio::time::Instant,
     ) -> Result<Option<Published>> {
         let credit = match tokio::time::timeout_at(deadline, self.admit()).await {
-            Ok(credit) => credit?,
+            Ok(Ok(Some(credit))) => credit,
+            Ok(Ok(None)) => return self.core.spool_blocked(&msg).await.map(Some),
+            Ok(Err(e)) => return Err(e),
             Err(_) if self.has_spool() => return self.core.spool(msg).await.map(Some),
             Err(_) => return Ok(None),
         };
@@ -125,7 +129,12 @@ impl PublisherHandle {
     /// A publish's admission: a rate token, a window credit, then the
     /// blocked gate (waited for holding the credit, so that at most
     /// `max_unconfirmed` publishes are past the window at any time).
-    async fn admit(&self) -> Result<Credit> {
+    ///
+    /// `None`: the window is full and the broker has blocked us for longer
+    /// than `blocked_timeout` — the publishes holding the window wait for
+    /// the block to end, so this one spools (without a credit: nothing
+    /// goes on the wire) instead of waiting for them.
+    async fn admit(&self) -> Result<Option<Credit>> {
         let core = &self.core;
         if core.bucket.acquire().await.is_err() {
             let e = Error::Backpressure("publish rate limit: too many waiting publishers".into());
@@ -140,10 +149,16 @@ impl PublisherHandle {
             None => {
                 let _slot = core.slots.enter("publish window full")?;
                 core.update_waiters();
-                let c = self.window.acquire().await;
+                let c = tokio::select! {
+                    c = self.window.acquire() => Some(c),
+                    () = core.block_expired() => None,
+                };
                 drop(_slot);
                 core.update_waiters();
-                c.ok_or(Error::ShuttingDown)?
+                match c {
+                    Some(c) => c.ok_or(Error::ShuttingDown)?,
+                    None => return Ok(None),
+                }
             }
         };
         if let Err(e) = core.wait_gate().await {
@@ -154,7 +169,7 @@ impl PublisherHandle {
             return Err(e);
         }
         self.report_window();
-        Ok(credit)
+        Ok(Some(credit))
     }
 
     fn release(&self, credit: Credit) {

@@ -10,8 +10,13 @@
 //! 2. the *blocked gate*: while the broker blocks the publishing connection
 //!    (memory/disk alarm) callers wait (again at most `max_waiters` of them)
 //!    until it unblocks or `blocked_timeout` passes — then the breaker is
-//!    forced open and publishes spool;
-//! 3. a credit from the unconfirmed window (`max_unconfirmed`);
+//!    forced open, and kept open by the actor's tick while the block lasts
+//!    (even when no publish comes by), and publishes spool;
+//! 3. a credit from the unconfirmed window (`max_unconfirmed`) — taken
+//!    before the gate; a caller waiting for one while the block is past
+//!    `blocked_timeout` spools without it (the publishes holding the window
+//!    are in flight, and their confirms wait out the block, see
+//!    [`Core::patiently`]);
 //! 4. the actor's [`CircuitBreaker`]: closed/probe → publish and wait for the
 //!    confirm; open → append to the [`Spool`] and answer
 //!    [`Published::Spooled`] once the record is durable (spool full →
@@ -243,6 +248,19 @@ impl Core {
     /// Blocked for longer than `blocked_timeout`.
     fn blocked_expired(&self) -> bool {
         lock(&self.blocked_since).is_some_and(|s| s.elapsed() >= self.cfg.blocked_timeout)
+    }
+
+    /// Resolves once the broker has blocked us for longer than
+    /// `blocked_timeout` (never, while it does not).
+    async fn block_expired(&self) {
+        let mut gate = self.gate.subscribe();
+        // The tick flips the gate when the timeout passes: each change is
+        // a moment to look again.
+        while !self.blocked_expired() {
+            if gate.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     fn is_blocked(&self) -> bool {
