@@ -31,7 +31,9 @@ def test_every_public_name_has_a_docstring(obj: object) -> None:
 
 def test_help_shows_documented_signatures() -> None:
     out = subprocess.run(
-        [sys.executable, "-c", "import flowgate; help(flowgate.App)"],
+        # -I: the installed package, not the source tree in the working
+        # directory (pytest runs from python/, which has no built module).
+        [sys.executable, "-I", "-c", "import flowgate; help(flowgate.App)"],
         capture_output=True,
         text=True,
         check=True,
