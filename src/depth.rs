@@ -5,7 +5,7 @@
 //! [`IngressGate`] that turns the monitor's watermarks into 503s at the
 //! HTTP ingresses.
 
-use crate::config::{Config, StageConfig};
+use crate::config::{Config, QueueConfig, StageConfig};
 use flowgate_actors::Metrics;
 use flowgate_actors::{Event, IngressRefused};
 use flowgate_actors::{QueueLevels, Refusal, ScaleRange, WatchedQueue, Watermark};
@@ -27,22 +27,30 @@ pub(crate) enum Denied {
 /// counts as every partition: which one a message lands in is the broker's
 /// hash, so each is watched (a full partition refuses).
 pub(crate) fn routed_queues(cfg: &Config, exchange: &str, routing_key: &str) -> Vec<String> {
+    routed_entries(cfg, exchange, routing_key)
+        .flat_map(QueueConfig::broker_queues)
+        .collect()
+}
+
+/// The `[[queues]]` entries `exchange`/`routing_key` reaches: by their
+/// bindings, or a partitioned queue by its own exchange.
+pub(crate) fn routed_entries<'a>(
+    cfg: &'a Config,
+    exchange: &'a str,
+    routing_key: &'a str,
+) -> impl Iterator<Item = &'a QueueConfig> + 'a {
     let kind = cfg
         .exchanges
         .iter()
         .find(|e| e.name == exchange)
         .map(|e| e.kind)
         .unwrap_or_default();
-    cfg.queues
-        .iter()
-        .filter(|q| {
-            (q.partitions.is_some() && q.name == exchange)
-                || q.bindings
-                    .iter()
-                    .any(|b| b.exchange == exchange && kind.routes(&b.routing_key, routing_key))
-        })
-        .flat_map(|q| q.broker_queues())
-        .collect()
+    cfg.queues.iter().filter(move |q| {
+        (q.partitions.is_some() && q.name == exchange)
+            || q.bindings
+                .iter()
+                .any(|b| b.exchange == exchange && kind.routes(&b.routing_key, routing_key))
+    })
 }
 
 /// The queues a stage's configured `output` lands in (none without one:
@@ -135,6 +143,11 @@ impl IngressGate {
             return None;
         }
         Some(queues)
+    }
+
+    /// The configuration whose bindings it follows.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The monitor's levels (depths, peaks).

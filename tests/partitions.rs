@@ -26,8 +26,13 @@ use std::time::Duration;
 const KEY: &str = "entity";
 const PARTITIONS: u16 = 4;
 const KEYS: u32 = 40;
-/// Events per key in each of the two publishing rounds.
+/// Events per key in each of the two rounds pika publishes.
 const ROUND: u32 = 25;
+/// Events per key pika publishes upstream, which a flowgate stage forwards
+/// to the partitions' exchange.
+const FORWARDED: u32 = 5;
+/// Every key's last event: one through the HTTP ingress after the rest.
+const LAST: u32 = 2 * ROUND + FORWARDED;
 
 /// One handling: which engine, from which queue, of which key and event.
 #[derive(Clone, Debug)]
@@ -55,32 +60,56 @@ impl Log {
         out
     }
 
-    /// True once every key's event `last` was handled.
-    fn reached(&self, keys: impl IntoIterator<Item = String>, last: u32) -> bool {
+    /// The keys among `keys` whose event `last` was not handled yet.
+    fn missing(&self, keys: &[String], last: u32) -> Vec<String> {
         let by_key = self.by_key();
-        keys.into_iter()
-            .all(|k| by_key.get(&k).is_some_and(|v| v.contains(&last)))
+        keys.iter()
+            .filter(|k| !by_key.get(*k).is_some_and(|v| v.contains(&last)))
+            .cloned()
+            .collect()
+    }
+
+    /// True once every key's event `last` was handled.
+    fn reached(&self, keys: &[String], last: u32) -> bool {
+        self.missing(keys, last).is_empty()
     }
 }
 
 fn config(prefix: &str, instance: u32) -> Config {
     let toml = format!(
-        r#"
+        r##"
 [amqp]
 url = "{AMQP_URL}"
 connection_name = "{prefix}-{instance}"
 [http]
 bind = ""
+[ingress]
+bind = "127.0.0.1:0"
+auth = "none"
+routes = [{{ exchange = "{prefix}.orders" }}]
 [shutdown]
 grace = "10s"
 [partitioning]
 instance_index = {instance}
 instance_count = 2
+[[exchanges]]
+name = "{prefix}.ex"
 [[queues]]
 name = "{prefix}.orders"
 kind = "classic"
 partitions = {PARTITIONS}
 partition_key = "header:{KEY}"
+[[queues]]
+name = "{prefix}.in"
+kind = "classic"
+bindings = [{{ exchange = "{prefix}.ex", routing_key = "#" }}]
+single_active_consumer = true
+[[stages]]
+name = "s0"
+queue = "{prefix}.in"
+handler = "forward"
+order_by = "header:{KEY}"
+output = {{ exchange = "{prefix}.orders", routing_key = "fwd" }}
 [[stages]]
 name = "s1"
 queue = "{prefix}.orders"
@@ -88,7 +117,7 @@ handler = "ordered"
 order_by = "header:{KEY}"
 concurrency = 8
 prefetch = 40
-"#
+"##
     );
     Config::from_toml(&toml).unwrap()
 }
@@ -124,13 +153,14 @@ async fn start(cfg: &Config, instance: u32, log: &Log) -> EngineHandle {
     h
 }
 
-/// The queues an engine's stages consume (from its management view).
+/// The partitions an engine's stages consume (from its management view).
 fn consumed(h: &EngineHandle) -> Vec<String> {
     let mut q: Vec<String> = h
         .control()
         .readiness()
         .stages
         .into_iter()
+        .filter(|s| s.name.starts_with("s1."))
         .map(|s| s.queue)
         .collect();
     q.sort();
@@ -191,7 +221,9 @@ async fn pika_publish(dir: &Path, exchange: &str, first: u32, last: u32) {
 /// order; with engine 1 shut down, engine 0 goes on with its partitions
 /// while engine 1's wait in the broker; engine 1 started again takes its
 /// own partitions back and engine 0's consumers are the same ones as
-/// before.
+/// before. Then a flowgate stage's outputs and the HTTP ingress
+/// (`Partition-Key`) publish more of each key: they land on the key's
+/// partition too, after the key's earlier events.
 #[actix_rt::test]
 async fn two_instances_share_the_partitions_and_each_key_stays_on_one() {
     let Some(dir) = clients_or_skip("two_instances_share_the_partitions") else {
@@ -225,11 +257,11 @@ async fn two_instances_share_the_partitions_and_each_key_stays_on_one() {
     let keys: Vec<String> = (0..KEYS).map(|k| format!("k{k}")).collect();
     assert!(
         eventually(Duration::from_secs(60), || async {
-            log.reached(keys.clone(), ROUND - 1)
+            log.reached(&keys, ROUND - 1)
         })
         .await,
         "round 1 not handled: {:?}",
-        log.by_key()
+        log.missing(&keys, ROUND - 1)
     );
     // Every key on exactly one partition, each engine only on its own.
     let mut partition_of: HashMap<String, BTreeSet<String>> = HashMap::new();
@@ -261,7 +293,7 @@ async fn two_instances_share_the_partitions_and_each_key_stays_on_one() {
     pika_publish(&dir, &exchange, ROUND, 2 * ROUND).await;
     assert!(
         eventually(Duration::from_secs(60), || async {
-            log.reached(keys_a.clone(), 2 * ROUND - 1)
+            log.reached(&keys_a, 2 * ROUND - 1)
         })
         .await,
         "engine 0 stopped with engine 1"
@@ -284,7 +316,7 @@ async fn two_instances_share_the_partitions_and_each_key_stays_on_one() {
     assert_eq!(consumed(&b), odd);
     assert!(
         eventually(Duration::from_secs(60), || async {
-            log.reached(keys_b.clone(), 2 * ROUND - 1)
+            log.reached(&keys_b, 2 * ROUND - 1)
         })
         .await,
         "engine 1's partitions not handled after its restart"
@@ -297,9 +329,64 @@ async fn two_instances_share_the_partitions_and_each_key_stays_on_one() {
         assert_eq!(after[q].len(), 1, "{q}: {after:?}");
         assert_ne!(after[q], before[q], "{q}: engine 1's new consumer");
     }
+
+    // flowgate's own output: pika publishes upstream, stage s0 forwards to
+    // the partitions' exchange; each key lands where pika's landed.
+    pika_publish(
+        &dir,
+        &format!("{prefix}.ex"),
+        2 * ROUND,
+        2 * ROUND + FORWARDED,
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            log.reached(&keys, 2 * ROUND + FORWARDED - 1)
+        })
+        .await,
+        "the forwarded round not handled: {:?}",
+        log.missing(&keys, 2 * ROUND + FORWARDED - 1)
+    );
+    // The HTTP ingress: the key in `Partition-Key`, one event per key.
+    let http = reqwest::Client::new();
+    let url = format!(
+        "http://{}/publish/{exchange}/http",
+        a.ingress_addr().expect("ingress")
+    );
+    for k in &keys {
+        let r = http
+            .post(&url)
+            .header("Partition-Key", k)
+            .header("Idempotency-Key", format!("{k}-{LAST}"))
+            .body(format!("{k}:{LAST}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            202,
+            "{k}: {}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+    let r = http.post(&url).body("no key").send().await.unwrap();
+    assert_eq!(r.status(), 400, "a partitioned route needs its key");
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            log.reached(&keys, LAST)
+        })
+        .await,
+        "the ingress round not handled: {:?}",
+        log.missing(&keys, LAST)
+    );
+    let mut partition_of: HashMap<String, BTreeSet<String>> = HashMap::new();
     for h in log.all() {
         let own = if h.instance == 0 { &even } else { &odd };
         assert!(own.contains(&h.queue), "{h:?} is not this instance's");
+        partition_of.entry(h.key).or_default().insert(h.queue);
+    }
+    for (k, qs) in &partition_of {
+        assert_eq!(qs.len(), 1, "{k} arrived at {qs:?}");
     }
 
     // Per key: the published order, every event (a redelivered suffix may
@@ -316,7 +403,7 @@ async fn two_instances_share_the_partitions_and_each_key_stays_on_one() {
                 w[0]
             );
         }
-        assert_eq!(h.iter().max(), Some(&(2 * ROUND - 1)), "{k}: {h:?}");
+        assert_eq!(h.iter().max(), Some(&LAST), "{k}: {h:?}");
     }
     a.shutdown().await;
     b.shutdown().await;
