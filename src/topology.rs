@@ -309,3 +309,72 @@ pub async fn delete(ch: &Channel, cfg: &Config) -> Result<(), lapin::Error> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partitioned(key: &str) -> Config {
+        Config::from_toml(&format!(
+            r#"
+            [http]
+            bind = ""
+            [[queues]]
+            name = "orders"
+            partitions = 2
+            {key}
+            [[stages]]
+            name = "s"
+            queue = "orders"
+            handler = "sink"
+            retry = {{ max_attempts = 3, backoff = ["1s"] }}
+            "#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn each_partition_retries_through_its_own_tier() {
+        let cfg = partitioned("");
+        let tiers = retry_tiers(&cfg);
+        let names: Vec<&str> = tiers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["orders.0.retry.1", "orders.1.retry.1"]);
+        for (p, (_, args)) in tiers.iter().enumerate() {
+            let back = args.inner().get("x-dead-letter-routing-key");
+            assert_eq!(back, Some(&s(&format!("orders.{p}"))));
+        }
+    }
+
+    #[test]
+    fn the_exchange_hashes_the_partition_key_and_partitions_are_single_active() {
+        let args = |key: &str| {
+            let cfg = partitioned(key);
+            let q = &cfg.queues[0];
+            let a = queue_arguments(q);
+            assert_eq!(
+                a.inner().get(SINGLE_ACTIVE_CONSUMER),
+                Some(&AMQPValue::Boolean(true))
+            );
+            hash_arguments(q)
+        };
+        assert!(args("").inner().is_empty(), "the routing key by default");
+        assert_eq!(
+            args("partition_key = \"message_id\"")
+                .inner()
+                .get("hash-property"),
+            Some(&s("message_id"))
+        );
+        assert_eq!(
+            args("partition_key = \"correlation_id\"")
+                .inner()
+                .get("hash-property"),
+            Some(&s("correlation_id"))
+        );
+        assert_eq!(
+            args("partition_key = \"header:tenant\"")
+                .inner()
+                .get("hash-header"),
+            Some(&s("tenant"))
+        );
+    }
+}

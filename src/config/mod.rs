@@ -306,6 +306,16 @@ impl Config {
         self.queues.iter().find(|q| q.name == name)
     }
 
+    /// The `[[queues]]` entry a broker queue belongs to: the queue itself,
+    /// or the partitioned queue whose partition it is.
+    pub fn queue_of(&self, broker_queue: &str) -> Option<&QueueConfig> {
+        self.queue(broker_queue).or_else(|| {
+            self.queues.iter().find(|q| {
+                q.partitions.is_some() && q.broker_queues().iter().any(|b| b == broker_queue)
+            })
+        })
+    }
+
     /// What a stage consumes on this instance, as (the consumer's stage
     /// name, its queue): the stage and its queue, or on a partitioned
     /// queue (`queues[].partitions`) `<stage>.<p>` and `<queue>.<p>` for
