@@ -76,6 +76,15 @@ impl Log {
 }
 
 fn config(prefix: &str, instance: u32) -> Config {
+    with_partitioning(
+        prefix,
+        instance,
+        &format!("[partitioning]\ninstance_index = {instance}\ninstance_count = 2"),
+    )
+}
+
+/// The test's config with `partitioning` as its `[partitioning]` section.
+fn with_partitioning(prefix: &str, instance: u32, partitioning: &str) -> Config {
     let toml = format!(
         r##"
 [amqp]
@@ -89,9 +98,7 @@ auth = "none"
 routes = [{{ exchange = "{prefix}.orders" }}]
 [shutdown]
 grace = "10s"
-[partitioning]
-instance_index = {instance}
-instance_count = 2
+{partitioning}
 [[exchanges]]
 name = "{prefix}.ex"
 [[queues]]
@@ -169,13 +176,18 @@ fn consumed(h: &EngineHandle) -> Vec<String> {
 
 /// Consumer tags per queue among `queues`, as the broker lists them.
 async fn broker_consumers(queues: &[String]) -> BTreeMap<String, Vec<String>> {
+    broker_consumers_where(queues, "consumer_tag").await
+}
+
+/// Per queue among `queues`, the broker's `column` of each consumer.
+async fn broker_consumers_where(queues: &[String], column: &str) -> BTreeMap<String, Vec<String>> {
     let out = tokio::process::Command::new("rabbitmqctl")
         .args([
             "list_consumers",
             "-q",
             "--no-table-headers",
             "queue_name",
-            "consumer_tag",
+            column,
         ])
         .output()
         .await
@@ -406,6 +418,87 @@ async fn two_instances_share_the_partitions_and_each_key_stays_on_one() {
         assert_eq!(h.iter().max(), Some(&LAST), "{k}: {h:?}");
     }
     a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Without `[partitioning]` every instance subscribes to every partition:
+/// the broker shows two consumers on each, one of them active, and every
+/// key is handled in order; when one instance goes, the other's standby
+/// consumers take over its partitions.
+#[actix_rt::test]
+async fn without_partitioning_every_instance_subscribes_and_one_is_active_per_partition() {
+    let prefix = unique("part-all");
+    let cfgs = [
+        with_partitioning(&prefix, 0, ""),
+        with_partitioning(&prefix, 1, ""),
+    ];
+    let _cleanup = Cleanup::new(AMQP_URL, &cfgs[0]);
+    let exchange = format!("{prefix}.orders");
+    let partitions: Vec<String> = (0..PARTITIONS).map(|p| format!("{exchange}.{p}")).collect();
+    let log = Log::default();
+    let a = start(&cfgs[0], 0, &log).await;
+    let b = start(&cfgs[1], 1, &log).await;
+    assert_eq!(consumed(&a), partitions);
+    assert_eq!(consumed(&b), partitions);
+    let active = broker_consumers_where(&partitions, "active").await;
+    for (q, flags) in &active {
+        assert_eq!(flags.len(), 2, "{q}: both instances subscribe: {active:?}");
+        assert_eq!(
+            flags.iter().filter(|f| *f == "true").count(),
+            1,
+            "{q}: one active: {active:?}"
+        );
+    }
+    let client = Client::connect(AMQP_URL).await;
+    let keys: Vec<String> = (0..KEYS).map(|k| format!("k{k}")).collect();
+    let publish = |first: u32, last: u32| {
+        let (client, exchange, keys) = (&client, &exchange, &keys);
+        async move {
+            for seq in first..last {
+                for k in keys {
+                    let props = flowgate::lapin::BasicProperties::default()
+                        .with_message_id(format!("{k}-{seq}").into())
+                        .with_headers(headers(&[(KEY, s(k))]));
+                    client
+                        .publish_props(exchange, "", format!("{k}:{seq}").as_bytes(), props)
+                        .await;
+                }
+            }
+        }
+    };
+    publish(0, ROUND).await;
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            log.reached(&keys, ROUND - 1)
+        })
+        .await,
+        "not handled: {:?}",
+        log.missing(&keys, ROUND - 1)
+    );
+    // Instance 0 goes: instance 1's consumers take every partition.
+    assert!(a.shutdown().await.clean);
+    publish(ROUND, 2 * ROUND).await;
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            log.reached(&keys, 2 * ROUND - 1)
+        })
+        .await,
+        "instance 1 did not take over: {:?}",
+        log.missing(&keys, 2 * ROUND - 1)
+    );
+    let mut partition_of: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for h in log.all() {
+        partition_of.entry(h.key).or_default().insert(h.queue);
+    }
+    for (k, qs) in &partition_of {
+        assert_eq!(qs.len(), 1, "{k} arrived at {qs:?}");
+    }
+    for (k, h) in log.by_key() {
+        for w in h.windows(2) {
+            assert!(w[1] == w[0] + 1 || w[1] <= w[0], "{k}: {h:?}");
+        }
+        assert_eq!(h.iter().max(), Some(&(2 * ROUND - 1)), "{k}: {h:?}");
+    }
     b.shutdown().await;
 }
 
