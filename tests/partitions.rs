@@ -502,6 +502,89 @@ async fn without_partitioning_every_instance_subscribes_and_one_is_active_per_pa
     b.shutdown().await;
 }
 
+/// A stage on a partitioned queue without `order_by` retries through the
+/// ladder's tier queues, one per partition: a failed attempt comes back to
+/// the partition it left.
+#[actix_rt::test]
+async fn a_retry_comes_back_to_its_own_partition() {
+    let prefix = unique("part-retry");
+    let toml = format!(
+        r#"
+[amqp]
+url = "{AMQP_URL}"
+connection_name = "{prefix}"
+[http]
+bind = ""
+[[queues]]
+name = "{prefix}.orders"
+kind = "classic"
+partitions = {PARTITIONS}
+partition_key = "message_id"
+[[stages]]
+name = "s1"
+queue = "{prefix}.orders"
+handler = "flaky"
+retry = {{ max_attempts = 3, backoff = ["50ms"] }}
+"#
+    );
+    let cfg = Config::from_toml(&toml).unwrap();
+    let _cleanup = Cleanup::new(AMQP_URL, &cfg);
+    // (message id, attempt, partition) of every handling.
+    let seen: Arc<Mutex<Vec<(String, i64, String)>>> = Arc::default();
+    let record = seen.clone();
+    let h = Engine::builder()
+        .config(cfg)
+        .handler(
+            "flaky",
+            handler_fn(move |d: Delivery| {
+                let record = record.clone();
+                async move {
+                    let attempt = d.header_i64(flowgate::envelope::ATTEMPT).unwrap_or(1);
+                    let id = d.message_id().unwrap_or_default().to_owned();
+                    record.lock().unwrap().push((id, attempt, d.queue.clone()));
+                    if attempt < 2 {
+                        return Err(HandlerError::from("once more"));
+                    }
+                    Ok(Outcome::ack())
+                }
+            }),
+        )
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    assert!(h.wait_ready(Duration::from_secs(30)).await);
+    let client = Client::connect(AMQP_URL).await;
+    let exchange = format!("{prefix}.orders");
+    for i in 0..20 {
+        client.publish(&exchange, "", &format!("m{i}"), b"x").await;
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, a, _)| *a == 2)
+                .count()
+                == 20
+        })
+        .await,
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    let mut by_id: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for (id, _, queue) in seen.lock().unwrap().iter() {
+        by_id.entry(id.clone()).or_default().insert(queue.clone());
+    }
+    for (id, queues) in &by_id {
+        assert_eq!(queues.len(), 1, "{id}: attempts on {queues:?}");
+    }
+    let used: BTreeSet<&String> = by_id.values().flatten().collect();
+    assert!(used.len() > 1, "message ids hash over several partitions");
+    h.shutdown().await;
+}
+
 /// Without the `rabbitmq_consistent_hash_exchange` plugin (a private node
 /// with no plugins), the start fails with a message naming it.
 #[actix_rt::test]
