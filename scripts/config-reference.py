@@ -18,7 +18,7 @@ ENGINE = [
     ("exchanges[]", "ExchangeConfig"),
     ("queues[]", "QueueConfig"), ("queues[].bindings[]", "Binding"), ("queues[].watermark", "Watermark"),
     ("stages[]", "StageConfig"), ("stages[].output", "Target"), ("stages[].retry", "RetryConfig"), ("stages[].ack_batch", "AckBatchConfig"),
-    ("stages[].http", "HttpStageConfig"), ("stages[].batch", "BatchConfig"),
+    ("stages[].http", "HttpStageConfig"), ("stages[].batch", "BatchConfig"), ("partitioning", "PartitioningConfig"),
     ("publisher", "PublisherConfig"), ("publisher.breaker", "BreakerConfig"),
     ("spool", "SpoolConfig"), ("depth", "DepthConfig"),
     ("dedup", "DedupConfig"), ("redis", "RedisConfig"), ("postgres", "PostgresConfig"),

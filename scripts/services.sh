@@ -4,7 +4,9 @@
 # PostgreSQL on 127.0.0.1:5432 (Debian's `postgresql`; the tests log in as
 # postgres/postgres over TCP and create a private database each); and install the tools the tests run (promtool, headless Chromium).
 # Idempotent and safe to run when they are already up: it never stops or
-# reconfigures a running service. Needs root for apt-get (as on CI).
+# reconfigures a running service, except that it enables the RabbitMQ plugins
+# the engine needs and cannot enable itself (RABBIT_PLUGINS; enabling one does
+# not restart the node). Needs root for apt-get (as on CI).
 #
 # Usage: scripts/services.sh            (or: source it and call ensure_services)
 set -euo pipefail
@@ -70,6 +72,23 @@ ensure_rabbitmq_config() {
     if [[ ! -e /etc/rabbitmq/rabbitmq.conf ]]; then
         printf 'listeners.tcp.local = 127.0.0.1:5672\n' >/etc/rabbitmq/rabbitmq.conf
     fi
+}
+
+# Plugins the engine needs but cannot enable itself: partitioned queues
+# (queues[].partitions) declare an x-consistent-hash exchange.
+RABBIT_PLUGINS=(rabbitmq_consistent_hash_exchange)
+
+# (b') Each of RABBIT_PLUGINS enabled on the running node (online, no restart).
+ensure_rabbitmq_plugins() {
+    local p
+    for p in "${RABBIT_PLUGINS[@]}"; do
+        if rabbitmq-plugins -q is_enabled "$p" >/dev/null 2>&1; then
+            log "rabbitmq: plugin $p already enabled"
+        else
+            log "rabbitmq: enabling plugin $p"
+            rabbitmq-plugins -q enable "$p" >/dev/null
+        fi
+    done
 }
 
 rabbit_ready() { port_open 5672 && rabbitmqctl -q await_startup --timeout 5 >/dev/null 2>&1; }
@@ -166,6 +185,7 @@ ensure_postgres() {
 ensure_services() {
     ensure_packages
     ensure_rabbitmq
+    ensure_rabbitmq_plugins
     ensure_redis
     ensure_postgres
 }

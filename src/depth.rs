@@ -5,7 +5,7 @@
 //! [`IngressGate`] that turns the monitor's watermarks into 503s at the
 //! HTTP ingresses.
 
-use crate::config::{Config, StageConfig};
+use crate::config::{Config, QueueConfig, StageConfig};
 use flowgate_actors::Metrics;
 use flowgate_actors::{Event, IngressRefused};
 use flowgate_actors::{QueueLevels, Refusal, ScaleRange, WatchedQueue, Watermark};
@@ -22,23 +22,35 @@ pub(crate) enum Denied {
 }
 
 /// The queues `exchange`/`routing_key` is routed to by the configured
-/// bindings (exchange-to-exchange bindings are not followed).
+/// bindings (other exchange-to-exchange bindings are not followed). A
+/// partitioned queue, reached through its bindings or its own exchange,
+/// counts as every partition: which one a message lands in is the broker's
+/// hash, so each is watched (a full partition refuses).
 pub(crate) fn routed_queues(cfg: &Config, exchange: &str, routing_key: &str) -> Vec<String> {
+    routed_entries(cfg, exchange, routing_key)
+        .flat_map(QueueConfig::broker_queues)
+        .collect()
+}
+
+/// The `[[queues]]` entries `exchange`/`routing_key` reaches: by their
+/// bindings, or a partitioned queue by its own exchange.
+pub(crate) fn routed_entries<'a>(
+    cfg: &'a Config,
+    exchange: &'a str,
+    routing_key: &'a str,
+) -> impl Iterator<Item = &'a QueueConfig> + 'a {
     let kind = cfg
         .exchanges
         .iter()
         .find(|e| e.name == exchange)
         .map(|e| e.kind)
         .unwrap_or_default();
-    cfg.queues
-        .iter()
-        .filter(|q| {
-            q.bindings
+    cfg.queues.iter().filter(move |q| {
+        (q.partitions.is_some() && q.name == exchange)
+            || q.bindings
                 .iter()
                 .any(|b| b.exchange == exchange && kind.routes(&b.routing_key, routing_key))
-        })
-        .map(|q| q.name.clone())
-        .collect()
+    })
 }
 
 /// The queues a stage's configured `output` lands in (none without one:
@@ -51,17 +63,21 @@ pub(crate) fn output_queues(cfg: &Config, stage: &StageConfig) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Every stage's input queue and every queue with a watermark.
+/// Every stage's input queue and every queue with a watermark; a
+/// partitioned queue as each of its partitions (all of them, whichever this
+/// instance consumes), each with the queue's watermark.
 pub(crate) fn watched_queues(cfg: &Config) -> Vec<WatchedQueue> {
     cfg.queues
         .iter()
         .filter(|q| q.watermark.is_some() || cfg.stages.iter().any(|s| s.queue == q.name))
-        .map(|q| WatchedQueue {
-            name: q.name.clone(),
-            watermark: q.watermark.map(|w| Watermark {
-                high: w.high,
-                low: w.low,
-            }),
+        .flat_map(|q| {
+            q.broker_queues().into_iter().map(|name| WatchedQueue {
+                name,
+                watermark: q.watermark.map(|w| Watermark {
+                    high: w.high,
+                    low: w.low,
+                }),
+            })
         })
         .collect()
 }
@@ -129,6 +145,11 @@ impl IngressGate {
         Some(queues)
     }
 
+    /// The configuration whose bindings it follows.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// The monitor's levels (depths, peaks).
     pub(crate) fn levels(&self) -> &QueueLevels {
         &self.levels
@@ -187,6 +208,48 @@ mod tests {
         assert_eq!(
             scale_range(&cfg.stages[0]),
             Some(ScaleRange { min: 1, max: 4 })
+        );
+    }
+
+    #[test]
+    fn a_partitioned_queue_is_watched_and_fed_as_its_partitions() {
+        let cfg = crate::Config::from_toml(
+            r##"
+            [[exchanges]]
+            name = "ex"
+            [[queues]]
+            name = "q1"
+            bindings = [{ exchange = "ex", routing_key = "in" }]
+            [[queues]]
+            name = "orders"
+            bindings = [{ exchange = "ex", routing_key = "order.*" }]
+            partitions = 3
+            partition_key = "header:entity"
+            watermark = { high = 10, low = 2 }
+            [[stages]]
+            name = "s1"
+            queue = "q1"
+            output = { exchange = "ex", routing_key = "order.created" }
+            [[stages]]
+            name = "s2"
+            queue = "orders"
+            handler = "sink"
+            [partitioning]
+            instance_index = 1
+            instance_count = 2
+            "##,
+        )
+        .unwrap();
+        let parts = ["orders.0", "orders.1", "orders.2"];
+        assert_eq!(output_queues(&cfg, &cfg.stages[0]), parts);
+        assert_eq!(routed_queues(&cfg, "orders", "anything"), parts);
+        let watched = watched_queues(&cfg);
+        let names: Vec<_> = watched.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(names, ["q1", "orders.0", "orders.1", "orders.2"]);
+        assert!(watched[1..].iter().all(|q| q.watermark.is_some()));
+        assert_eq!(
+            cfg.consumers(&cfg.stages[1]),
+            [("s2.1".to_owned(), "orders.1".to_owned())]
         );
     }
 }

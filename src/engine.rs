@@ -412,9 +412,12 @@ impl Engine {
                 });
             }
         };
-        crate::topology::declare(&ch, &config)
-            .await
-            .map_err(Error::Topology)?;
+        crate::topology::declare(&ch, &config).await.map_err(|e| {
+            match crate::topology::missing_plugin(&config, &e) {
+                Some(plugin) => Error::MissingPlugin { plugin, source: e },
+                None => Error::Topology(e),
+            }
+        })?;
         let _ = ch.close(200, "topology declared".into()).await;
 
         // Read again at start (validated at load): a key file may be
@@ -475,40 +478,56 @@ impl Engine {
         let mut controlled = Vec::new();
         let mut watched = Vec::new();
         for ((s, handler), order_key) in config.stages.iter().zip(handlers).zip(order_keys) {
-            let dlx = config
-                .queue(&s.queue)
-                .and_then(|q| q.dead_letter_exchange());
-            let spec = s.spec(StageParts {
-                handler,
-                dead_letter_exchange: dlx,
-                policy: policy.clone(),
-                memory_dedup: dedup.memory.as_ref(),
-                redis_dedup: dedup.redis.as_ref(),
-                keys: keys.as_ref(),
-                max_message_bytes: config.limits.max_message_bytes,
-                order_key,
-                single_active_consumer: config
-                    .queue(&s.queue)
-                    .is_some_and(|q| q.single_active_consumer),
-            });
-            let prefetch = spec.prefetch;
-            let (addr, probe) = StageActor::start_supervised(
-                spec,
-                conn.clone(),
-                publisher.clone(),
-                metrics.clone(),
-                Some(esc_tx.clone()),
-            );
-            watched.push(WatchedStage {
-                addr: addr.clone(),
-                probe: probe.clone(),
-                input: s.queue.clone(),
-                outputs: crate::depth::output_queues(&config, s),
-                scale: crate::depth::scale_range(s),
-            });
-            controlled.push((s.queue.clone(), prefetch, addr.clone(), probe.clone()));
-            stages.push((s.name.clone(), addr));
-            probes.push(probe);
+            let queue = config.queue(&s.queue);
+            let dlx = queue.and_then(|q| q.dead_letter_exchange());
+            let single_active_consumer =
+                queue.is_some_and(|q| q.single_active_consumer || q.partitions.is_some());
+            let consumers = config.consumers(s);
+            if consumers.is_empty() {
+                tracing::warn!(
+                    stage = %s.name,
+                    queue = %s.queue,
+                    "[partitioning] gives this instance none of the queue's partitions: the stage consumes nothing here"
+                );
+            }
+            // One consumer per partition this instance owns (or the stage
+            // itself): the same handler, each with its own queue and name.
+            for (name, input) in consumers {
+                let consumer = StageConfig {
+                    name: name.clone(),
+                    queue: input.clone(),
+                    ..s.clone()
+                };
+                let spec = consumer.spec(StageParts {
+                    handler: handler.clone(),
+                    dead_letter_exchange: dlx.clone(),
+                    policy: policy.clone(),
+                    memory_dedup: dedup.memory.as_ref(),
+                    redis_dedup: dedup.redis.as_ref(),
+                    keys: keys.as_ref(),
+                    max_message_bytes: config.limits.max_message_bytes,
+                    order_key: order_key.clone(),
+                    single_active_consumer,
+                });
+                let prefetch = spec.prefetch;
+                let (addr, probe) = StageActor::start_supervised(
+                    spec,
+                    conn.clone(),
+                    publisher.clone(),
+                    metrics.clone(),
+                    Some(esc_tx.clone()),
+                );
+                watched.push(WatchedStage {
+                    addr: addr.clone(),
+                    probe: probe.clone(),
+                    input: input.clone(),
+                    outputs: crate::depth::output_queues(&config, s),
+                    scale: crate::depth::scale_range(s),
+                });
+                controlled.push((input, prefetch, addr.clone(), probe.clone()));
+                stages.push((name, addr));
+                probes.push(probe);
+            }
         }
         let monitor = DepthMonitorActor::new(
             DepthMonitorConfig {

@@ -28,6 +28,19 @@ pub enum Error {
     /// The broker refused the topology.
     #[error("declaring the topology: {0}")]
     Topology(#[source] lapin::Error),
+    /// The broker lacks a plugin the configuration needs (a partitioned
+    /// queue's `x-consistent-hash` exchange); the engine cannot enable it.
+    #[error(
+        "the broker needs the `{plugin}` plugin for partitioned queues \
+         (queues[].partitions): enable it with `rabbitmq-plugins enable {plugin}` ({source})"
+    )]
+    MissingPlugin {
+        /// The plugin's name.
+        plugin: &'static str,
+        /// The broker's refusal.
+        #[source]
+        source: lapin::Error,
+    },
     /// A DLQ tool could not reach the broker, or the broker refused an
     /// operation.
     #[error("broker: {0}")]

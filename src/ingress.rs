@@ -11,9 +11,11 @@
 use crate::depth::{Denied, IngressGate};
 use actix_web::http::{header, StatusCode};
 use actix_web::HttpResponse;
+use flowgate_actors::envelope::set_header;
 use flowgate_actors::Output;
 use flowgate_actors::{Published, PublisherHandle};
 use flowgate_actors::{QueueLevels, Refusal};
+use lapin::types::AMQPValue;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -283,6 +285,66 @@ impl Ingress {
             Denied::NoRoute => IngressError::no_route(exchange, routing_key),
             Denied::Watermark(r) => r.into(),
         })
+    }
+
+    /// Puts a partition key where the partitioned queues (`queues[].partitions`)
+    /// that `msg`'s exchange and routing key reach read it: the header
+    /// their `partition_key` names, or the correlation id. A queue
+    /// partitioned by routing key or message id reads those, which the
+    /// message has already: a `key` for it is refused, as is no `key` for
+    /// one partitioned by a header or the correlation id (without it every
+    /// such message would land on one partition). Routes to no
+    /// partitioned queue ignore `key`.
+    pub fn set_partition_key(
+        &self,
+        msg: &mut Output,
+        key: Option<&str>,
+    ) -> Result<(), IngressError> {
+        use crate::config::BuiltinKey;
+        let cfg = self.gate.config();
+        for q in crate::depth::routed_entries(cfg, &msg.exchange, &msg.routing_key) {
+            let (Some(by), Some(_)) = (q.partition_key(), q.partitions) else {
+                continue;
+            };
+            let wants = match &by {
+                BuiltinKey::Header(_) | BuiltinKey::CorrelationId => true,
+                BuiltinKey::MessageId | BuiltinKey::RoutingKey => false,
+            };
+            let key = match (wants, key) {
+                (true, Some(key)) => key,
+                (false, None) => continue,
+                (true, None) => {
+                    return Err(IngressError::invalid(
+                        "partition key",
+                        format!(
+                            "required: queue `{}` is partitioned by a header or the correlation id",
+                            q.name
+                        ),
+                    ))
+                }
+                (false, Some(_)) => {
+                    return Err(IngressError::invalid(
+                        "partition key",
+                        format!(
+                        "not taken: queue `{}` is partitioned by the routing key or the message id",
+                        q.name
+                    ),
+                    ))
+                }
+            };
+            match by {
+                BuiltinKey::Header(h) => set_header(
+                    &mut msg.properties,
+                    &h,
+                    AMQPValue::LongString(key.to_owned().into()),
+                ),
+                _ => {
+                    msg.properties =
+                        std::mem::take(&mut msg.properties).with_correlation_id(key.into());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Publishes (persistent, `mandatory`) within `publish_timeout`:

@@ -38,6 +38,8 @@ fn one_queue(url: &str, prefix: &str) -> Config {
         delivery_limit: Some(20),
         watermark: None,
         single_active_consumer: false,
+        partitions: None,
+        partition_key: None,
     });
     cfg
 }

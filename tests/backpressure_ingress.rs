@@ -67,6 +67,8 @@ async fn the_ingress_answers_503_above_the_watermark_until_the_queue_falls_to_lo
         delivery_limit: None,
         watermark: None,
         single_active_consumer: false,
+        partitions: None,
+        partition_key: None,
     });
     cfg.http.bind = "127.0.0.1:0".into();
     cfg.ingress = flowgate::config::IngressConfig::open(

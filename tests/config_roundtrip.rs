@@ -29,6 +29,8 @@ struct QueueGen {
     delivery_limit: Option<u32>,
     watermark: Option<(u64, u64)>,
     single_active_consumer: bool,
+    /// `partitions` and `partition_key`.
+    partitions: Option<(u16, Option<&'static str>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +43,8 @@ struct Gen {
     confirm_timeout_ms: u64,
     depth_interval_ms: u64,
     spool_max_bytes: Option<u64>,
+    /// `[partitioning]`: (instance_index, instance_count).
+    partitioning: Option<(u32, u32)>,
 }
 
 fn stage() -> impl Strategy<Value = StageGen> {
@@ -83,14 +87,26 @@ fn queue() -> impl Strategy<Value = QueueGen> {
         proptest::option::of(1u32..=1000),
         proptest::option::of((1u64..=100_000, 1u64..=100_000)),
         any::<bool>(),
+        proptest::option::of((
+            1u16..=256,
+            proptest::option::of(prop_oneof![
+                Just("message_id"),
+                Just("routing_key"),
+                Just("correlation_id"),
+                Just("header:account")
+            ]),
+        )),
     )
-        .prop_map(|(classic, dead_letter, delivery_limit, wm, sac)| QueueGen {
-            classic,
-            dead_letter,
-            delivery_limit,
-            single_active_consumer: sac,
-            watermark: wm.map(|(a, b)| (a.max(b) + 1, a.min(b))),
-        })
+        .prop_map(
+            |(classic, dead_letter, delivery_limit, wm, sac, partitions)| QueueGen {
+                classic,
+                dead_letter,
+                delivery_limit,
+                single_active_consumer: sac,
+                watermark: wm.map(|(a, b)| (a.max(b) + 1, a.min(b))),
+                partitions,
+            },
+        )
 }
 
 fn config() -> impl Strategy<Value = Gen> {
@@ -103,9 +119,10 @@ fn config() -> impl Strategy<Value = Gen> {
         1u64..=120_000,
         10u64..=60_000,
         proptest::option::of(1024u64..=1 << 34),
+        proptest::option::of((0u32..=16, 1u32..=16)),
     )
         .prop_map(
-            |(stages, grace_ms, rate, burst, max_waiters, confirm, depth, spool)| Gen {
+            |(stages, grace_ms, rate, burst, max_waiters, confirm, depth, spool, part)| Gen {
                 stages,
                 grace_ms,
                 rate,
@@ -114,6 +131,7 @@ fn config() -> impl Strategy<Value = Gen> {
                 confirm_timeout_ms: confirm,
                 depth_interval_ms: depth,
                 spool_max_bytes: spool,
+                partitioning: part.map(|(i, extra)| (i, i + extra)),
             },
         )
 }
@@ -130,6 +148,9 @@ fn toml_of(g: &Gen) -> String {
     );
     if let Some(b) = g.spool_max_bytes {
         t += &format!("[spool]\nmax_bytes = {b}\n");
+    }
+    if let Some((index, count)) = g.partitioning {
+        t += &format!("[partitioning]\ninstance_index = {index}\ninstance_count = {count}\n");
     }
     if g.stages.iter().any(|(s, _)| s.dedup == "redis") {
         t += "[redis]\nurl = \"redis://127.0.0.1:6379\"\n";
@@ -151,6 +172,12 @@ fn toml_of(g: &Gen) -> String {
         }
         if q.single_active_consumer {
             t += "single_active_consumer = true\n";
+        }
+        if let Some((n, key)) = q.partitions {
+            t += &format!("partitions = {n}\n");
+            if let Some(k) = key {
+                t += &format!("partition_key = \"{k}\"\n");
+            }
         }
     }
     t += &format!(
@@ -203,6 +230,12 @@ fn value(cfg: &Config) -> serde_json::Value {
 /// `cfg` holds what `g` wrote.
 fn matches(g: &Gen, cfg: &Config) -> Result<(), TestCaseError> {
     prop_assert_eq!(cfg.shutdown.grace, Duration::from_millis(g.grace_ms));
+    prop_assert_eq!(
+        cfg.partitioning
+            .instance_index
+            .zip(cfg.partitioning.instance_count),
+        g.partitioning
+    );
     prop_assert_eq!(cfg.publisher.rate, g.rate);
     prop_assert_eq!(cfg.publisher.burst, g.burst);
     prop_assert_eq!(cfg.publisher.max_waiters, g.max_waiters);
@@ -250,6 +283,11 @@ fn matches(g: &Gen, cfg: &Config) -> Result<(), TestCaseError> {
         );
         let qc = &cfg.queues[i];
         prop_assert_eq!(qc.single_active_consumer, q.single_active_consumer);
+        prop_assert_eq!(qc.partitions, q.partitions.map(|(n, _)| n));
+        prop_assert_eq!(
+            qc.partition_key.as_deref(),
+            q.partitions.and_then(|(_, k)| k)
+        );
         prop_assert_eq!(qc.kind == QueueKind::Classic, q.classic);
         prop_assert_eq!(qc.dead_letter, q.dead_letter);
         prop_assert_eq!(qc.watermark.map(|w| (w.high, w.low)), q.watermark);

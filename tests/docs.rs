@@ -100,7 +100,8 @@ fn every_config_key_is_in_the_readme_reference() {
 
 /// The README's "Ordering" section names every form `order_by` takes, both
 /// `missing_key` choices, the reason and header a keyless or failed
-/// delivery's dead letter carries, and the metrics of ordering.
+/// delivery's dead letter carries, the metrics of ordering, and the
+/// partitions' keys, plugin, instance index and depth sampling.
 #[test]
 fn the_ordering_section_names_what_it_documents() {
     let start = README.find("### Ordering\n").expect("an Ordering section");
@@ -121,6 +122,14 @@ fn the_ordering_section_names_what_it_documents() {
         flowgate::Metrics::LANE_WAITS.name,
         flowgate::Metrics::CONSUMER_ACTIVE.name,
         "tier=\"in-place\"",
+        "`partitions = N`",
+        "`partition_key`",
+        "`instance_index`",
+        "FLOWGATE__PARTITIONING__INSTANCE_INDEX",
+        flowgate::topology::CONSISTENT_HASH,
+        flowgate::topology::CONSISTENT_HASH_PLUGIN,
+        "`Partition-Key`",
+        "Depth and watermarks",
     ] {
         assert!(
             section.contains(needle),

@@ -124,6 +124,8 @@ fn topology(prefix: &str) -> flowgate::Config {
         delivery_limit: Some(20),
         watermark: None,
         single_active_consumer: false,
+        partitions: None,
+        partition_key: None,
     });
     cfg
 }

@@ -33,6 +33,8 @@ fn config(prefix: &str, dir: &std::path::Path, auth: IngressAuth) -> flowgate::C
         delivery_limit: None,
         watermark: None,
         single_active_consumer: false,
+        partitions: None,
+        partition_key: None,
     });
     let key = dir.join("hmac.key");
     std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();

@@ -6,7 +6,7 @@ their implementation.
 
 import asyncio
 import os
-from typing import Any, Dict, Final, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Final, List, Mapping, Optional, Sequence, Tuple, Union
 
 __version__: Final[str]
 HEADERS: Final[Dict[str, str]]
@@ -145,7 +145,12 @@ class Drain:
 class Runtime:
     """One engine for one event loop."""
 
-    def __init__(self, config: Config, handlers: Sequence[Tuple[str, Any, bool, bool]]) -> None: ...
+    def __init__(
+        self,
+        config: Config,
+        handlers: Sequence[Tuple[str, Any, bool, bool]],
+        order_keys: Sequence[Tuple[str, Callable[[Message], Optional[str]]]] = ...,
+    ) -> None: ...
     def attach(self, event_loop: asyncio.AbstractEventLoop) -> Drain:
         """Bind the bridge to ``event_loop``."""
     def detach(self) -> None:

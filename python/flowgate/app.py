@@ -25,6 +25,7 @@ Handler = Callable[[_flowgate.Message], Any]
 #: A batch handler: takes a list of Messages, returns one result per message.
 BatchHandler = Callable[[List[_flowgate.Message]], Any]
 F = TypeVar("F", bound=Callable[..., Any])
+K = TypeVar("K", bound=Callable[..., Optional[str]])
 
 #: What ``App.stop()`` returns: ``{"clean": bool, "stages": [{"stage",
 #: "drained", "abandoned"}, ...]}`` (``clean``: every stage drained and
@@ -103,6 +104,7 @@ class App:
         self._running_config: Optional[_flowgate.Config] = None
         self._started = False
         self._handlers: Dict[str, _Registered] = {}
+        self._order_keys: Dict[str, Callable[[Any], Optional[str]]] = {}
         self._runtime: Optional[_flowgate.Runtime] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._drain: Optional[_flowgate.Drain] = None
@@ -206,6 +208,33 @@ class App:
         """
         return self._register(name, batch=True)
 
+    def order_key(self, name: str) -> Callable[[K], K]:
+        """Register the decorated function as the key of stages with ``order_by = name``.
+
+        It takes a :class:`flowgate.Message` and returns its key (a ``str``)
+        or ``None`` for no key (the stage's ``missing_key`` decides). The
+        stage handles one key's messages one at a time, in delivery order,
+        different keys in parallel. It runs on the engine's intake, once
+        per delivery, holding the GIL: keep it short and never block in it.
+        An exception, or a result that is neither ``str`` nor ``None``, is
+        no key (logged). The function is returned unchanged.
+
+        >>> app = flowgate.App.from_toml('[http]\\nbind = ""\\n')
+        >>> @app.order_key("tenant")
+        ... def tenant(msg: flowgate.Message) -> "str | None":
+        ...     return msg.headers.get("tenant")
+        """
+
+        def register(func: K) -> K:
+            if not callable(func) or _is_async(func):
+                raise TypeError("an order key is a plain function (def, not async def)")
+            if name in self._order_keys:
+                raise ValueError(f"an order key named {name!r} is registered already")
+            self._order_keys[name] = func
+            return func
+
+        return register
+
     def _register(self, name: str, *, batch: bool) -> Callable[[F], F]:
         def register(func: F) -> F:
             if not callable(func):
@@ -234,7 +263,8 @@ class App:
         logs.install_record_factory()
         loop = asyncio.get_running_loop()
         handlers = [(n, r.func, r.is_async, r.batch) for n, r in self._handlers.items()]
-        runtime = _flowgate.Runtime(config or self._config, handlers)
+        order_keys = list(self._order_keys.items())
+        runtime = _flowgate.Runtime(config or self._config, handlers, order_keys)
         drain = runtime.attach(loop)
         loop.add_reader(drain.fd, drain)
         self._runtime, self._loop, self._drain = runtime, loop, drain

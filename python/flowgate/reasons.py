@@ -25,6 +25,9 @@ OVERSIZED: Final[str] = _R["OVERSIZED"]
 UNROUTABLE: Final[str] = _R["UNROUTABLE"]
 #: No ``message_id`` and the dedup policy rejects such messages.
 MISSING_ID: Final[str] = _R["MISSING_ID"]
+#: An ordered stage's delivery without a key (``order_by``, with
+#: ``missing_key = "reject"``).
+MISSING_KEY: Final[str] = _R["MISSING_KEY"]
 #: A missing or wrong HMAC signature.
 BAD_SIGNATURE: Final[str] = _R["BAD_SIGNATURE"]
 #: The handler returned something that is not a result, or an output the

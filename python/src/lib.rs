@@ -9,6 +9,7 @@
 //!   a queue and a wakeup socket, drained in one loop callback.
 //! * `handler` — a Python function as a stage's `Handler` (`async def` on
 //!   the loop, `def` on a blocking thread).
+//! * `order_key` — a Python function as an ordered stage's key function.
 //! * `message`, `output` — `Message` (read lazily) and `Output`; what a
 //!   handler's return value or exception means for the engine.
 //! * `config` — the engine's `Config`, loaded from a file, TOML or a dict.
@@ -27,6 +28,7 @@ mod errors;
 mod handler;
 mod logging;
 mod message;
+mod order_key;
 mod output;
 mod runtime;
 mod testing;

@@ -137,12 +137,15 @@ impl Runtime {
 impl Runtime {
     /// Builds the engine: every stage whose ``handler`` is a registered
     /// name runs that Python function. ``handlers`` holds
-    /// ``(name, function, is_async, is_batch)``.
+    /// ``(name, function, is_async, is_batch)``; ``order_keys``
+    /// ``(name, function)``, the key functions an ``order_by`` may name.
     #[new]
+    #[pyo3(signature = (config, handlers, order_keys = Vec::new()))]
     fn new(
         py: Python<'_>,
         config: &PyConfig,
         handlers: Vec<(String, Py<PyAny>, bool, bool)>,
+        order_keys: Vec<(String, Py<PyAny>)>,
     ) -> PyResult<Self> {
         let bridge = Arc::new(
             Bridge::new().map_err(|e| PyRuntimeError::new_err(format!("no wakeup socket: {e}")))?,
@@ -163,6 +166,11 @@ impl Runtime {
                     target: stage.output.clone(),
                     bridge: bridge.clone(),
                 }) as Arc<dyn Handler>)
+            });
+        }
+        for (name, func) in order_keys {
+            builder = builder.order_key(&name, move |d: &flowgate::Delivery| {
+                crate::order_key::call(&func, d)
             });
         }
         let engine = builder.build().map_err(|e| errors::config(py, &e))?;

@@ -205,6 +205,18 @@ prefetch = 3
     }
 
     #[test]
+    fn the_instance_index_comes_from_the_environment() {
+        // A StatefulSet passes its pod ordinal; the file holds the count.
+        let cfg = load(&[
+            ("FLOWGATE__PARTITIONING__INSTANCE_INDEX", "1"),
+            ("FLOWGATE__PARTITIONING__INSTANCE_COUNT", "3"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.partitioning.instance_index, Some(1));
+        assert_eq!(cfg.partitioning.instance_count, Some(3));
+    }
+
+    #[test]
     fn an_index_past_the_file_names_the_element() {
         let e = load(&[("FLOWGATE__STAGES__2__PREFETCH", "7")]).unwrap_err();
         assert_eq!(e.key, "stages[2]");

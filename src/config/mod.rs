@@ -18,6 +18,7 @@ mod ingress;
 mod limits;
 mod log;
 mod management;
+mod partitioning;
 mod postgres;
 mod publisher;
 mod queues;
@@ -45,6 +46,7 @@ pub use ingress::{IngressAuth, IngressConfig, IngressRoute, Tokens, MIN_TOKEN_BY
 pub use limits::*;
 pub use log::*;
 pub use management::*;
+pub use partitioning::*;
 pub use postgres::*;
 pub use publisher::*;
 pub use queues::*;
@@ -120,6 +122,9 @@ pub struct Config {
     /// Processing stages, one per consumed queue.
     #[serde(default)]
     pub stages: Vec<StageConfig>,
+    /// Which partitions of the partitioned queues this instance consumes.
+    #[serde(default)]
+    pub partitioning: PartitioningConfig,
     /// Publishing.
     #[serde(default)]
     pub publisher: PublisherConfig,
@@ -299,6 +304,33 @@ impl Config {
     /// Looks up a queue by name.
     pub fn queue(&self, name: &str) -> Option<&QueueConfig> {
         self.queues.iter().find(|q| q.name == name)
+    }
+
+    /// The `[[queues]]` entry a broker queue belongs to: the queue itself,
+    /// or the partitioned queue whose partition it is.
+    pub fn queue_of(&self, broker_queue: &str) -> Option<&QueueConfig> {
+        self.queue(broker_queue).or_else(|| {
+            self.queues.iter().find(|q| {
+                q.partitions.is_some() && q.broker_queues().iter().any(|b| b == broker_queue)
+            })
+        })
+    }
+
+    /// What a stage consumes on this instance, as (the consumer's stage
+    /// name, its queue): the stage and its queue, or on a partitioned
+    /// queue (`queues[].partitions`) `<stage>.<p>` and `<queue>.<p>` for
+    /// each partition `p` that `[partitioning]` gives this instance.
+    pub fn consumers(&self, stage: &StageConfig) -> Vec<(String, String)> {
+        match self
+            .queue(&stage.queue)
+            .and_then(|q| Some((q, q.partitions?)))
+        {
+            Some((q, n)) => (0..n)
+                .filter(|&p| self.partitioning.owns(p))
+                .map(|p| (format!("{}.{p}", stage.name), q.partition_queue(p)))
+                .collect(),
+            None => vec![(stage.name.clone(), stage.queue.clone())],
+        }
     }
 }
 

@@ -81,6 +81,27 @@ pub struct QueueConfig {
     /// redeclare an existing queue with another value. Default `false`.
     #[serde(default)]
     pub single_active_consumer: bool,
+    /// Split the queue into this many partitions (1..=256): queues
+    /// `<name>.0` … `<name>.<N-1>`, each with single active consumer and
+    /// this queue's other settings, behind an exchange named `<name>` of
+    /// type `x-consistent-hash` that sends every `partition_key` to one
+    /// partition (needs the broker's `rabbitmq_consistent_hash_exchange`
+    /// plugin; the engine checks at start). The queue's `bindings` bind
+    /// that exchange (exchange-to-exchange), and anyone may publish to it
+    /// directly. A stage on the queue consumes the partitions
+    /// `[partitioning]` gives this instance (all of them without it), one
+    /// consumer per partition, as stage `<stage>.<p>`. The number of
+    /// partitions of an existing queue must not change: the exchange's
+    /// buckets follow the order the partitions were bound in. Default none.
+    #[serde(default)]
+    pub partitions: Option<u16>,
+    /// What the partitions' exchange hashes: `routing_key`, `message_id`,
+    /// `correlation_id` or `header:<name>` (a string header; the hash
+    /// covers its AMQP type, so every producer must send the same type).
+    /// A message without it hashes as an empty key: all such messages land
+    /// on one partition. Only with `partitions`. Default `routing_key`.
+    #[serde(default)]
+    pub partition_key: Option<String>,
 }
 
 /// A queue's high/low watermarks (ready messages), with hysteresis.
@@ -113,4 +134,62 @@ impl QueueConfig {
     pub fn dead_letter_queue_kind(&self) -> QueueKind {
         self.dead_letter_kind.unwrap_or(self.kind)
     }
+
+    /// Partition `p`'s queue: `<queue>.<p>`.
+    pub fn partition_queue(&self, p: u16) -> String {
+        format!("{}.{p}", self.name)
+    }
+
+    /// The queues the broker holds for this entry: every partition's
+    /// (`<queue>.0` …) when `partitions` is set, else the queue itself.
+    pub fn broker_queues(&self) -> Vec<String> {
+        match self.partitions {
+            Some(n) => (0..n).map(|p| self.partition_queue(p)).collect(),
+            None => vec![self.name.clone()],
+        }
+    }
+
+    /// The partitions' hash key (validated: a built-in key form).
+    pub(crate) fn partition_key(&self) -> Option<BuiltinKey> {
+        self.partitions?;
+        match OrderBy::parse(self.partition_key.as_deref().unwrap_or(ROUTING_KEY)).ok()? {
+            OrderBy::Builtin(key) => Some(key),
+            OrderBy::Named(_) => None,
+        }
+    }
+
+    /// `queues[i].partitions` and `partition_key`.
+    pub(crate) fn validate_partitions(&self, i: usize) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("queues[{i}].{k}");
+        let Some(n) = self.partitions else {
+            if self.partition_key.is_some() {
+                return Err(ConfigError::new(
+                    key("partition_key"),
+                    "only applies to a queue with `partitions`",
+                ));
+            }
+            return Ok(());
+        };
+        if n == 0 || n > MAX_PARTITIONS {
+            return Err(ConfigError::new(
+                key("partitions"),
+                format!("must be between 1 and {MAX_PARTITIONS}"),
+            ));
+        }
+        if let Some(k) = &self.partition_key {
+            if !matches!(OrderBy::parse(k), Ok(OrderBy::Builtin(_))) {
+                return Err(ConfigError::new(
+                    key("partition_key"),
+                    "must be `routing_key`, `message_id`, `correlation_id` or `header:<name>`",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
+
+/// The most partitions one queue may have.
+pub const MAX_PARTITIONS: u16 = 256;
+
+/// `partition_key`'s default.
+const ROUTING_KEY: &str = "routing_key";

@@ -108,7 +108,10 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
                 "must be at least 1",
             ));
         }
+        q.validate_partitions(i)?;
     }
+    validate_partition_names(cfg, &mut exchanges)?;
+    cfg.partitioning.validate()?;
     let mut stages = HashSet::new();
     let ctx = StageContext {
         exchanges: &exchanges,
@@ -130,6 +133,58 @@ pub fn validate(cfg: &Config, handlers: Option<&[String]>) -> Result<(), ConfigE
     validate_security(cfg)?;
     validate_ingress(cfg, &exchanges)?;
     validate_management(cfg)?;
+    Ok(())
+}
+
+/// A partitioned queue's exchange (`<queue>`) and partition queues
+/// (`<queue>.<p>`) must not clash with a declared exchange or queue; the
+/// exchange joins `exchanges`, so outputs, ingress routes and bindings may
+/// name it.
+fn validate_partition_names<'a>(
+    cfg: &'a Config,
+    exchanges: &mut HashSet<&'a str>,
+) -> Result<(), ConfigError> {
+    let mut names: HashSet<String> = cfg.queues.iter().map(|q| q.name.clone()).collect();
+    for (i, q) in cfg.queues.iter().enumerate() {
+        if q.partitions.is_none() {
+            continue;
+        }
+        if !exchanges.insert(q.name.as_str()) {
+            return Err(ConfigError::new(
+                format!("queues[{i}].partitions"),
+                format!(
+                    "the partitions' exchange `{}` is also declared under [[exchanges]]",
+                    q.name
+                ),
+            ));
+        }
+        for name in q.broker_queues() {
+            if !names.insert(name.clone()) {
+                return Err(ConfigError::new(
+                    format!("queues[{i}].partitions"),
+                    format!("partition queue `{name}` is also declared under [[queues]]"),
+                ));
+            }
+        }
+    }
+    let mut stages: HashSet<String> = cfg.stages.iter().map(|s| s.name.clone()).collect();
+    for (i, s) in cfg.stages.iter().enumerate() {
+        let Some(n) = cfg.queue(&s.queue).and_then(|q| q.partitions) else {
+            continue;
+        };
+        for p in 0..n {
+            let name = format!("{}.{p}", s.name);
+            if name.len() > MAX_STAGE_NAME || !stages.insert(name.clone()) {
+                return Err(ConfigError::new(
+                    format!("stages[{i}].name"),
+                    format!(
+                        "its consumer of partition {p}, stage `{name}`, clashes with another \
+                         stage or is longer than {MAX_STAGE_NAME} bytes"
+                    ),
+                ));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -413,6 +468,68 @@ mod failure_keys_tests {
 
     fn with(stage_extra: &str, sections: &str) -> Result<Config, crate::config::ConfigError> {
         Config::from_toml(&format!("{sections}\n{BASE}{stage_extra}\n"))
+    }
+
+    #[test]
+    fn partitions_name_their_key_when_wrong() {
+        let cfg = |queue: &str, rest: &str| {
+            Config::from_toml(&format!(
+                "[http]\nbind = \"\"\n[[queues]]\nname = \"orders\"\n{queue}\n\
+                 [[stages]]\nname = \"s\"\nqueue = \"orders\"\nhandler = \"sink\"\n{rest}\n"
+            ))
+        };
+        let ok = cfg("partitions = 4\npartition_key = \"header:entity\"", "").unwrap();
+        assert_eq!(
+            ok.queues[0].broker_queues(),
+            ["orders.0", "orders.1", "orders.2", "orders.3"]
+        );
+        assert_eq!(
+            ok.consumers(&ok.stages[0]).len(),
+            4,
+            "all without [partitioning]"
+        );
+        for (queue, rest, key) in [
+            ("partitions = 0", "", "queues[0].partitions"),
+            ("partitions = 257", "", "queues[0].partitions"),
+            (
+                "partition_key = \"message_id\"",
+                "",
+                "queues[0].partition_key",
+            ),
+            (
+                "partitions = 2\npartition_key = \"tenant\"",
+                "",
+                "queues[0].partition_key",
+            ),
+            (
+                "partitions = 2\npartition_key = \"header:\"",
+                "",
+                "queues[0].partition_key",
+            ),
+            (
+                "partitions = 2\n[[queues]]\nname = \"orders.1\"",
+                "",
+                "queues[0].partitions",
+            ),
+            (
+                "partitions = 2\n[[exchanges]]\nname = \"orders\"",
+                "",
+                "queues[0].partitions",
+            ),
+            (
+                "partitions = 2",
+                "[[stages]]\nname = \"s.1\"\nqueue = \"orders\"\nhandler = \"sink\"",
+                "stages[0].name",
+            ),
+            (
+                "partitions = 2",
+                "[partitioning]\ninstance_index = 2\ninstance_count = 2",
+                "partitioning.instance_index",
+            ),
+        ] {
+            let e = cfg(queue, rest).unwrap_err();
+            assert_eq!(e.key, key, "{queue} {rest}: {e}");
+        }
     }
 
     #[test]

@@ -7,13 +7,14 @@
 //! |---|---|
 //! | more than `max_concurrent` requests in progress | 503 + `Retry-After` |
 //! | no valid `Authorization: Bearer` token (`auth = "token"`) | 401 |
-//! | a path segment or header (`Idempotency-Key`, `x-message-id`, `content-type`) over 255 bytes, empty or not visible ASCII | 400, naming it |
+//! | a path segment or header (`Idempotency-Key`, `x-message-id`, `Partition-Key`, `content-type`) over 255 bytes, empty or not visible ASCII | 400, naming it |
 //! | `Content-Length` over `[limits] max_message_bytes` (before reading the body) | 413 |
 //! | the route is not one of `[ingress] routes` | 403 |
 //! | no declared queue is bound to the route | 404 |
 //! | the body grows past the limit while streamed (chunked) | 413 |
 //! | the body does not arrive within `body_timeout` | 408 |
 //! | a queue it routes to is above its watermark | 503 + `Retry-After` |
+//! | a partitioned queue it routes to reads its key from a header or the correlation id and no `Partition-Key` came, or from the routing key or message id and one came | 400 |
 //!
 //! Then it is published within `publish_timeout`: 202 `{"message_id",
 //! "status": "confirmed" | "spooled"}`, or 503 with `Retry-After`. The
@@ -52,6 +53,10 @@ const SHORT_STRING_MAX: usize = 255;
 pub(crate) const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// The older header with the same role; `Idempotency-Key` wins.
 pub(crate) const MESSAGE_ID: &str = "x-message-id";
+/// The header whose value is the message's partition key, for a route to a
+/// queue partitioned by a header or the correlation id
+/// ([`Ingress::set_partition_key`]).
+pub(crate) const PARTITION_KEY: &str = "partition-key";
 
 /// What the publish handler needs.
 struct State {
@@ -133,7 +138,9 @@ async fn publish(
     let body = read_body(payload, max, s.config.body_timeout).await?;
     s.ingress.admit(&exchange, &routing_key)?;
 
+    let partition_key = header_value(&req, PARTITION_KEY)?;
     let mut out = Output::new(exchange, routing_key, body).with_message_id(id.clone());
+    s.ingress.set_partition_key(&mut out, partition_key)?;
     if let Some(ct) = content_type {
         out.properties = out.properties.with_content_type(ct.into());
     }

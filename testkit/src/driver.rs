@@ -57,6 +57,8 @@ pub fn chain_config(prefix: &str, handlers: &[&str], prefetch: u32, kind: QueueK
             delivery_limit: Some(20),
             watermark: None,
             single_active_consumer: false,
+            partitions: None,
+            partition_key: None,
         });
     }
     for (i, h) in handlers.iter().enumerate() {

@@ -655,13 +655,16 @@ pub async fn pipeline_idle(
     cfg: &Config,
     timeout: Duration,
 ) -> Result<(), String> {
-    let queues: Vec<String> = cfg.stages.iter().map(|s| s.queue.clone()).collect();
+    // A stage on a partitioned queue runs one consumer per partition.
+    let consumers: Vec<(String, String)> =
+        cfg.stages.iter().flat_map(|s| cfg.consumers(s)).collect();
+    let queues: Vec<String> = consumers.iter().map(|(_, q)| q.clone()).collect();
     let in_flight = || -> Vec<(String, i64)> {
-        cfg.stages
+        consumers
             .iter()
-            .map(|s| {
-                let n = metrics.gauge(flowgate::Metrics::IN_FLIGHT, &[s.name.as_str()]);
-                (s.name.clone(), n)
+            .map(|(name, _)| {
+                let n = metrics.gauge(flowgate::Metrics::IN_FLIGHT, &[name.as_str()]);
+                (name.clone(), n)
             })
             .collect()
     };

@@ -39,6 +39,8 @@ fn main() -> anyhow::Result<()> {
             delivery_limit: Some(20),
             watermark: None,
             single_active_consumer: false,
+            partitions: None,
+            partition_key: None,
         });
         cfg.engine.stages.push(StageConfig {
             prefetch: 10,

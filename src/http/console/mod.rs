@@ -457,7 +457,7 @@ fn live_part(s: &Console) -> Markup {
             depth: depths.get(&st.queue).copied(),
             watermark: s
                 .config
-                .queue(&st.queue)
+                .queue_of(&st.queue)
                 .and_then(|q| q.watermark)
                 .map(|w| (w.high, w.low)),
             status: st.clone(),
@@ -480,11 +480,42 @@ fn live_part(s: &Console) -> Markup {
                     if !st.paused.is_empty() {
                         n.lines.push(format!("paused: {}", st.paused.join(", ")));
                     }
+                } else {
+                    // A stage on a partitioned queue runs as `<stage>.<p>`.
+                    let prefix = format!("{}.", n.name);
+                    let parts: Vec<&str> = views
+                        .iter()
+                        .filter_map(|v| v.status.name.strip_prefix(&prefix))
+                        .filter(|p| p.parse::<u16>().is_ok())
+                        .collect();
+                    if !parts.is_empty() {
+                        n.lines
+                            .push(format!("partitions here: {}", parts.join(", ")));
+                    }
                 }
             }
             graph::Kind::Queue => {
                 let wm = s.config.queue(&n.name).and_then(|q| q.watermark);
-                if let Some(d) = depths.get(&n.name) {
+                let partitions = s
+                    .config
+                    .queue(&n.name)
+                    .filter(|q| q.partitions.is_some())
+                    .map(|q| q.broker_queues());
+                if let Some(parts) = partitions {
+                    // Each partition has its own depth and watermark.
+                    let each: Vec<u64> = parts
+                        .iter()
+                        .filter_map(|p| depths.get(p).copied())
+                        .collect();
+                    if !each.is_empty() {
+                        let sum: u64 = each.iter().sum();
+                        n.lines
+                            .push(format!("depth {sum} in {} partitions", parts.len()));
+                        if wm.is_some_and(|w| each.iter().any(|d| *d >= w.high)) {
+                            n.class = "above".into();
+                        }
+                    }
+                } else if let Some(d) = depths.get(&n.name) {
                     n.lines.push(match wm {
                         Some(w) => format!("depth {d} (high {}, low {})", w.high, w.low),
                         None => format!("depth {d}"),

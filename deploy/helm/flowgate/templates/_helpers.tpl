@@ -76,6 +76,14 @@ exec:
 {{- if and (ne $mode "none") (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
 {{- end }}
+{{- if .Values.partitioning.enabled }}
+{{- if ne (include "flowgate.workloadKind" .) "StatefulSet" }}
+{{- fail "partitioning.enabled takes each pod's index from its StatefulSet ordinal: enable spool.persistence (the StatefulSet)" }}
+{{- end }}
+{{- if ne $mode "none" }}
+{{- fail "partitioning.enabled shares the partitions among replicaCount pods: set autoscaling.mode to none" }}
+{{- end }}
+{{- end }}
 {{- if and (eq $mode "keda") (empty .Values.amqp.existingSecret) }}
 {{- fail "autoscaling.mode=keda reads the broker URL from amqp.existingSecret: set it" }}
 {{- end }}
