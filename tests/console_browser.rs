@@ -104,6 +104,15 @@ async fn an_operator_pauses_a_stage_and_replays_a_dead_letter_in_the_browser() {
                 .with_content_type("application/json".into()),
         )
         .await;
+    // One at a time: lapin hands a `basic.return` to whichever confirm
+    // completes next, so an unroutable output racing another publish of
+    // the stage (the malformed one's dead letter) can be told apart from it
+    // only as a foreign return, which the publisher moves to the unroutable
+    // queue instead of the stage's DLQ (see the publisher's `settle`).
+    assert!(
+        eventually(WAIT, || async { client.depth(&returns_dlq).await == 1 }).await,
+        "the unroutable refund dead-lettered"
+    );
     client
         .publish(&shop, "return.created", "refund-18", b"not json <b>")
         .await;
