@@ -827,6 +827,21 @@ enum PublishFailure {
 }
 
 impl PublishFailure {
+    /// What a failed publish means: `None` to try it again after a backoff
+    /// (a transient error, for as long as it lasts, draining or not), or why
+    /// to give up on it. Only the publisher going away while the stage drains
+    /// gives the input back; outside a drain the stage waits for it.
+    fn of(error: &Error, draining: bool) -> Option<PublishFailure> {
+        match error {
+            Error::Unroutable { .. } => Some(PublishFailure::Unroutable(error.to_string())),
+            Error::Invalid(_) | Error::Panicked(_) => {
+                Some(PublishFailure::Invalid(error.to_string()))
+            }
+            Error::ShuttingDown | Error::ActorGone(_) if draining => Some(PublishFailure::Draining),
+            _ => None,
+        }
+    }
+
     /// The verdict for the input of a message that could not be published.
     fn verdict(self, what: &str) -> Verdict {
         match self {
@@ -851,17 +866,11 @@ async fn publish_retrying(shared: &Shared, out: Output) -> Result<(), PublishFai
     loop {
         match shared.publisher.publish_ref(&out).await {
             Ok(()) => return Ok(()),
-            Err(e @ Error::Unroutable { .. }) => {
-                return Err(PublishFailure::Unroutable(e.to_string()))
-            }
-            Err(e @ (Error::Invalid(_) | Error::Panicked(_))) => {
-                return Err(PublishFailure::Invalid(e.to_string()))
-            }
             Err(e) => {
-                if shared.draining.load(Ordering::Acquire)
-                    && matches!(e, Error::ShuttingDown | Error::ActorGone(_))
+                if let Some(failure) =
+                    PublishFailure::of(&e, shared.draining.load(Ordering::Acquire))
                 {
-                    return Err(PublishFailure::Draining);
+                    return Err(failure);
                 }
                 events::PublishRetried {
                     stage: &shared.spec.name,
@@ -1231,6 +1240,57 @@ mod tests {
         };
         assert_eq!(envelope::first_published(&outs[0].properties), Some(1_000));
         assert_eq!(envelope::first_published(&outs[1].properties), Some(2_000));
+    }
+
+    #[test]
+    fn a_failed_publish_is_retried_unless_it_cannot_succeed_or_the_drain_lost_its_publisher() {
+        use crate::envelope::InvalidShortString;
+        let gone = [Error::ShuttingDown, Error::ActorGone("publisher")];
+        let transient = [
+            Error::NotConnected,
+            Error::Nacked,
+            Error::ConfirmTimeout(Duration::from_secs(1)),
+            Error::Backpressure("spool full".into()),
+        ];
+        for draining in [false, true] {
+            // Transient: tried again for as long as it lasts, draining or not.
+            for e in &transient {
+                assert!(
+                    PublishFailure::of(e, draining).is_none(),
+                    "{e} (draining: {draining})"
+                );
+            }
+            // Cannot succeed: given up at once, draining or not.
+            let returned = Error::Unroutable {
+                code: 312,
+                text: "NO_ROUTE".into(),
+            };
+            assert!(matches!(
+                PublishFailure::of(&returned, draining),
+                Some(PublishFailure::Unroutable(e)) if e.contains("NO_ROUTE")
+            ));
+            let too_long = Error::Invalid(InvalidShortString {
+                field: "routing key",
+                len: 300,
+            });
+            assert!(matches!(
+                PublishFailure::of(&too_long, draining),
+                Some(PublishFailure::Invalid(e)) if e.contains("300 bytes")
+            ));
+            assert!(matches!(
+                PublishFailure::of(&Error::Panicked("boom".into()), draining),
+                Some(PublishFailure::Invalid(e)) if e.contains("boom")
+            ));
+        }
+        // The publisher gone: outside a drain the stage waits for it to come
+        // back; during a drain it gives the input back to the queue.
+        for e in &gone {
+            assert!(PublishFailure::of(e, false).is_none(), "{e}");
+            assert!(
+                matches!(PublishFailure::of(e, true), Some(PublishFailure::Draining)),
+                "{e}"
+            );
+        }
     }
 
     #[test]
