@@ -341,6 +341,9 @@ mod tests {
         assert_eq!(s.len(), cap);
         assert!(!s.is_empty());
         assert_eq!(s.evictions(), 9 * cap as u64);
+        // The engine reads it through the trait.
+        let store: &dyn DedupStore = &s;
+        assert_eq!(store.evictions(), 9 * cap as u64);
         // The newest keys survive, the oldest were evicted.
         assert_eq!(
             s.claim(&format!("k{}", 10 * cap - 1), LEASE).await.unwrap(),
@@ -386,6 +389,31 @@ mod tests {
         assert_eq!(s.claim("a", LEASE).await.unwrap(), Claim::InProgress);
         assert_eq!(s.evictions(), 1);
         acquired(s.claim("b", LEASE).await.unwrap());
+    }
+
+    /// A commit takes a sequence number of its own: a key claimed again
+    /// right after its done mark expired has one current record, not two,
+    /// so the order queue stays within its bound however keys come back.
+    #[tokio::test(start_paused = true)]
+    async fn a_key_claimed_again_after_its_commit_has_one_current_record() {
+        let cap = 40;
+        let s = MemoryStore::new(cap);
+        let (lease, ttl) = (Duration::from_secs(3600), Duration::from_secs(1));
+        for i in 0..cap {
+            let k = format!("k{i}");
+            let t = acquired(s.claim(&k, lease).await.unwrap());
+            assert_eq!(s.commit(&t, ttl).await.unwrap(), CommitOutcome::Committed);
+            tokio::time::advance(ttl).await;
+            acquired(s.claim(&k, lease).await.unwrap());
+            assert!(
+                s.order_len() <= cap + s.slack,
+                "{} records for {} keys (bound {})",
+                s.order_len(),
+                s.len(),
+                cap + s.slack
+            );
+        }
+        assert_eq!(s.len(), cap);
     }
 
     /// As a Redis key set with `PX`: gone at its deadline, not after it.
