@@ -446,25 +446,19 @@ async fn deliveries_waiting_behind_their_key_hold_their_credit_and_no_more() {
 
 /// The broker's view of `queue`'s consumers: (consumer tag, active) each.
 async fn broker_consumers(queue: &str) -> Vec<(String, bool)> {
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "list_consumers",
-            "-q",
-            "--no-table-headers",
-            "queue_name",
-            "consumer_tag",
-            "active",
-        ])
-        .output()
-        .await
-        .expect("rabbitmqctl list_consumers");
-    assert!(out.status.success(), "rabbitmqctl list_consumers failed");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split('\t');
-            (f.next()? == queue)
-                .then(|| (f.next().unwrap_or("").to_owned(), f.next() == Some("true")))
+    let rows = tokio::task::spawn_blocking(|| {
+        common::node::list_consumers(&["queue_name", "consumer_tag", "active"])
+    })
+    .await
+    .expect("list_consumers task")
+    .expect("rabbitmqctl list_consumers");
+    rows.into_iter()
+        .filter(|r| r.first().map(String::as_str) == Some(queue))
+        .map(|r| {
+            (
+                r.get(1).cloned().unwrap_or_default(),
+                r.get(2).map(String::as_str) == Some("true"),
+            )
         })
         .collect()
 }

@@ -181,25 +181,18 @@ async fn broker_consumers(queues: &[String]) -> BTreeMap<String, Vec<String>> {
 
 /// Per queue among `queues`, the broker's `column` of each consumer.
 async fn broker_consumers_where(queues: &[String], column: &str) -> BTreeMap<String, Vec<String>> {
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args([
-            "list_consumers",
-            "-q",
-            "--no-table-headers",
-            "queue_name",
-            column,
-        ])
-        .output()
-        .await
-        .expect("rabbitmqctl list_consumers");
-    assert!(out.status.success(), "rabbitmqctl list_consumers failed");
+    let column = column.to_owned();
+    let rows =
+        tokio::task::spawn_blocking(move || common::node::list_consumers(&["queue_name", &column]))
+            .await
+            .expect("list_consumers task")
+            .expect("rabbitmqctl list_consumers");
     let mut map: BTreeMap<String, Vec<String>> =
         queues.iter().map(|q| (q.clone(), Vec::new())).collect();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let mut f = line.split('\t');
-        if let (Some(q), Some(tag)) = (f.next(), f.next()) {
-            if let Some(tags) = map.get_mut(q) {
-                tags.push(tag.to_owned());
+    for row in rows {
+        if let [q, value, ..] = row.as_slice() {
+            if let Some(values) = map.get_mut(q) {
+                values.push(value.clone());
             }
         }
     }

@@ -305,6 +305,22 @@ pub fn try_list_queue(node: Option<&str>, queue: &str) -> Result<Option<(u64, u6
     parse_queue_line(&out, queue)
 }
 
+/// Every consumer of the shared node (vhost `/`) as the named `rabbitmqctl
+/// list_consumers` columns (`queue_name`, `consumer_tag`, `active`, ...),
+/// in that order. Blocking (bounded by [`CTL_TIMEOUT`]).
+pub fn list_consumers(columns: &[&str]) -> Result<Vec<Vec<String>>> {
+    let mut args = vec!["-q", "list_consumers", "--no-table-headers"];
+    args.extend_from_slice(columns);
+    let out = ok_stdout(
+        run_with_timeout(ctl_command(None, None, &args), CTL_TIMEOUT)?,
+        "list_consumers",
+    )?;
+    Ok(out
+        .lines()
+        .map(|l| l.split('\t').map(str::to_owned).collect())
+        .collect())
+}
+
 fn tail_file(path: &Path, max: u64) -> String {
     let Ok(mut f) = fs::File::open(path) else {
         return String::new();
