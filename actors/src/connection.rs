@@ -4,14 +4,24 @@
 //! a connection (memory or disk alarm) lapin stops writing every frame on it,
 //! acks included, so acks must not share a connection with publishes.
 //!
-//! lapin recovers a lost connection by itself, but its backoff doubles up
-//! to a minute and nothing bounds it. The engine owns the deadline: a
-//! connection not back within `supervisor.backoff_max` is torn down and
-//! both are re-established through the actor's own connect path (a
-//! restart, backoff with full jitter, the next URL). The replaced
-//! connections are retired, not forgotten: lapin may still bring one back
-//! later, and its recovered channels would re-register consumers nobody
-//! reads, so a retired connection that comes back is closed at once.
+//! lapin recovers a lost connection by itself (reconnects, re-opens the
+//! channels, re-registers their consumers), but left to its defaults its
+//! backoff doubles up to a minute and nothing bounds it. The engine owns
+//! the deadline: lapin may try for half of `supervisor.backoff_max`
+//! (backoff from `backoff_min`, jittered) and then gives up; a connection
+//! lapin gave up on, or one still not back at `backoff_max` (a connect
+//! attempt that hangs), is torn down and both are re-established through
+//! the actor's own connect path (a restart, backoff with full jitter, the
+//! next URL).
+//!
+//! A lapin recovery must not succeed after the engine has replaced its
+//! connection: its recovered channels would re-register consumers nobody
+//! reads, each holding a prefetch of messages while the new consumer
+//! handles the ones behind them — out of order, until the old connection
+//! closes and the broker requeues what it held. Bounding lapin's recovery
+//! below the deadline is what prevents that; the replaced connections are
+//! also retired, not forgotten, so one that comes back anyway (an attempt
+//! that outlasted the deadline) is closed at once.
 //!
 //! Waiting for an unreachable broker is this actor's job, not a failure:
 //! those restarts back off (up to `backoff_max`) without spending the
@@ -187,7 +197,8 @@ pub struct ConnectionActor {
     /// Since when each connection of the current generation is not connected.
     lost_since: std::collections::HashMap<Purpose, std::time::Instant>,
     /// Connections replaced while lapin was still recovering them; closed
-    /// if lapin brings them back, forgotten once lapin gives up on them.
+    /// if lapin brings them back, forgotten once lapin gives up on them
+    /// (at most [`RETIRED_MAX`]).
     retired: Vec<Arc<Connection>>,
     /// The next restart is a wait for an unreachable broker (see
     /// [`unreachable`]), not a failure: it backs off without spending the
@@ -224,6 +235,10 @@ fn unreachable(e: &Error) -> bool {
         _ => false,
     }
 }
+
+/// The most retired connections kept to be closed if lapin brings them
+/// back (see [`ConnectionActor::retire`]).
+const RETIRED_MAX: usize = 8;
 
 /// How often the recovery deadline is checked: a small part of any
 /// sensible `backoff_max`, so the deadline is kept to within this.
@@ -336,6 +351,11 @@ impl ConnectionActor {
             }
             self.retired.push(c);
         }
+        // lapin 4.12 leaves a connection whose recovery it gave up on
+        // `reconnecting` for good: the oldest retired ones are those, long
+        // past their recovery budget (half the deadline).
+        let excess = self.retired.len().saturating_sub(RETIRED_MAX);
+        self.retired.drain(..excess);
     }
 
     /// Closes a retired connection lapin brought back; forgets one lapin
@@ -362,8 +382,23 @@ fn close_replaced(c: Arc<Connection>) {
 }
 
 async fn connect_one(cfg: &ConnectionConfig, url: &str, p: Purpose) -> Result<Connection> {
+    // lapin's recovery gets half the engine's deadline, then gives up: the
+    // engine connects anew (see the module docs). A recovery that ended
+    // cannot bring the old connection back later with consumers nobody
+    // reads, which would hold a prefetch of messages while the new
+    // consumer handles the ones behind them.
+    let recovery = cfg.policy.backoff_max / 2;
+    let min = cfg.policy.backoff_min.min(recovery);
     let props = ConnectionProperties::default()
         .with_connection_name(format!("{}-{}", cfg.name, p.as_str()).into())
+        .configure_backoff(move |b| {
+            b.with_min_delay(min)
+                .with_factor(2.0)
+                .with_jitter()
+                .without_max_delay()
+                .without_max_times()
+                .with_total_delay(Some(recovery))
+        })
         .enable_auto_recover();
     let open = crate::tls::open(url, props, &cfg.tls);
     match tokio::time::timeout(cfg.connect_timeout, open).await {
@@ -535,8 +570,9 @@ impl Supervised for ConnectionActor {
         if self.closing {
             return;
         }
-        self.consume = None;
-        self.publish = None;
+        // One of them may still be up (or come back): closed, not leaked
+        // with the deliveries its channels hold.
+        self.retire();
         // A loss lapin could not recover from: the next connect starts at
         // the next URL (another cluster node), the others after it.
         if !self.cfg.urls.is_empty() {

@@ -10,9 +10,10 @@ pub struct SupervisorConfig {
     /// First restart delay. Default `100ms`.
     #[serde(with = "humantime_serde")]
     pub backoff_min: Duration,
-    /// Restart delay cap; also the broker recovery deadline: a connection
-    /// not back within it is torn down and re-established (next URL).
-    /// Default `10s`.
+    /// Restart delay cap; also the broker recovery deadline: lapin's own
+    /// recovery of a lost connection gets half of it (from `backoff_min`,
+    /// doubling), and a connection not back within it is torn down and
+    /// re-established (next URL). Default `10s`.
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
     /// Restarts allowed per `window` before the engine escalates (shuts

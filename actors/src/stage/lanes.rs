@@ -236,7 +236,10 @@ async fn run_lane(shared: Arc<Shared>, key: LaneKey, first: Taken) {
         if process::stale(&shared, &taken) {
             // Its channel is gone: not handled here, the broker redelivers
             // it (behind nothing of its key: the lane keeps its place).
-            process::forget(&shared, taken).await;
+            // Dropping it gives its credit back; its ack register entry
+            // goes with its channel's incarnation (see `ack`).
+            tracing::debug!(stage = %shared.spec.name, "a delivery of a lost channel dropped unhandled (the broker redelivers it)");
+            drop(taken);
         } else if giving_back {
             process::give_back(&shared, taken).await;
         } else {

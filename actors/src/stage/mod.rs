@@ -663,7 +663,15 @@ async fn intake(
                 shared.consuming.store(false, Ordering::Release);
                 shared.set_active(false);
                 warn!(stage = %shared.spec.name, error = %e, "consumer error; waiting for recovery");
-                ch.wait_for_recovery(e).await?;
+                if let Err(e) = ch.wait_for_recovery(e).await {
+                    // lapin gave up on the channel (or its connection): not
+                    // this stage's failure. The actor replaces the channel
+                    // (`check_channel`, or the connection's `Replaced`) and
+                    // that ends this intake.
+                    warn!(stage = %shared.spec.name, error = %e, "channel not recovered; waiting for a new one");
+                    let _ = stop.wait_for(|s| *s).await;
+                    return Ok(());
+                }
                 info!(stage = %shared.spec.name, "consumer recovered");
                 shared.consuming.store(true, Ordering::Release);
             }

@@ -247,19 +247,13 @@ pub(crate) async fn run(shared: Arc<Shared>, taken: Taken, order: Order<'_>) -> 
     settled
 }
 
-/// True when `taken` came on a channel that is gone (see [`Shared::epoch`]):
-/// it cannot be acked, and the broker redelivers it.
+/// True when `taken` came on a channel that is gone: it cannot be acked,
+/// and the broker redelivers it. lapin poisons a channel's ackers the
+/// moment it learns the channel is gone (before it starts recovering it);
+/// [`Shared::epoch`] covers the channels the engine itself gave up
+/// (replaced, or closed at the end of a drain).
 pub(crate) fn stale(shared: &Shared, taken: &Taken) -> bool {
-    taken.epoch != shared.epoch.load(Ordering::Acquire)
-}
-
-/// Forgets a stale delivery (see [`stale`]) without a frame: its ack
-/// register entry goes, its credit comes back.
-pub(crate) async fn forget(shared: &Shared, taken: Taken) {
-    if let (Some(acks), Some(ticket)) = (&shared.acks, taken.ticket) {
-        acks.settled(ticket).await;
-    }
-    tracing::debug!(stage = %shared.spec.name, "a delivery of a lost channel dropped unhandled (the broker redelivers it)");
+    taken.acker.poisoned() || taken.epoch != shared.epoch.load(Ordering::Acquire)
 }
 
 /// Gives a taken delivery back to the queue unhandled (an ordered lane
