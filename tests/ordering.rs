@@ -4,6 +4,7 @@
 
 use flowgate_testkit as common;
 
+use common::daemon::{in_order_with_repeats, recorded};
 use common::*;
 use flowgate::config::Concurrency;
 use flowgate::config::RetryConfig;
@@ -474,19 +475,6 @@ async fn consumer_role(d: &common::daemon::Daemon) -> Option<String> {
     v["stages"][0]["consumer"].as_str().map(str::to_owned)
 }
 
-/// `key-seq` ids recorded by the `record` handler, per key, in file order.
-fn recorded(path: &std::path::Path) -> HashMap<String, Vec<u32>> {
-    let mut out: HashMap<String, Vec<u32>> = HashMap::new();
-    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
-        if let Some((k, n)) = line.rsplit_once('-') {
-            out.entry(k.to_owned())
-                .or_default()
-                .push(n.parse().unwrap_or(u32::MAX));
-        }
-    }
-    out
-}
-
 /// Acceptance 3 of #26: two daemons on one `single_active_consumer` queue;
 /// the broker shows one active consumer and `/readyz` shows which (both
 /// ready); `kill -9` of the active one mid-run → the other takes over, and
@@ -619,24 +607,11 @@ order_by = "header:{KEY}"
     }
 }
 
-/// Per key, the handled sequence is the published one `0..events` with at
-/// most repeats of a suffix: each handling continues the run before it
-/// (`s + 1`) or starts a repeat at or before it (a redelivery), nothing is
-/// handled before every earlier event of its key was, and all were.
+/// [`in_order_with_repeats`] for every key `k0..k<keys-1>`.
 fn assert_in_order_with_repeats(seen: &HashMap<String, Vec<u32>>, keys: u32, events: u32) {
     for k in 0..keys {
         let k = format!("k{k}");
-        let h = seen.get(&k).cloned().unwrap_or_default();
-        assert_eq!(h.first(), Some(&0), "{k}: {h:?}");
-        for w in h.windows(2) {
-            assert!(
-                w[1] == w[0] + 1 || w[1] <= w[0],
-                "{k}: {} handled right after {} (an inversion): {h:?}",
-                w[1],
-                w[0]
-            );
-        }
-        assert_eq!(h.iter().max(), Some(&(events - 1)), "{k}: {h:?}");
+        in_order_with_repeats(&k, seen.get(&k).map_or(&[], Vec::as_slice), events);
     }
 }
 

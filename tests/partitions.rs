@@ -14,6 +14,7 @@ use flowgate_testkit as common;
 mod clients;
 
 use clients::{clients_or_skip, FOREIGN};
+use common::daemon::{in_order_with_repeats, recorded};
 use common::*;
 use flowgate::{handler_fn, Config, Delivery, Engine, EngineHandle, HandlerError, Outcome};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -607,4 +608,182 @@ async fn a_broker_without_the_plugin_refuses_the_start_naming_it() {
         "{msg}"
     );
     assert!(msg.contains("rabbitmq_consistent_hash_exchange"), "{msg}");
+}
+
+/// The partitions a daemon's stages consume (its `/readyz`), sorted.
+async fn daemon_consumes(d: &common::daemon::Daemon) -> Vec<String> {
+    let Some(answer) = d.http_get("/readyz").await else {
+        return Vec::new();
+    };
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let mut q: Vec<String> = v["stages"]
+        .as_array()
+        .map(|stages| {
+            stages
+                .iter()
+                .filter_map(|s| s["queue"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    q.sort();
+    q
+}
+
+/// Acceptance 4 of #26 as an operator runs it: two `flowgate run` daemons,
+/// `instance_index` 0 and 1 of 2, pika publishing with keys to the
+/// partitions' exchange. Each daemon consumes its own two partitions, the
+/// broker has one consumer on each; every key is handled by one daemon
+/// only, in publish order. `kill -9` of daemon 1: daemon 0 goes on with
+/// its keys, its consumers the same ones, while daemon 1's partitions wait
+/// in the broker; daemon 1 started again takes them back and its keys go
+/// on in order (at most a repeated suffix: what it had not acked).
+#[actix_rt::test]
+async fn two_daemons_share_the_partitions_and_a_kill_leaves_the_others_alone() {
+    let Some(venv) = clients_or_skip("two_daemons_share_the_partitions") else {
+        return;
+    };
+    let prefix = unique("partd");
+    let dir = tempfile::tempdir().unwrap();
+    let toml = |i: u32| {
+        format!(
+            r#"
+[amqp]
+url = "{AMQP_URL}"
+connection_name = "{prefix}-{i}"
+[shutdown]
+grace = "5s"
+[partitioning]
+instance_index = {i}
+instance_count = 2
+[[queues]]
+name = "{prefix}.orders"
+kind = "classic"
+partitions = {PARTITIONS}
+partition_key = "header:{KEY}"
+[[stages]]
+name = "s1"
+queue = "{prefix}.orders"
+handler = "record"
+record_file = "{}"
+delay = "2ms"
+order_by = "header:{KEY}"
+concurrency = 8
+prefetch = 40
+"#,
+            dir.path().join(format!("{i}.rec")).display()
+        )
+    };
+    let _cleanup = Cleanup::new(AMQP_URL, &Config::from_toml(&toml(0)).unwrap());
+    let exe: &Path = env!("CARGO_BIN_EXE_flowgate").as_ref();
+    let mut daemons = [
+        common::daemon::Daemon::start(exe, dir.path(), "d0", &toml(0)),
+        common::daemon::Daemon::start(exe, dir.path(), "d1", &toml(1)),
+    ];
+    for d in &daemons {
+        assert!(
+            eventually(Duration::from_secs(30), || d.ready()).await,
+            "{}",
+            d.log()
+        );
+    }
+    let exchange = format!("{prefix}.orders");
+    let partitions: Vec<String> = (0..PARTITIONS).map(|p| format!("{exchange}.{p}")).collect();
+    let own = [
+        vec![partitions[0].clone(), partitions[2].clone()],
+        vec![partitions[1].clone(), partitions[3].clone()],
+    ];
+    for (d, own) in daemons.iter().zip(&own) {
+        assert_eq!(&daemon_consumes(d).await, own, "{}", d.log());
+    }
+    let before = broker_consumers(&partitions).await;
+    assert!(
+        before.values().all(|tags| tags.len() == 1),
+        "one consumer per partition: {before:?}"
+    );
+    let records = [dir.path().join("0.rec"), dir.path().join("1.rec")];
+    let keys: Vec<String> = (0..KEYS).map(|k| format!("k{k}")).collect();
+    // Every key's last handled event across both daemons.
+    let reached = |keys: &[String], last: u32| {
+        let (a, b) = (recorded(&records[0]), recorded(&records[1]));
+        keys.iter().all(|k| {
+            [&a, &b]
+                .iter()
+                .any(|m| m.get(k).is_some_and(|v| v.contains(&last)))
+        })
+    };
+
+    // Round 1: both daemons handle; each key on one daemon only.
+    pika_publish(&venv, &exchange, 0, ROUND).await;
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            reached(&keys, ROUND - 1)
+        })
+        .await,
+        "round 1 not handled"
+    );
+    let (a, b) = (recorded(&records[0]), recorded(&records[1]));
+    for k in &keys {
+        assert!(
+            a.contains_key(k) != b.contains_key(k),
+            "{k} handled by both daemons or neither"
+        );
+    }
+    assert!(!a.is_empty() && !b.is_empty(), "both daemons have keys");
+    let keys_of = |m: &HashMap<String, Vec<u32>>| -> Vec<String> {
+        let mut v: Vec<String> = m.keys().cloned().collect();
+        v.sort();
+        v
+    };
+    let (keys_0, keys_1) = (keys_of(&a), keys_of(&b));
+
+    // kill -9 of daemon 1: daemon 0 goes on, its consumers untouched.
+    daemons[1].kill9();
+    pika_publish(&venv, &exchange, ROUND, 2 * ROUND).await;
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            reached(&keys_0, 2 * ROUND - 1)
+        })
+        .await,
+        "daemon 0 stopped with daemon 1: {}",
+        daemons[0].log()
+    );
+    let waiting = broker_consumers(&partitions).await;
+    for q in &own[1] {
+        assert!(waiting[q].is_empty(), "{q} consumed while daemon 1 is down");
+    }
+    for q in &own[0] {
+        assert_eq!(waiting[q], before[q], "{q}: daemon 0's consumer changed");
+    }
+
+    // Daemon 1 back: its partitions, its keys, in order.
+    daemons[1].restart();
+    assert!(
+        eventually(Duration::from_secs(30), || daemons[1].ready()).await,
+        "{}",
+        daemons[1].log()
+    );
+    assert_eq!(daemon_consumes(&daemons[1]).await, own[1]);
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            reached(&keys_1, 2 * ROUND - 1)
+        })
+        .await,
+        "daemon 1's keys not handled after its restart: {}",
+        daemons[1].log()
+    );
+    let after = broker_consumers(&partitions).await;
+    for q in &own[0] {
+        assert_eq!(after[q], before[q], "{q}: daemon 0's consumer changed");
+    }
+    for q in &own[1] {
+        assert_eq!(after[q].len(), 1, "{q}: {after:?}");
+    }
+    for (record, keys) in records.iter().zip([&keys_0, &keys_1]) {
+        let seen = recorded(record);
+        assert_eq!(&keys_of(&seen), keys, "no key moved between daemons");
+        for (k, h) in &seen {
+            in_order_with_repeats(k, h, 2 * ROUND);
+        }
+    }
 }

@@ -7,6 +7,7 @@
 //! `[http]` listener on a free port and writes the daemon's log next to the
 //! config. Dropping a `Daemon` kills it.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -215,4 +216,40 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
+}
+
+/// The `key-seq` message ids the `record` handler wrote to `path`, per
+/// key, in file order (a missing file is none).
+pub fn recorded(path: &Path) -> HashMap<String, Vec<u32>> {
+    let mut out: HashMap<String, Vec<u32>> = HashMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        if let Some((k, n)) = line.rsplit_once('-') {
+            out.entry(k.to_owned())
+                .or_default()
+                .push(n.parse().unwrap_or(u32::MAX));
+        }
+    }
+    out
+}
+
+/// Asserts that `handled`, the sequence numbers of `key`'s events in
+/// handling order, is the published one `0..events` with at most repeats
+/// of a suffix: each handling continues the run before it (`s + 1`) or
+/// starts a repeat at or before it (a redelivery), nothing is handled
+/// before every earlier event of its key was, and all were.
+pub fn in_order_with_repeats(key: &str, handled: &[u32], events: u32) {
+    assert_eq!(handled.first(), Some(&0), "{key}: {handled:?}");
+    for w in handled.windows(2) {
+        assert!(
+            w[1] == w[0] + 1 || w[1] <= w[0],
+            "{key}: {} handled right after {} (an inversion): {handled:?}",
+            w[1],
+            w[0]
+        );
+    }
+    assert_eq!(
+        handled.iter().max(),
+        Some(&(events - 1)),
+        "{key}: {handled:?}"
+    );
 }
