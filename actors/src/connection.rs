@@ -9,10 +9,10 @@
 //! backoff doubles up to a minute and nothing bounds it. The engine owns
 //! the deadline: lapin may try for half of `supervisor.backoff_max`
 //! (backoff from `backoff_min`, jittered) and then gives up; a connection
-//! lapin gave up on, or one still not back at `backoff_max` (a connect
-//! attempt that hangs), is torn down and both are re-established through
-//! the actor's own connect path (a restart, backoff with full jitter, the
-//! next URL).
+//! not back at `backoff_max` (lapin 4.12 leaves one it gave up on
+//! `reconnecting`, so the deadline is what notices) is torn down and both
+//! are re-established through the actor's own connect path (a restart,
+//! backoff with full jitter, the next URL).
 //!
 //! A lapin recovery must not succeed after the engine has replaced its
 //! connection: its recovered channels would re-register consumers nobody

@@ -663,7 +663,13 @@ async fn intake(
                 shared.consuming.store(false, Ordering::Release);
                 shared.set_active(false);
                 warn!(stage = %shared.spec.name, error = %e, "consumer error; waiting for recovery");
-                if let Err(e) = ch.wait_for_recovery(e).await {
+                let recovered = tokio::select! {
+                    r = ch.wait_for_recovery(e) => r,
+                    // Replaced meanwhile (a recovery lapin gave up on may
+                    // never report back).
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                };
+                if let Err(e) = recovered {
                     // lapin gave up on the channel (or its connection): not
                     // this stage's failure. The actor replaces the channel
                     // (`check_channel`, or the connection's `Replaced`) and
