@@ -8,7 +8,7 @@
 //! channels, re-registers their consumers), but left to its defaults its
 //! backoff doubles up to a minute and nothing bounds it. The engine owns
 //! the deadline: lapin may try for half of `supervisor.backoff_max`
-//! (backoff from `backoff_min`, jittered) and then gives up; a connection
+//! (from 1 s, doubling, jittered) and then gives up; a connection
 //! not back at `backoff_max` (lapin 4.12 leaves one it gave up on
 //! `reconnecting`, so the deadline is what notices) is torn down and both
 //! are re-established through the actor's own connect path (a restart,
@@ -236,6 +236,13 @@ fn unreachable(e: &Error) -> bool {
     }
 }
 
+/// How soon after a connect lapin's `Connected` event may still be the
+/// connect itself (lapin may or may not report it).
+const INITIAL_CONNECTED: Duration = Duration::from_millis(500);
+
+/// The first delay of lapin's own recovery (see `connect_one`).
+const LAPIN_FIRST_RETRY: Duration = Duration::from_secs(1);
+
 /// The most retired connections kept to be closed if lapin brings them
 /// back (see [`ConnectionActor::retire`]).
 const RETIRED_MAX: usize = 8;
@@ -388,7 +395,10 @@ async fn connect_one(cfg: &ConnectionConfig, url: &str, p: Purpose) -> Result<Co
     // reads, which would hold a prefetch of messages while the new
     // consumer handles the ones behind them.
     let recovery = cfg.policy.backoff_max / 2;
-    let min = cfg.policy.backoff_min.min(recovery);
+    // lapin's first reconnect no sooner than 1 s (its own default), and
+    // never within `INITIAL_CONNECTED`: a `Connected` that soon after the
+    // connect is lapin reporting the connect itself, not a recovery.
+    let min = LAPIN_FIRST_RETRY.min(recovery).max(INITIAL_CONNECTED);
     let props = ConnectionProperties::default()
         .with_connection_name(format!("{}-{}", cfg.name, p.as_str()).into())
         .configure_backoff(move |b| {
@@ -625,10 +635,11 @@ impl StreamHandler<ConnEvent> for ConnectionActor {
         match ev.event {
             // lapin may or may not report the initial connect (it races with
             // our listener); a `Connected` right after it is that one. lapin's
-            // reconnect backoff starts at 1 s, so a recovery cannot be that quick.
+            // first reconnect waits at least `INITIAL_CONNECTED` (see
+            // `connect_one`), so a recovery cannot be that quick.
             Event::Connected
                 if !self.failed.remove(&ev.purpose)
-                    && self.connected_at.elapsed() < Duration::from_millis(500) => {}
+                    && self.connected_at.elapsed() < INITIAL_CONNECTED => {}
             Event::Connected => {
                 self.lost_since.remove(&ev.purpose);
                 events::Reconnected {

@@ -11,7 +11,7 @@ pub struct SupervisorConfig {
     #[serde(with = "humantime_serde")]
     pub backoff_min: Duration,
     /// Restart delay cap; also the broker recovery deadline: lapin's own
-    /// recovery of a lost connection gets half of it (from `backoff_min`,
+    /// recovery of a lost connection gets half of it (from 1 s,
     /// doubling), and a connection not back within it is torn down and
     /// re-established (next URL). Default `10s`.
     #[serde(with = "humantime_serde")]
