@@ -29,6 +29,7 @@ use std::collections::BTreeMap;
 
 mod browse;
 mod index;
+mod saved;
 pub mod view;
 
 pub use browse::{

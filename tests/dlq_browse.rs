@@ -738,6 +738,87 @@ async fn an_index_stays_within_its_bounds_and_pages_past_them_are_read_from_the_
         .unwrap();
 }
 
+/// With a directory to save them in, the first deep page after a restart
+/// (new `Indexes`, the same directory) comes at once from the index saved
+/// before it, once the check vouched for it; a saved index the queue
+/// disagrees with (its head gone) is not used. Nothing is taken.
+#[actix_rt::test]
+async fn a_saved_index_answers_the_first_deep_page_after_a_restart() {
+    let c = Client::connect(AMQP_URL).await;
+    let q = unique("index-saved");
+    let mut ids = fill(&c, &q, "classic", 2000).await;
+    let conn = shared_conn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        Indexes::with_limits(Limits {
+            page_wait: Duration::ZERO,
+            ..Limits::default()
+        })
+        .saved_in(Some(dir.path().into()))
+    };
+    let saved = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".bin"))
+            .count()
+    };
+    let idx = start();
+    idx.page(&conn, &q, &Filter::default(), 0, 50, false)
+        .await
+        .unwrap();
+    indexed(&idx, &q, 2000).await;
+    assert!(eventually(Duration::from_secs(10), || async { saved() == 1 }).await);
+    drop(idx);
+
+    // Restarted: the deep page at once, from the saved index.
+    let idx = start();
+    let (p, how) = idx
+        .page(&conn, &q, &Filter::default(), 1950, 50, false)
+        .await
+        .unwrap();
+    assert!(
+        matches!(how, Served::Index { indexed: 2000, .. }),
+        "the first page after a restart from the saved index: {how:?}"
+    );
+    assert_eq!(message_ids(&p), ids[1950..]);
+    drop(idx);
+
+    // The head consumed behind its back: the saved index is not used.
+    let head =
+        c.ch.basic_get(q.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .unwrap();
+    c.ch.basic_ack(head.delivery.delivery_tag, BasicAckOptions::default())
+        .await
+        .unwrap();
+    ids.remove(0);
+    let idx = start();
+    let (_, how) = idx
+        .page(&conn, &q, &Filter::default(), 1950, 50, false)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&how, Served::Pending { why, .. } | Served::Building { why, .. }
+            if why.contains("1999 dead letters now, 2000 when indexed")),
+        "{how:?}"
+    );
+    indexed(&idx, &q, 1999).await;
+    let (got, _) = every(&idx, &conn, &q).await;
+    assert_eq!(got, ids);
+
+    assert_eq!(c.depth(&q).await, 1999);
+    assert_eq!(
+        drain_ids(&c, &q, 1999).await,
+        ids,
+        "order and count unchanged"
+    );
+    c.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
 /// A replay the broker will not confirm (a memory alarm: it stops reading a
 /// connection that publishes) ends with an error naming the cause within
 /// the action's bound instead of hanging the CLI or the console, and every

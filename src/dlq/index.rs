@@ -68,7 +68,9 @@ use flowgate_actors::envelope::short_string;
 use lapin::message::Delivery;
 use lapin::options::BasicGetOptions;
 use lapin::Connection;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, OwnedMutexGuard};
@@ -92,6 +94,7 @@ pub const PAGE_WAIT: Duration = Duration::from_millis(200);
 const NOTIFY_EVERY: usize = 64;
 
 /// One dead letter in an index.
+#[derive(Clone, Serialize, Deserialize)]
 struct Item {
     entry: Entry,
     message_id: Option<Box<str>>,
@@ -249,8 +252,9 @@ struct Building {
 
 #[derive(Default)]
 struct State {
-    /// The index pages are served from (complete: `built`).
-    items: Vec<Item>,
+    /// The index pages are served from (complete: `built`); shared with
+    /// the task saving it.
+    items: Arc<Vec<Item>>,
     bytes: usize,
     /// Bumped whenever `items` is replaced, changed or dropped.
     generation: u64,
@@ -264,11 +268,13 @@ struct State {
     /// Why the last build failed.
     failed: Option<String>,
     used: Option<Instant>,
+    /// True once the saved index was looked for.
+    looked: bool,
 }
 
 impl State {
     fn drop_index(&mut self) {
-        self.items = Vec::new();
+        self.items = Arc::default();
         self.bytes = 0;
         self.built = None;
         self.generation += 1;
@@ -477,6 +483,8 @@ impl Cursor {
 pub struct Indexes {
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     limits: Limits,
+    /// Where they are saved (`management.dlq_index_dir`), if anywhere.
+    dir: Option<Arc<PathBuf>>,
 }
 
 impl Indexes {
@@ -490,7 +498,68 @@ impl Indexes {
         Indexes {
             slots: Mutex::default(),
             limits,
+            dir: None,
         }
+    }
+
+    /// Saves them in `dir` (see [`saved`](super::saved)): the first page
+    /// of a DLQ after a restart is answered from the index saved before it
+    /// (once the check vouched for it).
+    pub fn saved_in(mut self, dir: Option<PathBuf>) -> Self {
+        self.dir = dir.map(Arc::new);
+        self
+    }
+
+    /// Loads `queue`'s saved index into its slot, the first time the slot
+    /// is used (under its lock: no read runs meanwhile).
+    async fn load(&self, slot: &Arc<Slot>, queue: &str) {
+        let Some(dir) = &self.dir else {
+            return;
+        };
+        if slot.state().looked {
+            return;
+        }
+        let _one = slot.lock.clone().lock_owned().await;
+        {
+            let mut st = slot.state();
+            if std::mem::replace(&mut st.looked, true)
+                || st.built.is_some()
+                || st.building.is_some()
+            {
+                return;
+            }
+        }
+        let (dir, q, limits) = (dir.clone(), queue.to_owned(), self.limits);
+        let Ok(Some(saved)) = tokio::task::spawn_blocking(move || {
+            super::saved::load::<Vec<Item>>(&dir, &q, limits.bytes)
+        })
+        .await
+        else {
+            return;
+        };
+        let bytes: usize = saved.items.iter().map(Item::bytes).sum();
+        if saved.items.len() > limits.entries || bytes > limits.bytes {
+            return;
+        }
+        // A time in the future: renewed at once.
+        let age = saved
+            .age()
+            .unwrap_or(INDEX_MAX_AGE + Duration::from_secs(1));
+        let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let mut st = slot.state();
+        st.items = Arc::new(saved.items);
+        st.bytes = bytes;
+        st.built = Some(Built {
+            expected: saved.expected,
+            at,
+            partial: saved.partial,
+        });
+        st.generation += 1;
+    }
+
+    /// Saves the slot's index (on a blocking task), if it has a place.
+    fn save(&self, slot: &Slot, queue: &str) {
+        save(self.dir.as_ref(), slot, queue);
     }
 
     fn slot(&self, queue: &str) -> Arc<Slot> {
@@ -555,6 +624,7 @@ impl Indexes {
     ) -> Result<(Page, Served), Error> {
         let limit = limit.clamp(1, PAGE_MAX);
         let slot = self.slot(queue);
+        self.load(&slot, queue).await;
         let wait = self.limits.page_wait;
         if !reread && slot.building() {
             // The read holds the lock: answer from the index it renews, or
@@ -592,6 +662,7 @@ impl Indexes {
     /// the DLQs it lists); returns at once when the queue is busy.
     pub async fn warm(&self, conn: &Arc<Connection>, queue: &str) -> Result<(), Error> {
         let slot = self.slot(queue);
+        self.load(&slot, queue).await;
         if slot.building() {
             return Ok(());
         }
@@ -661,11 +732,11 @@ impl Indexes {
         if keep {
             let mut st = slot.state();
             let mut k = 0u64;
-            st.items.retain(|_| {
+            Arc::make_mut(&mut st.items).retain(|_| {
                 k += 1;
                 removed.binary_search(&k).is_err()
             });
-            for (i, it) in st.items.iter_mut().enumerate() {
+            for (i, it) in Arc::make_mut(&mut st.items).iter_mut().enumerate() {
                 it.entry.position = i as u64 + 1;
             }
             st.bytes = st.items.iter().map(Item::bytes).sum();
@@ -676,7 +747,12 @@ impl Indexes {
             st.generation += 1;
             drop(st);
             slot.bump();
+            self.save(&slot, queue);
         } else {
+            if let Some(dir) = self.dir.clone() {
+                let q = queue.to_owned();
+                tokio::task::spawn_blocking(move || super::saved::remove(&dir, &q));
+            }
             if valid && !agrees {
                 tracing::warn!(
                     queue,
@@ -735,6 +811,7 @@ impl Indexes {
         slot.bump();
         let (conn, slot2, queue, limits) =
             (conn.clone(), slot.clone(), queue.to_owned(), self.limits);
+        let dir = self.dir.clone();
         tokio::spawn(async move {
             let _guard = guard;
             let slot = slot2;
@@ -744,10 +821,13 @@ impl Indexes {
             let fresh = st.building.take();
             match (r, fresh) {
                 (Ok(b), Some(fresh)) => {
-                    st.items = fresh.items;
+                    st.items = Arc::new(fresh.items);
                     st.bytes = fresh.bytes;
                     st.built = Some(b);
                     st.generation += 1;
+                    drop(st);
+                    save(dir.as_ref(), &slot, &queue);
+                    st = slot.state();
                 }
                 (Err(e), _) => {
                     st.failed = Some(e.to_string());
@@ -760,6 +840,29 @@ impl Indexes {
         });
         self.trim();
     }
+}
+
+/// Saves the slot's built index in `dir`, if any, on a blocking task (the
+/// entries are shared, not copied).
+fn save(dir: Option<&Arc<PathBuf>>, slot: &Slot, queue: &str) {
+    let Some(dir) = dir.cloned() else {
+        return;
+    };
+    let st = slot.state();
+    let Some(b) = &st.built else {
+        return;
+    };
+    let (items, expected, age, partial) = (
+        st.items.clone(),
+        b.expected,
+        b.at.elapsed(),
+        b.partial.clone(),
+    );
+    drop(st);
+    let q = queue.to_owned();
+    tokio::task::spawn_blocking(move || {
+        super::saved::save(&dir, &q, expected, age, partial, &items[..]);
+    });
 }
 
 /// Marks a build ended when its task ends, however it ends.
