@@ -626,10 +626,14 @@ impl Indexes {
         let slot = self.slot(queue);
         self.load(&slot, queue).await;
         let wait = self.limits.page_wait;
-        if !reread && slot.building() {
+        if slot.building() {
             // The read holds the lock: answer from the index it renews, or
-            // from the read.
-            return answer(conn, &slot, queue, filter, offset, limit, wait, None).await;
+            // from the read (only from the read when asked to read again:
+            // it is that read).
+            return answer(
+                conn, &slot, queue, filter, offset, limit, wait, None, reread,
+            )
+            .await;
         }
         let guard = slot.lock.clone().lock_owned().await;
         let p = probe(conn, queue).await?;
@@ -643,18 +647,29 @@ impl Indexes {
                 return scan_page(conn, queue, filter, offset, limit, why, guard).await;
             }
             Verdict::Valid if !reread => {
-                return answer(conn, &slot, queue, filter, offset, limit, wait, Some(guard)).await;
+                return answer(
+                    conn,
+                    &slot,
+                    queue,
+                    filter,
+                    offset,
+                    limit,
+                    wait,
+                    Some(guard),
+                    false,
+                )
+                .await;
             }
             Verdict::Renew(why) if !reread => {
                 self.start_build(conn, &slot, queue, guard, why, true, p.count);
-                return answer(conn, &slot, queue, filter, offset, limit, wait, None).await;
+                return answer(conn, &slot, queue, filter, offset, limit, wait, None, false).await;
             }
             Verdict::Valid | Verdict::Renew(_) => "asked to read the queue again".to_owned(),
             Verdict::Stale(why) if reread => format!("asked to read the queue again ({why})"),
             Verdict::Stale(why) => why,
         };
         self.start_build(conn, &slot, queue, guard, why, false, p.count);
-        answer(conn, &slot, queue, filter, offset, limit, wait, None).await
+        answer(conn, &slot, queue, filter, offset, limit, wait, None, false).await
     }
 
     /// Starts building `queue`'s index in the background when it has none
@@ -969,7 +984,9 @@ async fn scan_page(
 /// Answers a page: from the index when it holds the page (while a read
 /// renews it, from the part the check vouched for), else from the read in
 /// progress as soon as it covers the page — waiting at most `wait`, then
-/// [`Served::Pending`] — and falls back to a scan when neither can.
+/// [`Served::Pending`]; not at all for a page running past the end of an
+/// index being renewed (into the new tail, which the read reaches last) —
+/// and falls back to a scan when neither can.
 #[allow(clippy::too_many_arguments)]
 async fn answer(
     conn: &Connection,
@@ -980,6 +997,7 @@ async fn answer(
     limit: usize,
     wait: Duration,
     guard: Option<OwnedMutexGuard<()>>,
+    fresh: bool,
 ) -> Result<(Page, Served), Error> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut rx = slot.progress.subscribe();
@@ -987,13 +1005,18 @@ async fn answer(
     let mut new = Cursor::new(offset, limit, u64::MAX);
     let why = loop {
         rx.borrow_and_update();
+        let mut past_old = false;
         {
             let st = slot.state();
             if let Some(e) = &st.failed {
                 return Err(Error::Dlq(e.clone()));
             }
             // The index (complete, or vouched for while renewed).
-            if let Some(b) = &st.built {
+            if let Some(b) = st
+                .built
+                .as_ref()
+                .filter(|_| !(fresh && st.building.is_some()))
+            {
                 old.from(st.generation);
                 let rereading = st.building.as_ref().map(|n| n.why.clone());
                 let served = Served::Index {
@@ -1014,8 +1037,10 @@ async fn answer(
                         let tail = st.building.as_ref().is_some_and(|n| n.depth > b.expected);
                         return Ok((old.page(queue, b.expected, tail, true), served));
                     }
-                    // Past the index's end: more may be at the tail.
-                    Step::More if rereading.is_some() => {}
+                    // Past the index's end: more may be in the new tail,
+                    // which the read reaches only at its end: no use
+                    // waiting for it (below).
+                    Step::More if rereading.is_some() => past_old = true,
                     Step::More => match &b.partial {
                         None => return Ok((old.page(queue, b.expected, false, true), served)),
                         Some(why) => break format!("{why}; this page lies past them"),
@@ -1038,13 +1063,21 @@ async fn answer(
                 // The read's end is taken from `built` once it is done.
                 Step::More => {}
             }
-            if tokio::time::Instant::now() >= deadline {
+            if past_old || tokio::time::Instant::now() >= deadline {
                 let pending = Served::Pending {
                     read: n.items.len(),
                     depth: n.depth,
                     why: n.why.clone(),
                 };
-                return Ok((new.page(queue, n.depth, true, false), pending));
+                // What the old index found, if it found more (a search
+                // whose matches in it the read has not reached yet).
+                let best =
+                    if old.generation == st.generation && old.entries.len() > new.entries.len() {
+                        &mut old
+                    } else {
+                        &mut new
+                    };
+                return Ok((best.page(queue, n.depth, true, false), pending));
             }
         }
         match tokio::time::timeout_at(deadline, rx.changed()).await {

@@ -13,6 +13,7 @@
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -77,11 +78,18 @@ pub(super) fn save<I: Serialize>(
         items,
     };
     let r = (|| -> Result<(), String> {
-        let bytes = bincode::serde::encode_to_vec(&saved, config()).map_err(|e| e.to_string())?;
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         let to = path(dir, queue);
         let tmp = to.with_extension("tmp");
-        std::fs::write(&tmp, bytes).map_err(|e| e.to_string())?;
+        // Streamed: no copy of the whole index in memory.
+        let mut w =
+            std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| e.to_string())?);
+        bincode::serde::encode_into_std_write(&saved, &mut w, config())
+            .map_err(|e| e.to_string())?;
+        w.into_inner()
+            .map_err(|e| e.to_string())?
+            .sync_all()
+            .map_err(|e| e.to_string())?;
         std::fs::rename(&tmp, &to).map_err(|e| e.to_string())
     })();
     if let Err(e) = r {
@@ -110,8 +118,9 @@ pub(super) fn load<I: DeserializeOwned>(
         tracing::warn!(file = %p.display(), len, "a saved DLQ index larger than its bound: ignored");
         return None;
     }
-    let bytes = std::fs::read(&p).ok()?;
-    let (saved, _): (Saved<I>, usize) = bincode::serde::decode_from_slice(&bytes, config())
+    // Streamed (no copy of the file in memory), and never past its bound.
+    let mut r = std::io::BufReader::new(std::fs::File::open(&p).ok()?).take(len);
+    let saved: Saved<I> = bincode::serde::decode_from_std_read(&mut r, config())
         .map_err(|e| tracing::warn!(file = %p.display(), "a saved DLQ index unreadable: {e}"))
         .ok()?;
     (saved.version == VERSION && saved.queue == queue).then_some(saved)
