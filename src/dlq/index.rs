@@ -1080,9 +1080,9 @@ async fn answer(
                 return Ok((best.page(queue, n.depth, true, false), pending));
             }
         }
-        match tokio::time::timeout_at(deadline, rx.changed()).await {
-            Ok(Err(_)) => break "the index's read ended".to_owned(),
-            Ok(Ok(())) | Err(_) => {}
+        // Woken by the read's progress, or at the deadline (looked at above).
+        if let Ok(Err(_)) = tokio::time::timeout_at(deadline, rx.changed()).await {
+            break "the index's read ended".to_owned();
         }
     };
     let guard = match guard {
