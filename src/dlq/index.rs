@@ -1107,4 +1107,119 @@ mod tests {
         assert_eq!(head_of(&bin).len(), INDEX_BODY_BYTES);
         assert_eq!(head_of(b"short"), b"short");
     }
+
+    fn item(id: &str) -> Item {
+        Item {
+            entry: Entry {
+                id: id.into(),
+                position: 1,
+                message_id: None,
+                reason: "r".into(),
+                stage: "s".into(),
+                attempts: None,
+                first_death: None,
+                last_death: None,
+                error: None,
+                origin: None,
+                size: 0,
+                body_kind: super::super::view::BodyKind::Text,
+                preview: String::new(),
+            },
+            message_id: None,
+            reason: "r".into(),
+            stage: "s".into(),
+            head: Box::default(),
+            whole: true,
+        }
+    }
+
+    /// An index of `ids` read `age` ago from a queue of `expected`.
+    fn built(ids: &[&str], expected: u32, age: Duration) -> State {
+        State {
+            items: Arc::new(ids.iter().map(|i| item(i)).collect()),
+            built: Some(Built {
+                expected,
+                at: Instant::now() - age,
+                partial: None,
+            }),
+            ..State::default()
+        }
+    }
+
+    fn probe(count: u32, consumers: u32, head: Option<&str>) -> Probe {
+        Probe {
+            count,
+            consumers,
+            head: head.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn an_index_is_served_renewed_or_dropped_by_what_the_queue_shows() {
+        let young = Duration::from_secs(1);
+        let st = built(&["a", "b", "c"], 3, young);
+        assert_eq!(judge(&st, &probe(3, 0, Some("a"))), Verdict::Valid);
+        assert_eq!(judge(&st, &probe(3, 1, Some("a"))), Verdict::Busy(1));
+        assert!(matches!(judge(&st, &probe(5, 0, Some("a"))),
+            Verdict::Renew(w) if w == "2 new dead letters since it was read"));
+        assert!(matches!(
+            judge(&built(&["a"], 1, INDEX_MAX_AGE + young), &probe(1, 0, Some("a"))),
+            Verdict::Renew(w) if w.contains("older than")
+        ));
+        // The head went: never served, even with more messages.
+        assert!(matches!(
+            judge(&st, &probe(3, 0, Some("b"))),
+            Verdict::Stale(_)
+        ));
+        assert!(matches!(
+            judge(&st, &probe(4, 0, Some("b"))),
+            Verdict::Stale(_)
+        ));
+        assert!(matches!(
+            judge(&st, &probe(2, 0, Some("a"))),
+            Verdict::Stale(_)
+        ));
+        assert!(matches!(judge(&st, &probe(0, 0, None)), Verdict::Stale(_)));
+        assert!(matches!(
+            judge(&State::default(), &probe(3, 0, Some("a"))),
+            Verdict::Stale(w) if w == "no index yet"
+        ));
+        assert_eq!(
+            judge(&built(&[], 0, young), &probe(0, 0, None)),
+            Verdict::Valid
+        );
+    }
+
+    #[test]
+    fn a_saved_index_is_read_back_only_if_it_is_the_queues_and_within_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let items = [item("a"), item("b")];
+        super::super::saved::save(dir.path(), "q.dlq", 2, young(), None, &items[..]);
+        let back = super::super::saved::load::<Vec<Item>>(dir.path(), "q.dlq", INDEX_BYTES)
+            .expect("read back");
+        assert_eq!(back.expected, 2);
+        let ids: Vec<_> = back.items.iter().map(|i| i.entry.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert!(back.age().unwrap() >= young());
+        // Another queue's name: no file of its own.
+        assert!(super::super::saved::load::<Vec<Item>>(dir.path(), "other", INDEX_BYTES).is_none());
+        // Garbage where the file was: ignored.
+        let file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::write(&file, b"\xff\xff\xff\xff not an index").unwrap();
+        assert!(super::super::saved::load::<Vec<Item>>(dir.path(), "q.dlq", INDEX_BYTES).is_none());
+        // Larger than the bound allows: not even read.
+        std::fs::write(&file, vec![0u8; (2 << 20) + 1]).unwrap();
+        assert!(super::super::saved::load::<Vec<Item>>(dir.path(), "q.dlq", 1 << 20).is_none());
+        super::super::saved::remove(dir.path(), "q.dlq");
+        assert!(!file.exists());
+    }
+
+    fn young() -> Duration {
+        Duration::from_secs(3)
+    }
 }
