@@ -1019,6 +1019,11 @@ async fn answer(
             {
                 old.from(st.generation);
                 let rereading = st.building.as_ref().map(|n| n.why.clone());
+                // The queue's depth: more than indexed when its tail grew.
+                let depth = st
+                    .building
+                    .as_ref()
+                    .map_or(b.expected, |n| n.depth.max(b.expected));
                 let served = Served::Index {
                     age: b.at.elapsed(),
                     indexed: st.items.len(),
@@ -1026,7 +1031,7 @@ async fn answer(
                 };
                 match old.advance(&st.items, filter) {
                     Step::Done { more } => {
-                        return Ok((old.page(queue, b.expected, more, true), served));
+                        return Ok((old.page(queue, depth, more, true), served));
                     }
                     Step::Unknown(why) if rereading.is_none() => break why,
                     // The read renewing it looks at it again.
@@ -1035,7 +1040,7 @@ async fn answer(
                     // the new tail, if any) is the read's to answer.
                     Step::More if rereading.is_some() && old.entries.len() == limit => {
                         let tail = st.building.as_ref().is_some_and(|n| n.depth > b.expected);
-                        return Ok((old.page(queue, b.expected, tail, true), served));
+                        return Ok((old.page(queue, depth, tail, true), served));
                     }
                     // Past the index's end: more may be in the new tail,
                     // which the read reaches only at its end: no use
