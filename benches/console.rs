@@ -6,7 +6,8 @@
 //! pages) and warm (from the index) — the daemon's memory while they load,
 //! and the queue after (count and order). Needs RabbitMQ on 127.0.0.1:5672.
 //!
-//! `cargo bench --bench console` (`FLOWGATE_BENCH_DLQ=N` for another size).
+//! `cargo bench --bench console` (`FLOWGATE_BENCH_DLQ=N` for another size,
+//! `FLOWGATE_BENCH_RENEWALS=N` for more renewals in the last daemon).
 
 #[path = "../tests/console_support/mod.rs"]
 mod console_support;
@@ -385,7 +386,15 @@ async fn run(n: usize) {
     let con = Console::sign_in(&d.base, &dlq).await;
     let rss_at = rss_kib(pid, "VmRSS:");
     let tail = |appended: usize| format!("page={}", (n + appended - 1) / 50 + 1);
-    for _ in 0..20 {
+    let renewals: usize = std::env::var("FLOWGATE_BENCH_RENEWALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut rss_steps = Vec::new();
+    for r in 0..renewals {
+        if r % 20 == 0 {
+            rss_steps.push(rss_kib(pid, "VmRSS:"));
+        }
         let id = format!("late-{appended:03}");
         publish(&c, &dlq, std::slice::from_ref(&id), n + appended, None).await;
         ids.push(id);
@@ -398,10 +407,15 @@ async fn run(n: usize) {
         peak_rss = peak_rss.max(rss_kib(pid, "VmRSS:"));
     }
     println!(
-        "one daemon, 20 more renewals of the index (a dead letter appended each time, {} page \
-         loads): RSS {:.1} MiB before, {:.1} MiB after",
-        20 * (cases.len() + 1),
+        "one daemon, {renewals} more renewals of the index (a dead letter appended each time, \
+         {} page loads): RSS {:.1} MiB before, every 20 renewals {} MiB, {:.1} MiB after",
+        renewals * (cases.len() + 1),
         rss_at as f64 / 1024.0,
+        rss_steps
+            .iter()
+            .map(|r| format!("{:.1}", *r as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(", "),
         rss_kib(pid, "VmRSS:") as f64 / 1024.0
     );
     println!(
