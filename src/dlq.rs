@@ -29,6 +29,7 @@ use std::collections::BTreeMap;
 
 mod browse;
 mod index;
+mod saved;
 pub mod view;
 
 pub use browse::{
@@ -37,7 +38,8 @@ pub use browse::{
     SCAN_DEADLINE, SHOW_MAX, WINDOW,
 };
 pub use index::{
-    Indexes, Served, INDEXES_KEPT, INDEX_BODY_BYTES, INDEX_BYTES, INDEX_ENTRIES, INDEX_MAX_AGE,
+    Indexes, Limits, Served, INDEXES_KEPT, INDEX_BODY_BYTES, INDEX_BYTES, INDEX_ENTRIES,
+    INDEX_MAX_AGE, PAGE_WAIT,
 };
 
 /// Most distinct reasons (and stages) [`stats`] counts apart; the rest are

@@ -6,7 +6,7 @@
 //! scan would, leaves the queue as it was, notices a queue changed behind
 //! its back, and never decides what an action touches.
 
-use flowgate::dlq::{self, Action, Filter, Indexes, Served};
+use flowgate::dlq::{self, Action, Filter, Indexes, Limits, Served};
 use flowgate::envelope;
 use flowgate::lapin::options::{
     BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -245,6 +245,15 @@ async fn actions_remove_exactly_what_they_pick_and_the_rest_keeps_its_order() {
     }
 }
 
+/// Indexes whose pages wait for the read however long it takes (the
+/// console's pages wait [`dlq::PAGE_WAIT`]; a debug build reads slower).
+fn patient() -> Indexes {
+    Indexes::with_limits(Limits {
+        page_wait: Duration::from_secs(60),
+        ..Limits::default()
+    })
+}
+
 /// A connection of the console's kind (shared with the index's reads).
 async fn shared_conn() -> Arc<Connection> {
     Arc::new(
@@ -267,7 +276,7 @@ async fn the_index_answers_pages_as_a_scan_would_and_reading_changes_nothing() {
     let q = unique("index-pages");
     let ids = fill(&c, &q, "classic", 2000).await;
     let conn = shared_conn().await;
-    let idx = Indexes::new();
+    let idx = patient();
 
     // Every page in turn, the first one cold: in order, nothing taken.
     let mut seen = Vec::new();
@@ -425,7 +434,7 @@ async fn a_queue_changed_behind_the_index_is_noticed_and_never_steers_an_action(
     let q = unique("index-stale");
     let mut ids = fill(&c, &q, "classic", 300).await;
     let conn = shared_conn().await;
-    let idx = Indexes::new();
+    let idx = patient();
     // Built, then warm.
     let (got, _) = every(&idx, &conn, &q).await;
     assert_eq!(got, ids);
@@ -532,6 +541,279 @@ async fn a_queue_changed_behind_the_index_is_noticed_and_never_steers_an_action(
     // In the end: exactly those, in order.
     assert_eq!(c.depth(&q).await as usize, ids.len());
     assert_eq!(drain_ids(&c, &q, ids.len()).await, ids);
+    c.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+/// Waits until `q`'s index is built with `n` dead letters (its read done).
+async fn indexed(idx: &Indexes, q: &str, n: usize) {
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            idx.indexed(q) == Some(n)
+        })
+        .await,
+        "the index holds {:?}, not {n}",
+        idx.indexed(q)
+    );
+}
+
+/// New dead letters at the tail of an indexed DLQ: its deep pages come at
+/// once from the old index (the check vouches for every dead letter in it)
+/// while a read renews it; a page in the new tail comes from that read (or
+/// answers pending rather than wait); then from the new index. Browsing
+/// every page of it, before, during and after, leaves every message in the
+/// queue, in its order.
+#[actix_rt::test]
+async fn a_renewed_index_serves_deep_pages_at_once_and_browsing_keeps_order_and_count() {
+    let c = Client::connect(AMQP_URL).await;
+    let q = unique("index-renew");
+    let mut ids = fill(&c, &q, "classic", 2000).await;
+    let conn = shared_conn().await;
+    // Pages wait for nothing: what the index cannot answer now is pending.
+    let idx = Indexes::with_limits(Limits {
+        page_wait: Duration::ZERO,
+        ..Limits::default()
+    });
+    let page = |offset: usize| {
+        let (idx, conn, q) = (&idx, &conn, &q);
+        async move {
+            idx.page(conn, q, &Filter::default(), offset, 50, false)
+                .await
+                .unwrap()
+        }
+    };
+
+    // Cold, with no index: the deep page is not there yet, and says so.
+    let (p, how) = page(1950).await;
+    assert!(
+        matches!(&how, Served::Pending { why, .. } if why == "no index yet"),
+        "{how:?}"
+    );
+    assert!(
+        !p.complete && p.entries.len() < 50,
+        "a pending page says so"
+    );
+    indexed(&idx, &q, 2000).await;
+    let (p, how) = page(1950).await;
+    assert!(
+        matches!(
+            how,
+            Served::Index {
+                rereading: None,
+                indexed: 2000,
+                ..
+            }
+        ),
+        "{how:?}"
+    );
+    assert_eq!(message_ids(&p), ids[1950..]);
+
+    // Three new dead letters: the same head, more messages.
+    for id in ["late-1", "late-2", "late-3"] {
+        append(&c, &q, id).await;
+        ids.push(id.into());
+    }
+    let (p, how) = page(1950).await;
+    assert!(
+        matches!(&how, Served::Index { rereading: Some(why), indexed: 2000, .. }
+            if why.contains("3 new dead letters")),
+        "the old index serves a deep page at once while it is renewed: {how:?}"
+    );
+    assert_eq!(message_ids(&p), ids[1950..2000]);
+    assert!(p.more, "the tail follows");
+    let (p, how) = page(2000).await;
+    match &how {
+        // The read has not reached the tail yet: what it has, and it says so.
+        Served::Pending { .. } => assert!(ids[2000..].starts_with(&message_ids(&p))),
+        // Or it has (a fast broker).
+        Served::Building { .. } | Served::Index { .. } => {
+            assert_eq!(message_ids(&p), ids[2000..])
+        }
+        Served::Scan { .. } => panic!("{how:?}"),
+    }
+    indexed(&idx, &q, 2003).await;
+    let (p, how) = page(2000).await;
+    assert!(
+        matches!(
+            how,
+            Served::Index {
+                rereading: None,
+                indexed: 2003,
+                ..
+            }
+        ),
+        "{how:?}"
+    );
+    assert_eq!(message_ids(&p), ids[2000..]);
+    let (got, _) = every(&idx, &conn, &q).await;
+    assert_eq!(got, ids, "every page, in order");
+
+    // After all that: the same 2003 messages in the same order.
+    assert_eq!(c.depth(&q).await, 2003);
+    assert_eq!(
+        drain_ids(&c, &q, 2003).await,
+        ids,
+        "order and count unchanged"
+    );
+    c.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+/// An index never holds more than its bounds, sampled all along its read
+/// (the memory a DLQ's browsing takes does not grow with the queue): the
+/// dead letters past them are read from the queue when a page needs them,
+/// and reading changes nothing.
+#[actix_rt::test]
+async fn an_index_stays_within_its_bounds_and_pages_past_them_are_read_from_the_queue() {
+    let c = Client::connect(AMQP_URL).await;
+    let q = unique("index-bounds");
+    let ids = fill(&c, &q, "classic", 2000).await;
+    let conn = shared_conn().await;
+
+    for limits in [
+        Limits {
+            bytes: 96 * 1024,
+            ..Limits::default()
+        },
+        Limits {
+            entries: 500,
+            ..Limits::default()
+        },
+    ] {
+        let idx = Indexes::with_limits(Limits {
+            page_wait: Duration::from_secs(60),
+            ..limits
+        });
+        let sampler = async {
+            let mut peak = 0;
+            while idx.indexed(&q).is_none() {
+                peak = peak.max(idx.held_bytes(&q));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            peak
+        };
+        let all = Filter::default();
+        let (first, peak) = futures::join!(idx.page(&conn, &q, &all, 0, 50, false), sampler);
+        assert_eq!(message_ids(&first.unwrap().0), ids[..50]);
+        let held = idx.indexed(&q).unwrap();
+        assert!(
+            held <= limits.entries && held < 2000,
+            "{limits:?}: holds {held}"
+        );
+        assert!(
+            peak <= limits.bytes && idx.held_bytes(&q) <= limits.bytes,
+            "{limits:?}: {peak} bytes at most while read, {} after",
+            idx.held_bytes(&q)
+        );
+        // A page past what it holds: read from the queue, the same rows.
+        let (deep, how) = idx
+            .page(&conn, &q, &Filter::default(), 1950, 50, false)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&how, Served::Scan { why } if why.contains("the index holds the first")),
+            "{how:?}"
+        );
+        assert_eq!(message_ids(&deep), ids[1950..]);
+    }
+    // With the default bounds the whole queue fits, in what the README says
+    // (these dead letters have small bodies: well under 1 KiB each).
+    let idx = patient();
+    idx.page(&conn, &q, &Filter::default(), 1950, 50, false)
+        .await
+        .unwrap();
+    assert_eq!(idx.indexed(&q), Some(2000));
+    assert!(idx.held_bytes(&q) < 2000 * 1024, "{}", idx.held_bytes(&q));
+
+    assert_eq!(c.depth(&q).await, 2000);
+    assert_eq!(
+        drain_ids(&c, &q, 2000).await,
+        ids,
+        "order and count unchanged"
+    );
+    c.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+/// With a directory to save them in, the first deep page after a restart
+/// (new `Indexes`, the same directory) comes at once from the index saved
+/// before it, once the check vouched for it; a saved index the queue
+/// disagrees with (its head gone) is not used. Nothing is taken.
+#[actix_rt::test]
+async fn a_saved_index_answers_the_first_deep_page_after_a_restart() {
+    let c = Client::connect(AMQP_URL).await;
+    let q = unique("index-saved");
+    let mut ids = fill(&c, &q, "classic", 2000).await;
+    let conn = shared_conn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        Indexes::with_limits(Limits {
+            page_wait: Duration::ZERO,
+            ..Limits::default()
+        })
+        .saved_in(Some(dir.path().into()))
+    };
+    let saved = || {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".bin"))
+            .count()
+    };
+    let idx = start();
+    idx.page(&conn, &q, &Filter::default(), 0, 50, false)
+        .await
+        .unwrap();
+    indexed(&idx, &q, 2000).await;
+    assert!(eventually(Duration::from_secs(10), || async { saved() == 1 }).await);
+    drop(idx);
+
+    // Restarted: the deep page at once, from the saved index.
+    let idx = start();
+    let (p, how) = idx
+        .page(&conn, &q, &Filter::default(), 1950, 50, false)
+        .await
+        .unwrap();
+    assert!(
+        matches!(how, Served::Index { indexed: 2000, .. }),
+        "the first page after a restart from the saved index: {how:?}"
+    );
+    assert_eq!(message_ids(&p), ids[1950..]);
+    drop(idx);
+
+    // The head consumed behind its back: the saved index is not used.
+    let head =
+        c.ch.basic_get(q.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+            .unwrap();
+    c.ch.basic_ack(head.delivery.delivery_tag, BasicAckOptions::default())
+        .await
+        .unwrap();
+    ids.remove(0);
+    let idx = start();
+    let (_, how) = idx
+        .page(&conn, &q, &Filter::default(), 1950, 50, false)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&how, Served::Pending { why, .. } | Served::Building { why, .. }
+            if why.contains("1999 dead letters now, 2000 when indexed")),
+        "{how:?}"
+    );
+    indexed(&idx, &q, 1999).await;
+    let (got, _) = every(&idx, &conn, &q).await;
+    assert_eq!(got, ids);
+
+    assert_eq!(c.depth(&q).await, 1999);
+    assert_eq!(
+        drain_ids(&c, &q, 1999).await,
+        ids,
+        "order and count unchanged"
+    );
     c.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
         .await
         .unwrap();

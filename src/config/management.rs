@@ -32,6 +32,13 @@ pub struct ManagementConfig {
     /// the same tokens. Default `true` (nothing is served without `bind`).
     #[serde(default = "yes")]
     pub console: bool,
+    /// A directory where the console saves its index of each DLQ it
+    /// browses (at most 16 MiB per DLQ, one file each), so that the first
+    /// list page after a restart is answered from it (once checked against
+    /// the queue) instead of waiting for a read of the whole queue. Default
+    /// none: indexes live in memory only.
+    #[serde(default)]
+    pub dlq_index_dir: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -45,6 +52,7 @@ impl Default for ManagementConfig {
             token_file: None,
             token_env: None,
             console: true,
+            dlq_index_dir: None,
         }
     }
 }

@@ -220,7 +220,7 @@ pub fn dead_letter_id(message_id: Option<&str>, headers: &FieldTable, body: &[u8
 }
 
 /// One dead letter in a list.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// Its id ([`dead_letter_id`]), for [`show`] and actions.
     pub id: String,

@@ -8,7 +8,7 @@
 //! text itself safe to look at, in a terminal too.
 
 use lapin::types::AMQPValue;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
 /// Characters of a body preview in a list.
@@ -23,7 +23,7 @@ pub const SHOWN_VALUE_CHARS: usize = 1024;
 const MAX_DEPTH: usize = 4;
 
 /// What a body is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BodyKind {
     /// Valid UTF-8 that parses as JSON.

@@ -37,6 +37,11 @@ pub struct Daemon {
 /// into `dir` and starts `flowgate run` on it; waits until `/readyz`
 /// answers 200.
 pub async fn start_daemon(dir: &Path, toml: &str) -> Daemon {
+    start_daemon_with(dir, toml, "").await
+}
+
+/// [`start_daemon`] with more `[management]` keys (`key = value` lines).
+pub async fn start_daemon_with(dir: &Path, toml: &str, management: &str) -> Daemon {
     let tokens = dir.join("tokens");
     std::fs::write(
         &tokens,
@@ -48,7 +53,7 @@ pub async fn start_daemon(dir: &Path, toml: &str) -> Daemon {
     std::fs::write(
         &config,
         format!(
-            "{toml}\n[management]\nbind = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\n",
+            "{toml}\n[management]\nbind = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\n{management}\n",
             tokens.display()
         ),
     )

@@ -97,6 +97,7 @@ impl Console {
         ingress: Ingress,
         metrics: Metrics,
     ) -> Self {
+        let saved_in = config.management.dlq_index_dir.clone();
         Console {
             control,
             tokens,
@@ -106,7 +107,7 @@ impl Console {
             sessions: Sessions::default(),
             samples: Mutex::new(BTreeMap::new()),
             amqp: tokio::sync::Mutex::new(None),
-            indexes: dlq::Indexes::new(),
+            indexes: dlq::Indexes::new().saved_in(saved_in),
         }
     }
 

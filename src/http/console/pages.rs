@@ -303,8 +303,15 @@ pub(super) fn dlq_list(
                         "showing matches " (p.offset + 1) "–" (p.offset + p.entries.len())
                     }
                     @match served {
-                        Served::Index { age, indexed } => {
-                            " (from the index of " (indexed) " dead letters read " (age.as_secs()) " s ago, checked against the queue now; no message held for this page) "
+                        Served::Index { age, indexed, rereading } => {
+                            " (from the index of " (indexed) " dead letters read " (age.as_secs()) " s ago, checked against the queue now; no message held for this page"
+                            @if let Some(why) = rereading { "; being read again because " (why) }
+                            ") "
+                        }
+                        Served::Pending { read, depth, why } => {
+                            " (this page lies past what the read indexing the queue has reached: " (read) " of " (depth) " read so far; indexing because " (why) "; the page reloads itself in a second) "
+                            meta http-equiv="refresh" content="1";
+                            a #reload href=(link(page_no)) { "reload" } " "
                         }
                         Served::Building { read, depth, why } => {
                             " (from the read that is indexing the queue: " (read) " of " (depth) " read so far; indexing because " (why) ") "
@@ -354,6 +361,7 @@ fn served_kind(s: &Served) -> &'static str {
     match s {
         Served::Index { .. } => "index",
         Served::Building { .. } => "building",
+        Served::Pending { .. } => "pending",
         Served::Scan { .. } => "scan",
     }
 }
