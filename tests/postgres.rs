@@ -394,7 +394,9 @@ async fn db_migrate_is_idempotent() {
 /// into the spool while the breaker is open and half-open, and the test
 /// fails; a relay that, while the breaker is open, reads every waiting row
 /// into memory (an unbounded read-ahead, rows left in PostgreSQL) — the
-/// RSS bound fails (see the closing note of issue 27 for the figures).
+/// RSS bound fails (+196 MiB against +0.5 MiB unmutated); each batch
+/// published in reverse row order — 19,599 inversions, the order check
+/// fails.
 #[actix_rt::test]
 async fn breaker_open_the_outbox_grows_in_postgres_and_drains_after() {
     let node = common::node::BrokerNode::start_async()
