@@ -8,6 +8,9 @@
 //! * The outbox: rows committed by the host are published once and deleted;
 //!   rows of a rolled-back transaction never are; `NOTIFY` wakes the relay;
 //!   two relays on one outbox publish every row once.
+//! * Backpressure: with the breaker open (a memory alarm on a private node)
+//!   the outbox grows in PostgreSQL while the daemon's RSS stays flat, and
+//!   drains in order after the alarm.
 //! * `flowgate db migrate` is idempotent.
 
 use flowgate_testkit as common;
