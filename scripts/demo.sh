@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the flowgate demo against local RabbitMQ + Redis (started if needed).
+# Run the flowgate demo against local RabbitMQ, Redis and PostgreSQL (installed
+# and started if needed by scripts/services.sh).
 # Usage: scripts/demo.sh [demo args...]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

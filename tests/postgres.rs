@@ -8,6 +8,9 @@
 //! * The outbox: rows committed by the host are published once and deleted;
 //!   rows of a rolled-back transaction never are; `NOTIFY` wakes the relay;
 //!   two relays on one outbox publish every row once.
+//! * Backpressure: with the breaker open (a memory alarm on a private node)
+//!   the outbox grows in PostgreSQL while the daemon's RSS stays flat, and
+//!   drains in order after the alarm.
 //! * `flowgate db migrate` is idempotent.
 
 use flowgate_testkit as common;
@@ -385,12 +388,18 @@ async fn db_migrate_is_idempotent() {
 /// Breaker open (a memory alarm on a private broker node, the engine with a
 /// spool): the relay stops taking rows, so the outbox grows in PostgreSQL
 /// (at most the batch in flight when the broker blocked, and one probe row
-/// per half-open spell, go to the spool;
-/// nothing accumulates in the process); after the alarm everything drains,
-/// each row at least once and at most a batch's worth twice. Mutation
-/// tried: the relay's breaker check removed (full batches whatever the
-/// state) — the relay moves the outbox into the spool while the breaker is
-/// open and half-open (114 spooled within 2 s), and the test fails.
+/// per half-open spell, go to the spool); while it grows by 20,000 rows of
+/// 4 KiB the daemon's RSS stays within a bound far below their size; after
+/// the alarm everything drains, each row at least once and at most a
+/// batch's worth twice, and the rows that waited in PostgreSQL arrive in
+/// commit (row id) order. Mutations tried: the relay's breaker check
+/// removed (full batches whatever the state) — the relay moves the outbox
+/// into the spool while the breaker is open and half-open, and the test
+/// fails; a relay that, while the breaker is open, reads every waiting row
+/// into memory (an unbounded read-ahead, rows left in PostgreSQL) — the
+/// RSS bound fails (+196 MiB against +0.5 MiB unmutated); each batch
+/// published in reverse row order — 19,599 inversions, the order check
+/// fails.
 #[actix_rt::test]
 async fn breaker_open_the_outbox_grows_in_postgres_and_drains_after() {
     let node = common::node::BrokerNode::start_async()
@@ -491,14 +500,77 @@ async fn breaker_open_the_outbox_grows_in_postgres_and_drains_after() {
         errors_while_open <= 1,
         "the relay waits instead of failing batch after batch: {errors_while_open}"
     );
+    // The daemon's memory while the outbox grows by tens of thousands of
+    // rows (4 KiB each, ~80 MiB in all) behind the open breaker: the
+    // baseline is taken now, after the engine, its pools and the first
+    // batch are warm. The bound is generous (allocator noise, the test's
+    // own inserts) and far below what the rows would take in the process.
+    let baseline = rss_kib();
+    let body = vec![b'x'; 4096];
+    let mut grown = Vec::new();
+    let mut peak = baseline;
+    for t in 0..GROWN / 500 {
+        let mut tx = pool.begin().await.unwrap();
+        for i in 0..500 {
+            let id = format!("g-{:05}", t * 500 + i);
+            let row = Outbox::enqueue(
+                &mut tx,
+                &ex.exchange,
+                &ex.routing_key,
+                body.clone(),
+                Default::default(),
+                &id,
+            )
+            .await
+            .unwrap();
+            grown.push((row, id));
+        }
+        tx.commit().await.unwrap();
+        peak = peak.max(rss_kib());
+    }
+    // The relay has been woken by every commit (NOTIFY) and has polled:
+    // give it a few polls more to take rows it should not.
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        peak = peak.max(rss_kib());
+    }
+    let in_pg = scalar(
+        &pool,
+        "SELECT count(*) FROM flowgate_outbox WHERE message_id LIKE 'g-%'",
+    )
+    .await as usize;
+    eprintln!(
+        "RSS while the outbox grew by {GROWN} rows of 4 KiB: baseline {baseline} KiB, peak {peak} KiB (+{} KiB); {in_pg} of them in the outbox",
+        peak.saturating_sub(baseline)
+    );
+    assert_eq!(in_pg, GROWN, "the outbox grew in PostgreSQL");
+    assert!(
+        peak.saturating_sub(baseline) < RSS_BOUND_KIB,
+        "the daemon's RSS stays flat while the outbox grows: baseline {baseline} KiB, peak {peak} KiB"
+    );
     node.blocking(|n| n.set_memory_alarm(false))
         .await
         .expect("alarm off");
     let _ = primer.await;
     let sink = format!("{prefix}.sink");
     let client = Client::connect(&node.amqp_url()).await;
-    let mut seen = client
-        .collect_distinct(&sink, N, Duration::from_secs(60))
+    let total = N + GROWN;
+    // Arrival order, first copies only (a spooled row may come again).
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut first_order: Vec<String> = Vec::new();
+    let mut scanned = 0;
+    client
+        .collect_while(&sink, Duration::from_secs(120), |got| {
+            for (id, _) in &got[scanned..] {
+                let n = seen.entry(id.clone()).or_insert(0);
+                if *n == 0 && id != "primer" {
+                    first_order.push(id.clone());
+                }
+                *n += 1;
+            }
+            scanned = got.len();
+            first_order.len() < total
+        })
         .await;
     assert!(
         eventually(Duration::from_secs(20), || async {
@@ -510,16 +582,55 @@ async fn breaker_open_the_outbox_grows_in_postgres_and_drains_after() {
     for (id, n) in client.collect_all(&sink, 0, Duration::from_secs(5)).await {
         *seen.entry(id).or_insert(0) += n;
     }
-    let missing: Vec<_> = ids.iter().filter(|i| !seen.contains_key(*i)).collect();
+    let missing: Vec<_> = ids
+        .iter()
+        .chain(grown.iter().map(|(_, id)| id))
+        .filter(|i| !seen.contains_key(*i))
+        .collect();
     seen.remove("primer");
     let twice: usize = seen.values().map(|n| n - 1).sum();
     println!(
         "after the alarm: {} ids, {twice} published twice",
         seen.len()
     );
-    assert!(missing.is_empty(), "lost: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "lost {}: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
     assert!(twice <= 50, "only a batch's rows may go twice: {twice}");
+    // In order: the rows that waited in PostgreSQL through the alarm (none
+    // of them was ever spooled: the half-open probes take the oldest rows,
+    // which are the first phase's) arrive in the order of their row ids.
+    let row_of: HashMap<&str, i64> = grown.iter().map(|(r, id)| (id.as_str(), *r)).collect();
+    let arrival: Vec<i64> = first_order
+        .iter()
+        .filter_map(|id| row_of.get(id.as_str()).copied())
+        .collect();
+    assert_eq!(arrival.len(), GROWN);
+    let inversions = arrival.windows(2).filter(|w| w[0] > w[1]).count();
+    assert_eq!(inversions, 0, "the outbox drains in commit order");
     assert!(p.stop().await.clean);
+}
+
+/// Rows added behind the open breaker in the alarm test.
+const GROWN: usize = 20_000;
+/// The alarm test's bound on the daemon's RSS growth while the outbox grows
+/// by [`GROWN`] rows of 4 KiB (about 80 MiB): a relay that buffered them in
+/// the process would pass it several times over.
+const RSS_BOUND_KIB: u64 = 24 * 1024;
+
+/// This process's resident set (the test runs the daemon in-process).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// `[postgres] statement_timeout` is every pooled connection's

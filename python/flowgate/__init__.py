@@ -37,7 +37,7 @@ See :class:`App`, :class:`Message`, :class:`Output`, the exceptions
 """
 
 from . import headers, reasons
-from ._flowgate import Message, Output, __version__
+from ._flowgate import Message, Output, Transaction, __version__
 from .app import App, BatchHandler, Handler, ShutdownReport
 from .errors import (
     Backpressure,
@@ -63,6 +63,7 @@ __all__ = [
     "PublishError",
     "Retry",
     "ShutdownReport",
+    "Transaction",
     "__version__",
     "headers",
     "reasons",

@@ -95,6 +95,23 @@ class Output:
     def headers(self) -> Dict[str, Any]:
         """The headers added to the input's."""
 
+SqlParam = Union[None, bool, int, float, str, bytes]
+SqlValue = Union[None, bool, int, float, str, bytes]
+
+class Transaction:
+    """The PostgreSQL transaction a transactional handler runs in.
+
+    flowgate commits it with the inbox row and the handler's outputs when
+    the handler returns normally, and rolls it back otherwise. Usable only
+    while its handler runs.
+    """
+
+    def execute(self, sql: str, *params: SqlParam) -> int:
+        """Run one statement (``$1``, ``$2``… for ``params``); the rows it affected."""
+    def fetch(self, sql: str, *params: SqlParam) -> List[Tuple[SqlValue, ...]]:
+        """Run one query; its rows (cast types other than integers, floats,
+        text, bytes and booleans in the SQL)."""
+
 class Config:
     """A validated engine configuration."""
 
@@ -150,6 +167,7 @@ class Runtime:
         config: Config,
         handlers: Sequence[Tuple[str, Any, bool, bool]],
         order_keys: Sequence[Tuple[str, Callable[[Message], Optional[str]]]] = ...,
+        tx_handlers: Sequence[Tuple[str, Callable[[Message, Transaction], Any]]] = ...,
     ) -> None: ...
     def attach(self, event_loop: asyncio.AbstractEventLoop) -> Drain:
         """Bind the bridge to ``event_loop``."""

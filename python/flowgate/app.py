@@ -26,6 +26,7 @@ Handler = Callable[[_flowgate.Message], Any]
 BatchHandler = Callable[[List[_flowgate.Message]], Any]
 F = TypeVar("F", bound=Callable[..., Any])
 K = TypeVar("K", bound=Callable[..., Optional[str]])
+T = TypeVar("T", bound=Callable[..., Any])
 
 #: What ``App.stop()`` returns: ``{"clean": bool, "stages": [{"stage",
 #: "drained", "abandoned"}, ...]}`` (``clean``: every stage drained and
@@ -105,6 +106,7 @@ class App:
         self._started = False
         self._handlers: Dict[str, _Registered] = {}
         self._order_keys: Dict[str, Callable[[Any], Optional[str]]] = {}
+        self._tx_handlers: Dict[str, Callable[..., Any]] = {}
         self._runtime: Optional[_flowgate.Runtime] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._drain: Optional[_flowgate.Drain] = None
@@ -208,6 +210,36 @@ class App:
         """
         return self._register(name, batch=True)
 
+    def tx_handler(self, name: str) -> Callable[[T], T]:
+        """Register a transactional handler for stages with ``handler = name``.
+
+        It is a plain ``def`` taking a :class:`flowgate.Message` and a
+        :class:`flowgate.Transaction`, and answers like :meth:`handler`.
+        Its SQL (``tx.execute``, ``tx.fetch``) runs in the PostgreSQL
+        transaction flowgate's inbox opened for the message (the config
+        needs ``[postgres] url``): the inbox row ``(stage, message_id)``
+        and the outputs (as outbox rows, published by the relay) commit
+        with it when the handler returns normally; an exception, ``Retry``
+        or ``DeadLetter`` rolls it all back. A redelivery of a committed
+        message is acked without calling the handler. It runs on a thread
+        pool, never on the event loop.
+
+        >>> app = flowgate.App.from_toml('[http]\\nbind = ""\\n')
+        >>> @app.tx_handler("reserve")
+        ... def reserve(msg: flowgate.Message, tx: flowgate.Transaction) -> None:
+        ...     tx.execute("UPDATE stock SET units = units - 1 WHERE sku = $1", msg.body.decode())
+        """
+
+        def register(func: T) -> T:
+            if not callable(func) or _is_async(func):
+                raise TypeError("a transactional handler is a plain function (def, not async def)")
+            if name in self._tx_handlers or name in self._handlers:
+                raise ValueError(f"a handler named {name!r} is registered already")
+            self._tx_handlers[name] = func
+            return func
+
+        return register
+
     def order_key(self, name: str) -> Callable[[K], K]:
         """Register the decorated function as the key of stages with ``order_by = name``.
 
@@ -239,7 +271,7 @@ class App:
         def register(func: F) -> F:
             if not callable(func):
                 raise TypeError(f"a handler is a function, not {type(func).__name__}")
-            if name in self._handlers:
+            if name in self._handlers or name in self._tx_handlers:
                 raise ValueError(f"a handler named {name!r} is registered already")
             self._handlers[name] = _Registered(func, _is_async(func), batch)
             return func
@@ -264,7 +296,8 @@ class App:
         loop = asyncio.get_running_loop()
         handlers = [(n, r.func, r.is_async, r.batch) for n, r in self._handlers.items()]
         order_keys = list(self._order_keys.items())
-        runtime = _flowgate.Runtime(config or self._config, handlers, order_keys)
+        tx_handlers = list(self._tx_handlers.items())
+        runtime = _flowgate.Runtime(config or self._config, handlers, order_keys, tx_handlers)
         drain = runtime.attach(loop)
         loop.add_reader(drain.fd, drain)
         self._runtime, self._loop, self._drain = runtime, loop, drain

@@ -9,6 +9,8 @@
 //!   a queue and a wakeup socket, drained in one loop callback.
 //! * `handler` — a Python function as a stage's `Handler` (`async def` on
 //!   the loop, `def` on a blocking thread).
+//! * `transaction` — a Python function as a transactional handler
+//!   (`def f(message, tx)`, the engine's PostgreSQL inbox), and `Transaction`.
 //! * `order_key` — a Python function as an ordered stage's key function.
 //! * `message`, `output` — `Message` (read lazily) and `Output`; what a
 //!   handler's return value or exception means for the engine.
@@ -32,6 +34,7 @@ mod order_key;
 mod output;
 mod runtime;
 mod testing;
+mod transaction;
 
 use flowgate::envelope::{self, Reason};
 use pyo3::prelude::*;
@@ -45,6 +48,7 @@ fn _flowgate(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bridge::Drain>()?;
     m.add_class::<message::Message>()?;
     m.add_class::<output::Output>()?;
+    m.add_class::<transaction::Transaction>()?;
     m.add_class::<testing::Judged>()?;
     m.add_class::<testing::Published>()?;
     m.add_class::<testing::Accounting>()?;

@@ -9,6 +9,7 @@
 use crate::bridge::{Bridge, Drain, Resolution};
 use crate::config::PyConfig;
 use crate::handler::{Kind, PyHandler};
+use crate::transaction::PyTxHandler;
 use crate::{convert, errors, logging};
 use flowgate::{Engine, EngineHandle, Handler, Output};
 use pyo3::exceptions::{PyAssertionError, PyRuntimeError};
@@ -138,14 +139,18 @@ impl Runtime {
     /// Builds the engine: every stage whose ``handler`` is a registered
     /// name runs that Python function. ``handlers`` holds
     /// ``(name, function, is_async, is_batch)``; ``order_keys``
-    /// ``(name, function)``, the key functions an ``order_by`` may name.
+    /// ``(name, function)``, the key functions an ``order_by`` may name;
+    /// ``tx_handlers`` ``(name, function)``, the transactional handlers
+    /// (``def f(message, tx)``, run through the engine's inbox: every stage
+    /// whose ``handler`` or name is ``name``).
     #[new]
-    #[pyo3(signature = (config, handlers, order_keys = Vec::new()))]
+    #[pyo3(signature = (config, handlers, order_keys = Vec::new(), tx_handlers = Vec::new()))]
     fn new(
         py: Python<'_>,
         config: &PyConfig,
         handlers: Vec<(String, Py<PyAny>, bool, bool)>,
         order_keys: Vec<(String, Py<PyAny>)>,
+        tx_handlers: Vec<(String, Py<PyAny>)>,
     ) -> PyResult<Self> {
         let bridge = Arc::new(
             Bridge::new().map_err(|e| PyRuntimeError::new_err(format!("no wakeup socket: {e}")))?,
@@ -167,6 +172,25 @@ impl Runtime {
                     bridge: bridge.clone(),
                 }) as Arc<dyn Handler>)
             });
+        }
+        for (name, func) in tx_handlers {
+            let func = Arc::new(func);
+            // Registered per stage (by the stage's name, which the engine
+            // matches too), so each knows its stage's default output.
+            for stage in config
+                .inner
+                .stages
+                .iter()
+                .filter(|s| s.handler == name || s.name == name)
+            {
+                builder = builder.tx_handler(
+                    &stage.name,
+                    PyTxHandler {
+                        func: func.clone(),
+                        target: stage.output.clone(),
+                    },
+                );
+            }
         }
         for (name, func) in order_keys {
             builder = builder.order_key(&name, move |d: &flowgate::Delivery| {

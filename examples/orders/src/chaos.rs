@@ -53,12 +53,85 @@ pub struct ChaosReport {
     /// Per SKU touched by an accepted order: (units the ledger holds,
     /// units it should hold: initial − what the reserved orders asked for).
     pub stock: Option<std::collections::BTreeMap<String, (u64, u64)>>,
+    /// The records counted in PostgreSQL, when the flow has `[postgres]`.
+    pub db: Option<crate::db::DbReport>,
+    /// The workers' counts (inbox hits, relayed rows), added up.
+    pub workers: WorkerStats,
+}
+
+/// What a worker counted, as it writes it to its `--stats` file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Deliveries recognised from the inbox and acked without a handler
+    /// call: redeliveries of committed orders, absorbed.
+    pub inbox_hits: u64,
+    /// Outbox rows this worker's relay published and deleted.
+    pub relayed: u64,
+}
+
+impl WorkerStats {
+    fn to_text(self) -> String {
+        format!("inbox_hits {}\nrelayed {}\n", self.inbox_hits, self.relayed)
+    }
+
+    fn parse(text: &str) -> Self {
+        let mut s = Self::default();
+        for line in text.lines() {
+            match line.split_once(' ') {
+                Some(("inbox_hits", n)) => s.inbox_hits = n.trim().parse().unwrap_or(0),
+                Some(("relayed", n)) => s.relayed = n.trim().parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        s
+    }
+
+    fn add(self, o: Self) -> Self {
+        Self {
+            inbox_hits: self.inbox_hits + o.inbox_hits,
+            relayed: self.relayed + o.relayed,
+        }
+    }
+
+    /// This engine's counts.
+    pub fn of(engine: &flowgate::EngineHandle, stages: &[String]) -> Self {
+        let m = engine.metrics();
+        Self {
+            inbox_hits: stages
+                .iter()
+                .map(|s| m.counter(flowgate::Metrics::INBOX_HITS, &[s]))
+                .sum(),
+            relayed: m.counter(flowgate::Metrics::OUTBOX_RELAYED, &[]),
+        }
+    }
+}
+
+/// The workers' `--stats` files in `dir`, added up: a lower bound (a
+/// SIGKILL loses the counts since the worker's last write).
+fn worker_stats(dir: &Path) -> WorkerStats {
+    let mut total = WorkerStats::default();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("stats-") && !name.ends_with(".tmp") {
+                if let Ok(text) = std::fs::read_to_string(e.path()) {
+                    total = total.add(WorkerStats::parse(&text));
+                }
+            }
+        }
+    }
+    total
 }
 
 impl ChaosReport {
     /// Accepted orders with no final status.
     pub fn lost(&self) -> usize {
         self.load.lost.len()
+    }
+    /// Orders with an effect applied more than once, counted from the
+    /// database (None: no `[postgres]`, or the database unreadable).
+    pub fn duplicate_effects(&self) -> Option<u64> {
+        self.db.as_ref().map(|d| d.duplicate_effects)
     }
     /// SKUs whose stock is not what the reserved orders left (a
     /// reservation applied twice or lost; None: records unreadable).
@@ -83,14 +156,27 @@ impl ChaosReport {
     /// The summary table with the chaos lines.
     pub fn summary(&self) -> String {
         let n = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "?".into());
-        format!(
+        let mut s = format!(
             "{}  workers killed (SIGKILL)  {:>10}\n  lost orders               {:>10}\n  SKUs with wrong stock     {:>10}\n  duplicate provider calls  {:>10}\n",
             self.load.summary(),
             self.kills,
             self.lost(),
             n(self.stock_mismatches()),
             n(self.duplicate_provider_calls()),
-        )
+        );
+        if let Some(db) = &self.db {
+            s.push_str(&format!(
+                "  PostgreSQL: orders reserved {}, charged {}, shipped {}; duplicate effects {}\n  inbox hits (redeliveries absorbed, at least) {:>6}\n  outbox rows relayed by the workers (at least) {:>5}; left in the outbox {}\n",
+                db.reserved,
+                db.charged,
+                db.shipped,
+                db.duplicate_effects,
+                self.workers.inbox_hits,
+                self.workers.relayed,
+                db.outbox_depth,
+            ));
+        }
+        s
     }
 }
 
@@ -100,12 +186,15 @@ struct Worker {
 }
 
 fn spawn(exe: &Path, config: &Path, stage: &str) -> std::io::Result<Child> {
+    let stats = config.with_file_name(format!("stats-{stage}-{}", uuid::Uuid::new_v4().simple()));
     Command::new(exe)
         .arg("worker")
         .arg("--config")
         .arg(config)
         .arg("--stage")
         .arg(stage)
+        .arg("--stats")
+        .arg(stats)
         .env(
             "RUST_LOG",
             std::env::var("FLOWGATE_WORKER_LOG").unwrap_or_else(|_| "error".into()),
@@ -230,6 +319,11 @@ pub async fn run(plan: ChaosPlan) -> Result<ChaosReport, String> {
     }
     let svc = app.service();
     let effects = svc.ledger.report().await.ok();
+    let db = match &svc.db {
+        Some(db) => db.report().await.ok(),
+        None => None,
+    };
+    let workers_counted = worker_stats(&dir);
     let provider = svc.payment.report().await.ok();
     let initial = StockPolicy::from_config(&plan.config.orders);
     let taken = report.stock_taken();
@@ -245,7 +339,7 @@ pub async fn run(plan: ChaosPlan) -> Result<ChaosReport, String> {
         let want = initial
             .initial(sku)
             .saturating_sub(taken.get(sku).copied().unwrap_or(0));
-        match (svc.ledger.stock_of(sku).await, stock.as_mut()) {
+        match (svc.stock_of(sku).await, stock.as_mut()) {
             (Ok(have), Some(m)) => {
                 m.insert(sku.clone(), (have, want));
             }
@@ -265,6 +359,8 @@ pub async fn run(plan: ChaosPlan) -> Result<ChaosReport, String> {
         effects,
         provider,
         stock,
+        db,
+        workers: workers_counted,
     })
 }
 
@@ -292,7 +388,7 @@ fn tempfile_dir() -> Result<PathBuf, String> {
 
 /// `flowgate-orders worker --config F --stage NAME`: runs one stage of an
 /// order flow until SIGTERM (or forever, until SIGKILL).
-pub async fn run_worker(config: &Path, stage: &str) -> ExitCode {
+pub async fn run_worker(config: &Path, stage: &str, stats: Option<PathBuf>) -> ExitCode {
     let mut cfg = match FlowConfig::load(config) {
         Ok(c) => c,
         Err(e) => {
@@ -321,13 +417,44 @@ pub async fn run_worker(config: &Path, stage: &str) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match app.engine().run_until_signal().await {
+    let writer = stats.clone().map(|path| {
+        let engine = app.engine().clone();
+        let stages = vec![stage.to_owned()];
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let now = WorkerStats::of(&engine, &stages);
+                if last != Some(now) {
+                    write_stats(&path, now);
+                    last = Some(now);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
+    let code = match app.engine().run_until_signal().await {
         Ok(stopped) => stopped.exit_code(),
         Err(e) => {
             eprintln!("flowgate-orders worker: cannot install the signal handlers: {e}");
             app.shutdown().await;
             ExitCode::from(1)
         }
+    };
+    if let Some(w) = writer {
+        w.abort();
+    }
+    if let Some(path) = stats {
+        write_stats(&path, WorkerStats::of(app.engine(), &[stage.to_owned()]));
+    }
+    code
+}
+
+/// Replaces the stats file at once (write, then rename), so a reader never
+/// sees half of it, even after a SIGKILL.
+fn write_stats(path: &Path, stats: WorkerStats) {
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, stats.to_text()).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
     }
 }
 

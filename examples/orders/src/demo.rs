@@ -53,6 +53,19 @@ pub struct DemoArgs {
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: String,
+    /// PostgreSQL server on which the demo creates a database of its own
+    /// (the ledger, flowgate's inbox and outbox), dropped at the end.
+    #[arg(
+        long,
+        env = "FLOWGATE_ORDERS_POSTGRES_URL",
+        hide_env_values = true,
+        default_value = "postgres://postgres:postgres@127.0.0.1:5432/postgres"
+    )]
+    pub postgres_url: String,
+    /// Keep the ledger in memory (in Redis with `--chaos`) instead of
+    /// PostgreSQL.
+    #[arg(long)]
+    pub no_postgres: bool,
     /// Give up on orders when no status moved for this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub wait: Duration,
@@ -186,8 +199,80 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         cfg.orders.payment_failure_rate * 100.0,
         watermarks(&cfg)
     );
+    let database = if args.no_postgres {
+        None
+    } else {
+        match crate::db::DemoDatabase::create(&args.postgres_url, &prefix.replace('-', "_")).await {
+            Ok(d) => {
+                cfg.engine.postgres.url = d.url().to_owned();
+                cfg.engine.postgres.migrate_on_start = true;
+                println!(
+                    "ledger: PostgreSQL database `{}` (stock, reservations, charges, shipments written in flowgate's inbox transaction; events through its outbox)",
+                    d.name()
+                );
+                Some(d)
+            }
+            Err(e) => {
+                eprintln!(
+                    "flowgate-orders demo: {e}.\n\
+                     Start PostgreSQL with `scripts/services.sh` (installs and starts it),\n\
+                     or point --postgres-url / FLOWGATE_ORDERS_POSTGRES_URL at yours,\n\
+                     or run the demo with --no-postgres (the ledger in memory)."
+                );
+                return ExitCode::from(3);
+            }
+        }
+    };
+    let code = run_flow(args, cfg, plan, &prefix).await;
+    if let Some(d) = database {
+        d.drop_it().await;
+    }
+    code
+}
+
+/// Prints the inbox's and the relay's figures and the effects counted in
+/// the database.
+async fn print_db_summary(app: &crate::OrdersApp, cfg: &FlowConfig) {
+    let Some(db) = &app.service().db else {
+        return;
+    };
+    let stages: Vec<String> = cfg
+        .engine
+        .stages
+        .iter()
+        .filter(|s| crate::WORK_HANDLERS.contains(&s.handler.as_str()))
+        .map(|s| s.name.clone())
+        .collect();
+    let hits = crate::chaos::WorkerStats::of(app.engine(), &stages).inbox_hits;
+    let relay = crate::db::RelayFigures::of(app.engine());
+    let ms = |d: Option<Duration>| {
+        d.map(|d| format!("{:.1} ms", d.as_secs_f64() * 1000.0))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "  inbox hits (redeliveries absorbed) {hits:>7}\n  outbox relayed               {:>13}\n  relay lag mean / p99 ≤      {:>6} / {}\n  relay batch errors           {:>13}",
+        relay.relayed,
+        ms(relay.mean_lag),
+        ms(relay.p99_lag_at_most),
+        relay.errors
+    );
+    match db.report().await {
+        Ok(r) => println!(
+            "  in PostgreSQL: orders reserved {}, charged {}, shipped {}; duplicate effects {}; outbox left {}\n",
+            r.reserved, r.charged, r.shipped, r.duplicate_effects, r.outbox_depth
+        ),
+        Err(e) => println!("  in PostgreSQL: unreadable ({e})\n"),
+    }
+}
+
+async fn run_flow(
+    args: DemoArgs,
+    cfg: FlowConfig,
+    plan: crate::load::LoadPlan,
+    prefix: &str,
+) -> ExitCode {
     if args.chaos {
-        return run_chaos(args, cfg, plan, &prefix).await;
+        return run_chaos(args, cfg, plan, prefix).await;
     }
 
     let app = match crate::start(cfg.clone()).await {
@@ -241,6 +326,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         );
         let report = crate::load::run(&plan).await;
         println!("{}", report.summary());
+        print_db_summary(&app, &cfg).await;
         if report.lost.is_empty() && report.accepted > 0 {
             println!(
                 "every accepted order ended shipped or failed with a reason; topology removed."
@@ -298,6 +384,7 @@ async fn run_chaos(
             let clean = r.lost() == 0
                 && r.stock_mismatches() == Some(0)
                 && r.double_charges() == Some(0)
+                && r.duplicate_effects().unwrap_or(0) == 0
                 && r.load.accepted > 0;
             if clean {
                 println!(

@@ -16,6 +16,8 @@
 //! * [`status`] — the bounded status view behind `GET /orders/{id}`.
 //! * [`ledger`] — stock and the reservation/charge/shipment records that make
 //!   each service idempotent (memory, or Redis for separate processes).
+//! * [`db`] — the same records on PostgreSQL, written in flowgate's inbox
+//!   transaction (when the engine's `[postgres] url` is set).
 //! * [`payment`] — the simulated, rate-limited payment provider.
 //! * [`stages`] — the handlers `orders.reserve`, `orders.pay`, `orders.ship`,
 //!   `orders.track`.
@@ -35,6 +37,7 @@
 
 pub mod chaos;
 pub mod config;
+pub mod db;
 pub mod demo;
 pub mod gateway;
 pub mod ledger;
@@ -157,8 +160,12 @@ pub struct OrdersService {
     pub config: OrdersConfig,
     /// Behind `GET /orders/{id}`.
     pub status: status::StatusView,
-    /// Stock and the reservation/charge/shipment records.
+    /// Stock and the reservation/charge/shipment records (memory or Redis),
+    /// when the work stages run without a database.
     pub ledger: Arc<dyn Ledger>,
+    /// The records on PostgreSQL, when the engine's `[postgres] url` is set:
+    /// the work stages then write them in the inbox's transaction.
+    pub db: Option<Arc<db::OrdersDb>>,
     /// The simulated payment provider (and its books).
     pub payment: payment::PaymentProvider,
     /// Counters.
@@ -169,6 +176,14 @@ impl OrdersService {
     /// Builds the service for `[orders]`: Redis records when `redis_url` is
     /// set (connected lazily), in-memory records otherwise.
     pub fn new(cfg: &OrdersConfig) -> Result<Arc<Self>, ConfigError> {
+        Self::with_db(cfg, None)
+    }
+
+    /// [`new`](Self::new) with the records on PostgreSQL.
+    pub fn with_db(
+        cfg: &OrdersConfig,
+        db: Option<Arc<db::OrdersDb>>,
+    ) -> Result<Arc<Self>, ConfigError> {
         let stock = StockPolicy::from_config(cfg);
         let ledger: Arc<dyn Ledger> = match &cfg.redis_url {
             Some(url) => Arc::new(
@@ -181,6 +196,7 @@ impl OrdersService {
             config: cfg.clone(),
             status: status::StatusView::new(cfg.record_capacity),
             ledger,
+            db,
             payment: payment::PaymentProvider::from_config(cfg)
                 .map_err(|e| ConfigError::with_source("orders.redis_url", e.to_string(), e))?,
             stats: Stats::default(),
@@ -191,7 +207,23 @@ impl OrdersService {
     pub async fn clear_records(&self) -> Result<(), ledger::LedgerError> {
         let books = self.payment.clear().await;
         self.ledger.clear().await?;
+        if let Some(db) = &self.db {
+            db.clear()
+                .await
+                .map_err(|e| ledger::LedgerError(e.to_string()))?;
+        }
         books
+    }
+
+    /// Units of `sku` in stock, from the records the work stages write.
+    pub async fn stock_of(&self, sku: &str) -> Result<u64, ledger::LedgerError> {
+        match &self.db {
+            Some(db) => db
+                .stock_of(sku, StockPolicy::from_config(&self.config).initial(sku))
+                .await
+                .map_err(|e| ledger::LedgerError(e.to_string())),
+            None => self.ledger.stock_of(sku).await,
+        }
     }
 
     /// `<[orders] exchange>` / `routing_key`.
@@ -267,13 +299,21 @@ pub async fn start_with(
     builder: EngineBuilder,
 ) -> Result<OrdersApp, OrdersError> {
     let FlowConfig { engine, orders } = config;
-    let service = OrdersService::new(&orders)?;
-    let handle = service
-        .register(builder)
-        .config(engine.clone())
-        .build()?
-        .start()
-        .await?;
+    let db = if engine.postgres.is_set() {
+        let db = db::OrdersDb::connect(&engine.postgres)?;
+        db.create_schema().await.map_err(|e| {
+            ConfigError::with_source("postgres.url", "cannot create the order tables", e)
+        })?;
+        Some(Arc::new(db))
+    } else {
+        None
+    };
+    let service = OrdersService::with_db(&orders, db)?;
+    let mut builder = service.register(builder);
+    if service.db.is_some() {
+        builder = db::register(&service, builder, &engine.stages);
+    }
+    let handle = builder.config(engine.clone()).build()?.start().await?;
     let gateway = if orders.gateway_bind.is_empty() {
         None
     } else {

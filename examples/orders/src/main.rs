@@ -39,6 +39,10 @@ enum Cmd {
         /// The stage to run.
         #[arg(long)]
         stage: String,
+        /// Where to keep this worker's inbox hits and relayed rows (written
+        /// every 100 ms: a SIGKILL loses at most the last 100 ms of counts).
+        #[arg(long)]
+        stats: Option<PathBuf>,
     },
 }
 
@@ -101,9 +105,13 @@ fn main() -> ExitCode {
             };
             flowgate::run_system(run(cfg))
         }
-        Cmd::Worker { config, stage } => {
+        Cmd::Worker {
+            config,
+            stage,
+            stats,
+        } => {
             init_tracing(DAEMON);
-            flowgate::run_system(chaos::run_worker(&config, &stage))
+            flowgate::run_system(chaos::run_worker(&config, &stage, stats))
         }
     }
 }

@@ -25,7 +25,7 @@ pub const OUT_OF_STOCK: &str = "out-of-stock";
 /// Dead-letter reason of a body that is not an order.
 pub const MALFORMED: &str = "malformed-order";
 
-fn parse(svc: &OrdersService, d: &Delivery) -> Result<Order, Outcome> {
+pub(crate) fn parse(svc: &OrdersService, d: &Delivery) -> Result<Order, Outcome> {
     Order::from_json(&d.body).map_err(|e| {
         svc.stats.count_error("malformed");
         warn!(stage = %d.stage, error = %e, "event body is not an order; dead-lettering");
@@ -39,7 +39,7 @@ fn parse(svc: &OrdersService, d: &Delivery) -> Result<Order, Outcome> {
 /// It is a new message: none of the input's dead-letter history (a copy
 /// back from the retry ladder carries the broker's `x-death`, which would
 /// make the status stage take the shipped order for a dead letter).
-fn event(target: &Target, d: &Delivery, order: &Order) -> Output {
+pub(crate) fn event(target: &Target, d: &Delivery, order: &Order) -> Output {
     let props =
         flowgate::envelope::without(d.properties.clone(), &flowgate::envelope::REPLAY_STRIPPED)
             .with_content_type("application/json".into());

@@ -53,6 +53,26 @@ fn demo_runs_the_order_pipeline_and_exits_zero() {
         accepted,
         "every accepted order shipped or failed:\n{stdout}"
     );
+    // The ledger on PostgreSQL (the demo's own database): the inbox's and
+    // the relay's figures, and the effects counted in the database.
+    assert!(
+        stdout.contains("ledger: PostgreSQL database"),
+        "the demo runs on PostgreSQL:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("inbox hits (redeliveries absorbed)"),
+        "{stdout}"
+    );
+    assert!(
+        count("outbox relayed") >= 3 * shipped,
+        "every service's event went through the outbox:\n{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "orders reserved {shipped}, charged {shipped}, shipped {shipped}; duplicate effects 0; outbox left 0"
+        )),
+        "each effect once, in the database:\n{stdout}"
+    );
     assert!(stdout.contains("topology removed"), "cleans up:\n{stdout}");
 }
 
@@ -77,5 +97,28 @@ fn demo_without_a_broker_exits_non_zero_at_once_saying_how_to_start_one() {
     assert!(
         !stderr.contains("guest:guest"),
         "no credentials printed: {stderr}"
+    );
+}
+
+#[test]
+fn demo_without_postgresql_exits_non_zero_at_once_saying_how_to_start_it() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flowgate-orders"))
+        .args([
+            "demo",
+            "--quiet",
+            "--postgres-url",
+            "postgres://postgres:postgres@127.0.0.1:1/postgres",
+        ])
+        .env_remove("FLOWGATE__AMQP__URL")
+        .output()
+        .expect("demo runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "exit 3; stderr:\n{stderr}");
+    assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
+    assert!(stderr.contains("scripts/services.sh"), "{stderr}");
+    assert!(stderr.contains("--no-postgres"), "{stderr}");
+    assert!(
+        !stderr.contains("postgres:postgres@"),
+        "no credentials echoed: {stderr}"
     );
 }

@@ -11,15 +11,21 @@
 //! cost one such call; without the claim, every redelivered or retried copy
 //! of a paid order calls again. So every duplicate call is matched by a
 //! claim taken over from a pay worker that died (or stalled) mid-call.
+//!
+//! On PostgreSQL (issue 27, acceptance 5) the same run keeps the ledger in
+//! a private database, written in flowgate's inbox transaction: the
+//! effects are counted from the database's own rows (no order reserved,
+//! charged or shipped twice), and the redeliveries the kills cause are
+//! absorbed by the inbox (inbox hits > 0).
 
 use flowgate_orders::load::{AcceptedOrder, End, LoadPlan};
 use flowgate_orders::{chaos, FlowConfig};
+use flowgate_testkit::postgres::PrivateDb;
 use flowgate_testkit::*;
 use std::path::PathBuf;
 use std::time::Duration;
 
-#[actix_rt::test]
-async fn killed_workers_lose_no_order_and_never_reserve_or_charge_twice() {
+async fn chaos_run(db: Option<&PrivateDb>) -> chaos::ChaosReport {
     let prefix = unique("chaos");
     let mut cfg = FlowConfig::default_flow().unwrap().uniquely_named(&prefix);
     cfg.engine.amqp.url = AMQP_URL.into();
@@ -30,6 +36,10 @@ async fn killed_workers_lose_no_order_and_never_reserve_or_charge_twice() {
     // Transient provider failures stay on: they exercise the in-handler retries.
     cfg.orders.payment_failure_rate = 0.05;
     cfg.engine.shutdown.grace = Duration::from_secs(10);
+    if let Some(db) = db {
+        cfg.engine.postgres.url = db.url().to_owned();
+        cfg.engine.postgres.migrate_on_start = true;
+    }
     let report = chaos::run(chaos::ChaosPlan {
         exe: PathBuf::from(env!("CARGO_BIN_EXE_flowgate-orders")),
         config: cfg,
@@ -48,6 +58,13 @@ async fn killed_workers_lose_no_order_and_never_reserve_or_charge_twice() {
     .await
     .expect("chaos run completes");
     println!("{}", report.summary());
+    report
+}
+
+/// What every chaos run must show, whatever keeps the records: no order
+/// lost, the scarce SKU's units to exactly ten orders, stock as reserved,
+/// one charge per shipped order in the provider's books.
+fn check_orders(report: &chaos::ChaosReport) {
     assert!(report.kills >= 3, "workers were killed: {}", report.kills);
     assert!(report.load.accepted > 0);
     assert_eq!(report.lost(), 0, "lost orders: {:?}", report.load.lost);
@@ -55,12 +72,6 @@ async fn killed_workers_lose_no_order_and_never_reserve_or_charge_twice() {
         report.load.shipped + report.load.failed.values().sum::<usize>(),
         report.load.accepted
     );
-    let effects = report.effects.as_ref().expect("records readable");
-    assert_eq!(
-        effects.charged as usize, report.load.shipped,
-        "a charge recorded for every shipped order, for nothing else"
-    );
-
     // Exactly which orders got the scarce SKU: sku-limited starts at 10 and
     // every order asking for it (every 25th) wants one unit. The first ten
     // of them to reach reserve shipped, the rest failed out of stock, and
@@ -133,6 +144,23 @@ async fn killed_workers_lose_no_order_and_never_reserve_or_charge_twice() {
             o.end
         );
     }
+    assert_eq!(
+        books.charges.len(),
+        report.load.shipped,
+        "nothing else charged"
+    );
+}
+
+#[actix_rt::test]
+async fn killed_workers_lose_no_order_and_never_reserve_or_charge_twice() {
+    let report = chaos_run(None).await;
+    check_orders(&report);
+    let effects = report.effects.as_ref().expect("records readable");
+    assert_eq!(
+        effects.charged as usize, report.load.shipped,
+        "a charge recorded for every shipped order, for nothing else"
+    );
+    let books = report.provider.as_ref().expect("provider books readable");
     // Provider calls answered after a charge was made: each needs a copy
     // of the order that claimed the charge again, which the claim allows
     // only once the holder's lease ran out (it died or stalled mid-call),
@@ -151,9 +179,38 @@ async fn killed_workers_lose_no_order_and_never_reserve_or_charge_twice() {
         effects.claim_takeovers
     );
     assert!(pay_kills > 0, "the pay worker was among the killed");
+}
+
+/// The ledger on PostgreSQL: every effect counted from the database's own
+/// rows (the effect tables are journals with no unique key on the order:
+/// only the inbox keeps a repeat out), and the kills' redeliveries absorbed
+/// by the inbox. Mutation tried: the inbox's repeat branch disabled (a
+/// committed id handled again) — 98 duplicate effects counted, 0 inbox
+/// hits, stock off, and the test fails.
+#[actix_rt::test]
+async fn killed_workers_on_postgres_apply_each_effect_once_counted_by_the_database() {
+    let db = PrivateDb::create().await;
+    let report = chaos_run(Some(&db)).await;
+    check_orders(&report);
+    let counted = report.db.as_ref().expect("the database is readable");
+    println!("database: {counted:?}; workers: {:?}", report.workers);
+    assert_eq!(counted.duplicate_effects, 0, "no effect applied twice");
     assert_eq!(
-        books.charges.len(),
-        report.load.shipped,
-        "nothing else charged"
+        counted.reserved as usize, report.load.shipped,
+        "reserved: the orders that shipped (out-of-stock ones rolled back)"
+    );
+    assert_eq!(
+        counted.charged as usize, report.load.shipped,
+        "charged once each"
+    );
+    assert_eq!(
+        counted.shipped as usize, report.load.shipped,
+        "shipped once each"
+    );
+    assert_eq!(counted.outbox_depth, 0, "every event relayed");
+    assert!(
+        report.workers.inbox_hits > 0,
+        "the kills' redeliveries were absorbed by the inbox: {:?}",
+        report.workers
     );
 }
