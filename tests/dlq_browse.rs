@@ -68,6 +68,20 @@ async fn fill(c: &Client, q: &str, kind: &str, n: usize) -> Vec<String> {
     ids
 }
 
+/// Browsing changed nothing: `q` holds `ids`, in order, and no more
+/// (taken off to check, then the queue is deleted).
+async fn intact_then_delete(c: &Client, q: &str, ids: &[String]) {
+    assert_eq!(c.depth(q).await as usize, ids.len());
+    assert_eq!(
+        drain_ids(c, q, ids.len()).await,
+        ids,
+        "order and count unchanged"
+    );
+    c.ch.queue_delete(q.into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
 /// Takes every message of `q` (acked: the end of the test) and returns
 /// their ids in queue order.
 async fn drain_ids(c: &Client, q: &str, n: usize) -> Vec<String> {
@@ -138,15 +152,7 @@ async fn browsing_a_classic_dlq_keeps_its_order_and_count() {
     assert_eq!(stats.by_stage["reserve"], 1000);
 
     // After all that: the same 2000 messages in the same order.
-    assert_eq!(c.depth(&q).await, 2000);
-    assert_eq!(
-        drain_ids(&c, &q, 2000).await,
-        ids,
-        "order and count unchanged"
-    );
-    c.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    intact_then_delete(&c, &q, &ids).await;
 }
 
 #[actix_rt::test]
@@ -379,15 +385,7 @@ async fn the_index_answers_pages_as_a_scan_would_and_reading_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(message_ids(&last.0), [ids[1999].clone()]);
-    assert_eq!(c.depth(&q).await, 2000);
-    assert_eq!(
-        drain_ids(&c, &q, 2000).await,
-        ids,
-        "order and count unchanged"
-    );
-    c.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    intact_then_delete(&c, &q, &ids).await;
 }
 
 /// Every page of `q` through the index, and how the first was served.
@@ -650,15 +648,7 @@ async fn a_renewed_index_serves_deep_pages_at_once_and_browsing_keeps_order_and_
     assert_eq!(got, ids, "every page, in order");
 
     // After all that: the same 2003 messages in the same order.
-    assert_eq!(c.depth(&q).await, 2003);
-    assert_eq!(
-        drain_ids(&c, &q, 2003).await,
-        ids,
-        "order and count unchanged"
-    );
-    c.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    intact_then_delete(&c, &q, &ids).await;
 }
 
 /// An index never holds more than its bounds, sampled all along its read
@@ -727,15 +717,7 @@ async fn an_index_stays_within_its_bounds_and_pages_past_them_are_read_from_the_
     assert_eq!(idx.indexed(&q), Some(2000));
     assert!(idx.held_bytes(&q) < 2000 * 1024, "{}", idx.held_bytes(&q));
 
-    assert_eq!(c.depth(&q).await, 2000);
-    assert_eq!(
-        drain_ids(&c, &q, 2000).await,
-        ids,
-        "order and count unchanged"
-    );
-    c.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    intact_then_delete(&c, &q, &ids).await;
 }
 
 /// With a directory to save them in, the first deep page after a restart
@@ -808,15 +790,7 @@ async fn a_saved_index_answers_the_first_deep_page_after_a_restart() {
     let (got, _) = every(&idx, &conn, &q).await;
     assert_eq!(got, ids);
 
-    assert_eq!(c.depth(&q).await, 1999);
-    assert_eq!(
-        drain_ids(&c, &q, 1999).await,
-        ids,
-        "order and count unchanged"
-    );
-    c.ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    intact_then_delete(&c, &q, &ids).await;
 }
 
 /// A replay the broker will not confirm (a memory alarm: it stops reading a
