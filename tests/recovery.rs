@@ -69,11 +69,18 @@ async fn engine_recovers_from_a_broker_closed_connection_and_finishes() {
             handle.metrics().render()
         );
     }
+    // The ids may all have arrived before lapin's recovery (its first
+    // reconnect waits 1 to 2 s): wait for it to show.
     let m = handle.metrics();
-    let recoveries = m.counter(flowgate::Metrics::RECONNECTS, &["consume"])
-        + m.counter(flowgate::Metrics::RECONNECTS, &["publish"])
-        + m.counter(flowgate::Metrics::RESTARTS, &["connection", ""]);
-    assert!(recoveries >= 1, "the recovery shows in the metrics");
+    let recoveries = || {
+        m.counter(flowgate::Metrics::RECONNECTS, &["consume"])
+            + m.counter(flowgate::Metrics::RECONNECTS, &["publish"])
+            + m.counter(flowgate::Metrics::RESTARTS, &["connection", ""])
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async { recoveries() >= 1 }).await,
+        "the recovery shows in the metrics"
+    );
     assert!(
         handle.wait_ready(Duration::from_secs(20)).await,
         "ready again after recovery"
